@@ -308,6 +308,9 @@ class _ToAst(Transformer):
         return ast.StmtMemory(str(name), structure, per_head is not None, init, freq, body or (),
                               self.s(meta), _tok_span(self.source, name))
 
+    def init_from(self, meta, ch):
+        return ast.ExprCall(ast.ExprName("from", self.s(meta)), (ch[0],), (), self.s(meta))
+
     def structure(self, meta, ch):
         return ch[0]
 

@@ -1,0 +1,524 @@
+"""The checker: hyperparameters (pydantic), names, builtins, statements per declaration kind,
+frequencies and shapes where the hyperparameters fix them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nestc import ast
+from nestc.builtins import BUILTINS
+from nestc.errors import NestError, did_you_mean
+from nestc.hyper import UNKNOWN, const_eval, infer_type, python_type, type_words
+from nestc.source import Span
+
+CLAUSE_EXPR = ("key", "value", "query", "objective", "rule")
+CHOICES = {  # clause -> (default, allowed values)
+    "read": ("after write", ("before write", "after write")),
+    "backprop": ("through", ("through", "stopped")),
+    "state": ("per sample", ("per sample", "shared")),
+    "partial": ("flush", ("flush", "carry")),
+    "dgd": ("gated", ("gated", "literal")),
+}
+
+
+@dataclass(frozen=True)
+class Hyper:
+    name: str
+    type: Any
+    default: Any  # UNKNOWN when required
+    span: Span
+
+    @property
+    def required(self) -> bool:
+        return self.default is UNKNOWN
+
+
+@dataclass
+class Checked:
+    """A declaration that passed the checker, with its hyperparameters."""
+
+    decl: ast.Decl
+    hypers: dict[str, Hyper]
+    scope: dict[str, ast.Decl]
+    model: Any = field(repr=False, default=None)  # the pydantic model validating overrides
+
+    @property
+    def name(self) -> str:
+        return self.decl.name
+
+    @property
+    def kind(self) -> str:
+        return self.decl.kind
+
+    def bind(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Defaults updated by overrides, validated; NestError names the bad hyperparameter."""
+        from pydantic import ValidationError
+
+        unknown = [k for k in overrides if k not in self.hypers]
+        if unknown:
+            raise NestError(f"{self.kind} `{self.name}` has no hyperparameter `{unknown[0]}`",
+                            self.decl.name_span, kind="name",
+                            hint=did_you_mean(unknown[0], self.hypers)
+                            or f"its hyperparameters are {', '.join(self.hypers) or 'none'}")
+        values = {n: h.default for n, h in self.hypers.items() if not h.required}
+        values.update(overrides)
+        missing = [n for n in self.hypers if n not in values]
+        if missing:
+            h = self.hypers[missing[0]]
+            raise NestError(f"{self.kind} `{self.name}` needs a value for `{h.name}`", h.span,
+                            kind="value", hint=f"pass {h.name}=... (it has no default)")
+        try:
+            validated = self.model.model_validate(values)
+        except ValidationError as err:
+            first = err.errors()[0]
+            name = str(first["loc"][0])
+            h = self.hypers[name]
+            raise NestError(f"`{name}` of `{self.name}` must be {type_words(h.type)}: "
+                            f"got {values[name]!r}", h.span, kind="type") from None
+        return {n: getattr(validated, n) for n in self.hypers}
+
+
+def hypers_of(decl: ast.Decl) -> dict[str, Hyper]:
+    hypers: dict[str, Hyper] = {}
+    env: dict[str, Any] = {}
+    for p in decl.params:
+        if p.name in hypers:
+            raise NestError(f"hyperparameter `{p.name}` is declared twice", p.span, kind="name")
+        default = UNKNOWN if p.default is None else const_eval(p.default, env)
+        if p.default is not None and default is UNKNOWN:
+            raise NestError(f"the default of `{p.name}` must be a constant", p.default.span,
+                            kind="value", hint="defaults are numbers, bools, strings, tuples, "
+                            "lists, or arithmetic on earlier hyperparameters")
+        if p.type is not None:
+            tp = python_type(p.type)
+        elif default is UNKNOWN:
+            tp = Any
+        else:
+            tp = infer_type(default)
+        hypers[p.name] = Hyper(p.name, tp, default, p.span)
+        if default is not UNKNOWN:
+            env[p.name] = default
+    return hypers
+
+
+def pydantic_model(decl: ast.Decl, hypers: dict[str, Hyper]) -> Any:
+    from pydantic import ConfigDict, ValidationError, create_model
+
+    fields = {n: (h.type, ...) for n, h in hypers.items()}
+    model = create_model(f"{decl.name}Hyperparameters", __config__=ConfigDict(extra="forbid"),
+                         **fields)  # type: ignore[call-overload]
+    for n, h in hypers.items():
+        if h.required:
+            continue
+        try:
+            model.__pydantic_validator__.validate_assignment(
+                model.model_construct(), n, h.default)
+        except ValidationError:
+            p = next(p for p in decl.params if p.name == n)
+            span = p.default.span if p.default is not None else p.span
+            raise NestError(f"the default of `{n}` is not {type_words(h.type)}", span,
+                            kind="type") from None
+    return model
+
+
+# --- the body checker -------------------------------------------------------------------------
+
+
+class _Scope:
+    def __init__(self, parent: _Scope | None = None) -> None:
+        self.parent = parent
+        self.names: dict[str, str] = {}  # name -> what it is: hyper, param, input, let, memory, ...
+
+    def lookup(self, name: str) -> str | None:
+        s: _Scope | None = self
+        while s is not None:
+            if name in s.names:
+                return s.names[name]
+            s = s.parent
+        return None
+
+    def all(self) -> set[str]:
+        out: set[str] = set()
+        s: _Scope | None = self
+        while s is not None:
+            out |= set(s.names)
+            s = s.parent
+        return out
+
+
+class BodyChecker:
+    def __init__(self, decl: ast.Decl, hypers: dict[str, Hyper], decls: dict[str, ast.Decl]):
+        self.decl = decl
+        self.decls = decls
+        self.env = {n: h.default for n, h in hypers.items() if not h.required}
+        self.root = _Scope()
+        for n in hypers:
+            self.root.names[n] = "hyper"
+        self.param_names: list[str] = []
+        self.updated_params: set[str] = set()
+        self.owner: list[str] = []  # enclosing memory or "train"
+
+    # errors
+    def unknown_name(self, name: str, span: Span, scope: _Scope) -> NestError:
+        known = scope.all() | set(self.decls) | set(BUILTINS)
+        hint = did_you_mean(name, known)
+        return NestError(f"unknown name `{name}`", span, kind="name", hint=hint)
+
+    def run(self) -> None:
+        self.block(self.decl.body, self.root)
+        kind = self.decl.kind
+        if kind == "optimizer":
+            if not self.param_names:
+                raise NestError(f"optimizer `{self.decl.name}` has no `param`", self.decl.name_span,
+                                kind="value", hint="declare the tensor it updates: `param W`")
+            for p in self.param_names:
+                if p not in self.updated_params:
+                    raise NestError(f"optimizer `{self.decl.name}` never updates `{p}`",
+                                    self.decl.name_span, kind="value",
+                                    hint=f"add an update such as `{p} -= lr * grad({p})`")
+        if kind == "model" and not any(isinstance(s, ast.StmtTrain) for s in self.decl.body):
+            raise NestError(f"model `{self.decl.name}` has no `train` level", self.decl.name_span,
+                            kind="value", hint="add `train every step { objective ...; rule ... }`,"
+                            " or declare it as a `block`")
+
+    def block(self, stmts: tuple[ast.Stmt, ...], scope: _Scope) -> None:
+        for s in stmts:
+            self.stmt(s, scope)
+
+    def define(self, scope: _Scope, name: str, what: str, span: Span) -> None:
+        prev = scope.lookup(name)
+        if prev == "hyper":
+            raise NestError(f"`{name}` is a hyperparameter and cannot be redefined", span,
+                            kind="name", hint="choose another name")
+        if prev is not None and name in scope.names and what in ("memory", "param", "input"):
+            raise NestError(f"`{name}` is already defined", span, kind="name")
+        scope.names[name] = what
+
+    def stmt(self, s: ast.Stmt, scope: _Scope) -> None:
+        kind = self.decl.kind
+        if isinstance(s, ast.StmtParam):
+            if kind == "optimizer":
+                if s.shape is not None or s.init is not None:
+                    raise NestError("an optimizer's `param` takes no shape or init: it stands for "
+                                    "each tensor the optimizer updates", s.span, kind="value")
+                if self.param_names or len(s.names) > 1:
+                    raise NestError("an optimizer declares one `param`", s.span, kind="value",
+                                    hint="it is applied to every tensor in the param groups")
+            elif s.shape is None:
+                raise NestError(f"`param {s.names[0]}` needs a shape: `param W : [a, b]`", s.span,
+                                kind="shape")
+            if s.shape is not None:
+                self.shape(s.shape, scope)
+            if s.init is not None:
+                self.expr(s.init, scope)
+            for n in s.names:
+                self.define(scope, n, "param", s.span)
+                self.param_names.append(n)
+        elif isinstance(s, ast.StmtInput):
+            if kind == "optimizer":
+                raise NestError("an optimizer has no `input`: it sees `grad(W)`", s.span,
+                                kind="value")
+            self.shape(s.shape, scope)
+            self.define(scope, s.name, "input", s.span)
+        elif isinstance(s, ast.StmtLet):
+            self.expr(s.value, scope)
+            self.define(scope, s.name, "let", s.name_span)
+        elif isinstance(s, ast.StmtUpdate):
+            self.update(s, scope)
+        elif isinstance(s, ast.StmtOutput):
+            if kind == "optimizer":
+                raise NestError("an optimizer has no `output`: it updates its `param`", s.span,
+                                kind="value")
+            self.expr(s.value, scope)
+            if s.name:
+                self.define(scope, s.name, "let", s.span)
+        elif isinstance(s, ast.StmtRepeat):
+            n = self.expr(s.count, scope)
+            if n is not UNKNOWN and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+                raise NestError(f"`repeat` needs a whole number of times, got {n!r}", s.count.span,
+                                kind="value")
+            self.block(s.body, _Scope(scope))
+        elif isinstance(s, ast.StmtChain):
+            values = self.expr(s.values, scope)
+            if values is not UNKNOWN and not isinstance(values, (list, tuple)):
+                raise NestError("`chain` runs over a list, such as [16, 256, 2048]", s.values.span,
+                                kind="type")
+            inner = _Scope(scope)
+            inner.names[s.var] = "chain"
+            saved = self.env.get(s.var, UNKNOWN)
+            for v in values if values is not UNKNOWN else [UNKNOWN]:
+                self.env[s.var] = v
+                self.block(s.body, inner)
+            self.env[s.var] = saved
+        elif isinstance(s, ast.StmtIf):
+            self.expr(s.cond, scope)
+            self.block(s.then, _Scope(scope))
+            self.block(s.orelse, _Scope(scope))
+        elif isinstance(s, ast.StmtTrain):
+            if kind != "model":
+                raise NestError(f"`train` belongs in a model; `{self.decl.name}` is {_a(kind)}",
+                                s.span, kind="value", hint="declare it as `model`")
+            self.frequency(s.frequency, "train")
+            self.owner.append("train")
+            self.block(s.body, _Scope(scope))
+            self.owner.pop()
+            self.clauses(s.body, "the train level", s.span, need_rule=True)
+        elif isinstance(s, ast.StmtMemory):
+            self.memory(s, scope)
+        elif isinstance(s, ast.Clause):
+            if not self.owner:
+                raise NestError(f"`{s.kind}` belongs inside a memory or train body", s.span,
+                                kind="value")
+            if isinstance(s.value, str):
+                return
+            if s.kind == "rule":
+                self.rule(s.value, scope)
+            else:
+                self.expr(s.value, scope)
+        else:  # pragma: no cover - the parser makes no other statements
+            raise AssertionError(f"unchecked statement {type(s).__name__}")
+
+    def update(self, s: ast.StmtUpdate, scope: _Scope) -> None:
+        what = scope.lookup(s.target)
+        if what is None:
+            if s.op == "=" and s.index is None:
+                raise self.unknown_name(s.target, s.target_span, scope) if self.owner else \
+                    NestError(f"`{s.target}` is not defined", s.target_span, kind="name",
+                              hint=f"define it first: `let {s.target} = ...`")
+            raise self.unknown_name(s.target, s.target_span, scope)
+        if what == "hyper":
+            raise NestError(f"`{s.target}` is a hyperparameter: it cannot be updated", s.target_span,
+                            kind="value")
+        if what in ("input", "chain"):
+            raise NestError(f"`{s.target}` is {'an input' if what == 'input' else 'a chain variable'}"
+                            ": it cannot be updated", s.target_span, kind="value")
+        if what == "memory" and self.owner and self.owner[-1] != s.target:
+            raise NestError(f"`{s.target}` is updated inside the body of `{self.owner[-1]}`",
+                            s.target_span, kind="value",
+                            hint=f"a memory's update goes in its own body: `memory {s.target} ... {{ ... }}`")
+        if s.index:
+            for i in s.index:
+                self.expr(i, scope)
+        self.expr(s.value, scope)
+        if what == "param":
+            self.updated_params.add(s.target)
+
+    def memory(self, s: ast.StmtMemory, scope: _Scope) -> None:
+        if s.structure is not None:
+            self.structure(s.structure, scope)
+        if s.init is not None:
+            self.init(s.init, scope)
+        if s.frequency is not None:
+            self.frequency(s.frequency, s.name)
+        self.define(scope, s.name, "memory", s.name_span)
+        self.owner.append(s.name)
+        inner = _Scope(scope)
+        self.block(s.body, inner)
+        self.owner.pop()
+        never = s.frequency is not None and s.frequency.unit == "never"
+        explicit = any(isinstance(b, ast.StmtUpdate) and b.target == s.name for b in s.body)
+        has_rule = any(isinstance(b, ast.Clause) and b.kind in ("rule", "objective") for b in s.body)
+        is_cache = isinstance(s.structure, ast.ExprName) and s.structure.name == "cache" or (
+            isinstance(s.structure, ast.ExprCall) and isinstance(s.structure.func, ast.ExprName)
+            and s.structure.func.name == "cache")
+        if never and (explicit or has_rule):
+            raise NestError(f"memory `{s.name}` never updates but has a learning rule", s.span,
+                            kind="frequency", hint="remove `never`, or its objective and rule")
+        if not never and not explicit and not is_cache:
+            self.clauses(s.body, f"memory `{s.name}`", s.name_span, need_rule=True)
+        elif has_rule:
+            self.clauses(s.body, f"memory `{s.name}`", s.name_span, need_rule=False)
+        if explicit and has_rule:
+            raise NestError(f"memory `{s.name}` has both an objective/rule and an explicit update",
+                            s.name_span, kind="value", hint="keep one of the two forms")
+
+    def clauses(self, body: tuple[ast.Stmt, ...], what: str, span: Span, need_rule: bool) -> None:
+        seen: dict[str, ast.Clause] = {}
+        for b in body:
+            if isinstance(b, ast.Clause):
+                if b.kind in seen:
+                    raise NestError(f"{what} has two `{b.kind}` clauses", b.span, kind="value",
+                                    notes=(("the first one", seen[b.kind].span),))
+                seen[b.kind] = b
+        if need_rule or seen:
+            if "objective" not in seen and "rule" in seen:
+                raise NestError(f"{what} has a rule but no objective", seen["rule"].span,
+                                kind="value", hint="add `objective l2(M(k), v)` or another")
+            if "rule" not in seen and "objective" in seen:
+                raise NestError(f"{what} has an objective but no rule", seen["objective"].span,
+                                kind="value", hint="add `rule gd(lr = ...)` or another")
+            if need_rule and "rule" not in seen:
+                raise NestError(f"{what} has no learning rule", span, kind="value",
+                                hint="add `objective ...; rule ...`, an update such as "
+                                "`m = beta * m + g`, or `never`")
+
+    def frequency(self, f: ast.Frequency, owner: str) -> None:
+        kind = self.decl.kind
+        if f.unit == "token" and (kind == "optimizer" or owner == "train"):
+            where = "an optimizer's levels" if kind == "optimizer" else "the train level"
+            raise NestError(f"{where} update in steps, not tokens", f.span, kind="frequency",
+                            hint="write `every step` or `every N steps`")
+        if f.unit == "step" and kind != "optimizer" and owner != "train":
+            raise NestError("a memory in a block learns in context, in tokens", f.span,
+                            kind="frequency", hint="write `every N tokens`; use `never` for a "
+                            "memory that only the outer training level changes")
+        every = self.positive(f.every, "the update period") if f.every is not None else 1
+        if f.chunk is not None:
+            chunk = self.positive(f.chunk, "the chunk size")
+            if isinstance(every, int) and isinstance(chunk, int) and chunk % every:
+                raise NestError(f"chunks of {chunk} tokens never line up with an update every "
+                                f"{every} tokens", f.chunk.span, kind="frequency",
+                                hint=f"make the chunk a multiple of {every}")
+
+    def positive(self, e: ast.Expr, what: str) -> Any:
+        v = self.expr(e, self.root)
+        if v is UNKNOWN:
+            return v
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise NestError(f"{what} must be a positive whole number, got {v!r}", e.span,
+                            kind="frequency")
+        return v
+
+    def init(self, e: ast.Expr, scope: _Scope) -> None:
+        if isinstance(e, ast.ExprName) and e.name == "meta" and self.decl.kind == "optimizer":
+            raise NestError("`meta` needs an outer level to learn the initial state; an optimizer "
+                            "has none", e.span, kind="value", hint="use `zeros_like(W)`")
+        self.expr(e, scope)
+
+    def structure(self, e: ast.Expr, scope: _Scope) -> None:
+        if isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName) and e.func.name == "matrix":
+            dims = [self.expr(a, scope) for a in e.args]
+            self.call(e, scope)
+            for d, a in zip(dims, e.args):
+                if d is not UNKNOWN and (not isinstance(d, int) or isinstance(d, bool) or d <= 0):
+                    raise NestError(f"a matrix dimension must be a positive whole number, got "
+                                    f"{d!r}", a.span, kind="shape")
+            return
+        self.expr(e, scope)
+
+    def rule(self, e: ast.Expr, scope: _Scope) -> None:
+        func = e.func if isinstance(e, ast.ExprCall) else e
+        if isinstance(func, ast.ExprName):
+            b = BUILTINS.get(func.name)
+            d = self.decls.get(func.name)
+            if d is not None and d.kind != "optimizer":
+                raise NestError(f"`{func.name}` is a {d.kind}, not a learning rule", func.span,
+                                kind="type", hint="a rule is gd, dgd, momentum, or an optimizer")
+            if b is not None and b.category != "rule":
+                raise NestError(f"`{func.name}` is not a learning rule", func.span, kind="type",
+                                hint="a rule is gd, dgd, momentum, or an optimizer")
+            if b is None and d is None:
+                rules = [n for n, x in BUILTINS.items() if x.category == "rule"]
+                opts = [n for n, x in self.decls.items() if x.kind == "optimizer"]
+                raise NestError(f"unknown learning rule `{func.name}`", func.span, kind="name",
+                                hint=did_you_mean(func.name, rules + opts)
+                                or f"rules are {', '.join(rules + opts)}")
+        self.expr(e, scope)
+
+    def shape(self, shape: ast.Shape, scope: _Scope) -> None:
+        for d in shape.dims:
+            if isinstance(d, ast.ExprName) and scope.lookup(d.name) is None:
+                continue  # a free dimension such as T
+            v = self.expr(d, scope)
+            if v is not UNKNOWN and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise NestError(f"a dimension must be a positive whole number, got {v!r}", d.span,
+                                kind="shape")
+        if shape.dtype is not None and shape.dtype not in ("int", "float", "bool"):
+            raise NestError(f"unknown element type `{shape.dtype}`", shape.span, kind="type",
+                            hint=did_you_mean(shape.dtype, ["int", "float", "bool"])
+                            or "element types are int, float and bool")
+
+    def expr(self, e: ast.Expr, scope: _Scope) -> Any:
+        """Check names and calls in e; return its constant value or UNKNOWN."""
+        if isinstance(e, ast.ExprName):
+            if scope.lookup(e.name) is None and e.name not in BUILTINS and e.name not in self.decls:
+                raise self.unknown_name(e.name, e.span, scope)
+        elif isinstance(e, ast.ExprCall):
+            self.call(e, scope)
+        elif isinstance(e, ast.ExprIndex):
+            self.expr(e.base, scope)
+            for i in e.index:
+                self.expr(i, scope)
+        elif isinstance(e, ast.ExprAttr):
+            self.expr(e.base, scope)
+        elif isinstance(e, ast.ExprBinary):
+            self.expr(e.left, scope)
+            self.expr(e.right, scope)
+        elif isinstance(e, ast.ExprUnary):
+            self.expr(e.operand, scope)
+        elif isinstance(e, ast.ExprCond):
+            self.expr(e.cond, scope)
+            self.expr(e.then, scope)
+            self.expr(e.orelse, scope)
+        elif isinstance(e, (ast.ExprTuple, ast.ExprList)):
+            for i in e.items:
+                self.expr(i, scope)
+        return const_eval(e, self.env)
+
+    def call(self, e: ast.ExprCall, scope: _Scope) -> None:
+        for a in e.args:
+            self.expr(a, scope)
+        for kw in e.kwargs:
+            self.expr(kw.value, scope)
+        seen: set[str] = set()
+        for kw in e.kwargs:
+            if kw.name in seen:
+                raise NestError(f"keyword `{kw.name}` is given twice", kw.span, kind="value")
+            seen.add(kw.name)
+        if not isinstance(e.func, ast.ExprName):
+            self.expr(e.func, scope)
+            return
+        name = e.func.name
+        local = scope.lookup(name)
+        if local is not None:
+            if local in ("hyper", "input", "chain"):
+                raise NestError(f"`{name}` is not a function", e.func.span, kind="type")
+            return  # reading a memory M(k) or applying a module value
+        if name in self.decls:
+            self.decl_call(e, self.decls[name])
+            return
+        b = BUILTINS.get(name)
+        if b is None:
+            raise self.unknown_name(name, e.func.span, scope)
+        n = len(e.args)
+        if n < b.min_args or (b.max_args is not None and n > b.max_args):
+            want = (str(b.min_args) if b.min_args == b.max_args else
+                    f"{b.min_args} or more" if b.max_args is None else f"{b.min_args} to {b.max_args}")
+            extra = " (the value before `|>` counts as the first)" if e.piped else ""
+            raise NestError(f"`{name}` takes {want} positional argument{'s' * (want != '1')}, "
+                            f"got {n}{extra}", e.span, kind="type", hint=b.doc)
+        for kw in e.kwargs:
+            if kw.name not in b.kwargs:
+                allowed = ", ".join(b.kwargs) if b.kwargs else "no keywords"
+                raise NestError(f"`{name}` has no keyword `{kw.name}`", kw.span, kind="type",
+                                hint=did_you_mean(kw.name, b.kwargs) or f"it takes {allowed}")
+
+    def decl_call(self, e: ast.ExprCall, d: ast.Decl) -> None:
+        names = [p.name for p in d.params]
+        if len(e.args) > len(names):
+            raise NestError(f"`{d.name}` takes at most {len(names)} positional arguments, got "
+                            f"{len(e.args)}", e.span, kind="type")
+        given = set(names[: len(e.args)])
+        for kw in e.kwargs:
+            if kw.name not in names:
+                raise NestError(f"`{d.name}` has no hyperparameter `{kw.name}`", kw.span,
+                                kind="name", hint=did_you_mean(kw.name, names)
+                                or f"its hyperparameters are {', '.join(names) or 'none'}")
+            if kw.name in given:
+                raise NestError(f"`{kw.name}` is given twice", kw.span, kind="value")
+            given.add(kw.name)
+        for p in d.params:
+            if p.default is None and p.name not in given:
+                raise NestError(f"`{d.name}` needs a value for `{p.name}`", e.span, kind="value")
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def check_decl(decl: ast.Decl, scope: dict[str, ast.Decl]) -> Checked:
+    hypers = hypers_of(decl)
+    model = pydantic_model(decl, hypers)
+    BodyChecker(decl, hypers, scope).run()
+    return Checked(decl, hypers, scope, model)

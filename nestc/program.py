@@ -1,0 +1,88 @@
+"""Program: a loaded spec with everything it imports, checked; the entry point of the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nestc import ast
+from nestc.check import Checked, check_decl
+from nestc.errors import NestError, did_you_mean
+from nestc.resolve import STD_PREFIX, Loader, Unit, read_source, unit_of
+from nestc.source import Source
+
+
+class Program:
+    """A checked spec. `names` are its own declarations; imported ones can be built too."""
+
+    def __init__(self, loader: Loader, unit: Unit) -> None:
+        self.loader = loader
+        self.unit = unit
+        self.checked: dict[str, Checked] = {}
+        for u in loader.units.values():
+            for d in u.module.decls:
+                if u.owner.get(d.name) == u.name:
+                    self.checked.setdefault(f"{u.name}::{d.name}", check_decl(d, u.scope))
+
+    @property
+    def file(self) -> str:
+        return self.unit.name
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.unit.module.decls]
+
+    def decl(self, name: str) -> Checked:
+        d = self.unit.scope.get(name)
+        if d is None:
+            raise NestError(f"`{self.file}` declares no `{name}`", None, kind="name",
+                            hint=did_you_mean(name, self.unit.scope)
+                            or f"it declares {', '.join(self.names) or 'nothing'}")
+        owner = unit_of(self.loader, d)
+        return self.checked[f"{owner.name}::{d.name}"]
+
+    def lookup(self, decl: ast.Decl) -> Checked:
+        owner = unit_of(self.loader, decl)
+        return self.checked[f"{owner.name}::{decl.name}"]
+
+    def graph(self, name: str, **hyper: Any):
+        """The nest graph (networkx.MultiDiGraph) of a declaration."""
+        from nestc.nest import build_graph
+
+        return build_graph(self, self.decl(name), hyper)
+
+    def source(self, name: str, **options: Any) -> str:
+        """The generated PyTorch source of a declaration."""
+        from nestc.codegen.torch import generate
+
+        return generate(self, self.decl(name), **options)
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """An optimizer declaration -> torch.optim.Optimizer(params, **hyper)."""
+        checked = self.decl(name)
+        if checked.kind == "optimizer":
+            from nestc.runtime import build_optimizer
+
+            return build_optimizer(self, checked, *args, **kwargs)
+        raise NestError(f"building a {checked.kind} is not implemented yet: `{name}` can be "
+                        "checked, explained and drawn", checked.decl.name_span, kind="value")
+
+
+def load(path: str | Path) -> Program:
+    """Load a spec from a file path, or from the stdlib with a path starting with `std/`."""
+    path = str(path)
+    loader = Loader()
+    source = read_source(path)
+    key, _ = loader.key(path, None)
+    unit = loader.load_source(source, key)
+    return Program(loader, unit)
+
+
+def loads(text: str, filename: str = "<string>") -> Program:
+    """Load a spec from text; relative imports resolve against filename's directory."""
+    loader = Loader()
+    source = Source(filename, text)
+    key = "std:" + filename[len(STD_PREFIX):] if filename.startswith(STD_PREFIX) else \
+        str(Path(filename).resolve()) + "#text"
+    unit = loader.load_source(source, key)
+    return Program(loader, unit)

@@ -1,0 +1,152 @@
+"""Imports and name binding: which file each `import` means and which declaration each name is."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nestc import ast
+from nestc.errors import NestError, did_you_mean
+from nestc.parse import parse
+from nestc.source import Source
+
+STD_PREFIX = "std/"
+MAX_IMPORT_DEPTH = 64
+
+
+def stdlib_dir() -> Path:
+    """The stdlib shipped inside the wheel, or the repository's when running from a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "stdlib", here.parent / "stdlib"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("stdlib/ not found beside the nestc package")
+
+
+@dataclass
+class Unit:
+    """One parsed file and the declarations visible in it (its own first, then imported)."""
+
+    name: str  # as reported in errors: "std/optim/adam.nest" or the path given
+    module: ast.Module
+    scope: dict[str, ast.Decl] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)  # decl name -> unit name declaring it
+
+
+def std_path(path: str, span=None) -> Path:
+    """The file behind a `std/...` path; it can never leave the stdlib directory."""
+    rest = path[len(STD_PREFIX):]
+    norm = posixpath.normpath(rest)
+    if not rest or norm.startswith("..") or norm.startswith("/") or "\\" in rest or norm == ".":
+        raise NestError(f"`{path}` leaves the standard library", span, kind="import",
+                        hint="std/ paths name files inside the stdlib, such as std/optim/adam.nest")
+    return stdlib_dir() / norm
+
+
+def read_source(path: str, display: str | None = None, span=None) -> Source:
+    file = std_path(path, span) if path.startswith(STD_PREFIX) else Path(path)
+    name = display or path
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise NestError(f"no such file: `{path}`", span, kind="import") from None
+    except IsADirectoryError:
+        raise NestError(f"`{path}` is a directory, not a .nest file", span, kind="import") from None
+    except OSError as err:
+        raise NestError(f"cannot read `{path}`: {err.strerror}", span, kind="import") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        from nestc.source import point
+        src = Source(name, data[: err.start].decode("utf-8", "replace"))
+        raise NestError("the file is not UTF-8 text", point(src, line, 1), kind="syntax") from None
+    return Source(name, text)
+
+
+class Loader:
+    """Parses a file and everything it imports, once each, rejecting cycles."""
+
+    def __init__(self) -> None:
+        self.units: dict[str, Unit] = {}
+        self.stack: list[str] = []
+
+    def key(self, path: str, base: str | None) -> tuple[str, str]:
+        """(file key, display name) of an import written as `path` in a file at `base`."""
+        if path.startswith(STD_PREFIX):
+            return ("std:" + posixpath.normpath(path[len(STD_PREFIX):]), path)
+        full = Path(path) if base is None or Path(path).is_absolute() else Path(base).parent / path
+        return (str(full.resolve()), posixpath.normpath(str(full)) if base else path)
+
+    def load_source(self, source: Source, key: str) -> Unit:
+        if key in self.units:
+            return self.units[key]
+        module = parse(source)
+        unit = Unit(source.name, module)
+        self.stack.append(key)
+        try:
+            for decl in module.decls:
+                if decl.name in unit.scope:
+                    first = unit.scope[decl.name]
+                    raise NestError(f"`{decl.name}` is declared twice", decl.name_span, kind="name",
+                                    notes=((f"first declared here", first.name_span),))
+                unit.scope[decl.name] = decl
+                unit.owner[decl.name] = unit.name
+            for imp in module.imports:
+                self.bind_import(unit, imp, source.name if not key.startswith("std:") else None, key)
+        finally:
+            self.stack.pop()
+        self.units[key] = unit
+        return unit
+
+    def bind_import(self, unit: Unit, imp: ast.Import, base: str | None, importer_key: str) -> None:
+        if importer_key.startswith("std:") and not imp.path.startswith(STD_PREFIX):
+            # stdlib files import each other by std/ paths only
+            base_dir = posixpath.dirname(importer_key[4:])
+            path = STD_PREFIX + posixpath.normpath(posixpath.join(base_dir, imp.path))
+        else:
+            path = imp.path
+        if not path.endswith(".nest"):
+            raise NestError(f"`{imp.path}` is not a .nest file", imp.path_span, kind="import")
+        key, display = self.key(path, base)
+        if key in self.stack:
+            chain = " -> ".join([*(k.replace("std:", "std/") for k in self.stack[-3:]), display])
+            raise NestError(f"import cycle: {chain}", imp.path_span, kind="import",
+                            hint="move the shared declarations into a third file both import")
+        if len(self.stack) > MAX_IMPORT_DEPTH:
+            raise NestError("imports nested too deeply", imp.path_span, kind="import")
+        if key not in self.units:
+            source = read_source(path, display, imp.path_span)
+            self.load_source(source, key)
+        other = self.units[key]
+        own = {n for n, d in other.scope.items() if other.owner[n] == other.name}
+        if imp.names is not None:
+            for name in imp.names:
+                if name not in own:
+                    raise NestError(f"`{display}` declares no `{name}`", imp.span, kind="import",
+                                    hint=did_you_mean(name, own) or f"it declares {', '.join(sorted(own)) or 'nothing'}")
+                self.add(unit, name, other.scope[name], other.name, imp)
+        elif imp.alias is not None:
+            for name in sorted(own):
+                self.add(unit, f"{imp.alias}.{name}", other.scope[name], other.name, imp)
+        else:
+            for name in sorted(own):
+                self.add(unit, name, other.scope[name], other.name, imp)
+
+    def add(self, unit: Unit, name: str, decl: ast.Decl, owner: str, imp: ast.Import) -> None:
+        if name in unit.scope and unit.scope[name] is not decl:
+            if unit.owner[name] == unit.name:
+                return  # a file's own declaration shadows an imported one
+            raise NestError(f"`{name}` is imported twice, from {unit.owner[name]} and {owner}",
+                            imp.span, kind="import", hint="import one of them `as` a name")
+        unit.scope[name] = decl
+        unit.owner[name] = owner
+
+
+def unit_of(loader: Loader, decl: ast.Decl) -> Unit:
+    """The unit that declares `decl` (for resolving names inside it)."""
+    for unit in loader.units.values():
+        if unit.scope.get(decl.name) is decl and unit.owner[decl.name] == unit.name:
+            return unit
+    raise AssertionError(f"declaration {decl.name} belongs to no loaded unit")
