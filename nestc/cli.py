@@ -1,0 +1,201 @@
+"""The nestc command: check, explain, viz, compile (train and bench come with later issues).
+
+Every NestError prints as `file:line:col: error: ...` with the source line and a caret and
+exits 1; a traceback only with NESTC_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nestc.env import DEBUG
+from nestc.errors import NestError
+
+VIZ_FORMATS = ("svg", "html", "dot", "mermaid", "png")
+
+
+def _hyper_args(pairs: list[str]) -> dict[str, Any]:
+    """`--set lr=0.1 --set betas=(0.9,0.99)` -> {"lr": 0.1, "betas": (0.9, 0.99)}."""
+    from nestc.hyper import UNKNOWN, const_eval
+    from nestc.parse import parse_text
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.isidentifier():
+            raise NestError(f"--set takes NAME=VALUE, got `{pair}`", kind="value")
+        module = parse_text(f"block B(x = {text}) {{ }}", f"--set {name}")
+        default = module.decls[0].params[0].default
+        assert default is not None
+        value = const_eval(default, {})
+        if value is UNKNOWN:
+            raise NestError(f"--set {name}: `{text}` is not a constant", kind="value")
+        out[name] = value
+    return out
+
+
+def _load(path: str):
+    import nestc
+
+    return nestc.load(path)
+
+
+def _decl_name(prog, name: str | None) -> str:
+    if name:
+        return name
+    if len(prog.names) == 1:
+        return prog.names[0]
+    raise NestError(f"`{prog.file}` declares {', '.join(prog.names) or 'nothing'}: name one "
+                    "with --name", kind="name")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    results = []
+    failed = 0
+    start = time.perf_counter()
+    for path in args.files:
+        try:
+            prog = _load(path)
+            results.append({"file": path, "ok": True, "declarations": prog.names,
+                            "diagnostics": []})
+        except NestError as err:
+            failed += 1
+            results.append({"file": path, "ok": False, "declarations": [],
+                            "diagnostics": [d.to_json() for d in err.diagnostics]})
+            if args.format == "text":
+                print(err, file=sys.stderr)
+    if args.format == "json":
+        print(json.dumps({"files": results, "errors": failed}, indent=2))
+    elif not args.quiet:
+        ms = (time.perf_counter() - start) * 1000
+        ok = len(args.files) - failed
+        print(f"checked {len(args.files)} file{'s' * (len(args.files) != 1)}: {ok} ok, "
+              f"{failed} with errors ({ms:.0f} ms)")
+    return 1 if failed else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from nestc.explain import explain
+
+    prog = _load(args.file)
+    name = _decl_name(prog, args.name)
+    print(explain(prog, name, tokens=args.tokens, steps=args.steps, **_hyper_args(args.set)))
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    from nestc.viz import render
+
+    prog = _load(args.file)
+    name = _decl_name(prog, args.name)
+    fmt = args.format or (Path(args.output).suffix.lstrip(".") if args.output else "svg")
+    if fmt == "md":
+        fmt = "mermaid"
+    if fmt not in VIZ_FORMATS:
+        raise NestError(f"unknown picture format `{fmt}`", kind="value",
+                        hint=f"formats are {', '.join(VIZ_FORMATS)}")
+    graph = prog.graph(name, **_hyper_args(args.set))
+    data = render(graph, fmt)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            out.write_bytes(data)
+        else:
+            out.write_text(data)
+        print(f"wrote {out}")
+    elif isinstance(data, bytes):
+        raise NestError("PNG output needs -o FILE", kind="value")
+    else:
+        print(data)
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    prog = _load(args.file)
+    name = _decl_name(prog, args.name)
+    text = prog.source(name)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nestc", description="Compile nested learning systems.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("check", help="parse and check specs", description="Parse and check "
+                       "one or more .nest files; errors go to stderr as file:line:col.")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("--format", choices=("text", "json"), default="text",
+                   help="json: diagnostics for editors on stdout")
+    c.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    c.set_defaults(run=cmd_check)
+
+    def decl_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("file", metavar="FILE", help="a .nest file, or std/... for the stdlib")
+        q.add_argument("--name", "-n", help="the declaration (needed when the file has several)")
+        q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                       help="override a hyperparameter (repeatable)")
+
+    e = sub.add_parser("explain", help="levels, frequencies, context flow and semantic choices",
+                       description="Explain a declaration's levels, fastest first.")
+    decl_args(e)
+    e.add_argument("--tokens", type=int, default=None, help="count updates over N tokens")
+    e.add_argument("--steps", type=int, default=None, help="count updates over N steps")
+    e.set_defaults(run=cmd_explain)
+
+    v = sub.add_parser("viz", help="draw the nest graph (svg, html, dot, mermaid, png)",
+                       description="Draw the levels of a declaration as frequency bands.")
+    decl_args(v)
+    v.add_argument("-o", "--output", help="output file; its suffix picks the format")
+    v.add_argument("--format", "-f", choices=VIZ_FORMATS, help="picture format (default svg)")
+    v.set_defaults(run=cmd_viz)
+
+    k = sub.add_parser("compile", help="print the generated PyTorch source",
+                       description="Emit the generated PyTorch source for a declaration.")
+    decl_args(k)
+    k.add_argument("-o", "--output", help="write the source to this file")
+    k.set_defaults(run=cmd_compile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.version:
+        from nestc import __version__
+
+        print(f"nestc {__version__}")
+        return 0
+    if not getattr(args, "run", None):
+        parser().print_help()
+        return 0
+    try:
+        return int(args.run(args))
+    except NestError as err:
+        if DEBUG:
+            raise
+        print(err, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # noqa: BLE001 - a compiler bug must still not dump a traceback
+        if DEBUG:
+            raise
+        print(f"nestc: internal error: {type(err).__name__}: {err}\n"
+              "  this is a bug in nestc; rerun with NESTC_DEBUG=1 for the traceback",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
