@@ -48,6 +48,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("softmax", 1, 1, "dim", "math", "softmax over the last dim"),
     _b("concat", 1, None, "dim", "math", "concatenate along the last dim"),
     _b("where", 3, 3, "", "math", "element-wise select"),
+    _b("stop_grad", 1, 1, "", "math", "the value with no gradient flowing back (a fixed target)"),
     # signals
     _b("grad", 1, 1, "", "signal", "the gradient of the outer loss with respect to a parameter"),
     _b("next", 1, 1, "", "signal", "the sequence shifted by one: next-token targets"),
@@ -58,13 +59,15 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("embed", 3, 3, "", "layer", "token embedding table"),
     _b("rmsnorm", 1, 1, "eps", "layer", "RMS normalization with a learned scale"),
     _b("layernorm", 1, 1, "eps", "layer", "layer normalization"),
-    _b("softmax_attention", 3, 3, "causal heads window", "layer",
-       "softmax attention: a non-parametric memory over its cache"),
+    _b("softmax_attention", 2, 3, "causal heads window", "layer",
+       "softmax attention of queries over a `cache` memory (q, C) or over keys and values (q, k, v)"),
     _b("cross_entropy", 2, 2, "", "objective", "mean cross-entropy of logits against targets"),
     # memory structures
     _b("matrix", 2, 2, "", "structure", "a linear memory M: R^a -> R^b"),
-    _b("mlp", 1, 1, "hidden depth act", "structure", "a two-layer MLP memory"),
-    _b("residual_mlp", 1, 1, "hidden act", "structure", "x + W1 act(W2 x) (Hope, Titans)"),
+    _b("mlp", 1, 1, "hidden depth act", "structure",
+       "an MLP memory R^d -> R^d; hidden = width of its hidden layers"),
+    _b("residual_mlp", 1, 1, "hidden act", "structure",
+       "x + W1 act(W2 x) on R^d (Hope, Titans); hidden = width of W2's output"),
     _b("like", 1, 1, "", "structure", "a state shaped like a parameter (optimizer memories)"),
     _b("cache", 0, 0, "", "structure", "softmax attention's key/value cache"),
     # initial states

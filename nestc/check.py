@@ -12,6 +12,7 @@ from nestc.errors import NestError, did_you_mean
 from nestc.hyper import UNKNOWN, const_eval, infer_type, python_type, type_words
 from nestc.source import Span
 
+MAX_CHAIN_CHECKS = 16
 CLAUSE_EXPR = ("key", "value", "query", "objective", "rule")
 CHOICES = {  # clause -> (default, allowed values)
     "read": ("after write", ("before write", "after write")),
@@ -247,7 +248,7 @@ class BodyChecker:
             inner = _Scope(scope)
             inner.names[s.var] = "chain"
             saved = self.env.get(s.var, UNKNOWN)
-            for v in values if values is not UNKNOWN else [UNKNOWN]:
+            for v in _chain_values(values):
                 self.env[s.var] = v
                 self.block(s.body, inner)
             self.env[s.var] = saved
@@ -511,6 +512,15 @@ class BodyChecker:
         for p in d.params:
             if p.default is None and p.name not in given:
                 raise NestError(f"`{d.name}` needs a value for `{p.name}`", e.span, kind="value")
+
+
+def _chain_values(values: Any) -> list[Any]:
+    """The values a chain body is checked with: each distinct one, or UNKNOWN once for an unknown,
+    empty or very long list (nested chains multiply, and the check must stay instant)."""
+    if values is UNKNOWN:
+        return [UNKNOWN]
+    distinct = list({repr(v): v for v in values}.values())
+    return distinct if 0 < len(distinct) <= MAX_CHAIN_CHECKS else [UNKNOWN]
 
 
 def _a(kind: str) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token, Transformer_NonRecursive, Tree, v_args
 
 from nestc import ast
 from nestc.errors import NestError, nearest
@@ -16,6 +17,9 @@ from nestc.source import Source, Span, point
 
 MAX_SOURCE_BYTES = 1 << 20
 MAX_NESTING = 200
+# Later stages walk the AST recursively: bound its depth well below Python's recursion limit.
+MAX_DEPTH = 200
+MAX_INT_DIGITS = 100
 
 
 def grammar_path() -> Path:
@@ -196,8 +200,9 @@ def _unescape(text: str) -> str:
 
 
 @v_args(meta=True)
-class _ToAst(Transformer):
-    """Lark tree -> ast nodes; every node gets the span of its rule match."""
+class _ToAst(Transformer_NonRecursive):
+    """Lark tree -> ast nodes; every node gets the span of its rule match. Non-recursive, so a
+    long expression cannot exhaust the Python stack here."""
 
     def __init__(self, source: Source) -> None:
         super().__init__()
@@ -213,7 +218,8 @@ class _ToAst(Transformer):
         return ast.Module(self.source.name, imports, decls, self.s(meta))
 
     def import_file(self, meta, ch):
-        path, alias = ch
+        # `("as" NAME)?` is optional without a placeholder: the alias is absent, not None
+        path, alias = ch[0], (ch[1] if len(ch) > 1 else None)
         return ast.Import(_unescape(path), str(alias) if alias else None, None, self.s(meta),
                           _tok_span(self.source, path))
 
@@ -369,7 +375,12 @@ class _ToAst(Transformer):
     # expressions
     def number(self, meta, ch):
         text = str(ch[0])
-        return ast.ExprNumber(_number(text), text, self.s(meta))
+        if re.fullmatch(r"\d+", text) and len(text.lstrip("0")) > MAX_INT_DIGITS:
+            raise NestError("integer literal is too large", self.s(meta), kind="value")
+        value = _number(text)
+        if isinstance(value, float) and math.isinf(value):
+            raise NestError("number is too large for a float", self.s(meta), kind="value")
+        return ast.ExprNumber(value, text, self.s(meta))
 
     def string(self, meta, ch):
         return ast.ExprString(_unescape(str(ch[0])), self.s(meta))
@@ -438,13 +449,29 @@ class _ToAst(Transformer):
 
 
 def _check_nesting(source: Source) -> None:
-    """Reject absurd bracket depth before Lark recurses into it."""
+    """Reject absurd bracket depth early, with the position of the bracket that goes too deep."""
     depth = 0
     line, col = 1, 0
+    skip = ""  # inside a comment ("\n" ends it) or a string ('"' ends it)
+    escaped = False
     for ch in source.text:
         col += 1
         if ch == "\n":
             line, col = line + 1, 0
+            skip, escaped = "", False  # comments and strings both end at a newline
+        elif skip == '"':
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                skip = ""
+        elif skip:
+            continue
+        elif ch == "#":
+            skip = "\n"
+        elif ch == '"':
+            skip = '"'
         elif ch in "([{":
             depth += 1
             if depth > MAX_NESTING:
@@ -453,6 +480,19 @@ def _check_nesting(source: Source) -> None:
                                 hint="split the expression with `let` bindings")
         elif ch in ")]}":
             depth = max(0, depth - 1)
+
+
+def _check_depth(source: Source, tree: Tree) -> None:
+    """Reject a parse tree deeper than MAX_DEPTH (such as `1 + 1 + ... + 1` with thousands of
+    terms) before the recursive stages after the parser see it."""
+    stack: list[tuple[Tree, int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise NestError(f"the spec nests expressions and blocks more than {MAX_DEPTH} levels "
+                            "deep", _span(source, node.meta), kind="syntax",
+                            hint="split long expressions into steps with `let` bindings")
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
 
 
 def parse(source: Source) -> ast.Module:
@@ -470,6 +510,7 @@ def parse(source: Source) -> ast.Module:
         tree = parser().parse(source.text)
     except lark.exceptions.LarkError as err:
         raise _syntax_error(source, err) from None
+    _check_depth(source, tree)
     try:
         module = _ToAst(source).transform(tree)
     except lark.exceptions.VisitError as err:

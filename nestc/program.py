@@ -53,9 +53,9 @@ class Program:
 
     def source(self, name: str, **options: Any) -> str:
         """The generated PyTorch source of a declaration."""
-        from nestc.codegen.torch import generate
+        from nestc.compile import generate
 
-        return generate(self, self.decl(name), **options)
+        return generate(self.decl(name), **options)
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """An optimizer declaration -> torch.optim.Optimizer(params, **hyper)."""

@@ -1,0 +1,1 @@
+"""Code generators: IR -> source text. Renderers never optimize; passes never print code."""

@@ -1,0 +1,171 @@
+"""`nestc explain`: a plain-text report of a declaration's levels, fastest first."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import networkx as nx
+
+from nestc.check import CHOICES
+from nestc.nest import LEVEL_KINDS, frequency_key, levels
+
+DEFAULT_TOKENS = 4096
+DEFAULT_STEPS = 1000
+CHOICE_WORDS = {"read": "read", "backprop": "backprop", "state": "state",
+                "partial": "partial chunk", "dgd": "dgd"}
+KEY_WIDTH = 14  # the width of the field names in a level's block
+
+
+def explain(program: Any, name: str, tokens: int | None = None, steps: int | None = None,
+            **hyper: Any) -> str:
+    """The report for declaration `name`: header, hyperparameters, then levels by frequency.
+
+    Updates are counted over `tokens` tokens (default 4096) for levels that learn in context and
+    over `steps` optimizer steps (default 1000) for the others.
+    """
+    checked = program.decl(name)
+    graph = program.graph(name, **hyper)
+    return render_explain(graph, checked.decl.span, tokens or DEFAULT_TOKENS,
+                          steps or DEFAULT_STEPS)
+
+
+def render_explain(graph: nx.MultiDiGraph, span: Any, tokens: int, steps: int) -> str:
+    """The explain report of a nest graph (see explain)."""
+    g = graph.graph
+    lines = [f"{g['kind']} {g['name']}  ({span})" if span is not None else
+             f"{g['kind']} {g['name']}"]
+    hyper = g.get("hyper") or {}
+    if hyper:
+        width = max(map(len, hyper))
+        lines.append("  hyperparameters")
+        lines += [f"    {k:<{width}} = {_value(v)}" for k, v in hyper.items()]
+    else:
+        lines.append("  no hyperparameters")
+    order = levels(graph)
+    uses_tokens = any(graph.nodes[n]["unit"] == "token" for n in order)
+    uses_steps = any(graph.nodes[n]["unit"] != "token" for n in order)
+    counted = " and ".join(x for x, used in ((f"{tokens} tokens", uses_tokens),
+                                             (f"{steps} steps", uses_steps)) if used)
+    lines.append("")
+    lines.append(f"{len(order)} level{'s' * (len(order) != 1)}, fastest first"
+                 + (f" (updates counted over {counted})" if counted else ""))
+    band: tuple[Any, ...] | None = None
+    for n in order:
+        a = graph.nodes[n]
+        key = frequency_key(a)
+        if key != band:
+            band = key
+            lines.append("")
+            lines.append(_band_title(graph, key))
+        lines += _level(graph, n, tokens, steps)
+    signals = [n for n, a in graph.nodes(data=True) if a["kind"] not in LEVEL_KINDS]
+    if signals:
+        lines.append("")
+        lines.append("signals")
+        for n in signals:
+            a = graph.nodes[n]
+            src = _sources(graph, n, ("flow", "read", "generation", "init"))
+            what = "input" if a["kind"] == "input" else "output" if a.get("output") else "signal"
+            shape = f" {a['shape']}" if a.get("shape") else ""
+            lines.append(f"  {n:<{_width(signals)}}  {what}{shape}"
+                         + (f"  <- {', '.join(src)}" if src else ""))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _band_title(graph: nx.MultiDiGraph, key: tuple[Any, ...]) -> str:
+    texts: list[str] = []
+    for n in levels(graph):
+        a = graph.nodes[n]
+        if frequency_key(a) == key and a["frequency"] not in texts:
+            texts.append(a["frequency"])
+    return " / ".join(texts)
+
+
+def _level(graph: nx.MultiDiGraph, n: str, tokens: int, steps: int) -> list[str]:
+    a = graph.nodes[n]
+    title = f"  level {a['level']}  {n}  ({a['kind']}"
+    if a.get("repeat") not in (1, None):
+        title += f", x{a['repeat']}"
+    title += ")"
+    rows: list[tuple[str, str]] = []
+    freq = a["frequency"] + (f" in chunks of {a['chunk']}" if a.get("chunk") else "")
+    rows.append(("frequency", freq))
+    if a["parallel"]:
+        rows.append(("parallel with", ", ".join(a["parallel"])))
+    if a.get("after"):
+        rows.append(("after", ", ".join(a["after"]) + " (reads their state of the same time)"))
+    flow = _sources(graph, n, ("flow", "generation"))
+    if flow:
+        rows.append(("learns from", ", ".join(flow)))
+    reads = _sources(graph, n, ("read",))
+    if reads:
+        rows.append(("reads", ", ".join(reads)))
+    transfer = _sources(graph, n, ("init", "backprop"))
+    if transfer:
+        rows.append(("trained by", ", ".join(transfer)))
+    if a.get("structure"):
+        rows.append(("structure", a["structure"] + (" per head" if a.get("per_head") else "")))
+    rows.append(("objective", a.get("objective") or _no_objective(a)))
+    rows.append(("rule", a.get("rule") or "-"))
+    rows.append(("init", a.get("init") or "-"))
+    if a["kind"] == "memory":
+        explicit = set(a.get("explicit") or ())
+        for k, (default, _) in CHOICES.items():
+            value = (a.get("choices") or {}).get(k, default)
+            mark = "(default)" if k not in explicit else "(set)"
+            rows.append((CHOICE_WORDS[k], f"{value:<12} {mark}"))
+    rows.append(("updates", _updates(a, tokens, steps)))
+    return [title] + [f"    {k:<{KEY_WIDTH}} {v}" for k, v in rows]
+
+
+def _no_objective(a: dict[str, Any]) -> str:
+    if a["kind"] == "param" and a.get("rule"):
+        return "- (explicit update)"
+    return "- (explicit update)" if a.get("rule") else "-"
+
+
+def _updates(a: dict[str, Any], tokens: int, steps: int) -> str:
+    """How many times the level writes over the counted tokens or steps."""
+    unit, period = a["unit"], a.get("period")
+    if unit == "never":
+        return "0 in context (only the outer level trains it)"
+    if period is None:
+        return "unknown (the period depends on data)"
+    total, word = (tokens, "tokens") if unit == "token" else (steps, "steps")
+    count = total // period
+    text = f"{count} over {total} {word}"
+    chunk = a.get("chunk")
+    if chunk:
+        chunks = math.ceil(total / chunk)
+        text += f", in {chunks} chunk{'s' * (chunks != 1)} of {chunk}"
+        if total % chunk:
+            partial = (a.get("choices") or {}).get("partial", CHOICES["partial"][0])
+            text += f" (last one partial: {partial})"
+    return text
+
+
+def _sources(graph: nx.MultiDiGraph, n: str, kinds: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for u, _, d in graph.in_edges(n, data=True):
+        if d["kind"] in kinds:
+            text = f"{u} ({d['label']})" if d.get("label") else u
+            if text not in out:
+                out.append(text)
+    return out
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, tuple):
+        return "(" + ", ".join(map(_value, v)) + ("," if len(v) == 1 else "") + ")"
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_value, v)) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return repr(v)
+
+
+def _width(names: list[str]) -> int:
+    return max(map(len, names))

@@ -1,0 +1,282 @@
+"""lower_optimizer: a checked `optimizer` declaration -> ir.Optimizer.
+
+Lets stay named, memories with an objective and a rule become explicit updates (gd on l2(m, t)
+is m <- retain * m - lr * (m - t)), and every `if` on hyperparameters forks the statement list,
+so each variant is straight-line code; `tree` records how a param group picks its variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nestc import ast, ir
+from nestc.check import Checked
+from nestc.errors import NestError
+from nestc.hyper import UNKNOWN, const_eval
+from nestc.source import Span
+
+ARITH = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow"}
+UPDATE_OPS = {"+=": "add", "-=": "sub", "*=": "mul", "/=": "div"}
+
+
+@dataclass(frozen=True)
+class Leaf:
+    variant: int
+
+
+@dataclass(frozen=True)
+class Branch:
+    cond: ir.E
+    then: Leaf | Branch
+    orelse: Leaf | Branch
+
+
+class _Lowerer:
+    def __init__(self, checked: Checked) -> None:
+        self.checked = checked
+        self.decl = checked.decl
+        self.hypers = checked.hypers
+        self.defaults = {n: h.default for n, h in checked.hypers.items() if not h.required}
+        self.param = next(s.names[0] for s in _walk(self.decl.body) if isinstance(s, ast.StmtParam))
+        self.variants: list[ir.Variant] = []
+
+    def unsupported(self, what: str, span: Span) -> NestError:
+        return NestError(f"{what} is not supported in an optimizer yet", span, kind="value")
+
+    # expressions
+    def expr(self, e: ast.Expr, names: dict[str, str]) -> ir.E:
+        if isinstance(e, ast.ExprNumber):
+            return ir.const(e.value)
+        if isinstance(e, ast.ExprBool):
+            return ir.const(e.value)
+        if isinstance(e, ast.ExprName):
+            return self.name(e.name, e.span, names)
+        if isinstance(e, ast.ExprIndex):
+            if isinstance(e.base, ast.ExprName) and names.get(e.base.name) == "hyper":
+                idx = [const_eval(i, {}) for i in e.index]
+                if len(idx) == 1 and isinstance(idx[0], int) and not isinstance(idx[0], bool):
+                    value = self.defaults.get(e.base.name, UNKNOWN)
+                    if isinstance(value, (tuple, list)) and not -len(value) <= idx[0] < len(value):
+                        raise NestError(f"index {idx[0]} is out of range: `{e.base.name}` has "
+                                        f"{len(value)} items", e.span, kind="value")
+                    return ir.E("hyper", value=(e.base.name, idx[0]))
+            raise self.unsupported("indexing anything but a hyperparameter tuple", e.span)
+        if isinstance(e, ast.ExprBinary):
+            a, b = self.expr(e.left, names), self.expr(e.right, names)
+            if e.op in ARITH:
+                return ir.E(ARITH[e.op], (a, b))
+            if e.op == "@":
+                raise self.unsupported("`@` (matrix product)", e.span)
+            return ir.E("cmp", (a, b), e.op)
+        if isinstance(e, ast.ExprUnary):
+            a = self.expr(e.operand, names)
+            if e.op == "-":
+                return ir.E("neg", (a,))
+            if e.op == "+":
+                return a
+            return ir.E("cmp", (a,), "not")
+        if isinstance(e, ast.ExprCond):
+            c = self.expr(e.cond, names)
+            if not c.is_scalar:
+                raise self.unsupported("a condition on tensor values", e.cond.span)
+            return ir.E("cond", (c, self.expr(e.then, names), self.expr(e.orelse, names)))
+        if isinstance(e, ast.ExprCall):
+            return self.call(e, names)
+        raise self.unsupported(f"`{_text(e)}`", e.span)
+
+    def name(self, name: str, span: Span, names: dict[str, str]) -> ir.E:
+        what = names.get(name)
+        if what == "hyper":
+            return ir.E("hyper", value=(name,))
+        if what == "param":
+            return ir.E("param")
+        if what == "memory":
+            return ir.E("state", value=name)
+        if what == "let":
+            return ir.E("local", value=name)
+        raise self.unsupported(f"`{name}` as a value", span)
+
+    def call(self, e: ast.ExprCall, names: dict[str, str]) -> ir.E:
+        if not isinstance(e.func, ast.ExprName):
+            raise self.unsupported("calling an expression", e.span)
+        fn = e.func.name
+        if fn == "grad":
+            arg = e.args[0]
+            if not (isinstance(arg, ast.ExprName) and arg.name == self.param):
+                raise NestError(f"an optimizer takes the gradient of its param: `grad({self.param})`",
+                                arg.span, kind="value")
+            return ir.E("grad")
+        if fn == "step":
+            return ir.E("step", value=None)
+        if fn in ir.ELEMENTWISE_CALLS or fn in ("newton_schulz", "norm", "sum", "mean"):
+            if fn in ("newton_schulz", "norm", "sum", "mean"):
+                raise self.unsupported(f"`{fn}`", e.func.span)
+            if e.kwargs:
+                kw = e.kwargs[0]
+                if fn == "clamp":
+                    lo = next((k.value for k in e.kwargs if k.name == "lo"), None)
+                    hi = next((k.value for k in e.kwargs if k.name == "hi"), None)
+                    args = [self.expr(e.args[0], names),
+                            self.expr(lo, names) if lo else ir.const(float("-inf")),
+                            self.expr(hi, names) if hi else ir.const(float("inf"))]
+                    return ir.E("call", tuple(args), "clamp")
+                raise self.unsupported(f"keyword `{kw.name}` of `{fn}`", kw.span)
+            args = tuple(self.expr(a, names) for a in e.args)
+            if fn == "debias":
+                if not args[1].is_scalar:
+                    raise NestError("the rate of `debias` must be a hyperparameter expression",
+                                    e.args[1].span, kind="value")
+                mem = args[0].value if args[0].op == "state" else None
+                return ir.E("call", (args[0], args[1], ir.E("step", value=mem)), "debias")
+            return ir.E("call", args, fn)
+        raise self.unsupported(f"`{fn}`", e.func.span)
+
+    # statements
+    def lower(self) -> ir.Optimizer:
+        names = {n: "hyper" for n in self.hypers}
+        tree = self.block(list(self.decl.body), names, [], [], ())
+        hypers = [ir.HyperInfo(n, h.default, h.required) for n, h in self.hypers.items()]
+        return ir.Optimizer(self.decl.name, self.decl.span.file, self.decl.span.line, self.param,
+                            hypers, self.variants, tree)
+
+    def block(self, todo: list[ast.Stmt], names: dict[str, str], mems: list[ir.Memory],
+              stmts: list[ir.Stmt], conds: tuple[tuple[ir.E, bool], ...]) -> Leaf | Branch:
+        names = dict(names)
+        mems, stmts = list(mems), list(stmts)
+        while todo:
+            s = todo.pop(0)
+            if isinstance(s, ast.StmtParam):
+                names[s.names[0]] = "param"
+            elif isinstance(s, ast.StmtLet):
+                stmts.append(ir.Let(s.name, self.expr(s.value, names), s.span))
+                names[s.name] = "let"
+            elif isinstance(s, ast.StmtUpdate):
+                stmts.append(self.update(s, names))
+            elif isinstance(s, ast.StmtMemory):
+                mem, update = self.memory(s, names)
+                mems.append(mem)
+                names[s.name] = "memory"
+                stmts.append(update)
+            elif isinstance(s, ast.StmtIf):
+                cond = self.expr(s.cond, names)
+                if not cond.is_scalar:
+                    raise NestError("an optimizer's `if` tests hyperparameters only", s.cond.span,
+                                    kind="value")
+                then = self.block(list(s.then) + todo, names, mems, stmts, (*conds, (cond, True)))
+                orelse = self.block(list(s.orelse) + todo, names, mems, stmts,
+                                    (*conds, (cond, False)))
+                return Branch(cond, then, orelse)
+            else:
+                raise self.unsupported(f"`{type(s).__name__}`", s.span)
+        self.variants.append(ir.Variant(conds, mems, stmts))
+        return Leaf(len(self.variants) - 1)
+
+    def update(self, s: ast.StmtUpdate, names: dict[str, str]) -> ir.Assign:
+        if s.index:
+            raise self.unsupported("an indexed update", s.span)
+        what = names.get(s.target)
+        if what not in ("param", "memory"):
+            raise NestError(f"`{s.target}` is not a param or memory of this optimizer",
+                            s.target_span, kind="value")
+        value = self.expr(s.value, names)
+        if s.op != "=":
+            current = ir.E("param") if what == "param" else ir.E("state", value=s.target)
+            value = ir.E(UPDATE_OPS[s.op], (current, value))
+        return ir.Assign(s.target, "param" if what == "param" else "state", value, s.span)
+
+    def memory(self, s: ast.StmtMemory, names: dict[str, str]) -> tuple[ir.Memory, ir.Assign]:
+        if s.structure is not None and not _is_call(s.structure, "like"):
+            raise self.unsupported("a memory structure other than like(W)", s.structure.span)
+        init, first = "zeros", None
+        if s.init is not None:
+            if _is_call(s.init, "from"):
+                assert isinstance(s.init, ast.ExprCall)
+                init, first = "from", self.expr(s.init.args[0], names)
+            elif _is_call(s.init, "ones_like"):
+                init = "ones"
+            elif not (_is_call(s.init, "zeros_like") or _is_call(s.init, "zeros")
+                      or _is_call(s.init, "like")):
+                raise self.unsupported(f"the initial state `{_text(s.init)}`", s.init.span)
+        period = ir.const(1)
+        f = s.frequency
+        if f is not None and f.unit == "never":
+            raise self.unsupported("a `never` memory", f.span)
+        if f is not None and f.every is not None:
+            period = self.expr(f.every, names)
+        mem = ir.Memory(s.name, init, period, s.span, first)
+        inner = dict(names)
+        inner[s.name] = "memory"
+        updates = [b for b in s.body if isinstance(b, ast.StmtUpdate)]
+        clauses = {b.kind: b for b in s.body if isinstance(b, ast.Clause)}
+        for b in s.body:
+            if not isinstance(b, (ast.StmtUpdate, ast.Clause)):
+                raise self.unsupported(f"`{type(b).__name__}` in a memory body", b.span)
+        if updates:
+            if len(updates) > 1:
+                raise self.unsupported("more than one update of a memory", updates[1].span)
+            return mem, self.update(updates[0], inner)
+        return mem, self.objective_rule(s, clauses, inner)
+
+    def objective_rule(self, s: ast.StmtMemory, clauses: dict[str, ast.Clause],
+                       names: dict[str, str]) -> ir.Assign:
+        obj, rule = clauses["objective"].value, clauses["rule"].value
+        assert isinstance(obj, ast.Expr) and isinstance(rule, ast.Expr)
+        if not isinstance(obj, ast.ExprCall) or not isinstance(obj.func, ast.ExprName):
+            raise self.unsupported("a custom objective expression", obj.span)
+        kind = obj.func.name
+        if kind not in ("l2", "dot", "huber"):
+            raise self.unsupported(f"the objective `{kind}`", obj.func.span)
+        pred = obj.args[0]
+        if not (isinstance(pred, ast.ExprName) and pred.name == s.name):
+            raise NestError(f"an optimizer memory's objective compares the memory itself: "
+                            f"`{kind}({s.name}, ...)`", pred.span, kind="value",
+                            hint="element-wise memories predict their target directly")
+        state = ir.E("state", value=s.name)
+        target = self.expr(obj.args[1], names)
+        if kind == "l2":
+            grad = state - target
+        elif kind == "dot":
+            grad = -target
+        else:
+            delta = next((k.value for k in obj.kwargs if k.name == "delta"), None)
+            d = self.expr(delta, names) if delta is not None else ir.const(1.0)
+            grad = ir.E("call", (state - target, -d, d), "clamp")
+        if not isinstance(rule, ast.ExprCall) or not isinstance(rule.func, ast.ExprName):
+            rule_name = rule.name if isinstance(rule, ast.ExprName) else "?"
+            kwargs: dict[str, ast.Expr] = {}
+        else:
+            rule_name = rule.func.name
+            kwargs = {k.name: k.value for k in rule.kwargs}
+        if rule_name != "gd":
+            raise self.unsupported(f"the rule `{rule_name}` for an optimizer memory", rule.span)
+        lr = self.expr(kwargs["lr"], names) if "lr" in kwargs else ir.const(1.0)
+        value = state - lr * grad
+        if "retain" in kwargs:
+            value = self.expr(kwargs["retain"], names) * state - lr * grad
+        return ir.Assign(s.name, "state", value, clauses["rule"].span)
+
+
+def _is_call(e: ast.Expr, name: str) -> bool:
+    if isinstance(e, ast.ExprName):
+        return e.name == name
+    return isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName) and e.func.name == name
+
+
+def _text(e: ast.Expr) -> str:
+    s = e.span
+    if s.line != s.end_line:
+        return s.source.line(s.line)[s.col - 1:].strip() + " ..."
+    return s.source.line(s.line)[s.col - 1: s.end_col - 1]
+
+
+def _walk(stmts):
+    for s in stmts:
+        yield s
+        if isinstance(s, ast.StmtIf):
+            yield from _walk(s.then)
+            yield from _walk(s.orelse)
+
+
+def lower_optimizer(checked: Checked) -> ir.Optimizer:
+    assert checked.kind == "optimizer", checked.name
+    return _Lowerer(checked).lower()

@@ -1,0 +1,87 @@
+"""Load generated code and build what it defines; small helpers the generated code calls."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import linecache
+from typing import Any, Callable, Iterable
+
+import torch
+
+from nestc import __version__, env
+from nestc.check import Checked
+from nestc.errors import NestError
+
+BACKENDS = ("auto", "fused", "generic")
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
+    """Whether torch's fused kernel can run this group (else the generic code does)."""
+    backend = env.OPTIM_BACKEND or group.get("backend", "auto")
+    if backend == "generic":
+        return False
+    ok = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES and not p.is_sparse
+             and not g.is_sparse and g.dtype == p.dtype and g.device == p.device
+             for p, g in zip(params, grads))
+    ok = ok and not torch.is_grad_enabled() and len({p.device for p in params}) >= 1
+    if backend == "fused" and not ok:
+        raise RuntimeError("backend='fused' needs float tensors on CPU or CUDA with dense grads")
+    return ok
+
+
+def partition(items: list[Any], pred: Callable[[Any], bool]) -> Iterable[tuple[bool, list[Any]]]:
+    """(True, items where pred holds) and (False, the rest), skipping empty parts."""
+    yes = [x for x in items if pred(x)]
+    no = [x for x in items if not pred(x)]
+    if yes:
+        yield True, yes
+    if no:
+        yield False, no
+
+
+@functools.lru_cache(maxsize=128)
+def _exec(source: str, name: str) -> Any:
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    filename = f"<nestc:{name}:{digest}>"
+    # register the text so tracebacks and inspect.getsource show generated lines
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {"__name__": f"nestc_generated_{digest}"}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated code
+    return namespace[name]
+
+
+def optimizer_class(program: Any, checked: Checked) -> type[torch.optim.Optimizer]:
+    """The generated torch.optim.Optimizer subclass of an optimizer declaration (cached)."""
+    source = program.source(checked.name)
+    return _exec(source, checked.name)
+
+
+def build_optimizer(program: Any, checked: Checked, params: Any = None, *args: Any,
+                    **kwargs: Any) -> torch.optim.Optimizer:
+    if params is None:
+        raise NestError(f"building optimizer `{checked.name}` needs the parameters: "
+                        f"build({checked.name!r}, model.parameters(), ...)",
+                        checked.decl.name_span, kind="value")
+    if args:
+        raise TypeError("hyperparameters are passed by keyword: build(name, params, lr=...)")
+    backend = kwargs.pop("backend", "auto")
+    hyper = checked.bind(kwargs)
+    cls = optimizer_class(program, checked)
+    return cls(params, **{_py(k): v for k, v in hyper.items()}, backend=backend)
+
+
+def _py(name: str) -> str:
+    from nestc.codegen.torch import py_name
+
+    return py_name(name)
+
+
+VERSION = __version__
