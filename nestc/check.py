@@ -9,7 +9,7 @@ from typing import Any
 from nestc import ast
 from nestc.builtins import BUILTINS
 from nestc.errors import NestError, did_you_mean
-from nestc.hyper import UNKNOWN, const_eval, infer_type, python_type, type_words
+from nestc.hyper import UNKNOWN, const_eval, infer_type, python_type, show_value, type_words
 from nestc.source import Span
 
 MAX_CHAIN_CHECKS = 16
@@ -75,9 +75,9 @@ class Checked:
             first = err.errors()[0]
             name = str(first["loc"][0])
             h = self.hypers[name]
-            raise NestError(f"`{name}` of `{self.name}` must be {type_words(h.type)}: "
-                            f"got {values[name]!r}", h.span, kind="type") from None
-        return {n: getattr(validated, n) for n in self.hypers}
+            raise NestError(f"`{name}` of `{self.name}` must be {type_words(h.type)}, "
+                            f"got {show_value(values[name])}", h.span, kind="type") from None
+        return {n: getattr(validated, f"h{i}") for i, n in enumerate(self.hypers)}
 
 
 def hypers_of(decl: ast.Decl) -> dict[str, Hyper]:
@@ -104,22 +104,24 @@ def hypers_of(decl: ast.Decl) -> dict[str, Hyper]:
 
 
 def pydantic_model(decl: ast.Decl, hypers: dict[str, Hyper]) -> Any:
-    from pydantic import ConfigDict, ValidationError, create_model
+    from pydantic import ConfigDict, Field, ValidationError, create_model
 
-    fields = {n: (h.type, ...) for n, h in hypers.items()}
+    # fields are named by position and aliased to the spec's names, so that a hyperparameter
+    # called `json`, `copy` or `__class__` cannot collide with pydantic's own attributes
+    fields = {f"h{i}": (h.type, Field(..., alias=n)) for i, (n, h) in enumerate(hypers.items())}
     model = create_model(f"{decl.name}Hyperparameters", __config__=ConfigDict(extra="forbid"),
                          **fields)  # type: ignore[call-overload]
-    for n, h in hypers.items():
+    for i, (n, h) in enumerate(hypers.items()):
         if h.required:
             continue
         try:
             model.__pydantic_validator__.validate_assignment(
-                model.model_construct(), n, h.default)
+                model.model_construct(), f"h{i}", h.default)
         except ValidationError:
             p = next(p for p in decl.params if p.name == n)
             span = p.default.span if p.default is not None else p.span
-            raise NestError(f"the default of `{n}` is not {type_words(h.type)}", span,
-                            kind="type") from None
+            raise NestError(f"the default of `{n}` must be {type_words(h.type)}, got "
+                            f"{show_value(h.default)}", span, kind="type") from None
     return model
 
 

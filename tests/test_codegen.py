@@ -1,0 +1,72 @@
+"""Generated optimizer source: pinned by golden files, deterministic, and never injectable."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import nestc
+from nestc import env
+
+GOLDEN = Path(__file__).parent / "golden"
+SPECS = [("std/optim/adam.nest", "Adam"), ("std/optim/adam.nest", "AdamW"),
+         ("std/optim/sgd.nest", "SGD")]
+
+
+@pytest.mark.parametrize(("spec", "name"), SPECS)
+def test_golden(spec, name):
+    """NESTC_UPDATE_GOLDEN=1 rewrites the files; review the diff before committing it."""
+    text = nestc.load(spec).source(name)
+    path = GOLDEN / f"{Path(spec).stem}_{name}.py"
+    if env.UPDATE_GOLDEN:
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_deterministic_across_loads():
+    a = nestc.load("std/optim/sgd.nest").source("SGD")
+    from nestc import compile as compile_mod
+
+    compile_mod._CACHE.clear()
+    b = nestc.load("std/optim/sgd.nest").source("SGD")
+    assert a == b
+
+
+HOSTILE = '''
+optimizer Evil(self = 0.1, torch = 0.5, group = 1.0, lambda = 2.0, __class__ = 0.0,
+               note = "\\"); import os; os.system(\\"echo pwned\\") #\\n") {
+    param W
+    memory __init__ = zeros_like(W) every step { __init__ = torch * __init__ + grad(W) }
+    memory states = zeros_like(W) every step { states = lambda * states + group }
+    W -= self * __init__ + __class__ * states
+}
+'''
+
+
+def test_hostile_names_and_strings_cannot_inject_code():
+    torch = pytest.importorskip("torch")
+    prog = nestc.loads(HOSTILE, "evil.nest")
+    src = prog.source("Evil")
+    tree = ast.parse(src)
+    imports = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imports |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imports <= {"math", "torch", "nestc"}
+    calls = {n.func.attr for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert "system" not in calls
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = prog.build("Evil", [w])
+    w.grad = torch.full((3,), 2.0)
+    opt.step()
+    # __init__ = 0.5 * 0 + 2 = 2; state = 2 * 0 + 1 = 1; W = 1 - 0.1 * 2 - 0 * 1
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.8))
+    assert opt.param_groups[0]["note"].startswith('"); import os')
+
+
+def test_comment_lines_cannot_break_out():
+    spec = "optimizer C(lr = 0.1) {\n    param W\n    W -= lr * grad(W) # \r import os\n}\n"
+    src = nestc.loads(spec, "c.nest").source("C")
+    assert "\r" not in src
+    ast.parse(src)
