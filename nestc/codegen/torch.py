@@ -60,6 +60,7 @@ class _Variant:
         self.tmp = 0
         self.locals: dict[str, Val] = {}
         self.mems = {m.name: m for m in variant.memories}
+        self.temps: set[str] = set()  # names of freshly allocated lists, each read once
 
     def fresh(self) -> str:
         self.tmp += 1
@@ -69,11 +70,22 @@ class _Variant:
         self.lines.append(text)
 
     def bind(self, v: Val) -> Val:
-        """Name a tensor-list value so it is computed once."""
+        """Name a tensor-list value so it is computed once.
+
+        A foreach call whose first argument is a temporary (made here, read once) runs in
+        place on it instead of allocating another list of tensors.
+        """
         if v.kind != "t" or v.code.isidentifier():
             return v
+        call = _single_call(v.code)
+        if call is not None and call[1] in self.temps and call[0] in INPLACE:
+            fn, first, rest = call
+            self.line(f"torch.{fn}_({first}{rest})")
+            return Val(first, "t")
         name = self.fresh()
         self.line(f"{name} = {v.code}")
+        if call is not None or v.code.startswith("[torch.full_like") or ".clone()" in v.code:
+            self.temps.add(name)
         return Val(name, "t")
 
     def scalar(self, e: ir.E) -> str:
@@ -148,8 +160,14 @@ class _Variant:
             if s.is_scalar and not t.is_scalar:
                 a, sv, tv = self.expr(left), self.expr(s), self.expr(t)
                 if a.kind == "t" and tv.kind == "t" and sv.kind == "s":
-                    return Val(f"torch.{FOREACH_BINARY[op]}({self.bind(a).code}, "
-                               f"{self.bind(tv).code}, alpha={sv.code})", "t")
+                    a, tv = self.bind(a), self.bind(tv)
+                    call = f"torch.{FOREACH_BINARY[op]}({a.code}, {tv.code}, alpha={sv.code})"
+                    if s.op == "const" or a.code in self.temps:
+                        return Val(call, "t")
+                    # like torch, skip the pass when the factor is zero (weight_decay = 0)
+                    name = self.fresh()
+                    self.line(f"{name} = {a.code} if {sv.code} == 0 else {call}")
+                    return Val(name, "t")
         a, b = self.expr(left), self.expr(right)
         if a.kind != "t" and b.kind != "t":
             kind = "s" if a.kind == b.kind == "s" else "ls"
@@ -281,7 +299,16 @@ class _Variant:
         value = s.value
         current = ir.E("param") if s.kind == "param" else ir.E("state", value=s.target)
         if not every and value.op == "call" and value.value == "lerp" and value.args[0] == current:
-            end = self.bind(self.as_tensors(self.expr(value.args[1])))
+            end_e, w = value.args[1], value.args[2]
+            if end_e.op == "mul" and not any(a.is_scalar for a in end_e.args) and w.is_scalar:
+                # lerp toward a product: scale, then multiply-add without a temporary (torch's
+                # second moment: v.mul_(beta2).addcmul_(g, g, value=1 - beta2))
+                a, b = (self.bind(self.as_tensors(self.expr(x))) for x in end_e.args)
+                wv = self.scalar(w)
+                self.line(f"torch._foreach_mul_({target}, 1 - {wv})")
+                self.line(f"torch._foreach_addcmul_({target}, {a.code}, {b.code}, value={wv})")
+                return
+            end = self.bind(self.as_tensors(self.expr(end_e)))
             self.line(f"torch._foreach_lerp_({target}, {end.code}, {self.listed(self.expr(value.args[2]))})")
             return
         if not every and value.op == "mul" and value.args[0] == current and value.args[1].is_scalar:
@@ -316,6 +343,32 @@ class _Variant:
             self.line(f"        {target}[i].copy_({v.code}[i])")
         else:
             self.line(f"torch._foreach_copy_({target}, {v.code})")
+
+
+INPLACE = {"_foreach_add", "_foreach_sub", "_foreach_mul", "_foreach_div", "_foreach_pow",
+           "_foreach_sqrt", "_foreach_abs", "_foreach_exp", "_foreach_log", "_foreach_sign",
+           "_foreach_tanh", "_foreach_sigmoid", "_foreach_neg", "_foreach_maximum",
+           "_foreach_minimum", "_foreach_lerp", "_foreach_clamp_min", "_foreach_clamp_max",
+           "_foreach_reciprocal"}
+
+
+def _single_call(code: str) -> tuple[str, str, str] | None:
+    """`torch._foreach_f(first, rest...)` as (f, first, ', rest...'), when code is one call."""
+    if not code.startswith("torch._foreach_") or "(" not in code:
+        return None
+    head, _, args = code.partition("(")
+    depth = 1
+    for i, ch in enumerate(args):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if depth == 0:
+            if i != len(args) - 1:
+                return None
+            break
+    first, sep, rest = args[:-1].partition(",")
+    if not first.isidentifier():
+        return None
+    return head[len("torch."):], first, (sep + rest)
 
 
 def _factors(e: ir.E, num: list[ir.E], den: list[ir.E]) -> None:

@@ -66,14 +66,15 @@ class Adam(torch.optim.Optimizer):
         torch._foreach_add_(steps, 1)
         step = [s.item() for s in steps]
         # std/optim/adam.nest:11: let g = grad(W) + weight_decay * W           # L2 penalty folded into the gradient
-        l_g = torch._foreach_add(grads, params, alpha=weight_decay)
+        t1 = grads if weight_decay == 0 else torch._foreach_add(grads, params, alpha=weight_decay)
+        l_g = t1
         # std/optim/adam.nest:12: memory m = zeros_like(W) every step { objective l2(m, g);     rule gd(lr = 1 - betas[0]) }
         torch._foreach_lerp_(st_m, l_g, (1 - betas[0]))
         # std/optim/adam.nest:13: memory v = zeros_like(W) every step { objective l2(v, g * g); rule gd(lr = 1 - betas[1]) }
-        t1 = torch._foreach_mul(l_g, l_g)
-        torch._foreach_lerp_(st_v, t1, (1 - betas[1]))
+        torch._foreach_mul_(st_v, 1 - (1 - betas[1]))
+        torch._foreach_addcmul_(st_v, l_g, l_g, value=(1 - betas[1]))
         # std/optim/adam.nest:14: W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
         t2 = torch._foreach_sqrt(st_v)
-        t3 = torch._foreach_div(t2, [math.sqrt((1 - (betas[1] ** c))) for c in step])
-        t4 = torch._foreach_add(t3, eps)
-        torch._foreach_addcdiv_(params, st_m, t4, [(-(lr / (1 - (betas[0] ** c)))) for c in step])
+        torch._foreach_div_(t2, [math.sqrt((1 - (betas[1] ** c))) for c in step])
+        torch._foreach_add_(t2, eps)
+        torch._foreach_addcdiv_(params, st_m, t2, [(-(lr / (1 - (betas[0] ** c)))) for c in step])

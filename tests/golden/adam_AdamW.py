@@ -70,12 +70,12 @@ class AdamW(torch.optim.Optimizer):
         # std/optim/adam.nest:21: memory m = zeros_like(W) every step { objective l2(m, g);     rule gd(lr = 1 - betas[0]) }
         torch._foreach_lerp_(st_m, l_g, (1 - betas[0]))
         # std/optim/adam.nest:22: memory v = zeros_like(W) every step { objective l2(v, g * g); rule gd(lr = 1 - betas[1]) }
-        t1 = torch._foreach_mul(l_g, l_g)
-        torch._foreach_lerp_(st_v, t1, (1 - betas[1]))
+        torch._foreach_mul_(st_v, 1 - (1 - betas[1]))
+        torch._foreach_addcmul_(st_v, l_g, l_g, value=(1 - betas[1]))
         # std/optim/adam.nest:23: W -= lr * weight_decay * W                   # decoupled decay, on the weights before the step
         torch._foreach_mul_(params, (1 - (lr * weight_decay)))
         # std/optim/adam.nest:24: W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
-        t2 = torch._foreach_sqrt(st_v)
-        t3 = torch._foreach_div(t2, [math.sqrt((1 - (betas[1] ** c))) for c in step])
-        t4 = torch._foreach_add(t3, eps)
-        torch._foreach_addcdiv_(params, st_m, t4, [(-(lr / (1 - (betas[0] ** c)))) for c in step])
+        t1 = torch._foreach_sqrt(st_v)
+        torch._foreach_div_(t1, [math.sqrt((1 - (betas[1] ** c))) for c in step])
+        torch._foreach_add_(t1, eps)
+        torch._foreach_addcdiv_(params, st_m, t1, [(-(lr / (1 - (betas[0] ** c)))) for c in step])

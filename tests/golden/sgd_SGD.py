@@ -75,7 +75,8 @@ class SGD(torch.optim.Optimizer):
         torch._foreach_add_(steps, 1)
         step = [s.item() for s in steps]
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
-        l_g = torch._foreach_add(grads, params, alpha=weight_decay)
+        t1 = grads if weight_decay == 0 else torch._foreach_add(grads, params, alpha=weight_decay)
+        l_g = t1
         # std/optim/sgd.nest:14: rule gd(lr = 1 - dampening, retain = momentum)
         if first:
             st_buf = [x.clone() for x in l_g]
@@ -85,8 +86,8 @@ class SGD(torch.optim.Optimizer):
             torch._foreach_mul_(st_buf, momentum)
             torch._foreach_add_(st_buf, l_g, alpha=(1 - dampening))
         # std/optim/sgd.nest:17: W -= lr * (g + momentum * buf)
-        t1 = torch._foreach_add(l_g, st_buf, alpha=momentum)
-        torch._foreach_add_(params, t1, alpha=(-lr))
+        t2 = l_g if momentum == 0 else torch._foreach_add(l_g, st_buf, alpha=momentum)
+        torch._foreach_add_(params, t2, alpha=(-lr))
 
     def _variant_1(self, group, params, first, lr, momentum, dampening, weight_decay, nesterov):
         """(momentum != 0) and not nesterov."""
@@ -113,7 +114,8 @@ class SGD(torch.optim.Optimizer):
         torch._foreach_add_(steps, 1)
         step = [s.item() for s in steps]
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
-        l_g = torch._foreach_add(grads, params, alpha=weight_decay)
+        t1 = grads if weight_decay == 0 else torch._foreach_add(grads, params, alpha=weight_decay)
+        l_g = t1
         # std/optim/sgd.nest:14: rule gd(lr = 1 - dampening, retain = momentum)
         if first:
             st_buf = [x.clone() for x in l_g]
@@ -147,6 +149,7 @@ class SGD(torch.optim.Optimizer):
         torch._foreach_add_(steps, 1)
         step = [s.item() for s in steps]
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
-        l_g = torch._foreach_add(grads, params, alpha=weight_decay)
+        t1 = grads if weight_decay == 0 else torch._foreach_add(grads, params, alpha=weight_decay)
+        l_g = t1
         # std/optim/sgd.nest:22: W -= lr * g
         torch._foreach_add_(params, l_g, alpha=(-lr))

@@ -1,0 +1,98 @@
+"""Optimizer step time: compiled nestc optimizers over the fastest torch.optim variant.
+
+Prints ratios (nestc time / torch fused time) measured in this process, interleaved so both
+see the same machine state. Usage: python benchmarks/optim_step.py [--params 10.5e6] [--reps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import nestc
+
+
+def make_params(n: float, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Square-ish matrices and vectors adding up to about n parameters, like an MLP stack."""
+    torch.manual_seed(seed)
+    width = 1024
+    params = []
+    total = 0
+    while total < n:
+        w = torch.nn.Parameter(torch.randn(width, width) * 0.02)
+        b = torch.nn.Parameter(torch.zeros(width))
+        params += [w, b]
+        total += w.numel() + b.numel()
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    return params
+
+
+def time_steps(opt: torch.optim.Optimizer, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench(label: str, make_ref, make_ours, n: float, reps: int) -> tuple[float, float, float]:
+    ref_params, our_params = make_params(n), make_params(n)
+    ref, ours = make_ref(ref_params), make_ours(our_params)
+    for _ in range(3):  # warm up: state allocation, first-step paths
+        ref.step()
+        ours.step()
+    r, o = [], []
+    for _ in range(reps):  # interleave so drift hits both alike
+        r += time_steps(ref, 1)
+        o += time_steps(ours, 1)
+    rm, om = statistics.median(r), statistics.median(o)
+    print(f"{label:<44} torch {rm * 1e3:8.2f} ms   nestc {om * 1e3:8.2f} ms   ratio {om / rm:5.2f}")
+    return rm, om, om / rm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", type=float, default=10.5e6)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.params
+    total = sum(p.numel() for p in make_params(n))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {total / 1e6:.1f}M "
+          f"parameters, median of {args.reps} steps")
+    adam = nestc.load("std/optim/adam.nest")
+    sgd = nestc.load("std/optim/sgd.nest")
+    T = torch.optim
+    rows = [
+        ("Adam (nestc auto) / torch Adam fused",
+         lambda p: T.Adam(p, fused=True), lambda p: adam.build("Adam", p)),
+        ("AdamW (nestc auto) / torch AdamW fused",
+         lambda p: T.AdamW(p, fused=True), lambda p: adam.build("AdamW", p)),
+        ("SGD momentum (nestc auto) / torch SGD fused",
+         lambda p: T.SGD(p, lr=1e-3, momentum=0.9, fused=True),
+         lambda p: sgd.build("SGD", p, momentum=0.9)),
+        ("SGD plain (nestc auto) / torch SGD fused",
+         lambda p: T.SGD(p, lr=1e-3, fused=True), lambda p: sgd.build("SGD", p)),
+        ("Adam (nestc generic) / torch Adam fused",
+         lambda p: T.Adam(p, fused=True), lambda p: adam.build("Adam", p, backend="generic")),
+        ("AdamW (nestc generic) / torch AdamW fused",
+         lambda p: T.AdamW(p, fused=True), lambda p: adam.build("AdamW", p, backend="generic")),
+        ("SGD momentum (nestc generic) / torch SGD fused",
+         lambda p: T.SGD(p, lr=1e-3, momentum=0.9, fused=True),
+         lambda p: sgd.build("SGD", p, momentum=0.9, backend="generic")),
+        ("torch Adam foreach / torch Adam fused (context)",
+         lambda p: T.Adam(p, fused=True), lambda p: T.Adam(p, foreach=True)),
+    ]
+    for label, ref, ours in rows:
+        bench(label, ref, ours, n, args.reps)
+
+
+if __name__ == "__main__":
+    main()
