@@ -13,7 +13,7 @@ from nestc import __version__, env
 from nestc.check import Checked
 from nestc.errors import NestError
 
-BACKENDS = ("auto", "fused", "generic")
+BACKENDS = ("auto", "fused", "generic", "compiled")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -23,10 +23,21 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def backend_of(group: dict[str, Any]) -> str:
+    """auto/fused: torch's fused kernel where recognized; generic: foreach code; compiled:
+    the per-tensor code fused by torch.compile (slow to compile once, fast afterwards)."""
+    return env.OPTIM_BACKEND or group.get("backend", "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
 def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
     """Whether torch's fused kernel can run this group (else the generic code does)."""
-    backend = env.OPTIM_BACKEND or group.get("backend", "auto")
-    if backend == "generic":
+    backend = backend_of(group)
+    if backend in ("generic", "compiled"):
         return False
     ok = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES and not p.is_sparse
              and not g.is_sparse and g.dtype == p.dtype and g.device == p.device

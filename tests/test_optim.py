@@ -231,3 +231,14 @@ def test_bad_hyperparameters_are_nest_errors():
         prog.build("Adam", make_mlp().parameters(), lrr=0.1)
     with pytest.raises(nestc.NestError, match="`betas` of `Adam` must be"):
         prog.build("Adam", make_mlp().parameters(), betas=0.9)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile needs g++")
+def test_compiled_backend_matches_torch():
+    """backend='compiled': the per-tensor code fused by torch.compile (compiles once, ~10 s)."""
+    for spec, name, cls, kw in (CASES[4], CASES[8]):
+        ref, got = make_mlp(), make_mlp()
+        train(ref, cls(ref.parameters(), foreach=True, **kw), 30)
+        train(got, nestc.load(spec).build(name, got.parameters(), backend="compiled", **kw), 30)
+        assert max_diff(ref, got) <= 1e-5

@@ -489,6 +489,8 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     w("        return loss")
     for i, v in enumerate(opt.variants):
         out += _variant_method(opt, i, v, hyper, args)
+    for i, v in enumerate(opt.variants):
+        out += _OneTensor(v, hyper).function(f"_one_{i}", v, args)
     return "\n".join(out) + "\n"
 
 
@@ -516,6 +518,76 @@ def _dispatch(tree: Leaf | Branch, hyper: dict[str, str], args: str, opt: ir.Opt
     lines.append("else:")
     lines += ["    " + ln for ln in _dispatch(tree.orelse, hyper, args, opt)]
     return lines
+
+
+class _OneTensor:
+    """Emits a variant as plain tensor code for one parameter (for torch.compile to fuse)."""
+
+    def __init__(self, variant: ir.Variant, hyper: dict[str, str]) -> None:
+        self.mems = {m.name: m for m in variant.memories}
+        self.hyper = hyper
+
+    def expr(self, e: ir.E) -> str:
+        op = e.op
+        if op == "const":
+            return repr(e.value)
+        if op == "hyper":
+            return self.hyper[e.value[0]] + "".join(f"[{i}]" for i in e.value[1:])
+        if op in ("param", "grad"):
+            return "p" if op == "param" else "g"
+        if op == "state":
+            return f"st_{e.value}"
+        if op == "local":
+            return f"l_{e.value}"
+        if op == "step":
+            mem = self.mems.get(e.value) if e.value else None
+            if mem is None or mem.period == ir.const(1):
+                return "c"
+            return f"(c // {self.expr(mem.period)})"
+        args = [self.expr(a) for a in e.args]
+        if op in PY_OPS:
+            return f"({args[0]} {PY_OPS[op]} {args[1]})"
+        if op == "neg":
+            return f"(-{args[0]})"
+        if op == "cmp":
+            return f"(not {args[0]})" if e.value == "not" else f"({args[0]} {e.value} {args[1]})"
+        if op == "cond":
+            return f"({args[1]} if {args[0]} else {args[2]})"
+        fn = e.value
+        if fn == "debias":
+            return f"({args[0]} / (1 - {args[1]} ** {args[2]}))"
+        if fn == "lerp":
+            return f"torch.lerp({args[0]}, {args[1]}, {args[2]})"
+        if fn == "clamp":
+            return f"torch.clamp({args[0]}, {args[1]}, {args[2]})"
+        if fn in ("min", "max"):
+            return f"torch.{fn}imum(torch.as_tensor({args[0]}), torch.as_tensor({args[1]}))"
+        if fn in ("silu", "relu"):
+            return f"torch.nn.functional.{fn}({args[0]})"
+        return f"torch.{fn}(torch.as_tensor({args[0]}))"
+
+    def function(self, name: str, variant: ir.Variant, args: str) -> list[str]:
+        mems = [m.name for m in variant.memories]
+        sig = ", ".join(["p", "g", "c", *(f"st_{m}" for m in mems), "first"])
+        lines = ["", "", f"def {name}({sig}, {args}):",
+                 '    """One tensor\'s step, plain tensor code: torch.compile fuses it."""']
+        for st in variant.stmts:
+            lines.append(f"    # {comment(_source_line(st.span))}")
+            if isinstance(st, ir.Let):
+                lines.append(f"    l_{st.name} = {self.expr(st.value)}")
+                continue
+            value = self.expr(st.value)
+            if st.kind == "param":
+                lines.append(f"    p.copy_({value})")
+                continue
+            mem = self.mems[st.target]
+            if mem.init == "from":
+                assert mem.first is not None
+                value = f"({self.expr(mem.first)} if first else {value})"
+            if mem.period != ir.const(1):
+                value = f"torch.where(c % {self.expr(mem.period)} == 0, {value}, st_{st.target})"
+            lines.append(f"    st_{st.target}.copy_({value})")
+        return lines
 
 
 def _variant_method(opt: ir.Optimizer, i: int, v: ir.Variant, hyper: dict[str, str],
@@ -547,6 +619,18 @@ def _variant_method(opt: ir.Optimizer, i: int, v: ir.Variant, hyper: dict[str, s
         body += ["    " + ln for ln in _kernel_call(v.kernel, emit)]
         b("    return")
     b("torch._foreach_add_(steps, 1)")
+    b("if _rt.backend_of(group) == 'compiled':")
+    b(f"    one = _rt.compiled(_one_{i})")
+    for m in v.memories:
+        if m.init == "from":
+            b(f"    for s, p in zip(states, params):")
+            b(f"        s.setdefault({m.name!r}, torch.empty_like(p, memory_format=torch.preserve_format))")
+            b(f"    st_{m.name} = [s[{m.name!r}] for s in states]")
+    lists = ", ".join(["params", "grads", "steps", *(f"st_{m.name}" for m in v.memories)])
+    names = ", ".join(["p", "g", "c", *(f"st_{m.name}" for m in v.memories)])
+    b(f"    for {names} in zip({lists}):")
+    b(f"        one({names}, first, {args})")
+    b("    return")
     b("step = [s.item() for s in steps]")
     for s in v.stmts:
         emit.stmt(s)

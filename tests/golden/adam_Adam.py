@@ -64,6 +64,11 @@ class Adam(torch.optim.Optimizer):
             )
             return
         torch._foreach_add_(steps, 1)
+        if _rt.backend_of(group) == 'compiled':
+            one = _rt.compiled(_one_0)
+            for p, g, c, st_m, st_v in zip(params, grads, steps, st_m, st_v):
+                one(p, g, c, st_m, st_v, first, lr, betas, eps, weight_decay)
+            return
         step = [s.item() for s in steps]
         # std/optim/adam.nest:11: let g = grad(W) + weight_decay * W           # L2 penalty folded into the gradient
         t1 = grads if weight_decay == 0 else torch._foreach_add(grads, params, alpha=weight_decay)
@@ -78,3 +83,15 @@ class Adam(torch.optim.Optimizer):
         torch._foreach_div_(t2, [math.sqrt((1 - (betas[1] ** c))) for c in step])
         torch._foreach_add_(t2, eps)
         torch._foreach_addcdiv_(params, st_m, t2, [(-(lr / (1 - (betas[0] ** c)))) for c in step])
+
+
+def _one_0(p, g, c, st_m, st_v, first, lr, betas, eps, weight_decay):
+    """One tensor's step, plain tensor code: torch.compile fuses it."""
+    # std/optim/adam.nest:11: let g = grad(W) + weight_decay * W           # L2 penalty folded into the gradient
+    l_g = (g + (weight_decay * p))
+    # std/optim/adam.nest:12: memory m = zeros_like(W) every step { objective l2(m, g);     rule gd(lr = 1 - betas[0]) }
+    st_m.copy_(torch.lerp(st_m, l_g, (1 - betas[0])))
+    # std/optim/adam.nest:13: memory v = zeros_like(W) every step { objective l2(v, g * g); rule gd(lr = 1 - betas[1]) }
+    st_v.copy_(torch.lerp(st_v, (l_g * l_g), (1 - betas[1])))
+    # std/optim/adam.nest:14: W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
+    p.copy_((p - ((lr * (st_m / (1 - betas[0] ** c))) / (torch.sqrt(torch.as_tensor((st_v / (1 - betas[1] ** c)))) + eps))))

@@ -64,6 +64,11 @@ class AdamW(torch.optim.Optimizer):
             )
             return
         torch._foreach_add_(steps, 1)
+        if _rt.backend_of(group) == 'compiled':
+            one = _rt.compiled(_one_0)
+            for p, g, c, st_m, st_v in zip(params, grads, steps, st_m, st_v):
+                one(p, g, c, st_m, st_v, first, lr, betas, eps, weight_decay)
+            return
         step = [s.item() for s in steps]
         # std/optim/adam.nest:20: let g = grad(W)
         l_g = grads
@@ -79,3 +84,17 @@ class AdamW(torch.optim.Optimizer):
         torch._foreach_div_(t1, [math.sqrt((1 - (betas[1] ** c))) for c in step])
         torch._foreach_add_(t1, eps)
         torch._foreach_addcdiv_(params, st_m, t1, [(-(lr / (1 - (betas[0] ** c)))) for c in step])
+
+
+def _one_0(p, g, c, st_m, st_v, first, lr, betas, eps, weight_decay):
+    """One tensor's step, plain tensor code: torch.compile fuses it."""
+    # std/optim/adam.nest:20: let g = grad(W)
+    l_g = g
+    # std/optim/adam.nest:21: memory m = zeros_like(W) every step { objective l2(m, g);     rule gd(lr = 1 - betas[0]) }
+    st_m.copy_(torch.lerp(st_m, l_g, (1 - betas[0])))
+    # std/optim/adam.nest:22: memory v = zeros_like(W) every step { objective l2(v, g * g); rule gd(lr = 1 - betas[1]) }
+    st_v.copy_(torch.lerp(st_v, (l_g * l_g), (1 - betas[1])))
+    # std/optim/adam.nest:23: W -= lr * weight_decay * W                   # decoupled decay, on the weights before the step
+    p.copy_((p * (1 - (lr * weight_decay))))
+    # std/optim/adam.nest:24: W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
+    p.copy_((p - ((lr * (st_m / (1 - betas[0] ** c))) / (torch.sqrt(torch.as_tensor((st_v / (1 - betas[1] ** c)))) + eps))))

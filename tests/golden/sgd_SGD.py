@@ -73,6 +73,14 @@ class SGD(torch.optim.Optimizer):
                 s['buf'] = b
             return
         torch._foreach_add_(steps, 1)
+        if _rt.backend_of(group) == 'compiled':
+            one = _rt.compiled(_one_0)
+            for s, p in zip(states, params):
+                s.setdefault('buf', torch.empty_like(p, memory_format=torch.preserve_format))
+            st_buf = [s['buf'] for s in states]
+            for p, g, c, st_buf in zip(params, grads, steps, st_buf):
+                one(p, g, c, st_buf, first, lr, momentum, dampening, weight_decay, nesterov)
+            return
         step = [s.item() for s in steps]
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
         t1 = grads if weight_decay == 0 else torch._foreach_add(grads, params, alpha=weight_decay)
@@ -112,6 +120,14 @@ class SGD(torch.optim.Optimizer):
                 s['buf'] = b
             return
         torch._foreach_add_(steps, 1)
+        if _rt.backend_of(group) == 'compiled':
+            one = _rt.compiled(_one_1)
+            for s, p in zip(states, params):
+                s.setdefault('buf', torch.empty_like(p, memory_format=torch.preserve_format))
+            st_buf = [s['buf'] for s in states]
+            for p, g, c, st_buf in zip(params, grads, steps, st_buf):
+                one(p, g, c, st_buf, first, lr, momentum, dampening, weight_decay, nesterov)
+            return
         step = [s.item() for s in steps]
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
         t1 = grads if weight_decay == 0 else torch._foreach_add(grads, params, alpha=weight_decay)
@@ -147,9 +163,42 @@ class SGD(torch.optim.Optimizer):
             )
             return
         torch._foreach_add_(steps, 1)
+        if _rt.backend_of(group) == 'compiled':
+            one = _rt.compiled(_one_2)
+            for p, g, c in zip(params, grads, steps):
+                one(p, g, c, first, lr, momentum, dampening, weight_decay, nesterov)
+            return
         step = [s.item() for s in steps]
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
         t1 = grads if weight_decay == 0 else torch._foreach_add(grads, params, alpha=weight_decay)
         l_g = t1
         # std/optim/sgd.nest:22: W -= lr * g
         torch._foreach_add_(params, l_g, alpha=(-lr))
+
+
+def _one_0(p, g, c, st_buf, first, lr, momentum, dampening, weight_decay, nesterov):
+    """One tensor's step, plain tensor code: torch.compile fuses it."""
+    # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
+    l_g = (g + (weight_decay * p))
+    # std/optim/sgd.nest:14: rule gd(lr = 1 - dampening, retain = momentum)
+    st_buf.copy_((l_g if first else ((momentum * st_buf) + ((1 - dampening) * l_g))))
+    # std/optim/sgd.nest:17: W -= lr * (g + momentum * buf)
+    p.copy_((p - (lr * (l_g + (momentum * st_buf)))))
+
+
+def _one_1(p, g, c, st_buf, first, lr, momentum, dampening, weight_decay, nesterov):
+    """One tensor's step, plain tensor code: torch.compile fuses it."""
+    # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
+    l_g = (g + (weight_decay * p))
+    # std/optim/sgd.nest:14: rule gd(lr = 1 - dampening, retain = momentum)
+    st_buf.copy_((l_g if first else ((momentum * st_buf) + ((1 - dampening) * l_g))))
+    # std/optim/sgd.nest:19: W -= lr * buf
+    p.copy_((p - (lr * st_buf)))
+
+
+def _one_2(p, g, c, first, lr, momentum, dampening, weight_decay, nesterov):
+    """One tensor's step, plain tensor code: torch.compile fuses it."""
+    # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
+    l_g = (g + (weight_decay * p))
+    # std/optim/sgd.nest:22: W -= lr * g
+    p.copy_((p - (lr * l_g)))
