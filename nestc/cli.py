@@ -29,12 +29,17 @@ def _hyper_args(pairs: list[str]) -> dict[str, Any]:
         name, sep, text = pair.partition("=")
         if not sep or not name.isidentifier():
             raise NestError(f"--set takes NAME=VALUE, got `{pair}`", kind="value")
-        module = parse_text(f"block B(x = {text}) {{ }}", f"--set {name}")
-        default = module.decls[0].params[0].default
-        assert default is not None
-        value = const_eval(default, {})
+        hint = "a value is a number, true or false, a \"string\", a tuple or a list"
+        try:
+            module = parse_text(f"block B(x = {text}) {{ }}", f"--set {name}")
+            params = module.decls[0].params if len(module.decls) == 1 else ()
+            default = params[0].default if len(params) == 1 else None
+            value = UNKNOWN if default is None else const_eval(default, {})
+        except NestError as err:  # the message only: its span is in text nestc made up
+            raise NestError(f"--set {name}={text}: {err.message}", kind="value",
+                            hint=hint) from None
         if value is UNKNOWN:
-            raise NestError(f"--set {name}: `{text}` is not a constant", kind="value")
+            raise NestError(f"--set {name}: `{text}` is not a constant", kind="value", hint=hint)
         out[name] = value
     return out
 
@@ -51,7 +56,7 @@ def _decl_name(prog, name: str | None) -> str:
     if len(prog.names) == 1:
         return prog.names[0]
     raise NestError(f"`{prog.file}` declares {', '.join(prog.names) or 'nothing'}: name one "
-                    "with --name", kind="name")
+                    "with --name", kind="name", file=prog.file)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

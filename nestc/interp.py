@@ -8,7 +8,8 @@ expressions (symbolic execution for instruction selection). `ns` supplies the fu
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from nestc import ir
 

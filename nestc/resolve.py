@@ -9,7 +9,7 @@ from pathlib import Path
 from nestc import ast
 from nestc.errors import NestError, did_you_mean
 from nestc.parse import parse
-from nestc.source import Source
+from nestc.source import Source, point
 
 STD_PREFIX = "std/"
 MAX_IMPORT_DEPTH = 64
@@ -34,34 +34,43 @@ class Unit:
     owner: dict[str, str] = field(default_factory=dict)  # decl name -> unit name declaring it
 
 
-def std_path(path: str, span=None) -> Path:
+def std_path(path: str, span=None, file: str | None = None) -> Path:
     """The file behind a `std/...` path; it can never leave the stdlib directory."""
     rest = path[len(STD_PREFIX):]
     norm = posixpath.normpath(rest)
     if not rest or norm.startswith("..") or norm.startswith("/") or "\\" in rest or norm == ".":
-        raise NestError(f"`{path}` leaves the standard library", span, kind="import",
+        what = "names no file in" if not rest or norm == "." else "leaves"
+        raise NestError(f"`{path}` {what} the standard library", span, kind="import", file=file,
                         hint="std/ paths name files inside the stdlib, such as std/optim/adam.nest")
     return stdlib_dir() / norm
 
 
 def read_source(path: str, display: str | None = None, span=None) -> Source:
-    file = std_path(path, span) if path.startswith(STD_PREFIX) else Path(path)
     name = display or path
+    where = None if span is not None else name  # an error about the file the user named
+    file = std_path(path, span, where) if path.startswith(STD_PREFIX) else Path(path)
     try:
         data = file.read_bytes()
     except FileNotFoundError:
-        raise NestError(f"no such file: `{path}`", span, kind="import") from None
+        raise NestError(f"no such file: `{path}`", span, kind="import", file=where) from None
     except IsADirectoryError:
-        raise NestError(f"`{path}` is a directory, not a .nest file", span, kind="import") from None
-    except OSError as err:
-        raise NestError(f"cannot read `{path}`: {err.strerror}", span, kind="import") from None
+        raise NestError(f"`{path}` is a directory, not a .nest file", span, kind="import",
+                        file=where, hint=f"name the files in it: {path.rstrip('/')}/*.nest"
+                        if span is None else None) from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        why = getattr(err, "strerror", None) or str(err)
+        raise NestError(f"cannot read `{path}`: {why}", span, kind="import", file=where) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        from nestc.source import point
-        src = Source(name, data[: err.start].decode("utf-8", "replace"))
-        raise NestError("the file is not UTF-8 text", point(src, line, 1), kind="syntax") from None
+        # report the bad byte on a source made of the valid text before it
+        good = data[: err.start].decode("utf-8")
+        line = good.count("\n") + 1
+        col = len(good) - (good.rfind("\n") + 1) + 1
+        src = Source(name, good)
+        raise NestError(f"the file is not UTF-8 text (byte 0x{data[err.start]:02x})",
+                        point(src, line, col), kind="syntax",
+                        hint="save the spec as UTF-8") from None
     return Source(name, text)
 
 
@@ -70,7 +79,8 @@ class Loader:
 
     def __init__(self) -> None:
         self.units: dict[str, Unit] = {}
-        self.stack: list[str] = []
+        self.stack: list[str] = []  # keys of the files being loaded, outermost first
+        self.shown: list[str] = []  # their names as reported
 
     def key(self, path: str, base: str | None) -> tuple[str, str]:
         """(file key, display name) of an import written as `path` in a file at `base`."""
@@ -85,18 +95,20 @@ class Loader:
         module = parse(source)
         unit = Unit(source.name, module)
         self.stack.append(key)
+        self.shown.append(source.name)
         try:
             for decl in module.decls:
                 if decl.name in unit.scope:
                     first = unit.scope[decl.name]
                     raise NestError(f"`{decl.name}` is declared twice", decl.name_span, kind="name",
-                                    notes=((f"first declared here", first.name_span),))
+                                    notes=(("first declared here", first.name_span),))
                 unit.scope[decl.name] = decl
                 unit.owner[decl.name] = unit.name
             for imp in module.imports:
                 self.bind_import(unit, imp, source.name if not key.startswith("std:") else None, key)
         finally:
             self.stack.pop()
+            self.shown.pop()
         self.units[key] = unit
         return unit
 
@@ -111,13 +123,22 @@ class Loader:
             raise NestError(f"`{imp.path}` is not a .nest file", imp.path_span, kind="import")
         key, display = self.key(path, base)
         if key in self.stack:
-            chain = " -> ".join([*(k.replace("std:", "std/") for k in self.stack[-3:]), display])
+            chain = " -> ".join([*self.shown[self.stack.index(key):], display])
             raise NestError(f"import cycle: {chain}", imp.path_span, kind="import",
                             hint="move the shared declarations into a third file both import")
         if len(self.stack) > MAX_IMPORT_DEPTH:
             raise NestError("imports nested too deeply", imp.path_span, kind="import")
         if key not in self.units:
-            source = read_source(path, display, imp.path_span)
+            # a relative import is found beside the importing file, whatever the working directory
+            where = path if path.startswith(STD_PREFIX) else display
+            try:
+                source = read_source(where, display, imp.path_span)
+            except NestError as err:
+                if where == imp.path or not err.message.startswith("no such file"):
+                    raise
+                raise NestError(f"no such file: `{imp.path}`", imp.path_span, kind="import",
+                                hint=f"imports are relative to the importing file: looked for "
+                                f"`{where}`") from None
             self.load_source(source, key)
         other = self.units[key]
         own = {n for n, d in other.scope.items() if other.owner[n] == other.name}
@@ -125,7 +146,8 @@ class Loader:
             for name in imp.names:
                 if name not in own:
                     raise NestError(f"`{display}` declares no `{name}`", imp.span, kind="import",
-                                    hint=did_you_mean(name, own) or f"it declares {', '.join(sorted(own)) or 'nothing'}")
+                                    hint=did_you_mean(name, own)
+                                    or f"it declares {', '.join(sorted(own)) or 'nothing'}")
                 self.add(unit, name, other.scope[name], other.name, imp)
         elif imp.alias is not None:
             for name in sorted(own):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import linecache
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ def backend_of(group: dict[str, Any]) -> str:
     return env.OPTIM_BACKEND or group.get("backend", "auto")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn, dynamic=True, fullgraph=True)
 

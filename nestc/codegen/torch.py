@@ -338,7 +338,7 @@ class _Variant:
         v = self.bind(self.as_tensors(self.expr(value)))
         if every:
             period = self.scalar(self.mems[s.target].period)
-            self.line(f"for i, c in enumerate(step):")
+            self.line("for i, c in enumerate(step):")
             self.line(f"    if c % {period} == 0:")
             self.line(f"        {target}[i].copy_({v.code}[i])")
         else:
@@ -412,7 +412,7 @@ def _kernel_call(choice: KernelChoice, emit: _Variant) -> list[str]:
             f"    params, grads, st_{st['exp_avg']}, st_{st['exp_avg_sq']}, [], steps, None, None,",
             f"    amsgrad=False, has_complex=False, beta1={args['beta1']}, beta2={args['beta2']},",
             f"    lr={args['lr']}, weight_decay={args['weight_decay']}, eps={args['eps']},",
-            f"    maximize=False, capturable=False, differentiable=False,",
+            "    maximize=False, capturable=False, differentiable=False,",
             f"    decoupled_weight_decay={choice.kernel == 'adamw'},",
             ")",
         ]
@@ -623,7 +623,7 @@ def _variant_method(opt: ir.Optimizer, i: int, v: ir.Variant, hyper: dict[str, s
     b(f"    one = _rt.compiled(_one_{i})")
     for m in v.memories:
         if m.init == "from":
-            b(f"    for s, p in zip(states, params):")
+            b("    for s, p in zip(states, params):")
             b(f"        s.setdefault({m.name!r}, torch.empty_like(p, memory_format=torch.preserve_format))")
             b(f"    st_{m.name} = [s[{m.name!r}] for s in states]")
     lists = ", ".join(["params", "grads", "steps", *(f"st_{m.name}" for m in v.memories)])

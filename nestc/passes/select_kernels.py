@@ -94,7 +94,7 @@ class _Symbolic:
         except (TypeError, ValueError):
             values = []
         for leaf in [0, 1, *sorted(self.to_ir, key=str)]:
-            if values and all(abs(v - (p[leaf] if leaf in p else leaf)) <= 1e-12 * max(1, abs(v))
+            if values and all(abs(v - p.get(leaf, leaf)) <= 1e-12 * max(1, abs(v))
                               for v, p in zip(values, points)):
                 return ir.const(leaf) if leaf in (0, 1) else self.to_ir[leaf]
         return _to_ir(self.sp, expr, self.to_ir)
