@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 import networkx as nx
@@ -15,9 +16,10 @@ DEFAULT_STEPS = 1000
 CHOICE_WORDS = {"read": "read", "backprop": "backprop", "state": "state",
                 "partial": "partial chunk", "dgd": "dgd"}
 KEY_WIDTH = 14  # the width of the field names in a level's block
+WIDTH = 100  # wrap long field values (lists of parallel levels) at this column
 
 
-def explain(program: Any, name: str, tokens: int | None = None, steps: int | None = None,
+def explain(program: Any, name: str, /, tokens: int | None = None, steps: int | None = None,
             **hyper: Any) -> str:
     """The report for declaration `name`: header, hyperparameters, then levels by frequency.
 
@@ -94,21 +96,27 @@ def _level(graph: nx.MultiDiGraph, n: str, tokens: int, steps: int) -> list[str]
     if a["parallel"]:
         rows.append(("parallel with", ", ".join(a["parallel"])))
     if a.get("after"):
-        rows.append(("after", ", ".join(a["after"]) + " (reads their state of the same time)"))
+        when = "token" if a["unit"] == "token" else "step"
+        rows.append(("after", ", ".join(a["after"]) + f" (reads their state of the same {when})"))
     flow = _sources(graph, n, ("flow", "generation"))
     if flow:
         rows.append(("learns from", ", ".join(flow)))
     reads = _sources(graph, n, ("read",))
     if reads:
         rows.append(("reads", ", ".join(reads)))
-    transfer = _sources(graph, n, ("init", "backprop"))
-    if transfer:
-        rows.append(("trained by", ", ".join(transfer)))
+    trainers = [u for u, _, d in graph.in_edges(n, data=True) if d["kind"] == "backprop"]
+    if trainers:
+        rows.append(("trained by", ", ".join(trainers) + " (task gradient)"))
     if a.get("structure"):
         rows.append(("structure", a["structure"] + (" per head" if a.get("per_head") else "")))
     rows.append(("objective", a.get("objective") or _no_objective(a)))
     rows.append(("rule", a.get("rule") or "-"))
-    rows.append(("init", a.get("init") or "-"))
+    learners = [u for u, _, d in graph.in_edges(n, data=True)
+                if d["kind"] == "init" and d.get("label") == "meta"]
+    init = a.get("init") or "-"
+    if learners:
+        init += f" (learned by {', '.join(learners)})"
+    rows.append(("init", init))
     if a["kind"] == "memory":
         explicit = set(a.get("explicit") or ())
         for k, (default, _) in CHOICES.items():
@@ -116,7 +124,18 @@ def _level(graph: nx.MultiDiGraph, n: str, tokens: int, steps: int) -> list[str]
             mark = "(default)" if k not in explicit else "(set)"
             rows.append((CHOICE_WORDS[k], f"{value:<12} {mark}"))
     rows.append(("updates", _updates(a, tokens, steps)))
-    return [title] + [f"    {k:<{KEY_WIDTH}} {v}" for k, v in rows]
+    return [title] + [line for k, v in rows for line in _field(k, v)]
+
+
+def _field(key: str, value: str) -> list[str]:
+    """`    key            value`, the value wrapped under itself past WIDTH columns."""
+    indent = " " * (4 + KEY_WIDTH + 1)
+    # keep "name (label)" together: break lines only between list items
+    glued = value.replace(" (", "\0(")
+    lines = textwrap.wrap(glued, WIDTH, initial_indent=f"    {key:<{KEY_WIDTH}} ",
+                          subsequent_indent=indent, break_long_words=False,
+                          break_on_hyphens=False)
+    return [line.replace("\0", " ") for line in lines] or [f"    {key}"]
 
 
 def _no_objective(a: dict[str, Any]) -> str:

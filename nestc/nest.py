@@ -167,7 +167,7 @@ class _Builder:
             return
         if kind == "generation":
             label = "gradient"
-        for key, d in (self.g.get_edge_data(u, v) or {}).items():
+        for d in (self.g.get_edge_data(u, v) or {}).values():
             if d["kind"] == kind:
                 if label and label not in (d.get("label") or "").split(", "):
                     d["label"] = f"{d['label']}, {label}" if d.get("label") else label
@@ -353,18 +353,14 @@ class _Builder:
                 choices[b.kind] = b.value
                 explicit.append(b.kind)
         choices = {k: choices.get(k, default) for k, (default, _) in CHOICES.items()}
-        objective = next((b.value for b in s.body if isinstance(b, ast.Clause)
-                          and b.kind == "objective"), None)
-        rule = next((b.value for b in s.body if isinstance(b, ast.Clause) and b.kind == "rule"),
-                    None)
         structure = span_text(s.structure.span) if s.structure is not None else None
-        if structure == "cache" or structure == "cache()":
-            rule_text = "append (key, value) to the cache"
+        if structure in ("cache", "cache()"):
+            rule_text: str | None = "append (key, value) to the cache"
         else:
-            rule_text = span_text(rule.span) if isinstance(rule, ast.Expr) else None
+            rule_text = _clause_text(s.body, "rule")
         nid = self.level(self.fresh_id(nid), "memory", frame, s.span, unit, period, chunk,
-                         objective=span_text(objective.span) if isinstance(objective, ast.Expr)
-                         else None, rule=rule_text, init=self.init_text(s.init),
+                         objective=_clause_text(s.body, "objective"), rule=rule_text,
+                         init=self.init_text(s.init),
                          structure=structure, per_head=s.per_head, choices=choices,
                          explicit=tuple(explicit))
         frame.scope[s.name] = ("node", nid)
@@ -385,7 +381,8 @@ class _Builder:
                 self.stmt(b, inner)
         if nid in self.updates:
             self.g.nodes[nid]["rule"] = "; ".join(self.updates.pop(nid))
-        self.written.add(nid)
+        if unit != "never":  # only the outer level writes a `never` memory, between steps
+            self.written.add(nid)
 
     def frequency(self, f: ast.Frequency | None, frame: Frame) -> tuple[str, int | None, int | None]:
         if f is None:
@@ -442,14 +439,9 @@ class _Builder:
 
     def train_level(self, s: ast.StmtTrain, frame: Frame) -> None:
         unit, period, _ = self.frequency(s.frequency, frame)
-        objective = next((b.value for b in s.body if isinstance(b, ast.Clause)
-                          and b.kind == "objective"), None)
-        rule = next((b.value for b in s.body if isinstance(b, ast.Clause) and b.kind == "rule"),
-                    None)
         nid = self.level("train", "train", frame, s.span, unit, period, None,
-                         objective=span_text(objective.span) if isinstance(objective, ast.Expr)
-                         else None, rule=span_text(rule.span) if isinstance(rule, ast.Expr)
-                         else None)
+                         objective=_clause_text(s.body, "objective"),
+                         rule=_clause_text(s.body, "rule"))
         self.train = nid
         inner = frame.child()
         for b in s.body:
@@ -587,7 +579,15 @@ class _Builder:
         return inp | self.reference(nid)
 
     def attention(self, e: ast.ExprCall, frame: Frame, ctx: str) -> Value:
-        """softmax_attention(q, k, v): a non-parametric memory over its cache, every token."""
+        """softmax_attention(q, k, v): a non-parametric memory over its cache, every token.
+
+        Given a declared cache (`softmax_attention(q, C)`), it is a read of that memory.
+        """
+        for a in e.args:
+            bound = frame.scope.get(a.name) if isinstance(a, ast.ExprName) else None
+            if bound and bound[0] == "node" and self.g.nodes[bound[1]]["kind"] == "memory":
+                return _union([self.expr(x, frame, ctx) for x in (*e.args,
+                                                                 *(k.value for k in e.kwargs))])
         nid = self.level(self.fresh_id(f"{frame.prefix}{ctx}.attention{frame.suffix}"),
                          "memory", frame, e.span, "token", 1, None,
                          rule="append (key, value) to the cache", init="empty cache",
@@ -630,15 +630,8 @@ class _Builder:
         for key in sorted(classes):
             members = classes[key]
             depth: dict[str, int] = {}
-
-            def layer(n: str, seen: frozenset[str] = frozenset()) -> int:
-                if n not in depth:
-                    below = [d for d in self.deps[n] if d in members and d not in seen]
-                    depth[n] = 1 + max((layer(d, seen | {n}) for d in below), default=-1)
-                return depth[n]
-
             for n in members:
-                layer(n)
+                _layer(n, self.deps, set(members), depth, frozenset())
             for n in members:
                 g.nodes[n]["level"] = offset + depth[n]
                 g.nodes[n]["after"] = sorted(d for d in self.deps[n] if d in members)
@@ -648,6 +641,14 @@ class _Builder:
                                       and g.nodes[m]["level"] == g.nodes[n]["level"]]
 
 
+def _clause_text(body: tuple[ast.Stmt, ...], kind: str) -> str | None:
+    """The source text of a body's `kind` clause (objective, rule, ...), if it has one."""
+    for b in body:
+        if isinstance(b, ast.Clause) and b.kind == kind and not isinstance(b.value, str):
+            return span_text(b.value.span)
+    return None
+
+
 def _rebind(scope: ChainMap, name: str, binding: tuple[str, Any]) -> None:
     """Rebind name in the scope that defines it, so the enclosing body sees the new binding."""
     for m in scope.maps:
@@ -655,6 +656,16 @@ def _rebind(scope: ChainMap, name: str, binding: tuple[str, Any]) -> None:
             m[name] = binding
             return
     scope[name] = binding
+
+
+def _layer(n: str, deps: dict[str, set[str]], members: set[str], depth: dict[str, int],
+           seen: frozenset[str]) -> int:
+    """Longest chain of same-time dependencies below n within its frequency class."""
+    if n not in depth:
+        below = [d for d in deps[n] if d in members and d not in seen]
+        depth[n] = 1 + max((_layer(d, deps, members, depth, seen | {n}) for d in below),
+                           default=-1)
+    return depth[n]
 
 
 def _call_name(e: ast.Expr) -> str | None:

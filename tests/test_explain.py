@@ -1,0 +1,137 @@
+"""`nestc explain`: the plain-text report of levels, fastest first."""
+
+from __future__ import annotations
+
+from test_nest import load_sketch
+
+import nestc
+from nestc.cli import main
+from nestc.explain import explain
+
+
+def lines_of(text: str) -> list[str]:
+    return text.splitlines()
+
+
+def test_adam_report() -> None:
+    text = explain(nestc.load("std/optim/adam.nest"), "Adam")
+    lines = lines_of(text)
+    assert lines[:8] == [
+        "optimizer Adam  (std/optim/adam.nest:8:1)",
+        "  hyperparameters",
+        "    lr           = 0.001",
+        "    betas        = (0.9, 0.999)",
+        "    eps          = 1e-08",
+        "    weight_decay = 0.0",
+        "",
+        "3 levels, fastest first (updates counted over 1000 steps)",
+    ]
+    start = lines.index("  level 0  m  (memory)")
+    assert lines[start - 1] == "every step"
+    assert lines[start:start + 14] == [
+        "  level 0  m  (memory)",
+        "    frequency      every step",
+        "    parallel with  v",
+        "    learns from    g (objective)",
+        "    objective      l2(m, g)",
+        "    rule           gd(lr = 1 - betas[0])",
+        "    init           zeros_like(W)",
+        "    read           after write  (default)",
+        "    backprop       through      (default)",
+        "    state          per sample   (default)",
+        "    partial chunk  flush        (default)",
+        "    dgd            gated        (default)",
+        "    updates        1000 over 1000 steps",
+        "  level 0  v  (memory)",
+    ]
+    w = lines.index("  level 1  W  (param)")
+    assert lines[w:w + 8] == [
+        "  level 1  W  (param)",
+        "    frequency      every step",
+        "    after          m, v (reads their state of the same step)",
+        "    reads          m (update), v (update)",
+        "    objective      - (explicit update)",
+        "    rule           W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)",
+        "    init           -",
+        "    updates        1000 over 1000 steps",
+    ]
+    assert lines[-3:] == ["signals", "  grad(W)  signal  <- W (gradient)", "  g        signal  <- grad(W)"]
+    assert "\x1b" not in text  # no colours
+    assert text.endswith("\n") and not text.endswith("\n\n")
+
+
+def test_steps_and_hyperparameters() -> None:
+    text = explain(nestc.load("std/optim/adam.nest"), "Adam", steps=10, lr=0.01)
+    assert "    lr           = 0.01" in lines_of(text)
+    assert "    updates        10 over 10 steps" in lines_of(text)
+    assert "3 levels, fastest first (updates counted over 10 steps)" in lines_of(text)
+
+
+def test_sgd_momentum_report() -> None:
+    lines = lines_of(explain(nestc.load("std/optim/sgd.nest"), "SGD", momentum=0.9))
+    assert "    init           from g" in lines
+    assert "    after          buf (reads their state of the same step)" in lines
+    assert lines.index("  level 0  buf  (memory)") < lines.index("  level 1  W  (param)")
+
+
+def test_chunks_and_partial_chunks() -> None:
+    prog = load_sketch()
+    lines = lines_of(explain(prog, "DeltaNet", dim=64))
+    assert lines[0] == "block DeltaNet  (sketch.nest:3:1)"
+    assert "    frequency      every token in chunks of 64" in lines
+    assert "    updates        4096 over 4096 tokens, in 64 chunks of 64" in lines
+    assert "    structure      matrix(dim / heads, dim / heads) per head" in lines
+    assert "    learns from    k (key, objective), v (value, objective), beta (lr)" in lines
+    lines = lines_of(explain(prog, "DeltaNet", tokens=100, dim=64))
+    assert "    updates        100 over 100 tokens, in 2 chunks of 64 (last one partial: flush)" \
+        in lines
+
+
+def test_hope_report() -> None:
+    text = explain(load_sketch(), "HopeLM")
+    lines = lines_of(text)
+    assert "15 levels, fastest first (updates counted over 4096 tokens and 1000 steps)" in lines
+    bands = [ln for ln in lines if ln and not ln.startswith(" ") and ln.startswith("every")]
+    assert bands == ["every token", "every 16 tokens", "every 256 tokens", "every step"]
+    c16 = lines.index("  level 2  Hope.C[16]  (memory, x4)")
+    assert "    updates        256 over 4096 tokens" in lines[c16:c16 + 16]
+    c256 = lines.index("  level 3  Hope.C[256]  (memory, x4)")
+    assert "    updates        16 over 4096 tokens" in lines[c256:c256 + 16]
+    m = lines.index("  level 1  Hope.M  (memory, x4)")
+    block = lines[m:c16]
+    assert "    read           before write (set)" in block
+    assert "    init           meta (learned by train)" in block
+    assert "    after          Hope.Mk (reads their state of the same token)" in block
+    assert "                   Hope.alpha (retain)" in block  # wrapped under its field
+    assert all(len(ln) <= 100 for ln in lines if not ln.startswith("    rule"))
+    train = lines.index("  level 5  train  (train)")
+    assert lines[train + 1:train + 4] == [
+        "    frequency      every step",
+        "    after          AdamW.m, AdamW.v (reads their state of the same step)",
+        "    learns from    logits (objective), tokens (objective)",
+    ]
+    emb = lines.index("  level 4  h.embed  (param)")
+    assert "    trained by     train (task gradient)" in lines[emb:emb + 10]
+    assert "    structure      embed(256, 128)" in lines[emb:emb + 10]
+
+
+def test_never_updates_zero_times() -> None:
+    prog = nestc.loads("""
+block Mlp(dim = 8) {
+    input x : [T, dim]
+    memory P : mlp(dim) = meta never
+    output P(x)
+}
+""")
+    lines = lines_of(explain(prog, "Mlp"))
+    assert "    updates        0 in context (only the outer level trains it)" in lines
+    assert "never" in lines
+
+
+def test_cli_explain(capsys) -> None:
+    assert main(["explain", "std/optim/adam.nest", "--name", "AdamW", "--steps", "5",
+                 "--set", "lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("optimizer AdamW  (std/optim/adam.nest:17:1)\n")
+    assert "    lr           = 0.5\n" in out
+    assert "    updates        5 over 5 steps\n" in out
