@@ -28,8 +28,39 @@ def explain(program: Any, name: str, /, tokens: int | None = None, steps: int | 
     """
     checked = program.decl(name)
     graph = program.graph(name, **hyper)
-    return render_explain(graph, checked.decl.span, tokens or DEFAULT_TOKENS,
-                          steps or DEFAULT_STEPS)
+    report = render_explain(graph, checked.decl.span, tokens or DEFAULT_TOKENS,
+                            steps or DEFAULT_STEPS)
+    if checked.kind == "optimizer":
+        report += "\n" + render_lowering(checked)
+    return report
+
+
+def render_lowering(checked: Any) -> str:
+    """How the compiler lowers an optimizer: each variant's closed-form updates and its kernel."""
+    from nestc import ir
+    from nestc.compile import lower
+
+    opt = lower(checked)
+    lines = [f"compiled ({len(opt.variants)} variant{'s' * (len(opt.variants) != 1)}, "
+             "picked per param group)"]
+    for i, v in enumerate(opt.variants):
+        conds = " and ".join(ir.text(c, opt.param) if t else f"not {ir.text(c, opt.param, 3)}"
+                             for c, t in v.conditions) or "always"
+        lines.append(f"  variant {i}: {conds}")
+        for st in v.stmts:
+            target = st.name if isinstance(st, ir.Let) else st.target
+            op = "=" if isinstance(st, ir.Let) else "<-"
+            lines.append(f"    {target} {op} {ir.text(st.value, opt.param)}")
+        for m in v.memories:
+            if m.init == "from" and m.first is not None:
+                lines.append(f"    ({m.name}'s first write stores {ir.text(m.first, opt.param)})")
+        if v.kernel is None:
+            lines.append("    kernel: none recognized; generic multi-tensor code "
+                         "(backend='compiled' fuses it with torch.compile)")
+        else:
+            args = ", ".join(f"{k}={ir.text(e, opt.param)}" for k, e in v.kernel.args)
+            lines.append(f"    kernel: torch fused {v.kernel.kernel}({args})")
+    return "\n".join(lines) + "\n"
 
 
 def render_explain(graph: nx.MultiDiGraph, span: Any, tokens: int, steps: int) -> str:
@@ -117,7 +148,8 @@ def _level(graph: nx.MultiDiGraph, n: str, tokens: int, steps: int) -> list[str]
     if learners:
         init += f" (learned by {', '.join(learners)})"
     rows.append(("init", init))
-    if a["kind"] == "memory":
+    if a["kind"] == "memory" and a.get("unit") != "step":
+        # the sequence-memory choices; an optimizer's element-wise states have none of them
         explicit = set(a.get("explicit") or ())
         for k, (default, _) in CHOICES.items():
             value = (a.get("choices") or {}).get(k, default)

@@ -119,3 +119,43 @@ class Optimizer:
     hypers: list[HyperInfo]
     variants: list[Variant]
     tree: Any = field(default=None, repr=False)  # nested dispatch: see lower_optimizer.Dispatch
+
+
+_PREC = {"add": 1, "sub": 1, "mul": 2, "div": 2, "pow": 4}
+_SYM = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**"}
+
+
+def text(e: E, param: str = "W", prec: int = 0) -> str:
+    """An expression in the language's own notation (for explain and error messages)."""
+    op = e.op
+    if op == "const":
+        return repr(e.value).lower() if isinstance(e.value, bool) else repr(e.value)
+    if op == "hyper":
+        return e.value[0] + "".join(f"[{i}]" for i in e.value[1:])
+    if op == "param":
+        return param
+    if op == "grad":
+        return f"grad({param})"
+    if op in ("state", "local"):
+        return e.value
+    if op == "step":
+        return "step()"
+    if op in _PREC:
+        p = _PREC[op]
+        left = text(e.args[0], param, p)
+        right = text(e.args[1], param, p + (op in ("sub", "div", "pow")))
+        out = f"{left} {_SYM[op]} {right}"
+        return f"({out})" if p < prec else out
+    if op == "neg":
+        out = "-" + text(e.args[0], param, 3)
+        return f"({out})" if prec > 2 else out
+    if op == "cmp":
+        if e.value == "not":
+            return f"not {text(e.args[0], param, 3)}"
+        out = f"{text(e.args[0], param, 1)} {e.value} {text(e.args[1], param, 1)}"
+        return f"({out})" if prec > 0 else out
+    if op == "cond":
+        c, a, b = (text(x, param) for x in e.args)
+        return f"(if {c} then {a} else {b})"
+    args = e.args[:2] if e.value == "debias" else e.args
+    return f"{e.value}({', '.join(text(a, param) for a in args)})"
