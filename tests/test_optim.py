@@ -242,3 +242,34 @@ def test_compiled_backend_matches_torch():
         train(ref, cls(ref.parameters(), foreach=True, **kw), 30)
         train(got, nestc.load(spec).build(name, got.parameters(), backend="compiled", **kw), 30)
         assert max_diff(ref, got) <= 1e-5
+
+
+SLOW_MOMENTUM = """
+optimizer SlowMomentum(lr: float = 1e-2, beta: float = 0.9, period: int = 10) {
+    param W
+    let g = grad(W)
+    memory fast = zeros_like(W) { fast = beta * fast + g }
+    memory slow = zeros_like(W) every period steps { slow = beta * slow + fast }
+    W -= lr * (fast + slow)
+}
+"""
+
+
+def test_two_frequencies_follow_the_interpreter():
+    """A level updated every `period` steps keeps its state in between (generic code)."""
+    from nestc import interp
+
+    prog = nestc.loads(SLOW_MOMENTUM, "slow.nest")
+    [variant] = lower(prog.decl("SlowMomentum")).variants
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = prog.build("SlowMomentum", [w], period=3)
+    W, st = torch.ones(4), {"fast": torch.zeros(4), "slow": torch.zeros(4)}
+    hyper = {"lr": 1e-2, "beta": 0.9, "period": 3}
+    for t in range(1, 8):
+        g = torch.full((4,), float(t))
+        w.grad = g.clone()
+        opt.step()
+        W, st = interp.run(variant, hyper, W, g, st, t, ns=interp.TorchNS())
+        torch.testing.assert_close(w.detach(), W)
+        torch.testing.assert_close(opt.state[w]["slow"], st["slow"])
+    assert st["slow"][0] != 0 and opt.state[w]["step"].item() == 7
