@@ -57,7 +57,7 @@ class TorchNS:
     def __getattr__(self, name: str) -> Callable[..., Any]:
         import torch
 
-        table = {
+        table: dict[str, Callable[..., Any]] = {
             "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log, "tanh": torch.tanh,
             "abs": torch.abs, "sign": torch.sign, "sigmoid": torch.sigmoid, "relu": torch.relu,
             "silu": torch.nn.functional.silu, "min": torch.minimum, "max": torch.maximum,

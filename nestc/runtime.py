@@ -87,7 +87,8 @@ def build_optimizer(program: Any, checked: Checked, params: Any = None, *args: A
     backend = kwargs.pop("backend", "auto")
     hyper = checked.bind(kwargs)
     cls = optimizer_class(program, checked)
-    return cls(params, **{_py(k): v for k, v in hyper.items()}, backend=backend)
+    return cls(params, **{_py(k): v for k, v in hyper.items()},  # type: ignore[call-arg]
+               backend=backend)
 
 
 def _py(name: str) -> str:

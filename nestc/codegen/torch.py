@@ -220,9 +220,9 @@ class _Variant:
             return Val(f"torch.{FOREACH_BINARY[fn]}({self.bind(self.as_tensors(a)).code}, "
                        f"{self.bind(self.as_tensors(b)).code})", "t")
         if fn == "clamp":
-            x, lo, hi = args
-            x = self.bind(self.as_tensors(x))
-            return Val(f"torch._foreach_clamp_max(torch._foreach_clamp_min({x.code}, {lo.code}), "
+            xv, lo, hi = args
+            xt = self.bind(self.as_tensors(xv))
+            return Val(f"torch._foreach_clamp_max(torch._foreach_clamp_min({xt.code}, {lo.code}), "
                        f"{hi.code})", "t")
         if fn == "lerp":
             a, b, w = args
@@ -303,10 +303,10 @@ class _Variant:
             if end_e.op == "mul" and not any(a.is_scalar for a in end_e.args) and w.is_scalar:
                 # lerp toward a product: scale, then multiply-add without a temporary (torch's
                 # second moment: v.mul_(beta2).addcmul_(g, g, value=1 - beta2))
-                a, b = (self.bind(self.as_tensors(self.expr(x))) for x in end_e.args)
+                fa, fb = (self.bind(self.as_tensors(self.expr(x))) for x in end_e.args)
                 wv = self.scalar(w)
                 self.line(f"torch._foreach_mul_({target}, 1 - {wv})")
-                self.line(f"torch._foreach_addcmul_({target}, {a.code}, {b.code}, value={wv})")
+                self.line(f"torch._foreach_addcmul_({target}, {fa.code}, {fb.code}, value={wv})")
                 return
             end = self.bind(self.as_tensors(self.expr(end_e)))
             self.line(f"torch._foreach_lerp_({target}, {end.code}, {self.listed(self.expr(value.args[2]))})")
@@ -319,19 +319,19 @@ class _Variant:
             a, b = value.args[0].args
             scale = b if a == current and b.is_scalar else a if b == current and a.is_scalar else None
             if scale is not None:
-                alpha, rest_e = _scaled(value.args[1])
+                weight, rest_e = _scaled(value.args[1])
                 rest = self.bind(self.as_tensors(self.expr(rest_e)))
                 self.line(f"torch._foreach_mul_({target}, {self.scalar(scale)})")
                 fn = "_foreach_add_" if value.op == "add" else "_foreach_sub_"
-                tail = f", alpha={self.scalar(alpha)}" if alpha is not None else ""
+                tail = f", alpha={self.scalar(weight)}" if weight is not None else ""
                 self.line(f"torch.{fn}({target}, {rest.code}{tail})")
                 return
         if not every and value.op in ("add", "sub") and value.args[0] == current:
             if self.scaled_update(target, value.op, value.args[1]):
                 return
-            scale, rhs = _scaled(value.args[1])
+            factor, rhs = _scaled(value.args[1])
             r = self.bind(self.as_tensors(self.expr(rhs)))
-            alpha = f", alpha={self.scalar(scale)}" if scale is not None else ""
+            alpha = f", alpha={self.scalar(factor)}" if factor is not None else ""
             fn = "_foreach_add_" if value.op == "add" else "_foreach_sub_"
             self.line(f"torch.{fn}({target}, {r.code}{alpha})")
             return

@@ -116,10 +116,10 @@ class _Lowerer:
                 if fn == "clamp":
                     lo = next((k.value for k in e.kwargs if k.name == "lo"), None)
                     hi = next((k.value for k in e.kwargs if k.name == "hi"), None)
-                    args = [self.expr(e.args[0], names),
-                            self.expr(lo, names) if lo else ir.const(float("-inf")),
-                            self.expr(hi, names) if hi else ir.const(float("inf"))]
-                    return ir.E("call", tuple(args), "clamp")
+                    bounds = (self.expr(e.args[0], names),
+                              self.expr(lo, names) if lo else ir.const(float("-inf")),
+                              self.expr(hi, names) if hi else ir.const(float("inf")))
+                    return ir.E("call", bounds, "clamp")
                 raise self.unsupported(f"keyword `{kw.name}` of `{fn}`", kw.span)
             args = tuple(self.expr(a, names) for a in e.args)
             if fn == "debias":
@@ -220,7 +220,7 @@ class _Lowerer:
     def objective_rule(self, s: ast.StmtMemory, clauses: dict[str, ast.Clause],
                        names: dict[str, str]) -> ir.Assign:
         obj, rule = clauses["objective"].value, clauses["rule"].value
-        assert isinstance(obj, ast.Expr) and isinstance(rule, ast.Expr)
+        assert not isinstance(obj, str) and not isinstance(rule, str)
         if not isinstance(obj, ast.ExprCall) or not isinstance(obj.func, ast.ExprName):
             raise self.unsupported("a custom objective expression", obj.span)
         kind = obj.func.name
