@@ -10,6 +10,7 @@ from nestc import ast
 from nestc.builtins import BUILTINS
 from nestc.errors import NestError, did_you_mean
 from nestc.hyper import UNKNOWN, const_eval, infer_type, python_type, show_value, type_words
+from nestc.parse import keywords
 from nestc.source import Span
 
 MAX_CHAIN_CHECKS = 16
@@ -239,18 +240,18 @@ class BodyChecker:
         elif isinstance(s, ast.StmtRepeat):
             n = self.expr(s.count, scope)
             if n is not UNKNOWN and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
-                raise NestError(f"`repeat` needs a whole number of times, got {n!r}", s.count.span,
-                                kind="value")
+                raise NestError(f"`repeat` needs a whole number of times, got {show_value(n)}",
+                                s.count.span, kind="value")
             self.block(s.body, _Scope(scope))
         elif isinstance(s, ast.StmtChain):
             values = self.expr(s.values, scope)
             if values is not UNKNOWN and not isinstance(values, (list, tuple)):
                 raise NestError("`chain` runs over a list, such as [16, 256, 2048]", s.values.span,
                                 kind="type")
-            inner = _Scope(scope)
-            inner.names[s.var] = "chain"
             saved = self.env.get(s.var, UNKNOWN)
             for v in _chain_values(values):
+                inner = _Scope(scope)  # each value builds its own levels
+                inner.names[s.var] = "chain"
                 self.env[s.var] = v
                 self.block(s.body, inner)
             self.env[s.var] = saved
@@ -262,7 +263,7 @@ class BodyChecker:
             if kind != "model":
                 raise NestError(f"`train` belongs in a model; `{self.decl.name}` is {_a(kind)}",
                                 s.span, kind="value", hint="declare it as `model`")
-            self.frequency(s.frequency, "train")
+            self.frequency(s.frequency, "train", scope)
             self.owner.append("train")
             self.block(s.body, _Scope(scope))
             self.owner.pop()
@@ -291,8 +292,9 @@ class BodyChecker:
                               hint=f"define it first: `let {s.target} = ...`")
             raise self.unknown_name(s.target, s.target_span, scope)
         if what == "hyper":
-            raise NestError(f"`{s.target}` is a hyperparameter: it cannot be updated", s.target_span,
-                            kind="value")
+            raise NestError(f"`{s.target}` is a hyperparameter: it cannot be updated",
+                            s.target_span, kind="value",
+                            hint=f"bind a new name instead: `let {s.target}2 = ...`")
         if what in ("input", "chain"):
             raise NestError(f"`{s.target}` is {'an input' if what == 'input' else 'a chain variable'}"
                             ": it cannot be updated", s.target_span, kind="value")
@@ -313,7 +315,7 @@ class BodyChecker:
         if s.init is not None:
             self.init(s.init, scope)
         if s.frequency is not None:
-            self.frequency(s.frequency, s.name)
+            self.frequency(s.frequency, s.name, scope)
         self.define(scope, s.name, "memory", s.name_span)
         self.owner.append(s.name)
         inner = _Scope(scope)
@@ -326,7 +328,9 @@ class BodyChecker:
             isinstance(s.structure, ast.ExprCall) and isinstance(s.structure.func, ast.ExprName)
             and s.structure.func.name == "cache")
         if never and (explicit or has_rule):
-            raise NestError(f"memory `{s.name}` never updates but has a learning rule", s.span,
+            assert s.frequency is not None
+            raise NestError(f"memory `{s.name}` never updates but has a learning rule",
+                            s.frequency.span,
                             kind="frequency", hint="remove `never`, or its objective and rule")
         if not never and not explicit and not is_cache:
             self.clauses(s.body, f"memory `{s.name}`", s.name_span, need_rule=True)
@@ -356,31 +360,33 @@ class BodyChecker:
                                 hint="add `objective ...; rule ...`, an update such as "
                                 "`m = beta * m + g`, or `never`")
 
-    def frequency(self, f: ast.Frequency, owner: str) -> None:
+    def frequency(self, f: ast.Frequency, owner: str, scope: _Scope) -> None:
         kind = self.decl.kind
         if f.unit == "token" and (kind == "optimizer" or owner == "train"):
-            where = "an optimizer's levels" if kind == "optimizer" else "the train level"
-            raise NestError(f"{where} update in steps, not tokens", f.span, kind="frequency",
+            where = "an optimizer's levels update" if kind == "optimizer" else \
+                "the train level updates"
+            raise NestError(f"{where} in steps, not tokens", f.span, kind="frequency",
                             hint="write `every step` or `every N steps`")
         if f.unit == "step" and kind != "optimizer" and owner != "train":
             raise NestError("a memory in a block learns in context, in tokens", f.span,
                             kind="frequency", hint="write `every N tokens`; use `never` for a "
                             "memory that only the outer training level changes")
-        every = self.positive(f.every, "the update period") if f.every is not None else 1
+        every = self.positive(f.every, "the update period", scope) if f.every is not None else 1
         if f.chunk is not None:
-            chunk = self.positive(f.chunk, "the chunk size")
+            chunk = self.positive(f.chunk, "the chunk size", scope)
             if isinstance(every, int) and isinstance(chunk, int) and chunk % every:
                 raise NestError(f"chunks of {chunk} tokens never line up with an update every "
                                 f"{every} tokens", f.chunk.span, kind="frequency",
                                 hint=f"make the chunk a multiple of {every}")
 
-    def positive(self, e: ast.Expr, what: str) -> Any:
-        v = self.expr(e, self.root)
+    def positive(self, e: ast.Expr, what: str, scope: _Scope) -> Any:
+        # in the enclosing scope: `chain c in [...] { memory ... every c tokens }` is a constant
+        v = self.expr(e, scope)
         if v is UNKNOWN:
             return v
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise NestError(f"{what} must be a positive whole number, got {v!r}", e.span,
-                            kind="frequency")
+            raise NestError(f"{what} must be a positive whole number, got {show_value(v)}",
+                            e.span, kind="frequency")
         return v
 
     def init(self, e: ast.Expr, scope: _Scope) -> None:
@@ -396,26 +402,27 @@ class BodyChecker:
             for d, a in zip(dims, e.args):
                 if d is not UNKNOWN and (not isinstance(d, int) or isinstance(d, bool) or d <= 0):
                     raise NestError(f"a matrix dimension must be a positive whole number, got "
-                                    f"{d!r}", a.span, kind="shape")
+                                    f"{show_value(d)}", a.span, kind="shape")
             return
         self.expr(e, scope)
 
     def rule(self, e: ast.Expr, scope: _Scope) -> None:
         func = e.func if isinstance(e, ast.ExprCall) else e
-        if isinstance(func, ast.ExprName):
-            b = BUILTINS.get(func.name)
-            d = self.decls.get(func.name)
+        name = qualified_name(func)
+        if name is not None and (isinstance(func, ast.ExprName) or name in self.decls):
+            b = BUILTINS.get(name)
+            d = self.decls.get(name)
             if d is not None and d.kind != "optimizer":
-                raise NestError(f"`{func.name}` is a {d.kind}, not a learning rule", func.span,
+                raise NestError(f"`{name}` is a {d.kind}, not a learning rule", func.span,
                                 kind="type", hint="a rule is gd, dgd, momentum, or an optimizer")
             if b is not None and b.category != "rule":
-                raise NestError(f"`{func.name}` is not a learning rule", func.span, kind="type",
+                raise NestError(f"`{name}` is not a learning rule", func.span, kind="type",
                                 hint="a rule is gd, dgd, momentum, or an optimizer")
             if b is None and d is None:
                 rules = [n for n, x in BUILTINS.items() if x.category == "rule"]
                 opts = [n for n, x in self.decls.items() if x.kind == "optimizer"]
-                raise NestError(f"unknown learning rule `{func.name}`", func.span, kind="name",
-                                hint=did_you_mean(func.name, rules + opts)
+                raise NestError(f"unknown learning rule `{name}`", func.span, kind="name",
+                                hint=did_you_mean(name, rules + opts)
                                 or f"rules are {', '.join(rules + opts)}")
         self.expr(e, scope)
 
@@ -425,12 +432,18 @@ class BodyChecker:
                 continue  # a free dimension such as T
             v = self.expr(d, scope)
             if v is not UNKNOWN and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                raise NestError(f"a dimension must be a positive whole number, got {v!r}", d.span,
-                                kind="shape")
+                raise NestError(f"a dimension must be a positive whole number, got "
+                                f"{show_value(v)}", d.span, kind="shape")
         if shape.dtype is not None and shape.dtype not in ("int", "float", "bool"):
-            raise NestError(f"unknown element type `{shape.dtype}`", shape.span, kind="type",
-                            hint=did_you_mean(shape.dtype, ["int", "float", "bool"])
-                            or "element types are int, float and bool")
+            # the element type is the last word of the shape's span
+            end = shape.span
+            span = Span(end.source, end.end_line, max(1, end.end_col - len(shape.dtype)),
+                        end.end_line, end.end_col)
+            typo = did_you_mean(shape.dtype, sorted(keywords()))
+            hint = did_you_mean(shape.dtype, ["int", "float", "bool"]) or (
+                f"a word after `]` is read as the shape's element type; {typo}" if typo else
+                "element types are int, float and bool")
+            raise NestError(f"unknown element type `{shape.dtype}`", span, kind="type", hint=hint)
 
     def expr(self, e: ast.Expr, scope: _Scope) -> Any:
         """Check names and calls in e; return its constant value or UNKNOWN."""
@@ -444,7 +457,8 @@ class BodyChecker:
             for i in e.index:
                 self.expr(i, scope)
         elif isinstance(e, ast.ExprAttr):
-            self.expr(e.base, scope)
+            if not self.imported(e, scope):
+                self.expr(e.base, scope)
         elif isinstance(e, ast.ExprBinary):
             self.expr(e.left, scope)
             self.expr(e.right, scope)
@@ -469,6 +483,9 @@ class BodyChecker:
             if kw.name in seen:
                 raise NestError(f"keyword `{kw.name}` is given twice", kw.span, kind="value")
             seen.add(kw.name)
+        if isinstance(e.func, ast.ExprAttr) and self.imported(e.func, scope):
+            self.decl_call(e, self.decls[str(qualified_name(e.func))])
+            return
         if not isinstance(e.func, ast.ExprName):
             self.expr(e.func, scope)
             return
@@ -497,12 +514,31 @@ class BodyChecker:
                 raise NestError(f"`{name}` has no keyword `{kw.name}`", kw.span, kind="type",
                                 hint=did_you_mean(kw.name, b.kwargs) or f"it takes {allowed}")
 
+    def imported(self, e: ast.ExprAttr, scope: _Scope) -> bool:
+        """Whether e is `A.Name` for a declaration imported with `import "..." as A`; NestError
+        for a name that file does not declare."""
+        name = qualified_name(e)
+        if name is None or scope.lookup(name.split(".")[0]) is not None:
+            return False
+        if name in self.decls:
+            return True
+        alias = name.rsplit(".", 1)[0]
+        members = [n for n in self.decls if n.startswith(alias + ".")]
+        if not members:
+            return False
+        raise NestError(f"the file imported as `{alias}` declares no `{e.name}`", e.span,
+                        kind="name", hint=did_you_mean(name, members)
+                        or f"it declares {', '.join(sorted(members))}")
+
     def decl_call(self, e: ast.ExprCall, d: ast.Decl) -> None:
         names = [p.name for p in d.params]
-        if len(e.args) > len(names):
-            raise NestError(f"`{d.name}` takes at most {len(names)} positional arguments, got "
-                            f"{len(e.args)}", e.span, kind="type")
-        given = set(names[: len(e.args)])
+        # `x |> Block(h)` feeds x to the block's input: only h binds a hyperparameter
+        args = e.args[1:] if e.piped else e.args
+        if len(args) > len(names):
+            raise NestError(f"`{d.name}` takes at most {_count(len(names), 'positional argument')}"
+                            f", got {len(args)}", e.span, kind="type",
+                            hint=f"its hyperparameters are {', '.join(names)}" if names else None)
+        given = set(names[: len(args)])
         for kw in e.kwargs:
             if kw.name not in names:
                 raise NestError(f"`{d.name}` has no hyperparameter `{kw.name}`", kw.span,
@@ -513,7 +549,8 @@ class BodyChecker:
             given.add(kw.name)
         for p in d.params:
             if p.default is None and p.name not in given:
-                raise NestError(f"`{d.name}` needs a value for `{p.name}`", e.span, kind="value")
+                raise NestError(f"`{d.name}` needs a value for `{p.name}`", e.span, kind="value",
+                                hint=f"pass `{p.name} = ...`: it has no default")
 
 
 def _chain_values(values: Any) -> list[Any]:
@@ -523,6 +560,22 @@ def _chain_values(values: Any) -> list[Any]:
         return [UNKNOWN]
     distinct = list({repr(v): v for v in values}.values())
     return distinct if 0 < len(distinct) <= MAX_CHAIN_CHECKS else [UNKNOWN]
+
+
+def qualified_name(e: ast.Expr) -> str | None:
+    """`Adam` -> "Adam"; `A.Adam` -> "A.Adam" (a declaration imported `as A`); else None."""
+    parts: list[str] = []
+    while isinstance(e, ast.ExprAttr):
+        parts.append(e.name)
+        e = e.base
+    if not isinstance(e, ast.ExprName):
+        return None
+    parts.append(e.name)
+    return ".".join(reversed(parts))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _a(kind: str) -> str:

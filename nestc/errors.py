@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,10 @@ class Diagnostic:
     span: Span | None
     hint: str | None = None
     notes: tuple[tuple[str, Span], ...] = ()
+    file: str | None = None  # the file, for an error about a whole file (no span)
 
     def render(self) -> str:
-        where = f"{self.span}: " if self.span else ""
+        where = f"{self.span}: " if self.span else f"{self.file}: " if self.file else ""
         parts = [f"{where}error: {self.message}"]
         if self.span:
             parts.append(self.span.render())
@@ -38,7 +40,7 @@ class Diagnostic:
             "kind": self.kind,
             "message": self.message,
             "hint": self.hint,
-            "file": s.file if s else None,
+            "file": s.file if s else self.file,
             "line": s.line if s else None,
             "col": s.col if s else None,
             "end_line": s.end_line if s else None,
@@ -57,9 +59,10 @@ class NestError(Exception):
         kind: str = "value",
         hint: str | None = None,
         notes: tuple[tuple[str, Span], ...] = (),
+        file: str | None = None,
     ) -> None:
         assert kind in KINDS, kind
-        self.diagnostics = [Diagnostic(kind, message, span, hint, notes)]
+        self.diagnostics = [Diagnostic(kind, message, span, hint, notes, file)]
         super().__init__(message)
 
     @classmethod
@@ -89,14 +92,14 @@ class NestError(Exception):
         return "\n".join(d.render() for d in self.diagnostics)
 
 
-def nearest(name: str, known: list[str] | tuple[str, ...] | set[str], limit: int = 3) -> list[str]:
+def nearest(name: str, known: Iterable[str], limit: int = 3) -> list[str]:
     """The known names closest to `name` by edit distance, best first."""
     import difflib
 
     return difflib.get_close_matches(name, sorted(known), n=limit, cutoff=0.6)
 
 
-def did_you_mean(name: str, known: list[str] | tuple[str, ...] | set[str]) -> str | None:
+def did_you_mean(name: str, known: Iterable[str]) -> str | None:
     close = nearest(name, known)
     if not close:
         return None

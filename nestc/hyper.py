@@ -40,12 +40,12 @@ def const_eval(expr: ast.Expr, env: dict[str, Any]) -> Any:
             return not v
         if not _is_num(v):
             raise NestError(f"`{expr.op}` needs a number, got {_kind(v)}", expr.span, kind="type")
-        return -v if expr.op == "-" else v
+        return _bounded(expr, -v if expr.op == "-" else v)
     if isinstance(expr, ast.ExprBinary):
         a, b = const_eval(expr.left, env), const_eval(expr.right, env)
         if a is UNKNOWN or b is UNKNOWN:
             return UNKNOWN
-        return _binary(expr, a, b)
+        return _bounded(expr, _binary(expr, a, b))
     if isinstance(expr, ast.ExprIndex):
         base = const_eval(expr.base, env)
         idx = [const_eval(i, env) for i in expr.index]
@@ -65,6 +65,22 @@ def const_eval(expr: ast.Expr, env: dict[str, Any]) -> Any:
             return UNKNOWN
         return const_eval(expr.then if c else expr.orelse, env)
     return UNKNOWN
+
+
+def _bounded(expr: ast.Expr, v: Any) -> Any:
+    """v, unless arithmetic left the numbers a spec can mean: a 64-bit int or a finite float.
+    Bounding every result also keeps chains such as `((2 ** 64) ** 64) ** 64` instant."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v.bit_length() > MAX_INT_BITS:
+        raise NestError(f"integer is too large (more than {MAX_INT_BITS} bits)", expr.span,
+                        kind="value")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise NestError("number is too large for a float", expr.span, kind="value")
+    if isinstance(v, complex):
+        raise NestError("a negative number to a fractional power is not a real number", expr.span,
+                        kind="value")
+    return v
 
 
 def _is_num(v: Any) -> bool:
@@ -117,9 +133,10 @@ SCALAR_TYPES = ("int", "float", "bool", "str")
 
 def python_type(ann: ast.TypeAnn) -> Any:
     """The pydantic-checkable Python type of an annotation; NestError for an unknown type."""
-    from pydantic import StrictBool, StrictInt, StrictStr
+    from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
 
-    scalars = {"int": StrictInt, "float": float, "bool": StrictBool, "str": StrictStr}
+    # StrictFloat takes ints too (as floats), but not bools or strings such as "0.1"
+    scalars = {"int": StrictInt, "float": StrictFloat, "bool": StrictBool, "str": StrictStr}
     if ann.name in scalars and not ann.args:
         return scalars[ann.name]
     if ann.name == "tuple":
@@ -132,24 +149,70 @@ def python_type(ann: ast.TypeAnn) -> Any:
 
 
 def infer_type(value: Any) -> Any:
-    from pydantic import StrictBool, StrictInt, StrictStr
+    """The type of a hyperparameter declared without one, from its default."""
+    from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr
 
     if isinstance(value, bool):
         return StrictBool
     if isinstance(value, int):
-        return float | StrictInt  # an int default such as `momentum = 0` also takes floats
+        return StrictInt | StrictFloat  # an int default such as `momentum = 0` also takes floats
     if isinstance(value, float):
-        return float
+        return StrictFloat
     if isinstance(value, str):
         return StrictStr
     if isinstance(value, tuple):
         return tuple[tuple(infer_type(v) for v in value)]  # type: ignore[misc]
     if isinstance(value, list):
-        return list[infer_type(value[0])] if value else list  # type: ignore[misc]
+        items = {repr(infer_type(v)): infer_type(v) for v in value}
+        # a list of one kind of item takes more of that kind; a mixed one takes any list
+        return list[next(iter(items.values()))] if len(items) == 1 else list  # type: ignore[misc]
     return Any
 
 
 def type_words(tp: Any) -> str:
-    text = getattr(tp, "__name__", None) or str(tp)
-    return (str(tp).replace("pydantic.types.", "").replace("Strict", "").replace("typing.", "")
-            if text == str(tp) or "[" in str(tp) else text.replace("Strict", "").lower())
+    """A type as the spec writes it, with an article: `a float`, `a list of ints`,
+    `a tuple (float, float)`."""
+    return _type_words(tp, article=True)
+
+
+def _type_words(tp: Any, article: bool) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _type_words(args[0], article)
+    if origin in (typing.Union, types.UnionType):
+        if {_type_words(a, False) for a in args} == {"int", "float"}:
+            return "a number" if article else "number"
+        return " or ".join(_type_words(a, article) for a in args)
+    if origin is tuple:
+        inner = "(" + ", ".join(_type_words(a, False) for a in args) + ")"
+        return f"a tuple {inner}" if article else inner
+    if origin is list:
+        inner = _type_words(args[0], False)
+        if not article:
+            return f"list[{inner}]"
+        return f"a list of {inner}s" if inner.isalpha() else f"a list[{inner}]"
+    names = {int: "int", float: "float", bool: "bool", str: "string", list: "list", tuple: "tuple"}
+    if tp in names:
+        word = names[tp]
+        return (("an " if word[0] in "aeiou" else "a ") + word) if article else word
+    if tp is Any:
+        return "any value" if article else "any"
+    return str(tp)
+
+
+def show_value(v: Any) -> str:
+    """A Python value as a spec would write it: `true`, `"a"`, `(0.9, 0.99)`."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, tuple):
+        return "(" + ", ".join(map(show_value, v)) + ("," if len(v) == 1 else "") + ")"
+    if isinstance(v, list):
+        return "[" + ", ".join(map(show_value, v)) + "]"
+    if v is None:
+        return "None"
+    return repr(v)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import re
@@ -12,6 +13,7 @@ import lark
 from lark import Token, Transformer_NonRecursive, Tree, v_args
 
 from nestc import ast
+from nestc.builtins import BUILTINS
 from nestc.errors import NestError, nearest
 from nestc.source import Source, Span, point
 
@@ -61,12 +63,6 @@ _EXPR_START = {"NAME", "NUMBER", "STRING", "LPAR", "LSQB", "NEG_OP", "TRUE", "FA
 _STMT_START = {"PARAM", "INPUT", "LET", "MEMORY", "OUTPUT", "REPEAT", "CHAIN", "TRAIN", "KEY"}
 _OPERATORS = {"ADD_OP", "MUL_OP", "POW_OP", "COMP_OP", "AND", "OR", "LPAR", "LSQB", "DOT",
               "__ANON_0", "PIPE", "VBAR"}
-_KEYWORDS = (
-    "import", "from", "as", "optimizer", "block", "model", "param", "input", "let", "memory",
-    "output", "repeat", "chain", "if", "else", "then", "train", "key", "value", "query",
-    "objective", "rule", "read", "write", "backprop", "state", "partial", "chunk", "dgd", "every",
-    "token", "tokens", "step", "steps", "never", "in", "chunks", "of", "per", "head",
-)
 FREQUENCY_FORMS = "`every token`, `every N tokens`, `every step`, `every N steps` or `never`"
 
 
@@ -74,7 +70,7 @@ def describe_expected(expected: set[str]) -> str:
     words = _terminal_words()
     names = set(expected)
     parts: list[str] = []
-    if _STMT_START <= names:
+    if names >= _STMT_START:
         parts.append("a statement")
         names -= _STMT_START | {"VALUE", "QUERY", "OBJECTIVE", "RULE", "READ", "BACKPROP",
                                 "STATE", "PARTIAL", "DGD", "IF", "NAME", "SEMICOLON"}
@@ -84,7 +80,7 @@ def describe_expected(expected: set[str]) -> str:
     if names & _OPERATORS and len(names) > 3:
         parts.append("an operator")
         names -= _OPERATORS
-    listed = sorted(words.get(n, n.lower()) for n in names)
+    listed = sorted(words[n] for n in names if n in words)  # never a Lark terminal name
     if len(listed) > 6:
         listed = listed[:6] + ["..."]
     parts.extend(listed)
@@ -95,87 +91,204 @@ def describe_expected(expected: set[str]) -> str:
     return ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
-def _word_before(text: str, pos: int) -> str | None:
-    m = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*$", text[:pos])
-    return m.group(1) if m else None
+@functools.lru_cache(maxsize=1)
+def keywords() -> frozenset[str]:
+    """Every word the grammar reserves: `memory`, `every`, `true`, `and`, ..."""
+    return frozenset(w.strip("`") for w in _terminal_words().values()
+                     if w.startswith("`") and w.strip("`").isalpha())
 
 
-def _starts_statement(text: str, pos: int, word: str) -> bool:
-    """Whether `word`, which ends just before pos, is the first word of a statement."""
-    start = text.rstrip()[:pos].rfind(word)
-    head = text[:start].rstrip()
-    return head == "" or head[-1] in "{};"
+def _pos_span(source: Source, start: int, end: int) -> Span:
+    """The span of text[start:end] (on the line where it starts)."""
+    text = source.text
+    line = text.count("\n", 0, start) + 1
+    col = start - (text.rfind("\n", 0, start) + 1) + 1
+    return Span(source, line, col, line, col + max(1, end - start))
 
 
-def _frequency_hint(text: str, pos: int, bad: str) -> str | None:
-    """Hints for a malformed frequency, from the words just before the error."""
-    before = text[max(0, pos - 80):pos]
-    m = re.search(r"every\s+([A-Za-z_0-9.()]+)?\s*$", before)
-    if not m:
-        return None
-    amount = m.group(1)
+def _open_brackets(text: str, end: int) -> list[int]:
+    """Offsets of the brackets still open at `end`, outermost first (comments and strings
+    skipped)."""
+    stack: list[int] = []
+    closing = {")": "(", "]": "[", "}": "{"}
+    for m in re.finditer(r'#[^\n]*|"(?:[^"\\\n]|\\.)*"?|[()\[\]{}]', text[:end]):
+        ch = m.group()
+        if ch in "([{":
+            stack.append(m.start())
+        elif ch in closing and stack and text[stack[-1]] == closing[ch]:
+            stack.pop()
+    return stack
+
+
+def _misspelled_keyword(source: Source, end: int) -> tuple[str, str, Span] | None:
+    """A word on the error's line, before `end`, that is followed by another word as only a
+    keyword is (`memroy M`, `evry token`, `improt "..."`) and is a typo of a keyword."""
+    text = source.text
+    start = text.rfind("\n", 0, end) + 1
+    reserved = keywords()
+    found = None
+    for m in re.finditer(r'(?<![A-Za-z0-9_])([A-Za-z_][A-Za-z0-9_]*)[ \t]+(?=[A-Za-z_0-9"])',
+                         text[start:end]):
+        word = m.group(1)
+        head = text[start:start + m.start()]
+        if (word in reserved or word in BUILTINS or len(word) < 3 or "#" in head
+                or head.count('"') % 2):
+            continue
+        if len(re.findall(rf"(?<![\w.]){word}(?!\w)", text)) > 1:
+            continue  # a word used elsewhere is a name of the spec, not a typo
+        close = difflib.get_close_matches(word, sorted(reserved), n=1, cutoff=0.8)
+        if close:
+            found = (word, close[0], _pos_span(source, start + m.start(), start + m.end(1)))
+    return found
+
+
+def _frequency_error(source: Source, tok: Token, expected: set[str]) -> NestError | None:
+    """A frequency that is not one of the five forms, from the words before the bad token."""
+    text, pos = source.text, tok.start_pos or 0
+    before = text[max(0, pos - 200):pos]
+    m = re.search(r"\bevery(\s+([A-Za-z_0-9.]+|\([^()]*\)))?\s*$", before)
+    if not m or "#" in before[before.rfind("\n", 0, m.start()) + 1:m.start()]:
+        return None  # no `every` just before, or one inside a comment
+    bad = str(tok)
+    amount = m.group(2)
     if amount in ("tokens", "steps"):
-        return f"did you mean `every {amount[:-1]}`?"
+        at = pos - len(m.group(0))
+        return NestError(f"`every {amount}` is not a frequency", _pos_span(
+            source, at, at + len(m.group(0).rstrip())), kind="syntax",
+            hint=f"did you mean `every {amount[:-1]}` or `every N {amount}`?")
+    span = _tok_span(source, tok)
     if amount is None:
         if bad in ("tokens", "steps"):
-            return f"did you mean `every {bad[:-1]}`?"
-        return f"a frequency is {FREQUENCY_FORMS}"
-    if bad in ("token", "step"):
-        return f"did you mean `every {amount} {bad}s`?"
-    return f"did you mean `every {amount} tokens` or `every {amount} steps`?"
+            return NestError(f"`every {bad}` is not a frequency", span, kind="syntax",
+                             hint=f"did you mean `every {bad[:-1]}` or `every N {bad}`?")
+        return NestError(f"unexpected `{_shown(bad)}` after `every`, expected `token`, `step` "
+                         "or a number", span, kind="syntax",
+                         hint=f"a frequency is {FREQUENCY_FORMS}")
+    if not expected & {"TOKENS", "STEPS"}:
+        return None
+    hint = (f"did you mean `every {amount} {bad}s`?" if bad in ("token", "step") else
+            f"did you mean `every {amount} tokens` or `every {amount} steps`?")
+    return NestError(f"unexpected `{_shown(bad)}`, expected `tokens` or `steps`", span,
+                     kind="syntax", hint=hint)
+
+
+def _shown(text: str) -> str:
+    shown = text.replace("\n", " ")
+    return shown[:27] + "..." if len(shown) > 30 else shown
+
+
+def _unclosed_note(source: Source, pos: int, line: int) -> tuple[tuple[str, Span], ...]:
+    """A note at the innermost `(` or `[` still open at `pos`, when it opened on an earlier
+    line: the error is then most likely a forgotten `)` or `]`."""
+    opened = _open_brackets(source.text, pos)
+    if not opened or source.text[opened[-1]] == "{":
+        return ()
+    at = opened[-1]
+    span = _pos_span(source, at, at + 1)
+    if span.line >= line:
+        return ()
+    closer = {"(": ")", "[": "]"}[source.text[at]]
+    return ((f"this `{source.text[at]}` has no matching `{closer}`", span),)
+
+
+def _unexpected_character(source: Source, err: lark.UnexpectedCharacters) -> NestError:
+    text = source.text
+    pos = err.pos_in_stream
+    char = text[pos] if pos < len(text) else ""
+    span = point(source, err.line, err.column)
+    if char == '"':
+        return NestError("this string is not closed", span, kind="syntax",
+                         hint='a string ends with `"` on the same line')
+    if char.isprintable():
+        shown = char
+    else:
+        shown = f"\\x{ord(char):02x}" if ord(char) < 256 else f"U+{ord(char):04X}"
+    hints = {
+        "'": 'strings use double quotes: "..."',
+        "&": "write `and` for a logical and",
+        "|": "write `or` for a logical or; `|>` is the pipeline operator",
+        "!": "write `not` for a logical not; `!=` compares",
+        "^": "write `**` for a power",
+        "$": None, "?": "write `if c then a else b` for a choice",
+        "\\": "a line continues by itself: newlines are whitespace",
+    }
+    hint = hints.get(char)
+    return NestError(f"unexpected character `{shown}`", span, kind="syntax", hint=hint)
 
 
 def _syntax_error(source: Source, err: lark.exceptions.LarkError) -> NestError:
     text = source.text
     if isinstance(err, lark.UnexpectedCharacters):
-        char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
-        span = point(source, err.line, err.column)
-        shown = repr(char)[1:-1] if char.isprintable() else f"\\x{ord(char):02x}" if ord(char) < 256 else f"U+{ord(char):04X}"
-        hint = None
-        if char == "'":
-            hint = 'strings use double quotes: "..."'
-        elif char in "!&|":
-            hint = "operators are +, -, *, /, **, @, |>, ==, !=, <, >, and, or, not"
-        return NestError(f"unexpected character `{shown}`", span, kind="syntax", hint=hint)
-    if isinstance(err, lark.UnexpectedToken):
-        tok: Token = err.token
-        expected = describe_expected(set(err.expected))
-        if tok.type == "$END":
-            lines = source.lines
-            line = len(lines)
-            span = point(source, line, len(lines[-1]) + 1)
-            missing = "RBRACE" in err.expected
-            return NestError("unexpected end of file" if missing else
-                             f"unexpected end of file, expected {expected}", span, kind="syntax",
-                             hint="a `{` may be missing its `}`" if "RBRACE" in err.expected else None)
-        span = Span(source, tok.line or 1, tok.column or 1,
-                    tok.end_line or tok.line or 1, tok.end_column or (tok.column or 1) + 1)
-        shown = str(tok).replace("\n", " ")
-        if len(shown) > 30:
-            shown = shown[:27] + "..."
-        pos = tok.start_pos or 0
-        hint = _frequency_hint(text, pos, str(tok))
-        if hint is None and tok.type == "NAME":
-            words = _terminal_words()
-            allowed = [words[n].strip("`") for n in err.expected
-                       if words.get(n, "").strip("`") in _KEYWORDS]
-            close = nearest(str(tok), allowed, limit=1)
-            if close and close[0] != str(tok):
-                hint = f"did you mean `{close[0]}`?"
-        if hint is None:
-            prev = _word_before(text, pos)
-            if prev and prev not in _KEYWORDS and _starts_statement(text, pos, prev):
-                close = nearest(prev, _KEYWORDS, limit=1)
-                if close:
-                    hint = f"`{prev}` is not a keyword: did you mean `{close[0]}`?"
-        if hint is None and "RPAR" in err.expected and tok.type in ("NAME", "NUMBER"):
-            hint = "a `,` may be missing between arguments"
-        return NestError(f"unexpected `{shown}`, expected {expected}", span, kind="syntax", hint=hint)
+        return _unexpected_character(source, err)
     if isinstance(err, lark.UnexpectedEOF):
         lines = source.lines
         return NestError("unexpected end of file", point(source, len(lines), len(lines[-1]) + 1),
                          kind="syntax")
-    raise err
+    if not isinstance(err, lark.UnexpectedToken):
+        raise err
+    tok: Token = err.token
+    expected = set(err.expected)
+    if tok.type == "$END":
+        if tok.end_line:
+            span = point(source, tok.end_line, tok.end_column or 1)
+        else:
+            span = point(source, len(source.lines), len(source.lines[-1]) + 1)
+        opened = _open_brackets(text, len(text))
+        if opened:
+            at = opened[-1]
+            ch = text[at]
+            closer = {"(": ")", "[": "]", "{": "}"}[ch]
+            return NestError(f"unexpected end of file, expected `{closer}`", span, kind="syntax",
+                             notes=((f"this `{ch}` has no matching `{closer}`",
+                                     _pos_span(source, at, at + 1)),))
+        return NestError(f"unexpected end of file, expected {describe_expected(expected)}", span,
+                         kind="syntax")
+    freq = _frequency_error(source, tok, expected)
+    if freq is not None:
+        return freq
+    span = _tok_span(source, tok)
+    pos = tok.start_pos or 0
+    end = tok.end_pos if tok.end_pos is not None else pos + len(str(tok))
+    typo = _misspelled_keyword(source, end)
+    if typo is not None:
+        word, keyword, word_span = typo
+        return NestError(f"`{word}` is not a keyword", word_span, kind="syntax",
+                         hint=f"did you mean `{keyword}`?")
+    chunked = re.search(r"\b(steps?|never)\s+in$", text[:pos].rstrip())
+    if chunked:
+        at = pos - len(text[:pos]) + len(text[:pos].rstrip()) - 2
+        return NestError(f"a `{chunked.group(1)}` frequency has no chunks", _pos_span(
+            source, at, end), kind="syntax",
+            hint="chunks belong to token frequencies: `every 16 tokens in chunks of 64`")
+    if tok.type == "COMP_OP" and "COMP_OP" not in expected:
+        return NestError("comparisons do not chain", span, kind="syntax",
+                         hint="write `a < b and b < c`")
+    opened = _open_brackets(text, pos)
+    if opened:
+        # call arguments and index arguments share a rule: expect only the bracket that is open
+        innermost = text[opened[-1]]
+        expected -= {"(": {"RSQB"}, "[": {"RPAR"}, "{": set()}[innermost]
+    message = f"unexpected `{_shown(str(tok))}`, expected {describe_expected(expected)}"
+    hint = None
+    if tok.type == "NAME":
+        allowed = [w for w in keywords() if w.upper() in expected]
+        close = nearest(str(tok), allowed, limit=1)
+        if close and close[0] != str(tok):
+            hint = f"did you mean `{close[0]}`?"
+    before = text[:pos].rstrip()
+    prev = re.search(r"\]\s*([A-Za-z_][A-Za-z0-9_]*)$", before)
+    if hint is None and prev and prev.group(1) not in ("int", "float", "bool", *keywords()):
+        hint = (f"`{prev.group(1)}` after `]` is read as the element type of that shape; "
+                "end the shape with `;` before a new statement")
+    if hint is None and str(tok) in (")", "]", "}"):
+        opener = {")": "(", "]": "[", "}": "{"}[str(tok)]
+        if not opened or text[opened[-1]] != opener:
+            hint = f"this `{tok}` has no matching `{opener}`"
+    notes = _unclosed_note(source, pos, span.line)
+    if (hint is None and not notes and expected & {"RPAR", "RSQB"}
+            and tok.type in ("NAME", "NUMBER", "STRING")):
+        hint = "a `,` may be missing between items"
+    return NestError(message, span, kind="syntax", hint=hint, notes=notes)
 
 
 def _span(source: Source, meta: Any) -> Span:
@@ -197,6 +310,15 @@ def _number(text: str) -> float | int:
 def _unescape(text: str) -> str:
     body = text[1:-1]
     return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), body)
+
+
+def _index_args(args: tuple[Any, ...]) -> tuple[ast.Expr, ...]:
+    """The expressions of `x[i, j]`; `name = value` belongs in calls, not in an index."""
+    for a in args:
+        if isinstance(a, ast.Kwarg):
+            raise NestError(f"an index takes no `{a.name} = ...`", a.span, kind="syntax",
+                            hint="`name = value` passes a keyword to a call: `f(name = value)`")
+    return tuple(args)
 
 
 @v_args(meta=True)
@@ -287,8 +409,7 @@ class _ToAst(Transformer_NonRecursive):
 
     def target_index(self, meta, ch):
         name, args = ch
-        index = tuple(a for a in args if not isinstance(a, ast.Kwarg))
-        return (str(name), index, _tok_span(self.source, name))
+        return (str(name), _index_args(args), _tok_span(self.source, name))
 
     def output_stmt(self, meta, ch):
         name, value = ch
@@ -436,7 +557,7 @@ class _ToAst(Transformer_NonRecursive):
 
     def index(self, meta, ch):
         base, args = ch
-        return ast.ExprIndex(base, tuple(a for a in args if not isinstance(a, ast.Kwarg)), self.s(meta))
+        return ast.ExprIndex(base, _index_args(args), self.s(meta))
 
     def attr(self, meta, ch):
         return ast.ExprAttr(ch[0], str(ch[1]), self.s(meta))

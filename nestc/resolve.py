@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nestc import ast
 from nestc.errors import NestError, did_you_mean
-from nestc.parse import parse
+from nestc.parse import MAX_SOURCE_BYTES, parse
 from nestc.source import Source, point
 
 STD_PREFIX = "std/"
@@ -50,7 +50,9 @@ def read_source(path: str, display: str | None = None, span=None) -> Source:
     where = None if span is not None else name  # an error about the file the user named
     file = std_path(path, span, where) if path.startswith(STD_PREFIX) else Path(path)
     try:
-        data = file.read_bytes()
+        # read at most one byte past the limit: `nestc check /dev/zero` must end
+        with open(file, "rb") as fh:
+            data = fh.read(MAX_SOURCE_BYTES + 1)
     except FileNotFoundError:
         raise NestError(f"no such file: `{path}`", span, kind="import", file=where) from None
     except IsADirectoryError:
@@ -60,6 +62,9 @@ def read_source(path: str, display: str | None = None, span=None) -> Source:
     except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
         why = getattr(err, "strerror", None) or str(err)
         raise NestError(f"cannot read `{path}`: {why}", span, kind="import", file=where) from None
+    if len(data) > MAX_SOURCE_BYTES:
+        raise NestError(f"`{path}` is larger than {MAX_SOURCE_BYTES // 1024} KiB", span,
+                        kind="import", file=where, hint="a spec is a short text file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:

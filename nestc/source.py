@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+MAX_SHOWN = 150  # characters of a source line shown above a caret
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -17,8 +21,9 @@ class Source:
         object.__setattr__(self, "lines", tuple(self.text.split("\n")))
 
     def line(self, number: int) -> str:
-        """The 1-based line `number`, without its newline ('' past the end)."""
-        return self.lines[number - 1] if 1 <= number <= len(self.lines) else ""
+        """The 1-based line `number`, without its newline or `\\r\\n` ('' past the end)."""
+        line = self.lines[number - 1] if 1 <= number <= len(self.lines) else ""
+        return line[:-1] if line.endswith("\r") else line
 
 
 @dataclass(frozen=True)
@@ -43,16 +48,27 @@ class Span:
         return Span(self.source, self.line, self.col, other.end_line, other.end_col)
 
     def render(self) -> str:
-        """The first source line of the span with a caret underline below it."""
-        text = self.source.line(self.line).expandtabs(1)
+        """The first source line of the span with a caret underline below it; a very long line
+        is cut to a window around the span."""
+        # one column per character: a tab shows as one space, other control characters (a
+        # carriage return, a terminal escape) as U+FFFD so they cannot disturb the terminal
+        text = _CONTROL.sub("\ufffd", self.source.line(self.line).expandtabs(1))
+        col = self.col
         if self.end_line == self.line:
             width = max(1, self.end_col - self.col)
         else:
             width = max(1, len(text) - self.col + 1)
         width = min(width, max(1, len(text) - self.col + 1))
+        if len(text) > MAX_SHOWN:
+            start = max(0, min(col - 1 - MAX_SHOWN // 3, len(text) - MAX_SHOWN))
+            head = "..." if start else ""
+            tail = "..." if start + MAX_SHOWN < len(text) else ""
+            text = head + text[start:start + MAX_SHOWN] + tail
+            col = col - start + len(head)
+            width = min(width, MAX_SHOWN + len(head) - col + 1)
         gutter = f"{self.line:>4} | "
         pad = " " * (len(gutter) - 2) + "| "
-        return f"{gutter}{text}\n{pad}{' ' * (self.col - 1)}^{'~' * (width - 1)}"
+        return f"{gutter}{text}\n{pad}{' ' * (col - 1)}^{'~' * (width - 1)}"
 
 
 def point(source: Source, line: int, col: int, width: int = 1) -> Span:

@@ -1,0 +1,226 @@
+"""The checker: hyperparameters (types, defaults, constant arithmetic), names in scope, builtins,
+declarations calling declarations, chains, frequencies."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import ROOT, spec, spec_files
+
+import nestc
+from nestc.errors import NestError
+
+
+def checked(text: str, name: str):
+    return nestc.loads(spec(text), "t.nest").decl(name)
+
+
+def error(text: str) -> NestError:
+    with pytest.raises(NestError) as info:
+        nestc.loads(spec(text), "t.nest")
+    return info.value
+
+
+def block(body: str, params: str = "dim = 8") -> str:
+    return f"block B({params}) {{\n    input x : [T, dim]\n{body}\n    output x\n}}\n"
+
+
+@pytest.mark.parametrize("path", spec_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_spec_in_the_repository_checks(path):
+    prog = nestc.load(path)
+    for name in prog.names:
+        decl = prog.decl(name)
+        required = {n: 8 for n, h in decl.hypers.items() if h.required}
+        assert set(decl.bind(required)) == set(decl.hypers)
+
+
+def test_every_std_spec_loads_by_its_std_path():
+    for path in sorted((ROOT / "stdlib").glob("**/*.nest")):
+        std = "std/" + path.relative_to(ROOT / "stdlib").as_posix()
+        assert nestc.load(std).file == std
+
+
+# --- hyperparameters -----------------------------------------------------------------------------
+
+
+def test_defaults_and_inferred_types():
+    decl = checked("""
+        optimizer O(lr = 1e-3, steps = 5, on = true, name = "x", betas = (0.9, 0.99),
+                    sizes = [16, 256], k: int = 2, w = lr * 10, half = steps / 5) {
+            param W
+            W -= lr * grad(W)
+        }
+    """, "O")
+    assert {n: h.default for n, h in decl.hypers.items()} == {
+        "lr": 1e-3, "steps": 5, "on": True, "name": "x", "betas": (0.9, 0.99),
+        "sizes": [16, 256], "k": 2, "w": 1e-3 * 10, "half": 1}
+    assert isinstance(decl.hypers["half"].default, int)  # 5 / 5 divides evenly
+    assert decl.bind({"steps": 2.5, "sizes": [1, 2, 3]})["steps"] == 2.5  # an int default takes floats
+    with pytest.raises(NestError, match="`k` of `O` must be an int, got 2.5"):
+        decl.bind({"k": 2.5})
+    with pytest.raises(NestError, match="`sizes` of `O` must be a list of numbers"):
+        decl.bind({"sizes": ["a"]})
+
+
+def test_required_hyperparameter():
+    decl = checked(block("", "dim"), "B")
+    assert decl.hypers["dim"].required
+    assert decl.bind({"dim": 4}) == {"dim": 4}
+    with pytest.raises(NestError) as info:
+        decl.bind({})
+    assert (info.value.message, info.value.hint) == (
+        "block `B` needs a value for `dim`", "pass dim=... (it has no default)")
+
+
+def test_a_default_reads_only_earlier_hyperparameters():
+    err = error(block("", "a = b, b = 1, dim = 8"))
+    assert err.message == "the default of `a` must be a constant"
+
+
+def test_mixed_list_default_takes_any_list():
+    decl = checked(block("", 'dim = 8, mix = [1, "a"]'), "B")
+    assert decl.bind({"mix": [2.5]})["mix"] == [2.5]
+
+
+@pytest.mark.parametrize("default, message", [
+    ("2 ** 64", "integer is too large (more than 64 bits)"),
+    ("((2 ** 60) ** 60) ** 60", "integer is too large (more than 64 bits)"),
+    ("1e308 * 10", "number is too large for a float"),
+    ("(-8) ** 0.5", "a negative number to a fractional power is not a real number"),
+    ("2 ** 2000", "exponent is too large"),
+    ("1 % 0", "division by zero"),
+    ("0.0 ** -1", "division by zero"),
+    ('"a" < 1', "`<` needs numbers, got a string and an int"),
+    ("-true", "`-` needs a number, got a bool"),
+    ("(1, 2)[2]", "index 2 is out of range for 2 items"),
+    ("(1, 2)[0.5]", "an index into a tuple or list is one integer"),
+])
+def test_constant_arithmetic_errors(default, message):
+    err = error(block("", f"dim = 8, h = {default}"))
+    assert err.message == message and err.kind in ("value", "type")
+    assert err.span.line == 1
+
+
+def test_constant_arithmetic_stays_fast():
+    start = time.perf_counter()
+    with pytest.raises(NestError):
+        nestc.loads(block("", "dim = 8, h = " + "(" * 60 + "2" + " ** 64)" * 60), "t.nest")
+    assert time.perf_counter() - start < 5
+
+
+# --- names, builtins, declarations ---------------------------------------------------------------
+
+
+def test_builtin_and_declaration_names_resolve():
+    checked(block("    let y = x |> linear(dim) |> silu |> l2norm(per = 2)\n"
+                  "    let z = softmax_attention(y, y, y, causal = true)"), "B")
+
+
+def test_piped_block_call_binds_hyperparameters_after_the_input():
+    decl = checked("""
+        block Inner(dim, heads = 4) {
+            input x : [T, dim]
+            output x
+        }
+        block Outer(dim = 8) {
+            input x : [T, dim]
+            let a = x |> Inner(dim = 8)
+            let b = x |> Inner(8, 2)
+            output Inner(dim, heads = 2)(a + b)
+        }
+    """, "Outer")
+    assert decl.name == "Outer"
+
+
+def test_optimizer_as_a_learning_rule():
+    text = """
+        from "std/optim/adam.nest" import Adam
+        block B(dim = 8) {
+            input x : [T, dim]
+            memory M : matrix(dim, dim) = zeros every token { objective l2(M(x), x); rule Adam(lr = 0.1) }
+            output M(x)
+        }
+    """
+    checked(text, "B")
+    err = error(text.replace("lr = 0.1", "lrr = 0.1"))
+    assert (err.message, err.hint) == ("`Adam` has no hyperparameter `lrr`", "did you mean `lr`?")
+
+
+def test_hyperparameter_is_not_a_function():
+    assert error(block("    let y = dim(x)")).message == "`dim` is not a function"
+
+
+def test_memory_updated_inside_another_memory():
+    err = error(block("    memory A : matrix(dim, dim) = zeros never\n"
+                      "    memory M : matrix(dim, dim) = zeros every token { A = x }"))
+    assert err.message == "`A` is updated inside the body of `M`"
+
+
+def test_explicit_update_form():
+    checked("""
+        optimizer Mom(lr = 0.1, beta = 0.9) {
+            param W
+            memory m = zeros_like(W) every step { m = beta * m + grad(W) }
+            W -= lr * m
+        }
+    """, "Mom")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("    param W", "`param W` needs a shape: `param W : [a, b]`"),
+    ("    memory M : matrix(dim, 0) = zeros never", "a matrix dimension must be a positive whole number, got 0"),
+    ("    memory M : matrix(dim, dim) = zeros every 4 tokens in chunks of 0 { objective l2(M(x), x); rule gd }",
+     "the chunk size must be a positive whole number, got 0"),
+    ("    repeat 2.5 { }", "`repeat` needs a whole number of times, got 2.5"),
+    ("    chain c in 5 { }", "`chain` runs over a list, such as [16, 256, 2048]"),
+    ("    let y = linear(x, dim, bias = true, bias = false)", "keyword `bias` is given twice"),
+])
+def test_checker_messages(body, message):
+    assert error(block(body)).message == message
+
+
+def test_input_in_an_optimizer():
+    err = error("optimizer O() {\n    param W\n    W -= grad(W)\n    input x : [T]\n}\n")
+    assert err.message == "an optimizer has no `input`: it sees `grad(W)`"
+
+
+# --- chains --------------------------------------------------------------------------------------
+
+CMS = """
+    block CMS(dim = 8, chunks = [16, 64, 256]) {
+        input x : [T, dim]
+        let h = x
+        chain c in chunks {
+            memory f : mlp(dim) = meta every c tokens in chunks of (2 * c) {
+                objective task
+                rule gd(lr = 0.1)
+            }
+            h = f(h)
+        }
+        output h
+    }
+"""
+
+
+def test_chain_builds_one_memory_per_value_with_its_own_frequency():
+    checked(CMS, "CMS")
+
+
+def test_chain_value_reaches_the_frequency_check():
+    err = error(CMS.replace("(2 * c)", "(c + 8)"))
+    assert err.message == "chunks of 24 tokens never line up with an update every 16 tokens"
+
+
+def test_long_and_nested_chains_check_fast():
+    values = "[" + ", ".join(str(i) for i in range(1, 1001)) + "]"
+    text = block(f"    chain a in {values} {{ chain b in {values} {{ chain c in {values} {{"
+                 " let y = a + b + c } } }")
+    start = time.perf_counter()
+    checked(text, "B")
+    assert time.perf_counter() - start < 5
+
+
+def test_empty_chain_body_is_still_checked():
+    err = error(block("    chain c in [] { let y = nothere }"))
+    assert err.message == "unknown name `nothere`"

@@ -1,0 +1,197 @@
+"""The nestc command: exit codes, errors on stderr without a traceback, JSON diagnostics, --help
+for every subcommand, and a front end that never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, spec
+
+from nestc import cli
+
+GOOD = "optimizer SGD(lr = 0.1) {\n    param W\n    W -= lr * grad(W)\n}\n"
+BAD = "optimizer SGD(lr = 0.1) {\n    param W\n    W -= lr * grd(W)\n}\n"
+BAD_TEXT = spec("""
+    bad.nest:3:15: error: unknown name `grd`
+       3 |     W -= lr * grd(W)
+         |               ^~~
+      hint: did you mean `grad` or `gd`?
+""")
+NESTC = Path(sys.executable).parent / "nestc"
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """good.nest and bad.nest in the working directory."""
+    (tmp_path / "good.nest").write_text(GOOD)
+    (tmp_path / "bad.nest").write_text(BAD)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_check_a_good_file(files, capsys):
+    rc, out, err = run(capsys, "check", "good.nest")
+    assert (rc, err) == (0, "")
+    assert out.startswith("checked 1 file: 1 ok, 0 with errors (") and out.endswith(" ms)\n")
+
+
+def test_check_a_bad_file(files, capsys):
+    rc, out, err = run(capsys, "check", "bad.nest")
+    assert (rc, err) == (1, BAD_TEXT)
+    assert out.startswith("checked 1 file: 0 ok, 1 with errors")
+
+
+def test_check_several_files(files, capsys):
+    rc, out, err = run(capsys, "check", "good.nest", "bad.nest", "good.nest")
+    assert rc == 1 and err == BAD_TEXT
+    assert out.startswith("checked 3 files: 2 ok, 1 with errors")
+
+
+def test_quiet_prints_only_errors(files, capsys):
+    assert run(capsys, "check", "-q", "good.nest") == (0, "", "")
+    assert run(capsys, "check", "-q", "bad.nest") == (1, "", BAD_TEXT)
+
+
+def test_json_diagnostics(files, capsys):
+    rc, out, err = run(capsys, "check", "--format", "json", "good.nest", "bad.nest", "gone.nest")
+    assert (rc, err) == (1, "")
+    report = json.loads(out)
+    assert report["errors"] == 2
+    good, bad, gone = report["files"]
+    assert (good["file"], good["ok"], good["declarations"], good["diagnostics"]) == (
+        "good.nest", True, ["SGD"], [])
+    assert bad["ok"] is False and bad["diagnostics"] == [{
+        "kind": "name", "message": "unknown name `grd`", "hint": "did you mean `grad` or `gd`?",
+        "file": "bad.nest", "line": 3, "col": 15, "end_line": 3, "end_col": 18}]
+    (missing,) = gone["diagnostics"]
+    assert (missing["file"], missing["line"], missing["message"]) == (
+        "gone.nest", None, "no such file: `gone.nest`")
+
+
+def test_check_a_missing_file(files, capsys):
+    rc, out, err = run(capsys, "check", "-q", "gone.nest")
+    assert (rc, out, err) == (1, "", "gone.nest: error: no such file: `gone.nest`\n")
+
+
+def test_check_a_directory(files, capsys):
+    (files / "specs").mkdir()
+    rc, out, err = run(capsys, "check", "-q", "specs")
+    assert (rc, out) == (1, "")
+    assert err == ("specs: error: `specs` is a directory, not a .nest file\n"
+                   "  hint: name the files in it: specs/*.nest\n")
+
+
+def test_check_stdlib_by_std_path(capsys):
+    assert run(capsys, "check", "-q", "std/optim/adam.nest", "std/optim/sgd.nest") == (0, "", "")
+
+
+def test_invalid_utf8_is_an_error_not_a_crash(files, capsys):
+    (files / "junk.nest").write_bytes(b"\x00\xff\xfe junk")
+    rc, _, err = run(capsys, "check", "-q", "junk.nest")
+    assert rc == 1 and err.startswith("junk.nest:1:2: error: the file is not UTF-8 text (byte 0xff)")
+
+
+def subcommands() -> list[str]:
+    actions = [a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(actions[0].choices)
+
+
+@pytest.mark.parametrize("command", subcommands())
+def test_help_for_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and out.startswith(f"usage: nestc {command} ")
+
+
+def test_top_level_help_and_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0 and "check" in capsys.readouterr().out
+    assert run(capsys, "--version") == (0, "nestc 0.1.0\n", "")
+    rc, out, _ = run(capsys)
+    assert rc == 0 and out.startswith("usage: nestc")
+
+
+def test_a_declaration_must_be_named_when_a_file_has_several(capsys):
+    rc, out, err = run(capsys, "explain", "std/optim/adam.nest")
+    assert (rc, out) == (1, "")
+    assert err == ("std/optim/adam.nest: error: `std/optim/adam.nest` declares Adam, AdamW: "
+                   "name one with --name\n")
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("lr=1/0", "error: --set lr=1/0: division by zero"),
+    ("lr=", "error: --set lr=: unexpected `)`, expected an expression"),
+    ("lr=) { } block C(y = 1", "error: --set lr=) { } block C(y = 1: unexpected `)`, expected an expression"),
+    ("lr=nothere", "error: --set lr: `nothere` is not a constant"),
+    ("lr", "error: --set takes NAME=VALUE, got `lr`"),
+])
+def test_bad_overrides_on_the_command_line(pair, message, capsys):
+    rc, out, err = run(capsys, "explain", "std/optim/sgd.nest", "--set", pair)
+    assert (rc, out) == (1, "")
+    assert err.split("\n")[0] == message
+
+
+def test_internal_errors_print_no_traceback(files, capsys, monkeypatch):
+    def boom(path):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "_load", boom)
+    rc, _, err = run(capsys, "check", "good.nest")
+    assert rc == 2 and "Traceback" not in err
+    assert err == ("nestc: internal error: RuntimeError: boom\n"
+                   "  this is a bug in nestc; rerun with NESTC_DEBUG=1 for the traceback\n")
+    monkeypatch.setattr(cli, "DEBUG", True)
+    with pytest.raises(RuntimeError):
+        cli.main(["check", "good.nest"])
+
+
+# --- the installed command, in a fresh process ---------------------------------------------------
+
+
+def test_console_script(files):
+    good = subprocess.run([NESTC, "check", "good.nest"], capture_output=True, text=True)
+    bad = subprocess.run([NESTC, "check", "good.nest", "bad.nest"], capture_output=True, text=True)
+    assert (good.returncode, good.stderr) == (0, "")
+    assert (bad.returncode, bad.stderr) == (1, BAD_TEXT)
+    assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_front_end_never_imports_torch():
+    files = [str(p) for p in sorted(ROOT.glob("stdlib/**/*.nest"))]
+    code = (
+        "import sys, nestc\n"
+        "from nestc.cli import main\n"
+        "prog = nestc.load('std/optim/adam.nest')\n"
+        "prog.decl('Adam').bind({'lr': 0.1})\n"
+        f"rc = main(['check', '-q', *{files!r}])\n"
+        "assert 'torch' not in sys.modules, 'the front end imported torch'\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+
+def test_check_of_the_optimizer_stdlib_is_quick(capsys, record_property):
+    """Measured, printed, not asserted: timing belongs in benchmarks (target: under 0.5 s)."""
+    files = [str(p) for p in sorted(ROOT.glob("stdlib/optim/*.nest"))]
+    start = time.perf_counter()
+    done = subprocess.run([NESTC, "check", "-q", *files], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr
+    record_property("nestc_check_optim_wall_s", round(wall, 3))
+    with capsys.disabled():
+        print(f"\nnestc check stdlib/optim/*.nest: {wall:.3f} s wall (target < 0.5 s)")
