@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from nestc.source import Span
-
 
 # --- expressions -------------------------------------------------------------------------------
 
@@ -105,10 +103,8 @@ class ExprList:
     span: Span
 
 
-Expr = Union[
-    ExprNumber, ExprString, ExprBool, ExprName, ExprCall, ExprIndex, ExprAttr,
-    ExprBinary, ExprUnary, ExprCond, ExprTuple, ExprList,
-]
+Expr = (ExprNumber | ExprString | ExprBool | ExprName | ExprCall | ExprIndex | ExprAttr
+        | ExprBinary | ExprUnary | ExprCond | ExprTuple | ExprList)
 
 
 # --- statements --------------------------------------------------------------------------------
@@ -237,10 +233,8 @@ class Clause:
     span: Span
 
 
-Stmt = Union[
-    StmtParam, StmtInput, StmtLet, StmtUpdate, StmtOutput, StmtRepeat, StmtChain, StmtIf,
-    StmtTrain, StmtMemory, Clause,
-]
+Stmt = (StmtParam | StmtInput | StmtLet | StmtUpdate | StmtOutput | StmtRepeat | StmtChain
+        | StmtIf | StmtTrain | StmtMemory | Clause)
 
 
 # --- declarations and files --------------------------------------------------------------------

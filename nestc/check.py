@@ -10,7 +10,6 @@ from nestc import ast
 from nestc.builtins import BUILTINS
 from nestc.errors import NestError, did_you_mean
 from nestc.hyper import UNKNOWN, const_eval, infer_type, python_type, show_value, type_words
-from nestc.parse import keywords
 from nestc.source import Span
 
 MAX_CHAIN_CHECKS = 16
@@ -44,6 +43,7 @@ class Checked:
     hypers: dict[str, Hyper]
     scope: dict[str, ast.Decl]
     model: Any = field(repr=False, default=None)  # the pydantic model validating overrides
+    calls: tuple[tuple[ast.Decl, Span], ...] = ()  # declarations its body calls, with where
 
     @property
     def name(self) -> str:
@@ -162,6 +162,7 @@ class BodyChecker:
         self.param_names: list[str] = []
         self.updated_params: set[str] = set()
         self.owner: list[str] = []  # enclosing memory or "train"
+        self.calls: list[tuple[ast.Decl, Span]] = []  # declarations called, for cycle checks
 
     # errors
     def unknown_name(self, name: str, span: Span, scope: _Scope) -> NestError:
@@ -181,6 +182,10 @@ class BodyChecker:
                     raise NestError(f"optimizer `{self.decl.name}` never updates `{p}`",
                                     self.decl.name_span, kind="value",
                                     hint=f"add an update such as `{p} -= lr * grad({p})`")
+        if kind in ("block", "model") and not any(isinstance(s, ast.StmtOutput)
+                                                   for s in _walk(self.decl.body)):
+            raise NestError(f"{kind} `{self.decl.name}` has no `output`", self.decl.name_span,
+                            kind="value", hint="say what it returns: `output expr`")
         if kind == "model" and not any(isinstance(s, ast.StmtTrain) for s in self.decl.body):
             raise NestError(f"model `{self.decl.name}` has no `train` level", self.decl.name_span,
                             kind="value", hint="add `train every step { objective ...; rule ... }`,"
@@ -274,6 +279,9 @@ class BodyChecker:
             if not self.owner:
                 raise NestError(f"`{s.kind}` belongs inside a memory or train body", s.span,
                                 kind="value")
+            if self.owner[-1] == "train" and s.kind not in ("objective", "rule"):
+                raise NestError(f"`{s.kind}` is a memory clause: the train level has only an "
+                                "objective and a rule", s.span, kind="value")
             if isinstance(s.value, str):
                 return
             if s.kind == "rule":
@@ -298,10 +306,11 @@ class BodyChecker:
         if what in ("input", "chain"):
             raise NestError(f"`{s.target}` is {'an input' if what == 'input' else 'a chain variable'}"
                             ": it cannot be updated", s.target_span, kind="value")
-        if what == "memory" and self.owner and self.owner[-1] != s.target:
-            raise NestError(f"`{s.target}` is updated inside the body of `{self.owner[-1]}`",
-                            s.target_span, kind="value",
-                            hint=f"a memory's update goes in its own body: `memory {s.target} ... {{ ... }}`")
+        if what == "memory" and (not self.owner or self.owner[-1] != s.target):
+            where = f"inside the body of `{self.owner[-1]}`" if self.owner else "outside its body"
+            raise NestError(f"memory `{s.target}` is updated {where}", s.target_span,
+                            kind="value", hint=f"a memory's update goes in its own body: "
+                            f"`memory {s.target} ... {{ {s.target} = ... }}`")
         if s.index:
             for i in s.index:
                 self.expr(i, scope)
@@ -310,6 +319,10 @@ class BodyChecker:
             self.updated_params.add(s.target)
 
     def memory(self, s: ast.StmtMemory, scope: _Scope) -> None:
+        if s.frequency is None and self.decl.kind != "optimizer":
+            raise NestError(f"memory `{s.name}` needs a frequency", s.name_span, kind="frequency",
+                            hint="add `every token`, `every N tokens` (optionally `in chunks of "
+                            "C`) or `never`")
         if s.structure is not None:
             self.structure(s.structure, scope)
         if s.init is not None:
@@ -434,16 +447,8 @@ class BodyChecker:
             if v is not UNKNOWN and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise NestError(f"a dimension must be a positive whole number, got "
                                 f"{show_value(v)}", d.span, kind="shape")
-        if shape.dtype is not None and shape.dtype not in ("int", "float", "bool"):
-            # the element type is the last word of the shape's span
-            end = shape.span
-            span = Span(end.source, end.end_line, max(1, end.end_col - len(shape.dtype)),
-                        end.end_line, end.end_col)
-            typo = did_you_mean(shape.dtype, sorted(keywords()))
-            hint = did_you_mean(shape.dtype, ["int", "float", "bool"]) or (
-                f"a word after `]` is read as the shape's element type; {typo}" if typo else
-                "element types are int, float and bool")
-            raise NestError(f"unknown element type `{shape.dtype}`", span, kind="type", hint=hint)
+        # the grammar admits only int, float and bool after `]`
+        assert shape.dtype in (None, "int", "float", "bool"), shape.dtype
 
     def expr(self, e: ast.Expr, scope: _Scope) -> Any:
         """Check names and calls in e; return its constant value or UNKNOWN."""
@@ -531,6 +536,7 @@ class BodyChecker:
                         or f"it declares {', '.join(sorted(members))}")
 
     def decl_call(self, e: ast.ExprCall, d: ast.Decl) -> None:
+        self.calls.append((d, e.span))
         names = [p.name for p in d.params]
         # `x |> Block(h)` feeds x to the block's input: only h binds a hyperparameter
         args = e.args[1:] if e.piped else e.args
@@ -585,5 +591,37 @@ def _a(kind: str) -> str:
 def check_decl(decl: ast.Decl, scope: dict[str, ast.Decl]) -> Checked:
     hypers = hypers_of(decl)
     model = pydantic_model(decl, hypers)
-    BodyChecker(decl, hypers, scope).run()
-    return Checked(decl, hypers, scope, model)
+    checker = BodyChecker(decl, hypers, scope)
+    checker.run()
+    return Checked(decl, hypers, scope, model, tuple(checker.calls))
+
+
+def check_calls(checked: list[Checked]) -> None:
+    """Reject declarations that call themselves, directly or through others (they never end)."""
+    by_decl = {id(c.decl): c for c in checked}
+    done: set[int] = set()
+
+    def visit(c: Checked, path: list[tuple[Checked, Span]]) -> None:
+        if id(c.decl) in done:
+            return
+        for d, span in c.calls:
+            names = [p.name for p, _ in path] + [c.name, d.name]
+            if d is c.decl or any(p.decl is d for p, _ in path):
+                start = names.index(d.name)
+                raise NestError(f"`{d.name}` calls itself: {' -> '.join(names[start:])}", span,
+                                kind="value", hint="a block cannot contain itself; use `repeat` "
+                                "to stack copies")
+            if id(d) in by_decl:
+                visit(by_decl[id(d)], [*path, (c, span)])
+        done.add(id(c.decl))
+
+    for c in checked:
+        visit(c, [])
+
+
+def _walk(stmts: tuple[ast.Stmt, ...]):
+    """Every statement, nested bodies included."""
+    for s in stmts:
+        yield s
+        for child in ("body", "then", "orelse"):
+            yield from _walk(getattr(s, child, ()) or ())

@@ -275,11 +275,6 @@ def _syntax_error(source: Source, err: lark.exceptions.LarkError) -> NestError:
         close = nearest(str(tok), allowed, limit=1)
         if close and close[0] != str(tok):
             hint = f"did you mean `{close[0]}`?"
-    before = text[:pos].rstrip()
-    prev = re.search(r"\]\s*([A-Za-z_][A-Za-z0-9_]*)$", before)
-    if hint is None and prev and prev.group(1) not in ("int", "float", "bool", *keywords()):
-        hint = (f"`{prev.group(1)}` after `]` is read as the element type of that shape; "
-                "end the shape with `;` before a new statement")
     if hint is None and str(tok) in (")", "]", "}"):
         opener = {")": "(", "]": "[", "}": "{"}[str(tok)]
         if not opened or text[opened[-1]] != opener:
@@ -353,7 +348,7 @@ class _ToAst(Transformer_NonRecursive):
     def _word(self, meta, ch):
         return ch[0]
 
-    decl_kind = read_when = backprop_mode = partial_mode = dgd_mode = _word
+    decl_kind = read_when = backprop_mode = partial_mode = dgd_mode = dtype = _word
 
     def decl(self, meta, ch):
         kind, name, params, body = ch

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from nestc import ast
-from nestc.check import Checked, check_decl
+from nestc.check import Checked, check_calls, check_decl
 from nestc.errors import NestError, did_you_mean
 from nestc.resolve import STD_PREFIX, Loader, Unit, read_source, unit_of
 from nestc.source import Source
@@ -23,6 +23,7 @@ class Program:
             for d in u.module.decls:
                 if u.owner.get(d.name) == u.name:
                     self.checked.setdefault(f"{u.name}::{d.name}", check_decl(d, u.scope))
+        check_calls(list(self.checked.values()))
 
     @property
     def file(self) -> str:

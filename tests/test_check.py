@@ -154,7 +154,40 @@ def test_hyperparameter_is_not_a_function():
 def test_memory_updated_inside_another_memory():
     err = error(block("    memory A : matrix(dim, dim) = zeros never\n"
                       "    memory M : matrix(dim, dim) = zeros every token { A = x }"))
-    assert err.message == "`A` is updated inside the body of `M`"
+    assert err.message == "memory `A` is updated inside the body of `M`"
+
+
+def test_memory_updated_outside_its_body():
+    err = error(block("    memory A : matrix(dim, dim) = zeros never\n    A = A + outer(x, x)"))
+    assert err.message == "memory `A` is updated outside its body"
+
+
+def test_block_memory_needs_a_frequency():
+    err = error(block("    memory A : matrix(dim, dim) = zeros { objective l2(A(x), x); "
+                      "rule gd(lr = 0.1) }"))
+    assert (err.message, err.hint) == (
+        "memory `A` needs a frequency",
+        "add `every token`, `every N tokens` (optionally `in chunks of C`) or `never`")
+
+
+def test_block_needs_an_output():
+    text = "block B(dim = 4) {\n    input x : [T, dim]\n    let y = x\n}\n"
+    assert error(text).message == "block `B` has no `output`"
+
+
+def test_recursive_blocks_are_rejected():
+    text = ("block A(dim = 4) {\n    input x : [T, dim]\n    output B(dim)(x)\n}\n"
+            "block B(dim = 4) {\n    input x : [T, dim]\n    output A(dim)(x)\n}\n")
+    err = error(text)
+    assert err.message == "`A` calls itself: A -> B -> A"
+    assert (err.span.line, err.span.col) == (7, 12)
+
+
+def test_memory_clauses_are_not_train_clauses():
+    text = ("model M(dim = 4) {\n    input x : [T, dim]\n    output y = x |> linear(dim)\n"
+            "    train every step { objective l2(y, x); rule gd(lr = 0.1); read before write }\n}\n")
+    assert error(text).message == ("`read` is a memory clause: the train level has only an "
+                                   "objective and a rule")
 
 
 def test_explicit_update_form():

@@ -305,12 +305,12 @@ CASES = [
         }
         """,
         """
-        t.nest:3:7: error: unexpected `=`, expected a statement or `}`
+        t.nest:3:5: error: `y` is not defined
            3 |     y = x
-             |       ^
-          hint: `y` after `]` is read as the element type of that shape; end the shape with `;` before a new statement
+             |     ^
+          hint: define it first: `let y = ...`
         """,
-        id="element_type_swallows_name",
+        id="assign_undefined_after_shape",
     ),
     pytest.param(
         """
@@ -321,10 +321,10 @@ CASES = [
         }
         """,
         """
-        t.nest:3:5: error: unknown element type `lett`
+        t.nest:3:5: error: `lett` is not a keyword
            3 |     lett y = x
              |     ^~~~
-          hint: a word after `]` is read as the shape's element type; did you mean `let`?
+          hint: did you mean `let`?
         """,
         id="lett_after_shape",
     ),
@@ -738,10 +738,9 @@ CASES = [
         }
         """,
         """
-        t.nest:3:7: error: unexpected `=`, expected a statement or `}`
+        t.nest:3:5: error: `x` is an input: it cannot be updated
            3 |     x = x + 1
-             |       ^
-          hint: `x` after `]` is read as the element type of that shape; end the shape with `;` before a new statement
+             |     ^
         """,
         id="update_input",
     ),
