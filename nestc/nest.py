@@ -27,7 +27,7 @@ import networkx as nx
 
 from nestc import ast
 from nestc.builtins import BUILTINS
-from nestc.check import CHOICES, Checked, hypers_of
+from nestc.check import CHOICES, Checked, hypers_of, qualified_name
 from nestc.hyper import UNKNOWN, const_eval
 from nestc.source import Span
 
@@ -524,7 +524,7 @@ class _Builder:
         return NOTHING
 
     def call(self, e: ast.ExprCall, frame: Frame, ctx: str) -> Value:
-        name = e.func.name if isinstance(e.func, ast.ExprName) else None
+        name = qualified_name(e.func)
         bound = frame.scope.get(name) if name else None
         if name is not None and bound is None:
             decl = frame.decls.get(name)
@@ -669,11 +669,8 @@ def _layer(n: str, deps: dict[str, set[str]], members: set[str], depth: dict[str
 
 
 def _call_name(e: ast.Expr) -> str | None:
-    if isinstance(e, ast.ExprName):
-        return e.name
-    if isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName):
-        return e.func.name
-    return None
+    """The name a call or a bare rule refers to, qualified (`A.AdamW`) for `import ... as A`."""
+    return qualified_name(e.func if isinstance(e, ast.ExprCall) else e)
 
 
 def _shown(e: ast.Expr, env: dict[str, Any]) -> str:

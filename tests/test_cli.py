@@ -195,3 +195,13 @@ def test_check_of_the_optimizer_stdlib_is_quick(capsys, record_property):
     record_property("nestc_check_optim_wall_s", round(wall, 3))
     with capsys.disabled():
         print(f"\nnestc check stdlib/optim/*.nest: {wall:.3f} s wall (target < 0.5 s)")
+
+
+def test_closed_pipe_is_not_an_error():
+    """`nestc viz ... | head -1` must not print an internal error (the HTML is over 64 KiB,
+    more than a pipe holds, so the write after head exits fails)."""
+    out = subprocess.run(f"{sys.executable} -m nestc.cli viz std/models/hope.nest "
+                         "--name HopeLM --format html | head -1", shell=True,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("<!DOCTYPE html>")
+    assert "internal error" not in out.stderr and "Traceback" not in out.stderr

@@ -340,3 +340,13 @@ def test_graph_does_not_import_torch() -> None:
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_optimizer_imported_under_an_alias_expands_into_levels() -> None:
+    prog = nestc.loads(
+        'import "std/optim/adam.nest" as A\n'
+        "model M(dim = 4) {\n    input x : [T, dim]\n    output y = x |> linear(dim)\n"
+        "    train every step { objective l2(y, x); rule A.AdamW(lr = 0.1) }\n}\n", "q.nest")
+    g = prog.graph("M")
+    assert {"AdamW.m", "AdamW.v", "train"} <= set(g.nodes)
+    assert g.nodes["train"]["level"] > g.nodes["AdamW.m"]["level"]
