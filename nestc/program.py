@@ -62,7 +62,13 @@ class Program:
         """An optimizer declaration -> torch.optim.Optimizer(params, **hyper)."""
         checked = self.decl(name)
         if checked.kind == "optimizer":
-            from nestc.runtime import build_optimizer
+            try:
+                from nestc.runtime import build_optimizer
+            except ModuleNotFoundError as err:
+                if err.name != "torch":
+                    raise
+                raise ModuleNotFoundError("building needs PyTorch: pip install torch "
+                                          "(or nestc[torch])", name="torch") from None
 
             return build_optimizer(self, checked, *args, **kwargs)
         raise NestError(f"building a {checked.kind} is not implemented yet: `{name}` can be "
