@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from nestc.check import Checked
 from nestc.errors import NestError
 
-OPTIMIZER_PIPELINE = ("lower_optimizer", "select_kernels", "simplify_updates",
-                      "generate_optimizer")
-
+# each pass is the function of the same name in nestc/passes/<name>.py, applied in this order
+OPTIMIZER_PASSES = ("lower_optimizer", "select_kernels", "simplify_updates")
 
 _CACHE: dict[tuple[str, str, str], str] = {}
 
 
-def lower(checked: Checked):
-    """The lowered IR of an optimizer, with kernels selected (for explain and tests)."""
-    from nestc.passes.lower_optimizer import lower_optimizer
-    from nestc.passes.select_kernels import select_kernels
-    from nestc.passes.simplify_updates import simplify_updates
-
-    return simplify_updates(select_kernels(lower_optimizer(checked)))
+def lower(checked: Checked) -> Any:
+    """The lowered IR of an optimizer after every pass (explain and the tests read it)."""
+    value: Any = checked
+    for name in OPTIMIZER_PASSES:
+        value = getattr(importlib.import_module(f"nestc.passes.{name}"), name)(value)
+    return value
 
 
 def generate(checked: Checked) -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 DEBUG = os.environ.get("NESTC_DEBUG", "") not in ("", "0")
-# Force a back end for compiled optimizers: "fused" (recognized kernels), "generic" (foreach code).
+# Force one back end on every compiled optimizer: auto, fused, generic or compiled.
 OPTIM_BACKEND = os.environ.get("NESTC_OPTIM_BACKEND", "")
-CACHE_DIR = os.environ.get("NESTC_CACHE_DIR", "")
 # Rewrite the golden files of generated code instead of comparing against them (tests only).
 UPDATE_GOLDEN = os.environ.get("NESTC_UPDATE_GOLDEN", "") not in ("", "0")

@@ -52,10 +52,16 @@ class FloatNS:
 
 
 class TorchNS:
-    """Functions over torch tensors (imported lazily: the front end never needs torch)."""
+    """Functions over torch tensors (imported lazily: the front end never needs torch); on
+    plain numbers (hyperparameters) they are FloatNS's."""
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         import torch
+
+        def call(*args: Any) -> Any:
+            if not any(isinstance(a, torch.Tensor) for a in args):
+                return getattr(FloatNS, name)(*args)
+            return table[name](*args)
 
         table: dict[str, Callable[..., Any]] = {
             "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log, "tanh": torch.tanh,
@@ -64,7 +70,7 @@ class TorchNS:
             "lerp": lambda a, b, w: a + w * (b - a),
             "clamp": lambda x, lo, hi: torch.clamp(x, min=lo, max=hi),
         }
-        return table[name]
+        return call
 
 
 def hyper_value(hyper: dict[str, Any], key: tuple) -> Any:
@@ -102,6 +108,8 @@ def evaluate(e: ir.E, env: dict[str, Any]) -> Any:
         return args[0] / args[1]
     if op == "pow":
         return args[0] ** args[1]
+    if op == "mod":
+        return args[0] % args[1]
     if op == "neg":
         return -args[0]
     if op == "cond":

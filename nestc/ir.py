@@ -20,7 +20,7 @@ from nestc.source import Span
 #   state   value = memory name (its value at this point of the step)
 #   local   value = let name
 #   step    value = memory name or None: updates made so far by that memory (or the param)
-#   add sub mul div pow neg                 arithmetic on args
+#   add sub mul div pow mod neg             arithmetic on args
 #   call    value = builtin name, args
 #   cmp     value = operator text; and/or/not for conditions
 ELEMENTWISE_CALLS = ("sqrt", "abs", "exp", "log", "sign", "tanh", "sigmoid", "relu", "silu",
@@ -52,10 +52,14 @@ class E:
 
     @property
     def is_scalar(self) -> bool:
-        """True when the value is the same for every element: hyperparameters and constants."""
-        return all(n.op in ("const", "hyper", "step", "add", "sub", "mul", "div", "pow", "neg",
-                            "call", "cmp") for n in self.walk()) and not any(
-            n.op in ("param", "grad", "state", "local") for n in self.walk())
+        """True when the value is one number for a whole tensor: hyperparameters, constants
+        and step counts (lets may hold tensors, so they count as tensors)."""
+        return not any(n.op in ("param", "grad", "state", "local") for n in self.walk())
+
+    @property
+    def is_hyper_only(self) -> bool:
+        """True when the value depends on hyperparameters only (not on step counts)."""
+        return self.is_scalar and not any(n.op == "step" for n in self.walk())
 
 
 def const(v: float | int) -> E:
@@ -118,7 +122,7 @@ class Optimizer:
     param: str
     hypers: list[HyperInfo]
     variants: list[Variant]
-    tree: Any = field(default=None, repr=False)  # nested dispatch: see lower_optimizer.Dispatch
+    tree: Any = field(default=None, repr=False)  # which variant runs: lower_optimizer.Leaf/Branch
 
 
 _PREC = {"add": 1, "sub": 1, "mul": 2, "div": 2, "pow": 4}

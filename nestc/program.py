@@ -52,11 +52,11 @@ class Program:
 
         return build_graph(self, self.decl(name), hyper)
 
-    def source(self, name: str, **options: Any) -> str:
+    def source(self, name: str) -> str:
         """The generated PyTorch source of a declaration."""
         from nestc.compile import generate
 
-        return generate(self.decl(name), **options)
+        return generate(self.decl(name))
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """An optimizer declaration -> torch.optim.Optimizer(params, **hyper)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from nestc import __version__, env
+from nestc import env
 from nestc.check import Checked
 from nestc.errors import NestError
 
@@ -25,9 +25,10 @@ def check_backend(backend: str) -> str:
 
 
 def backend_of(group: dict[str, Any]) -> str:
-    """auto/fused: torch's fused kernel where recognized; generic: foreach code; compiled:
-    the per-tensor code fused by torch.compile (slow to compile once, fast afterwards)."""
-    return env.OPTIM_BACKEND or group.get("backend", "auto")
+    """auto: torch's fused kernel where the compiler recognized one, else generic; fused: the
+    same, but an error where no kernel can run; generic: the generated foreach code always;
+    compiled: the per-tensor code fused by torch.compile. NESTC_OPTIM_BACKEND overrides."""
+    return check_backend(env.OPTIM_BACKEND) if env.OPTIM_BACKEND else group.get("backend", "auto")
 
 
 @functools.cache
@@ -36,27 +37,34 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
-    """Whether torch's fused kernel can run this group (else the generic code does)."""
+    """Whether torch's fused kernel runs this group (else the generic code does)."""
     backend = backend_of(group)
     if backend in ("generic", "compiled"):
         return False
     ok = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES and not p.is_sparse
              and not g.is_sparse and g.dtype == p.dtype and g.device == p.device
              for p, g in zip(params, grads))
-    ok = ok and not torch.is_grad_enabled() and len({p.device for p in params}) >= 1
     if backend == "fused" and not ok:
         raise RuntimeError("backend='fused' needs float tensors on CPU or CUDA with dense grads")
     return ok
 
 
-def partition(items: list[Any], pred: Callable[[Any], bool]) -> Iterable[tuple[bool, list[Any]]]:
-    """(True, items where pred holds) and (False, the rest), skipping empty parts."""
-    yes = [x for x in items if pred(x)]
-    no = [x for x in items if not pred(x)]
-    if yes:
-        yield True, yes
-    if no:
-        yield False, no
+def no_kernel(group: dict[str, Any]) -> None:
+    """Called by variants no fused kernel computes: backend='fused' cannot run them."""
+    if backend_of(group) == "fused":
+        raise RuntimeError("backend='fused': no fused kernel computes this variant (nestc "
+                           "explain shows the recognized ones); use backend='auto'")
+
+
+def partition_first(state: dict[Any, dict[str, Any]], params: list[torch.Tensor],
+                    names: list[str]) -> Iterable[tuple[dict[str, bool], list[torch.Tensor]]]:
+    """Group tensors by which of their `from` memories have no first write yet."""
+    groups: dict[tuple[bool, ...], list[torch.Tensor]] = {}
+    for p in params:
+        key = tuple(n not in state[p] for n in names)
+        groups.setdefault(key, []).append(p)
+    for key, ps in groups.items():
+        yield dict(zip(names, key)), ps
 
 
 @functools.lru_cache(maxsize=128)
@@ -72,29 +80,23 @@ def _exec(source: str, name: str) -> Any:
 
 def optimizer_class(program: Any, checked: Checked) -> type[torch.optim.Optimizer]:
     """The generated torch.optim.Optimizer subclass of an optimizer declaration (cached)."""
-    source = program.source(checked.name)
-    return _exec(source, checked.name)
+    from nestc.codegen.torch import class_name
+
+    return _exec(program.source(checked.name), class_name(checked.name))
 
 
 def build_optimizer(program: Any, checked: Checked, params: Any = None, *args: Any,
                     **kwargs: Any) -> torch.optim.Optimizer:
+    from nestc.codegen.torch import py_name
+
     if params is None:
         raise NestError(f"building optimizer `{checked.name}` needs the parameters: "
                         f"build({checked.name!r}, model.parameters(), ...)",
                         checked.decl.name_span, kind="value")
     if args:
         raise TypeError("hyperparameters are passed by keyword: build(name, params, lr=...)")
-    backend = kwargs.pop("backend", "auto")
+    backend = check_backend(kwargs.pop("backend", "auto"))
     hyper = checked.bind(kwargs)
     cls = optimizer_class(program, checked)
-    return cls(params, **{_py(k): v for k, v in hyper.items()},  # type: ignore[call-arg]
+    return cls(params, **{py_name(k): v for k, v in hyper.items()},  # type: ignore[call-arg]
                backend=backend)
-
-
-def _py(name: str) -> str:
-    from nestc.codegen.torch import py_name
-
-    return py_name(name)
-
-
-VERSION = __version__

@@ -2,12 +2,17 @@
 
 The generated class keeps one state dict per tensor (torch's layout: a float32 `step` plus one
 tensor per memory) and, per param group, picks the variant its hyperparameters select. A
-variant the lowering recognized calls torch's fused kernel; the generic path is multi-tensor
-`torch._foreach_*` code, one statement of the spec after another.
+variant the lowering recognized calls torch's fused kernel. Otherwise it runs the generic
+multi-tensor `torch._foreach_*` code, one statement of the spec after another, or, with
+backend="compiled", a per-tensor function of plain tensor code that torch.compile fuses.
+
+Every name the generator makes starts with `_`; spec identifiers never do once py_name has
+mapped them, so the two can never collide.
 """
 
 from __future__ import annotations
 
+import builtins
 import keyword
 from dataclasses import dataclass
 
@@ -15,8 +20,8 @@ from nestc import __version__, ir
 from nestc.passes.lower_optimizer import Branch, Leaf
 from nestc.passes.select_kernels import KernelChoice
 
-RESERVED = {"torch", "math", "self", "group", "params", "grads", "states", "step", "first",
-            "closure", "loss", "backend", "defaults", "super", "p", "s", "x", "i", "sel"}
+# names a spec identifier must not take in generated code: keywords and builtins come on top
+RESERVED = {"torch", "math", "self", "group", "closure", "loss", "defaults", "params", "backend"}
 
 FOREACH_UNARY = {"sqrt": "_foreach_sqrt", "abs": "_foreach_abs", "exp": "_foreach_exp",
                  "log": "_foreach_log", "sign": "_foreach_sign", "tanh": "_foreach_tanh",
@@ -24,17 +29,26 @@ FOREACH_UNARY = {"sqrt": "_foreach_sqrt", "abs": "_foreach_abs", "exp": "_foreac
 FOREACH_BINARY = {"add": "_foreach_add", "sub": "_foreach_sub", "mul": "_foreach_mul",
                   "div": "_foreach_div", "pow": "_foreach_pow", "max": "_foreach_maximum",
                   "min": "_foreach_minimum"}
-PY_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**"}
-CMP_OPS = {"==", "!=", "<", ">", "<=", ">=", "and", "or"}
+PY_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "mod": "%"}
+INPLACE = {"_foreach_add", "_foreach_sub", "_foreach_mul", "_foreach_div", "_foreach_pow",
+           "_foreach_sqrt", "_foreach_abs", "_foreach_exp", "_foreach_log", "_foreach_sign",
+           "_foreach_tanh", "_foreach_sigmoid", "_foreach_neg", "_foreach_maximum",
+           "_foreach_minimum", "_foreach_lerp", "_foreach_clamp_min", "_foreach_clamp_max",
+           "_foreach_reciprocal"}
 
 
 def py_name(name: str) -> str:
-    """A spec identifier as a Python local: never a keyword, builtin of ours, or dunder."""
+    """A spec identifier as a Python local: never a keyword, a builtin, ours, or `_`-led."""
     assert name.isidentifier(), name
-    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in RESERVED \
-            or name.startswith("_"):
+    if (keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in RESERVED
+            or hasattr(builtins, name) or name.startswith("_")):
         return f"h_{name}"
     return name
+
+
+def class_name(name: str) -> str:
+    """The generated class's name: the declaration's, unless that would shadow a module."""
+    return f"Nest_{name}" if py_name(name) != name else name
 
 
 def comment(text: str) -> str:
@@ -45,16 +59,25 @@ def comment(text: str) -> str:
 @dataclass(frozen=True)
 class Val:
     code: str
-    kind: str  # "s": one number; "ls": one number per tensor, as an expression of its step `c`;
+    kind: str  # "s": one number; "ls": one number per tensor, an expression of its step `_c`;
     #            "t": a list of tensors
+
+
+def _reads(e: ir.E, node: ir.E) -> bool:
+    return any(n == node for n in e.walk())
+
+
+def uses_step(variant: ir.Variant) -> bool:
+    """Whether the variant reads step counts (debias, step(), periods): else skip making them."""
+    exprs = [s.value for s in variant.stmts] + [m.period for m in variant.memories]
+    return any(n.op == "step" for e in exprs for n in e.walk()) or any(
+        m.period != ir.const(1) for m in variant.memories)
 
 
 class _Variant:
     """Emits the generic multi-tensor code of one variant."""
 
-    def __init__(self, opt: ir.Optimizer, variant: ir.Variant, hyper_names: dict[str, str]):
-        self.opt = opt
-        self.variant = variant
+    def __init__(self, variant: ir.Variant, hyper_names: dict[str, str]):
         self.hyper = hyper_names
         self.lines: list[str] = []
         self.tmp = 0
@@ -64,7 +87,7 @@ class _Variant:
 
     def fresh(self) -> str:
         self.tmp += 1
-        return f"t{self.tmp}"
+        return f"_t{self.tmp}"
 
     def line(self, text: str) -> None:
         self.lines.append(text)
@@ -93,26 +116,31 @@ class _Variant:
         assert v.kind == "s", e
         return v.code
 
+    def number(self, e: ir.E) -> Val | None:
+        """e as a foreach scalar argument (one number or one per tensor), if it is one."""
+        v = self.expr(e)
+        return v if v.kind in ("s", "ls") else None
+
     def expr(self, e: ir.E) -> Val:
         op = e.op
         if op == "const":
-            return Val(repr(e.value), "s")
+            return Val(_literal(e.value), "s")
         if op == "hyper":
             code = self.hyper[e.value[0]] + "".join(f"[{i}]" for i in e.value[1:])
             return Val(code, "s")
         if op == "param":
-            return Val("params", "t")
+            return Val("_params", "t")
         if op == "grad":
-            return Val("grads", "t")
+            return Val("_grads", "t")
         if op == "state":
-            return Val(f"st_{e.value}", "t")
+            return Val(f"_st_{e.value}", "t")
         if op == "local":
             return self.locals[e.value]
         if op == "step":
             mem = self.mems.get(e.value) if e.value else None
             if mem is None or mem.period == ir.const(1):
-                return Val("c", "ls")
-            return Val(f"(c // {self.scalar(mem.period)})", "ls")
+                return Val("_c", "ls")
+            return Val(f"(_c // {self.scalar(mem.period)})", "ls")
         if op == "cmp":
             args = [self.expr(a) for a in e.args]
             assert all(a.kind == "s" for a in args), e
@@ -123,10 +151,10 @@ class _Variant:
             c, a, b = (self.expr(x) for x in e.args)
             if a.kind == b.kind == "s":
                 return Val(f"({a.code} if {c.code} else {b.code})", "s")
-            return Val(f"({self.as_tensors(a).code} if {c.code} else {self.as_tensors(b).code})", "t")
+            return Val(f"({self.as_tensors(a).code} if {c.code} else {self.as_tensors(b).code})",
+                       "t")
         if op == "neg":
-            a = self.expr(e.args[0])
-            return self.unary("neg", a)
+            return self.unary("neg", self.expr(e.args[0]))
         if op in PY_OPS:
             return self.binary(op, e.args[0], e.args[1])
         if op == "call":
@@ -137,19 +165,17 @@ class _Variant:
         if v.kind == "t":
             return v
         if v.kind == "s":
-            return Val(f"[torch.full_like(x, {v.code}) for x in params]", "t")
-        return Val(f"[torch.full_like(x, {v.code}) for x, c in zip(params, step)]", "t")
+            return Val(f"[torch.full_like(_x, {v.code}) for _x in _params]", "t")
+        return Val(f"[torch.full_like(_x, {v.code}) for _x, _c in zip(_params, _step)]", "t")
 
     def unary(self, fn: str, a: Val) -> Val:
-        if a.kind == "s":
-            return Val(f"(-{a.code})" if fn == "neg" else f"math.{fn}({a.code})", "s")
-        if a.kind == "ls":
-            return Val(f"(-{a.code})" if fn == "neg" else f"math.{fn}({a.code})", "ls")
+        if a.kind != "t":
+            return Val(f"(-{a.code})" if fn == "neg" else f"_S.{fn}({a.code})", a.kind)
         if fn in FOREACH_UNARY:
             return Val(f"torch.{FOREACH_UNARY[fn]}({self.bind(a).code})", "t")
         if fn == "relu":
             return Val(f"torch._foreach_clamp_min({self.bind(a).code}, 0.0)", "t")
-        return Val(f"[torch.nn.functional.{fn}(x) for x in {self.bind(a).code}]", "t")
+        return Val(f"[torch.nn.functional.{fn}(_x) for _x in {self.bind(a).code}]", "t")
 
     def binary(self, op: str, left: ir.E, right: ir.E) -> Val:
         # a + s * b and a - s * b are one foreach call with alpha
@@ -172,39 +198,39 @@ class _Variant:
         if a.kind != "t" and b.kind != "t":
             kind = "s" if a.kind == b.kind == "s" else "ls"
             return Val(f"({a.code} {PY_OPS[op]} {b.code})", kind)
+        assert op != "mod", "lowering keeps % to numbers"
         if a.kind == "t":
             return Val(f"torch.{FOREACH_BINARY[op]}({self.bind(a).code}, {self.listed(b)})", "t")
         # a number on the left of tensors
         bt = self.bind(b).code
-        if a.kind == "ls":
-            a = Val(self.listed(a), "ls")
+        num = self.listed(a)
         if op == "add":
-            return Val(f"torch._foreach_add({bt}, {a.code})", "t")
+            return Val(f"torch._foreach_add({bt}, {num})", "t")
         if op == "mul":
-            return Val(f"torch._foreach_mul({bt}, {a.code})", "t")
+            return Val(f"torch._foreach_mul({bt}, {num})", "t")
         if op == "sub":
-            return Val(f"torch._foreach_add(torch._foreach_neg({bt}), {a.code})", "t")
+            return Val(f"torch._foreach_add(torch._foreach_neg({bt}), {num})", "t")
         if op == "div":
-            return Val(f"torch._foreach_mul(torch._foreach_reciprocal({bt}), {a.code})", "t")
+            return Val(f"torch._foreach_mul(torch._foreach_reciprocal({bt}), {num})", "t")
         if a.kind == "s":
             return Val(f"torch._foreach_pow({a.code}, {bt})", "t")
-        return Val(f"[c ** x for c, x in zip({a.code}, {bt})]", "t")
+        return Val(f"[_n ** _x for _n, _x in zip({num}, {bt})]", "t")
 
     def listed(self, v: Val) -> str:
         """Code for v as a foreach argument: tensors, a number, or a list of numbers."""
         if v.kind == "ls":
-            return f"[{v.code} for c in step]"
+            return f"[{v.code} for _c in _step]"
         return self.bind(v).code if v.kind == "t" else v.code
 
     def call(self, e: ir.E) -> Val:
         fn = e.value
         if fn == "debias":
             x, beta, step = e.args
-            corr = self.binary("sub", ir.const(1), ir.E("pow", (beta, step)))
             xv = self.expr(x)
+            corr = self.binary("sub", ir.const(1), ir.E("pow", (beta, step)))
             if xv.kind == "t":
                 return Val(f"torch._foreach_div({self.bind(xv).code}, {self.listed(corr)})", "t")
-            return self.binary("div", x, ir.E("sub", (ir.const(1), ir.E("pow", (beta, step)))))
+            return Val(f"({xv.code} / {corr.code})", "ls")
         if fn == "sqrt" and e.args[0].op == "call" and e.args[0].value == "debias":
             # sqrt(x / c) = sqrt(x) / sqrt(c): the correction's root is one number per tensor
             x, beta, step = e.args[0].args
@@ -213,21 +239,22 @@ class _Variant:
             if root.kind == "t":
                 return Val(f"torch._foreach_div({self.bind(root).code}, {self.listed(corr)})", "t")
         args = [self.expr(a) for a in e.args]
+        if all(a.kind != "t" for a in args):
+            kind = "s" if all(a.kind == "s" for a in args) else "ls"
+            return Val(f"_S.{fn}({', '.join(a.code for a in args)})", kind)
         if fn in ("min", "max"):
             a, b = args
-            if a.kind == b.kind == "s":
-                return Val(f"{fn}({a.code}, {b.code})", "s")
             return Val(f"torch.{FOREACH_BINARY[fn]}({self.bind(self.as_tensors(a)).code}, "
                        f"{self.bind(self.as_tensors(b)).code})", "t")
         if fn == "clamp":
             xv, lo, hi = args
             xt = self.bind(self.as_tensors(xv))
-            return Val(f"torch._foreach_clamp_max(torch._foreach_clamp_min({xt.code}, {lo.code}), "
-                       f"{hi.code})", "t")
+            return Val(f"torch._foreach_clamp_max(torch._foreach_clamp_min({xt.code}, "
+                       f"{self.listed(lo)}), {self.listed(hi)})", "t")
         if fn == "lerp":
             a, b, w = args
             return Val(f"torch._foreach_lerp({self.bind(self.as_tensors(a)).code}, "
-                       f"{self.bind(self.as_tensors(b)).code}, {w.code})", "t")
+                       f"{self.bind(self.as_tensors(b)).code}, {self.listed(w)})", "t")
         return self.unary(fn, args[0])
 
     # statements
@@ -235,34 +262,29 @@ class _Variant:
         self.line(f"# {comment(_source_line(s.span))}")
         if isinstance(s, ir.Let):
             v = self.expr(s.value)
-            if v.kind == "t":
-                name = f"l_{s.name}"
-                self.line(f"{name} = {v.code}")
-                v = Val(name, "t")
+            name = f"_l_{s.name}"
+            if v.code == "_params" or v.code.startswith("_st_"):
+                # a snapshot: the param and the memories are updated in place later
+                self.line(f"{name} = [_x.clone() for _x in {v.code}]")
             else:
-                name = f"l_{s.name}"
                 self.line(f"{name} = {v.code}")
-                v = Val(name, v.kind)
-            self.locals[s.name] = v
+            self.locals[s.name] = Val(name, v.kind)
             return
-        target = "params" if s.kind == "param" else f"st_{s.target}"
+        target = "_params" if s.kind == "param" else f"_st_{s.target}"
         mem = self.mems.get(s.target) if s.kind == "state" else None
-        every = mem is not None and mem.period != ir.const(1)
         if mem is not None and mem.init == "from":
-            assert mem.first is not None
+            assert mem.first is not None and mem.period == ir.const(1), "lowering checks it"
             first = self.as_tensors(self.expr(mem.first))
-            self.line("if first:")
-            self.line(f"    {target} = [x.clone() for x in {first.code}]")
-            self.line(f"    for s, x in zip(states, {target}):")
-            self.line(f"        s[{s.target!r}] = x")
+            self.line(f"if _first[{s.target!r}]:")
+            self.line(f"    {target} = [_x.clone() for _x in {first.code}]")
+            self.line(f"    for _s, _x in zip(_states, {target}):")
+            self.line(f"        _s[{s.target!r}] = _x")
             self.line("else:")
-            inner = _Variant(self.opt, self.variant, self.hyper)
-            inner.locals, inner.tmp = self.locals, self.tmp
-            inner.assign(s, target, every)
-            self.lines += ["    " + ln for ln in inner.lines]
-            self.tmp = inner.tmp
+            outer, self.lines = self.lines, []
+            self.assign(s, target, every=False)
+            self.lines = outer + ["    " + ln for ln in self.lines]
             return
-        self.assign(s, target, every)
+        self.assign(s, target, every=mem is not None and mem.period != ir.const(1))
 
     def scaled_update(self, target: str, op: str, e: ir.E) -> bool:
         """target +/-= (numbers) * a [/ b] as one foreach call, the numbers folded in Python.
@@ -284,7 +306,9 @@ class _Variant:
             scale = scale * f
         for f in sd:
             scale = ir.E("div", (scale, f))
-        sv = self.expr(ir.E("neg", (scale,)) if op == "sub" else scale)
+        sv = self.number(ir.E("neg", (scale,)) if op == "sub" else scale)
+        if sv is None:
+            return False
         a = self.bind(self.as_tensors(self.expr(tn[0])))
         if td:
             b = self.bind(self.as_tensors(self.expr(td[0])))
@@ -292,64 +316,83 @@ class _Variant:
         elif sv.kind == "s":
             self.line(f"torch._foreach_add_({target}, {a.code}, alpha={sv.code})")
         else:
-            self.line(f"torch._foreach_add_({target}, torch._foreach_mul({a.code}, {self.listed(sv)}))")
+            self.line(f"torch._foreach_add_({target}, torch._foreach_mul({a.code}, "
+                      f"{self.listed(sv)}))")
         return True
 
     def assign(self, s: ir.Assign, target: str, every: bool) -> None:
         value = s.value
         current = ir.E("param") if s.kind == "param" else ir.E("state", value=s.target)
-        if not every and value.op == "call" and value.value == "lerp" and value.args[0] == current:
-            end_e, w = value.args[1], value.args[2]
-            if end_e.op == "mul" and not any(a.is_scalar for a in end_e.args) and w.is_scalar:
-                # lerp toward a product: scale, then multiply-add without a temporary (torch's
-                # second moment: v.mul_(beta2).addcmul_(g, g, value=1 - beta2))
-                fa, fb = (self.bind(self.as_tensors(self.expr(x))) for x in end_e.args)
-                wv = self.scalar(w)
-                self.line(f"torch._foreach_mul_({target}, 1 - {wv})")
-                self.line(f"torch._foreach_addcmul_({target}, {fa.code}, {fb.code}, value={wv})")
-                return
-            end = self.bind(self.as_tensors(self.expr(end_e)))
-            self.line(f"torch._foreach_lerp_({target}, {end.code}, {self.listed(self.expr(value.args[2]))})")
-            return
-        if not every and value.op == "mul" and value.args[0] == current and value.args[1].is_scalar:
-            self.line(f"torch._foreach_mul_({target}, {self.listed(self.expr(value.args[1]))})")
-            return
-        # retain * x + rest: scale x in place, then add the rest (computed first)
-        if not every and value.op in ("add", "sub") and value.args[0].op == "mul":
-            a, b = value.args[0].args
-            scale = b if a == current and b.is_scalar else a if b == current and a.is_scalar else None
-            if scale is not None:
-                weight, rest_e = _scaled(value.args[1])
-                rest = self.bind(self.as_tensors(self.expr(rest_e)))
-                self.line(f"torch._foreach_mul_({target}, {self.scalar(scale)})")
-                fn = "_foreach_add_" if value.op == "add" else "_foreach_sub_"
-                tail = f", alpha={self.scalar(weight)}" if weight is not None else ""
-                self.line(f"torch.{fn}({target}, {rest.code}{tail})")
-                return
-        if not every and value.op in ("add", "sub") and value.args[0] == current:
-            if self.scaled_update(target, value.op, value.args[1]):
-                return
-            factor, rhs = _scaled(value.args[1])
-            r = self.bind(self.as_tensors(self.expr(rhs)))
-            alpha = f", alpha={self.scalar(factor)}" if factor is not None else ""
-            fn = "_foreach_add_" if value.op == "add" else "_foreach_sub_"
-            self.line(f"torch.{fn}({target}, {r.code}{alpha})")
+        if not every and self.in_place(value, current, target):
             return
         v = self.bind(self.as_tensors(self.expr(value)))
         if every:
             period = self.scalar(self.mems[s.target].period)
-            self.line("for i, c in enumerate(step):")
-            self.line(f"    if c % {period} == 0:")
-            self.line(f"        {target}[i].copy_({v.code}[i])")
+            self.line("for _i, _c in enumerate(_step):")
+            self.line(f"    if _c % {period} == 0:")
+            self.line(f"        {target}[_i].copy_({v.code}[_i])")
         else:
             self.line(f"torch._foreach_copy_({target}, {v.code})")
 
+    def in_place(self, value: ir.E, current: ir.E, target: str) -> bool:
+        """Emit `target <- value` as in-place foreach calls where that is exact; else False.
 
-INPLACE = {"_foreach_add", "_foreach_sub", "_foreach_mul", "_foreach_div", "_foreach_pow",
-           "_foreach_sqrt", "_foreach_abs", "_foreach_exp", "_foreach_log", "_foreach_sign",
-           "_foreach_tanh", "_foreach_sigmoid", "_foreach_neg", "_foreach_maximum",
-           "_foreach_minimum", "_foreach_lerp", "_foreach_clamp_min", "_foreach_clamp_max",
-           "_foreach_reciprocal"}
+        A multi-call form may only read the target in its first call: the later calls would
+        see the target already changed.
+        """
+        fn_of = {"add": "_foreach_add_", "sub": "_foreach_sub_"}
+        if value.op == "call" and value.value == "lerp" and value.args[0] == current:
+            end_e, w = value.args[1], value.args[2]
+            wv = self.number(w)
+            if wv is None:
+                return False
+            if (end_e.op == "mul" and not any(a.is_scalar for a in end_e.args)
+                    and not _reads(end_e, current)):
+                # lerp toward a product: scale, then multiply-add without a temporary (torch's
+                # second moment: v.mul_(beta2).addcmul_(g, g, value=1 - beta2))
+                fa, fb = (self.bind(self.as_tensors(self.expr(x))) for x in end_e.args)
+                keep = self.expr(ir.E("sub", (ir.const(1), w)))
+                self.line(f"torch._foreach_mul_({target}, {self.listed(keep)})")
+                value_arg = f"value={wv.code}" if wv.kind == "s" else self.listed(wv)
+                self.line(f"torch._foreach_addcmul_({target}, {fa.code}, {fb.code}, {value_arg})")
+                return True
+            end = self.bind(self.as_tensors(self.expr(end_e)))
+            self.line(f"torch._foreach_lerp_({target}, {end.code}, {self.listed(wv)})")
+            return True
+        if value.op == "mul" and value.args[0] == current:
+            sv = self.number(value.args[1])
+            if sv is not None:
+                self.line(f"torch._foreach_mul_({target}, {self.listed(sv)})")
+                return True
+        # retain * x + rest: scale x in place, then add the rest (computed first)
+        if value.op in fn_of and value.args[0].op == "mul":
+            a, b = value.args[0].args
+            scale = b if a == current and b.is_scalar else a if b == current and a.is_scalar else None
+            weight, rest_e = _scaled(value.args[1])
+            sv = self.number(scale) if scale is not None else None
+            wv = self.number(weight) if weight is not None else None
+            if sv is not None and not _reads(rest_e, current) and (weight is None or wv):
+                rest = self.bind(self.as_tensors(self.expr(rest_e)))
+                self.line(f"torch._foreach_mul_({target}, {self.listed(sv)})")
+                if wv is not None and wv.kind == "ls":
+                    rest = Val(f"torch._foreach_mul({rest.code}, {self.listed(wv)})", "t")
+                    wv = None
+                tail = f", alpha={wv.code}" if wv is not None else ""
+                self.line(f"torch.{fn_of[value.op]}({target}, {rest.code}{tail})")
+                return True
+        if value.op in fn_of and value.args[0] == current:
+            if self.scaled_update(target, value.op, value.args[1]):
+                return True
+            factor, rhs = _scaled(value.args[1])
+            fv = self.number(factor) if factor is not None else None
+            r = self.bind(self.as_tensors(self.expr(rhs if fv is not None else value.args[1])))
+            if fv is not None and fv.kind == "ls":
+                r = Val(f"torch._foreach_mul({r.code}, {self.listed(fv)})", "t")
+                fv = None
+            alpha = f", alpha={fv.code}" if fv is not None else ""
+            self.line(f"torch.{fn_of[value.op]}({target}, {r.code}{alpha})")
+            return True
+        return False
 
 
 def _single_call(code: str) -> tuple[str, str, str] | None:
@@ -409,7 +452,8 @@ def _kernel_call(choice: KernelChoice, emit: _Variant) -> list[str]:
     if choice.kernel in ("adam", "adamw"):
         return [
             "_fused_adam(",
-            f"    params, grads, st_{st['exp_avg']}, st_{st['exp_avg_sq']}, [], steps, None, None,",
+            f"    _params, _grads, _st_{st['exp_avg']}, _st_{st['exp_avg_sq']}, [], _steps, "
+            "None, None,",
             f"    amsgrad=False, has_complex=False, beta1={args['beta1']}, beta2={args['beta2']},",
             f"    lr={args['lr']}, weight_decay={args['weight_decay']}, eps={args['eps']},",
             "    maximize=False, capturable=False, differentiable=False,",
@@ -418,43 +462,42 @@ def _kernel_call(choice: KernelChoice, emit: _Variant) -> list[str]:
         ]
     assert choice.kernel == "sgd", choice.kernel
     buf = st.get("momentum_buffer")
-    lines = []
-    bufs = "[None] * len(params)" if buf is None else f"[s.get({buf!r}) for s in states]"
-    lines.append(f"bufs = {bufs}")
-    lines += [
+    # torch's fused SGD makes the buffers on its first step (all None) and fills them in
+    bufs = "[None] * len(_params)" if buf is None else f"_st_{buf}"
+    lines = [
         "_fused_sgd(",
-        "    params, grads, bufs, None, None,",
+        f"    _params, _grads, {bufs}, None, None,",
         f"    weight_decay={args['weight_decay']}, momentum={args['momentum']}, lr={args['lr']},",
         f"    dampening={args['dampening']}, nesterov={args['nesterov']}, maximize=False,",
         "    has_sparse_grad=False,",
         ")",
     ]
     if buf is not None:
-        lines += ["for s, b in zip(states, bufs):", f"    s[{buf!r}] = b"]
+        lines += [f"for _s, _b in zip(_states, _st_{buf}):", f"    _s[{buf!r}] = _b"]
     return lines
 
 
 def generate_optimizer(opt: ir.Optimizer) -> str:
     hyper = {h.name: py_name(h.name) for h in opt.hypers}
-    cls = opt.name
+    cls = class_name(opt.name)
     sig = ", ".join(f"{hyper[h.name]}={_literal(h.default)}" if not h.required else hyper[h.name]
                     for h in opt.hypers)
     out: list[str] = []
     w = out.append
-    w(f"# Generated by nestc {__version__} from {comment(opt.file)}:{opt.line}, optimizer {cls}.")
+    w(f"# Generated by nestc {__version__} from {comment(opt.file)}:{opt.line}, optimizer "
+      f"{opt.name}.")
     w("# Do not edit: `nestc compile` regenerates it.")
-    w("import math")
-    w("")
     w("import torch")
     for mod in sorted({"sgd" if v.kernel.kernel == "sgd" else "adam"
                        for v in opt.variants if v.kernel}):
         w(f"from torch.optim.{mod} import _fused_{mod}")
     w("")
     w("from nestc import runtime as _rt")
+    w("from nestc.interp import FloatNS as _S")
     w("")
     w("")
     w(f"class {cls}(torch.optim.Optimizer):")
-    w(f'    """{cls}, compiled from {comment(opt.file)}:{opt.line}.')
+    w(f'    """{opt.name}, compiled from {comment(opt.file)}:{opt.line}.')
     w("")
     w("    Variants (picked per param group by its hyperparameters):")
     for i, v in enumerate(opt.variants):
@@ -468,7 +511,7 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     w("")
     w(f"    def __init__(self, params, {sig}{', ' if sig else ''}*, backend=\"auto\"):")
     w("        defaults = {" + ", ".join(f"{h.name!r}: {hyper[h.name]}" for h in opt.hypers)
-      + ", 'backend': _rt.check_backend(backend)}")
+      + (", " if opt.hypers else "") + "'backend': _rt.check_backend(backend)}")
     w("        super().__init__(params, defaults)")
     w("")
     w("    @torch.no_grad()")
@@ -478,8 +521,8 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     w("            with torch.enable_grad():")
     w("                loss = closure()")
     w("        for group in self.param_groups:")
-    w("            params = [p for p in group['params'] if p.grad is not None]")
-    w("            if not params:")
+    w("            _params = [_p for _p in group['params'] if _p.grad is not None]")
+    w("            if not _params:")
     w("                continue")
     for h in opt.hypers:
         w(f"            {hyper[h.name]} = group[{h.name!r}]")
@@ -488,31 +531,35 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
         w("            " + ln)
     w("        return loss")
     for i, v in enumerate(opt.variants):
-        out += _variant_method(opt, i, v, hyper, args)
+        out += _variant_method(i, v, hyper, args)
     for i, v in enumerate(opt.variants):
-        out += _OneTensor(v, hyper).function(f"_one_{i}", v, args)
+        out += _OneTensor(v, hyper).function(f"_one_{i}", args)
     return "\n".join(out) + "\n"
 
 
 def _conditions(v: ir.Variant, hyper: dict[str, str]) -> str:
-    emit = _Variant(ir.Optimizer("", "", 0, "", [], []), v, hyper)
-    parts = []
-    for cond, truth in v.conditions:
-        code = emit.scalar(cond)
-        parts.append(code if truth else f"not {code}")
-    return " and ".join(parts)
+    emit = _Variant(v, hyper)
+    return " and ".join(emit.scalar(c) if truth else f"not {emit.scalar(c)}"
+                        for c, truth in v.conditions)
 
 
-def _dispatch(tree: Leaf | Branch, hyper: dict[str, str], args: str, opt: ir.Optimizer) -> list[str]:
+def _from_memories(v: ir.Variant) -> list[str]:
+    return [m.name for m in v.memories if m.init == "from"]
+
+
+def _dispatch(tree: Leaf | Branch, hyper: dict[str, str], args: str,
+              opt: ir.Optimizer) -> list[str]:
     if isinstance(tree, Leaf):
         v = opt.variants[tree.variant]
-        if any(m.init == "from" for m in v.memories):
-            names = [m.name for m in v.memories if m.init == "from"]
-            test = " or ".join(f"{n!r} not in self.state[p]" for n in names)
-            return [f"for first, ps in _rt.partition(params, lambda p: {test}):",
-                    f"    self._variant_{tree.variant}(group, ps, first, {args})"]
-        return [f"self._variant_{tree.variant}(group, params, False, {args})"]
-    emit = _Variant(opt, opt.variants[0], hyper)
+        call = f"self._variant_{tree.variant}(group, _ps, _first, {args})" if args else \
+            f"self._variant_{tree.variant}(group, _ps, _first)"
+        names = _from_memories(v)
+        if names:
+            # tensors whose `from` memories are not written yet take their first write
+            return [f"for _first, _ps in _rt.partition_first(self.state, _params, {names!r}):",
+                    f"    {call}"]
+        return ["_ps, _first = _params, {}", call]
+    emit = _Variant(opt.variants[0], hyper)
     lines = [f"if {emit.scalar(tree.cond)}:"]
     lines += ["    " + ln for ln in _dispatch(tree.then, hyper, args, opt)]
     lines.append("else:")
@@ -524,26 +571,27 @@ class _OneTensor:
     """Emits a variant as plain tensor code for one parameter (for torch.compile to fuse)."""
 
     def __init__(self, variant: ir.Variant, hyper: dict[str, str]) -> None:
+        self.variant = variant
         self.mems = {m.name: m for m in variant.memories}
         self.hyper = hyper
 
     def expr(self, e: ir.E) -> str:
         op = e.op
         if op == "const":
-            return repr(e.value)
+            return _literal(e.value)
         if op == "hyper":
             return self.hyper[e.value[0]] + "".join(f"[{i}]" for i in e.value[1:])
         if op in ("param", "grad"):
-            return "p" if op == "param" else "g"
+            return "_p" if op == "param" else "_g"
         if op == "state":
-            return f"st_{e.value}"
+            return f"_st_{e.value}"
         if op == "local":
-            return f"l_{e.value}"
+            return f"_l_{e.value}"
         if op == "step":
             mem = self.mems.get(e.value) if e.value else None
             if mem is None or mem.period == ir.const(1):
-                return "c"
-            return f"(c // {self.expr(mem.period)})"
+                return "_c"
+            return f"(_c // {self.expr(mem.period)})"
         args = [self.expr(a) for a in e.args]
         if op in PY_OPS:
             return f"({args[0]} {PY_OPS[op]} {args[1]})"
@@ -556,88 +604,87 @@ class _OneTensor:
         fn = e.value
         if fn == "debias":
             return f"({args[0]} / (1 - {args[1]} ** {args[2]}))"
-        if fn == "lerp":
-            return f"torch.lerp({args[0]}, {args[1]}, {args[2]})"
-        if fn == "clamp":
-            return f"torch.clamp({args[0]}, {args[1]}, {args[2]})"
+        if fn in ("lerp", "clamp"):
+            return f"torch.{fn}({', '.join(args)})"
         if fn in ("min", "max"):
             return f"torch.{fn}imum(torch.as_tensor({args[0]}), torch.as_tensor({args[1]}))"
         if fn in ("silu", "relu"):
             return f"torch.nn.functional.{fn}({args[0]})"
         return f"torch.{fn}(torch.as_tensor({args[0]}))"
 
-    def function(self, name: str, variant: ir.Variant, args: str) -> list[str]:
-        mems = [m.name for m in variant.memories]
-        sig = ", ".join(["p", "g", "c", *(f"st_{m}" for m in mems), "first"])
-        lines = ["", "", f"def {name}({sig}, {args}):",
-                 '    """One tensor\'s step, plain tensor code: torch.compile fuses it."""']
-        for st in variant.stmts:
+    def function(self, name: str, args: str) -> list[str]:
+        mems = [m.name for m in self.variant.memories]
+        sig = ", ".join(["_p", "_g", "_c", *(f"_st_{m}" for m in mems), "_first"])
+        lines = ["", "", f"def {name}({sig}{', ' if args else ''}{args}):",
+                 '    """One tensor\'s step in plain tensor code, for torch.compile to fuse."""']
+        for st in self.variant.stmts:
             lines.append(f"    # {comment(_source_line(st.span))}")
             if isinstance(st, ir.Let):
-                lines.append(f"    l_{st.name} = {self.expr(st.value)}")
+                value = self.expr(st.value)
+                snapshot = st.value.op in ("param", "state")
+                lines.append(f"    _l_{st.name} = {value}{'.clone()' if snapshot else ''}")
                 continue
             value = self.expr(st.value)
             if st.kind == "param":
-                lines.append(f"    p.copy_({value})")
+                lines.append(f"    _p.copy_({value})")
                 continue
             mem = self.mems[st.target]
             if mem.init == "from":
                 assert mem.first is not None
-                value = f"({self.expr(mem.first)} if first else {value})"
+                value = f"({self.expr(mem.first)} if _first[{st.target!r}] else {value})"
             if mem.period != ir.const(1):
-                value = f"torch.where(c % {self.expr(mem.period)} == 0, {value}, st_{st.target})"
-            lines.append(f"    st_{st.target}.copy_({value})")
+                value = f"torch.where(_c % {self.expr(mem.period)} == 0, {value}, _st_{st.target})"
+            lines.append(f"    _st_{st.target}.copy_({value})")
         return lines
 
 
-def _variant_method(opt: ir.Optimizer, i: int, v: ir.Variant, hyper: dict[str, str],
-                    args: str) -> list[str]:
-    emit = _Variant(opt, v, hyper)
+def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str) -> list[str]:
+    emit = _Variant(v, hyper)
     body: list[str] = []
     b = body.append
-    b("grads = [p.grad for p in params]")
-    b("states = [self.state[p] for p in params]")
-    b("for p, s in zip(params, states):")
-    b("    if 'step' not in s:")
-    b("        s['step'] = torch.zeros((), dtype=torch.float32, device=p.device)")
+    b("_grads = [_p.grad for _p in _params]")
+    b("_states = [self.state[_p] for _p in _params]")
+    b("for _p, _s in zip(_params, _states):")
+    b("    if 'step' not in _s:")
+    b("        _s['step'] = torch.zeros((), dtype=torch.float32, device=_p.device)")
     for m in v.memories:
         if m.init != "from":
             make = "zeros_like" if m.init == "zeros" else "ones_like"
-            b(f"    if {m.name!r} not in s:")
-            b(f"        s[{m.name!r}] = torch.{make}(p, memory_format=torch.preserve_format)")
-    b("steps = [s['step'] for s in states]")
+            b(f"    if {m.name!r} not in _s:")
+            b(f"        _s[{m.name!r}] = torch.{make}(_p, memory_format=torch.preserve_format)")
+    b("_steps = [_s['step'] for _s in _states]")
     for m in v.memories:
-        if m.init != "from":
-            b(f"st_{m.name} = [s[{m.name!r}] for s in states]")
-        else:
-            b(f"st_{m.name} = [s.get({m.name!r}) for s in states]")
+        get = f"_s[{m.name!r}]" if m.init != "from" else f"_s.get({m.name!r})"
+        b(f"_st_{m.name} = [{get} for _s in _states]")
     if v.kernel is not None:
-        b("if _rt.use_fused(group, params, grads):")
+        b("if _rt.use_fused(group, _params, _grads):")
         b(f"    # recognized: torch's fused {v.kernel.kernel} computes this variant exactly")
         if v.kernel.kernel == "sgd":
-            b("    torch._foreach_add_(steps, 1)")
+            b("    torch._foreach_add_(_steps, 1)")
         body += ["    " + ln for ln in _kernel_call(v.kernel, emit)]
         b("    return")
-    b("torch._foreach_add_(steps, 1)")
+    else:
+        b("_rt.no_kernel(group)")
+    b("torch._foreach_add_(_steps, 1)")
     b("if _rt.backend_of(group) == 'compiled':")
-    b(f"    one = _rt.compiled(_one_{i})")
-    for m in v.memories:
-        if m.init == "from":
-            b("    for s, p in zip(states, params):")
-            b(f"        s.setdefault({m.name!r}, torch.empty_like(p, memory_format=torch.preserve_format))")
-            b(f"    st_{m.name} = [s[{m.name!r}] for s in states]")
-    lists = ", ".join(["params", "grads", "steps", *(f"st_{m.name}" for m in v.memories)])
-    names = ", ".join(["p", "g", "c", *(f"st_{m.name}" for m in v.memories)])
+    b(f"    _one = _rt.compiled(_one_{i})")
+    for name in _from_memories(v):
+        b("    for _s, _p in zip(_states, _params):")
+        b(f"        _s.setdefault({name!r}, torch.empty_like(_p, memory_format=torch.preserve_format))")
+        b(f"    _st_{name} = [_s[{name!r}] for _s in _states]")
+    lists = ", ".join(["_params", "_grads", "_steps", *(f"_st_{m.name}" for m in v.memories)])
+    names = ", ".join(["_p", "_g", "_c", *(f"_m{k}" for k in range(len(v.memories)))])
     b(f"    for {names} in zip({lists}):")
-    b(f"        one({names}, first, {args})")
+    b(f"        _one({names}, _first{', ' if args else ''}{args})")
     b("    return")
-    b("step = [s.item() for s in steps]")
+    if uses_step(v):
+        b("_step = [_s.item() for _s in _steps]")
     for s in v.stmts:
         emit.stmt(s)
     body += emit.lines
     header = [
         "",
-        f"    def _variant_{i}(self, group, params, first, {args}):",
+        f"    def _variant_{i}(self, group, _params, _first{', ' if args else ''}{args}):",
         f'        """{_conditions(v, hyper) or "The only variant"}."""',
     ]
     return header + ["        " + ln if ln else "" for ln in body]

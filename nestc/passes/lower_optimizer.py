@@ -63,6 +63,10 @@ class _Lowerer:
             raise self.unsupported("indexing anything but a hyperparameter tuple", e.span)
         if isinstance(e, ast.ExprBinary):
             a, b = self.expr(e.left, names), self.expr(e.right, names)
+            if e.op == "%":
+                if not (a.is_scalar and b.is_scalar):
+                    raise self.unsupported("`%` on tensors", e.span)
+                return ir.E("mod", (a, b))
             if e.op in ARITH:
                 return ir.E(ARITH[e.op], (a, b))
             if e.op == "@":
@@ -77,8 +81,8 @@ class _Lowerer:
             return ir.E("cmp", (a,), "not")
         if isinstance(e, ast.ExprCond):
             c = self.expr(e.cond, names)
-            if not c.is_scalar:
-                raise self.unsupported("a condition on tensor values", e.cond.span)
+            if not c.is_hyper_only:
+                raise self.unsupported("a condition on anything but hyperparameters", e.cond.span)
             return ir.E("cond", (c, self.expr(e.then, names), self.expr(e.orelse, names)))
         if isinstance(e, ast.ExprCall):
             return self.call(e, names)
@@ -108,31 +112,31 @@ class _Lowerer:
             return ir.E("grad")
         if fn == "step":
             return ir.E("step", value=None)
-        if fn in ir.ELEMENTWISE_CALLS or fn in ("newton_schulz", "norm", "sum", "mean"):
-            if fn in ("newton_schulz", "norm", "sum", "mean"):
-                raise self.unsupported(f"`{fn}`", e.func.span)
-            if e.kwargs:
-                kw = e.kwargs[0]
-                if fn == "clamp":
-                    lo = next((k.value for k in e.kwargs if k.name == "lo"), None)
-                    hi = next((k.value for k in e.kwargs if k.name == "hi"), None)
-                    bounds = (self.expr(e.args[0], names),
-                              self.expr(lo, names) if lo else ir.const(float("-inf")),
-                              self.expr(hi, names) if hi else ir.const(float("inf")))
-                    return ir.E("call", bounds, "clamp")
-                raise self.unsupported(f"keyword `{kw.name}` of `{fn}`", kw.span)
-            args = tuple(self.expr(a, names) for a in e.args)
-            if fn == "debias":
-                if not args[1].is_scalar:
-                    raise NestError("the rate of `debias` must be a hyperparameter expression",
-                                    e.args[1].span, kind="value")
-                mem = args[0].value if args[0].op == "state" else None
-                return ir.E("call", (args[0], args[1], ir.E("step", value=mem)), "debias")
-            return ir.E("call", args, fn)
-        raise self.unsupported(f"`{fn}`", e.func.span)
+        if fn not in ir.ELEMENTWISE_CALLS:
+            raise self.unsupported(f"`{fn}`", e.func.span)
+        if fn == "clamp":
+            lo = next((k.value for k in e.kwargs if k.name == "lo"), None)
+            hi = next((k.value for k in e.kwargs if k.name == "hi"), None)
+            bounds = (self.expr(e.args[0], names),
+                      self.expr(lo, names) if lo else ir.const(float("-inf")),
+                      self.expr(hi, names) if hi else ir.const(float("inf")))
+            return ir.E("call", bounds, "clamp")
+        if e.kwargs:
+            raise self.unsupported(f"keyword `{e.kwargs[0].name}` of `{fn}`", e.kwargs[0].span)
+        args = tuple(self.expr(a, names) for a in e.args)
+        if fn == "debias":
+            if not args[1].is_hyper_only:
+                raise NestError("the rate of `debias` must be a hyperparameter expression",
+                                e.args[1].span, kind="value")
+            mem = args[0].value if args[0].op == "state" else None
+            return ir.E("call", (args[0], args[1], ir.E("step", value=mem)), "debias")
+        return ir.E("call", args, fn)
 
     # statements
     def lower(self) -> ir.Optimizer:
+        if "backend" in self.hypers:
+            raise NestError("`backend` is reserved: it picks how a built optimizer runs",
+                            self.hypers["backend"].span, kind="name", hint="choose another name")
         names = {n: "hyper" for n in self.hypers}
         tree = self.block(list(self.decl.body), names, [], [], ())
         hypers = [ir.HyperInfo(n, h.default, h.required) for n, h in self.hypers.items()]
@@ -159,7 +163,7 @@ class _Lowerer:
                 stmts.append(update)
             elif isinstance(s, ast.StmtIf):
                 cond = self.expr(s.cond, names)
-                if not cond.is_scalar:
+                if not cond.is_hyper_only:
                     raise NestError("an optimizer's `if` tests hyperparameters only", s.cond.span,
                                     kind="value")
                 then = self.block(list(s.then) + todo, names, mems, stmts, (*conds, (cond, True)))
@@ -187,6 +191,9 @@ class _Lowerer:
     def memory(self, s: ast.StmtMemory, names: dict[str, str]) -> tuple[ir.Memory, ir.Assign]:
         if s.structure is not None and not _is_call(s.structure, "like"):
             raise self.unsupported("a memory structure other than like(W)", s.structure.span)
+        if s.name == "step":
+            raise NestError("a memory cannot be called `step`: the step count is kept under "
+                            "that name", s.name_span, kind="name", hint="choose another name")
         init, first = "zeros", None
         if s.init is not None:
             if _is_call(s.init, "from"):
@@ -203,6 +210,8 @@ class _Lowerer:
             raise self.unsupported("a `never` memory", f.span)
         if f is not None and f.every is not None:
             period = self.expr(f.every, names)
+            if init == "from" and period != ir.const(1):
+                raise self.unsupported("`from` with a period other than every step", f.span)
         mem = ir.Memory(s.name, init, period, s.span, first)
         inner = dict(names)
         inner[s.name] = "memory"

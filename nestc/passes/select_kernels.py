@@ -7,8 +7,10 @@ kernel's arguments as expressions over the spec's hyperparameters.
 Recognition works in two steps. Symbolic execution (sympy) of the variant gives each new
 state and the new parameter as expressions; the kernel's arguments are read off them by
 differentiation (beta1 = d m_new / d m, ...). Then the bound kernel is checked against the
-variant on random points of the whole input space (tensors, step counts, hyperparameters)
-with the interpreter: a variant is only tagged when both agree everywhere we look.
+variant with the interpreter on random points: tensors, step counts, and hyperparameters of
+either sign (zero included), so that a rewrite sympy made under its positivity assumptions
+(|x| = x) cannot pass. A variant is only tagged when both agree on every point where either
+is defined.
 """
 
 from __future__ import annotations
@@ -231,22 +233,34 @@ def _propose_sgd(s: _Symbolic, buf: str | None) -> list[KernelChoice]:
 
 
 def _sample_hyper(opt: ir.Optimizer, rng: random.Random) -> dict[str, Any]:
+    def number() -> float:
+        return rng.choice([0.0, rng.uniform(0.05, 0.95), rng.uniform(0.05, 0.95),
+                           -rng.uniform(0.05, 0.95)])
+
     def one(default: Any) -> Any:
         if isinstance(default, bool):
             return rng.random() < 0.5
         if isinstance(default, (tuple, list)):
             return type(default)(one(d) for d in default)
         if isinstance(default, int):
-            return rng.choice([0, 1, 2, 3, rng.uniform(0.05, 0.95)])
-        if isinstance(default, float):
-            return rng.choice([0.0, rng.uniform(0.05, 0.95), rng.uniform(0.05, 0.95)])
-        return default
+            return rng.choice([0, 1, 2, 3, number()])
+        return number()  # floats, and required hyperparameters (no default to go by)
 
     return {h.name: one(h.default) for h in opt.hypers}
 
 
 def _close(a: float, b: float) -> bool:
     return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= RTOL * max(1.0, abs(a), abs(b))
+
+
+def _attempt(run: Any, *args: Any, **kwargs: Any) -> Any:
+    """run(*args, **kwargs), or None where the math is undefined at this point."""
+    try:
+        out = run(*args, **kwargs)
+    except (ZeroDivisionError, ValueError, OverflowError):
+        return None
+    values = [out[0], *out[1].values()]
+    return out if all(isinstance(v, float | int) and math.isfinite(v) for v in values) else None
 
 
 def _verify(opt: ir.Optimizer, variant: ir.Variant, choice: KernelChoice, seed: int) -> bool:
@@ -266,15 +280,17 @@ def _verify(opt: ir.Optimizer, variant: ir.Variant, choice: KernelChoice, seed: 
         t = rng.choice([1, 2, 3, 7, 50])
         old = {name: rng.uniform(0.1, 2.0) for name in roles.values()}
         first = {m.name: rng.random() < 0.3 for m in variant.memories if m.init == "from"}
-        try:
-            W1, st1 = interp.run(variant, hyper, W, G, old, t, first=first)
-            kst = {role: old[name] for role, name in roles.items()}
-            if choice.kernel == "sgd":
-                W2, st2 = _sgd_ref(args, W, G, kst, any(first.values()), bool(args["nesterov"]))
-            else:
-                W2, st2 = _adam_ref(args, W, G, kst, t, choice.kernel == "adamw")
-        except (ZeroDivisionError, ValueError, OverflowError):
+        kst = {role: old[name] for role, name in roles.items()}
+        spec = _attempt(interp.run, variant, hyper, W, G, old, t, first=first)
+        if choice.kernel == "sgd":
+            kern = _attempt(_sgd_ref, args, W, G, kst, any(first.values()), bool(args["nesterov"]))
+        else:
+            kern = _attempt(_adam_ref, args, W, G, kst, t, choice.kernel == "adamw")
+        if spec is None and kern is None:
+            continue  # a point where neither is defined (a square root of a negative number)
+        if spec is None or kern is None:
             return False
+        (W1, st1), (W2, st2) = spec, kern
         if not _close(W1, W2) or any(not _close(st1[name], st2[role])
                                      for role, name in roles.items()):
             return False
