@@ -533,7 +533,8 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     for i, v in enumerate(opt.variants):
         out += _variant_method(i, v, hyper, args)
     for i, v in enumerate(opt.variants):
-        out += _OneTensor(v, hyper).function(f"_one_{i}", args)
+        one = _OneTensor(v, hyper)
+        out += one.function(f"_one_{i}", args) + one.loop(f"_all_{i}", f"_one_{i}", args)
     return "\n".join(out) + "\n"
 
 
@@ -612,6 +613,16 @@ class _OneTensor:
             return f"torch.nn.functional.{fn}({args[0]})"
         return f"torch.{fn}(torch.as_tensor({args[0]}))"
 
+    def loop(self, name: str, one: str, args: str) -> list[str]:
+        """The whole param group in one function: torch.compile makes one graph of it."""
+        mems = [f"_st_{m.name}" for m in self.variant.memories]
+        lists = ", ".join(["_params", "_grads", "_steps", *mems])
+        names = ", ".join(["_p", "_g", "_c", *(f"_m{k}" for k in range(len(mems)))])
+        tail = f", {args}" if args else ""
+        return ["", "", f"def {name}({lists}, _first{tail}):",
+                f"    for {names} in zip({lists}):",
+                f"        {one}({names}, _first{tail})"]
+
     def function(self, name: str, args: str) -> list[str]:
         mems = [m.name for m in self.variant.memories]
         sig = ", ".join(["_p", "_g", "_c", *(f"_st_{m}" for m in mems), "_first"])
@@ -667,15 +678,12 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str) -> 
         b("_rt.no_kernel(group)")
     b("torch._foreach_add_(_steps, 1)")
     b("if _rt.backend_of(group) == 'compiled':")
-    b(f"    _one = _rt.compiled(_one_{i})")
     for name in _from_memories(v):
         b("    for _s, _p in zip(_states, _params):")
         b(f"        _s.setdefault({name!r}, torch.empty_like(_p, memory_format=torch.preserve_format))")
         b(f"    _st_{name} = [_s[{name!r}] for _s in _states]")
     lists = ", ".join(["_params", "_grads", "_steps", *(f"_st_{m.name}" for m in v.memories)])
-    names = ", ".join(["_p", "_g", "_c", *(f"_m{k}" for k in range(len(v.memories)))])
-    b(f"    for {names} in zip({lists}):")
-    b(f"        _one({names}, _first{', ' if args else ''}{args})")
+    b(f"    _rt.compiled(_all_{i})({lists}, _first{', ' if args else ''}{args})")
     b("    return")
     if uses_step(v):
         b("_step = [_s.item() for _s in _steps]")

@@ -65,9 +65,7 @@ class AdamW(torch.optim.Optimizer):
             return
         torch._foreach_add_(_steps, 1)
         if _rt.backend_of(group) == 'compiled':
-            _one = _rt.compiled(_one_0)
-            for _p, _g, _c, _m0, _m1 in zip(_params, _grads, _steps, _st_m, _st_v):
-                _one(_p, _g, _c, _m0, _m1, _first, lr, betas, eps, weight_decay)
+            _rt.compiled(_all_0)(_params, _grads, _steps, _st_m, _st_v, _first, lr, betas, eps, weight_decay)
             return
         _step = [_s.item() for _s in _steps]
         # std/optim/adam.nest:20: let g = grad(W)
@@ -98,3 +96,8 @@ def _one_0(_p, _g, _c, _st_m, _st_v, _first, lr, betas, eps, weight_decay):
     _p.copy_((_p * (1 - (lr * weight_decay))))
     # std/optim/adam.nest:24: W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
     _p.copy_((_p - ((lr * (_st_m / (1 - betas[0] ** _c))) / (torch.sqrt(torch.as_tensor((_st_v / (1 - betas[1] ** _c)))) + eps))))
+
+
+def _all_0(_params, _grads, _steps, _st_m, _st_v, _first, lr, betas, eps, weight_decay):
+    for _p, _g, _c, _m0, _m1 in zip(_params, _grads, _steps, _st_m, _st_v):
+        _one_0(_p, _g, _c, _m0, _m1, _first, lr, betas, eps, weight_decay)

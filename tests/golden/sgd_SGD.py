@@ -73,12 +73,10 @@ class SGD(torch.optim.Optimizer):
             return
         torch._foreach_add_(_steps, 1)
         if _rt.backend_of(group) == 'compiled':
-            _one = _rt.compiled(_one_0)
             for _s, _p in zip(_states, _params):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
             _st_buf = [_s['buf'] for _s in _states]
-            for _p, _g, _c, _m0 in zip(_params, _grads, _steps, _st_buf):
-                _one(_p, _g, _c, _m0, _first, lr, momentum, dampening, weight_decay, nesterov)
+            _rt.compiled(_all_0)(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov)
             return
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
         _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params, alpha=weight_decay)
@@ -118,12 +116,10 @@ class SGD(torch.optim.Optimizer):
             return
         torch._foreach_add_(_steps, 1)
         if _rt.backend_of(group) == 'compiled':
-            _one = _rt.compiled(_one_1)
             for _s, _p in zip(_states, _params):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
             _st_buf = [_s['buf'] for _s in _states]
-            for _p, _g, _c, _m0 in zip(_params, _grads, _steps, _st_buf):
-                _one(_p, _g, _c, _m0, _first, lr, momentum, dampening, weight_decay, nesterov)
+            _rt.compiled(_all_1)(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov)
             return
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
         _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params, alpha=weight_decay)
@@ -159,9 +155,7 @@ class SGD(torch.optim.Optimizer):
             return
         torch._foreach_add_(_steps, 1)
         if _rt.backend_of(group) == 'compiled':
-            _one = _rt.compiled(_one_2)
-            for _p, _g, _c in zip(_params, _grads, _steps):
-                _one(_p, _g, _c, _first, lr, momentum, dampening, weight_decay, nesterov)
+            _rt.compiled(_all_2)(_params, _grads, _steps, _first, lr, momentum, dampening, weight_decay, nesterov)
             return
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
         _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params, alpha=weight_decay)
@@ -180,6 +174,11 @@ def _one_0(_p, _g, _c, _st_buf, _first, lr, momentum, dampening, weight_decay, n
     _p.copy_((_p - (lr * (_l_g + (momentum * _st_buf)))))
 
 
+def _all_0(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov):
+    for _p, _g, _c, _m0 in zip(_params, _grads, _steps, _st_buf):
+        _one_0(_p, _g, _c, _m0, _first, lr, momentum, dampening, weight_decay, nesterov)
+
+
 def _one_1(_p, _g, _c, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
     # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
@@ -190,9 +189,19 @@ def _one_1(_p, _g, _c, _st_buf, _first, lr, momentum, dampening, weight_decay, n
     _p.copy_((_p - (lr * _st_buf)))
 
 
+def _all_1(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov):
+    for _p, _g, _c, _m0 in zip(_params, _grads, _steps, _st_buf):
+        _one_1(_p, _g, _c, _m0, _first, lr, momentum, dampening, weight_decay, nesterov)
+
+
 def _one_2(_p, _g, _c, _first, lr, momentum, dampening, weight_decay, nesterov):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
     # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
     _l_g = (_g + (weight_decay * _p))
     # std/optim/sgd.nest:22: W -= lr * g
     _p.copy_((_p - (lr * _l_g)))
+
+
+def _all_2(_params, _grads, _steps, _first, lr, momentum, dampening, weight_decay, nesterov):
+    for _p, _g, _c in zip(_params, _grads, _steps):
+        _one_2(_p, _g, _c, _first, lr, momentum, dampening, weight_decay, nesterov)
