@@ -368,17 +368,7 @@ class _Builder:
                 structure not in ("cache", "cache()"):
             self.keyless.add(nid)
         self.init_edges(s.init, nid, frame)
-        inner = frame.child()
-        for b in s.body:
-            if isinstance(b, ast.Clause):
-                if isinstance(b.value, str):
-                    continue
-                if b.kind == "rule":
-                    self.rule(b.value, nid, inner)
-                else:
-                    self.connect(self.expr(b.value, inner, f"{s.name}.{b.kind}"), nid, b.kind)
-            else:
-                self.stmt(b, inner)
+        self.level_body(s.body, nid, frame, s.name)
         if nid in self.updates:
             self.g.nodes[nid]["rule"] = "; ".join(self.updates.pop(nid))
         if unit != "never":  # only the outer level writes a `never` memory, between steps
@@ -443,18 +433,20 @@ class _Builder:
                          objective=_clause_text(s.body, "objective"),
                          rule=_clause_text(s.body, "rule"))
         self.train = nid
-        inner = frame.child()
-        for b in s.body:
-            if isinstance(b, ast.Clause):
-                if isinstance(b.value, str):
-                    continue
-                if b.kind == "rule":
-                    self.rule(b.value, nid, inner)
-                else:
-                    self.connect(self.expr(b.value, inner, "train"), nid, b.kind)
-            else:
-                self.stmt(b, inner)
+        self.level_body(s.body, nid, frame, "train")
         self.written.add(nid)
+
+    def level_body(self, stmts: tuple[ast.Stmt, ...], nid: str, frame: Frame, ctx: str) -> None:
+        """A memory's or the train level's body: clauses become edges into the level."""
+        inner = frame.child()
+        for b in stmts:
+            if not isinstance(b, ast.Clause):
+                self.stmt(b, inner)
+            elif b.kind == "rule" and not isinstance(b.value, str):
+                self.rule(b.value, nid, inner)
+            elif not isinstance(b.value, str):
+                name = ctx if ctx == "train" else f"{ctx}.{b.kind}"
+                self.connect(self.expr(b.value, inner, name), nid, b.kind)
 
     # calls to other declarations
     def expand(self, decl: ast.Decl, call: ast.ExprCall, frame: Frame, inputs: list[Value],

@@ -334,6 +334,15 @@ class _Variant:
         else:
             self.line(f"torch._foreach_copy_({target}, {v.code})")
 
+    def term(self, e: ir.E) -> tuple[str, str]:
+        """e as the second argument of one foreach add/sub: (tensors, ", alpha=..." or "")."""
+        factor, rest = _scaled(e)
+        fv = self.number(factor) if factor is not None else None
+        r = self.bind(self.as_tensors(self.expr(rest if fv is not None else e)))
+        if fv is not None and fv.kind == "ls":
+            return f"torch._foreach_mul({r.code}, {self.listed(fv)})", ""
+        return r.code, (f", alpha={fv.code}" if fv is not None else "")
+
     def in_place(self, value: ir.E, current: ir.E, target: str) -> bool:
         """Emit `target <- value` as in-place foreach calls where that is exact; else False.
 
@@ -368,29 +377,16 @@ class _Variant:
         if value.op in fn_of and value.args[0].op == "mul":
             a, b = value.args[0].args
             scale = b if a == current and b.is_scalar else a if b == current and a.is_scalar else None
-            weight, rest_e = _scaled(value.args[1])
             sv = self.number(scale) if scale is not None else None
-            wv = self.number(weight) if weight is not None else None
-            if sv is not None and not _reads(rest_e, current) and (weight is None or wv):
-                rest = self.bind(self.as_tensors(self.expr(rest_e)))
+            if sv is not None and not _reads(value.args[1], current):
+                code, alpha = self.term(value.args[1])
                 self.line(f"torch._foreach_mul_({target}, {self.listed(sv)})")
-                if wv is not None and wv.kind == "ls":
-                    rest = Val(f"torch._foreach_mul({rest.code}, {self.listed(wv)})", "t")
-                    wv = None
-                tail = f", alpha={wv.code}" if wv is not None else ""
-                self.line(f"torch.{fn_of[value.op]}({target}, {rest.code}{tail})")
+                self.line(f"torch.{fn_of[value.op]}({target}, {code}{alpha})")
                 return True
         if value.op in fn_of and value.args[0] == current:
-            if self.scaled_update(target, value.op, value.args[1]):
-                return True
-            factor, rhs = _scaled(value.args[1])
-            fv = self.number(factor) if factor is not None else None
-            r = self.bind(self.as_tensors(self.expr(rhs if fv is not None else value.args[1])))
-            if fv is not None and fv.kind == "ls":
-                r = Val(f"torch._foreach_mul({r.code}, {self.listed(fv)})", "t")
-                fv = None
-            alpha = f", alpha={fv.code}" if fv is not None else ""
-            self.line(f"torch.{fn_of[value.op]}({target}, {r.code}{alpha})")
+            if not self.scaled_update(target, value.op, value.args[1]):
+                code, alpha = self.term(value.args[1])
+                self.line(f"torch.{fn_of[value.op]}({target}, {code}{alpha})")
             return True
         return False
 
