@@ -42,7 +42,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("norm", 1, 1, "", "reduce", "Frobenius norm"),
     _b("mean", 1, 1, "dim", "reduce", "mean"),
     _b("sum", 1, 1, "dim", "reduce", "sum; over a chunk when given a per-token signal in a slower level"),
-    _b("newton_schulz", 1, 1, "steps eps coefficients", "math",
+    _b("newton_schulz", 1, 1, "steps eps coefficients dtype", "math",
        "Muon's quintic Newton-Schulz orthogonalization"),
     _b("debias", 2, 2, "", "math", "m / (1 - beta ** step): Adam's bias correction"),
     _b("softmax", 1, 1, "dim", "math", "softmax over the last dim"),
@@ -53,6 +53,11 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("grad", 1, 1, "", "signal", "the gradient of the outer loss with respect to a parameter"),
     _b("next", 1, 1, "", "signal", "the sequence shifted by one: next-token targets"),
     _b("step", 0, 0, "", "signal", "the number of updates of the enclosing level so far"),
+    # the shape of a parameter, as numbers (an optimizer's matrix view is (dim0, the rest))
+    _b("ndim", 1, 1, "", "shape", "the number of dimensions of a parameter"),
+    _b("rows", 1, 1, "", "shape", "dim 0 of a parameter (1 for a scalar)"),
+    _b("cols", 1, 1, "", "shape", "the product of the other dims (1 for a vector)"),
+    _b("numel", 1, 1, "", "shape", "the number of elements of a parameter"),
     # layers: each owns parameters trained by the outer level
     _b("linear", 2, 2, "bias", "layer", "a linear projection to `out` features"),
     _b("conv1d", 1, 1, "window causal", "layer", "depthwise causal convolution over time"),

@@ -42,7 +42,7 @@ def render_lowering(checked: Any) -> str:
 
     opt = lower(checked)
     lines = [f"compiled ({len(opt.variants)} variant{'s' * (len(opt.variants) != 1)}, "
-             "picked per param group)"]
+             "picked by hyperparameters and the param's shape)"]
     for i, v in enumerate(opt.variants):
         conds = " and ".join(ir.text(c, opt.param) if t else f"not {ir.text(c, opt.param, 3)}"
                              for c, t in v.conditions) or "always"

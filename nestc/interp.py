@@ -93,10 +93,12 @@ def evaluate(e: ir.E, env: dict[str, Any]) -> Any:
         return env["G"]
     if op == "state":
         return env["states"][e.value]
-    if op == "local":
+    if op in ("local", "slocal"):
         return env["locals"][e.value]
     if op == "step":
         return env["steps"](e.value)
+    if op == "shape":
+        return env["shape"][e.value]
     args = [evaluate(a, env) for a in e.args]
     if op == "add":
         return args[0] + args[1]
@@ -120,6 +122,13 @@ def evaluate(e: ir.E, env: dict[str, Any]) -> Any:
         if e.value == "debias":
             x, beta, step = args
             return x / (1 - beta ** step)
+        if e.value == "newton_schulz":
+            x, steps, eps, a, b, c, dtype = args
+            if not hasattr(x, "ndim"):
+                raise TypeError("newton_schulz runs on tensors only")
+            from nestc.ops.newton_schulz import newton_schulz
+
+            return newton_schulz(x, steps, eps, (a, b, c), dtype)
         return getattr(env["ns"], e.value)(*args)
     raise AssertionError(f"interp: unknown op {op}")
 
@@ -133,9 +142,21 @@ def _compare(op: str, args: list[Any]) -> Any:
             "or": lambda: a or b}[op]()
 
 
+def shape_of(W: Any) -> dict[str, int]:
+    """ndim, rows, cols, numel of a tensor; its matrix view is (dim0, the rest)."""
+    dims = tuple(getattr(W, "shape", ()))
+    numel = 1
+    for d in dims:
+        numel *= d
+    rows = dims[0] if dims else 1
+    return {"ndim": len(dims), "rows": rows, "cols": numel // rows if rows else 0,
+            "numel": numel}
+
+
 def run(variant: ir.Variant, hyper: dict[str, Any], W: Any, G: Any, states: dict[str, Any],
         step: int | Any, *, ns: Any = FloatNS, first: dict[str, bool] | None = None,
-        on_write: Callable[[str, Any], Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        on_write: Callable[[str, Any], Any] | None = None,
+        shape: dict[str, int] | None = None) -> tuple[Any, dict[str, Any]]:
     """One step for one parameter. `step` counts this step (1 on the first). Returns (W, states).
 
     first[name] says whether a `from X` memory is written for the first time. on_write lets
@@ -152,7 +173,7 @@ def run(variant: ir.Variant, hyper: dict[str, Any], W: Any, G: Any, states: dict
         return step // period if period != 1 else step
 
     env: dict[str, Any] = {"hyper": hyper, "W": W, "G": G, "states": states, "locals": {},
-                           "steps": steps, "ns": ns}
+                           "steps": steps, "ns": ns, "shape": shape or shape_of(W)}
     for s in variant.stmts:
         if isinstance(s, ir.Let):
             env["locals"][s.name] = evaluate(s.value, env)

@@ -18,13 +18,17 @@ from nestc.source import Span
 #   param   the parameter W (its value at this point of the step)
 #   grad    grad(W)
 #   state   value = memory name (its value at this point of the step)
-#   local   value = let name
+#   local   value = let name (slocal: a let holding a number, not a tensor)
 #   step    value = memory name or None: updates made so far by that memory (or the param)
+#   shape   value = "ndim" | "rows" | "cols" | "numel": of the param (matrix view: dim0 x rest)
 #   add sub mul div pow mod neg             arithmetic on args
 #   call    value = builtin name, args
 #   cmp     value = operator text; and/or/not for conditions
 ELEMENTWISE_CALLS = ("sqrt", "abs", "exp", "log", "sign", "tanh", "sigmoid", "relu", "silu",
                      "min", "max", "lerp", "debias", "clamp")
+SHAPE_CALLS = ("ndim", "rows", "cols", "numel")
+# calls on whole tensors (not element-wise): args are (x, numbers...), run tensor by tensor
+MATRIX_CALLS = ("newton_schulz",)
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,12 @@ class E:
 
     @property
     def is_hyper_only(self) -> bool:
-        """True when the value depends on hyperparameters only (not on step counts)."""
+        """True when the value depends on hyperparameters only (not on steps or shapes)."""
+        return self.is_scalar and not any(n.op in ("step", "shape") for n in self.walk())
+
+    @property
+    def is_static(self) -> bool:
+        """True when the value is fixed for a tensor across steps: hyperparameters and shape."""
         return self.is_scalar and not any(n.op == "step" for n in self.walk())
 
 
@@ -140,10 +149,12 @@ def text(e: E, param: str = "W", prec: int = 0) -> str:
         return param
     if op == "grad":
         return f"grad({param})"
-    if op in ("state", "local"):
+    if op in ("state", "local", "slocal"):
         return e.value
     if op == "step":
         return "step()"
+    if op == "shape":
+        return f"{e.value}({param})"
     if op in _PREC:
         p = _PREC[op]
         left = text(e.args[0], param, p)

@@ -56,6 +56,39 @@ def no_kernel(group: dict[str, Any]) -> None:
                            "explain shows the recognized ones); use backend='auto'")
 
 
+def rows(p: torch.Tensor) -> int:
+    """dim 0 of the matrix view (dim0, rest) an optimizer sees; 1 for a scalar."""
+    return p.shape[0] if p.ndim else 1
+
+
+def cols(p: torch.Tensor) -> int:
+    """The product of the dims after the first; 1 for a vector or a scalar."""
+    return p.numel() // rows(p) if p.numel() else 0
+
+
+def split(params: list[torch.Tensor], pred: Callable[[torch.Tensor], bool]
+          ) -> Iterable[tuple[list[torch.Tensor], bool]]:
+    """(tensors where pred holds, True) and (the others, False), skipping empty parts."""
+    yes = [p for p in params if pred(p)]
+    no = [p for p in params if not pred(p)]
+    if yes:
+        yield yes, True
+    if no:
+        yield no, False
+
+
+def newton_schulz(x: torch.Tensor, steps: int, eps: float, coefficients: tuple[float, ...],
+                  dtype: str, where: str = "") -> torch.Tensor:
+    """The shared Newton-Schulz routine, with an error that names the tensor and the spec line."""
+    from nestc.ops.newton_schulz import newton_schulz as ns
+
+    if x.ndim < 2:
+        raise ValueError(f"{where}: error: newton_schulz needs a matrix, but a parameter of shape "
+                         f"{tuple(x.shape)} reached it; route it elsewhere with "
+                         "`if ndim(W) < 2 { ... }`")
+    return ns(x, steps, eps, coefficients, dtype)  # type: ignore[arg-type]
+
+
 def partition_first(state: dict[Any, dict[str, Any]], params: list[torch.Tensor],
                     names: list[str]) -> Iterable[tuple[dict[str, bool], list[torch.Tensor]]]:
     """Group tensors by which of their `from` memories have no first write yet."""

@@ -12,7 +12,7 @@ from nestc import env
 
 GOLDEN = Path(__file__).parent / "golden"
 SPECS = [("std/optim/adam.nest", "Adam"), ("std/optim/adam.nest", "AdamW"),
-         ("std/optim/sgd.nest", "SGD")]
+         ("std/optim/sgd.nest", "SGD"), ("std/optim/muon.nest", "Muon")]
 
 
 @pytest.mark.parametrize(("spec", "name"), SPECS)

@@ -55,7 +55,7 @@ def test_adam_report() -> None:
                                   "  g        signal  <- grad(W)"]
     # how the compiler lowers it: closed forms of the objective/rule pairs, and the kernel
     assert lines[sig + 4:] == [
-        "compiled (1 variant, picked per param group)",
+        "compiled (1 variant, picked by hyperparameters and the param's shape)",
         "  variant 0: always",
         "    g = grad(W) + weight_decay * W",
         "    m <- lerp(m, g, 1 - betas[0])",

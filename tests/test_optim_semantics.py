@@ -133,7 +133,7 @@ def test_abs_is_not_taken_for_adam():
     ("memory m = from grad(W) every 2 steps { m = m + grad(W) }\n    W -= m",
      "`from` with a period other than every step is not supported in an optimizer yet"),
     ("if step() > 2 { W -= grad(W) } else { W -= 2 * grad(W) }",
-     "an optimizer's `if` tests hyperparameters only"),
+     "an optimizer's `if` tests hyperparameters and the param's shape only"),
     ("W -= grad(W) % 2", "`%` on tensors is not supported in an optimizer yet"),
     ("memory step = zeros_like(W) every step { step = grad(W) }\n    W -= step",
      "a memory cannot be called `step`: the step count is kept under that name"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import keyword
+import re
 from dataclasses import dataclass
 
 from nestc import __version__, ir
@@ -29,6 +30,8 @@ FOREACH_UNARY = {"sqrt": "_foreach_sqrt", "abs": "_foreach_abs", "exp": "_foreac
 FOREACH_BINARY = {"add": "_foreach_add", "sub": "_foreach_sub", "mul": "_foreach_mul",
                   "div": "_foreach_div", "pow": "_foreach_pow", "max": "_foreach_maximum",
                   "min": "_foreach_minimum"}
+SHAPE_CODE = {"ndim": "_p.ndim", "rows": "_rt.rows(_p)", "cols": "_rt.cols(_p)",
+              "numel": "_p.numel()"}
 PY_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "mod": "%"}
 INPLACE = {"_foreach_add", "_foreach_sub", "_foreach_mul", "_foreach_div", "_foreach_pow",
            "_foreach_sqrt", "_foreach_abs", "_foreach_exp", "_foreach_log", "_foreach_sign",
@@ -67,10 +70,11 @@ def _reads(e: ir.E, node: ir.E) -> bool:
     return any(n == node for n in e.walk())
 
 
-def uses_step(variant: ir.Variant) -> bool:
-    """Whether the variant reads step counts (debias, step(), periods): else skip making them."""
+def uses_numbers(variant: ir.Variant) -> bool:
+    """Whether the variant reads per-tensor numbers (steps, shapes, periods): else the step
+    counts need not be read off their tensors."""
     exprs = [s.value for s in variant.stmts] + [m.period for m in variant.memories]
-    return any(n.op == "step" for e in exprs for n in e.walk()) or any(
+    return any(n.op in ("step", "shape") for e in exprs for n in e.walk()) or any(
         m.period != ir.const(1) for m in variant.memories)
 
 
@@ -84,6 +88,7 @@ class _Variant:
         self.locals: dict[str, Val] = {}
         self.mems = {m.name: m for m in variant.memories}
         self.temps: set[str] = set()  # names of freshly allocated lists, each read once
+        self.where = ""
 
     def fresh(self) -> str:
         self.tmp += 1
@@ -134,23 +139,31 @@ class _Variant:
             return Val("_grads", "t")
         if op == "state":
             return Val(f"_st_{e.value}", "t")
-        if op == "local":
+        if op in ("local", "slocal"):
             return self.locals[e.value]
         if op == "step":
             mem = self.mems.get(e.value) if e.value else None
             if mem is None or mem.period == ir.const(1):
                 return Val("_c", "ls")
             return Val(f"(_c // {self.scalar(mem.period)})", "ls")
+        if op == "shape":
+            return Val(SHAPE_CODE[e.value], "ls")
         if op == "cmp":
             args = [self.expr(a) for a in e.args]
-            assert all(a.kind == "s" for a in args), e
+            assert all(a.kind != "t" for a in args), e
+            kind = "s" if all(a.kind == "s" for a in args) else "ls"
             if e.value == "not":
-                return Val(f"(not {args[0].code})", "s")
-            return Val(f"({args[0].code} {e.value} {args[1].code})", "s")
+                return Val(f"(not {args[0].code})", kind)
+            return Val(f"({args[0].code} {e.value} {args[1].code})", kind)
         if op == "cond":
             c, a, b = (self.expr(x) for x in e.args)
-            if a.kind == b.kind == "s":
-                return Val(f"({a.code} if {c.code} else {b.code})", "s")
+            if a.kind != "t" and b.kind != "t":
+                kind = "s" if a.kind == b.kind == c.kind == "s" else "ls"
+                return Val(f"({a.code} if {c.code} else {b.code})", kind)
+            if c.kind != "s":  # a condition on the shape: chosen tensor by tensor
+                at, bt = self.bind(self.as_tensors(a)), self.bind(self.as_tensors(b))
+                return Val(f"[_a if {c.code} else _b for _a, _b, _c, _p in "
+                           f"zip({at.code}, {bt.code}, _step, _params)]", "t")
             return Val(f"({self.as_tensors(a).code} if {c.code} else {self.as_tensors(b).code})",
                        "t")
         if op == "neg":
@@ -166,7 +179,7 @@ class _Variant:
             return v
         if v.kind == "s":
             return Val(f"[torch.full_like(_x, {v.code}) for _x in _params]", "t")
-        return Val(f"[torch.full_like(_x, {v.code}) for _x, _c in zip(_params, _step)]", "t")
+        return Val(f"[torch.full_like(_p, {v.code}) for _c, _p in zip(_step, _params)]", "t")
 
     def unary(self, fn: str, a: Val) -> Val:
         if a.kind != "t":
@@ -219,6 +232,8 @@ class _Variant:
     def listed(self, v: Val) -> str:
         """Code for v as a foreach argument: tensors, a number, or a list of numbers."""
         if v.kind == "ls":
+            if re.search(r"\b_p\b", v.code):
+                return f"[{v.code} for _c, _p in zip(_step, _params)]"
             return f"[{v.code} for _c in _step]"
         return self.bind(v).code if v.kind == "t" else v.code
 
@@ -239,6 +254,13 @@ class _Variant:
             if root.kind == "t":
                 return Val(f"torch._foreach_div({self.bind(root).code}, {self.listed(corr)})", "t")
         args = [self.expr(a) for a in e.args]
+        if fn in ir.MATRIX_CALLS:
+            x = self.bind(self.as_tensors(args[0]))
+            nums = [a.code for a in args[1:]]
+            assert all(a.kind == "s" for a in args[1:]), e
+            steps, eps, ca, cb, cc, dtype = nums
+            return Val(f"[_rt.newton_schulz(_x, {steps}, {eps}, ({ca}, {cb}, {cc}), {dtype}, "
+                       f"{self.where!r}) for _x in {x.code}]", "t")
         if all(a.kind != "t" for a in args):
             kind = "s" if all(a.kind == "s" for a in args) else "ls"
             return Val(f"_S.{fn}({', '.join(a.code for a in args)})", kind)
@@ -260,9 +282,14 @@ class _Variant:
     # statements
     def stmt(self, s: ir.Stmt) -> None:
         self.line(f"# {comment(_source_line(s.span))}")
+        self.where = f"{s.span}"  # named by errors the runtime raises for this statement
         if isinstance(s, ir.Let):
             v = self.expr(s.value)
             name = f"_l_{s.name}"
+            if v.kind == "ls":
+                # one number per tensor: it stays an expression of _c and _p, used in place
+                self.locals[s.name] = Val(f"({v.code})", "ls")
+                return
             if v.code == "_params" or v.code.startswith("_st_"):
                 # a snapshot: the param and the memories are updated in place later
                 self.line(f"{name} = [_x.clone() for _x in {v.code}]")
@@ -384,7 +411,15 @@ class _Variant:
                 self.line(f"torch.{fn_of[value.op]}({target}, {code}{alpha})")
                 return True
         if value.op in fn_of and value.args[0] == current:
-            if not self.scaled_update(target, value.op, value.args[1]):
+            factor, rest = _scaled(value.args[1])
+            fv = self.number(factor) if factor is not None else None
+            if fv is not None and fv.kind == "ls":
+                # a different factor per tensor (a shape-dependent lr): torch's add_ with alpha
+                r = self.bind(self.as_tensors(self.expr(rest)))
+                sign = "" if value.op == "add" else "-"
+                self.line(f"for _x, _y, _a in zip({target}, {r.code}, {self.listed(fv)}):")
+                self.line(f"    _x.add_(_y, alpha={sign}_a)")
+            elif not self.scaled_update(target, value.op, value.args[1]):
                 code, alpha = self.term(value.args[1])
                 self.line(f"torch.{fn_of[value.op]}({target}, {code}{alpha})")
             return True
@@ -536,8 +571,9 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
 
 def _conditions(v: ir.Variant, hyper: dict[str, str]) -> str:
     emit = _Variant(v, hyper)
-    return " and ".join(emit.scalar(c) if truth else f"not {emit.scalar(c)}"
-                        for c, truth in v.conditions)
+    codes = [emit.expr(c).code for c, _ in v.conditions]
+    return " and ".join(code if truth else f"not {code}"
+                        for code, (_, truth) in zip(codes, v.conditions))
 
 
 def _from_memories(v: ir.Variant) -> list[str]:
@@ -556,12 +592,15 @@ def _dispatch(tree: Leaf | Branch, hyper: dict[str, str], args: str,
             return [f"for _first, _ps in _rt.partition_first(self.state, _params, {names!r}):",
                     f"    {call}"]
         return ["_ps, _first = _params, {}", call]
-    emit = _Variant(opt.variants[0], hyper)
-    lines = [f"if {emit.scalar(tree.cond)}:"]
-    lines += ["    " + ln for ln in _dispatch(tree.then, hyper, args, opt)]
-    lines.append("else:")
-    lines += ["    " + ln for ln in _dispatch(tree.orelse, hyper, args, opt)]
-    return lines
+    cond = _Variant(opt.variants[0], hyper).expr(tree.cond)
+    then = ["    " + ln for ln in _dispatch(tree.then, hyper, args, opt)]
+    orelse = ["    " + ln for ln in _dispatch(tree.orelse, hyper, args, opt)]
+    if cond.kind == "s":
+        return [f"if {cond.code}:", *then, "else:", *orelse]
+    # a condition on the param's shape: the group splits tensor by tensor
+    return [f"for _params, _on in _rt.split(_params, lambda _p: {cond.code}):",
+            "    if _on:", *("    " + ln for ln in then), "    else:",
+            *("    " + ln for ln in orelse)]
 
 
 class _OneTensor:
@@ -582,13 +621,15 @@ class _OneTensor:
             return "_p" if op == "param" else "_g"
         if op == "state":
             return f"_st_{e.value}"
-        if op == "local":
+        if op in ("local", "slocal"):
             return f"_l_{e.value}"
         if op == "step":
             mem = self.mems.get(e.value) if e.value else None
             if mem is None or mem.period == ir.const(1):
                 return "_c"
             return f"(_c // {self.expr(mem.period)})"
+        if op == "shape":
+            return SHAPE_CODE[e.value]
         args = [self.expr(a) for a in e.args]
         if op in PY_OPS:
             return f"({args[0]} {PY_OPS[op]} {args[1]})"
@@ -601,6 +642,9 @@ class _OneTensor:
         fn = e.value
         if fn == "debias":
             return f"({args[0]} / (1 - {args[1]} ** {args[2]}))"
+        if fn == "newton_schulz":
+            x, steps, eps, ca, cb, cc, dtype = args
+            return f"_rt.newton_schulz({x}, {steps}, {eps}, ({ca}, {cb}, {cc}), {dtype})"
         if fn in ("lerp", "clamp"):
             return f"torch.{fn}({', '.join(args)})"
         if fn in ("min", "max"):
@@ -681,7 +725,7 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str) -> 
     lists = ", ".join(["_params", "_grads", "_steps", *(f"_st_{m.name}" for m in v.memories)])
     b(f"    _rt.compiled(_all_{i})({lists}, _first{', ' if args else ''}{args})")
     b("    return")
-    if uses_step(v):
+    if uses_numbers(v):
         b("_step = [_s.item() for _s in _steps]")
     for s in v.stmts:
         emit.stmt(s)

@@ -49,6 +49,8 @@ class _Lowerer:
             return ir.const(e.value)
         if isinstance(e, ast.ExprBool):
             return ir.const(e.value)
+        if isinstance(e, ast.ExprString):
+            return ir.const(e.value)
         if isinstance(e, ast.ExprName):
             return self.name(e.name, e.span, names)
         if isinstance(e, ast.ExprIndex):
@@ -81,8 +83,9 @@ class _Lowerer:
             return ir.E("cmp", (a,), "not")
         if isinstance(e, ast.ExprCond):
             c = self.expr(e.cond, names)
-            if not c.is_hyper_only:
-                raise self.unsupported("a condition on anything but hyperparameters", e.cond.span)
+            if not c.is_static:
+                raise self.unsupported("a condition on anything but hyperparameters and shapes",
+                                       e.cond.span)
             return ir.E("cond", (c, self.expr(e.then, names), self.expr(e.orelse, names)))
         if isinstance(e, ast.ExprCall):
             return self.call(e, names)
@@ -98,6 +101,8 @@ class _Lowerer:
             return ir.E("state", value=name)
         if what == "let":
             return ir.E("local", value=name)
+        if what == "number":
+            return ir.E("slocal", value=name)
         raise self.unsupported(f"`{name}` as a value", span)
 
     def call(self, e: ast.ExprCall, names: dict[str, str]) -> ir.E:
@@ -105,13 +110,15 @@ class _Lowerer:
             raise self.unsupported("calling an expression", e.span)
         fn = e.func.name
         if fn == "grad":
-            arg = e.args[0]
-            if not (isinstance(arg, ast.ExprName) and arg.name == self.param):
-                raise NestError(f"an optimizer takes the gradient of its param: `grad({self.param})`",
-                                arg.span, kind="value")
+            self.the_param(e.args[0], fn)
             return ir.E("grad")
         if fn == "step":
             return ir.E("step", value=None)
+        if fn in ir.SHAPE_CALLS:
+            self.the_param(e.args[0], fn)
+            return ir.E("shape", value=fn)
+        if fn == "newton_schulz":
+            return self.newton_schulz(e, names)
         if fn not in ir.ELEMENTWISE_CALLS:
             raise self.unsupported(f"`{fn}`", e.func.span)
         if fn == "clamp":
@@ -131,6 +138,36 @@ class _Lowerer:
             mem = args[0].value if args[0].op == "state" else None
             return ir.E("call", (args[0], args[1], ir.E("step", value=mem)), "debias")
         return ir.E("call", args, fn)
+
+    def the_param(self, arg: ast.Expr, fn: str) -> None:
+        if not (isinstance(arg, ast.ExprName) and arg.name == self.param):
+            raise NestError(f"an optimizer's `{fn}` takes its param: `{fn}({self.param})`",
+                            arg.span, kind="value")
+
+    def newton_schulz(self, e: ast.ExprCall, names: dict[str, str]) -> ir.E:
+        """newton_schulz(x, steps = 5, eps = 1e-7, coefficients = (a, b, c), dtype = "bfloat16")
+        with torch.optim.Muon's defaults."""
+        kw = {k.name: k.value for k in e.kwargs}
+        steps = self.expr(kw["steps"], names) if "steps" in kw else ir.const(5)
+        eps = self.expr(kw["eps"], names) if "eps" in kw else ir.const(1e-7)
+        dtype = self.expr(kw["dtype"], names) if "dtype" in kw else ir.const("bfloat16")
+        coeffs: tuple[ir.E, ...] = (ir.const(3.4445), ir.const(-4.7750), ir.const(2.0315))
+        if "coefficients" in kw:
+            c = kw["coefficients"]
+            if isinstance(c, ast.ExprTuple) and len(c.items) == 3:
+                coeffs = tuple(self.expr(i, names) for i in c.items)
+            elif isinstance(c, ast.ExprName) and names.get(c.name) == "hyper":
+                coeffs = tuple(ir.E("hyper", value=(c.name, i)) for i in range(3))
+            else:
+                raise NestError("`coefficients` is a tuple of three numbers, or a hyperparameter "
+                                "holding one", c.span, kind="value")
+        numbers = (steps, eps, *coeffs, dtype)
+        for n, a in zip(numbers, (kw.get("steps"), kw.get("eps"), None, None, None,
+                                  kw.get("dtype"))):
+            if not n.is_hyper_only:
+                raise NestError("the settings of `newton_schulz` are hyperparameters or numbers",
+                                a.span if a is not None else e.span, kind="value")
+        return ir.E("call", (self.expr(e.args[0], names), *numbers), "newton_schulz")
 
     # statements
     def lower(self) -> ir.Optimizer:
@@ -152,8 +189,9 @@ class _Lowerer:
             if isinstance(s, ast.StmtParam):
                 names[s.names[0]] = "param"
             elif isinstance(s, ast.StmtLet):
-                stmts.append(ir.Let(s.name, self.expr(s.value, names), s.span))
-                names[s.name] = "let"
+                value = self.expr(s.value, names)
+                stmts.append(ir.Let(s.name, value, s.span))
+                names[s.name] = "number" if value.is_scalar else "let"
             elif isinstance(s, ast.StmtUpdate):
                 stmts.append(self.update(s, names))
             elif isinstance(s, ast.StmtMemory):
@@ -163,9 +201,10 @@ class _Lowerer:
                 stmts.append(update)
             elif isinstance(s, ast.StmtIf):
                 cond = self.expr(s.cond, names)
-                if not cond.is_hyper_only:
-                    raise NestError("an optimizer's `if` tests hyperparameters only", s.cond.span,
-                                    kind="value")
+                if not cond.is_static:
+                    raise NestError("an optimizer's `if` tests hyperparameters and the param's "
+                                    "shape only", s.cond.span, kind="value",
+                                    hint="such as `if nesterov { ... }` or `if ndim(W) < 2 { ... }`")
                 then = self.block(list(s.then) + todo, names, mems, stmts, (*conds, (cond, True)))
                 orelse = self.block(list(s.orelse) + todo, names, mems, stmts,
                                     (*conds, (cond, False)))

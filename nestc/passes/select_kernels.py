@@ -269,7 +269,10 @@ def _verify(opt: ir.Optimizer, variant: ir.Variant, choice: KernelChoice, seed: 
     hits = 0
     for _ in range(TRIALS * 20):
         hyper = _sample_hyper(opt, rng)
-        env = {"hyper": hyper, "ns": interp.FloatNS}
+        ndim, rows, cols = rng.choice([0, 1, 2, 3]), rng.randint(1, 5), rng.randint(1, 5)
+        shape = {"ndim": ndim, "rows": rows if ndim else 1, "cols": cols if ndim > 1 else 1}
+        shape["numel"] = shape["rows"] * shape["cols"]
+        env = {"hyper": hyper, "ns": interp.FloatNS, "shape": shape}
         try:
             if not all(bool(interp.evaluate(c, env)) == want for c, want in variant.conditions):
                 continue
@@ -281,7 +284,7 @@ def _verify(opt: ir.Optimizer, variant: ir.Variant, choice: KernelChoice, seed: 
         old = {name: rng.uniform(0.1, 2.0) for name in roles.values()}
         first = {m.name: rng.random() < 0.3 for m in variant.memories if m.init == "from"}
         kst = {role: old[name] for role, name in roles.items()}
-        spec = _attempt(interp.run, variant, hyper, W, G, old, t, first=first)
+        spec = _attempt(interp.run, variant, hyper, W, G, old, t, first=first, shape=shape)
         if choice.kernel == "sgd":
             kern = _attempt(_sgd_ref, args, W, G, kst, any(first.values()), bool(args["nesterov"]))
         else:
