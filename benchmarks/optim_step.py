@@ -15,10 +15,9 @@ import torch
 import nestc
 
 
-def make_params(n: float, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Square-ish matrices and vectors adding up to about n parameters, like an MLP stack."""
+def make_params(n: float, seed: int = 0, width: int = 1024) -> list[torch.nn.Parameter]:
+    """Square matrices and vectors adding up to about n parameters, like an MLP stack."""
     torch.manual_seed(seed)
-    width = 1024
     params: list[torch.nn.Parameter] = []
     total = 0
     while total + width * (width + 1) <= n:
@@ -40,8 +39,9 @@ def time_steps(opt: torch.optim.Optimizer, reps: int) -> list[float]:
     return times
 
 
-def bench(label: str, make_ref, make_ours, n: float, reps: int) -> tuple[float, float, float]:
-    ref_params, our_params = make_params(n), make_params(n)
+def bench(label: str, make_ref, make_ours, n: float, reps: int,
+          width: int = 1024) -> tuple[float, float, float]:
+    ref_params, our_params = make_params(n, width=width), make_params(n, width=width)
     ref, ours = make_ref(ref_params), make_ours(our_params)
     for _ in range(3):  # warm up: state allocation, first-step paths, torch.compile
         ref.step()
@@ -59,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", type=float, default=10.5e6)
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--muon-params", type=float, default=1.3e6)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = ap.parse_args()
     if args.threads:
@@ -96,6 +97,12 @@ def main() -> None:
     ]
     for label, ref, ours in rows:
         bench(label, ref, ours, n, args.reps)
+    # Newton-Schulz is five rounds of three matmuls per matrix: a smaller stack keeps it short
+    muon = nestc.load("std/optim/muon.nest")
+    matrices = lambda ps: [p for p in ps if p.ndim == 2]  # noqa: E731 - torch's Muon: 2-D only
+    print(f"Muon: {args.muon_params / 1e6:.1f}M parameters in 256x256 matrices")
+    bench("Muon (nestc auto) / torch.optim.Muon", lambda p: T.Muon(matrices(p)),
+          lambda p: muon.build("Muon", matrices(p)), args.muon_params, args.reps, width=256)
 
 
 if __name__ == "__main__":
