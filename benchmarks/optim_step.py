@@ -103,6 +103,10 @@ def main() -> None:
     print(f"Muon: {args.muon_params / 1e6:.1f}M parameters in 256x256 matrices")
     bench("Muon (nestc auto) / torch.optim.Muon", lambda p: T.Muon(matrices(p)),
           lambda p: muon.build("Muon", matrices(p)), args.muon_params, args.reps, width=256)
+    m3 = nestc.load("std/optim/m3.nest")
+    # M3 against Muon, its cost floor: one more Newton-Schulz every slow_every steps
+    bench("M3 (nestc auto) / torch.optim.Muon", lambda p: T.Muon(matrices(p)),
+          lambda p: m3.build("M3", matrices(p)), args.muon_params, args.reps, width=256)
 
 
 if __name__ == "__main__":

@@ -47,10 +47,16 @@ def render_lowering(checked: Any) -> str:
         conds = " and ".join(ir.text(c, opt.param) if t else f"not {ir.text(c, opt.param, 3)}"
                              for c, t in v.conditions) or "always"
         lines.append(f"  variant {i}: {conds}")
+        periods = {m.name: m.period for m in v.memories}
         for st in v.stmts:
             target = st.name if isinstance(st, ir.Let) else st.target
             op = "=" if isinstance(st, ir.Let) else "<-"
-            lines.append(f"    {target} {op} {ir.text(st.value, opt.param)}")
+            line = f"    {target} {op} {ir.text(st.value, opt.param)}"
+            if isinstance(st, ir.Assign) and st.kind == "state":
+                period = st.every if st.every is not None else periods[st.target]
+                if period != ir.const(1):
+                    line += f"   (every {ir.text(period, opt.param)} steps)"
+            lines.append(line)
         for m in v.memories:
             if m.init == "from" and m.first is not None:
                 lines.append(f"    ({m.name}'s first write stores {ir.text(m.first, opt.param)})")

@@ -182,7 +182,7 @@ def run(variant: ir.Variant, hyper: dict[str, Any], W: Any, G: Any, states: dict
             env["W"] = evaluate(s.value, env)
             continue
         mem = mems[s.target]
-        period = evaluate(mem.period, env)
+        period = evaluate(s.every if s.every is not None else mem.period, env)
         if period != 1 and step % period != 0:
             continue
         if mem.init == "from" and (first or {}).get(s.target, False):

@@ -84,6 +84,7 @@ class Memory:
     period: E  # updates when the step count is a multiple of period (a scalar expression)
     span: Span
     first: E | None = None  # the value the first write stores, for init "from"
+    deferred: bool = False  # `read before write`: written at the end of the step
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class Assign:
     kind: str
     value: E
     span: Span
+    every: E | None = None  # write only when the step count is a multiple of this
+    late: bool = False  # a `read before write` memory's write: after the rest of the step
 
 
 Stmt = Let | Assign

@@ -74,8 +74,9 @@ def uses_numbers(variant: ir.Variant) -> bool:
     """Whether the variant reads per-tensor numbers (steps, shapes, periods): else the step
     counts need not be read off their tensors."""
     exprs = [s.value for s in variant.stmts] + [m.period for m in variant.memories]
+    every = [s.every for s in variant.stmts if isinstance(s, ir.Assign) and s.every is not None]
     return any(n.op in ("step", "shape") for e in exprs for n in e.walk()) or any(
-        m.period != ir.const(1) for m in variant.memories)
+        m.period != ir.const(1) for m in variant.memories) or bool(every)
 
 
 class _Variant:
@@ -307,11 +308,9 @@ class _Variant:
             self.line(f"    for _s, _x in zip(_states, {target}):")
             self.line(f"        _s[{s.target!r}] = _x")
             self.line("else:")
-            outer, self.lines = self.lines, []
-            self.assign(s, target, every=False)
-            self.lines = outer + ["    " + ln for ln in self.lines]
+            self.indented(lambda: self.assign(s, target, every=False))
             return
-        self.assign(s, target, every=mem is not None and mem.period != ir.const(1))
+        self.assign(s, target, every=_period(s, mem) != ir.const(1))
 
     def scaled_update(self, target: str, op: str, e: ir.E) -> bool:
         """target +/-= (numbers) * a [/ b] as one foreach call, the numbers folded in Python.
@@ -348,18 +347,32 @@ class _Variant:
         return True
 
     def assign(self, s: ir.Assign, target: str, every: bool) -> None:
-        value = s.value
-        current = ir.E("param") if s.kind == "param" else ir.E("state", value=s.target)
-        if not every and self.in_place(value, current, target):
-            return
-        v = self.bind(self.as_tensors(self.expr(value)))
         if every:
-            period = self.scalar(self.mems[s.target].period)
-            self.line("for _i, _c in enumerate(_step):")
-            self.line(f"    if _c % {period} == 0:")
-            self.line(f"        {target}[_i].copy_({v.code}[_i])")
-        else:
-            self.line(f"torch._foreach_copy_({target}, {v.code})")
+            # a slower level costs nothing between its updates: the tensors of a group step
+            # together, so on most steps none of them is due and nothing is computed
+            period = self.scalar(_period(s, self.mems[s.target]))
+            self.line(f"if all(_c % {period} == 0 for _c in _step):")
+            self.indented(lambda: self.assign(s, target, every=False))
+            self.line(f"elif any(_c % {period} == 0 for _c in _step):")
+            self.indented(lambda: self.masked_assign(s, target, period))
+            return
+        current = ir.E("param") if s.kind == "param" else ir.E("state", value=s.target)
+        if self.in_place(s.value, current, target):
+            return
+        v = self.bind(self.as_tensors(self.expr(s.value)))
+        self.line(f"torch._foreach_copy_({target}, {v.code})")
+
+    def masked_assign(self, s: ir.Assign, target: str, period: str) -> None:
+        """Only some tensors of the group are due (they joined it later): write those."""
+        v = self.bind(self.as_tensors(self.expr(s.value)))
+        self.line("for _i, _c in enumerate(_step):")
+        self.line(f"    if _c % {period} == 0:")
+        self.line(f"        {target}[_i].copy_({v.code}[_i])")
+
+    def indented(self, emit) -> None:
+        outer, self.lines = self.lines, []
+        emit()
+        self.lines = outer + ["    " + ln for ln in self.lines]
 
     def term(self, e: ir.E) -> tuple[str, str]:
         """e as the second argument of one foreach add/sub: (tensors, ", alpha=..." or "")."""
@@ -377,6 +390,9 @@ class _Variant:
         see the target already changed.
         """
         fn_of = {"add": "_foreach_add_", "sub": "_foreach_sub_"}
+        if value in (ir.const(0), ir.const(0.0)):
+            self.line(f"torch._foreach_zero_({target})")
+            return True
         if value.op == "call" and value.value == "lerp" and value.args[0] == current:
             end_e, w = value.args[1], value.args[2]
             wv = self.number(w)
@@ -424,6 +440,13 @@ class _Variant:
                 self.line(f"torch.{fn_of[value.op]}({target}, {code}{alpha})")
             return True
         return False
+
+
+def _period(s: ir.Assign, mem: ir.Memory | None) -> ir.E:
+    """Every how many steps a write happens: its own `every`, else its memory's period."""
+    if s.every is not None:
+        return s.every
+    return mem.period if mem is not None else ir.const(1)
 
 
 def _single_call(code: str) -> tuple[str, str, str] | None:
@@ -683,8 +706,9 @@ class _OneTensor:
             if mem.init == "from":
                 assert mem.first is not None
                 value = f"({self.expr(mem.first)} if _first[{st.target!r}] else {value})"
-            if mem.period != ir.const(1):
-                value = f"torch.where(_c % {self.expr(mem.period)} == 0, {value}, _st_{st.target})"
+            period = _period(st, mem)
+            if period != ir.const(1):
+                value = f"torch.where(_c % {self.expr(period)} == 0, {value}, _st_{st.target})"
             lines.append(f"    _st_{st.target}.copy_({value})")
         return lines
 

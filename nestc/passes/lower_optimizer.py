@@ -7,7 +7,7 @@ so each variant is straight-line code; `tree` records how a param group picks it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nestc import ast, ir
 from nestc.check import Checked
@@ -39,6 +39,7 @@ class _Lowerer:
         self.defaults = {n: h.default for n, h in checked.hypers.items() if not h.required}
         self.param = next(s.names[0] for s in _walk(self.decl.body) if isinstance(s, ast.StmtParam))
         self.variants: list[ir.Variant] = []
+        self.sums: tuple[ir.Memory, list[tuple[str, ir.E]]] | None = None
 
     def unsupported(self, what: str, span: Span) -> NestError:
         return NestError(f"{what} is not supported in an optimizer yet", span, kind="value")
@@ -119,6 +120,8 @@ class _Lowerer:
             return ir.E("shape", value=fn)
         if fn == "newton_schulz":
             return self.newton_schulz(e, names)
+        if fn == "sum":
+            return self.chunk_sum(e, names)
         if fn not in ir.ELEMENTWISE_CALLS:
             raise self.unsupported(f"`{fn}`", e.func.span)
         if fn == "clamp":
@@ -138,6 +141,26 @@ class _Lowerer:
             mem = args[0].value if args[0].op == "state" else None
             return ir.E("call", (args[0], args[1], ir.E("step", value=mem)), "debias")
         return ir.E("call", args, fn)
+
+    def chunk_sum(self, e: ast.ExprCall, names: dict[str, str]) -> ir.E:
+        """sum(x) in a memory updated every N steps: x added up over the N steps, kept in a
+        hidden every-step memory that the slow write reads and then empties."""
+        if e.kwargs:
+            raise self.unsupported("`sum` with keywords", e.kwargs[0].span)
+        if self.sums is None:
+            raise NestError("`sum` adds a signal over the steps between two updates of a slower "
+                            "memory: use it in the update of a memory `every N steps`", e.span,
+                            kind="value")
+        mem, sums = self.sums
+        x = self.expr(e.args[0], names)
+        if mem.period == ir.const(1):
+            return x
+        acc = f"{mem.name}_sum{len(sums)}" if sums else f"{mem.name}_sum"
+        if acc in names:
+            raise NestError(f"`{acc}` is taken: it names the running sum of `{mem.name}`",
+                            e.span, kind="name")
+        sums.append((acc, x))
+        return ir.E("state", value=acc)
 
     def the_param(self, arg: ast.Expr, fn: str) -> None:
         if not (isinstance(arg, ast.ExprName) and arg.name == self.param):
@@ -195,10 +218,10 @@ class _Lowerer:
             elif isinstance(s, ast.StmtUpdate):
                 stmts.append(self.update(s, names))
             elif isinstance(s, ast.StmtMemory):
-                mem, update = self.memory(s, names)
-                mems.append(mem)
+                new_mems, updates = self.memory(s, names)
+                mems += new_mems
                 names[s.name] = "memory"
-                stmts.append(update)
+                stmts += updates
             elif isinstance(s, ast.StmtIf):
                 cond = self.expr(s.cond, names)
                 if not cond.is_static:
@@ -211,6 +234,9 @@ class _Lowerer:
                 return Branch(cond, then, orelse)
             else:
                 raise self.unsupported(f"`{type(s).__name__}`", s.span)
+        # `read before write` memories are written after everything else in the step reads them
+        late = [s for s in stmts if isinstance(s, ir.Assign) and s.late]
+        stmts = [s for s in stmts if not (isinstance(s, ir.Assign) and s.late)] + late
         self.variants.append(ir.Variant(conds, mems, stmts))
         return Leaf(len(self.variants) - 1)
 
@@ -227,7 +253,8 @@ class _Lowerer:
             value = ir.E(UPDATE_OPS[s.op], (current, value))
         return ir.Assign(s.target, "param" if what == "param" else "state", value, s.span)
 
-    def memory(self, s: ast.StmtMemory, names: dict[str, str]) -> tuple[ir.Memory, ir.Assign]:
+    def memory(self, s: ast.StmtMemory, names: dict[str, str]
+               ) -> tuple[list[ir.Memory], list[ir.Assign]]:
         if s.structure is not None and not _is_call(s.structure, "like"):
             raise self.unsupported("a memory structure other than like(W)", s.structure.span)
         if s.name == "step":
@@ -251,19 +278,33 @@ class _Lowerer:
             period = self.expr(f.every, names)
             if init == "from" and period != ir.const(1):
                 raise self.unsupported("`from` with a period other than every step", f.span)
-        mem = ir.Memory(s.name, init, period, s.span, first)
+        clauses = {b.kind: b for b in s.body if isinstance(b, ast.Clause)}
+        for kind, clause in clauses.items():
+            if kind not in ("objective", "rule", "read"):
+                raise self.unsupported(f"the `{kind}` clause", clause.span)
+        deferred = "read" in clauses and clauses["read"].value == "before write"
+        mem = ir.Memory(s.name, init, period, s.span, first, deferred)
         inner = dict(names)
         inner[s.name] = "memory"
         updates = [b for b in s.body if isinstance(b, ast.StmtUpdate)]
-        clauses = {b.kind: b for b in s.body if isinstance(b, ast.Clause)}
         for b in s.body:
             if not isinstance(b, (ast.StmtUpdate, ast.Clause)):
                 raise self.unsupported(f"`{type(b).__name__}` in a memory body", b.span)
-        if updates:
-            if len(updates) > 1:
-                raise self.unsupported("more than one update of a memory", updates[1].span)
-            return mem, self.update(updates[0], inner)
-        return mem, self.objective_rule(s, clauses, inner)
+        if len(updates) > 1:
+            raise self.unsupported("more than one update of a memory", updates[1].span)
+        # sum(x) in the update of a memory every N steps adds x over the steps in between
+        self.sums = (mem, [])
+        update = (self.update(updates[0], inner) if updates else
+                  self.objective_rule(s, clauses, inner))
+        _, sums = self.sums
+        self.sums = None
+        mems, accumulate, reset = [mem], [], []
+        for acc, x in sums:
+            mems.append(ir.Memory(acc, "zeros", ir.const(1), s.span))
+            accumulate.append(ir.Assign(acc, "state", ir.E("state", value=acc) + x, s.span))
+            reset.append(ir.Assign(acc, "state", ir.const(0), s.span, every=period,
+                                   late=deferred))
+        return mems, accumulate + [replace(update, late=deferred)] + reset
 
     def objective_rule(self, s: ast.StmtMemory, clauses: dict[str, ast.Clause],
                        names: dict[str, str]) -> ir.Assign:
