@@ -71,7 +71,7 @@ class E:
         return self.is_scalar and not any(n.op == "step" for n in self.walk())
 
 
-def const(v: float | int) -> E:
+def const(v: float | int | str) -> E:
     return E("const", value=v)
 
 

@@ -256,12 +256,11 @@ class _Variant:
                 return Val(f"torch._foreach_div({self.bind(root).code}, {self.listed(corr)})", "t")
         args = [self.expr(a) for a in e.args]
         if fn in ir.MATRIX_CALLS:
-            x = self.bind(self.as_tensors(args[0]))
-            nums = [a.code for a in args[1:]]
+            xs = self.bind(self.as_tensors(args[0]))
             assert all(a.kind == "s" for a in args[1:]), e
-            steps, eps, ca, cb, cc, dtype = nums
+            steps, eps, ca, cb, cc, dtype = (a.code for a in args[1:])
             return Val(f"[_rt.newton_schulz(_x, {steps}, {eps}, ({ca}, {cb}, {cc}), {dtype}, "
-                       f"{self.where!r}) for _x in {x.code}]", "t")
+                       f"{self.where!r}) for _x in {xs.code}]", "t")
         if all(a.kind != "t" for a in args):
             kind = "s" if all(a.kind == "s" for a in args) else "ls"
             return Val(f"_S.{fn}({', '.join(a.code for a in args)})", kind)

@@ -235,7 +235,7 @@ class _Lowerer:
             else:
                 raise self.unsupported(f"`{type(s).__name__}`", s.span)
         # `read before write` memories are written after everything else in the step reads them
-        late = [s for s in stmts if isinstance(s, ir.Assign) and s.late]
+        late: list[ir.Stmt] = [s for s in stmts if isinstance(s, ir.Assign) and s.late]
         stmts = [s for s in stmts if not (isinstance(s, ir.Assign) and s.late)] + late
         self.variants.append(ir.Variant(conds, mems, stmts))
         return Leaf(len(self.variants) - 1)
