@@ -105,7 +105,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
         raise NestError(f"unknown picture format `{fmt}`", kind="value",
                         hint=f"formats are {', '.join(VIZ_FORMATS)}")
     graph = prog.graph(name, **_hyper_args(args.set))
-    data = render(graph, fmt)
+    data = render(graph, fmt, detail=args.detail)
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +164,10 @@ def parser() -> argparse.ArgumentParser:
     decl_args(v)
     v.add_argument("-o", "--output", help="output file; its suffix picks the format")
     v.add_argument("--format", "-f", choices=VIZ_FORMATS, help="picture format (default svg)")
+    v.add_argument("--detail", choices=("auto", "levels", "full"), default="auto",
+                   help="levels: only the levels, each path through signals one edge, a "
+                   "block's weights one box; full: every signal too; auto (default): full "
+                   "for small graphs, levels for large ones")
     v.set_defaults(run=cmd_viz)
 
     k = sub.add_parser("compile", help="print the generated PyTorch source",

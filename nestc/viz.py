@@ -4,6 +4,11 @@ Every format draws one layout: horizontal bands, one per frequency, fastest at t
 outer training level with the optimizer states at the top; inside a band, signals sit in the
 bottom rows and levels above them by level index. SVG is written by hand (no system binaries);
 PNG is drawn with matplotlib, imported only when asked for.
+
+Two details: `full` draws the graph as it is, every signal included; `levels` draws
+`levels_view(graph)`, the levels only (each path level -> signals -> level one edge, a block's
+weights one box), with the edges that leave (or reach) a box together bundled on one trunk
+(or arrowhead) and the weights' reads drawn light. `auto` is `full` for small graphs.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ NODE_STYLE: dict[str, tuple[str, str, str]] = {
     "signal": ("#ffffff", "#8c8c8c", "signal"),
 }
 BAND_FILLS = ("#f7f9fc", "#eef2f7")
+FAINT = "#a3abb4"  # a parameter's read edges in the levels view: everywhere, so quiet
 
 # Advance widths of DejaVu Sans (matplotlib's font) in 1/100 em for ASCII 32..126.
 _W_NORMAL = (32, 40, 46, 84, 64, 95, 78, 28, 39, 39, 50, 84, 32, 36, 32, 34, 64, 64, 64, 64, 64,
@@ -56,7 +62,12 @@ _W_BOLD = (32, 46, 52, 84, 70, 100, 87, 31, 46, 46, 52, 84, 38, 42, 38, 36, 70, 
 NAME_SIZE, FREQ_SIZE, DETAIL_SIZE, SIGNAL_SIZE, LABEL_SIZE = 12.0, 10.0, 9.5, 10.0, 8.5
 BOX_MIN_W, BOX_MAX_W, BOX_H, SIGNAL_H = 120.0, 250.0, 58.0, 24.0
 H_GAP, ROW_GAP, BAND_PAD = 26.0, 46.0, 18.0
+LEVELS_H_GAP = 64.0  # the levels view spaces its boxes wider: bundles of edges pass between
+LEVELS_ROW_GAP = 72.0  # and taller: the branches of the bundles and their words fit between rows
+BRANCH = 18.0  # how far above (below) its target's row an edge leaves its bundle's trunk
+BRANCH_STEP = {"generation": 6.0, "init": 12.0, "flow": 18.0}  # apart, kind by kind
 LEFT, RIGHT, TOP_PAD, BOTTOM = 160.0, 28.0, 16.0, 16.0
+SUBTITLE_STEP = 15.0  # between the lines of a subtitle
 MAX_ROW = 8  # more nodes than this in one row wrap onto another row
 SIGNAL_LAYERS = 4  # rows a chain of signals below one level may take
 LANE_PAD, LANE_STEP = 18.0, 11.0  # side lanes for edges that pass several rows
@@ -76,6 +87,168 @@ def fit(text: str, size: float, width: float, bold: bool = False) -> str:
     while text and text_width(text + "…", size, bold) > width:
         text = text[:-1]
     return text.rstrip() + "…"
+
+
+# --- views: the levels-only graph ------------------------------------------------------------
+
+DETAILS = ("auto", "levels", "full")
+AUTO_FULL_MAX = 25  # `auto` draws every signal up to this many nodes, only the levels above
+# the order edge labels are written in when several roles are combined on one edge
+_LABEL_ORDER = ("query", "key", "value", "input", "objective", "lr", "retain", "update")
+
+
+def _merge_labels(labels: list[str | None]) -> str | None:
+    """`key, objective` + `value, objective` -> `key, value, objective`."""
+    parts: list[str] = []
+    for label in labels:
+        for p in (label or "").split(", "):
+            if p and p not in parts:
+                parts.append(p)
+    rank = {p: i for i, p in enumerate(_LABEL_ORDER)}
+    seen = {p: i for i, p in enumerate(parts)}
+    return ", ".join(sorted(parts, key=lambda p: (rank.get(p, len(rank)), seen[p]))) or None
+
+
+def _add_merged(g: nx.MultiDiGraph, u: str, v: str, kind: str, labels: list[str | None],
+                via: set[str]) -> None:
+    """One edge u -> v of kind, its labels and the signals it stands for merged in."""
+    if u == v:
+        return
+    for d in (g.get_edge_data(u, v) or {}).values():
+        if d["kind"] == kind:
+            d["label"] = _merge_labels([d.get("label"), *labels])
+            d["via"] = sorted(set(d["via"]) | via)
+            return
+    g.add_edge(u, v, kind=kind, label=_merge_labels(labels), via=sorted(via))
+
+
+def collapse_signals(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
+    """The levels-only view of a nest graph: a new graph, graph is left as it is.
+
+    Every level node stays with its attributes; signals go. Each path level -> signal(s) ->
+    level becomes one direct edge of the first edge's kind, labelled with the roles of the
+    last edges (`key, value`), with the signals it passed through in `via`; a level's path
+    back to itself is dropped, and parallel edges of one kind become one. Inputs that feed a
+    level through signals stay, as one node (`tokens`, or `x, y` for several) at the bottom.
+    """
+    out = nx.MultiDiGraph(**graph.graph)
+    out.graph["detail"] = "levels"
+    kind = {n: a["kind"] for n, a in graph.nodes(data=True)}
+    out.graph["folded"] = sum(k == "signal" for k in kind.values())
+    for n, a in graph.nodes(data=True):
+        if a["kind"] in LEVEL_KINDS:
+            out.add_node(n, **a)
+    inputs = [n for n in graph.nodes if kind[n] == "input"]
+    found: dict[tuple[str, str, str], tuple[list[str | None], set[str]]] = {}
+    for u in [*(n for n in graph.nodes if kind[n] in LEVEL_KINDS), *inputs]:
+        for _, first, d in graph.out_edges(u, data=True):
+            if kind[first] in LEVEL_KINDS:
+                labels, via = found.setdefault((u, first, d["kind"]), ([], set()))
+                labels.append(d.get("label"))
+                continue
+            # every level the signal `first` reaches through signals only
+            seen, stack = {first}, [first]
+            while stack:
+                s = stack.pop()
+                for _, x, d2 in graph.out_edges(s, data=True):
+                    if kind[x] in LEVEL_KINDS:
+                        labels, via = found.setdefault((u, x, d["kind"]), ([], set()))
+                        labels.append(d2.get("label") or d.get("label"))
+                        via |= seen
+                    elif x not in seen:
+                        seen.add(x)
+                        stack.append(x)
+    feeding = [n for n in inputs if any(k[0] == n for k in found)]
+    merged = ", ".join(feeding)
+    if feeding:
+        a = dict(graph.nodes[feeding[0]])
+        if len(feeding) > 1:
+            a.update(label=merged, shape=None, inputs=feeding, span=None)
+        out.add_node(merged, **a)
+    for (u, v, k), (labels, via) in found.items():
+        _add_merged(out, merged if u in feeding else u, v, k, labels, via)
+    return out
+
+
+def _module_of(graph: nx.MultiDiGraph, n: str) -> str:
+    """The block a node was made in: its leading capitalised name parts (`Hope.SelfModifying
+    Titans` of `Hope.SelfModifyingTitans.q.linear`), "" at the top of the declaration."""
+    parts = n.split(".")[:-1]
+    keep: list[str] = []
+    for p in parts:
+        if not p[:1].isupper() or ".".join([*keep, p]) in graph:
+            break  # a lower-case let name, or a level's own name (`M.key.linear`)
+        keep.append(p)
+    return ".".join(keep)
+
+
+def group_weights(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
+    """A new graph with the parameters of one block at one level in one box.
+
+    Parameters made in the same block (same name prefix), at the same level and repeat count,
+    become one `param` node `Block.*` labelled `Block` with `count`, `members` and a
+    `structure` such as `linear ×6 · conv1d ×5`; their edges are merged like the edges of
+    `collapse_signals`. A block with a single parameter keeps it as it is; memories, the
+    training level and everything else stay individual.
+    """
+    groups: dict[tuple[str, int, int | None], list[str]] = {}
+    for n, a in graph.nodes(data=True):
+        if a["kind"] == "param":
+            groups.setdefault((_module_of(graph, n), a["level"], a.get("repeat")), []).append(n)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    several: dict[str, int] = {}
+    for prefix, _, _ in groups:
+        several[prefix] = several.get(prefix, 0) + 1
+    rename: dict[str, str] = {}
+    out = nx.MultiDiGraph(**graph.graph)
+    nodes: dict[str, dict[str, Any]] = {}
+    for (prefix, level, repeat), members in groups.items():
+        nid = f"{prefix}.*" if prefix else "*"
+        if several[prefix] > 1:  # the block's weights at two levels, or in and out of a repeat
+            nid += f"@L{level}" + (f"x{repeat}" if repeat != 1 else "")
+        first = graph.nodes[members[0]]
+        counts: dict[str, int] = {}
+        for m in members:
+            s = graph.nodes[m].get("structure") or ""
+            name = s.split("(")[0] if s[:1].isalpha() and "(" in s else "weight"
+            counts[name] = counts.get(name, 0) + 1
+        structure = " · ".join(f"{k} ×{c}" if c > 1 else k for k, c in
+                               sorted(counts.items(), key=lambda kc: (-kc[1], kc[0])))
+        nodes[members[0]] = {
+            **first, "label": prefix or str(graph.graph.get("name", "")), "group": True,
+            "block": prefix, "count": len(members), "members": list(members),
+            "structure": structure, "init": None, "span": None}
+        rename.update({m: nid for m in members})
+    for n, a in graph.nodes(data=True):
+        if n in nodes:
+            out.add_node(rename[n], **nodes[n])
+        elif n not in rename:
+            out.add_node(n, **a)
+    for u, v, d in graph.edges(data=True):
+        _add_merged(out, rename.get(u, u), rename.get(v, v), d["kind"], [d.get("label")],
+                    set(d.get("via", ())))
+    for n, a in out.nodes(data=True):
+        if a["kind"] in LEVEL_KINDS and a.get("parallel"):
+            a["parallel"] = sorted({rename.get(m, m) for m in a["parallel"]} - {n})
+    return out
+
+
+def levels_view(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
+    """What `--detail levels` draws: signals collapsed, then each block's weights grouped."""
+    return group_weights(collapse_signals(graph))
+
+
+def view(graph: nx.MultiDiGraph, detail: str = "auto") -> nx.MultiDiGraph:
+    """The graph a picture of detail shows: graph itself (`full`), or its levels view."""
+    if detail not in DETAILS:
+        raise ValueError(f"unknown detail {detail!r}; details are {', '.join(DETAILS)}")
+    if detail == "auto":
+        detail = "full" if graph.number_of_nodes() <= AUTO_FULL_MAX else "levels"
+    if detail == "full":
+        return graph
+    shown = levels_view(graph)
+    # a graph without levels has nothing to show but its signals
+    return shown if any(a["kind"] in LEVEL_KINDS for _, a in shown.nodes(data=True)) else graph
 
 
 # --- layout -----------------------------------------------------------------------------------
@@ -115,6 +288,7 @@ class Edge:
     label: str | None
     points: list[tuple[float, float]]  # the start, then (control, control, end) per cubic piece
     label_at: tuple[float, float] | None = None
+    faint: bool = False  # drawn thin and light: a parameter's state read (the levels view)
 
     def segments(self) -> list[tuple[tuple[float, float], ...]]:
         p = self.points
@@ -134,6 +308,7 @@ class Layout:
     legend_w: float
     rows: list[list[str]] = field(default_factory=list)  # bottom to top
     row_band: list[int] = field(default_factory=list)
+    legend: list[tuple[str, str, str]] = field(default_factory=lambda: _legend_items())
 
 
 def _level_rows(graph: nx.MultiDiGraph) -> tuple[list[tuple[Any, ...]], list[list[str]], list[int]]:
@@ -146,15 +321,36 @@ def _level_rows(graph: nx.MultiDiGraph) -> tuple[list[tuple[Any, ...]], list[lis
     rows: list[list[str]] = []
     band: list[int] = []
     order = levels(graph)
+    leveled = graph.graph.get("detail") == "levels"
     for b, key in enumerate(keys):
         members = [n for n in order if frequency_key(graph.nodes[n]) == key]
         for level in sorted({graph.nodes[n]["level"] for n in members}):
             at = [n for n in members if graph.nodes[n]["level"] == level]
-            for kind in ("param", "memory", "train"):
-                for part in _wrap([n for n in at if graph.nodes[n]["kind"] == kind]):
-                    rows.append(part)
-                    band.append(b)
+            # the levels view keeps a level index on one row (its parameters beside the
+            # optimizer states), in sub-rows where parallel levels read one another
+            kinds = [LEVEL_KINDS] if leveled else [(k,) for k in ("param", "memory", "train")]
+            for kind in kinds:
+                group = [n for n in at if graph.nodes[n]["kind"] in kind]
+                for sub in _data_layers(graph, group) if leveled else [group]:
+                    for part in _wrap(sub):
+                        rows.append(part)
+                        band.append(b)
     return keys, rows, band
+
+
+def _data_layers(graph: nx.MultiDiGraph, group: list[str]) -> list[list[str]]:
+    """Parallel levels in rows, bottom to top, each above the levels whose data it reads
+    (M_k, M_v below the M that learns from them); one row where that data flow has a cycle."""
+    members = set(group)
+    sub = nx.DiGraph((u, v) for u, v, d in graph.edges(data=True)
+                     if u in members and v in members and u != v and d["kind"] in ("flow", "read"))
+    if not sub.number_of_edges() or not nx.is_directed_acyclic_graph(sub):
+        return [group]
+    depth: dict[str, int] = {}
+    for n in nx.topological_sort(sub):
+        depth[n] = max((depth[m] + 1 for m in sub.predecessors(n)), default=0)
+    top = max(depth.values())
+    return [[n for n in group if depth.get(n, 0) == d] for d in range(top + 1)]
 
 
 def _wrap(group: list[str]) -> list[list[str]]:
@@ -220,17 +416,27 @@ def _abbreviate(graph: nx.MultiDiGraph) -> tuple[dict[str, str], list[str]]:
     """Display names: long CamelCase prefixes (`SelfModifyingTitans.`) shortened to their
     capitals (`SMT.`) when a name would not fit its box, the same way in every name."""
     labels = {n: str(a.get("label", n)) for n, a in graph.nodes(data=True)}
+    # a group's label is a block path (`Hope.SelfModifyingTitans`): every part may shorten
+    whole = {n for n, a in graph.nodes(data=True) if a.get("group") and a.get("block")}
     room = BOX_MAX_W - 80  # leaves space for the `×4` of a repeated level
     long: set[str] = set()
-    for label in labels.values():
-        if text_width(label, NAME_SIZE, True) > room:
-            long |= {p for p in label.split(".")[:-1]
-                     if len(p) >= 8 and sum(c.isupper() for c in p) >= 2}
+    for n, label in labels.items():
+        shown = _group_name(label, graph.nodes[n]) if n in whole else label
+        if text_width(shown, NAME_SIZE, True) > room:
+            parts = label.split(".") if n in whole else label.split(".")[:-1]
+            long |= {p for p in parts if len(p) >= 8 and sum(c.isupper() for c in p) >= 2}
     short = {p: "".join(c for c in p if c.isupper() or c.isdigit()) for p in sorted(long)}
-    names = {n: ".".join(short.get(p, p) if i < len(lab.split(".")) - 1 else p
-                         for i, p in enumerate(lab.split(".")))
-             for n, lab in labels.items()}
+    names = {}
+    for n, lab in labels.items():
+        parts = lab.split(".")
+        last = len(parts) if n in whole else len(parts) - 1
+        names[n] = ".".join(short.get(p, p) if i < last else p for i, p in enumerate(parts))
     return names, [f"{b} = {a}" for a, b in short.items()]
+
+
+def _group_name(label: str, a: dict[str, Any]) -> str:
+    """`Hope.SMT: 13 weights` for a group of parameters."""
+    return f"{label}: {a['count']} weights"
 
 
 def _box(graph: nx.MultiDiGraph, n: str, label: str) -> Box:
@@ -240,6 +446,8 @@ def _box(graph: nx.MultiDiGraph, n: str, label: str) -> Box:
         text = fit(label, SIGNAL_SIZE, BOX_MAX_W - 24)
         w = max(48.0, text_width(text, SIGNAL_SIZE) + 24)
         return Box(n, kind, 0, 0, w, SIGNAL_H, [(text, SIGNAL_SIZE, False)], n)
+    if a.get("group"):
+        label = _group_name(label, a)
     name = label + (f"  ×{a['repeat']}" if a.get("repeat") not in (1, None) else "")
     freq = f"L{a['level']} · {a['frequency']}"
     if a.get("chunk"):
@@ -253,7 +461,10 @@ def _box(graph: nx.MultiDiGraph, n: str, label: str) -> Box:
              (fit(freq, FREQ_SIZE, inner), FREQ_SIZE, False)]
     if detail:
         lines.append((fit(detail, DETAIL_SIZE, inner), DETAIL_SIZE, False))
-    title = "\n".join(x for x in (f"{n} ({kind})", freq, a.get("structure") or "",
+    head = f"{n} ({kind})"
+    if a.get("group"):
+        head = f"{label} ({kind}):\n" + "\n".join(f"  {m}" for m in a["members"])
+    title = "\n".join(x for x in (head, freq, a.get("structure") or "",
                                   f"objective: {a.get('objective') or '-'}",
                                   f"rule: {a.get('rule') or '-'}",
                                   f"init: {a.get('init') or '-'}") if x)
@@ -287,8 +498,10 @@ def layout(graph: nx.MultiDiGraph) -> Layout:
         for part in parts:
             rows.append(part)
             row_band.append(level_band[i] if i < len(level_band) else 0)
-    _order_rows(graph, rows, boxes)
-    content_w = max([_row_width(r, boxes) for r in rows] + [360.0])
+    leveled = graph.graph.get("detail") == "levels"
+    gap = LEVELS_H_GAP if leveled else H_GAP
+    _order_rows(graph, rows, boxes, gap)
+    content_w = max([_row_width(r, boxes, gap) for r in rows] + [360.0])
     width = LEFT + content_w + RIGHT
     title = f"{graph.graph.get('kind', '')} {graph.graph.get('name', '')}".strip()
     hyper = graph.graph.get("hyper") or {}
@@ -297,10 +510,19 @@ def layout(graph: nx.MultiDiGraph) -> Layout:
         subtitle += ("   ·   " if subtitle else "") + "abbreviated: " + ", ".join(notes)
     subtitle = fit(subtitle, 10.5, width - 40)
     legend_y, legend_w = TOP_PAD + 44, width
-    y = legend_y + _legend_height(legend_w) + 10
+    legend = _legend_items()
+    if leveled:  # a second line says what the picture leaves out
+        subtitle = (subtitle + "\n" if subtitle else "") + fit(_levels_note(graph), 10.5,
+                                                                width - 40)
+        legend_y += SUBTITLE_STEP * subtitle.count("\n")
+        legend = _legend_items(graph, faint=any(
+            d["kind"] == "read" and graph.nodes[u]["kind"] == "param"
+            for u, _, d in graph.edges(data=True)))
+    y = legend_y + _legend_height(legend_w, legend) + 10
     # bands from the slowest (top) down to the fastest (bottom)
     bands: list[Band] = []
     row_y = [0.0] * len(rows)
+    row_gap = LEVELS_ROW_GAP if leveled else ROW_GAP
     for b in reversed(range(len(keys) or 1)):
         idx = [i for i in range(len(rows)) if row_band[i] == b]
         y0 = y
@@ -308,18 +530,18 @@ def layout(graph: nx.MultiDiGraph) -> Layout:
         for i in reversed(idx):
             h = max(boxes[n].h for n in rows[i])
             row_y[i] = y + h / 2
-            y += h + ROW_GAP
-        y += BAND_PAD - (ROW_GAP if idx else -40)
+            y += h + row_gap
+        y += BAND_PAD - (row_gap if idx else -40)
         label, sub = _band_label(graph, keys[b] if keys else None)
         bands.insert(0, Band(label, sub, y0, y))
     height = y + BOTTOM
     for i, r in enumerate(rows):
-        x = LEFT + (content_w - _row_width(r, boxes)) / 2
+        x = LEFT + (content_w - _row_width(r, boxes, gap)) / 2
         for n in r:
             boxes[n].x = x + boxes[n].w / 2
             boxes[n].y = row_y[i]
-            x += boxes[n].w + H_GAP
-    edges, room_left, room_right = _route(graph, boxes, rows, row_y)
+            x += boxes[n].w + gap
+    edges, room_left, room_right = _route(graph, boxes, rows, row_y, bundle=leveled)
     # make room for the side lanes of long edges
     for box in boxes.values():
         box.x += room_left
@@ -329,11 +551,25 @@ def layout(graph: nx.MultiDiGraph) -> Layout:
             e.label_at = (e.label_at[0] + room_left, e.label_at[1])
     width += room_left + room_right
     return Layout(width, height, title, subtitle, bands, boxes, edges, legend_y, legend_w, rows,
-                  row_band)
+                  row_band, legend)
 
 
-def _row_width(r: list[str], boxes: dict[str, Box]) -> float:
-    return sum(boxes[n].w for n in r) + H_GAP * (len(r) - 1)
+def _levels_note(graph: nx.MultiDiGraph) -> str:
+    """What the levels view left out, for the subtitle."""
+    parts = []
+    folded = graph.graph.get("folded")
+    if folded:
+        parts.append(f"{folded} signal{'s' * (folded != 1)} folded into edges")
+    groups = [a for _, a in graph.nodes(data=True) if a.get("group")]
+    if groups:
+        parts.append(f"{sum(a['count'] for a in groups)} weights in {len(groups)} "
+                     f"box{'es' * (len(groups) != 1)}")
+    return "levels view: " + (", ".join(parts) if parts else "levels only") + \
+        " (--detail full draws them all)"
+
+
+def _row_width(r: list[str], boxes: dict[str, Box], gap: float = H_GAP) -> float:
+    return sum(boxes[n].w for n in r) + gap * (len(r) - 1)
 
 
 def _short(v: Any) -> str:
@@ -358,17 +594,29 @@ def _band_label(graph: nx.MultiDiGraph, key: tuple[Any, ...] | None) -> tuple[st
     return " / ".join(texts), sub
 
 
-def _order_rows(graph: nx.MultiDiGraph, rows: list[list[str]], boxes: dict[str, Box]) -> None:
-    """Reorder each row by the mean position of its neighbours (a few barycentre sweeps)."""
+def _order_rows(graph: nx.MultiDiGraph, rows: list[list[str]], boxes: dict[str, Box],
+                gap: float = H_GAP) -> None:
+    """Reorder each row by the mean position of its neighbours (a few barycentre sweeps).
+
+    In a row of parameters, other levels (optimizer states) go to its two ends, out of the way
+    of the edges that pass between the parameters."""
     und = graph.to_undirected(as_view=True)
+    kind = {n: a["kind"] for n, a in graph.nodes(data=True)}
+
+    def ends(r: list[str]) -> None:
+        if not any(kind[n] == "param" for n in r):
+            return
+        others = [n for n in r if kind[n] != "param"]
+        half = len(others) // 2
+        r[:] = others[:half] + [n for n in r if kind[n] == "param"] + others[half:]
     pos: dict[str, float] = {}
 
     def place() -> None:
         for r in rows:
-            x = -_row_width(r, boxes) / 2
+            x = -_row_width(r, boxes, gap) / 2
             for n in r:
                 pos[n] = x + boxes[n].w / 2
-                x += boxes[n].w + H_GAP
+                x += boxes[n].w + gap
 
     place()
     for it in range(8):
@@ -376,22 +624,28 @@ def _order_rows(graph: nx.MultiDiGraph, rows: list[list[str]], boxes: dict[str, 
             r = rows[i]
             near = {n: [pos[m] for m in und.neighbors(n) if m not in r] for n in r}
             r.sort(key=lambda n: sum(near[n]) / len(near[n]) if near[n] else pos[n])
+            ends(r)
             place()
 
 
 def _route(graph: nx.MultiDiGraph, boxes: dict[str, Box], rows: list[list[str]],
-           row_y: list[float]) -> tuple[list[Edge], float, float]:
+           row_y: list[float], bundle: bool = False) -> tuple[list[Edge], float, float]:
     """Edges as cubic Bezier pieces between box sides; returns them and the room their side
     lanes take on the left and on the right.
 
     A curve that would cross a box goes through the gap next to it when it passes one row, and
     along a vertical lane beside the drawing when it passes more; lanes are shared by edges
     whose heights do not overlap. Ports spread along each side by where the far end lies.
+
+    With bundle (the levels view), the edges of one kind that leave a box the same way share
+    its port and one trunk through the rows they pass, each branching off above (or below)
+    its own row, and only edges that say something keep their labels (see `_shown_label`).
     """
     row_of = {n: i for i, r in enumerate(rows) for n in r}
     left = min(b.x - b.w / 2 for b in boxes.values())
     right = max(b.x + b.w / 2 for b in boxes.values())
-    gaps = [_gaps(r, boxes, (left - 20, right + 20)) for r in rows]
+    margin = 18.0 if bundle else 10.0  # a bundle's trunk keeps clear of the boxes it passes
+    gaps = [_gaps(r, boxes, (left - 20, right + 20), margin) for r in rows]
     plans = []
     for u, v, d in graph.edges(data=True):
         if u == v:
@@ -404,15 +658,54 @@ def _route(graph: nx.MultiDiGraph, boxes: dict[str, Box], rows: list[list[str]],
         blocked = [k for k in range(lo + 1, hi)
                    if not any(g[0] <= _x_at(direct, row_y[k]) <= g[1] for g in gaps[k])]
         lane = None
-        if len(blocked) > 1 and hi - lo > 3:
+        if len(blocked) > 1 and hi - lo > 3 and not bundle:
             lane = "left" if (a.x + b.x) / 2 < (left + right) / 2 else "right"
         plans.append((u, v, d, su, sv, lane))
+    # bundles: lead is the member that goes furthest; every member starts at the lead's port
+    lead = list(range(len(plans)))
+    members: dict[int, list[int]] = {}
+    if bundle:
+        by: dict[tuple[str, str, str, str | None], list[int]] = {}
+        for i, (u, _, d, su, sv, lane) in enumerate(plans):
+            if su != sv:
+                by.setdefault((u, d["kind"], su, lane), []).append(i)
+        for group in by.values():
+            if len(group) > 1:
+                top = max(group, key=lambda i: (abs(row_of[plans[i][1]] - row_of[plans[i][0]]),
+                                                -i))
+                members[top] = group
+                for i in group:
+                    lead[i] = top
+    # the words each edge shows
+    words = []
+    for u, v, d, *_ in plans:
+        label = d.get("label")
+        if d["kind"] in ("backprop", "generation") or label == "update":
+            label = None  # the colour says it; words would crowd the outer level
+        words.append(_shown_label(graph, u, v, label) if bundle else label)
+    # and the edges of one kind and words that reach a box from one side share its arrowhead
+    into: dict[tuple[str, str, str, str | None, bool], list[int]] = {}
+
+    def into_key(i: int) -> tuple[str, str, str, str | None, bool]:
+        u, v, d, su, sv, lane = plans[i]
+        if not bundle:
+            return (v, sv, str(i), None, False)
+        return (v, sv, d["kind"], words[i], boxes[u].x < boxes[v].x)  # (not across the box)
+
+    for i in range(len(plans)):
+        into.setdefault(into_key(i), []).append(i)
+    head = {i: group[0] for group in into.values() for i in group}
     ports: dict[tuple[str, str], list[tuple[float, int, bool]]] = {}
     for i, (u, v, _, su, sv, lane) in enumerate(plans):
-        far_u = -1e9 if lane == "left" else 1e9 if lane == "right" else boxes[v].x
-        far_v = -1e9 if lane == "left" else 1e9 if lane == "right" else boxes[u].x
-        ports.setdefault((u, su), []).append((far_u, i, True))
-        ports.setdefault((v, sv), []).append((far_v, i, False))
+        far_u = -1e9 if lane == "left" else 1e9 if lane == "right" else \
+            sum(boxes[plans[m][1]].x for m in members.get(i, [i])) / len(members.get(i, [i]))
+        if lead[i] == i:
+            ports.setdefault((u, su), []).append((far_u, i, True))
+        if head[i] == i:
+            group = into[into_key(i)]
+            far_v = -1e9 if lane == "left" else 1e9 if lane == "right" else \
+                sum(boxes[plans[m][0]].x for m in group) / len(group)
+            ports.setdefault((v, sv), []).append((far_v, i, False))
     at: dict[tuple[int, bool], float] = {}
     for (n, _), side_ports in ports.items():
         box = boxes[n]
@@ -420,12 +713,15 @@ def _route(graph: nx.MultiDiGraph, boxes: dict[str, Box], rows: list[list[str]],
         span = max(box.w - 24, 0) if box.level else box.w * 0.5
         for k, (_, i, out) in enumerate(side_ports):
             at[(i, out)] = box.x - span / 2 + span * (k + 1) / (len(side_ports) + 1)
+    for i in range(len(plans)):
+        at[(i, True)] = at[(lead[i], True)]
+        at[(i, False)] = at[(head[i], False)]
     ends = [((at[(i, True)], _side_y(boxes[u], su)), (at[(i, False)], _side_y(boxes[v], sv)))
             for i, (u, v, _, su, sv, _) in enumerate(plans)]
     # lanes: shortest edges innermost, sharing a lane where their heights do not overlap
     lanes: dict[int, tuple[str, int]] = {}
     taken: dict[str, list[list[tuple[float, float]]]] = {"left": [], "right": []}
-    order = sorted((i for i, p in enumerate(plans) if p[5]),
+    order = sorted((i for i, p in enumerate(plans) if p[5] and lead[i] == i),
                    key=lambda i: abs(ends[i][0][1] - ends[i][1][1]))
     for i in order:
         side = plans[i][5] or "right"
@@ -437,16 +733,23 @@ def _route(graph: nx.MultiDiGraph, boxes: dict[str, Box], rows: list[list[str]],
             taken[side].append([])
         taken[side][k].append((y0, y1))
         lanes[i] = (side, k)
-    # waypoints in the gaps of the rows that block the plain curve
+    for i in range(len(plans)):
+        if lead[i] in lanes:
+            lanes[i] = lanes[lead[i]]
+    # waypoints in the gaps of the rows that block the plain curve (every row, for a trunk)
     passes: dict[tuple[int, int], list[tuple[float, int]]] = {}
     for i, (u, v, *_rest, lane) in enumerate(plans):
         lo, hi = sorted((row_of[u], row_of[v]))
-        if lane:
+        if lane or lead[i] != i:
             continue
         direct = _curve(list(ends[i]), False)
+        if i in members:  # aim the trunk at the middle of the furthest row's targets
+            far = [m for m in members[i] if row_of[plans[m][1]] == row_of[v]]
+            aim = (sum(ends[m][1][0] for m in far) / len(far), ends[i][1][1])
+            direct = _curve([ends[i][0], aim], False)
         for k in range(lo + 1, hi):
             ideal = _x_at(direct, row_y[k])
-            if not any(g[0] <= ideal <= g[1] for g in gaps[k]):
+            if i in members or not any(g[0] <= ideal <= g[1] for g in gaps[k]):
                 g = min(range(len(gaps[k])), key=lambda j: _distance(ideal, gaps[k][j]))
                 passes.setdefault((k, g), []).append((ideal, i))
     through: dict[int, list[tuple[float, float]]] = {}
@@ -465,17 +768,49 @@ def _route(graph: nx.MultiDiGraph, boxes: dict[str, Box], rows: list[list[str]],
             points = _curve([start, (x, start[1] + sign * turn), (x, end[1] - sign * turn), end],
                             False)
         else:
-            mid = sorted(through.get(i, []), key=lambda p: p[1], reverse=end[1] < start[1])
+            y_lo, y_hi = sorted((start[1], end[1]))
+            mid = [p for p in through.get(lead[i], []) if y_lo < p[1] < y_hi]
+            mid.sort(key=lambda p: p[1], reverse=end[1] < start[1])
+            if mid and lead[i] in members:
+                # leave the trunk just before the target's row
+                step = BRANCH + BRANCH_STEP.get(d["kind"], 0.0)
+                branch = end[1] - step if end[1] > start[1] else end[1] + step
+                mid.append((mid[-1][0], branch))
             points = _curve([start, *mid, end], su == sv)
-        label = d.get("label")
-        if d["kind"] in ("backprop", "generation") or label == "update":
-            label = None  # the colour says it; words would crowd the outer level
-        edges.append(Edge(u, v, d["kind"], label, points))
-    _place_labels(edges, boxes)
+        label = words[i]
+        if bundle:
+            group = members.get(lead[i], [])
+            if label and i != lead[i] and all(plans[m][2].get("label") == d.get("label")
+                                              for m in group):
+                label = None  # one word on the trunk for the bundle (`meta`)
+        faint = bundle and d["kind"] == "read" and graph.nodes[u]["kind"] == "param"
+        edges.append(Edge(u, v, d["kind"], label, points, faint=faint))
+    if bundle:  # a word said once per target: `objective` on one of the edges into train
+        said: dict[tuple[str, str, str], Edge] = {}
+        for e in sorted(edges, key=lambda e: abs(e.points[-1][1] - e.points[0][1])):
+            if e.label:
+                if (e.v, e.kind, e.label) in said:
+                    e.label = None
+                else:
+                    said[(e.v, e.kind, e.label)] = e
+    _place_labels(edges, boxes, avoid_lines=bundle)
     n_left, n_right = len(taken["left"]), len(taken["right"])
     room_left = LANE_PAD + n_left * LANE_STEP if n_left else 0.0
     room_right = LANE_PAD + n_right * LANE_STEP if n_right else 0.0
     return edges, room_left, room_right
+
+
+def _shown_label(graph: nx.MultiDiGraph, u: str, v: str, label: str | None) -> str | None:
+    """The words an edge of the levels view keeps: all but those of an input or parameters
+    that feed more than two levels (through a residual stream their data reaches almost every
+    level in every role, and `key, value, objective, lr, retain` on each edge would only crowd
+    the picture); an input's edge into the training level keeps its `objective`."""
+    if label is None or graph.nodes[u]["kind"] not in ("param", "input"):
+        return label
+    fed = {w for w in graph.successors(u) if graph.nodes[w]["kind"] != "train"}
+    if graph.nodes[u]["kind"] == "input" and graph.nodes[v]["kind"] == "train" or len(fed) <= 2:
+        return label
+    return None
 
 
 def _side_y(box: Box, side: str) -> float:
@@ -553,32 +888,48 @@ def _bezier(p: tuple[tuple[float, float], ...], t: float) -> tuple[float, float]
     return x, y
 
 
-def _place_labels(edges: list[Edge], boxes: dict[str, Box]) -> None:
-    """Put each edge label near its target where it covers the fewest boxes and labels."""
+def _place_labels(edges: list[Edge], boxes: dict[str, Box], avoid_lines: bool = False) -> None:
+    """Put each edge label near its target where it covers the fewest boxes and labels (and,
+    with avoid_lines, the fewest other edges)."""
     taken: list[tuple[float, float, float, float]] = []
     rects = [(b.x - b.w / 2, b.y - b.h / 2, b.x + b.w / 2, b.y + b.h / 2) for b in boxes.values()]
+    dots: list[tuple[float, float, int]] = []  # points along every edge, with its index
+    if avoid_lines:
+        for k, e in enumerate(edges):
+            for seg in e.segments():
+                dots += [(*_bezier(seg, j / 24), k) for j in range(25)]
+    mine: set[int] = set()
 
     def overlap(r: tuple[float, float, float, float]) -> float:
         total = 0.0
-        for q in rects + taken:
+        for j, q in enumerate(rects + taken):
             w = min(r[2], q[2]) - max(r[0], q[0])
             h = min(r[3], q[3]) - max(r[1], q[1])
-            if w > 0 and h > 0:
-                total += w * h
+            if w > 0 and h > 0:  # (words over words are worse than over a box, with lines)
+                total += w * h * (20 if avoid_lines and j >= len(rects) else 1)
+        for x, y, k in dots:
+            if k not in mine and r[0] <= x <= r[2] and r[1] <= y <= r[3]:
+                total += 40.0
         return total
 
-    for e in edges:
+    spots = (0.6, 0.45, 0.75, 0.3, 0.85) + ((0.15, 0.5, 0.68, 0.92) if avoid_lines else ())
+    for now, e in enumerate(edges):
         if not e.label:
             continue
+        # the edges that share this one's arrowhead or trunk cover nothing of it
+        mine = {k for k, f in enumerate(edges)
+                if k == now or f.points[-1] == e.points[-1] or f.points[0] == e.points[0]}
         w = text_width(e.label, LABEL_SIZE) + 6
         h = LABEL_SIZE + 4
         best = None
         segs = e.segments()
         for seg in reversed(segs):
-            for t in (0.6, 0.45, 0.75, 0.3, 0.85):
+            for t in spots:
                 x, y = _bezier(seg, t)
                 r = (x - w / 2, y - h / 2, x + w / 2, y + h / 2)
                 cost = overlap(r)
+                if avoid_lines:  # and stay near the target, where the reader looks for it
+                    cost += 1.5 * math.dist((x, y), e.points[-1])
                 if best is None or cost < best[0]:
                     best = (cost, (x, y), r)
                 if cost == 0:
@@ -590,18 +941,37 @@ def _place_labels(edges: list[Edge], boxes: dict[str, Box]) -> None:
         taken.append(best[2])
 
 
-def _legend_items() -> list[tuple[str, str, str]]:
-    """(kind, swatch type, words): edge kinds first, then node kinds."""
-    items = [(k, "edge", f"{k} ({EDGE_STYLE[k][2]})") for k in EDGE_KINDS]
-    items += [(k, "node", NODE_STYLE[k][2]) for k in NODE_STYLE]
+def _legend_items(graph: nx.MultiDiGraph | None = None,
+                  faint: bool = False) -> list[tuple[str, str, str]]:
+    """(kind, swatch type, words): edge kinds first, then node kinds; for a levels view
+    (graph given) the kinds it has, and the light read edges of parameters when it has any."""
+    kinds = list(EDGE_KINDS)
+    if graph is not None:
+        have = {d["kind"] for _, _, d in graph.edges(data=True)}
+        kinds = [k for k in kinds if k in have]
+    items = [(k, "edge", f"{k} ({EDGE_STYLE[k][2]})") for k in kinds]
+    if faint:
+        items.append(("faint", "edge", "read of a block's weights (light: they feed nearly "
+                                       "every level)"))
+    nodes = list(NODE_STYLE)
+    if graph is not None:
+        have = {a["kind"] for _, a in graph.nodes(data=True)}
+        nodes = [k for k in nodes if k in have]
+    items += [(k, "node", NODE_STYLE[k][2]) for k in nodes]
     return items
 
 
-def _legend_rows(width: float) -> list[list[tuple[str, str, str, float]]]:
+def _edge_look(kind: str) -> tuple[str, str | None]:
+    """Colour and dash pattern of an edge kind, or of the light `faint` reads."""
+    return (FAINT, None) if kind == "faint" else EDGE_STYLE[kind][:2]
+
+
+def _legend_rows(width: float, items: list[tuple[str, str, str]] | None = None
+                 ) -> list[list[tuple[str, str, str, float]]]:
     rows: list[list[tuple[str, str, str, float]]] = [[]]
     x = 0.0
     limit = width - 40
-    for kind, typ, words in _legend_items():
+    for kind, typ, words in _legend_items() if items is None else items:
         w = (34 if typ == "edge" else 22) + text_width(words, 9.5) + 22
         if typ == "node" and rows[-1] and rows[-1][-1][1] == "edge":
             rows.append([])
@@ -614,8 +984,8 @@ def _legend_rows(width: float) -> list[list[tuple[str, str, str, float]]]:
     return rows
 
 
-def _legend_height(width: float) -> float:
-    return 18.0 * len(_legend_rows(width))
+def _legend_height(width: float, items: list[tuple[str, str, str]] | None = None) -> float:
+    return 18.0 * len(_legend_rows(width, items))
 
 
 # --- SVG --------------------------------------------------------------------------------------
@@ -643,13 +1013,17 @@ def to_svg(lay: Layout) -> str:
         out.append(f'<marker id="arrow-{kind}" viewBox="0 0 10 10" refX="9" refY="5" '
                    f'markerWidth="7" markerHeight="7" markerUnits="userSpaceOnUse" '
                    f'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="{color}"/></marker>')
+    if any(e.faint for e in lay.edges):
+        out.append(f'<marker id="arrow-faint" viewBox="0 0 10 10" refX="9" refY="5" '
+                   f'markerWidth="6" markerHeight="6" markerUnits="userSpaceOnUse" '
+                   f'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="{FAINT}"/></marker>')
     out.append("</defs>")
     out.append(f'<rect width="{_f(lay.width)}" height="{_f(lay.height)}" fill="#ffffff"/>')
     out.append(f'<text x="20" y="{_f(TOP_PAD + 16)}" font-size="17" font-weight="bold" '
                f'fill="#222">{_esc(lay.title)}</text>')
-    if lay.subtitle:
-        out.append(f'<text x="20" y="{_f(TOP_PAD + 34)}" font-size="10.5" fill="#555">'
-                   f"{_esc(lay.subtitle)}</text>")
+    for i, line in enumerate(lay.subtitle.split("\n") if lay.subtitle else []):
+        out.append(f'<text x="20" y="{_f(TOP_PAD + 34 + SUBTITLE_STEP * i)}" font-size="10.5" '
+                   f'fill="#555">{_esc(line)}</text>')
     out += _svg_legend(lay)
     for i, band in enumerate(lay.bands):
         out.append(f'<rect x="0" y="{_f(band.y0)}" width="{_f(lay.width)}" '
@@ -670,8 +1044,11 @@ def to_svg(lay: Layout) -> str:
             for a, b, c in zip(p[1::3], p[2::3], p[3::3]))
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         width = "1.8" if e.kind in ("generation", "backprop") else "1.4"
+        marker = e.kind
+        if e.faint:
+            color, width, marker = FAINT, "1.1", "faint"
         out.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="{width}"'
-                   f'{dash_attr} marker-end="url(#arrow-{e.kind})" opacity="0.85">'
+                   f'{dash_attr} marker-end="url(#arrow-{marker})" opacity="0.85">'
                    f"<title>{_esc(f'{e.u} -> {e.v} ({e.kind})')}</title></path>")
     for box in lay.boxes.values():
         out += _svg_box(box)
@@ -688,12 +1065,12 @@ def to_svg(lay: Layout) -> str:
 
 def _svg_legend(lay: Layout) -> list[str]:
     out = []
-    for r, row in enumerate(_legend_rows(lay.legend_w)):
+    for r, row in enumerate(_legend_rows(lay.legend_w, lay.legend)):
         y = lay.legend_y + r * 18 + 9
         for kind, typ, words, x in row:
             x += 20
             if typ == "edge":
-                color, dash, _ = EDGE_STYLE[kind]
+                color, dash = _edge_look(kind)
                 dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
                 out.append(f'<line x1="{_f(x)}" y1="{_f(y)}" x2="{_f(x + 26)}" y2="{_f(y)}" '
                            f'stroke="{color}" stroke-width="1.8"{dash_attr} '
@@ -743,13 +1120,15 @@ def _line_ys(box: Box) -> list[float]:
 # --- HTML -------------------------------------------------------------------------------------
 
 
-def to_html(graph: nx.MultiDiGraph, lay: Layout) -> str:
-    """One self-contained page: the SVG and a table of the levels."""
+def to_html(graph: nx.MultiDiGraph, lay: Layout, table: nx.MultiDiGraph | None = None) -> str:
+    """One self-contained page: the SVG and a table of the levels (of table, the graph before
+    its levels view grouped any, when given)."""
     svg = to_svg(lay).split("\n", 1)[1]  # drop the XML declaration inside HTML
     head = ("<tr>" + "".join(f"<th>{h}</th>" for h in (
         "level", "name", "kind", "frequency", "parallel with", "objective", "rule", "init",
         "choices")) + "</tr>")
     rows = []
+    graph = graph if table is None else table
     for n in levels(graph):
         a = graph.nodes[n]
         freq = a["frequency"] + (f" in chunks of {a['chunk']}" if a.get("chunk") else "")
@@ -903,19 +1282,20 @@ def to_png(lay: Layout, dpi: int = 150) -> bytes:
     ax.axis("off")
 
     def dashes(kind: str) -> Any:
-        dash = EDGE_STYLE[kind][1]
+        dash = _edge_look(kind)[1]
         return "solid" if dash is None else (0, tuple(float(x) for x in dash.split()))
 
     ax.text(20, TOP_PAD + 16, lay.title, fontsize=17, fontweight="bold", color="#222",
             va="baseline", family=FONT_PNG)
-    if lay.subtitle:
-        ax.text(20, TOP_PAD + 34, lay.subtitle, fontsize=10.5, color="#555", va="baseline", family=FONT_PNG)
-    for r, row in enumerate(_legend_rows(lay.legend_w)):
+    for i, line in enumerate(lay.subtitle.split("\n") if lay.subtitle else []):
+        ax.text(20, TOP_PAD + 34 + SUBTITLE_STEP * i, line, fontsize=10.5, color="#555",
+                va="baseline", family=FONT_PNG)
+    for r, row in enumerate(_legend_rows(lay.legend_w, lay.legend)):
         y = lay.legend_y + r * 18 + 9
         for kind, typ, words, x in row:
             x += 20
             if typ == "edge":
-                color = EDGE_STYLE[kind][0]
+                color = _edge_look(kind)[0]
                 ax.add_patch(FancyArrowPatch((x, y), (x + 26, y), arrowstyle="-|>",
                                              mutation_scale=9, color=color, lw=1.8,
                                              linestyle=dashes(kind)))
@@ -939,6 +1319,8 @@ def to_png(lay: Layout, dpi: int = 150) -> bytes:
         color = EDGE_STYLE[e.kind][0]
         path = Path(e.points, [Path.MOVETO] + [Path.CURVE4] * (len(e.points) - 1))
         lw = 1.8 if e.kind in ("generation", "backprop") else 1.4
+        if e.faint:
+            color, lw = FAINT, 1.1
         ax.add_patch(FancyArrowPatch(path=path, arrowstyle="-|>", mutation_scale=10, color=color,
                                      lw=lw, linestyle=dashes(e.kind), alpha=0.85, zorder=1,
                                      shrinkA=0, shrinkB=0))
@@ -970,17 +1352,22 @@ def to_png(lay: Layout, dpi: int = 150) -> bytes:
 # --- entry ------------------------------------------------------------------------------------
 
 
-def render(graph: nx.MultiDiGraph, fmt: str) -> str | bytes:
-    """The nest graph in fmt: svg, html, dot, mermaid (text) or png (bytes)."""
+def render(graph: nx.MultiDiGraph, fmt: str, detail: str = "auto") -> str | bytes:
+    """The nest graph in fmt: svg, html, dot, mermaid (text) or png (bytes).
+
+    detail: `full` draws every signal, `levels` only the levels (`levels_view`), `auto` the
+    full graph up to AUTO_FULL_MAX nodes and the levels beyond.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; formats are {', '.join(FORMATS)}")
-    lay = layout(graph)
+    shown = view(graph, detail)
+    lay = layout(shown)
     if fmt == "svg":
         return to_svg(lay)
     if fmt == "html":
-        return to_html(graph, lay)
+        return to_html(shown, lay, table=graph)
     if fmt == "dot":
-        return to_dot(graph, lay)
+        return to_dot(shown, lay)
     if fmt == "mermaid":
-        return to_mermaid(graph, lay)
+        return to_mermaid(shown, lay)
     return to_png(lay)

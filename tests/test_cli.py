@@ -201,7 +201,7 @@ def test_closed_pipe_is_not_an_error():
     """`nestc viz ... | head -1` must not print an internal error (the HTML is over 64 KiB,
     more than a pipe holds, so the write after head exits fails)."""
     out = subprocess.run(f"{sys.executable} -m nestc.cli viz std/models/hope.nest "
-                         "--name HopeLM --format html | head -1", shell=True,
+                         "--name HopeLM --format html --detail full | head -1", shell=True,
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.startswith("<!DOCTYPE html>")
     assert "internal error" not in out.stderr and "Traceback" not in out.stderr

@@ -26,7 +26,8 @@ def ns5(x: torch.Tensor) -> torch.Tensor:
 class ReferenceM3:
     """Algorithm 1 for one matrix, step by step as the paper's box lists it."""
 
-    def __init__(self, w, lr, betas, alpha, eps, f):
+    def __init__(self, w, lr, betas, alpha, eps, f, ema=False):
+        self.ema = ema
         self.w, self.lr, self.betas, self.alpha, self.eps, self.f = w, lr, betas, alpha, eps, f
         self.m1 = torch.zeros_like(w)
         self.m2 = torch.zeros_like(w)
@@ -38,26 +39,34 @@ class ReferenceM3:
     def step(self, g):
         b1, b2, b3 = self.betas
         self.t += 1
-        self.m1 = self.m1 + b1 * g
-        self.v = self.v + b2 * g * g
+        if self.ema:  # M3EMA: moving averages; the slow one of each chunk's mean gradient
+            self.m1 = b1 * self.m1 + (1 - b1) * g
+            self.v = b2 * self.v + (1 - b2) * g * g
+        else:
+            self.m1 = self.m1 + b1 * g
+            self.v = self.v + b2 * g * g
         o1 = ns5(self.m1)
         self.w = self.w - self.lr * (o1 + self.alpha * self.o2) / (self.v.sqrt() + self.eps)
         self.s = self.s + g
         if self.t % self.f == 0:  # the slow level: used from the next step on
-            self.m2 = self.m2 + b3 * self.s
+            if self.ema:
+                self.m2 = b3 * self.m2 + (1 - b3) * self.s / self.f
+            else:
+                self.m2 = self.m2 + b3 * self.s
             self.s = torch.zeros_like(self.s)
             self.o2 = ns5(self.m2)
 
 
+@pytest.mark.parametrize("name", ["M3", "M3EMA"])
 @pytest.mark.parametrize("backend", ["auto", "generic"])
-def test_matches_algorithm_1(backend):
+def test_matches_algorithm_1(backend, name):
     torch.manual_seed(0)
     shapes = [(12, 8), (8, 12), (6, 6)]
     params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
     hyper = {"lr": 1e-2, "betas": (0.9, 0.99, 0.8), "alpha": 0.5, "eps": 1e-3, "slow_every": 3}
     refs = [ReferenceM3(p.detach().clone(), hyper["lr"], hyper["betas"], hyper["alpha"],
-                        hyper["eps"], hyper["slow_every"]) for p in params]
-    opt = M3.build("M3", params, ns_dtype="float32", backend=backend, **hyper)
+                        hyper["eps"], hyper["slow_every"], ema=name == "M3EMA") for p in params]
+    opt = M3.build(name, params, ns_dtype="float32", backend=backend, **hyper)
     for _ in range(10):  # the slow level fires at steps 3, 6 and 9
         grads = [torch.randn_like(p) for p in params]
         for p, g, r in zip(params, grads, refs):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import html.parser
 import re
 import struct
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from itertools import combinations
+from itertools import combinations, permutations
+from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -16,10 +18,21 @@ from test_nest import load_sketch
 
 import nestc
 from nestc.cli import main
-from nestc.nest import LEVEL_KINDS, levels
-from nestc.viz import LABEL_SIZE, layout, render, text_width
+from nestc.nest import DATA_KINDS, LEVEL_KINDS, levels
+from nestc.viz import (
+    AUTO_FULL_MAX,
+    LABEL_SIZE,
+    collapse_signals,
+    group_weights,
+    layout,
+    levels_view,
+    render,
+    text_width,
+    view,
+)
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
+ROOT = Path(__file__).resolve().parents[1]
 
 # A spec whose hyperparameters and rule carry every character the formats must escape.
 ESC_SPEC = r"""
@@ -61,7 +74,7 @@ def svg_texts(svg: str) -> list[str]:
 
 def test_svg_parses_and_names_every_node(adam: nx.MultiDiGraph, hope: nx.MultiDiGraph) -> None:
     for g in (adam, hope):
-        svg = render(g, "svg")
+        svg = render(g, "svg", detail="full")
         assert isinstance(svg, str) and svg.startswith("<?xml")
         texts = svg_texts(svg)
         for n, a in g.nodes(data=True):
@@ -221,7 +234,7 @@ def test_mermaid(adam: nx.MultiDiGraph, hope: nx.MultiDiGraph, esc: nx.MultiDiGr
     assert '    n1(["grad#40;W#41;"])' in lines
     assert '  n2 -->|"objective"| n3' in lines
     assert '  n0 -.->|"gradient"| n1' in lines  # W generates grad(W)
-    hope_text = render(hope, "mermaid")
+    hope_text = render(hope, "mermaid", detail="full")
     assert hope_text.count("  subgraph band") == 4 and "  band0 ~~~ band1" in hope_text
     assert "Hope.C#91;16#93;" in hope_text
     for t in (text, hope_text, render(esc, "mermaid")):
@@ -234,11 +247,12 @@ def test_mermaid(adam: nx.MultiDiGraph, hope: nx.MultiDiGraph, esc: nx.MultiDiGr
 
 
 def test_png(adam: nx.MultiDiGraph, hope: nx.MultiDiGraph, tmp_path) -> None:
-    for name, g in (("adam", adam), ("hope", hope)):
-        data = render(g, "png")
+    for name, g, detail in (("adam", adam, "auto"), ("hope", hope, "full"),
+                            ("hope_levels", hope, "levels")):
+        data = render(g, "png", detail=detail)
         assert isinstance(data, bytes) and data.startswith(b"\x89PNG\r\n\x1a\n")
         width, height = struct.unpack(">II", data[16:24])
-        lay = layout(g)
+        lay = layout(view(g, detail))
         assert abs(width - lay.width / 72 * 150) <= 2 and abs(height - lay.height / 72 * 150) <= 2
         (tmp_path / f"viz_{name}.png").write_bytes(data)
 
@@ -262,8 +276,231 @@ def test_svg_needs_neither_torch_nor_matplotlib() -> None:
     code = ("import sys, nestc\n"
             "from nestc.viz import render\n"
             "g = nestc.load('std/optim/sgd.nest').graph('SGD', momentum=0.9)\n"
+            "h = nestc.load('std/models/hope.nest').graph('HopeLM')\n"
             "for fmt in ('svg', 'html', 'dot', 'mermaid'):\n"
             "    render(g, fmt)\n"
+            "    render(h, fmt, detail='levels')\n"
+            "    render(h, fmt, detail='full')\n"
+            "print('torch' in sys.modules, 'matplotlib' in sys.modules)\n"
+            "render(h, 'png')\n"
             "print('torch' in sys.modules, 'matplotlib' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False", "True"]  # PNG: matplotlib only
+
+
+# --- the levels view --------------------------------------------------------------------------
+
+
+def signal_paths(g: nx.MultiDiGraph) -> set[tuple[str, str, str]]:
+    """(u, v, kind of the first edge) for every edge level -> level and every path from a level
+    or an input through signals only to another level."""
+    kind = {n: a["kind"] for n, a in g.nodes(data=True)}
+    signals = g.subgraph([n for n in g if kind[n] == "signal"])
+    out = set()
+    for u in g:
+        if kind[u] == "signal":
+            continue
+        for _, s, d in g.out_edges(u, data=True):
+            if kind[s] in LEVEL_KINDS:
+                ends = {s}
+            else:
+                ends = {v for t in nx.descendants(signals, s) | {s} for v in g.successors(t)
+                        if kind[v] in LEVEL_KINDS}
+            out |= {(u, v, d["kind"]) for v in ends if v != u}
+    return out
+
+
+@pytest.mark.parametrize("name", ["DeltaNet", "Hope", "HopeLM"])
+def test_collapse_signals_keeps_every_level_and_each_path(name: str) -> None:
+    g = load_sketch().graph(name, **({} if name == "HopeLM" else {"dim": 16}))
+    before = copy.deepcopy(g)
+    c = collapse_signals(g)
+    assert nx.utils.graphs_equal(g, before)  # a pure function: g is left as it was
+    lv = {n for n, a in g.nodes(data=True) if a["kind"] in LEVEL_KINDS}
+    assert {n for n, a in c.nodes(data=True) if a["kind"] in LEVEL_KINDS} == lv
+    for n in lv:
+        assert c.nodes[n] == g.nodes[n]
+    assert not any(a["kind"] == "signal" for _, a in c.nodes(data=True))
+    edges = [(u, v, d["kind"]) for u, v, d in c.edges(data=True)]
+    assert len(edges) == len(set(edges))  # parallel edges of one kind are one
+    paths = signal_paths(g)
+    assert {e for e in edges if e[0] in lv} == {p for p in paths if p[0] in lv}
+    # between two levels: an edge iff a path through signals only
+    for u, v in permutations(lv, 2):
+        assert c.has_edge(u, v) == any(p[:2] == (u, v) for p in paths), (u, v)
+    # the input stays, as one node, with the paths from it
+    inputs = [n for n, a in c.nodes(data=True) if a["kind"] in DATA_KINDS]
+    assert inputs == [next(n for n, a in g.nodes(data=True) if a["kind"] == "input")]
+    assert {e for e in edges if e[0] in inputs} == {p for p in paths if p[0] in inputs}
+
+
+def test_collapse_signals_combines_labels() -> None:
+    prog = load_sketch()
+    delta = collapse_signals(prog.graph("DeltaNet", dim=16))
+    assert [d["label"] for _, _, d in delta.edges("x", data=True)] == ["key, value, objective, lr"]
+    hope = collapse_signals(prog.graph("HopeLM"))
+    data = {(u, v, d["kind"]): d for u, v, d in hope.edges(data=True)}
+    assert data[("Hope.Mk", "Hope.M", "read")]["label"] == "key, objective"
+    assert data[("Hope.Mk", "Hope.M", "read")]["via"] == ["Hope.k"]
+    assert data[("Hope.C[16]", "train", "read")]["label"] == "objective"
+    assert data[("train", "Hope.M", "init")]["label"] == "meta"
+    assert data[("tokens", "train", "flow")]["label"] == "objective"
+    assert not hope.has_edge("Hope.Mk", "Hope.Mk")  # a level's way back to itself goes
+
+
+def test_collapse_signals_merges_inputs() -> None:
+    g = nestc.loads("""
+block Two(dim = 8) {
+    input x : [T, dim]
+    input y : [T, dim]
+    input unused : [T, dim]
+    memory M : matrix(dim, dim) = zeros every token {
+        key x; value y; objective l2(M(x), y); rule gd(lr = 0.1)
+    }
+    output M(x)
+}
+""").graph("Two")
+    c = collapse_signals(g)
+    inputs = [(n, a) for n, a in c.nodes(data=True) if a["kind"] == "input"]
+    assert [n for n, _ in inputs] == ["x, y"] and inputs[0][1]["inputs"] == ["x", "y"]
+    assert [(u, v, d["label"]) for u, v, d in c.edges(data=True)] == \
+        [("x, y", "M", "key, value, objective")]
+    lay = layout(c)
+    assert lay.boxes["x, y"].y > lay.boxes["M"].y  # at the bottom
+
+
+def test_group_weights_one_box_per_block() -> None:
+    g = collapse_signals(nestc.load("std/models/hope.nest").graph("HopeLM"))
+    before = copy.deepcopy(g)
+    w = group_weights(g)
+    assert nx.utils.graphs_equal(g, before)
+    smt = w.nodes["Hope.SelfModifyingTitans.*"]
+    members = [n for n, a in g.nodes(data=True)
+               if a["kind"] == "param" and n.startswith("Hope.SelfModifyingTitans.")]
+    assert smt["kind"] == "param" and smt["count"] == len(members) == 13
+    assert smt["members"] == members and smt["repeat"] == 4 and smt["frequency"] == "every step"
+    assert smt["structure"] == "linear ×7 · conv1d ×5 · rmsnorm"
+    assert w.nodes["Hope.*"]["members"] == ["Hope.h.rmsnorm", "Hope.output.rmsnorm"]
+    assert w.nodes["*"]["members"] == ["h.embed", "logits.rmsnorm", "logits.linear"]
+    assert w.nodes["*"]["label"] == "HopeLM"
+    # memories and the training level stay one box each
+    assert {n for n, a in w.nodes(data=True) if a["kind"] in ("memory", "train")} == \
+        {n for n, a in g.nodes(data=True) if a["kind"] in ("memory", "train")}
+    assert not any(n.startswith("Hope.SelfModifyingTitans.") and a["kind"] == "param"
+                   and not a.get("group") for n, a in w.nodes(data=True))
+    # a group's edges are its members' edges, once per kind
+    rename = {m: n for n, a in w.nodes(data=True) if a.get("group") for m in a["members"]}
+    want = {(rename.get(u, u), rename.get(v, v), d["kind"]) for u, v, d in g.edges(data=True)}
+    got = [(u, v, d["kind"]) for u, v, d in w.edges(data=True)]
+    assert set(got) == want and len(got) == len(want)
+    lv = {n for n, a in w.nodes(data=True) if a["kind"] in LEVEL_KINDS}
+    assert len(lv) == 13 and levels(w)[-1] == "train"
+
+
+def test_view_picks_the_detail(adam: nx.MultiDiGraph, hope: nx.MultiDiGraph) -> None:
+    assert adam.number_of_nodes() <= AUTO_FULL_MAX < hope.number_of_nodes()
+    assert view(adam) is adam and view(hope, "full") is hope
+    assert view(hope).graph["detail"] == "levels"
+    assert view(adam, "levels").graph["detail"] == "levels"
+    with pytest.raises(ValueError, match="unknown detail"):
+        view(adam, "some")
+    with pytest.raises(ValueError, match="unknown detail"):
+        render(adam, "svg", detail="some")
+    # nothing but signals: the levels view has nothing to draw, so it draws them
+    bare = nestc.loads("block Bare(dim = 8) {\n input x : [T, dim]\n output x\n}\n").graph("Bare")
+    assert view(bare, "levels") is bare
+
+
+def test_levels_svg_draws_levels_only(hope: nx.MultiDiGraph) -> None:
+    texts = svg_texts(render(hope, "svg"))
+    full = svg_texts(render(hope, "svg", detail="full"))
+    for n, a in hope.nodes(data=True):
+        if a["kind"] == "signal":
+            assert n in full and n not in texts, n
+    assert "Hope.Mk  ×4" in texts and "Hope.M  ×4" in texts and "train" in texts
+    assert "HopeLM: 3 weights" in texts and "Hope: 4 weights  ×4" in texts
+    assert "tokens" in texts and "key, objective" in texts
+    assert any(t.startswith("levels view: 12 signals folded into edges") for t in texts)
+    assert "read of a block's weights (light: they feed nearly every level)" in texts
+    assert "signal" not in texts  # nor in the legend
+
+
+def test_levels_layout_reads_well() -> None:
+    g = nestc.load("std/models/hope.nest").graph("HopeLM")
+    shown = levels_view(g)
+    lay = layout(shown)
+    assert len(lay.edges) == shown.number_of_edges()
+    boxes = list(lay.boxes.values())
+    for a, b in combinations(boxes, 2):
+        assert abs(a.x - b.x) >= (a.w + b.w) / 2 or abs(a.y - b.y) >= (a.h + b.h) / 2, (a.id, b.id)
+    for box in boxes:
+        assert box.x - box.w / 2 > 0 and box.x + box.w / 2 < lay.width
+        for text, size, bold in box.lines:
+            assert text_width(text, size, bold) <= box.w - 8, (box.id, text)
+    assert lay.boxes["Hope.SelfModifyingTitans.*"].lines[0][0] == "Hope.SMT: 13 weights  ×4"
+    y = {n: b.y for n, b in lay.boxes.items()}
+    smt = "Hope.SelfModifyingTitans."
+    assert y["tokens"] > y[smt + "M_k"] > y[smt + "M_memory"] > y["Hope.CMS.f[16]"] \
+        > y["Hope.CMS.f[256]"] > y[smt + "*"] > y["train"]
+    assert y["AdamW.m"] == y["AdamW.v"] == y["*"]  # level 3: the weights and Adam's states
+    assert [b.label for b in lay.bands] == ["every token", "every 16 tokens", "every 256 tokens",
+                                            "every step"]
+    labels = []
+    for e in lay.edges:
+        if e.label:
+            assert e.label_at is not None
+            w = text_width(e.label, LABEL_SIZE) + 6
+            labels.append((e.label_at[0] - w / 2, e.label_at[1] - 6, e.label_at[0] + w / 2,
+                           e.label_at[1] + 6))
+    for r, q in combinations(labels, 2):
+        assert r[2] <= q[0] or q[2] <= r[0] or r[3] <= q[1] or q[3] <= r[1], (r, q)
+    shown_labels = {e.label for e in lay.edges if e.label}
+    assert {"key, objective", "value, objective", "lr", "retain", "input", "objective",
+            "meta"} <= shown_labels
+    assert "key, value, objective, lr, retain" not in shown_labels  # tokens' and weights' words
+    # a bundle shares its start: the edges of one kind out of the SMT weights start together
+    starts = {e.points[0] for e in lay.edges if e.u == smt + "*" and e.kind == "read"
+              and lay.boxes[e.v].y > y[smt + "*"]}
+    assert len(starts) == 1
+    assert all(e.faint for e in lay.edges if e.kind == "read" and shown.nodes[e.u]["kind"] == "param")
+
+
+SPECS = sorted(ROOT.glob("stdlib/**/*.nest")) + sorted(ROOT.glob("examples/*.nest"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_spec_draws_in_every_text_format(path) -> None:
+    prog = nestc.load(str(path))
+    for name in prog.names:
+        try:
+            g = prog.graph(name)
+        except nestc.NestError:
+            g = prog.graph(name, dim=16)  # a block that needs its width
+        for detail in ("levels", "full"):
+            ET.fromstring(render(g, "svg", detail=detail).encode())
+            for fmt in ("html", "dot", "mermaid"):
+                assert render(g, fmt, detail=detail)
+
+
+def test_cli_viz_detail(tmp_path, capsys) -> None:
+    out = {}
+    for detail in ("levels", "full", "auto"):
+        path = tmp_path / f"hope_{detail}.svg"
+        assert main(["viz", "std/models/hope.nest", "-n", "HopeLM", "--detail", detail,
+                     "-o", str(path)]) == 0
+        out[detail] = svg_texts(path.read_text())
+    assert "Hope.SMT.x" in out["full"] and "Hope.SMT.x" not in out["levels"]
+    assert out["auto"] == out["levels"]
+    with pytest.raises(SystemExit):
+        main(["viz", "std/optim/adam.nest", "--detail", "some"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_closed_pipe_with_the_full_picture() -> None:
+    """The levels view's page of HopeLM is under the 64 KiB a pipe holds; the full one is over
+    it, so `| head -1` still makes the write after head exits fail, which must stay quiet."""
+    out = subprocess.run(f"{sys.executable} -m nestc.cli viz std/models/hope.nest "
+                         "--name HopeLM --format html --detail full | head -1", shell=True,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("<!DOCTYPE html>")
+    assert "internal error" not in out.stderr and "Traceback" not in out.stderr
