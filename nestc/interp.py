@@ -69,6 +69,7 @@ class TorchNS:
             "silu": torch.nn.functional.silu, "min": torch.minimum, "max": torch.maximum,
             "lerp": lambda a, b, w: a + w * (b - a),
             "clamp": lambda x, lo, hi: torch.clamp(x, min=lo, max=hi),
+            "matmul": torch.matmul, "transpose": lambda x: x.mT,
         }
         return call
 

@@ -28,7 +28,7 @@ ELEMENTWISE_CALLS = ("sqrt", "abs", "exp", "log", "sign", "tanh", "sigmoid", "re
                      "min", "max", "lerp", "debias", "clamp")
 SHAPE_CALLS = ("ndim", "rows", "cols", "numel")
 # calls on whole tensors (not element-wise): args are (x, numbers...), run tensor by tensor
-MATRIX_CALLS = ("newton_schulz",)
+MATRIX_CALLS = ("newton_schulz", "matmul", "transpose")
 
 
 @dataclass(frozen=True)

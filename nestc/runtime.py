@@ -89,6 +89,27 @@ def newton_schulz(x: torch.Tensor, steps: int, eps: float, coefficients: tuple[f
     return ns(x, steps, eps, coefficients, dtype)  # type: ignore[arg-type]
 
 
+def _matrix(x: torch.Tensor, op: str, where: str) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{where}: error: `{op}` needs a matrix, but a parameter of shape "
+                         f"{tuple(x.shape)} reached it; route it elsewhere with "
+                         "`if ndim(W) == 2 { ... }`")
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, where: str = "") -> torch.Tensor:
+    """`a @ b` for one parameter's matrices, with an error that names shapes and the line."""
+    _matrix(a, "@", where)
+    _matrix(b, "@", where)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"{where}: error: `@` of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    return a @ b
+
+
+def transpose(x: torch.Tensor, where: str = "") -> torch.Tensor:
+    _matrix(x, "transpose", where)
+    return x.T
+
+
 def partition_first(state: dict[Any, dict[str, Any]], params: list[torch.Tensor],
                     names: list[str]) -> Iterable[tuple[dict[str, bool], list[torch.Tensor]]]:
     """Group tensors by which of their `from` memories have no first write yet."""

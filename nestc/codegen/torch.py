@@ -255,6 +255,11 @@ class _Variant:
             if root.kind == "t":
                 return Val(f"torch._foreach_div({self.bind(root).code}, {self.listed(corr)})", "t")
         args = [self.expr(a) for a in e.args]
+        if fn in ("matmul", "transpose"):
+            ts = [self.bind(self.as_tensors(a)).code for a in args]
+            names = ", ".join(f"_a{k}" for k in range(len(ts)))
+            loop = f"zip({', '.join(ts)})" if len(ts) > 1 else ts[0]
+            return Val(f"[_rt.{fn}({names}, {self.where!r}) for {names} in {loop}]", "t")
         if fn in ir.MATRIX_CALLS:
             xs = self.bind(self.as_tensors(args[0]))
             assert all(a.kind == "s" for a in args[1:]), e
@@ -667,6 +672,8 @@ class _OneTensor:
         if fn == "newton_schulz":
             x, steps, eps, ca, cb, cc, dtype = args
             return f"_rt.newton_schulz({x}, {steps}, {eps}, ({ca}, {cb}, {cc}), {dtype})"
+        if fn in ("matmul", "transpose"):
+            return f"_rt.{fn}({', '.join(args)})"
         if fn in ("lerp", "clamp"):
             return f"torch.{fn}({', '.join(args)})"
         if fn in ("min", "max"):

@@ -73,7 +73,10 @@ class _Lowerer:
             if e.op in ARITH:
                 return ir.E(ARITH[e.op], (a, b))
             if e.op == "@":
-                raise self.unsupported("`@` (matrix product)", e.span)
+                if a.is_scalar or b.is_scalar:
+                    raise NestError("`@` multiplies matrices; use `*` with a number", e.span,
+                                    kind="type")
+                return ir.E("call", (a, b), "matmul")
             return ir.E("cmp", (a, b), e.op)
         if isinstance(e, ast.ExprUnary):
             a = self.expr(e.operand, names)
@@ -122,6 +125,11 @@ class _Lowerer:
             return self.newton_schulz(e, names)
         if fn == "sum":
             return self.chunk_sum(e, names)
+        if fn == "transpose":
+            x = self.expr(e.args[0], names)
+            if x.is_scalar:
+                raise NestError("`transpose` takes a matrix", e.args[0].span, kind="type")
+            return ir.E("call", (x,), "transpose")
         if fn not in ir.ELEMENTWISE_CALLS:
             raise self.unsupported(f"`{fn}`", e.func.span)
         if fn == "clamp":
