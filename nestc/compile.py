@@ -9,7 +9,7 @@ from nestc.check import Checked
 from nestc.errors import NestError
 
 # each pass is the function of the same name in nestc/passes/<name>.py, applied in this order
-OPTIMIZER_PASSES = ("lower_optimizer", "select_kernels", "simplify_updates")
+OPTIMIZER_PASSES = ("lower_optimizer", "hoist_slow", "select_kernels", "simplify_updates")
 
 _CACHE: dict[tuple[str, str, str], str] = {}
 

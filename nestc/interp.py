@@ -175,6 +175,10 @@ def run(variant: ir.Variant, hyper: dict[str, Any], W: Any, G: Any, states: dict
 
     env: dict[str, Any] = {"hyper": hyper, "W": W, "G": G, "states": states, "locals": {},
                            "steps": steps, "ns": ns, "shape": shape or shape_of(W)}
+    for m in variant.memories:  # hoisted values start as their expression of the initial state
+        if m.init == "eval" and m.name not in states:
+            assert m.first is not None
+            states[m.name] = evaluate(m.first, env)
     for s in variant.stmts:
         if isinstance(s, ir.Let):
             env["locals"][s.name] = evaluate(s.value, env)

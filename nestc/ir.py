@@ -80,10 +80,10 @@ class Memory:
     """A state tensor of the optimizer, one per parameter."""
 
     name: str
-    init: str  # "zeros" | "ones" | "from"
+    init: str  # "zeros" | "ones" | "from" | "eval" (computed from `first` when made)
     period: E  # updates when the step count is a multiple of period (a scalar expression)
     span: Span
-    first: E | None = None  # the value the first write stores, for init "from"
+    first: E | None = None  # "from": what the first write stores; "eval": the initial value
     deferred: bool = False  # `read before write`: written at the end of the step
 
 

@@ -75,7 +75,7 @@ def test_matches_algorithm_1(backend, name):
         opt.step()
         for p, r in zip(params, refs):
             torch.testing.assert_close(p.detach(), r.w, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(opt.state[p]["O2"], r.o2, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(opt.state[p]["M2_newton_schulz"], r.o2, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(opt.state[p]["M2_sum"], r.s, rtol=1e-5, atol=1e-6)
 
 
@@ -106,3 +106,21 @@ def test_vectors_use_the_auxiliary_adamw():
         opt.step()
         torch_opt.step()
     assert torch.equal(b, ref)
+
+
+def test_newton_schulz_of_the_slow_momentum_runs_only_when_it_changes(monkeypatch):
+    """hoist_slow: NS(M2) is computed when the state is made and at each slow update."""
+    from nestc import runtime
+
+    calls = []
+    real = runtime.newton_schulz
+    monkeypatch.setattr(runtime, "newton_schulz",
+                        lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = M3.build("M3", [p], slow_every=5, ns_dtype="float32")
+    for _ in range(10):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    # NS(M1) every step: 10; NS(M2): once when made, then at steps 5 and 10: 3
+    assert len(calls) == 13
+    assert "M2_newton_schulz" in opt.state[p]

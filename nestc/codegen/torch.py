@@ -90,6 +90,7 @@ class _Variant:
         self.mems = {m.name: m for m in variant.memories}
         self.temps: set[str] = set()  # names of freshly allocated lists, each read once
         self.where = ""
+        self.snapshots = _snapshots(variant)
 
     def fresh(self) -> str:
         self.tmp += 1
@@ -295,8 +296,8 @@ class _Variant:
                 # one number per tensor: it stays an expression of _c and _p, used in place
                 self.locals[s.name] = Val(f"({v.code})", "ls")
                 return
-            if v.code == "_params" or v.code.startswith("_st_"):
-                # a snapshot: the param and the memories are updated in place later
+            if s.name in self.snapshots:
+                # a snapshot: the param or memory it names is updated in place before a read
                 self.line(f"{name} = [_x.clone() for _x in {v.code}]")
             else:
                 self.line(f"{name} = {v.code}")
@@ -444,6 +445,23 @@ class _Variant:
                 self.line(f"torch.{fn_of[value.op]}({target}, {code}{alpha})")
             return True
         return False
+
+
+def _snapshots(variant: ir.Variant) -> set[str]:
+    """Lets naming the param or a memory that is written while the let is still read."""
+    out = set()
+    stmts = variant.stmts
+    for i, s in enumerate(stmts):
+        if not isinstance(s, ir.Let) or s.value.op not in ("param", "state"):
+            continue
+        target = ("param", None) if s.value.op == "param" else ("state", s.value.value)
+        local = ir.E("local", value=s.name)
+        for j in range(i + 1, len(stmts)):
+            w = stmts[j]
+            if isinstance(w, ir.Assign) and (w.kind, w.target if w.kind == "state" else None) \
+                    == target and any(_reads(r.value, local) for r in stmts[j + 1:]):
+                out.add(s.name)
+    return out
 
 
 def _period(s: ir.Assign, mem: ir.Memory | None) -> ir.E:
@@ -637,6 +655,7 @@ class _OneTensor:
         self.variant = variant
         self.mems = {m.name: m for m in variant.memories}
         self.hyper = hyper
+        self.snapshots = _snapshots(variant)
 
     def expr(self, e: ir.E) -> str:
         op = e.op
@@ -701,7 +720,7 @@ class _OneTensor:
             lines.append(f"    # {comment(_source_line(st.span))}")
             if isinstance(st, ir.Let):
                 value = self.expr(st.value)
-                snapshot = st.value.op in ("param", "state")
+                snapshot = st.name in self.snapshots
                 lines.append(f"    _l_{st.name} = {value}{'.clone()' if snapshot else ''}")
                 continue
             value = self.expr(st.value)
@@ -729,10 +748,18 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str) -> 
     b("    if 'step' not in _s:")
     b("        _s['step'] = torch.zeros((), dtype=torch.float32, device=_p.device)")
     for m in v.memories:
-        if m.init != "from":
+        if m.init in ("zeros", "ones"):
             make = "zeros_like" if m.init == "zeros" else "ones_like"
             b(f"    if {m.name!r} not in _s:")
             b(f"        _s[{m.name!r}] = torch.{make}(_p, memory_format=torch.preserve_format)")
+    one = _OneTensor(v, hyper)
+    for m in v.memories:
+        if m.init == "eval":  # a hoisted value starts as its expression of the initial state
+            assert m.first is not None
+            b(f"    if {m.name!r} not in _s:")
+            for r in sorted({n.value for n in m.first.walk() if n.op == "state"}):
+                b(f"        _st_{r} = _s[{r!r}]")
+            b(f"        _s[{m.name!r}] = {one.expr(m.first)}")
     b("_steps = [_s['step'] for _s in _states]")
     for m in v.memories:
         get = f"_s[{m.name!r}]" if m.init != "from" else f"_s.get({m.name!r})"
