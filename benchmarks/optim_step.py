@@ -70,6 +70,8 @@ def main() -> None:
           f"parameters, median of {args.reps} steps")
     adam = nestc.load("std/optim/adam.nest")
     sgd = nestc.load("std/optim/sgd.nest")
+    # an element-wise optimizer no pattern recognizes: the generic paths' real test
+    nested = nestc.load("std/optim/nested.nest")
     T = torch.optim
     rows = [
         ("Adam (nestc auto) / torch Adam fused",
@@ -92,6 +94,12 @@ def main() -> None:
          lambda p: T.Adam(p, fused=True), lambda p: adam.build("Adam", p, backend="compiled")),
         ("AdamW (nestc compiled) / torch AdamW fused",
          lambda p: T.AdamW(p, fused=True), lambda p: adam.build("AdamW", p, backend="compiled")),
+        ("PreconditionedMomentum (nestc generic) / torch Adam fused",
+         lambda p: T.Adam(p, fused=True),
+         lambda p: nested.build("PreconditionedMomentum", p, backend="generic")),
+        ("PreconditionedMomentum (nestc compiled) / torch Adam fused",
+         lambda p: T.Adam(p, fused=True),
+         lambda p: nested.build("PreconditionedMomentum", p, backend="compiled")),
         ("torch Adam foreach / torch Adam fused (context)",
          lambda p: T.Adam(p, fused=True), lambda p: T.Adam(p, foreach=True)),
     ]
