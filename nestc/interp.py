@@ -66,7 +66,9 @@ class TorchNS:
         table: dict[str, Callable[..., Any]] = {
             "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log, "tanh": torch.tanh,
             "abs": torch.abs, "sign": torch.sign, "sigmoid": torch.sigmoid, "relu": torch.relu,
-            "silu": torch.nn.functional.silu, "min": torch.minimum, "max": torch.maximum,
+            "silu": torch.nn.functional.silu,
+            "min": lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)),
+            "max": lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b)),
             "lerp": lambda a, b, w: a + w * (b - a),
             "clamp": lambda x, lo, hi: torch.clamp(x, min=lo, max=hi),
             "matmul": torch.matmul, "transpose": lambda x: x.mT,
@@ -94,7 +96,9 @@ def evaluate(e: ir.E, env: dict[str, Any]) -> Any:
         return env["G"]
     if op == "state":
         return env["states"][e.value]
-    if op in ("local", "slocal"):
+    if op == "slocal":
+        return evaluate(e.args[0], env)
+    if op == "local":
         return env["locals"][e.value]
     if op == "step":
         return env["steps"](e.value)

@@ -56,8 +56,9 @@ class E:
 
     @property
     def is_scalar(self) -> bool:
-        """True when the value is one number for a whole tensor: hyperparameters, constants
-        and step counts (lets may hold tensors, so they count as tensors)."""
+        """True when the value is one number for a whole tensor: hyperparameters, constants,
+        step counts and shapes (a `local` let holds tensors; an `slocal` one carries its
+        number's expression as its argument, so these properties see through it)."""
         return not any(n.op in ("param", "grad", "state", "local") for n in self.walk())
 
     @property

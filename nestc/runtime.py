@@ -80,8 +80,12 @@ def split(params: list[torch.Tensor], pred: Callable[[torch.Tensor], bool]
 def newton_schulz(x: torch.Tensor, steps: int, eps: float, coefficients: tuple[float, ...],
                   dtype: str, where: str = "") -> torch.Tensor:
     """The shared Newton-Schulz routine, with an error that names the tensor and the spec line."""
+    from nestc.ops import NS_DTYPES
     from nestc.ops.newton_schulz import newton_schulz as ns
 
+    if dtype not in NS_DTYPES or len(coefficients) != 3:
+        raise ValueError(f"{where}: error: newton_schulz runs in {', '.join(NS_DTYPES)} with "
+                         f"three coefficients, got {dtype!r} and {coefficients!r}")
     if x.ndim < 2:
         raise ValueError(f"{where}: error: newton_schulz needs a matrix, but a parameter of shape "
                          f"{tuple(x.shape)} reached it; route it elsewhere with "

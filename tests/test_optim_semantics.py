@@ -15,8 +15,9 @@ from nestc import interp  # noqa: E402
 from nestc.compile import lower  # noqa: E402
 
 
-def variant_for(opt_ir, hyper):
-    env = {"hyper": hyper, "ns": interp.FloatNS}
+def variant_for(opt_ir, hyper, param=None):
+    shape = interp.shape_of(param) if param is not None else {}
+    env = {"hyper": hyper, "ns": interp.FloatNS, "shape": shape}
     for v in opt_ir.variants:
         if all(bool(interp.evaluate(c, env)) == want for c, want in v.conditions):
             return v
@@ -27,9 +28,10 @@ def follows_interpreter(text: str, name: str, backend: str, steps: int = 6, **hy
     prog = nestc.loads(text, "case.nest")
     checked = prog.decl(name)
     values = checked.bind(hyper)
-    variant = variant_for(lower(checked), values)
+    opt_ir = lower(checked)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    variants = [variant_for(opt_ir, values, p) for p in params]
     opt = prog.build(name, params, backend=backend, **hyper)
     ref = [(p.detach().clone(), {}) for p in params]
     for t in range(1, steps + 1):
@@ -37,10 +39,10 @@ def follows_interpreter(text: str, name: str, backend: str, steps: int = 6, **hy
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-        for i, (g, (W, st)) in enumerate(zip(grads, ref)):
+        for i, (g, (W, st), variant) in enumerate(zip(grads, ref, variants)):
             first = {m.name: m.name not in st for m in variant.memories if m.init == "from"}
             for m in variant.memories:
-                if m.init != "from" and m.name not in st:
+                if m.init in ("zeros", "ones") and m.name not in st:
                     st[m.name] = torch.zeros_like(W) if m.init == "zeros" else torch.ones_like(W)
             W, st = interp.run(variant, values, W, g, st, t, ns=interp.TorchNS(), first=first)
             ref[i] = (W, st)
@@ -174,3 +176,81 @@ def test_fused_backend_refuses_variants_without_a_kernel():
 def test_compiled_follows_interpreter(case):
     text, hyper = CASES[case]
     follows_interpreter(text, "A", "compiled", steps=3, **hyper)
+
+
+NEW_CASES = {
+    "number_let_as_condition": ("""
+optimizer A(lr = 0.1) {
+    param W
+    let big = numel(W) > 3
+    if big { W -= lr * grad(W) } else { W -= 2 * lr * grad(W) }
+}""", {}),
+    "number_let_in_newton_schulz": ("""
+optimizer A(lr = 0.1) {
+    param W
+    let n = ndim(W) + 3
+    if ndim(W) == 2 { W -= lr * newton_schulz(grad(W), steps = 5, dtype = "float32") }
+    else { W -= lr * n * grad(W) }
+}""", {}),
+    "hoisted_reads_a_number_let": ("""
+optimizer A(lr = 0.1) {
+    param W
+    let s = 2 * lr
+    memory M = zeros_like(W) every 2 steps { M = M + grad(W) }
+    if ndim(W) == 2 { W -= s * newton_schulz(M, dtype = "float32") } else { W -= s * M }
+}""", {}),
+    "late_copy_of_W": ("""
+optimizer A(lr = 0.5) {
+    param W
+    let W0 = W
+    memory A = zeros_like(W) every step { read before write; A = A + grad(W) + W0 }
+    W -= lr * (A + grad(W))
+}""", {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEW_CASES))
+@pytest.mark.parametrize("backend", ["auto", "generic"])
+def test_follows_interpreter_on_reviewed_cases(case, backend):
+    text, hyper = NEW_CASES[case]
+    follows_interpreter(text, "A", backend, **hyper)
+
+
+def test_hoisting_keeps_hyperparameters_live():
+    """lr outside the hoisted NS(M): a scheduler's lr = 0 stops W at once."""
+    spec = ("optimizer A(lr = 0.1) {\n    param W\n"
+            "    memory M = zeros_like(W) every 3 steps { M = M + grad(W) }\n"
+            "    W -= lr * newton_schulz(M, dtype = \"float32\")\n}\n")
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = nestc.loads(spec, "h.nest").build("A", [p])
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    opt.param_groups[0]["lr"] = 0.0
+    before = p.detach().clone()
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("memory A = zeros_like(W) every step { read before write; A = A + W }\n    W -= A",
+     "memory `A` reads before write, so it is written at the end of the step, but the param "
+     "changes before then"),
+    ("memory M = zeros_like(W) every (rows(W)) steps { M = M + grad(W) }\n    W -= M",
+     "the period of a memory is a number or a hyperparameter"),
+    ("W -= newton_schulz(lr) * grad(W)", "`newton_schulz` takes a matrix"),
+    ("W -= newton_schulz(grad(W), dtype = \"float8\")",
+     "`dtype` of `newton_schulz` is one of bfloat16, float32, float64, float16, got 'float8'"),
+    ("memory M = zeros_like(W) every 2 steps { M = M + sum(grad(W)) }\n"
+     "    memory M_sum = zeros_like(W) every step { M_sum = grad(W) }\n    W -= M + M_sum",
+     "`M_sum` is taken: a memory of that name is already kept (a running sum `<memory>_sum` "
+     "included)"),
+    ("let s = step()\n    if s > 3 { W -= grad(W) } else { W -= 2 * grad(W) }",
+     "an optimizer's `if` tests hyperparameters and the param's shape only"),
+])
+def test_more_unsupported_forms_are_nest_errors(body, message):
+    prog = nestc.loads(f"optimizer A(lr = 0.1) {{\n    param W\n    {body}\n}}\n", "a.nest")
+    with pytest.raises(nestc.NestError) as info:
+        prog.source("A")
+    assert info.value.message == message

@@ -141,7 +141,9 @@ class _Variant:
             return Val("_grads", "t")
         if op == "state":
             return Val(f"_st_{e.value}", "t")
-        if op in ("local", "slocal"):
+        if op == "slocal":  # a number let: its name once bound, else (dispatch) its expression
+            return self.locals.get(e.value) or self.expr(e.args[0])
+        if op == "local":
             return self.locals[e.value]
         if op == "step":
             mem = self.mems.get(e.value) if e.value else None
@@ -261,7 +263,7 @@ class _Variant:
             names = ", ".join(f"_a{k}" for k in range(len(ts)))
             loop = f"zip({', '.join(ts)})" if len(ts) > 1 else ts[0]
             return Val(f"[_rt.{fn}({names}, {self.where!r}) for {names} in {loop}]", "t")
-        if fn in ir.MATRIX_CALLS:
+        if fn == "newton_schulz":
             xs = self.bind(self.as_tensors(args[0]))
             assert all(a.kind == "s" for a in args[1:]), e
             steps, eps, ca, cb, cc, dtype = (a.code for a in args[1:])
@@ -575,7 +577,7 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     w(f"class {cls}(torch.optim.Optimizer):")
     w(f'    """{opt.name}, compiled from {comment(opt.file)}:{opt.line}.')
     w("")
-    w("    Variants (picked per param group by its hyperparameters):")
+    w("    Variants (picked by the group's hyperparameters and each tensor's shape):")
     for i, v in enumerate(opt.variants):
         k = v.kernel.kernel if v.kernel else None
         how = f"torch fused {k} kernel, else generic" if k else "generic multi-tensor code"
@@ -656,6 +658,7 @@ class _OneTensor:
         self.mems = {m.name: m for m in variant.memories}
         self.hyper = hyper
         self.snapshots = _snapshots(variant)
+        self.where = ""  # the spec position runtime errors name
 
     def expr(self, e: ir.E) -> str:
         op = e.op
@@ -667,7 +670,9 @@ class _OneTensor:
             return "_p" if op == "param" else "_g"
         if op == "state":
             return f"_st_{e.value}"
-        if op in ("local", "slocal"):
+        if op == "slocal":  # a number: its expression, so it needs no earlier statement
+            return self.expr(e.args[0])
+        if op == "local":
             return f"_l_{e.value}"
         if op == "step":
             mem = self.mems.get(e.value) if e.value else None
@@ -690,9 +695,10 @@ class _OneTensor:
             return f"({args[0]} / (1 - {args[1]} ** {args[2]}))"
         if fn == "newton_schulz":
             x, steps, eps, ca, cb, cc, dtype = args
-            return f"_rt.newton_schulz({x}, {steps}, {eps}, ({ca}, {cb}, {cc}), {dtype})"
+            return (f"_rt.newton_schulz({x}, {steps}, {eps}, ({ca}, {cb}, {cc}), {dtype}, "
+                    f"{self.where!r})")
         if fn in ("matmul", "transpose"):
-            return f"_rt.{fn}({', '.join(args)})"
+            return f"_rt.{fn}({', '.join(args)}, {self.where!r})"
         if fn in ("lerp", "clamp"):
             return f"torch.{fn}({', '.join(args)})"
         if fn in ("min", "max"):
@@ -718,6 +724,7 @@ class _OneTensor:
                  '    """One tensor\'s step in plain tensor code, for torch.compile to fuse."""']
         for st in self.variant.stmts:
             lines.append(f"    # {comment(_source_line(st.span))}")
+            self.where = f"{st.span}"
             if isinstance(st, ir.Let):
                 value = self.expr(st.value)
                 snapshot = st.name in self.snapshots
@@ -756,6 +763,7 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str) -> 
     for m in v.memories:
         if m.init == "eval":  # a hoisted value starts as its expression of the initial state
             assert m.first is not None
+            one.where = f"{m.span}"
             b(f"    if {m.name!r} not in _s:")
             for r in sorted({n.value for n in m.first.walk() if n.op == "state"}):
                 b(f"        _st_{r} = _s[{r!r}]")

@@ -16,16 +16,23 @@ from nestc import ir
 
 
 def _slow_refs(e: ir.E, slow: dict[str, ir.Memory]) -> set[str] | None:
-    """The slow memories e reads, or None if e reads anything that changes every step."""
+    """The slow memories e reads, or None if e reads anything that may change between two
+    slow writes: tensors of every step, step counts, and hyperparameters (an LR scheduler
+    changes lr every step), except the settings of a matrix routine (its steps, dtype)."""
     names: set[str] = set()
-    for n in e.walk():
-        if n.op in ("param", "grad", "local", "step"):
-            return None
+
+    def visit(n: ir.E, setting: bool) -> bool:
+        if n.op in ("param", "grad", "local", "step") or (n.op == "hyper" and not setting):
+            return False
         if n.op == "state":
             if n.value not in slow:
-                return None
+                return False
             names.add(n.value)
-    return names
+        if n.op == "call" and n.value in ir.MATRIX_CALLS and n.value != "matmul":
+            return visit(n.args[0], setting) and all(visit(a, True) for a in n.args[1:])
+        return all(visit(a, setting) for a in n.args)
+
+    return names if visit(e, False) else None
 
 
 def _worth(e: ir.E) -> bool:

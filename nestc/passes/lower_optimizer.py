@@ -40,6 +40,7 @@ class _Lowerer:
         self.param = next(s.names[0] for s in _walk(self.decl.body) if isinstance(s, ast.StmtParam))
         self.variants: list[ir.Variant] = []
         self.sums: tuple[ir.Memory, list[tuple[str, ir.E]]] | None = None
+        self.numbers: dict[str, ir.E] = {}  # lets holding numbers: their expressions
 
     def unsupported(self, what: str, span: Span) -> NestError:
         return NestError(f"{what} is not supported in an optimizer yet", span, kind="value")
@@ -106,7 +107,8 @@ class _Lowerer:
         if what == "let":
             return ir.E("local", value=name)
         if what == "number":
-            return ir.E("slocal", value=name)
+            # the let's expression rides along, so is_static & co. see what it depends on
+            return ir.E("slocal", (self.numbers[name],), name)
         raise self.unsupported(f"`{name}` as a value", span)
 
     def call(self, e: ast.ExprCall, names: dict[str, str]) -> ir.E:
@@ -192,13 +194,28 @@ class _Lowerer:
             else:
                 raise NestError("`coefficients` is a tuple of three numbers, or a hyperparameter "
                                 "holding one", c.span, kind="value")
+        from nestc.ops import NS_DTYPES
+
+        if isinstance(kw.get("coefficients"), ast.ExprName):
+            default = self.defaults.get(kw["coefficients"].name)  # type: ignore[union-attr]
+            if not (isinstance(default, (tuple, list)) and len(default) == 3):
+                raise NestError("`coefficients` holds three numbers (a, b, c)",
+                                kw["coefficients"].span, kind="value")
+        given = dtype.value if dtype.op == "const" else self.defaults.get(
+            dtype.value[0] if dtype.op == "hyper" else "", None)
+        if given not in NS_DTYPES:
+            raise NestError(f"`dtype` of `newton_schulz` is one of {', '.join(NS_DTYPES)}, got "
+                            f"{given!r}", (kw.get("dtype") or e).span, kind="value")
         numbers = (steps, eps, *coeffs, dtype)
         for n, a in zip(numbers, (kw.get("steps"), kw.get("eps"), None, None, None,
                                   kw.get("dtype"))):
             if not n.is_hyper_only:
                 raise NestError("the settings of `newton_schulz` are hyperparameters or numbers",
                                 a.span if a is not None else e.span, kind="value")
-        return ir.E("call", (self.expr(e.args[0], names), *numbers), "newton_schulz")
+        x = self.expr(e.args[0], names)
+        if x.is_scalar:
+            raise NestError("`newton_schulz` takes a matrix", e.args[0].span, kind="type")
+        return ir.E("call", (x, *numbers), "newton_schulz")
 
     # statements
     def lower(self) -> ir.Optimizer:
@@ -223,9 +240,15 @@ class _Lowerer:
                 value = self.expr(s.value, names)
                 stmts.append(ir.Let(s.name, value, s.span))
                 names[s.name] = "number" if value.is_scalar else "let"
+                if value.is_scalar:
+                    self.numbers[s.name] = value
             elif isinstance(s, ast.StmtUpdate):
                 stmts.append(self.update(s, names))
             elif isinstance(s, ast.StmtMemory):
+                if any(m.name == s.name for m in mems):
+                    raise NestError(f"`{s.name}` is taken: a memory of that name is already "
+                                    "kept (a running sum `<memory>_sum` included)", s.name_span,
+                                    kind="name", hint="choose another name")
                 new_mems, updates = self.memory(s, names)
                 mems += new_mems
                 names[s.name] = "memory"
@@ -242,6 +265,7 @@ class _Lowerer:
                 return Branch(cond, then, orelse)
             else:
                 raise self.unsupported(f"`{type(s).__name__}`", s.span)
+        _check_late_reads(stmts, mems)
         # `read before write` memories are written after everything else in the step reads them
         late: list[ir.Stmt] = [s for s in stmts if isinstance(s, ir.Assign) and s.late]
         stmts = [s for s in stmts if not (isinstance(s, ir.Assign) and s.late)] + late
@@ -284,6 +308,9 @@ class _Lowerer:
             raise self.unsupported("a `never` memory", f.span)
         if f is not None and f.every is not None:
             period = self.expr(f.every, names)
+            if not period.is_hyper_only:
+                raise NestError("the period of a memory is a number or a hyperparameter",
+                                f.every.span, kind="frequency")
             if init == "from" and period != ir.const(1):
                 raise self.unsupported("`from` with a period other than every step", f.span)
         clauses = {b.kind: b for b in s.body if isinstance(b, ast.Clause)}
@@ -351,6 +378,33 @@ class _Lowerer:
         if "retain" in kwargs:
             value = self.expr(kwargs["retain"], names) * state - lr * grad
         return ir.Assign(s.name, "state", value, clauses["rule"].span)
+
+
+def _check_late_reads(stmts: list[ir.Stmt], mems: list[ir.Memory]) -> None:
+    """A `read before write` memory is written at the end of the step; that gives the value
+    its declaration means only if nothing it reads changes in between."""
+    late_names = {m.name for m in mems if m.deferred}
+    for i, s in enumerate(stmts):
+        if not (isinstance(s, ir.Assign) and s.late):
+            continue
+        later = stmts[i + 1:]
+        reads = list(s.value.walk())
+        changed = None
+        if any(n.op == "param" for n in reads) and any(
+                isinstance(t, ir.Assign) and t.kind == "param" for t in later):
+            changed = "the param"
+        for n in reads:
+            if n.op == "local" and any(isinstance(t, ir.Let) and t.name == n.value for t in later):
+                changed = f"`{n.value}`"
+            if n.op == "state" and n.value in late_names and n.value != s.target and any(
+                    isinstance(t, ir.Assign) and t.late and t.target == n.value
+                    for t in stmts[:i]):
+                changed = f"`{n.value}` (written before it at the end of the step)"
+        if changed:
+            raise NestError(f"memory `{s.target}` reads before write, so it is written at the "
+                            f"end of the step, but {changed} changes before then", s.span,
+                            kind="value", hint="read a `let` copy taken before the change, or "
+                            "drop `read before write`")
 
 
 def _is_call(e: ast.Expr, name: str) -> bool:

@@ -10,7 +10,7 @@ from nestc.interp import FloatNS as _S
 class Adam(torch.optim.Optimizer):
     """Adam, compiled from std/optim/adam.nest:8.
 
-    Variants (picked per param group by its hyperparameters):
+    Variants (picked by the group's hyperparameters and each tensor's shape):
       0: always -> torch fused adam kernel, else generic
     """
 

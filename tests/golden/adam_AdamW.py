@@ -10,7 +10,7 @@ from nestc.interp import FloatNS as _S
 class AdamW(torch.optim.Optimizer):
     """AdamW, compiled from std/optim/adam.nest:17.
 
-    Variants (picked per param group by its hyperparameters):
+    Variants (picked by the group's hyperparameters and each tensor's shape):
       0: always -> torch fused adamw kernel, else generic
     """
 

@@ -10,7 +10,7 @@ from nestc.interp import FloatNS as _S
 class Muon(torch.optim.Optimizer):
     """Muon, compiled from std/optim/muon.nest:14.
 
-    Variants (picked per param group by its hyperparameters):
+    Variants (picked by the group's hyperparameters and each tensor's shape):
       0: (_p.ndim >= 2) -> generic multi-tensor code
       1: not (_p.ndim >= 2) -> torch fused adamw kernel, else generic
     """
@@ -136,13 +136,13 @@ def _one_0(_p, _g, _c, _st_momentum_buffer, _first, lr, weight_decay, momentum, 
     # std/optim/muon.nest:27: let u = if nesterov then lerp(grad(W), momentum_buffer, momentum) else momentum_buffer
     _l_u = (torch.lerp(_g, _st_momentum_buffer, momentum) if nesterov else _st_momentum_buffer)
     # std/optim/muon.nest:28: let o = newton_schulz(u, steps = ns_steps, eps = eps, coefficients = ns_coefficients,
-    _l_o = _rt.newton_schulz(_l_u, ns_steps, eps, (ns_coefficients[0], ns_coefficients[1], ns_coefficients[2]), ns_dtype)
+    _l_o = _rt.newton_schulz(_l_u, ns_steps, eps, (ns_coefficients[0], ns_coefficients[1], ns_coefficients[2]), ns_dtype, 'std/optim/muon.nest:28:9')
     # std/optim/muon.nest:31: let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W)))
     _l_scale = (torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(1), torch.as_tensor((_rt.rows(_p) / _rt.cols(_p)))))) if (adjust_lr_fn == 'original') else ((0.2 * torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(_rt.rows(_p)), torch.as_tensor(_rt.cols(_p)))))) if (adjust_lr_fn == 'match_rms_adamw') else 1.0))
     # std/optim/muon.nest:34: W -= lr * weight_decay * W                   # decoupled decay, before the step
     _p.copy_((_p * (1 - (lr * weight_decay))))
     # std/optim/muon.nest:35: W -= lr * scale * o
-    _p.copy_((_p - ((lr * _l_scale) * _l_o)))
+    _p.copy_((_p - ((lr * (torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(1), torch.as_tensor((_rt.rows(_p) / _rt.cols(_p)))))) if (adjust_lr_fn == 'original') else ((0.2 * torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(_rt.rows(_p)), torch.as_tensor(_rt.cols(_p)))))) if (adjust_lr_fn == 'match_rms_adamw') else 1.0))) * _l_o)))
 
 
 def _all_0(_params, _grads, _steps, _st_momentum_buffer, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay):

@@ -10,7 +10,7 @@ from nestc.interp import FloatNS as _S
 class SGD(torch.optim.Optimizer):
     """SGD, compiled from std/optim/sgd.nest:7.
 
-    Variants (picked per param group by its hyperparameters):
+    Variants (picked by the group's hyperparameters and each tensor's shape):
       0: (momentum != 0) and nesterov -> torch fused sgd kernel, else generic
       1: (momentum != 0) and not nesterov -> torch fused sgd kernel, else generic
       2: not (momentum != 0) -> torch fused sgd kernel, else generic
