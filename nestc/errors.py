@@ -63,6 +63,7 @@ class NestError(Exception):
     ) -> None:
         assert kind in KINDS, kind
         self.diagnostics = [Diagnostic(kind, message, span, hint, notes, file)]
+        self.unsupported = False  # a limitation of the compiler rather than a spec mistake
         super().__init__(message)
 
     @classmethod

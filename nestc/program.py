@@ -24,6 +24,17 @@ class Program:
                 if u.owner.get(d.name) == u.name:
                     self.checked.setdefault(f"{u.name}::{d.name}", check_decl(d, u.scope))
         check_calls(list(self.checked.values()))
+        from nestc.passes.lower_optimizer import lower_optimizer
+
+        for c in self.checked.values():
+            if c.kind == "optimizer":
+                # a spec mistake only the lowering sees (an `if` on step()) is a check error;
+                # what this compiler cannot do yet is reported by compile and build
+                try:
+                    lower_optimizer(c)
+                except NestError as err:
+                    if not err.unsupported:
+                        raise
 
     @property
     def file(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from nestc import ast, ir
-from nestc.check import Checked
+from nestc.check import Checked, qualified_name
 from nestc.errors import NestError
 from nestc.hyper import UNKNOWN, const_eval
 from nestc.source import Span
@@ -43,7 +43,10 @@ class _Lowerer:
         self.numbers: dict[str, ir.E] = {}  # lets holding numbers: their expressions
 
     def unsupported(self, what: str, span: Span) -> NestError:
-        return NestError(f"{what} is not supported in an optimizer yet", span, kind="value")
+        """A limitation of this compiler, not a mistake in the spec (`check` lets it pass)."""
+        err = NestError(f"{what} is not supported in an optimizer yet", span, kind="value")
+        err.unsupported = True
+        return err
 
     # expressions
     def expr(self, e: ast.Expr, names: dict[str, str]) -> ir.E:
@@ -365,14 +368,11 @@ class _Lowerer:
             delta = next((k.value for k in obj.kwargs if k.name == "delta"), None)
             d = self.expr(delta, names) if delta is not None else ir.const(1.0)
             grad = ir.E("call", (state - target, -d, d), "clamp")
-        if not isinstance(rule, ast.ExprCall) or not isinstance(rule.func, ast.ExprName):
-            rule_name = rule.name if isinstance(rule, ast.ExprName) else "?"
-            kwargs: dict[str, ast.Expr] = {}
-        else:
-            rule_name = rule.func.name
-            kwargs = {k.name: k.value for k in rule.kwargs}
+        func = rule.func if isinstance(rule, ast.ExprCall) else rule
+        rule_name = qualified_name(func) or _text(rule)
+        kwargs = {k.name: k.value for k in rule.kwargs} if isinstance(rule, ast.ExprCall) else {}
         if rule_name != "gd":
-            raise self.unsupported(f"the rule `{rule_name}` for an optimizer memory", rule.span)
+            raise self.unsupported(f"the rule `{rule_name}` (in an optimizer's memory)", rule.span)
         lr = self.expr(kwargs["lr"], names) if "lr" in kwargs else ir.const(1.0)
         value = state - lr * grad
         if "retain" in kwargs:
