@@ -1,4 +1,5 @@
-"""The optimizer slice end to end: check, explain, draw, compile, and train with compiled Adam.
+"""The optimizer slice end to end: check, explain, draw, compile, train with compiled Adam, and
+compare AdamW, Muon and M3 compiled from the stdlib.
 
 Run with `make demo`. Pictures and the generated source go to out/.
 """
@@ -83,6 +84,12 @@ def main() -> None:
     diff = max((a - b).abs().max().item() for a, b in zip(ours.parameters(), ref.parameters()))
     print(f"test accuracy: nestc Adam {ours_acc:.3f}, torch Adam {ref_acc:.3f}")
     print(f"largest parameter difference after 300 steps: {diff:.2e}")
+    banner("AdamW, Muon and M3 compiled from the stdlib, one MLP (examples/optimizers.py)")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(Path(__file__).with_name("optimizers.py")), "--out",
+                    str(OUT / "optimizers.png")], check=True)
     print(f"\npictures and source in {OUT}/: " + ", ".join(sorted(p.name for p in OUT.iterdir())))
 
 
