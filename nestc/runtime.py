@@ -114,6 +114,12 @@ def transpose(x: torch.Tensor, where: str = "") -> torch.Tensor:
     return x.T
 
 
+def check_period(period: Any, memory: str, where: str) -> None:
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"{where}: error: memory `{memory}` updates every {period!r} steps; "
+                         "a period is a whole number of at least 1")
+
+
 def partition_first(state: dict[Any, dict[str, Any]], params: list[torch.Tensor],
                     names: list[str]) -> Iterable[tuple[dict[str, bool], list[torch.Tensor]]]:
     """Group tensors by which of their `from` memories have no first write yet."""

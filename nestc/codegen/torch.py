@@ -770,6 +770,9 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str) -> 
             b(f"        _s[{m.name!r}] = {one.expr(m.first)}")
     b("_steps = [_s['step'] for _s in _states]")
     for m in v.memories:
+        if m.period.op != "const":  # a hyperparameter: checked where a group sets it
+            b(f"_rt.check_period({emit.scalar(m.period)}, {m.name!r}, {str(m.span)!r})")
+    for m in v.memories:
         get = f"_s[{m.name!r}]" if m.init != "from" else f"_s.get({m.name!r})"
         b(f"_st_{m.name} = [{get} for _s in _states]")
     if v.kernel is not None:
