@@ -14,7 +14,7 @@ from nestc import env
 from nestc.check import Checked
 from nestc.errors import NestError
 
-BACKENDS = ("auto", "fused", "generic", "compiled")
+BACKENDS = ("auto", "fused", "generic", "compiled", "triton")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -39,7 +39,7 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
     """Whether torch's fused kernel runs this group (else the generic code does)."""
     backend = backend_of(group)
-    if backend in ("generic", "compiled"):
+    if backend in ("generic", "compiled", "triton"):
         return False
     ok = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES and not p.is_sparse
              and not g.is_sparse and g.dtype == p.dtype and g.device == p.device
@@ -47,6 +47,43 @@ def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[tor
     if backend == "fused" and not ok:
         raise RuntimeError("backend='fused' needs float tensors on CPU or CUDA with dense grads")
     return ok
+
+
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(group: dict[str, Any], params: list[torch.Tensor],
+               grads: list[torch.Tensor]) -> bool:
+    """Whether the generated Triton kernel runs this group: asked for with backend='triton',
+    or by default for unrecognized updates on CUDA when triton is installed."""
+    backend = backend_of(group)
+    if backend not in ("triton", "auto"):
+        return False
+    dense = all(p.is_contiguous() and g.is_contiguous() and not g.is_sparse and
+                p.dtype in FUSED_DTYPES for p, g in zip(params, grads))
+    if backend == "triton":
+        if not (_has_triton() and dense):
+            raise RuntimeError("backend='triton' needs triton installed and dense, contiguous "
+                               "float tensors")
+        return True
+    return dense and _has_triton() and all(p.device.type == "cuda" for p in params)
+
+
+@functools.cache
+def triton_module(source: str) -> Any:
+    """The generated Triton kernels, loaded once (Triton reads their source via linecache)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    filename = f"<nestc-triton:{digest}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {"__name__": f"nestc_triton_{digest}"}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated code
+    return type("TritonKernels", (), namespace)
 
 
 def no_kernel(group: dict[str, Any]) -> None:

@@ -18,7 +18,9 @@ SPECS = [("std/optim/adam.nest", "Adam"), ("std/optim/adam.nest", "AdamW"),
 @pytest.mark.parametrize(("spec", "name"), SPECS)
 def test_golden(spec, name):
     """NESTC_UPDATE_GOLDEN=1 rewrites the files; review the diff before committing it."""
-    text = nestc.load(spec).source(name)
+    # the embedded Triton module is checked by targeted lines (tests/test_triton.py)
+    text = "\n".join(ln for ln in nestc.load(spec).source(name).split("\n")
+                     if not ln.startswith("_TRITON = "))
     path = GOLDEN / f"{Path(spec).stem}_{name}.py"
     if env.UPDATE_GOLDEN:
         path.write_text(text)

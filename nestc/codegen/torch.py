@@ -608,11 +608,16 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     for ln in _dispatch(opt.tree, hyper, args, opt):
         w("            " + ln)
     w("        return loss")
+    from nestc.codegen.triton import fusable, triton_source
+
     for i, v in enumerate(opt.variants):
-        out += _variant_method(i, v, hyper, args)
+        out += _variant_method(i, v, hyper, args, fused_by_triton=fusable(v))
     for i, v in enumerate(opt.variants):
         one = _OneTensor(v, hyper)
         out += one.function(f"_one_{i}", args) + one.loop(f"_all_{i}", f"_one_{i}", args)
+    if any(fusable(v) for v in opt.variants):
+        # the kernels' own module, loaded when a group runs on Triton (it imports triton)
+        out += ["", "", f"_TRITON = {triton_source(opt)!r}"]
     return "\n".join(out) + "\n"
 
 
@@ -745,7 +750,8 @@ class _OneTensor:
         return lines
 
 
-def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str) -> list[str]:
+def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str,
+                    fused_by_triton: bool = False) -> list[str]:
     emit = _Variant(v, hyper)
     body: list[str] = []
     b = body.append
@@ -785,6 +791,16 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str) -> 
     else:
         b("_rt.no_kernel(group)")
     b("torch._foreach_add_(_steps, 1)")
+    if fused_by_triton:
+        b("if _rt.use_triton(group, _params, _grads):")
+        for name in _from_memories(v):
+            b("    for _s, _p in zip(_states, _params):")
+            b(f"        _s.setdefault({name!r}, torch.empty_like(_p, memory_format=torch.preserve_format))")
+            b(f"    _st_{name} = [_s[{name!r}] for _s in _states]")
+        b("    _step = [_s.item() for _s in _steps]")
+        lists = ", ".join(["_params", "_grads", "_step", *(f"_st_{m.name}" for m in v.memories)])
+        b(f"    _rt.triton_module(_TRITON).launch_{i}({lists}, _first{', ' if args else ''}{args})")
+        b("    return")
     b("if _rt.backend_of(group) == 'compiled':")
     for name in _from_memories(v):
         b("    for _s, _p in zip(_states, _params):")

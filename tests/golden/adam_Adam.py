@@ -64,6 +64,10 @@ class Adam(torch.optim.Optimizer):
             )
             return
         torch._foreach_add_(_steps, 1)
+        if _rt.use_triton(group, _params, _grads):
+            _step = [_s.item() for _s in _steps]
+            _rt.triton_module(_TRITON).launch_0(_params, _grads, _step, _st_m, _st_v, _first, lr, betas, eps, weight_decay)
+            return
         if _rt.backend_of(group) == 'compiled':
             _rt.compiled(_all_0)(_params, _grads, _steps, _st_m, _st_v, _first, lr, betas, eps, weight_decay)
             return
@@ -98,3 +102,5 @@ def _one_0(_p, _g, _c, _st_m, _st_v, _first, lr, betas, eps, weight_decay):
 def _all_0(_params, _grads, _steps, _st_m, _st_v, _first, lr, betas, eps, weight_decay):
     for _p, _g, _c, _m0, _m1 in zip(_params, _grads, _steps, _st_m, _st_v):
         _one_0(_p, _g, _c, _m0, _m1, _first, lr, betas, eps, weight_decay)
+
+

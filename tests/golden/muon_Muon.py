@@ -109,6 +109,10 @@ class Muon(torch.optim.Optimizer):
             )
             return
         torch._foreach_add_(_steps, 1)
+        if _rt.use_triton(group, _params, _grads):
+            _step = [_s.item() for _s in _steps]
+            _rt.triton_module(_TRITON).launch_1(_params, _grads, _step, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+            return
         if _rt.backend_of(group) == 'compiled':
             _rt.compiled(_all_1)(_params, _grads, _steps, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
             return
@@ -167,3 +171,5 @@ def _one_1(_p, _g, _c, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, mo
 def _all_1(_params, _grads, _steps, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay):
     for _p, _g, _c, _m0, _m1 in zip(_params, _grads, _steps, _st_exp_avg, _st_exp_avg_sq):
         _one_1(_p, _g, _c, _m0, _m1, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+
+

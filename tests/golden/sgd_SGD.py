@@ -72,6 +72,13 @@ class SGD(torch.optim.Optimizer):
                 _s['buf'] = _b
             return
         torch._foreach_add_(_steps, 1)
+        if _rt.use_triton(group, _params, _grads):
+            for _s, _p in zip(_states, _params):
+                _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
+            _st_buf = [_s['buf'] for _s in _states]
+            _step = [_s.item() for _s in _steps]
+            _rt.triton_module(_TRITON).launch_0(_params, _grads, _step, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov)
+            return
         if _rt.backend_of(group) == 'compiled':
             for _s, _p in zip(_states, _params):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
@@ -115,6 +122,13 @@ class SGD(torch.optim.Optimizer):
                 _s['buf'] = _b
             return
         torch._foreach_add_(_steps, 1)
+        if _rt.use_triton(group, _params, _grads):
+            for _s, _p in zip(_states, _params):
+                _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
+            _st_buf = [_s['buf'] for _s in _states]
+            _step = [_s.item() for _s in _steps]
+            _rt.triton_module(_TRITON).launch_1(_params, _grads, _step, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov)
+            return
         if _rt.backend_of(group) == 'compiled':
             for _s, _p in zip(_states, _params):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
@@ -154,6 +168,10 @@ class SGD(torch.optim.Optimizer):
             )
             return
         torch._foreach_add_(_steps, 1)
+        if _rt.use_triton(group, _params, _grads):
+            _step = [_s.item() for _s in _steps]
+            _rt.triton_module(_TRITON).launch_2(_params, _grads, _step, _first, lr, momentum, dampening, weight_decay, nesterov)
+            return
         if _rt.backend_of(group) == 'compiled':
             _rt.compiled(_all_2)(_params, _grads, _steps, _first, lr, momentum, dampening, weight_decay, nesterov)
             return
@@ -205,3 +223,5 @@ def _one_2(_p, _g, _c, _first, lr, momentum, dampening, weight_decay, nesterov):
 def _all_2(_params, _grads, _steps, _first, lr, momentum, dampening, weight_decay, nesterov):
     for _p, _g, _c in zip(_params, _grads, _steps):
         _one_2(_p, _g, _c, _first, lr, momentum, dampening, weight_decay, nesterov)
+
+
