@@ -1,7 +1,9 @@
 """Optimizer step time: compiled nestc optimizers over the fastest torch.optim variant.
 
 Prints ratios (nestc time / torch fused time) measured in this process, interleaved so both
-see the same machine state. Usage: python benchmarks/optim_step.py [--params 10.5e6] [--reps 30]
+see the same machine state. Usage: python benchmarks/optim_step.py [--params 10.5e6]
+[--reps 30] [--device cuda --out results.txt] (the GPU variant adds the Triton AdamW row; it
+has not been run on a GPU yet).
 """
 
 from __future__ import annotations
@@ -9,10 +11,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import nestc
+
+DEVICE = "cpu"
+LINES: list[str] = []
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def make_params(n: float, seed: int = 0, width: int = 1024) -> list[torch.nn.Parameter]:
@@ -21,8 +32,8 @@ def make_params(n: float, seed: int = 0, width: int = 1024) -> list[torch.nn.Par
     params: list[torch.nn.Parameter] = []
     total = 0
     while total + width * (width + 1) <= n:
-        w = torch.nn.Parameter(torch.randn(width, width) * 0.02)
-        b = torch.nn.Parameter(torch.zeros(width))
+        w = torch.nn.Parameter(torch.randn(width, width, device=DEVICE) * 0.02)
+        b = torch.nn.Parameter(torch.zeros(width, device=DEVICE))
         params += [w, b]
         total += w.numel() + b.numel()
     for p in params:
@@ -33,8 +44,10 @@ def make_params(n: float, seed: int = 0, width: int = 1024) -> list[torch.nn.Par
 def time_steps(opt: torch.optim.Optimizer, reps: int) -> list[float]:
     times = []
     for _ in range(reps):
+        sync()
         t = time.perf_counter()
         opt.step()
+        sync()
         times.append(time.perf_counter() - t)
     return times
 
@@ -51,7 +64,9 @@ def bench(label: str, make_ref, make_ours, n: float, reps: int,
         r += time_steps(ref, 1)
         o += time_steps(ours, 1)
     rm, om = statistics.median(r), statistics.median(o)
-    print(f"{label:<48} torch {rm * 1e3:8.2f} ms   nestc {om * 1e3:8.2f} ms   ratio {om / rm:5.2f}")
+    line = f"{label:<48} torch {rm * 1e3:8.2f} ms   nestc {om * 1e3:8.2f} ms   ratio {om / rm:5.2f}"
+    print(line)
+    LINES.append(line)
     return rm, om, om / rm
 
 
@@ -61,7 +76,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--muon-params", type=float, default=1.3e6)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU variant)")
+    ap.add_argument("--out", help="also write the table to this file")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.params
@@ -103,6 +122,10 @@ def main() -> None:
         ("torch Adam foreach / torch Adam fused (context)",
          lambda p: T.Adam(p, fused=True), lambda p: T.Adam(p, foreach=True)),
     ]
+    if DEVICE == "cuda":  # the generated Triton kernel against torch's fused AdamW
+        rows.insert(2, ("AdamW (nestc triton) / torch AdamW fused",
+                        lambda p: T.AdamW(p, fused=True),
+                        lambda p: adam.build("AdamW", p, backend="triton")))
     for label, ref, ours in rows:
         bench(label, ref, ours, n, args.reps)
     # Newton-Schulz is five rounds of three matmuls per matrix: a smaller stack keeps it short
@@ -115,6 +138,11 @@ def main() -> None:
     # M3 against Muon, its cost floor: one more Newton-Schulz every slow_every steps
     bench("M3 (nestc auto) / torch.optim.Muon", lambda p: T.Muon(matrices(p)),
           lambda p: m3.build("M3", matrices(p)), args.muon_params, args.reps, width=256)
+    if args.out:
+        header = (f"torch {torch.__version__}, device {DEVICE}, {total / 1e6:.1f}M parameters, "
+                  f"median of {args.reps} steps")
+        Path(args.out).write_text("\n".join([header, *LINES]) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
