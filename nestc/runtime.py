@@ -78,12 +78,7 @@ def use_triton(group: dict[str, Any], params: list[torch.Tensor],
 @functools.cache
 def triton_module(source: str) -> Any:
     """The generated Triton kernels, loaded once (Triton reads their source via linecache)."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-    filename = f"<nestc-triton:{digest}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace: dict[str, Any] = {"__name__": f"nestc_triton_{digest}"}
-    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated code
-    return type("TritonKernels", (), namespace)
+    return type("TritonKernels", (), _load(source, "triton"))
 
 
 def no_kernel(group: dict[str, Any]) -> None:
@@ -168,15 +163,20 @@ def partition_first(state: dict[Any, dict[str, Any]], params: list[torch.Tensor]
         yield dict(zip(names, key)), ps
 
 
-@functools.lru_cache(maxsize=128)
-def _exec(source: str, name: str) -> Any:
+def _load(source: str, label: str) -> dict[str, Any]:
+    """Run generated source as a module; its namespace."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-    filename = f"<nestc:{name}:{digest}>"
-    # register the text so tracebacks and inspect.getsource show generated lines
+    filename = f"<nestc:{label}:{digest}>"
+    # register the text so tracebacks, inspect.getsource and Triton's JIT see generated lines
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict[str, Any] = {"__name__": f"nestc_generated_{digest}"}
     exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated code
-    return namespace[name]
+    return namespace
+
+
+@functools.lru_cache(maxsize=128)
+def _exec(source: str, name: str) -> Any:
+    return _load(source, name)[name]
 
 
 def optimizer_class(program: Any, checked: Checked) -> type[torch.optim.Optimizer]:
