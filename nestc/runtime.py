@@ -16,11 +16,14 @@ from nestc.errors import NestError
 
 BACKENDS = ("auto", "fused", "generic", "compiled", "triton")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "triton" and not _has_triton():
+        raise ValueError("backend='triton' needs triton: pip install triton (or nestc[triton])")
     return backend
 
 
@@ -63,16 +66,12 @@ def use_triton(group: dict[str, Any], params: list[torch.Tensor],
     """Whether the generated Triton kernel runs this group: asked for with backend='triton',
     or by default for unrecognized updates on CUDA when triton is installed."""
     backend = backend_of(group)
-    if backend not in ("triton", "auto"):
+    if backend not in ("triton", "auto") or not _has_triton():
         return False
-    dense = all(p.is_contiguous() and g.is_contiguous() and not g.is_sparse and
-                p.dtype in FUSED_DTYPES for p, g in zip(params, grads))
-    if backend == "triton":
-        if not (_has_triton() and dense):
-            raise RuntimeError("backend='triton' needs triton installed and dense, contiguous "
-                               "float tensors")
-        return True
-    return dense and _has_triton() and all(p.device.type == "cuda" for p in params)
+    # the kernel computes in float32 over flat memory: other tensors take the generic code
+    ok = all(p.is_contiguous() and g.is_contiguous() and not g.is_sparse and
+             p.dtype in TRITON_DTYPES and g.dtype == p.dtype for p, g in zip(params, grads))
+    return ok and (backend == "triton" or all(p.device.type == "cuda" for p in params))
 
 
 @functools.cache
