@@ -38,6 +38,7 @@ def explain(program: Any, name: str, /, tokens: int | None = None, steps: int | 
 def render_lowering(checked: Any) -> str:
     """How the compiler lowers an optimizer: each variant's closed-form updates and its kernel."""
     from nestc import ir
+    from nestc.codegen.triton import fusable
     from nestc.compile import lower
 
     opt = lower(checked)
@@ -54,15 +55,24 @@ def render_lowering(checked: Any) -> str:
             line = f"    {target} {op} {ir.text(st.value, opt.param)}"
             if isinstance(st, ir.Assign) and st.kind == "state":
                 period = st.every if st.every is not None else periods[st.target]
-                if period != ir.const(1):
-                    line += f"   (every {ir.text(period, opt.param)} steps)"
+                notes = [f"every {ir.text(period, opt.param)} steps"] \
+                    if period != ir.const(1) else []
+                if st.late:
+                    notes.append("read before write: at the end of the step")
+                if notes:
+                    line += f"   ({'; '.join(notes)})"
             lines.append(line)
+        for m in v.memories:
+            if m.init == "eval" and m.first is not None:
+                lines.append(f"    ({m.name} is kept, computed at its level's frequency; it "
+                             f"starts as {ir.text(m.first, opt.param)})")
         for m in v.memories:
             if m.init == "from" and m.first is not None:
                 lines.append(f"    ({m.name}'s first write stores {ir.text(m.first, opt.param)})")
         if v.kernel is None:
-            lines.append("    kernel: none recognized; generic multi-tensor code "
-                         "(backend='compiled' fuses it with torch.compile)")
+            fused = ("backend='triton' (the default on CUDA) and 'compiled' fuse it"
+                     if fusable(v) else "backend='compiled' fuses it with torch.compile")
+            lines.append(f"    kernel: none recognized; generic multi-tensor code ({fused})")
         else:
             args = ", ".join(f"{k}={ir.text(e, opt.param)}" for k, e in v.kernel.args)
             lines.append(f"    kernel: torch fused {v.kernel.kernel}({args})")
