@@ -93,5 +93,3 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("momentum", 0, 0, "lr beta retain", "rule",
        "Titans: S <- beta S - lr grad; M <- retain M + S"),
 ]}
-
-FREE_SYMBOLS = {"pi": "3.141592653589793"}

@@ -72,6 +72,18 @@ def svg_texts(svg: str) -> list[str]:
 # --- SVG --------------------------------------------------------------------------------------
 
 
+
+def label_boxes(lay) -> list[tuple[float, float, float, float]]:
+    """The (x0, y0, x1, y1) box of every edge label of a layout."""
+    boxes = []
+    for e in lay.edges:
+        if e.label:
+            assert e.label_at is not None
+            w = text_width(e.label, LABEL_SIZE) + 6
+            boxes.append((e.label_at[0] - w / 2, e.label_at[1] - 6, e.label_at[0] + w / 2,
+                          e.label_at[1] + 6))
+    return boxes
+
 def test_svg_parses_and_names_every_node(adam: nx.MultiDiGraph, hope: nx.MultiDiGraph) -> None:
     for g in (adam, hope):
         svg = render(g, "svg", detail="full")
@@ -130,13 +142,7 @@ def test_layout_has_no_overlaps_and_text_fits(hope: nx.MultiDiGraph) -> None:
         assert box.y - box.h / 2 > 0 and box.y + box.h / 2 < lay.height
         for text, size, bold in box.lines:
             assert text_width(text, size, bold) <= box.w - 8, (box.id, text)
-    labels = []
-    for e in lay.edges:
-        if e.label:
-            assert e.label_at is not None
-            w = text_width(e.label, LABEL_SIZE) + 6
-            labels.append((e.label_at[0] - w / 2, e.label_at[1] - 6, e.label_at[0] + w / 2,
-                           e.label_at[1] + 6))
+    labels = label_boxes(lay)
     assert labels
     for r, q in combinations(labels, 2):
         assert r[2] <= q[0] or q[2] <= r[0] or r[3] <= q[1] or q[3] <= r[1], (r, q)
@@ -445,13 +451,7 @@ def test_levels_layout_reads_well() -> None:
     assert y["AdamW.m"] == y["AdamW.v"] == y["*"]  # level 3: the weights and Adam's states
     assert [b.label for b in lay.bands] == ["every token", "every 16 tokens", "every 256 tokens",
                                             "every step"]
-    labels = []
-    for e in lay.edges:
-        if e.label:
-            assert e.label_at is not None
-            w = text_width(e.label, LABEL_SIZE) + 6
-            labels.append((e.label_at[0] - w / 2, e.label_at[1] - 6, e.label_at[0] + w / 2,
-                           e.label_at[1] + 6))
+    labels = label_boxes(lay)
     for r, q in combinations(labels, 2):
         assert r[2] <= q[0] or q[2] <= r[0] or r[3] <= q[1] or q[3] <= r[1], (r, q)
     shown_labels = {e.label for e in lay.edges if e.label}

@@ -2,7 +2,8 @@
 
 `W -= lr * newton_schulz(M2)` with M2 updated every 10 steps would orthogonalize M2 on every
 step; the value only changes when M2 does. Each maximal subexpression of an every-step
-statement that reads only memories of one slower period (and hyperparameters and shapes), and
+statement that reads only memories of one slower period (plus constants, shapes, and
+hyperparameters as a matrix routine's settings: an LR scheduler must still reach `lr`), and
 that is worth keeping (it contains a matrix routine), becomes a hidden memory: written right
 after the last write of what it reads, every that many steps, and computed from the initial
 states when the tensor's state is made (init "eval"). M3's O2 = NS(M2) is this case.
