@@ -52,6 +52,27 @@ def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[tor
     return ok
 
 
+_CPU = torch.device("cpu")
+
+
+def steps(group: dict[str, Any], states: list[dict[str, Any]], params: list[torch.Tensor],
+          fused: bool) -> list[torch.Tensor]:
+    """Each tensor's step count, created at 0 or moved where it is read: on the tensor's
+    device when a kernel reads it there (torch's fused kernels, torch.compile), else on the
+    CPU, where the host reads it without waiting for the device (torch.optim does the same)."""
+    on_device = fused or backend_of(group) == "compiled"
+    out = []
+    for p, s in zip(params, states):
+        want = p.device if on_device else _CPU
+        step = s.get("step")
+        if step is None:
+            step = s["step"] = torch.zeros((), dtype=torch.float32, device=want)
+        elif step.device != want:
+            step = s["step"] = step.to(want)
+        out.append(step)
+    return out
+
+
 @functools.cache
 def _has_triton() -> bool:
     try:
@@ -78,6 +99,58 @@ def use_triton(group: dict[str, Any], params: list[torch.Tensor],
 def triton_module(source: str) -> Any:
     """The generated Triton kernels, loaded once (Triton reads their source via linecache)."""
     return type("TritonKernels", (), _load(source, "triton"))
+
+
+TRITON_BLOCK = 1024  # elements per program of a generated element-wise kernel
+_ADDRESSES: dict[tuple[Any, ...], torch.Tensor] = {}  # address tables on the device, by content
+
+
+def _tl_dtype(dtype: torch.dtype) -> Any:
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+@functools.lru_cache(maxsize=64)
+def _block_map(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(2, blocks) int32: each program's tensor index and block index within that tensor."""
+    tensor, block = [], []
+    for t, n in enumerate(numels):
+        count = -(-n // TRITON_BLOCK)
+        tensor += [t] * count
+        block += range(count)
+    return torch.tensor([tensor, block], dtype=torch.int32).to(device)
+
+
+def _address_table(tensors: list[list[torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """(1 + rows, T) int64: the numels, then each row's data pointers. Kept on the device by
+    content, so a step whose tensors sit where they sat before copies nothing to the device."""
+    key = (device, tuple(p.numel() for p in tensors[0]),
+           *(tuple(x.data_ptr() for x in row) for row in tensors))
+    table = _ADDRESSES.get(key)
+    if table is None:
+        if len(_ADDRESSES) >= 256:  # grads that move every step: keep the cache bounded
+            _ADDRESSES.clear()
+        table = torch.tensor([list(r) for r in key[1:]], dtype=torch.int64).to(device)
+        _ADDRESSES[key] = table
+    return table
+
+
+def launch_multi_tensor(kernel: Any, rows: list[list[torch.Tensor]],
+                        numbers: list[tuple[float, ...]]) -> None:
+    """Run a generated element-wise kernel over tensor lists (W, grad(W), memories...): one
+    launch per set of tensors with equal scalar arguments, device and element types."""
+    launches: dict[tuple[Any, ...], list[int]] = {}
+    for j, p in enumerate(rows[0]):
+        if p.numel():
+            key = (numbers[j], p.device, *(row[j].dtype for row in rows))
+            launches.setdefault(key, []).append(j)
+    for (scalars, device, *dtypes), index in launches.items():
+        tensors = [[row[j] for j in index] for row in rows]
+        blocks = _block_map(tuple(p.numel() for p in tensors[0]), device)
+        # arguments: tables, scalars, then the constexprs BLOCK and each row's element type
+        kernel[(blocks.shape[1],)](_address_table(tensors, device), len(index), blocks,
+                                   *scalars, TRITON_BLOCK, *map(_tl_dtype, dtypes))
 
 
 def no_kernel(group: dict[str, Any]) -> None:

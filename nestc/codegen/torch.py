@@ -757,24 +757,27 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str,
     b = body.append
     b("_grads = [_p.grad for _p in _params]")
     b("_states = [self.state[_p] for _p in _params]")
-    b("for _p, _s in zip(_params, _states):")
-    b("    if 'step' not in _s:")
-    b("        _s['step'] = torch.zeros((), dtype=torch.float32, device=_p.device)")
+    if v.kernel is not None:
+        b("_fused = _rt.use_fused(group, _params, _grads)")
+    b(f"_steps = _rt.steps(group, _states, _params, {'_fused' if v.kernel else 'False'})")
+    init: list[str] = []
     for m in v.memories:
         if m.init in ("zeros", "ones"):
             make = "zeros_like" if m.init == "zeros" else "ones_like"
-            b(f"    if {m.name!r} not in _s:")
-            b(f"        _s[{m.name!r}] = torch.{make}(_p, memory_format=torch.preserve_format)")
+            init.append(f"    if {m.name!r} not in _s:")
+            init.append(f"        _s[{m.name!r}] = torch.{make}(_p, memory_format=torch.preserve_format)")
     one = _OneTensor(v, hyper)
     for m in v.memories:
         if m.init == "eval":  # a hoisted value starts as its expression of the initial state
             assert m.first is not None
             one.where = f"{m.span}"
-            b(f"    if {m.name!r} not in _s:")
+            init.append(f"    if {m.name!r} not in _s:")
             for r in sorted({n.value for n in m.first.walk() if n.op == "state"}):
-                b(f"        _st_{r} = _s[{r!r}]")
-            b(f"        _s[{m.name!r}] = {one.expr(m.first)}")
-    b("_steps = [_s['step'] for _s in _states]")
+                init.append(f"        _st_{r} = _s[{r!r}]")
+            init.append(f"        _s[{m.name!r}] = {one.expr(m.first)}")
+    if init:
+        b("for _p, _s in zip(_params, _states):")
+        body += init
     for m in v.memories:
         if m.period.op != "const":  # a hyperparameter: checked where a group sets it
             b(f"_rt.check_period({emit.scalar(m.period)}, {m.name!r}, {str(m.span)!r})")
@@ -782,7 +785,7 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str,
         get = f"_s[{m.name!r}]" if m.init != "from" else f"_s.get({m.name!r})"
         b(f"_st_{m.name} = [{get} for _s in _states]")
     if v.kernel is not None:
-        b("if _rt.use_fused(group, _params, _grads):")
+        b("if _fused:")
         b(f"    # recognized: torch's fused {v.kernel.kernel} computes this variant exactly")
         if v.kernel.kernel == "sgd":
             b("    torch._foreach_add_(_steps, 1)")

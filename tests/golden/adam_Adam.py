@@ -43,17 +43,16 @@ class Adam(torch.optim.Optimizer):
         """The only variant."""
         _grads = [_p.grad for _p in _params]
         _states = [self.state[_p] for _p in _params]
+        _fused = _rt.use_fused(group, _params, _grads)
+        _steps = _rt.steps(group, _states, _params, _fused)
         for _p, _s in zip(_params, _states):
-            if 'step' not in _s:
-                _s['step'] = torch.zeros((), dtype=torch.float32, device=_p.device)
             if 'm' not in _s:
                 _s['m'] = torch.zeros_like(_p, memory_format=torch.preserve_format)
             if 'v' not in _s:
                 _s['v'] = torch.zeros_like(_p, memory_format=torch.preserve_format)
-        _steps = [_s['step'] for _s in _states]
         _st_m = [_s['m'] for _s in _states]
         _st_v = [_s['v'] for _s in _states]
-        if _rt.use_fused(group, _params, _grads):
+        if _fused:
             # recognized: torch's fused adam computes this variant exactly
             _fused_adam(
                 _params, _grads, _st_m, _st_v, [], _steps, None, None,

@@ -58,12 +58,10 @@ class Muon(torch.optim.Optimizer):
         """(_p.ndim >= 2)."""
         _grads = [_p.grad for _p in _params]
         _states = [self.state[_p] for _p in _params]
+        _steps = _rt.steps(group, _states, _params, False)
         for _p, _s in zip(_params, _states):
-            if 'step' not in _s:
-                _s['step'] = torch.zeros((), dtype=torch.float32, device=_p.device)
             if 'momentum_buffer' not in _s:
                 _s['momentum_buffer'] = torch.zeros_like(_p, memory_format=torch.preserve_format)
-        _steps = [_s['step'] for _s in _states]
         _st_momentum_buffer = [_s['momentum_buffer'] for _s in _states]
         _rt.no_kernel(group)
         torch._foreach_add_(_steps, 1)
@@ -88,17 +86,16 @@ class Muon(torch.optim.Optimizer):
         """not (_p.ndim >= 2)."""
         _grads = [_p.grad for _p in _params]
         _states = [self.state[_p] for _p in _params]
+        _fused = _rt.use_fused(group, _params, _grads)
+        _steps = _rt.steps(group, _states, _params, _fused)
         for _p, _s in zip(_params, _states):
-            if 'step' not in _s:
-                _s['step'] = torch.zeros((), dtype=torch.float32, device=_p.device)
             if 'exp_avg' not in _s:
                 _s['exp_avg'] = torch.zeros_like(_p, memory_format=torch.preserve_format)
             if 'exp_avg_sq' not in _s:
                 _s['exp_avg_sq'] = torch.zeros_like(_p, memory_format=torch.preserve_format)
-        _steps = [_s['step'] for _s in _states]
         _st_exp_avg = [_s['exp_avg'] for _s in _states]
         _st_exp_avg_sq = [_s['exp_avg_sq'] for _s in _states]
-        if _rt.use_fused(group, _params, _grads):
+        if _fused:
             # recognized: torch's fused adamw computes this variant exactly
             _fused_adam(
                 _params, _grads, _st_exp_avg, _st_exp_avg_sq, [], _steps, None, None,

@@ -54,12 +54,10 @@ class SGD(torch.optim.Optimizer):
         """(momentum != 0) and nesterov."""
         _grads = [_p.grad for _p in _params]
         _states = [self.state[_p] for _p in _params]
-        for _p, _s in zip(_params, _states):
-            if 'step' not in _s:
-                _s['step'] = torch.zeros((), dtype=torch.float32, device=_p.device)
-        _steps = [_s['step'] for _s in _states]
+        _fused = _rt.use_fused(group, _params, _grads)
+        _steps = _rt.steps(group, _states, _params, _fused)
         _st_buf = [_s.get('buf') for _s in _states]
-        if _rt.use_fused(group, _params, _grads):
+        if _fused:
             # recognized: torch's fused sgd computes this variant exactly
             torch._foreach_add_(_steps, 1)
             _fused_sgd(
@@ -104,12 +102,10 @@ class SGD(torch.optim.Optimizer):
         """(momentum != 0) and not nesterov."""
         _grads = [_p.grad for _p in _params]
         _states = [self.state[_p] for _p in _params]
-        for _p, _s in zip(_params, _states):
-            if 'step' not in _s:
-                _s['step'] = torch.zeros((), dtype=torch.float32, device=_p.device)
-        _steps = [_s['step'] for _s in _states]
+        _fused = _rt.use_fused(group, _params, _grads)
+        _steps = _rt.steps(group, _states, _params, _fused)
         _st_buf = [_s.get('buf') for _s in _states]
-        if _rt.use_fused(group, _params, _grads):
+        if _fused:
             # recognized: torch's fused sgd computes this variant exactly
             torch._foreach_add_(_steps, 1)
             _fused_sgd(
@@ -153,11 +149,9 @@ class SGD(torch.optim.Optimizer):
         """not (momentum != 0)."""
         _grads = [_p.grad for _p in _params]
         _states = [self.state[_p] for _p in _params]
-        for _p, _s in zip(_params, _states):
-            if 'step' not in _s:
-                _s['step'] = torch.zeros((), dtype=torch.float32, device=_p.device)
-        _steps = [_s['step'] for _s in _states]
-        if _rt.use_fused(group, _params, _grads):
+        _fused = _rt.use_fused(group, _params, _grads)
+        _steps = _rt.steps(group, _states, _params, _fused)
+        if _fused:
             # recognized: torch's fused sgd computes this variant exactly
             torch._foreach_add_(_steps, 1)
             _fused_sgd(
