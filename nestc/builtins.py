@@ -64,8 +64,9 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("embed", 3, 3, "", "layer", "token embedding table"),
     _b("rmsnorm", 1, 1, "eps", "layer", "RMS normalization with a learned scale"),
     _b("layernorm", 1, 1, "eps", "layer", "layer normalization"),
-    _b("softmax_attention", 2, 3, "causal heads window", "layer",
-       "softmax attention of queries over a `cache` memory (q, C) or over keys and values (q, k, v)"),
+    _b("softmax_attention", 2, 3, "causal heads window rope", "layer",
+       "softmax attention of queries over a `cache` memory (q, C) or over keys and values "
+       "(q, k, v); rotary positions unless rope = false"),
     _b("cross_entropy", 2, 2, "", "objective", "mean cross-entropy of logits against targets"),
     # memory structures
     _b("matrix", 2, 2, "", "structure", "a linear memory M: R^a -> R^b"),
@@ -80,7 +81,8 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("zeros_like", 1, 1, "", "init", "zeros shaped like a parameter"),
     _b("ones_like", 1, 1, "", "init", "ones shaped like a parameter"),
     _b("meta", 0, 0, "", "init", "meta-learned by the outer level"),
-    _b("identity", 0, 0, "", "init", "the identity map"),
+    _b("identity", 0, 0, "seed", "init",
+       "the identity map; an MLP memory's W2 is drawn with `seed` (default 0)"),
     _b("from", 1, 1, "", "init", "the first write stores its value as it is"),
     # objectives
     _b("l2", 2, 2, "", "objective", "1/2 ||pred - target||^2"),

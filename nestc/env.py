@@ -9,3 +9,5 @@ DEBUG = os.environ.get("NESTC_DEBUG", "") not in ("", "0")
 OPTIM_BACKEND = os.environ.get("NESTC_OPTIM_BACKEND", "")
 # Rewrite the golden files of generated code instead of comparing against them (tests only).
 UPDATE_GOLDEN = os.environ.get("NESTC_UPDATE_GOLDEN", "") not in ("", "0")
+# Elements per program of the generated element-wise Triton kernels (a power of two).
+TRITON_BLOCK = int(os.environ.get("NESTC_TRITON_BLOCK", "") or 1024)

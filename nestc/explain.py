@@ -53,7 +53,7 @@ def render_lowering(checked: Any) -> str:
             target = st.name if isinstance(st, ir.Let) else st.target
             op = "=" if isinstance(st, ir.Let) else "<-"
             line = f"    {target} {op} {ir.text(st.value, opt.param)}"
-            if isinstance(st, ir.Assign) and st.kind == "state":
+            if isinstance(st, ir.Assign) and st.kind in ("state", "mlp"):
                 period = st.every if st.every is not None else periods[st.target]
                 notes = [f"every {ir.text(period, opt.param)} steps"] \
                     if period != ir.const(1) else []
@@ -69,7 +69,11 @@ def render_lowering(checked: Any) -> str:
         for m in v.memories:
             if m.init == "from" and m.first is not None:
                 lines.append(f"    ({m.name}'s first write stores {ir.text(m.first, opt.param)})")
-        if v.kernel is None:
+        mlps = [m.name for m in v.memories if m.mlp is not None]
+        if mlps:
+            lines.append(f"    kernel: none; MLP memory {', '.join(mlps)} runs tensor by tensor "
+                         "(generic code; backend='compiled' traces it with torch.compile)")
+        elif v.kernel is None:
             fused = ("backend='triton' (the default on CUDA) and 'compiled' fuse it"
                      if fusable(v) else "backend='compiled' fuses it with torch.compile")
             lines.append(f"    kernel: none recognized; generic multi-tensor code ({fused})")

@@ -104,6 +104,9 @@ def evaluate(e: ir.E, env: dict[str, Any]) -> Any:
         return env["steps"](e.value)
     if op == "shape":
         return env["shape"][e.value]
+    if op == "mlp":
+        w1, w2 = (env["states"][k] for k in env["mlps"][e.value].keys)
+        return mlp_read(evaluate(e.args[0], env), w1, w2, env["acts"][e.value])
     args = [evaluate(a, env) for a in e.args]
     if op == "add":
         return args[0] + args[1]
@@ -147,6 +150,49 @@ def _compare(op: str, args: list[Any]) -> Any:
             "or": lambda: a or b}[op]()
 
 
+def _act(name: str) -> Callable[..., Any]:
+    import torch
+
+    fns = {"silu": torch.nn.functional.silu, "relu": torch.relu, "tanh": torch.tanh,
+           "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu}
+    if name not in fns:
+        raise ValueError(f"an MLP memory's act is one of {', '.join(fns)}, got {name!r}")
+    return fns[name]
+
+
+def mlp_read(x: Any, w1: Any, w2: Any, act: str) -> Any:
+    """An MLP memory applied to the rows of x's (dim0, rest) view: x + W1 act(W2 x) per row."""
+    rows = x.reshape(x.shape[0] if x.ndim else 1, w1.shape[0])  # (n, d)
+    return (rows + _act(act)(rows @ w2.T) @ w1.T).reshape(x.shape)
+
+
+def mlp_learn(w1: Any, w2: Any, key: Any, target: Any, lr: Any, retain: Any, objective: str,
+              act: str) -> tuple[Any, Any]:
+    """One gd step of an MLP memory: W <- retain * W - lr * d objective / d W for W1 and W2,
+    both gradients taken at the old state, the objective summed over the rows of the key."""
+    import torch
+
+    with torch.enable_grad():
+        p1, p2 = w1.detach().requires_grad_(), w2.detach().requires_grad_()
+        pred = mlp_read(key, p1, p2, act)
+        if objective == "l2":
+            loss = 0.5 * ((pred - target) ** 2).sum()
+        else:
+            loss = -(pred * target).sum()
+        g1, g2 = torch.autograd.grad(loss, (p1, p2))
+    return retain * w1 - lr * g1, retain * w2 - lr * g2
+
+
+def mlp_identity(memory: ir.Memory, W: Any, env: dict[str, Any], index: int) -> tuple[Any, Any]:
+    """An MLP memory's first state for the index-th parameter of the optimizer: m(x) = x."""
+    from nestc.ops.residual_mlp import identity_init
+
+    assert memory.mlp is not None, memory.name
+    hidden = evaluate(memory.mlp.hidden, env)
+    seed = evaluate(memory.mlp.seed, env) + index
+    return identity_init(env["shape"]["cols"], int(hidden), int(seed), W)
+
+
 def shape_of(W: Any) -> dict[str, int]:
     """ndim, rows, cols, numel of a tensor; its matrix view is (dim0, the rest)."""
     dims = tuple(getattr(W, "shape", ()))
@@ -161,11 +207,12 @@ def shape_of(W: Any) -> dict[str, int]:
 def run(variant: ir.Variant, hyper: dict[str, Any], W: Any, G: Any, states: dict[str, Any],
         step: int | Any, *, ns: Any = FloatNS, first: dict[str, bool] | None = None,
         on_write: Callable[[str, Any], Any] | None = None,
-        shape: dict[str, int] | None = None) -> tuple[Any, dict[str, Any]]:
+        shape: dict[str, int] | None = None, index: int = 0) -> tuple[Any, dict[str, Any]]:
     """One step for one parameter. `step` counts this step (1 on the first). Returns (W, states).
 
     first[name] says whether a `from X` memory is written for the first time. on_write lets
     a symbolic caller replace a freshly written state by a symbol for the reads that follow.
+    index is the parameter's position in the optimizer (it seeds an MLP memory's first state).
     """
     mems = {m.name: m for m in variant.memories}
     states = dict(states)
@@ -177,8 +224,13 @@ def run(variant: ir.Variant, hyper: dict[str, Any], W: Any, G: Any, states: dict
         period = evaluate(mems[mem].period, env)
         return step // period if period != 1 else step
 
+    mlps = {m.name: m for m in variant.memories if m.mlp is not None}
     env: dict[str, Any] = {"hyper": hyper, "W": W, "G": G, "states": states, "locals": {},
-                           "steps": steps, "ns": ns, "shape": shape or shape_of(W)}
+                           "steps": steps, "ns": ns, "shape": shape or shape_of(W), "mlps": mlps}
+    env["acts"] = {n: evaluate(m.mlp.act, env) for n, m in mlps.items() if m.mlp is not None}
+    for m in mlps.values():  # MLP memories are made on the parameter's first step
+        if m.keys[0] not in states:
+            states.update(zip(m.keys, mlp_identity(m, W, env, index)))
     for m in variant.memories:  # hoisted values start as their expression of the initial state
         if m.init == "eval" and m.name not in states:
             assert m.first is not None
@@ -193,6 +245,14 @@ def run(variant: ir.Variant, hyper: dict[str, Any], W: Any, G: Any, states: dict
         mem = mems[s.target]
         period = evaluate(s.every if s.every is not None else mem.period, env)
         if period != 1 and step % period != 0:
+            continue
+        if s.kind == "mlp":
+            w1, w2 = (states[k] for k in mem.keys)
+            key, target, lr, retain = (evaluate(a, env) for a in s.value.args)
+            pair = mlp_learn(w1, w2, key, target, lr, retain, s.value.value[1],
+                             env["acts"][s.target])
+            written.update(zip(mem.keys, pair))
+            states.update(zip(mem.keys, pair))
             continue
         if mem.init == "from" and (first or {}).get(s.target, False):
             assert mem.first is not None

@@ -24,11 +24,16 @@ from nestc.source import Span
 #   add sub mul div pow mod neg             arithmetic on args
 #   call    value = builtin name, args
 #   cmp     value = operator text; and/or/not for conditions
+#   mlp     value = memory name, args (x,): an MLP memory applied to the rows of x
+#   learn   value = (memory name, "l2" | "dot"), args (key, target, lr, retain): the MLP
+#           memory after one gd step on objective(memory(key), target), summed over rows
 ELEMENTWISE_CALLS = ("sqrt", "abs", "exp", "log", "sign", "tanh", "sigmoid", "relu", "silu",
                      "min", "max", "lerp", "debias", "clamp")
 SHAPE_CALLS = ("ndim", "rows", "cols", "numel")
 # calls on whole tensors (not element-wise): args are (x, numbers...), run tensor by tensor
 MATRIX_CALLS = ("newton_schulz", "matmul", "transpose")
+# activations of an MLP memory (nestc/ops/residual_mlp.py defines them and their derivatives)
+MLP_ACTS = ("silu", "relu", "tanh", "sigmoid", "gelu")
 
 
 @dataclass(frozen=True)
@@ -77,15 +82,31 @@ def const(v: float | int | str) -> E:
 
 
 @dataclass(frozen=True)
+class MLP:
+    """A residual MLP memory m(x) = x + W1 act(W2 x) on the rows x of the (rows, cols) view of
+    what it reads, with d = cols(W): W1 is (d, hidden), W2 (hidden, d)."""
+
+    hidden: E  # a number per tensor: hyperparameters and shapes
+    act: E  # its name: a constant or a hyperparameter
+    seed: E  # W2's draw: hyperparameters and constants
+
+
+@dataclass(frozen=True)
 class Memory:
-    """A state tensor of the optimizer, one per parameter."""
+    """A state of the optimizer, one per parameter: a tensor shaped like it, or an MLP."""
 
     name: str
-    init: str  # "zeros" | "ones" | "from" | "eval" (computed from `first` when made)
+    init: str  # "zeros" | "ones" | "from" | "eval" (computed from `first` when made) | "identity"
     period: E  # updates when the step count is a multiple of period (a scalar expression)
     span: Span
     first: E | None = None  # "from": what the first write stores; "eval": the initial value
     deferred: bool = False  # `read before write`: written at the end of the step
+    mlp: MLP | None = None  # an MLP memory: two tensors, `keys`, instead of one
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Its tensors' names in the optimizer's state (no spec name contains a dot)."""
+        return (f"{self.name}.W1", f"{self.name}.W2") if self.mlp else (self.name,)
 
 
 @dataclass(frozen=True)
@@ -97,7 +118,8 @@ class Let:
 
 @dataclass(frozen=True)
 class Assign:
-    """target <- value. target is the param name (kind "param") or a memory (kind "state")."""
+    """target <- value. target is the param name (kind "param") or a memory (kind "state"; kind
+    "mlp" for an MLP memory, whose value is a `learn` expression)."""
 
     target: str
     kind: str
@@ -176,5 +198,11 @@ def text(e: E, param: str = "W", prec: int = 0) -> str:
     if op == "cond":
         c, a, b = (text(x, param) for x in e.args)
         return f"(if {c} then {a} else {b})"
+    if op == "mlp":
+        return f"{e.value}({text(e.args[0], param)})"
+    if op == "learn":
+        (mem, objective), (key, target, lr, retain) = e.value, e.args
+        return (f"gd({objective}({mem}({text(key, param)}), {text(target, param)}), "
+                f"lr = {text(lr, param)}, retain = {text(retain, param)})")
     args = e.args[:2] if e.value == "debias" else e.args
     return f"{e.value}({', '.join(text(a, param) for a in args)})"

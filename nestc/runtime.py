@@ -101,7 +101,6 @@ def triton_module(source: str) -> Any:
     return type("TritonKernels", (), _load(source, "triton"))
 
 
-TRITON_BLOCK = 1024  # elements per program of a generated element-wise kernel
 _ADDRESSES: dict[tuple[Any, ...], torch.Tensor] = {}  # address tables on the device, by content
 
 
@@ -114,9 +113,10 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
 @functools.lru_cache(maxsize=64)
 def _block_map(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(2, blocks) int32: each program's tensor index and block index within that tensor."""
-    tensor, block = [], []
+    tensor: list[int] = []
+    block: list[int] = []
     for t, n in enumerate(numels):
-        count = -(-n // TRITON_BLOCK)
+        count = -(-n // env.TRITON_BLOCK)
         tensor += [t] * count
         block += range(count)
     return torch.tensor([tensor, block], dtype=torch.int32).to(device)
@@ -125,13 +125,13 @@ def _block_map(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
 def _address_table(tensors: list[list[torch.Tensor]], device: torch.device) -> torch.Tensor:
     """(1 + rows, T) int64: the numels, then each row's data pointers. Kept on the device by
     content, so a step whose tensors sit where they sat before copies nothing to the device."""
-    key = (device, tuple(p.numel() for p in tensors[0]),
-           *(tuple(x.data_ptr() for x in row) for row in tensors))
+    rows = [[p.numel() for p in tensors[0]], *([x.data_ptr() for x in row] for row in tensors)]
+    key = (device, *map(tuple, rows))
     table = _ADDRESSES.get(key)
     if table is None:
         if len(_ADDRESSES) >= 256:  # grads that move every step: keep the cache bounded
             _ADDRESSES.clear()
-        table = torch.tensor([list(r) for r in key[1:]], dtype=torch.int64).to(device)
+        table = torch.tensor(rows, dtype=torch.int64).to(device)
         _ADDRESSES[key] = table
     return table
 
@@ -150,7 +150,8 @@ def launch_multi_tensor(kernel: Any, rows: list[list[torch.Tensor]],
         blocks = _block_map(tuple(p.numel() for p in tensors[0]), device)
         # arguments: tables, scalars, then the constexprs BLOCK and each row's element type
         kernel[(blocks.shape[1],)](_address_table(tensors, device), len(index), blocks,
-                                   *scalars, TRITON_BLOCK, *map(_tl_dtype, dtypes))
+                                   *scalars, env.TRITON_BLOCK, *map(_tl_dtype, dtypes),
+                                   num_warps=4 if env.TRITON_BLOCK <= 1024 else 8)
 
 
 def no_kernel(group: dict[str, Any]) -> None:
@@ -233,6 +234,58 @@ def partition_first(state: dict[Any, dict[str, Any]], params: list[torch.Tensor]
         groups.setdefault(key, []).append(p)
     for key, ps in groups.items():
         yield dict(zip(names, key)), ps
+
+
+def param_index(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
+    """p's position over the optimizer's param groups: the number its state_dict gives it."""
+    params = (q for group in opt.param_groups for q in group["params"])
+    return next(i for i, q in enumerate(params) if q is p)
+
+
+def mlp_identity(opt: torch.optim.Optimizer, p: torch.Tensor, hidden: Any, seed: Any,
+                 where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """An MLP memory's first state (W1, W2) for p: m(x) = x, with W2 drawn from a generator
+    seeded with seed + p's index in the optimizer (nestc/ops/residual_mlp.py)."""
+    from nestc.ops.residual_mlp import identity_init
+
+    if isinstance(hidden, bool) or not float(hidden).is_integer() or hidden < 1:
+        raise ValueError(f"{where}: error: an MLP memory's width is a whole number of at least "
+                         f"1, got {hidden!r}")
+    return identity_init(cols(p), int(hidden), int(seed) + param_index(opt, p), p)
+
+
+def _act(act: str, where: str) -> str:
+    from nestc.ops.residual_mlp import ACTS
+
+    if act not in ACTS:
+        raise ValueError(f"{where}: error: an MLP memory's act is one of {', '.join(ACTS)}, "
+                         f"got {act!r}")
+    return act
+
+
+def mlp_read(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: str,
+             where: str = "") -> torch.Tensor:
+    """m(x) for one parameter's MLP memory, on the rows of x's (dim0, rest) view."""
+    from nestc.ops.residual_mlp import read
+
+    return read(x, w1, w2, _act(act, where))
+
+
+def mlp_learn(w1: torch.Tensor, w2: torch.Tensor, key: torch.Tensor, target: torch.Tensor,
+              lr: Any, retain: Any, objective: str, act: str, where: str = ""
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gd step of one parameter's MLP memory: the new (W1, W2)."""
+    from nestc.ops.residual_mlp import learn
+
+    return learn(w1, w2, key, target, lr, retain, objective, _act(act, where))
+
+
+def mlp_learn_(w1: torch.Tensor, w2: torch.Tensor, key: torch.Tensor, target: torch.Tensor,
+               lr: Any, retain: Any, objective: str, act: str, where: str = "") -> None:
+    """mlp_learn, written into W1 and W2 (both gradients are taken before either changes)."""
+    new1, new2 = mlp_learn(w1, w2, key, target, lr, retain, objective, act, where)
+    w1.copy_(new1)
+    w2.copy_(new2)
 
 
 def _load(source: str, label: str) -> dict[str, Any]:

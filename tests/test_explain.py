@@ -143,3 +143,28 @@ def test_cli_explain(capsys) -> None:
     assert out.startswith("optimizer AdamW  (std/optim/adam.nest:17:1)\n")
     assert "    lr           = 0.5\n" in out
     assert "    updates        5 over 5 steps\n" in out
+
+
+def test_deep_momentum_shows_its_mlp_memory_as_a_level() -> None:
+    lines = lines_of(explain(nestc.load("std/optim/nested.nest"), "DeepMomentum"))
+    start = lines.index("  level 0  m  (memory)")
+    assert lines[start:start + 9] == [
+        "  level 0  m  (memory)",
+        "    frequency      every step",
+        "    parallel with  b",
+        "    learns from    g (key, value, objective)",
+        "    structure      residual_mlp(cols(W), hidden = hidden)",
+        "    objective      dot(m(g), g)",
+        "    rule           gd(lr = eta, retain = alpha)",
+        "    init           identity(seed = seed)",
+        "    updates        1000 over 1000 steps",
+    ]
+    assert "    after          b, m (reads their state of the same step)" in lines
+    variant = lines.index("  variant 0: ndim(W) >= 2")
+    assert lines[variant + 1:variant + 5] == [
+        "    g = grad(W)",
+        "    m <- gd(dot(m(g), g), lr = eta, retain = alpha)",
+        "    W <- W - lr * m(g)",
+        "    kernel: none; MLP memory m runs tensor by tensor (generic code; backend='compiled' "
+        "traces it with torch.compile)",
+    ]

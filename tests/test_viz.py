@@ -431,6 +431,14 @@ def test_levels_svg_draws_levels_only(hope: nx.MultiDiGraph) -> None:
     assert "signal" not in texts  # nor in the legend
 
 
+def test_deep_momentum_draws_its_mlp_memory_as_a_level() -> None:
+    g = nestc.load("std/optim/nested.nest").graph("DeepMomentum")
+    assert g.nodes["m"]["kind"] == "memory" and g.nodes["m"]["level"] == 0
+    texts = svg_texts(render(g, "svg"))
+    assert "m" in texts and "dot(m(g), g) · gd(lr = eta, retain = alpha)" in texts
+    assert "key, value, objective" in texts and "L1 · every step" in texts
+
+
 def test_levels_layout_reads_well() -> None:
     g = nestc.load("std/models/hope.nest").graph("HopeLM")
     shown = levels_view(g)

@@ -71,12 +71,22 @@ def _reads(e: ir.E, node: ir.E) -> bool:
 
 
 def uses_numbers(variant: ir.Variant) -> bool:
-    """Whether the variant reads per-tensor numbers (steps, shapes, periods): else the step
-    counts need not be read off their tensors."""
+    """Whether the variant reads per-tensor numbers (steps, shapes, periods; an MLP memory's
+    write loops over them): else the step counts need not be read off their tensors."""
     exprs = [s.value for s in variant.stmts] + [m.period for m in variant.memories]
     every = [s.every for s in variant.stmts if isinstance(s, ir.Assign) and s.every is not None]
     return any(n.op in ("step", "shape") for e in exprs for n in e.walk()) or any(
-        m.period != ir.const(1) for m in variant.memories) or bool(every)
+        m.period != ir.const(1) or m.mlp is not None for m in variant.memories) or bool(every)
+
+
+def _mlp(m: ir.Memory) -> ir.MLP:
+    assert m.mlp is not None, f"memory {m.name} is not an MLP"
+    return m.mlp
+
+
+def state_lists(m: ir.Memory) -> list[str]:
+    """The names of a memory's per-tensor lists in generated code: one per state tensor."""
+    return [f"_w1_{m.name}", f"_w2_{m.name}"] if m.mlp else [f"_st_{m.name}"]
 
 
 class _Variant:
@@ -152,6 +162,12 @@ class _Variant:
             return Val(f"(_c // {self.scalar(mem.period)})", "ls")
         if op == "shape":
             return Val(SHAPE_CODE[e.value], "ls")
+        if op == "mlp":
+            xs = self.bind(self.as_tensors(self.expr(e.args[0])))
+            w1, w2 = state_lists(self.mems[e.value])
+            act = self.scalar(_mlp(self.mems[e.value]).act)
+            return Val(f"[_rt.mlp_read(_x, _a, _b, {act}, {self.where!r}) for _x, _a, _b in "
+                       f"zip({xs.code}, {w1}, {w2})]", "t")
         if op == "cmp":
             args = [self.expr(a) for a in e.args]
             assert all(a.kind != "t" for a in args), e
@@ -305,6 +321,9 @@ class _Variant:
                 self.line(f"{name} = {v.code}")
             self.locals[s.name] = Val(name, v.kind)
             return
+        if s.kind == "mlp":
+            self.learn(s)
+            return
         target = "_params" if s.kind == "param" else f"_st_{s.target}"
         mem = self.mems.get(s.target) if s.kind == "state" else None
         if mem is not None and mem.init == "from":
@@ -318,6 +337,24 @@ class _Variant:
             self.indented(lambda: self.assign(s, target, every=False))
             return
         self.assign(s, target, every=_period(s, mem) != ir.const(1))
+
+    def learn(self, s: ir.Assign) -> None:
+        """An MLP memory's gd step, tensor by tensor, in place on its W1 and W2."""
+        mem = self.mems[s.target]
+        (_, objective), (key, target, lr, retain) = s.value.value, s.value.args
+        ks = self.bind(self.as_tensors(self.expr(key))).code
+        vs = self.bind(self.as_tensors(self.expr(target))).code
+        # the rates are numbers, one per tensor at most: expressions of _c and _p
+        rates = f"{self.expr(lr).code}, {self.expr(retain).code}"
+        w1, w2 = state_lists(mem)
+        self.line(f"for _p, _c, _k, _v, _a, _b in zip(_params, _step, {ks}, {vs}, {w1}, {w2}):")
+        indent = "    "
+        period = _period(s, mem)
+        if period != ir.const(1):
+            self.line(f"    if _c % {self.scalar(period)} == 0:")
+            indent += "    "
+        self.line(f"{indent}_rt.mlp_learn_(_a, _b, _k, _v, {rates}, {objective!r}, "
+                  f"{self.scalar(_mlp(mem).act)}, {self.where!r})")
 
     def scaled_update(self, target: str, op: str, e: ir.E) -> bool:
         """target +/-= (numbers) * a [/ b] as one foreach call, the numbers folded in Python.
@@ -581,6 +618,8 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     for i, v in enumerate(opt.variants):
         k = v.kernel.kernel if v.kernel else None
         how = f"torch fused {k} kernel, else generic" if k else "generic multi-tensor code"
+        if any(m.mlp is not None for m in v.memories):
+            how = "generic code, its MLP memories tensor by tensor"
         w(f"      {i}: {_conditions(v, hyper) or 'always'} -> {how}")
     w('    """')
     w("")
@@ -686,6 +725,10 @@ class _OneTensor:
             return f"(_c // {self.expr(mem.period)})"
         if op == "shape":
             return SHAPE_CODE[e.value]
+        if op == "mlp":
+            w1, w2 = state_lists(self.mems[e.value])  # here one tensor each, not lists
+            act = self.expr(_mlp(self.mems[e.value]).act)
+            return f"_rt.mlp_read({self.expr(e.args[0])}, {w1}, {w2}, {act}, {self.where!r})"
         args = [self.expr(a) for a in e.args]
         if op in PY_OPS:
             return f"({args[0]} {PY_OPS[op]} {args[1]})"
@@ -714,7 +757,7 @@ class _OneTensor:
 
     def loop(self, name: str, one: str, args: str) -> list[str]:
         """The whole param group in one function: torch.compile makes one graph of it."""
-        mems = [f"_st_{m.name}" for m in self.variant.memories]
+        mems = [n for m in self.variant.memories for n in state_lists(m)]
         lists = ", ".join(["_params", "_grads", "_steps", *mems])
         names = ", ".join(["_p", "_g", "_c", *(f"_m{k}" for k in range(len(mems)))])
         tail = f", {args}" if args else ""
@@ -723,8 +766,8 @@ class _OneTensor:
                 f"        {one}({names}, _first{tail})"]
 
     def function(self, name: str, args: str) -> list[str]:
-        mems = [m.name for m in self.variant.memories]
-        sig = ", ".join(["_p", "_g", "_c", *(f"_st_{m}" for m in mems), "_first"])
+        mems = [n for m in self.variant.memories for n in state_lists(m)]
+        sig = ", ".join(["_p", "_g", "_c", *mems, "_first"])
         lines = ["", "", f"def {name}({sig}{', ' if args else ''}{args}):",
                  '    """One tensor\'s step in plain tensor code, for torch.compile to fuse."""']
         for st in self.variant.stmts:
@@ -734,6 +777,9 @@ class _OneTensor:
                 value = self.expr(st.value)
                 snapshot = st.name in self.snapshots
                 lines.append(f"    _l_{st.name} = {value}{'.clone()' if snapshot else ''}")
+                continue
+            if st.kind == "mlp":
+                lines += self.learn(st)
                 continue
             value = self.expr(st.value)
             if st.kind == "param":
@@ -747,6 +793,21 @@ class _OneTensor:
             if period != ir.const(1):
                 value = f"torch.where(_c % {self.expr(period)} == 0, {value}, _st_{st.target})"
             lines.append(f"    _st_{st.target}.copy_({value})")
+        return lines
+
+    def learn(self, st: ir.Assign) -> list[str]:
+        """An MLP memory's gd step for one tensor: new W1 and W2, copied in (where due)."""
+        mem = self.mems[st.target]
+        (_, objective), args = st.value.value, st.value.args
+        w1, w2 = state_lists(mem)
+        lines = [f"    _nw1, _nw2 = _rt.mlp_learn({w1}, {w2}, "
+                 f"{', '.join(self.expr(a) for a in args)}, {objective!r}, "
+                 f"{self.expr(_mlp(mem).act)}, {self.where!r})"]
+        period = _period(st, mem)
+        for new, old in (("_nw1", w1), ("_nw2", w2)):
+            if period != ir.const(1):
+                new = f"torch.where(_c % {self.expr(period)} == 0, {new}, {old})"
+            lines.append(f"    {old}.copy_({new})")
         return lines
 
 
@@ -768,6 +829,13 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str,
             init.append(f"        _s[{m.name!r}] = torch.{make}(_p, memory_format=torch.preserve_format)")
     one = _OneTensor(v, hyper)
     for m in v.memories:
+        if m.mlp is not None:  # m(x) = x, W2 drawn with the seed and the tensor's index
+            one.where = f"{m.span}"
+            w1, w2 = m.keys
+            init.append(f"    if {w1!r} not in _s:")
+            init.append(f"        _s[{w1!r}], _s[{w2!r}] = _rt.mlp_identity(self, _p, "
+                        f"{one.expr(m.mlp.hidden)}, {one.expr(m.mlp.seed)}, {one.where!r})")
+    for m in v.memories:
         if m.init == "eval":  # a hoisted value starts as its expression of the initial state
             assert m.first is not None
             one.where = f"{m.span}"
@@ -782,8 +850,9 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str,
         if m.period.op != "const":  # a hyperparameter: checked where a group sets it
             b(f"_rt.check_period({emit.scalar(m.period)}, {m.name!r}, {str(m.span)!r})")
     for m in v.memories:
-        get = f"_s[{m.name!r}]" if m.init != "from" else f"_s.get({m.name!r})"
-        b(f"_st_{m.name} = [{get} for _s in _states]")
+        for key, name in zip(m.keys, state_lists(m)):
+            get = f"_s[{key!r}]" if m.init != "from" else f"_s.get({key!r})"
+            b(f"{name} = [{get} for _s in _states]")
     if v.kernel is not None:
         b("if _fused:")
         b(f"    # recognized: torch's fused {v.kernel.kernel} computes this variant exactly")
@@ -809,7 +878,8 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str,
         b("    for _s, _p in zip(_states, _params):")
         b(f"        _s.setdefault({name!r}, torch.empty_like(_p, memory_format=torch.preserve_format))")
         b(f"    _st_{name} = [_s[{name!r}] for _s in _states]")
-    lists = ", ".join(["_params", "_grads", "_steps", *(f"_st_{m.name}" for m in v.memories)])
+    lists = ", ".join(["_params", "_grads", "_steps",
+                       *(n for m in v.memories for n in state_lists(m))])
     b(f"    _rt.compiled(_all_{i})({lists}, _first{', ' if args else ''}{args})")
     b("    return")
     if uses_numbers(v):

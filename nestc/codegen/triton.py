@@ -28,7 +28,10 @@ BIN = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
 def fusable(variant: ir.Variant) -> bool:
     """Whether every statement is element-wise arithmetic the kernel computes like torch
-    (not: matrix routines, tanh (no accurate Triton form on every target), other powers)."""
+    (not: matrix routines, MLP memories, tanh (no accurate Triton form on every target), other
+    powers)."""
+    if any(m.mlp is not None for m in variant.memories):
+        return False
     for s in variant.stmts:
         for n in s.value.walk():
             if n.op == "call" and (n.value in ir.MATRIX_CALLS or n.value == "tanh"):

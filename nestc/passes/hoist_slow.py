@@ -23,7 +23,9 @@ def _slow_refs(e: ir.E, slow: dict[str, ir.Memory]) -> set[str] | None:
     names: set[str] = set()
 
     def visit(n: ir.E, setting: bool) -> bool:
-        if n.op in ("param", "grad", "local", "step") or (n.op == "hyper" and not setting):
+        # an MLP memory's read or write is never hoisted: its state is two tensors, not one
+        if n.op in ("param", "grad", "local", "step", "mlp", "learn") or (
+                n.op == "hyper" and not setting):
             return False
         if n.op == "state":
             if n.value not in slow:

@@ -41,6 +41,7 @@ class _Lowerer:
         self.variants: list[ir.Variant] = []
         self.sums: tuple[ir.Memory, list[tuple[str, ir.E]]] | None = None
         self.numbers: dict[str, ir.E] = {}  # lets holding numbers: their expressions
+        self.tensors: dict[str, ir.E] = {}  # lets holding tensors: their expressions
 
     def unsupported(self, what: str, span: Span) -> NestError:
         """A limitation of this compiler, not a mistake in the spec (`check` lets it pass)."""
@@ -112,12 +113,17 @@ class _Lowerer:
         if what == "number":
             # the let's expression rides along, so is_static & co. see what it depends on
             return ir.E("slocal", (self.numbers[name],), name)
+        if what == "mlp":
+            raise NestError(f"`{name}` is an MLP memory: read it by applying it, `{name}(x)`",
+                            span, kind="type")
         raise self.unsupported(f"`{name}` as a value", span)
 
     def call(self, e: ast.ExprCall, names: dict[str, str]) -> ir.E:
         if not isinstance(e.func, ast.ExprName):
             raise self.unsupported("calling an expression", e.span)
         fn = e.func.name
+        if names.get(fn) == "mlp":
+            return self.mlp_read(e, names)
         if fn == "grad":
             self.the_param(e.args[0], fn)
             return ir.E("grad")
@@ -168,12 +174,35 @@ class _Lowerer:
         x = self.expr(e.args[0], names)
         if mem.period == ir.const(1):
             return x
+        for acc, y in sums:  # the same sum twice (a key and its objective) is kept once
+            if y == x:
+                return ir.E("state", value=acc)
         acc = f"{mem.name}_sum{len(sums)}" if sums else f"{mem.name}_sum"
         if acc in names:
             raise NestError(f"`{acc}` is taken: it names the running sum of `{mem.name}`",
                             e.span, kind="name")
         sums.append((acc, x))
         return ir.E("state", value=acc)
+
+    def mlp_read(self, e: ast.ExprCall, names: dict[str, str]) -> ir.E:
+        """m(x): the MLP memory applied to the rows of x's (rows, cols) view."""
+        assert isinstance(e.func, ast.ExprName), e.span
+        if len(e.args) != 1 or e.kwargs:
+            raise NestError(f"an MLP memory reads one tensor: `{e.func.name}(x)`", e.span,
+                            kind="type")
+        return ir.E("mlp", (self.like_param(e.args[0], names, "what it is applied to"),),
+                    e.func.name)
+
+    def like_param(self, arg: ast.Expr, names: dict[str, str], what: str) -> ir.E:
+        """An MLP memory's input or target: a tensor shaped like the param, whose rows have
+        cols(W) numbers, as its W1 and W2 do."""
+        x = self.expr(arg, names)
+        if _view_shape(x, self.tensors) != ("rows", "cols"):
+            raise NestError(f"an MLP memory in an optimizer reads the rows of "
+                            f"`{self.param}`'s matrix view: {what} is shaped like `{self.param}`",
+                            arg.span, kind="shape", hint=f"such as `grad({self.param})` or an "
+                            "element-wise expression of it")
+        return x
 
     def the_param(self, arg: ast.Expr, fn: str) -> None:
         if not (isinstance(arg, ast.ExprName) and arg.name == self.param):
@@ -243,8 +272,7 @@ class _Lowerer:
                 value = self.expr(s.value, names)
                 stmts.append(ir.Let(s.name, value, s.span))
                 names[s.name] = "number" if value.is_scalar else "let"
-                if value.is_scalar:
-                    self.numbers[s.name] = value
+                (self.numbers if value.is_scalar else self.tensors)[s.name] = value
             elif isinstance(s, ast.StmtUpdate):
                 stmts.append(self.update(s, names))
             elif isinstance(s, ast.StmtMemory):
@@ -254,7 +282,7 @@ class _Lowerer:
                                     kind="name", hint="choose another name")
                 new_mems, updates = self.memory(s, names)
                 mems += new_mems
-                names[s.name] = "memory"
+                names[s.name] = "mlp" if new_mems[0].mlp else "memory"
                 stmts += updates
             elif isinstance(s, ast.StmtIf):
                 cond = self.expr(s.cond, names)
@@ -262,7 +290,10 @@ class _Lowerer:
                     raise NestError("an optimizer's `if` tests hyperparameters and the param's "
                                     "shape only", s.cond.span, kind="value",
                                     hint="such as `if nesterov { ... }` or `if ndim(W) < 2 { ... }`")
+                # the else branch sees the lets as they were here, not as the then branch left them
+                lets = dict(self.numbers), dict(self.tensors)
                 then = self.block(list(s.then) + todo, names, mems, stmts, (*conds, (cond, True)))
+                self.numbers, self.tensors = lets
                 orelse = self.block(list(s.orelse) + todo, names, mems, stmts,
                                     (*conds, (cond, False)))
                 return Branch(cond, then, orelse)
@@ -290,13 +321,19 @@ class _Lowerer:
 
     def memory(self, s: ast.StmtMemory, names: dict[str, str]
                ) -> tuple[list[ir.Memory], list[ir.Assign]]:
-        if s.structure is not None and not _is_call(s.structure, "like"):
-            raise self.unsupported("a memory structure other than like(W)", s.structure.span)
+        mlp = None
+        if s.structure is not None and _is_call(s.structure, "residual_mlp"):
+            mlp = self.mlp_structure(s, names)
+        elif s.structure is not None and not _is_call(s.structure, "like"):
+            raise self.unsupported("a memory structure other than like(W) and residual_mlp",
+                                   s.structure.span)
         if s.name == "step":
             raise NestError("a memory cannot be called `step`: the step count is kept under "
                             "that name", s.name_span, kind="name", hint="choose another name")
         init, first = "zeros", None
-        if s.init is not None:
+        if mlp is not None:
+            init = "identity"
+        elif s.init is not None:
             if _is_call(s.init, "from"):
                 assert isinstance(s.init, ast.ExprCall)
                 init, first = "from", self.expr(s.init.args[0], names)
@@ -317,23 +354,33 @@ class _Lowerer:
             if init == "from" and period != ir.const(1):
                 raise self.unsupported("`from` with a period other than every step", f.span)
         clauses = {b.kind: b for b in s.body if isinstance(b, ast.Clause)}
+        allowed = ("objective", "rule", "read") + (("key", "value") if mlp else ())
         for kind, clause in clauses.items():
-            if kind not in ("objective", "rule", "read"):
+            if kind not in allowed:
                 raise self.unsupported(f"the `{kind}` clause", clause.span)
         deferred = "read" in clauses and clauses["read"].value == "before write"
-        mem = ir.Memory(s.name, init, period, s.span, first, deferred)
+        mem = ir.Memory(s.name, init, period, s.span, first, deferred, mlp)
         inner = dict(names)
-        inner[s.name] = "memory"
+        inner[s.name] = "mlp" if mlp else "memory"
         updates = [b for b in s.body if isinstance(b, ast.StmtUpdate)]
         for b in s.body:
             if not isinstance(b, (ast.StmtUpdate, ast.Clause)):
                 raise self.unsupported(f"`{type(b).__name__}` in a memory body", b.span)
         if len(updates) > 1:
             raise self.unsupported("more than one update of a memory", updates[1].span)
+        if mlp and updates:
+            raise NestError(f"MLP memory `{s.name}` learns by its objective and rule; it has no "
+                            "explicit update", updates[0].span, kind="value",
+                            hint=f"such as `objective l2({s.name}(grad({self.param})), "
+                            f"grad({self.param})); rule gd(lr = 0.1)`")
         # sum(x) in the update of a memory every N steps adds x over the steps in between
         self.sums = (mem, [])
-        update = (self.update(updates[0], inner) if updates else
-                  self.objective_rule(s, clauses, inner))
+        if mlp:
+            update = self.mlp_objective_rule(s, clauses, inner)
+        elif updates:
+            update = self.update(updates[0], inner)
+        else:
+            update = self.objective_rule(s, clauses, inner)
         _, sums = self.sums
         self.sums = None
         mems, accumulate, reset = [mem], [], []
@@ -368,16 +415,115 @@ class _Lowerer:
             delta = next((k.value for k in obj.kwargs if k.name == "delta"), None)
             d = self.expr(delta, names) if delta is not None else ir.const(1.0)
             grad = ir.E("call", (state - target, -d, d), "clamp")
+        lr, retain = self.gd_rule(rule, names)
+        value = state - lr * grad if retain is None else retain * state - lr * grad
+        return ir.Assign(s.name, "state", value, clauses["rule"].span)
+
+    def gd_rule(self, rule: ast.Expr, names: dict[str, str]) -> tuple[ir.E, ir.E | None]:
+        """`gd(lr = a, retain = r)`: (a, r), with lr 1 and retain None when left out."""
         func = rule.func if isinstance(rule, ast.ExprCall) else rule
         rule_name = qualified_name(func) or _text(rule)
         kwargs = {k.name: k.value for k in rule.kwargs} if isinstance(rule, ast.ExprCall) else {}
         if rule_name != "gd":
             raise self.unsupported(f"the rule `{rule_name}` (in an optimizer's memory)", rule.span)
         lr = self.expr(kwargs["lr"], names) if "lr" in kwargs else ir.const(1.0)
-        value = state - lr * grad
-        if "retain" in kwargs:
-            value = self.expr(kwargs["retain"], names) * state - lr * grad
-        return ir.Assign(s.name, "state", value, clauses["rule"].span)
+        retain = self.expr(kwargs["retain"], names) if "retain" in kwargs else None
+        return lr, retain
+
+    # MLP memories (deep momentum)
+    def mlp_structure(self, s: ast.StmtMemory, names: dict[str, str]) -> ir.MLP:
+        """`residual_mlp(cols(W), hidden = h, act = "silu")` and its init, `identity` or
+        `identity(seed = k)` (the default)."""
+        st = s.structure
+        assert st is not None, s.name
+        if not isinstance(st, ast.ExprCall) or len(st.args) != 1:
+            raise NestError(f"`residual_mlp` takes its dim: `residual_mlp(cols({self.param}), "
+                            "hidden = h)`", st.span, kind="type")
+        dim = self.expr(st.args[0], names)
+        if _strip(dim) != ir.E("shape", value="cols"):
+            raise NestError(f"an MLP memory in an optimizer reads the rows of `{self.param}`'s "
+                            f"matrix view: its dim is `cols({self.param})`", st.args[0].span,
+                            kind="shape", hint=f"write `residual_mlp(cols({self.param}), "
+                            "hidden = ...)`")
+        kw = {k.name: k for k in st.kwargs}
+        if "hidden" not in kw:
+            raise NestError("an MLP memory in an optimizer needs its width: `hidden = ...`",
+                            st.span, kind="value", hint=f"such as `residual_mlp(cols({self.param}), "
+                            "hidden = 16)`")
+        hidden = self.expr(kw["hidden"].value, names)
+        width = self.known(hidden)
+        if not hidden.is_static or width is not None and (
+                isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise NestError("the width of an MLP memory is a whole number of hyperparameters "
+                            "and shapes", kw["hidden"].value.span, kind="value")
+        act = self.expr(kw["act"].value, names) if "act" in kw else ir.const("silu")
+        name = self.known(act)
+        if act.op not in ("const", "hyper") or name is not None and name not in ir.MLP_ACTS:
+            raise NestError(f"`act` of an MLP memory is one of {', '.join(ir.MLP_ACTS)}",
+                            kw["act"].value.span, kind="value")
+        return ir.MLP(hidden, act, self.identity_seed(s.init, names))
+
+    def known(self, e: ir.E) -> object:
+        """The value of a constant, or of a hyperparameter by its default; else None."""
+        if e.op == "const":
+            return e.value
+        if e.op == "hyper" and len(e.value) == 1:
+            return self.defaults.get(e.value[0])
+        return None
+
+    def identity_seed(self, init: ast.Expr | None, names: dict[str, str]) -> ir.E:
+        if init is None or isinstance(init, ast.ExprName) and init.name == "identity":
+            return ir.const(0)
+        if not _is_call(init, "identity"):
+            raise NestError("an MLP memory starts as `identity`: W1 = 0, so that m(x) = x, and "
+                            "W2 random, so that its gradients are not zero", init.span,
+                            kind="value", hint="write `= identity` or `= identity(seed = k)`")
+        assert isinstance(init, ast.ExprCall)
+        seed = next((k.value for k in init.kwargs if k.name == "seed"), None)
+        value = self.expr(seed, names) if seed is not None else ir.const(0)
+        if not value.is_hyper_only:
+            raise NestError("the seed of `identity` is a number or a hyperparameter",
+                            seed.span if seed is not None else init.span, kind="value")
+        return value
+
+    def mlp_objective_rule(self, s: ast.StmtMemory, clauses: dict[str, ast.Clause],
+                           names: dict[str, str]) -> ir.Assign:
+        """objective l2(m(k), v) or dot(m(k), v), rule gd(lr = a, retain = r): one gd step on
+        the objective summed over the rows of k (key k and value v, when given, must agree)."""
+        named: dict[str, tuple[ast.Expr, ir.E]] = {}
+        for c in ("key", "value"):
+            if c in clauses:
+                given = clauses[c].value
+                assert not isinstance(given, str), c
+                named[c] = given, self.like_param(given, names, f"its {c}")
+        obj, rule = clauses["objective"].value, clauses["rule"].value
+        assert not isinstance(obj, str) and not isinstance(rule, str)
+        kind = obj.func.name if isinstance(obj, ast.ExprCall) and isinstance(
+            obj.func, ast.ExprName) else None
+        if kind not in ("l2", "dot"):
+            raise self.unsupported("an MLP memory's objective other than l2 and dot", obj.span)
+        assert isinstance(obj, ast.ExprCall)
+        pred = obj.args[0]
+        if not (isinstance(pred, ast.ExprCall) and isinstance(pred.func, ast.ExprName)
+                and pred.func.name == s.name):
+            raise NestError(f"an MLP memory's objective compares its reading with a target: "
+                            f"`{kind}({s.name}(k), v)`", pred.span, kind="value")
+        key = self.mlp_read(pred, names).args[0]
+        target = self.like_param(obj.args[1], names, "the target")
+        for clause, got, arg in (("key", key, pred.args[0]), ("value", target, obj.args[1])):
+            if clause in named and named[clause][1] != got:
+                raise NestError(f"the objective of `{s.name}` reads `{_text(arg)}` where its "
+                                f"{clause} is `{_text(named[clause][0])}`", arg.span,
+                                kind="value", hint=f"write `{kind}({s.name}(key), value)` with "
+                                "the key and value it names")
+        lr, retain = self.gd_rule(rule, names)
+        retain = retain if retain is not None else ir.const(1.0)
+        for what, rate in (("lr", lr), ("retain", retain)):
+            if not rate.is_scalar:
+                raise NestError(f"the `{what}` of an MLP memory's rule is a number", rule.span,
+                                kind="value")
+        value = ir.E("learn", (key, target, lr, retain), (s.name, kind))
+        return ir.Assign(s.name, "mlp", value, clauses["rule"].span)
 
 
 def _check_late_reads(stmts: list[ir.Stmt], mems: list[ir.Memory]) -> None:
@@ -396,7 +542,7 @@ def _check_late_reads(stmts: list[ir.Stmt], mems: list[ir.Memory]) -> None:
         for n in reads:
             if n.op == "local" and any(isinstance(t, ir.Let) and t.name == n.value for t in later):
                 changed = f"`{n.value}`"
-            if n.op == "state" and n.value in late_names and n.value != s.target and any(
+            if n.op in ("state", "mlp") and n.value in late_names and n.value != s.target and any(
                     isinstance(t, ir.Assign) and t.late and t.target == n.value
                     for t in stmts[:i]):
                 changed = f"`{n.value}` (written before it at the end of the step)"
@@ -405,6 +551,37 @@ def _check_late_reads(stmts: list[ir.Stmt], mems: list[ir.Memory]) -> None:
                             f"end of the step, but {changed} changes before then", s.span,
                             kind="value", hint="read a `let` copy taken before the change, or "
                             "drop `read before write`")
+
+
+def _strip(e: ir.E) -> ir.E:
+    """e with number lets replaced by their expressions."""
+    if e.op == "slocal":
+        return _strip(e.args[0])
+    return ir.E(e.op, tuple(_strip(a) for a in e.args), e.value)
+
+
+def _view_shape(e: ir.E, lets: dict[str, ir.E]) -> tuple[str, ...] | None:
+    """e's shape in terms of the param's matrix view: () for a number, ("rows", "cols") for a
+    tensor shaped like W, ("cols", "rows") for its transpose, ... None where dims disagree."""
+    if e.is_scalar:
+        return ()
+    if e.op in ("param", "grad", "state"):
+        return ("rows", "cols")
+    if e.op == "local":
+        return _view_shape(lets[e.value], lets)
+    parts = [_view_shape(a, lets) for a in e.args]
+    if e.op == "call" and e.value == "transpose":
+        return parts[0][::-1] if parts[0] is not None else None
+    if e.op == "call" and e.value == "matmul":
+        a, b = parts
+        return (a[0], b[1]) if a is not None and b is not None and a[1] == b[0] else None
+    if e.op == "mlp" or e.op == "call" and e.value == "newton_schulz":
+        return parts[0]
+    if e.op == "cond":
+        parts = parts[1:]
+    # element-wise: every tensor operand has the same shape
+    shapes = {p for p in parts if p != ()}
+    return shapes.pop() if len(shapes) == 1 else None
 
 
 def _is_call(e: ast.Expr, name: str) -> bool:

@@ -305,7 +305,7 @@ def _verify(opt: ir.Optimizer, variant: ir.Variant, choice: KernelChoice, seed: 
 
 def _candidates(opt: ir.Optimizer, variant: ir.Variant) -> list[KernelChoice]:
     mems = variant.memories
-    if any(m.period != ir.const(1) for m in mems):
+    if any(m.period != ir.const(1) or m.mlp is not None for m in mems):
         return []
     if not any(isinstance(s, ir.Assign) and s.kind == "param" for s in variant.stmts):
         return []
