@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 bench: $(STAMP)
-	$(PY) benchmarks/optim_step.py
+	$(PY) benchmarks/optim.py
 
 clean:
 	rm -rf $(VENV) out
