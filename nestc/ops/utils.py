@@ -1,0 +1,111 @@
+"""Shared by the delta-rule ops: input checks, the chunked layout, callable op packages."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# None picks "chunked" until a Triton back end exists
+BACKENDS = (None, "chunked", "naive")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _shape(x: torch.Tensor) -> str:
+    return str(list(x.shape))
+
+
+def check_delta_rule_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            beta: torch.Tensor, g: torch.Tensor | None,
+                            initial_state: torch.Tensor | None, scale: float | None,
+                            chunk_size: int, backend: str | None) -> None:
+    """Raise ValueError naming the argument that does not fit the [B, T, H, D] layout."""
+    named = {"q": q, "k": k, "v": v, "beta": beta}
+    if g is not None:
+        named["g"] = g
+    if initial_state is not None:
+        named["initial_state"] = initial_state
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} must be float32, bfloat16, float16 or float64, "
+                             f"got {x.dtype}")
+    want_ndim = {"q": 4, "k": 4, "v": 4, "beta": 3, "g": 3, "initial_state": 4}
+    layout = {"q": "[B, T, H, K]", "k": "[B, T, H, K]", "v": "[B, T, H, V]", "beta": "[B, T, H]",
+              "g": "[B, T, H]", "initial_state": "[B, H, K, V]"}
+    for name, x in named.items():
+        if x.ndim != want_ndim[name]:
+            raise ValueError(f"{op}: {name} must have shape {layout[name]} ({want_ndim[name]} "
+                             f"dims), got {_shape(x)}")
+    if k.shape != q.shape:
+        raise ValueError(f"{op}: q and k must have the same shape [B, T, H, K], "
+                         f"got q {_shape(q)} and k {_shape(k)}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{op}: v must have shape [B, T, H, V] = [{B}, {T}, {H}, V] like q, "
+                         f"got {_shape(v)}")
+    for name in ("beta", "g"):
+        if name in named and named[name].shape != q.shape[:3]:
+            raise ValueError(f"{op}: {name} must have shape [B, T, H] = [{B}, {T}, {H}], "
+                             f"got {_shape(named[name])}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        raise ValueError(f"{op}: initial_state must have shape [B, H, K, V] = "
+                         f"[{B}, {H}, {K}, {V}], got {_shape(initial_state)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{op}: q, k and v must share one dtype, "
+                         f"got {q.dtype}, {k.dtype} and {v.dtype}")
+    devices = {x.device for x in named.values()}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all inputs must be on one device, got "
+                         + ", ".join(f"{n} on {x.device}" for n, x in named.items()))
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"{op}: scale must be a number or None, got {type(scale).__name__}")
+    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16
+            or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"{op}: chunk_size must be a power of two >= 16 (16, 32, 64, ...), "
+                         f"got {chunk_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; use None, 'chunked' or 'naive'")
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for 16- and 32-bit inputs, float64 for float64 ones."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def make_callable(module_name: str, fn: Callable[..., Any]) -> None:
+    """Let the package `module_name` be called as `fn`.
+
+    `nestc.ops.delta_rule` names both a package and its function: whichever import comes first
+    binds the attribute on `nestc.ops`, so the package forwards calls to keep both spellings valid.
+    """
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = CallableModule
+
+
+def to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, H, D) -> (N, B*H, C, D) in `dtype`, T zero-padded up to N*C (a zero key, value,
+    beta and log retention leave the state as it is, so padding needs no mask)."""
+    B, T, H, D = x.shape
+    N = -(-T // chunk_size)
+    x = x.to(dtype)
+    if N * chunk_size != T:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, N * chunk_size - T))
+    x = x.reshape(B, N, chunk_size, H, D).permute(1, 0, 3, 2, 4)
+    return x.reshape(N, B * H, chunk_size, D)
+
+
+def from_chunks(x: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
+    """(N, B*H, C, D) or (N*B*H, C, D) -> (B, T, H, D), contiguous, dropping the padding."""
+    C, D = x.shape[-2:]
+    x = x.view(-1, B, H, C, D).permute(1, 0, 3, 2, 4).reshape(B, -1, H, D)
+    return x[:, :T].contiguous()
