@@ -70,20 +70,25 @@ class Program:
         return generate(self.decl(name))
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """An optimizer declaration -> torch.optim.Optimizer(params, **hyper)."""
+        """An optimizer declaration -> torch.optim.Optimizer(params, **hyper); a block or a
+        model -> torch.nn.Module (build(name, backend="chunked"|"reference", **hyper))."""
         checked = self.decl(name)
+        try:
+            import torch  # noqa: F401
+        except ModuleNotFoundError as err:
+            if err.name != "torch":
+                raise
+            raise ModuleNotFoundError("building needs PyTorch: pip install torch "
+                                      "(or nestc[torch])", name="torch") from None
         if checked.kind == "optimizer":
-            try:
-                from nestc.runtime import build_optimizer
-            except ModuleNotFoundError as err:
-                if err.name != "torch":
-                    raise
-                raise ModuleNotFoundError("building needs PyTorch: pip install torch "
-                                          "(or nestc[torch])", name="torch") from None
+            from nestc.runtime import build_optimizer
 
             return build_optimizer(self, checked, *args, **kwargs)
-        raise NestError(f"building a {checked.kind} is not implemented yet: `{name}` can be "
-                        "checked, explained and drawn", checked.decl.name_span, kind="value")
+        from nestc.module import build_module
+
+        if args:
+            raise TypeError(f"build({name!r}, ...) takes hyperparameters by keyword")
+        return build_module(self, checked, **kwargs)
 
 
 def load(path: str | Path) -> Program:

@@ -1,0 +1,621 @@
+"""The memories of blocks: what a `memory` declaration becomes in a module.
+
+- `LinearMemory`: `matrix(a, b)` per head with objective l2 or dot and rule gd or dgd. The
+  reference tier is the token loop that takes the objective's gradient with torch.func at each
+  token (the definition); the chunked tier selects the recurrence it equals: the delta rule,
+  the gated delta rule or linear attention, run chunk-parallel by `nestc.ops`.
+- `CacheMemory`: softmax attention's key/value cache (`cache`), read by `softmax_attention`.
+- `MLPMemory`: an `mlp`/`residual_mlp` per head that learns every token (Titans): gd, dgd or
+  momentum on l2/dot, all gradients of a chunk taken at the chunk's starting state. The
+  chunked tier takes a chunk's gradients at once (torch.func) and runs the momentum and
+  retention recurrences as decay-weighted sums.
+- `StaticMLP`: an `mlp`/`residual_mlp` that never updates in context (a Transformer's MLP).
+Everything else is reported as not supported yet, with the memory's span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
+from torch import nn
+
+from nestc import ast
+from nestc.check import CHOICES
+from nestc.errors import NestError
+from nestc.layers import Stateful
+
+
+def _unsupported(what: str, span: Any) -> NestError:
+    from nestc.module import _unsupported as unsupported
+
+    return unsupported(what, span)
+
+
+class Memory(Stateful):
+    name = ""
+    env_key = ""  # where its write signals sit in the runtime env
+    get: Callable[[dict[str, Any]], Any]  # the running module's instance of this memory
+    rule_kw: dict[str, ast.Expr]
+    span: Any
+    heads: int
+
+    def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
+        return lambda env: None
+
+    def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
+        raise _unsupported(f"reading memory `{self.name}` like a function", span)
+
+    def _signal(self, scope: Any, name: str, default: Any) -> Any:
+        """A rule's lr or retain as [B, T, H]: a constant, one value per token, or per head."""
+        e = self.rule_kw.get(name)
+        if e is None and default is None:
+            return None
+        value = default if e is None else scope.value(e, self.name)
+        heads = self.heads
+        if not hasattr(value, "fn"):
+            c = float(value)
+            return lambda env, like: like.new_full((*like.shape[:2], heads), c)
+        if value.feat not in (1, heads):
+            raise NestError(f"`{name}` of memory `{self.name}` has {value.feat} features; it "
+                            f"is one per head ({heads}) or one per token",
+                            e.span if e is not None else self.span, kind="shape")
+        fn = value.fn
+        return lambda env, like: fn(env).expand(*like.shape[:2], heads)
+
+
+def _clauses(s: ast.StmtMemory) -> tuple[dict[str, ast.Expr], dict[str, str]]:
+    exprs: dict[str, ast.Expr] = {}
+    choices = {k: d for k, (d, _) in CHOICES.items()}
+    for c in s.body:
+        if not isinstance(c, ast.Clause):
+            raise _unsupported("statements inside a block's memory", c.span)
+        if isinstance(c.value, str):
+            choices[c.kind] = c.value
+        else:
+            exprs[c.kind] = c.value
+    return exprs, choices
+
+
+def _call(e: ast.Expr | None) -> tuple[str, ast.ExprCall] | None:
+    if isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName):
+        return e.func.name, e
+    if isinstance(e, ast.ExprName):
+        return e.name, ast.ExprCall(e, (), (), e.span)
+    return None
+
+
+def build(scope: Any, s: ast.StmtMemory) -> Memory:
+    structure = _call(s.structure)
+    kind = structure[0] if structure else None
+    if kind == "cache":
+        return CacheMemory(scope, s)
+    if kind == "matrix":
+        return LinearMemory(scope, s)
+    if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
+            s.frequency.unit == "never":
+        return StaticMLP(scope, s)
+    if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
+            s.frequency.unit == "token" and s.frequency.every is None:
+        return MLPMemory(scope, s)
+    raise _unsupported(f"a `{kind or 'plain'}` memory updated "
+                       f"{'every ' + s.frequency.unit if s.frequency else 'so'}", s.span)
+
+
+class CacheMemory(Memory):
+    """Softmax attention's memory: every token's key and value, kept (PAPER.md sec. 2)."""
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__()
+        self.name = s.name
+        exprs, _ = _clauses(s)
+        if "key" not in exprs or "value" not in exprs:
+            raise NestError(f"cache `{s.name}` needs `key` and `value` clauses", s.span,
+                            kind="value")
+        self.key = scope.tensor(exprs["key"], s.name)
+        self.value = scope.tensor(exprs["value"], s.name)
+        self.value_feat = self.value.feat
+
+    def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
+        k, v = self.key.fn, self.value.fn
+        return lambda env: (k(env), v(env))
+
+    def attend(self, q: torch.Tensor, heads: int, rope: bool, env: dict[str, Any]
+               ) -> torch.Tensor:
+        """Causal attention of q over every key so far (those of earlier pieces first). With
+        rope, queries and keys are rotated by their positions in the whole stream."""
+        k, v = env[self.env_key]
+        state = env["__state__"]
+        B, T, _ = q.shape
+        split = lambda x: x.view(B, x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)  # (B, heads, T, d)
+        past = state.given.get(self.state_key)
+        start = 0 if past is None else past[0].shape[2]
+        if rope:
+            q, k = rotary(q, start), rotary(k, start)
+        if past is not None:  # the cache holds keys as attention saw them (rotated)
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        state.out[self.state_key] = (k, v)
+        if start == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i sits at position start + i and sees every key up to there
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril_(start)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return o.transpose(1, 2).reshape(B, T, -1)
+
+
+def rotary(x: torch.Tensor, start: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding of x (B, heads, T, d) at positions start .. start + T - 1:
+    pairs (x_i, x_{i + d/2}) rotated by pos * base ** (-2i / d), as in Llama."""
+    d = x.shape[-1]
+    half = d // 2
+    freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / d)
+    pos = torch.arange(start, start + x.shape[-2], device=x.device, dtype=torch.float32)
+    angle = pos[:, None] * freq  # (T, d/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    a, b = x[..., :half], x[..., half:2 * half]
+    rotated = torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+    return torch.cat([rotated, x[..., 2 * half:]], -1)
+
+
+class StaticMLP(Memory):
+    """An MLP memory that never updates in context: its weights are the outer level's.
+    mlp(d, hidden, depth = 2, act = "gelu"): Linear(d, hidden), act, ..., Linear(hidden, d).
+    residual_mlp(d, hidden = d, act = "silu"): x + W1 act(W2 x)."""
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__()
+        self.name = s.name
+        structure = _call(s.structure)
+        assert structure is not None
+        kind, call = structure
+        kw = {k.name: scope.const(k.value) for k in call.kwargs}
+        d = int(scope.const(call.args[0]))
+        hidden = int(kw.get("hidden", d))
+        self.residual = kind == "residual_mlp"
+        act = kw.get("act", "silu" if self.residual else "gelu")
+        acts = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
+        if act not in acts:
+            raise NestError(f"activation {act!r} is not one of {', '.join(acts)}", call.span,
+                            kind="value")
+        depth = 2 if self.residual else int(kw.get("depth", 2))
+        if s.per_head:
+            raise _unsupported("a per-head MLP that never updates", s.span)
+        if s.init is not None and _call(s.init) not in (None,) and \
+                _call(s.init)[0] not in ("meta",):  # type: ignore[index]
+            raise _unsupported("an initial state other than `meta` for a static MLP", s.span)
+        widths = [d] + [hidden] * (depth - 1) + [d]
+        parts: list[nn.Module] = []
+        for i in range(depth):
+            parts.append(nn.Linear(widths[i], widths[i + 1], bias=False))
+            if i < depth - 1:
+                parts.append(acts[act]())
+        self.net = nn.Sequential(*parts)
+        self.feat = d
+
+    def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
+        from nestc.module import Ten
+
+        if q.feat != self.feat:
+            raise NestError(f"memory `{self.name}` maps {self.feat} features, read with "
+                            f"{q.feat}", span, kind="shape")
+        get, residual = self.get, self.residual
+
+        def read(env: dict[str, Any]) -> torch.Tensor:
+            x = q.fn(env)
+            y = get(env).net(x)
+            return y + x if residual else y
+
+        return Ten(read, self.feat)
+
+
+class LinearMemory(Memory):
+    """A matrix memory per head, S: [B, H, a, b], read as M(x) = x S (x: [.., a])."""
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__()
+        self.name = s.name
+        self.backend = scope.b.backend
+        structure = _call(s.structure)
+        assert structure is not None
+        _, call = structure
+        self.a, self.b = (int(scope.const(x)) for x in call.args)
+        exprs, choices = _clauses(s)
+        if choices["state"] != "per sample":
+            raise _unsupported("a memory shared across the batch", s.span)
+        self.read_before = choices["read"] == "before write"
+        self.stopped = choices["backprop"] == "stopped"
+        freq = s.frequency
+        if freq is None or freq.unit != "token" or freq.every is not None:
+            raise _unsupported("a matrix memory updated other than `every token`", s.span)
+        self.chunk = int(scope.const(freq.chunk)) if freq.chunk is not None else 64
+        self.objective, self.rule, self.gated = self._resolve(scope, s, exprs, choices)
+        init = _call(s.init)
+        self.init = init[0] if init else "zeros"
+        if self.init not in ("zeros", "meta"):
+            raise _unsupported(f"initial state `{self.init}` for a matrix memory", s.span)
+        self.span = s.span
+        self.s = s
+
+    def _resolve(self, scope: Any, s: ast.StmtMemory, exprs: dict[str, ast.Expr],
+                 choices: dict[str, str]) -> tuple[str, str, bool]:
+        objective = _call(exprs.get("objective"))
+        if objective is None or objective[0] not in ("l2", "dot"):
+            raise _unsupported("a matrix memory whose objective is not l2(...) or dot(...)",
+                               s.span)
+        _, call = objective
+        pred, target = call.args
+        read = _call(pred)
+        if read is None or read[0] != s.name or len(read[1].args) != 1:
+            raise NestError(f"the objective of `{s.name}` compares {s.name}(key) with a value",
+                            pred.span, kind="value")
+        self.key_expr, self.value_expr = read[1].args[0], target
+        rule = _call(exprs.get("rule"))
+        if rule is None or rule[0] not in ("gd", "dgd"):
+            raise _unsupported("a matrix memory whose rule is not gd or dgd", s.span)
+        self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
+        literal = rule[0] == "dgd" and choices["dgd"] == "literal"
+        if literal and objective[0] == "dot":
+            raise _unsupported("literal DGD with a dot objective", s.span)
+        return objective[0], rule[0], rule[0] == "dgd" and not literal
+
+    # writes: the per-token signals, computed where the memory is declared ---------------------
+
+    def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
+        k = scope.tensor(self.key_expr, self.name)
+        v = scope.tensor(self.value_expr, self.name)
+        if k.feat % self.a or v.feat % self.b or k.feat // self.a != v.feat // self.b:
+            raise NestError(f"memory `{self.name}` is matrix({self.a}, {self.b}) per head, but "
+                            f"its keys have {k.feat} features and its values {v.feat}",
+                            self.span, kind="shape")
+        self.heads = k.feat // self.a
+        if self.init == "meta":
+            self.initial = nn.Parameter(torch.zeros(self.heads, self.a, self.b))
+        lr = self._signal(scope, "lr", 1.0)
+        retain = self._signal(scope, "retain", None)
+        stop = self.stopped
+
+        def write(env: dict[str, Any]) -> dict[str, Any]:
+            kk, vv = k.fn(env), v.fn(env)
+            B, T, _ = kk.shape
+            out = {"k": kk.view(B, T, self.heads, self.a), "v": vv.view(B, T, self.heads, self.b),
+                   "lr": lr(env, kk), "retain": None if retain is None else retain(env, kk)}
+            if stop:
+                out = {n: None if x is None else x.detach() for n, x in out.items()}
+            return out
+
+        return write
+
+    # reads --------------------------------------------------------------------------------
+
+    def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
+        from nestc.module import Ten
+
+        if q.feat != self.heads * self.a:
+            raise NestError(f"memory `{self.name}` reads {self.heads} heads of {self.a} "
+                            f"features, got {q.feat}", span, kind="shape")
+        get = self.get
+        return Ten(lambda env: get(env).read(q.fn(env), env), self.heads * self.b)
+
+    def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        w = env[self.env_key]
+        state = env["__state__"]
+        B, T, _ = q.shape
+        q = q.view(B, T, self.heads, self.a)
+        S0 = state.given.get(self.state_key)
+        if S0 is None and self.init == "meta":
+            S0 = self.initial.expand(B, -1, -1, -1)
+        run = self._reference if self.backend == "reference" else self._chunked
+        o, S = run(q, w, S0)
+        state.out[self.state_key] = S
+        return o.reshape(B, T, self.heads * self.b)
+
+    def _reference(self, q: torch.Tensor, w: dict[str, Any], S0: Any) -> Any:
+        """The definition: token by token, the rule applied to the objective's gradient."""
+        k, v, lr, retain = w["k"], w["v"], w["lr"], w["retain"]
+        B, T, H, _ = k.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        S = (q.new_zeros(B, H, self.a, self.b, dtype=acc) if S0 is None else S0.to(acc))
+
+        def loss(S: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+            pred = torch.einsum("nha,nhav->nhv", kt, S)
+            if self.objective == "l2":
+                return 0.5 * ((pred - vt) ** 2).sum()
+            return -(pred * vt).sum()
+
+        grad = torch.func.grad(loss)
+        outs = []
+        for t in range(T):
+            kt, vt = k[:, t].to(acc), v[:, t].to(acc)
+            eta = lr[:, t].to(acc)[..., None, None]  # (B, H, 1, 1)
+            r = None if retain is None else retain[:, t].to(acc)[..., None, None]
+            if self.read_before:
+                outs.append(torch.einsum("nha,nhav->nhv", q[:, t].to(acc), S))
+            if self.gated:  # DGD, gated: retention first, then the gradient at that state
+                S = S if r is None else r * S
+                S = S - eta * grad(S, kt, vt)
+            elif self.rule == "dgd":  # literal: S (r I - eta k k^T) - eta grad, in x S form
+                kk = torch.einsum("nha,nhc->nhac", kt, kt)
+                decay = (1.0 if r is None else r) * S - eta * (kk @ S)
+                S = decay - eta * grad(S, kt, vt)
+            else:  # gd: the gradient at the state before retention
+                S = (S if r is None else r * S) - eta * grad(S, kt, vt)
+            if not self.read_before:
+                outs.append(torch.einsum("nha,nhav->nhv", q[:, t].to(acc), S))
+        o = torch.stack(outs, 1) if outs else q.new_zeros(B, 0, H, self.b, dtype=acc)
+        return o.to(q.dtype), S
+
+    def _chunked(self, q: torch.Tensor, w: dict[str, Any], S0: Any) -> Any:
+        """The recurrence the objective and rule amount to, chunk-parallel (docs/semantics.md)."""
+        from nestc.ops.delta_rule.chunk import chunk_delta_rule
+        from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+        from nestc.ops.linear_attention.chunk import chunk_linear_attention
+
+        k, v, lr, retain = w["k"], w["v"], w["lr"], w["retain"]
+        if self.read_before:  # the state before token t = the state after a shifted write
+            k, v, lr = (F.pad(x, (0, 0) * (x.ndim - 2) + (1, 0)) for x in (k, v, lr))
+            retain = None if retain is None else F.pad(retain, (0, 0, 1, 0), value=1.0)
+            q = F.pad(q, (0, 0, 0, 0, 0, 1))
+        T = q.shape[1]
+        C = self.chunk
+        o: torch.Tensor
+        S: torch.Tensor | None
+        if self.objective == "dot":
+            g = None if retain is None else retain.log()
+            o, S = chunk_linear_attention(q, k, v, lr, g, S0, C)
+        elif retain is None and (self.rule == "gd" or self.gated):
+            o, S = chunk_delta_rule(q, k, v, lr, 1.0, S0, True, C)
+        else:
+            r = torch.ones_like(lr) if retain is None else retain
+            if self.gated:
+                beta, vv = lr, v
+            elif self.rule == "gd":  # r S - lr (S^T k - v) k^T: gated with beta = lr / r
+                beta, vv = lr / r, v * r[..., None]
+            else:  # literal: S (r I - 2 lr k k^T) + lr v k^T
+                beta, vv = 2 * lr / r, v * (r[..., None] / 2)
+            o, S = chunk_gated_delta_rule(q, k, vv, r.log(), beta, 1.0, S0, True, C)
+        if self.read_before:
+            o = o[:, : T - 1]
+        return o, S
+
+
+
+def _decays(logs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For per-token log factors (..., C): exp of their running sums (..., C) and the matrix
+    D[t, s] = prod_{s < j <= t} factor_j for s <= t, else 0 (..., C, C)."""
+    L = logs.cumsum(-1)
+    diff = L[..., :, None] - L[..., None, :]
+    causal = torch.ones(diff.shape[-2:], dtype=torch.bool, device=logs.device).tril_()
+    return L.exp(), torch.where(causal, diff, float("-inf")).exp()
+
+
+def _log(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_min(1e-30).log()  # a factor of 0 forgets all: exp(-69) per token is 0 here
+
+
+class MLPMemory(Memory):
+    """A 2-layer MLP per head learning in context, with weights A (d, h) and B (h, d):
+    M(x) = act(x A) B for `mlp`, x + act(x A) B for `residual_mlp` (docs/semantics.md)."""
+
+    ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh,
+            "sigmoid": torch.sigmoid}
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__()
+        self.name, self.span = s.name, s.span
+        self.backend = scope.b.backend
+        structure = _call(s.structure)
+        assert structure is not None
+        kind, call = structure
+        kw = {k.name: scope.const(k.value) for k in call.kwargs}
+        self.d = int(scope.const(call.args[0]))
+        self.hidden = int(kw.get("hidden", self.d))
+        self.residual = kind == "residual_mlp"
+        if int(kw.get("depth", 2)) != 2:
+            raise _unsupported("an in-context MLP memory of depth other than 2", call.span)
+        act = kw.get("act", "silu")
+        if act not in self.ACTS:
+            raise NestError(f"activation {act!r} is not one of {', '.join(self.ACTS)}",
+                            call.span, kind="value")
+        self.act = self.ACTS[act]
+        exprs, choices = _clauses(s)
+        if choices["state"] != "per sample":
+            raise _unsupported("a memory shared across the batch", s.span)
+        if choices["partial"] != "flush":
+            raise _unsupported("`partial carry`", s.span)
+        self.read_before = choices["read"] == "before write"
+        self.stopped = choices["backprop"] == "stopped"
+        assert s.frequency is not None
+        self.chunk = int(scope.const(s.frequency.chunk)) if s.frequency.chunk else 1
+        if self.chunk < 1:
+            raise NestError("a chunk is at least one token", s.frequency.span, kind="value")
+        objective = _call(exprs.get("objective"))
+        if objective is None or objective[0] not in ("l2", "dot"):
+            raise _unsupported("an MLP memory whose objective is not l2(...) or dot(...)",
+                               s.span)
+        self.objective = objective[0]
+        pred, target = objective[1].args
+        read = _call(pred)
+        if read is None or read[0] != s.name or len(read[1].args) != 1:
+            raise NestError(f"the objective of `{s.name}` compares {s.name}(key) with a value",
+                            pred.span, kind="value")
+        self.key_expr, self.value_expr = read[1].args[0], target
+        rule = _call(exprs.get("rule"))
+        if rule is None or rule[0] not in ("gd", "dgd", "momentum"):
+            raise _unsupported("an MLP memory whose rule is not gd, dgd or momentum", s.span)
+        if rule[0] == "dgd" and choices["dgd"] == "literal":
+            raise _unsupported("literal DGD for an MLP memory", s.span)
+        self.momentum = rule[0] == "momentum"
+        self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
+        init = _call(s.init)
+        if init is None or init[0] != "meta":
+            raise _unsupported("an in-context MLP memory whose initial state is not `meta`",
+                               s.span)
+        self.per_head = s.per_head
+
+    def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
+        k = scope.tensor(self.key_expr, self.name)
+        v = scope.tensor(self.value_expr, self.name)
+        if k.feat % self.d or v.feat != k.feat or (not self.per_head and k.feat != self.d):
+            raise NestError(f"memory `{self.name}` maps {self.d} features"
+                            f"{' per head' if self.per_head else ''}, but its keys have "
+                            f"{k.feat} and its values {v.feat}", self.span, kind="shape")
+        self.heads = k.feat // self.d
+        H, d, h = self.heads, self.d, self.hidden
+        # the meta-learned initial weights, with nn.Linear's default scale
+        self.A = nn.Parameter(torch.empty(H, d, h).uniform_(-d ** -0.5, d ** -0.5))
+        self.B = nn.Parameter(torch.empty(H, h, d).uniform_(-h ** -0.5, h ** -0.5))
+        signals = {n: self._signal(scope, n, default) for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
+        if self.momentum and signals["beta"] is None:
+            raise NestError(f"the momentum rule of `{self.name}` needs `beta`", self.span,
+                            kind="value")
+        stop = self.stopped
+
+        def write(env: dict[str, Any]) -> dict[str, Any]:
+            kk, vv = k.fn(env), v.fn(env)
+            B, T, _ = kk.shape
+            out = {"k": kk.view(B, T, H, d), "v": vv.view(B, T, H, d)}
+            out.update({n: None if f is None else f(env, kk) for n, f in signals.items()})
+            if stop:
+                out = {n: None if x is None else x.detach() for n, x in out.items()}
+            return out
+
+        return write
+
+    def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
+        from nestc.module import Ten
+
+        if q.feat != self.heads * self.d:
+            raise NestError(f"memory `{self.name}` reads {self.heads} heads of {self.d} "
+                            f"features, got {q.feat}", span, kind="shape")
+        get = self.get
+        return Ten(lambda env: get(env).read(q.fn(env), env), q.feat)
+
+    # the function of one token, for torch.func -------------------------------------------
+
+    def _forward_one(self, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(x @ A) @ B
+        return y + x if self.residual else y
+
+    def _loss(self, A: torch.Tensor, B: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> torch.Tensor:
+        y = self._forward_one(A, B, k)
+        return 0.5 * ((y - v) ** 2).sum() if self.objective == "l2" else -(y * v).sum()
+
+    def _grads(self, A: torch.Tensor, B: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token gradients at one state: A, B (N, H, ...), k, v (N, H, C, d) ->
+        (N, H, C, d, h) and (N, H, C, h, d)."""
+        g = torch.func.grad(self._loss, argnums=(0, 1))
+        per_token = torch.func.vmap(g, in_dims=(None, None, 0, 0))
+        return torch.func.vmap(torch.func.vmap(per_token))(A, B, k, v)
+
+    # reads -------------------------------------------------------------------------------
+
+    def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        w = env[self.env_key]
+        state = env["__state__"]
+        Bn, T, _ = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        given = state.given.get(self.state_key)
+        if given is None:
+            A, B = (p.to(acc).expand(Bn, *p.shape) for p in (self.A, self.B))
+            given = {"M": (A, B), "S": (torch.zeros_like(A), torch.zeros_like(B)),
+                     "start": (A, B), "offset": 0}
+        qh = q.view(Bn, T, self.heads, self.d).transpose(1, 2).to(acc)  # (N, H, T, d)
+        w = {n: None if x is None else x.transpose(1, 2).to(acc) for n, x in w.items()}
+        run = self._reference if self.backend == "reference" else self._chunked
+        y, out = run(qh, w, given)
+        state.out[self.state_key] = out
+        return y.transpose(1, 2).reshape(Bn, T, -1).to(q.dtype)
+
+    def _segments(self, T: int, offset: int) -> list[tuple[int, int]]:
+        """[start, end) of each chunk of this piece: the first ends where the chunk that an
+        earlier piece began ends."""
+        bounds, t = [], 0
+        first = (self.chunk - offset) % self.chunk or self.chunk
+        while t < T:
+            end = min(T, t + (first if t == 0 else self.chunk))
+            bounds.append((t, end))
+            t = end
+        return bounds
+
+    def _factors(self, w: dict[str, Any], a: int, b: int) -> tuple[Any, Any, Any]:
+        """lr, retain and momentum factors of tokens a..b-1, each (N, H, n) or None."""
+        def cut(x: Any) -> Any:
+            return None if x is None else x[:, :, a:b]
+        return cut(w["lr"]), cut(w["retain"]), cut(w["beta"])
+
+    def _reference(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
+        """The definition: token by token; every gradient of a chunk at its starting state."""
+        (A, B), (SA, SB), (A0, B0) = given["M"], given["S"], given["start"]
+        offset, T = given["offset"], q.shape[2]
+        outs = []
+        for t in range(T):
+            if (offset + t) % self.chunk == 0:
+                A0, B0 = A, B
+            lr = w["lr"][:, :, t, None, None]  # (N, H, 1, 1), like each weight's batch dims
+            retain, beta = (None if x is None else x[:, :, t, None, None]
+                            for x in (w["retain"], w["beta"]))
+            gA, gB = self._grads(A0, B0, w["k"][:, :, t:t + 1], w["v"][:, :, t:t + 1])
+            uA, uB = -lr * gA[:, :, 0], -lr * gB[:, :, 0]
+            if self.read_before:
+                outs.append(self._read_one(A, B, q[:, :, t]))
+            if self.momentum:
+                SA, SB = beta * SA + uA, beta * SB + uB
+                uA, uB = SA, SB
+            r = 1.0 if retain is None else retain
+            A, B = r * A + uA, r * B + uB
+            if not self.read_before:
+                outs.append(self._read_one(A, B, q[:, :, t]))
+        y = torch.stack(outs, 2) if outs else q.new_zeros(q.shape)
+        return y, {"M": (A, B), "S": (SA, SB), "start": (A0, B0),
+                   "offset": (offset + T) % self.chunk}
+
+    def _read_one(self, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(torch.einsum("nhd,nhdk->nhk", x, A))
+        y = torch.einsum("nhk,nhkd->nhd", y, B)
+        return y + x if self.residual else y
+
+    def _chunked(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
+        """Chunk by chunk: the chunk's gradients at once, then its momentum and retention
+        recurrences as decay-weighted sums over its tokens (docs/semantics.md)."""
+        (A, B), (SA, SB), (A0, B0) = given["M"], given["S"], given["start"]
+        offset, T = given["offset"], q.shape[2]
+        sizes = [A[0, 0].numel(), B[0, 0].numel()]
+        flat = lambda a, b: torch.cat([a.flatten(2), b.flatten(2)], -1)  # noqa: E731
+        outs = []
+        for i, (a, b) in enumerate(self._segments(T, offset)):
+            if i > 0 or offset == 0:
+                A0, B0 = A, B
+            gA, gB = self._grads(A0, B0, w["k"][:, :, a:b], w["v"][:, :, a:b])
+            lr, retain, beta = self._factors(w, a, b)
+            u = -lr[..., None] * torch.cat([gA.flatten(3), gB.flatten(3)], -1)  # (N, H, n, P)
+            M0 = flat(A, B)  # (N, H, P)
+            if self.momentum:  # S_t = beta_t S_{t-1} + u_t; the weights then add S_t
+                run, D = _decays(_log(beta))
+                u = run[..., None] * flat(SA, SB)[:, :, None] + D @ u
+                SA, SB = (x.reshape(SA.shape if j == 0 else SB.shape)
+                          for j, x in enumerate(u[:, :, -1].split(sizes, -1)))
+            if retain is None:  # M_t = r_t M_{t-1} + u_t
+                M_all = M0[:, :, None] + u.cumsum(2)
+            else:
+                run, D = _decays(_log(retain))
+                M_all = run[..., None] * M0[:, :, None] + D @ u  # (N, H, n, P)
+            # the weights each token reads: after its write, or before it
+            seen = torch.cat([M0[:, :, None], M_all[:, :, :-1]], 2) if self.read_before \
+                else M_all
+            As, Bs = seen.split(sizes, -1)
+            As = As.reshape(*As.shape[:3], *A.shape[2:])
+            Bs = Bs.reshape(*Bs.shape[:3], *B.shape[2:])
+            x = q[:, :, a:b]
+            y = torch.einsum("nhck,nhckd->nhcd", self.act(torch.einsum("nhcd,nhcdk->nhck", x, As)),
+                             Bs)
+            outs.append(y + x if self.residual else y)
+            eA, eB = M_all[:, :, -1].split(sizes, -1)
+            A, B = eA.reshape(A.shape), eB.reshape(B.shape)
+        y = torch.cat(outs, 2) if outs else q.new_zeros(q.shape)
+        return y, {"M": (A, B), "S": (SA, SB), "start": (A0, B0),
+                   "offset": (offset + T) % self.chunk}

@@ -1,0 +1,239 @@
+"""Blocks and models built as nn.Modules: the chunked tier against the reference tier (outputs,
+final states, parameter gradients), streaming, state_dict keys, copies, and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import spec  # noqa: E402
+
+import nestc  # noqa: E402
+
+DELTANET = nestc.load("std/memory/deltanet.nest")
+LINEAR = nestc.load("std/memory/linear_attention.nest")
+TRANSFORMER = nestc.load("std/models/transformer.nest")
+TITANS = nestc.load("std/memory/titans.nest")
+
+# a memory for each resolution of objective and rule, small enough for the token loop
+TEMPLATE = spec("""
+    block Mem(dim, heads = 2, chunk = 16) {
+        input x : [T, dim]
+        let k = x |> linear(dim) |> l2norm(per = heads)
+        let v = x |> linear(dim)
+        let q = x |> linear(dim) |> conv1d(window = 3) |> l2norm(per = heads)
+        let lr = x |> linear(heads) |> sigmoid
+        let keep = x |> linear(heads) |> sigmoid
+        memory M : matrix(dim / heads, dim / heads) per head = INIT every token in chunks of chunk {
+            CLAUSES
+        }
+        output M(q) |> linear(dim)
+    }
+""")
+CLAUSES = {
+    "gd": ("zeros", "objective l2(M(k), v); rule gd(lr = lr)"),
+    "gd_retain": ("zeros", "objective l2(M(k), v); rule gd(lr = lr, retain = keep)"),
+    "dgd_literal": ("meta", "objective l2(M(k), v); rule dgd(lr = 0.5 * lr, retain = keep); "
+                    "dgd literal"),
+    "before": ("meta", "read before write; objective l2(M(k), v); "
+               "rule dgd(lr = lr, retain = keep)"),
+    "dot_retain": ("zeros", "objective dot(M(k), v); rule gd(lr = 0.5, retain = keep)"),
+    "stopped": ("zeros", "backprop stopped; objective l2(M(k), v); rule gd(lr = lr)"),
+}
+
+
+def variant(mode):
+    init, clauses = CLAUSES[mode]
+    return nestc.loads(TEMPLATE.replace("INIT", init).replace("CLAUSES", clauses), "v.nest")
+
+
+MODES = list(CLAUSES)
+
+
+def pair(prog, name, **hyper):
+    """The same module built on both tiers, with equal weights (set away from zero)."""
+    torch.manual_seed(0)
+    ref = prog.build(name, backend="reference", **hyper)
+    fast = prog.build(name, backend="chunked", **hyper)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def close(a, b, tol=1e-4, atol=1e-7):
+    """Error relative to the largest entry, as fla's tests measure it (a gradient that is zero
+    on one tier is a few ulps off zero on the other: atol)."""
+    err = (a - b).abs().max().item()
+    assert err <= tol * a.abs().max().item() + atol, (err, a.abs().max().item())
+
+
+def leaves(state):
+    """The tensors of an in-context state (dicts and tuples of tensors, and counters)."""
+    if isinstance(state, dict):
+        return [t for key in sorted(state) for t in leaves(state[key])]
+    if isinstance(state, (tuple, list)):
+        return [t for item in state for t in leaves(item)]
+    return [state] if isinstance(state, torch.Tensor) else [torch.tensor(float(state))]
+
+
+def compare(ref, fast, x):
+    ya, sa = ref(x, return_state=True)
+    yb, sb = fast(x, return_state=True)
+    close(ya, yb)
+    assert sa.keys() == sb.keys()
+    for a, b in zip(leaves(sa), leaves(sb), strict=True):
+        close(a.float(), b.float())
+    (ya ** 2).mean().backward()
+    (yb ** 2).mean().backward()
+    for p, q in zip(ref.parameters(), fast.parameters()):
+        # a parameter no path reaches has no gradient on one tier and zeros on the other
+        zero = torch.zeros_like(p)
+        close(zero if p.grad is None else p.grad, zero if q.grad is None else q.grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T", [1, 16, 37])
+def test_linear_memories_chunked_equal_reference(mode, T):
+    ref, fast = pair(variant(mode), "Mem", dim=16)
+    compare(ref, fast, torch.randn(2, T, 16))
+
+
+@pytest.mark.parametrize("prog,name", [(DELTANET, "DeltaNet"), (DELTANET, "GatedDeltaNet"),
+                                       (LINEAR, "LinearAttention"), (TRANSFORMER, "Attention"),
+                                       (TRANSFORMER, "MLP"), (TITANS, "Titans")])
+def test_stdlib_blocks_chunked_equal_reference(prog, name):
+    hyper = {"dim": 32, "chunk": 16} if name == "Titans" else {"dim": 32}
+    ref, fast = pair(prog, name, **hyper)
+    compare(ref, fast, torch.randn(2, 70 if name != "Titans" else 37, 32))
+
+
+MLP_TEMPLATE = spec("""
+    block Deep(dim, heads = 2, chunk = 4) {
+        input x : [T, dim]
+        let k = x |> linear(dim) |> l2norm(per = heads)
+        let v = x |> linear(dim)
+        let lr = 0.5 * sigmoid(linear(x, heads))
+        let keep = x |> linear(1) |> sigmoid
+        memory M : STRUCTURE per head = meta every token in chunks of chunk {
+            CLAUSES
+        }
+        output M(x) |> linear(dim)
+    }
+""")
+MLP_CASES = {
+    "gd": ("mlp(dim / heads, hidden = 8, act = \"tanh\")",
+           "objective l2(M(k), v); rule gd(lr = lr)"),
+    "dgd_retain_before": ("residual_mlp(dim / heads, hidden = 8)",
+                          "read before write; objective l2(M(k), v); "
+                          "rule dgd(lr = lr, retain = keep)"),
+    "momentum_dot": ("mlp(dim / heads, hidden = 8)",
+                     "objective dot(M(k), v); rule momentum(lr = 0.1 * lr, beta = keep, "
+                     "retain = 0.9)"),
+}
+
+
+def mlp_variant(case):
+    structure, clauses = MLP_CASES[case]
+    return nestc.loads(MLP_TEMPLATE.replace("STRUCTURE", structure)
+                       .replace("CLAUSES", clauses), "m.nest")
+
+
+@pytest.mark.parametrize("case", MLP_CASES)
+@pytest.mark.parametrize("T", [1, 4, 11])
+def test_mlp_memories_chunked_equal_reference(case, T):
+    ref, fast = pair(mlp_variant(case), "Deep", dim=16)
+    compare(ref, fast, torch.randn(2, T, 16))
+
+
+def test_stopped_backprop_keeps_gradients_off_the_writes():
+    _, fast = pair(variant("stopped"), "Mem", dim=16)
+    fast(torch.randn(1, 9, 16)).sum().backward()
+    # k and lr feed only the memory's writes: with backprop stopped they learn nothing
+    assert fast.k_linear.weight.grad is None and fast.lr_linear.weight.grad is None
+    assert fast.q_linear.weight.grad is not None
+
+
+def test_meta_initial_state_is_learned():
+    _, fast = pair(variant("before"), "Mem", dim=16)
+    fast(torch.randn(1, 5, 16)).sum().backward()
+    assert fast.M.initial.grad is not None and fast.M.initial.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("prog,name,hyper", [
+    (DELTANET, "GatedDeltaNet", {"dim": 16}),
+    (variant("before"), "Mem", {"dim": 16}),
+    (TRANSFORMER, "TransformerLM", {"dim": 16, "depth": 2, "vocab": 11}),
+    (TITANS, "Titans", {"dim": 16, "chunk": 4}),  # pieces end inside chunks
+    (mlp_variant("dgd_retain_before"), "Deep", {"dim": 16}),
+])
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_streaming_in_pieces_equals_one_pass(prog, name, hyper, backend):
+    torch.manual_seed(0)
+    mod = prog.build(name, backend=backend, **hyper)
+    x = (torch.randint(0, 11, (2, 29)) if name == "TransformerLM" else torch.randn(2, 29, 16))
+    whole, final = mod(x, return_state=True)
+    state, pieces = None, []
+    for a, b in [(0, 5), (5, 6), (6, 23), (23, 29)]:
+        y, state = mod(x[:, a:b], state=state, return_state=True)
+        pieces.append(y)
+    close(torch.cat(pieces, 1), whole)
+    for a, b in zip(leaves(final), leaves(state), strict=True):
+        close(a, b)
+
+
+def test_state_dict_keys_are_the_same_on_every_backend_and_copies_are_independent():
+    ref = TRANSFORMER.build("TransformerLM", backend="reference", dim=16, depth=2, vocab=11)
+    fast = TRANSFORMER.build("TransformerLM", backend="chunked", dim=16, depth=2, vocab=11)
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    twin = copy.deepcopy(fast)
+    x = torch.randint(0, 11, (1, 7))
+    before = fast(x)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    assert torch.equal(fast(x), before)  # the copy runs its own weights
+    assert not torch.equal(twin(x), before)
+
+
+def test_transformer_lm_learns_to_copy():
+    torch.manual_seed(0)
+    model = TRANSFORMER.build("TransformerLM", vocab=12, dim=32, depth=2, heads=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):  # second half of each sequence repeats the first half
+        half = torch.randint(2, 12, (16, 8))
+        tokens = torch.cat([half, half], 1)
+        logits = model(tokens)[:, 7:-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 12),
+                                                 tokens[:, 8:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    acc = (logits.argmax(-1) == tokens[:, 8:]).float().mean().item()
+    assert acc > 0.9, (loss.item(), acc)
+
+
+def test_unsupported_memories_and_shape_errors_name_the_spec():
+    cms = nestc.load("std/memory/cms.nest")
+    with pytest.raises(nestc.NestError) as info:
+        cms.build("CMS", dim=16)
+    assert info.value.unsupported and "cms.nest:" in str(info.value)
+    bad = nestc.loads(spec("""
+        block B(dim) {
+            input x : [T, dim]
+            let k = x |> linear(dim)
+            memory M : matrix(3, 3) per head = zeros every token {
+                objective l2(M(k), k); rule gd(lr = 1)
+            }
+            output M(k)
+        }
+    """), "bad.nest")
+    with pytest.raises(nestc.NestError) as info:
+        bad.build("B", dim=16)
+    assert "bad.nest:4:5" in str(info.value) and "matrix(3, 3)" in str(info.value)
+    with pytest.raises(ValueError, match="backend"):
+        DELTANET.build("DeltaNet", dim=16, backend="fast")
