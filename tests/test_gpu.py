@@ -103,3 +103,22 @@ def test_muon_matches_torch_on_cuda():
     run([(torch.optim.Muon(a), a), (prog.build("Muon", b), b)], steps=20)
     for p, q in zip(a, b):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,name,hyper", [
+    ("std/memory/deltanet.nest", "GatedDeltaNet", {"dim": 64}),
+    ("std/memory/titans.nest", "Titans", {"dim": 64, "chunk": 16}),
+    ("std/models/transformer.nest", "TransformerLM", {"dim": 64, "depth": 2, "vocab": 50}),
+])
+def test_blocks_on_cuda_equal_cpu(spec, name, hyper):
+    prog = nestc.load(spec)
+    torch.manual_seed(0)
+    cpu = prog.build(name, **hyper)
+    gpu = prog.build(name, **hyper).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randint(0, 50, (2, 100)) if name == "TransformerLM" else torch.randn(2, 100, 64)
+    y, state = gpu(x.cuda(), return_state=True)
+    torch.testing.assert_close(y.cpu(), cpu(x), rtol=1e-4, atol=1e-4)
+    y.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in gpu.parameters()
+               if p.requires_grad and p.grad is not None)
