@@ -9,6 +9,9 @@
   momentum on l2/dot, all gradients of a chunk taken at the chunk's starting state. The
   chunked tier takes a chunk's gradients at once (torch.func) and runs the momentum and
   retention recurrences as decay-weighted sums.
+- `TaskMLP`: an `mlp`/`residual_mlp` updated every C tokens by gd on the task loss (a CMS
+  level, PAPER.md sec. 4); the module's forward runs the sequence chunk by chunk and hands
+  each chunk's task-loss gradients to it (`nestc.module.Built.forward`).
 - `StaticMLP`: an `mlp`/`residual_mlp` that never updates in context (a Transformer's MLP).
 Everything else is reported as not supported yet, with the memory's span.
 """
@@ -97,6 +100,9 @@ def build(scope: Any, s: ast.StmtMemory) -> Memory:
     if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
             s.frequency.unit == "never":
         return StaticMLP(scope, s)
+    if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
+            s.frequency.unit == "token" and _is_task(s):
+        return TaskMLP(scope, s)
     if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
             s.frequency.unit == "token" and s.frequency.every is None:
         return MLPMemory(scope, s)
@@ -619,3 +625,94 @@ class MLPMemory(Memory):
         y = torch.cat(outs, 2) if outs else q.new_zeros(q.shape)
         return y, {"M": (A, B), "S": (SA, SB), "start": (A0, B0),
                    "offset": (offset + T) % self.chunk}
+
+
+def _is_task(s: ast.StmtMemory) -> bool:
+    objective = _call(_clauses(s)[0].get("objective"))
+    return objective is not None and objective[0] == "task"
+
+
+class TaskMLP(Memory):
+    """A CMS level: an MLP whose weights (per sample) change once every C tokens, by gd on the
+    task loss summed over the chunk's tokens, all taken at the chunk's weights; in-context
+    state {"W": (A, B), "grad": (dA, dB) so far this chunk, "offset": tokens into it}.
+    M(x) = act(x A) B for `mlp`, x + act(x A) B for `residual_mlp` (docs/semantics.md)."""
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__()
+        self.name, self.span = s.name, s.span
+        structure = _call(s.structure)
+        assert structure is not None and s.frequency is not None
+        kind, call = structure
+        kw = {k.name: scope.const(k.value) for k in call.kwargs}
+        self.d = int(scope.const(call.args[0]))
+        self.hidden = int(kw.get("hidden", self.d))
+        self.residual = kind == "residual_mlp"
+        if int(kw.get("depth", 2)) != 2:
+            raise _unsupported("an MLP memory of depth other than 2", call.span)
+        act = kw.get("act", "silu" if self.residual else "gelu")
+        if act not in MLPMemory.ACTS:
+            raise NestError(f"activation {act!r} is not one of {', '.join(MLPMemory.ACTS)}",
+                            call.span, kind="value")
+        self.act = MLPMemory.ACTS[act]
+        if s.per_head:
+            raise _unsupported("a per-head MLP memory learning from the task loss", s.span)
+        self.chunk = int(scope.const(s.frequency.every)) if s.frequency.every is not None else 1
+        if s.frequency.chunk is not None:
+            raise _unsupported("`in chunks of` on a memory updated every N tokens", s.span)
+        if self.chunk < 1:
+            raise NestError("a memory updates every 1 token or more", s.frequency.span,
+                            kind="value")
+        exprs, choices = _clauses(s)
+        if choices["state"] != "per sample":
+            raise _unsupported("a memory shared across the batch", s.span)
+        self.stopped = choices["backprop"] == "stopped"
+        rule = _call(exprs.get("rule"))
+        if rule is None or rule[0] != "gd":
+            raise _unsupported("a task-loss memory whose rule is not gd", s.span)
+        kwr = {k.name: scope.const(k.value) for k in rule[1].kwargs}
+        self.lr, self.retain = float(kwr.get("lr", 1.0)), float(kwr.get("retain", 1.0))
+        init = _call(s.init)
+        if init is not None and init[0] != "meta":
+            raise _unsupported("a task-loss memory whose initial state is not `meta`", s.span)
+        d, h = self.d, self.hidden
+        self.A = nn.Parameter(torch.empty(d, h).uniform_(-d ** -0.5, d ** -0.5))
+        self.B = nn.Parameter(torch.empty(h, d).uniform_(-h ** -0.5, h ** -0.5))
+
+    def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
+        from nestc.module import Ten
+
+        if q.feat != self.d:
+            raise NestError(f"memory `{self.name}` maps {self.d} features, read with {q.feat}",
+                            span, kind="shape")
+        get = self.get
+        return Ten(lambda env: get(env).read(q.fn(env), env), self.d)
+
+    def weights(self, state: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This chunk's weights: carried in the state, else the meta-learned ones."""
+        given = state.given.get(self.state_key)
+        if given is not None:
+            return given["W"]
+        return self.A.expand(batch, -1, -1), self.B.expand(batch, -1, -1)
+
+    def read(self, x: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        state = env["__state__"]
+        A, B = self.weights(state, x.shape[0])
+        state.task[self.state_key] = (self, (A, B))  # the driver differentiates the loss here
+        y = torch.einsum("btk,bkd->btd", self.act(torch.einsum("btd,bdk->btk", x, A)), B)
+        return y + x if self.residual else y
+
+    def learn(self, state: Any, weights: tuple[torch.Tensor, ...], grads: Any,
+              tokens: int) -> None:
+        """After `tokens` more tokens with these weights and their task-loss gradients: the
+        state for what follows (the update lands when the chunk is full)."""
+        given = state.given.get(self.state_key) or {}
+        pending = given.get("grad")
+        grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights))
+        if pending is not None:
+            grads = tuple(p + g for p, g in zip(pending, grads))
+        offset = given.get("offset", 0) + tokens
+        if offset == self.chunk:
+            weights = tuple(self.retain * w - self.lr * g for w, g in zip(weights, grads))
+            grads, offset = None, 0
+        state.out[self.state_key] = {"W": weights, "grad": grads, "offset": offset}

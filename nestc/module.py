@@ -37,6 +37,8 @@ class State:
     def __init__(self, given: dict[str, Any] | None) -> None:
         self.given = given or {}
         self.out: dict[str, Any] = {}
+        # task-loss memories read in this piece: path -> (memory, the weights it read)
+        self.task: dict[str, Any] = {}
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Built(nn.Module):
         self.steps: list[Callable[[Env], None]] = []
         self.out: Fn | None = None
         self.out_feat = 0
+        self.objective: Any = None  # a model's train objective: the task loss
 
     def run(self, env: Env, x: torch.Tensor) -> torch.Tensor:
         # closures find submodules through "__self__", so a deep copy runs its own weights
@@ -68,12 +71,75 @@ class Built(nn.Module):
         return self.out(env)
 
     def forward(self, x: torch.Tensor, state: dict[str, Any] | None = None,
-                return_state: bool = False) -> Any:
+                return_state: bool = False, targets: torch.Tensor | None = None,
+                task: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None) -> Any:
         """x: [B, T, dim] for a block, token ids [B, T] for a model; returns y ([B, T, dim]
-        or logits), and the in-context state after the last token if return_state."""
-        ctx = State(state)
-        y = self.run({"__state__": ctx}, x)
-        return (y, ctx.out) if return_state else y
+        or logits), and the in-context state after the last token if return_state.
+
+        Memories that learn from the task loss (`objective task`) need it per token: a model
+        takes it from its `train` objective, with `targets` ([B, T] next tokens, -100 where
+        none; default: x shifted by one, the last token without one); a block takes
+        `task(y, start, stop)`, the loss summed over the tokens start..stop-1 whose outputs
+        are y."""
+        tasks = self.task_memories()
+        if not tasks:
+            ctx = State(state)
+            y = self.run({"__state__": ctx}, x)
+            return (y, ctx.out) if return_state else y
+        if task is None:
+            task = self.task_loss(x, targets)
+        return self.forward_in_chunks(x, state, return_state, task, tasks)
+
+    def task_memories(self) -> list[Any]:
+        return [m for m in self.modules() if isinstance(m, memories.TaskMLP)]
+
+    def task_loss(self, x: torch.Tensor, targets: torch.Tensor | None
+                  ) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+        if self.objective is None:
+            raise NestError(f"`{self.decl_name}` has memories that learn from the task loss: "
+                            "build them inside a model with a `train` objective, or pass "
+                            "task=fn(y, start, stop) to forward", None, kind="value")
+        if targets is None:
+            targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+
+        def loss(y: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(
+                y.flatten(0, 1), targets[:, start:stop].flatten(), ignore_index=-100,
+                reduction="sum")
+
+        return loss
+
+    def forward_in_chunks(self, x: torch.Tensor, state: dict[str, Any] | None,
+                          return_state: bool, task: Callable[..., torch.Tensor],
+                          tasks: list[Any]) -> Any:
+        """Run piece by piece, a piece ending wherever a task-loss memory's chunk does; after
+        each, hand every such memory the gradient of the piece's task loss with respect to
+        the weights it read (docs/semantics.md, "Memories that learn from the task loss")."""
+        given = dict(state or {})
+        pos = int(given.get("__pos__", 0))
+        outer = torch.is_grad_enabled()
+        through = outer and any(not m.stopped for m in tasks)
+        outs, start, T = [], 0, x.shape[1]
+        while start < T:
+            stop = min(T, start + min(m.chunk - (pos + start) % m.chunk for m in tasks))
+            ctx = State(given)
+            with torch.enable_grad():
+                y = self.run({"__state__": ctx}, x[:, start:stop])
+                read = list(ctx.task.values())
+                weights = [w for _, ws in read for w in ws]
+                grads = torch.autograd.grad(task(y, start, stop), weights, allow_unused=True,
+                                            create_graph=through) if weights else ()
+            for i, (mem, ws) in enumerate(read):
+                g = grads[2 * i: 2 * i + 2]
+                if mem.stopped or not outer:
+                    g = tuple(None if t is None else t.detach() for t in g)
+                mem.learn(ctx, ws, g, stop - start)
+            given = {**given, **ctx.out}
+            outs.append(y if outer else y.detach())
+            start = stop
+        given["__pos__"] = pos + T
+        y = torch.cat(outs, 1)
+        return (y, given) if return_state else y
 
 
 class Builder:
@@ -165,9 +231,22 @@ class _Scope:
         elif isinstance(s, ast.StmtMemory):
             self.memory(s)
         elif isinstance(s, ast.StmtTrain):
-            pass  # the outer level: used by training, not by forward
+            self.train(s)
         else:
             raise _unsupported(f"`{type(s).__name__}` in a {self.checked.kind}", s.span)
+
+    def train(self, s: ast.StmtTrain) -> None:
+        """The outer level. Its objective is the task loss of `objective task` memories:
+        cross_entropy(<output>, next(<input>)) is the form built so far."""
+        for c in s.body:
+            if isinstance(c, ast.Clause) and c.kind == "objective":
+                e = c.value
+                ok = (isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName)
+                      and e.func.name == "cross_entropy" and len(e.args) == 2
+                      and isinstance(e.args[1], ast.ExprCall)
+                      and isinstance(e.args[1].func, ast.ExprName)
+                      and e.args[1].func.name == "next")
+                self.mod.objective = e if ok else None
 
     def input(self, s: ast.StmtInput, in_feat: int | None) -> None:
         self.mod.inputs.append(s.name)

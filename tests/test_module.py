@@ -218,10 +218,10 @@ def test_transformer_lm_learns_to_copy():
 
 
 def test_unsupported_memories_and_shape_errors_name_the_spec():
-    cms = nestc.load("std/memory/cms.nest")
+    smt = nestc.load("std/memory/self_modifying_titans.nest")
     with pytest.raises(nestc.NestError) as info:
-        cms.build("CMS", dim=16)
-    assert info.value.unsupported and "cms.nest:" in str(info.value)
+        smt.build("SelfModifyingTitans", dim=16)
+    assert info.value.unsupported and "self_modifying_titans.nest:" in str(info.value)
     bad = nestc.loads(spec("""
         block B(dim) {
             input x : [T, dim]
@@ -237,3 +237,71 @@ def test_unsupported_memories_and_shape_errors_name_the_spec():
     assert "bad.nest:4:5" in str(info.value) and "matrix(3, 3)" in str(info.value)
     with pytest.raises(ValueError, match="backend"):
         DELTANET.build("DeltaNet", dim=16, backend="fast")
+
+
+CMS_LM = spec("""
+    import "std/memory/cms.nest"
+    from "std/optim/adam.nest" import AdamW
+    model CMSLM(vocab = 20, dim = 16, chunks = [4, 8], lr = 0.1) {
+        input tokens : [T] int
+        let h = embed(tokens, vocab, dim)
+        h = h + CMS(dim, chunks = chunks, lr = lr)(rmsnorm(h))
+        output logits = h |> rmsnorm |> linear(vocab)
+        train every step {
+            objective cross_entropy(logits, next(tokens))
+            rule AdamW(lr = 1e-3)
+        }
+    }
+""")
+
+
+def cms_lm(tmp_path, **hyper):
+    (tmp_path / "cmslm.nest").write_text(CMS_LM)
+    torch.manual_seed(0)
+    return nestc.load(tmp_path / "cmslm.nest").build("CMSLM", **hyper)
+
+
+def test_cms_level_updates_by_gd_on_the_task_loss_of_its_chunk(tmp_path):
+    model = cms_lm(tmp_path, chunks=[4], lr=0.5)
+    level = model.CMS.c0_f
+    x = torch.randint(0, 20, (2, 8))
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    y = model(x)
+    # by hand: the first chunk runs with the meta-learned weights; their gradient of the summed
+    # cross-entropy of its 4 tokens (per sample) makes the weights of the second chunk
+    A, B = (w.expand(2, -1, -1) for w in (level.A, level.B))
+    state = {"CMS.c0_f": {"W": (A, B), "grad": None, "offset": 0}}
+    first = model(x[:, :4], state=state, targets=targets[:, :4])
+    loss = torch.nn.functional.cross_entropy(first.flatten(0, 1), targets[:, :4].flatten(),
+                                             reduction="sum")
+    gA, gB = torch.autograd.grad(loss, (A, B))
+    state = {"CMS.c0_f": {"W": (A - 0.5 * gA, B - 0.5 * gB), "grad": None, "offset": 0}}
+    second = model(x[:, 4:], state=state, targets=targets[:, 4:])
+    close(y[:, :4], first)
+    close(y[:, 4:], second)
+    assert (y[:, 4:] - model(x[:, 4:], state={"CMS.c0_f": {"W": (A, B), "grad": None,
+                                                          "offset": 0}})).abs().max() > 1e-4
+
+
+def test_cms_streaming_with_targets_equals_one_pass_and_learns_through_updates(tmp_path):
+    model = cms_lm(tmp_path)
+    x = torch.randint(0, 20, (2, 19))
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    whole, final = model(x, return_state=True)
+    state, pieces = None, []
+    for a, b in [(0, 3), (3, 9), (9, 19)]:
+        y, state = model(x[:, a:b], state=state, return_state=True, targets=targets[:, a:b])
+        pieces.append(y)
+    close(torch.cat(pieces, 1), whole)
+    for a, b in zip(leaves(final), leaves(state), strict=True):
+        close(a, b)
+    whole.sum().backward()  # the outer level trains the initial weights through the updates
+    assert model.CMS.c1_f.A.grad is not None and model.CMS.c1_f.A.grad.abs().sum() > 0
+
+
+def test_task_memories_need_a_task(tmp_path):
+    cms = nestc.load("std/memory/cms.nest").build("CMS", dim=8)
+    with pytest.raises(nestc.NestError, match="task"):
+        cms(torch.randn(1, 5, 8))
+    y = cms(torch.randn(1, 5, 8), task=lambda y, a, b: y.pow(2).sum())
+    assert y.shape == (1, 5, 8)
