@@ -421,7 +421,7 @@ class MLPMemory(Memory):
         self.residual = kind == "residual_mlp"
         if int(kw.get("depth", 2)) != 2:
             raise _unsupported("an in-context MLP memory of depth other than 2", call.span)
-        act = kw.get("act", "silu")
+        act = kw.get("act", "silu" if self.residual else "gelu")
         if act not in self.ACTS:
             raise NestError(f"activation {act!r} is not one of {', '.join(self.ACTS)}",
                             call.span, kind="value")
