@@ -40,7 +40,7 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("outer", 2, 2, "", "math", "outer product a b^T"),
     _b("transpose", 1, 1, "", "math", "swap the last two dims"),
     _b("norm", 1, 1, "", "reduce", "Frobenius norm"),
-    _b("mean", 1, 1, "dim", "reduce", "mean"),
+    _b("mean", 1, 1, "dim per", "reduce", "mean; `per = heads`: one mean per head's slice"),
     _b("sum", 1, 1, "dim", "reduce", "sum; over a chunk when given a per-token signal in a slower level"),
     _b("newton_schulz", 1, 1, "steps eps coefficients dtype", "math",
        "Muon's quintic Newton-Schulz orthogonalization"),

@@ -83,8 +83,12 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Any:
         x = scope.tensor(e.args[0], hint)
         if int(kw.get("dim", -1)) != -1:
             raise _unsupported(f"`{name}` over a dim other than the last", e.span)
+        per = int(kw.get("per", 1))
+        if x.feat % per:
+            raise NestError(f"{name} per {per} slices of {x.feat} features", e.span,
+                            kind="shape")
         red = torch.mean if name == "mean" else torch.sum
-        return Ten(lambda env: red(x.fn(env), -1, keepdim=True), 1)
+        return Ten(lambda env: red(x.fn(env).unflatten(-1, (per, -1)), -1), per)
     if name == "linear":
         x = scope.tensor(e.args[0], hint)
         out = int(scope.const(e.args[1]))

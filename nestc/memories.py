@@ -69,12 +69,17 @@ class Memory(Stateful):
         return lambda env, like: fn(env).expand(*like.shape[:2], heads)
 
 
-def _clauses(s: ast.StmtMemory) -> tuple[dict[str, ast.Expr], dict[str, str]]:
+def _clauses(s: ast.StmtMemory, lets: dict[str, ast.Expr] | None = None
+             ) -> tuple[dict[str, ast.Expr], dict[str, str]]:
+    """The memory's clauses and choices; its `let`s go into `lets` where one is given."""
     exprs: dict[str, ast.Expr] = {}
     choices = {k: d for k, (d, _) in CHOICES.items()}
     for c in s.body:
+        if isinstance(c, ast.StmtLet) and lets is not None:
+            lets[c.name] = c.value
+            continue
         if not isinstance(c, ast.Clause):
-            raise _unsupported("statements inside a block's memory", c.span)
+            raise _unsupported("statements inside this kind of memory", c.span)
         if isinstance(c.value, str):
             choices[c.kind] = c.value
         else:
@@ -426,7 +431,8 @@ class MLPMemory(Memory):
             raise NestError(f"activation {act!r} is not one of {', '.join(self.ACTS)}",
                             call.span, kind="value")
         self.act = self.ACTS[act]
-        exprs, choices = _clauses(s)
+        self.lets: dict[str, ast.Expr] = {}
+        exprs, choices = _clauses(s, self.lets)
         if choices["state"] != "per sample":
             raise _unsupported("a memory shared across the batch", s.span)
         if choices["partial"] != "flush":
@@ -463,12 +469,15 @@ class MLPMemory(Memory):
 
     def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
         k = scope.tensor(self.key_expr, self.name)
-        v = scope.tensor(self.value_expr, self.name)
+        self.heads = k.feat // self.d
+        # a value that reads this memory (a self-generated target) is computed per chunk, at
+        # the chunk's first weights; any other value once, from the whole sequence
+        v = _SelfExpr(self, scope).compile(self.value_expr) if self._reads_self(
+            self.value_expr) else scope.tensor(self.value_expr, self.name)
         if k.feat % self.d or v.feat != k.feat or (not self.per_head and k.feat != self.d):
             raise NestError(f"memory `{self.name}` maps {self.d} features"
                             f"{' per head' if self.per_head else ''}, but its keys have "
                             f"{k.feat} and its values {v.feat}", self.span, kind="shape")
-        self.heads = k.feat // self.d
         H, d, h = self.heads, self.d, self.hidden
         # the meta-learned initial weights, with nn.Linear's default scale
         self.A = nn.Parameter(torch.empty(H, d, h).uniform_(-d ** -0.5, d ** -0.5))
@@ -480,12 +489,17 @@ class MLPMemory(Memory):
         stop = self.stopped
 
         def write(env: dict[str, Any]) -> dict[str, Any]:
-            kk, vv = k.fn(env), v.fn(env)
+            kk = k.fn(env)
             B, T, _ = kk.shape
-            out = {"k": kk.view(B, T, H, d), "v": vv.view(B, T, H, d)}
+            out: dict[str, Any] = {"k": kk.view(B, T, H, d)}
+            if isinstance(v, _SelfTen):
+                out["value"] = v.bind(env)
+            else:
+                out["v"] = v.fn(env).view(B, T, H, d)
             out.update({n: None if f is None else f(env, kk) for n, f in signals.items()})
             if stop:
-                out = {n: None if x is None else x.detach() for n, x in out.items()}
+                out = {n: x.detach() if isinstance(x, torch.Tensor) else x
+                       for n, x in out.items()}
             return out
 
         return write
@@ -498,6 +512,35 @@ class MLPMemory(Memory):
                             f"features, got {q.feat}", span, kind="shape")
         get = self.get
         return Ten(lambda env: get(env).read(q.fn(env), env), q.feat)
+
+    def _reads_self(self, e: ast.Expr) -> bool:
+        if isinstance(e, ast.ExprName) and e.name in self.lets:
+            return self._reads_self(self.lets[e.name])
+        if isinstance(e, ast.ExprCall):
+            if isinstance(e.func, ast.ExprName) and e.func.name == self.name:
+                return True
+            return any(self._reads_self(a) for a in e.args)
+        if isinstance(e, ast.ExprBinary):
+            return self._reads_self(e.left) or self._reads_self(e.right)
+        if isinstance(e, ast.ExprUnary):
+            return self._reads_self(e.operand)
+        return False
+
+    def _values(self, w: dict[str, Any], weights: tuple[torch.Tensor, torch.Tensor], a: int,
+                b: int) -> torch.Tensor:
+        """Values of tokens a..b-1, (N, H, n, d): given, or generated at `weights`."""
+        if "v" in w:
+            return w["v"][:, :, a:b]
+        A, B = weights
+        v = w["value"](lambda x: self._read_all(A, B, x), a, b)  # (N, n, H * d)
+        return v.unflatten(-1, (self.heads, self.d)).transpose(1, 2).to(A.dtype)
+
+    def _read_all(self, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """M(x) at one set of weights per sequence and head: x (N, n, H * d) -> the same."""
+        xh = x.unflatten(-1, (self.heads, self.d)).transpose(1, 2).to(A.dtype)  # (N, H, n, d)
+        y = torch.einsum("nhck,nhkd->nhcd", self.act(torch.einsum("nhcd,nhdk->nhck", xh, A)), B)
+        y = y + xh if self.residual else y
+        return y.transpose(1, 2).flatten(2)
 
     # the function of one token, for torch.func -------------------------------------------
 
@@ -531,7 +574,8 @@ class MLPMemory(Memory):
             given = {"M": (A, B), "S": (torch.zeros_like(A), torch.zeros_like(B)),
                      "start": (A, B), "offset": 0}
         qh = q.view(Bn, T, self.heads, self.d).transpose(1, 2).to(acc)  # (N, H, T, d)
-        w = {n: None if x is None else x.transpose(1, 2).to(acc) for n, x in w.items()}
+        w = {n: x.transpose(1, 2).to(acc) if isinstance(x, torch.Tensor) else x
+             for n, x in w.items()}
         run = self._reference if self.backend == "reference" else self._chunked
         y, out = run(qh, w, given)
         state.out[self.state_key] = out
@@ -565,7 +609,7 @@ class MLPMemory(Memory):
             lr = w["lr"][:, :, t, None, None]  # (N, H, 1, 1), like each weight's batch dims
             retain, beta = (None if x is None else x[:, :, t, None, None]
                             for x in (w["retain"], w["beta"]))
-            gA, gB = self._grads(A0, B0, w["k"][:, :, t:t + 1], w["v"][:, :, t:t + 1])
+            gA, gB = self._grads(A0, B0, w["k"][:, :, t:t + 1], self._values(w, (A0, B0), t, t + 1))
             uA, uB = -lr * gA[:, :, 0], -lr * gB[:, :, 0]
             if self.read_before:
                 outs.append(self._read_one(A, B, q[:, :, t]))
@@ -596,7 +640,7 @@ class MLPMemory(Memory):
         for i, (a, b) in enumerate(self._segments(T, offset)):
             if i > 0 or offset == 0:
                 A0, B0 = A, B
-            gA, gB = self._grads(A0, B0, w["k"][:, :, a:b], w["v"][:, :, a:b])
+            gA, gB = self._grads(A0, B0, w["k"][:, :, a:b], self._values(w, (A0, B0), a, b))
             lr, retain, beta = self._factors(w, a, b)
             u = -lr[..., None] * torch.cat([gA.flatten(3), gB.flatten(3)], -1)  # (N, H, n, P)
             M0 = flat(A, B)  # (N, H, P)
@@ -628,7 +672,7 @@ class MLPMemory(Memory):
 
 
 def _is_task(s: ast.StmtMemory) -> bool:
-    objective = _call(_clauses(s)[0].get("objective"))
+    objective = _call(_clauses(s, {})[0].get("objective"))
     return objective is not None and objective[0] == "task"
 
 
@@ -716,3 +760,62 @@ class TaskMLP(Memory):
             weights = tuple(self.retain * w - self.lr * g for w, g in zip(weights, grads))
             grads, offset = None, 0
         state.out[self.state_key] = {"W": weights, "grad": grads, "offset": offset}
+
+
+class _SelfTen:
+    """A memory's value that reads the memory itself (a self-generated target): computed for
+    tokens a..b-1 with the memory read at the weights the caller gives."""
+
+    def __init__(self, node: Callable[..., Any], feat: int) -> None:
+        self.node: Callable[..., Any] = node
+        self.feat = feat
+
+    def bind(self, env: dict[str, Any]) -> Callable[[Callable[..., Any], int, int], Any]:
+        return lambda read, a, b: self.node(env, read, a, b)
+
+
+class _SelfExpr:
+    """Compiles the expressions of a memory's `let`s and value: the block's tensors (sliced to
+    the tokens asked for), reads of the memory itself, element-wise math and arithmetic."""
+
+    def __init__(self, mem: MLPMemory, scope: Any) -> None:
+        self.mem, self.scope = mem, scope
+
+    def compile(self, e: ast.Expr) -> _SelfTen:
+        from nestc.layers import MATH
+        from nestc.module import _unsupported as unsupported
+
+        mem, scope = self.mem, self.scope
+        if isinstance(e, ast.ExprName) and e.name in mem.lets:
+            return self.compile(mem.lets[e.name])
+        if isinstance(e, ast.ExprName) and e.name in scope.tens:
+            t = scope.tens[e.name]
+            return _SelfTen(lambda env, read, a, b: t.fn(env)[:, a:b], t.feat)
+        if isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName):
+            if len(e.args) != 1 or e.kwargs:
+                raise unsupported(f"`{e.func.name}(...)` inside a memory", e.span)
+            x = self.compile(e.args[0])
+            if e.func.name == mem.name:
+                return _SelfTen(lambda env, read, a, b: read(x.node(env, read, a, b)), x.feat)
+            fn = MATH.get(e.func.name)
+            if fn is None:
+                raise unsupported(f"`{e.func.name}` inside a memory", e.span)
+            return _SelfTen(lambda env, read, a, b: fn(x.node(env, read, a, b)), x.feat)
+        if isinstance(e, ast.ExprBinary) and e.op in "+-*/":
+            ops: dict[str, Callable[..., Any]] = {"+": torch.add, "-": torch.sub,
+                                                  "*": torch.mul, "/": torch.div}
+            op = ops[e.op]
+            sides = [self.constant(x) for x in (e.left, e.right)]
+            left, right = (c if c is not None else self.compile(x)
+                           for c, x in zip(sides, (e.left, e.right)))
+            feat = max(x.feat for x in (left, right) if isinstance(x, _SelfTen))
+            return _SelfTen(lambda env, read, a, b: op(
+                left.node(env, read, a, b) if isinstance(left, _SelfTen) else left,
+                right.node(env, read, a, b) if isinstance(right, _SelfTen) else right), feat)
+        raise unsupported("this expression inside a memory", e.span)
+
+    def constant(self, e: ast.Expr) -> Any:
+        from nestc.hyper import UNKNOWN, const_eval
+
+        v = const_eval(e, self.scope.consts)
+        return None if v is UNKNOWN else v

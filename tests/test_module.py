@@ -218,10 +218,11 @@ def test_transformer_lm_learns_to_copy():
 
 
 def test_unsupported_memories_and_shape_errors_name_the_spec():
-    smt = nestc.load("std/memory/self_modifying_titans.nest")
+    shared = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
+        "CLAUSES", "state shared; objective l2(M(k), v); rule gd(lr = lr)"), "shared.nest")
     with pytest.raises(nestc.NestError) as info:
-        smt.build("SelfModifyingTitans", dim=16)
-    assert info.value.unsupported and "self_modifying_titans.nest:" in str(info.value)
+        shared.build("Mem", dim=16)
+    assert info.value.unsupported and "shared.nest:8:5" in str(info.value)
     bad = nestc.loads(spec("""
         block B(dim) {
             input x : [T, dim]
@@ -305,3 +306,44 @@ def test_task_memories_need_a_task(tmp_path):
         cms(torch.randn(1, 5, 8))
     y = cms(torch.randn(1, 5, 8), task=lambda y, a, b: y.pow(2).sum())
     assert y.shape == (1, 5, 8)
+
+
+SMT = nestc.load("std/memory/self_modifying_titans.nest")
+HOPE = nestc.load("std/models/hope.nest")
+
+
+@pytest.mark.parametrize("T", [1, 7, 21])
+def test_self_modifying_titans_chunked_equals_reference(T):
+    # two chunk sizes, pieces of neither: self-generated targets at each chunk's first state
+    ref, fast = pair(SMT, "SelfModifyingTitans", dim=16, heads=2, chunk=4, memory_chunk=8)
+    compare(ref, fast, torch.randn(2, T, 16))
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_self_modifying_titans_streams(backend):
+    torch.manual_seed(0)
+    mod = SMT.build("SelfModifyingTitans", backend=backend, dim=16, heads=2, chunk=4,
+                    memory_chunk=8)
+    x = torch.randn(2, 19, 16)
+    whole = mod(x)
+    state, pieces = None, []
+    for a, b in [(0, 3), (3, 10), (10, 19)]:
+        y, state = mod(x[:, a:b], state=state, return_state=True)
+        pieces.append(y)
+    close(torch.cat(pieces, 1), whole)
+
+
+def test_hope_lm_builds_and_trains_its_initial_states_through_cms_updates():
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, chunks=[4, 8])
+    x = torch.randint(0, 20, (2, 11))
+    logits = model(x)
+    assert logits.shape == (2, 11, 20)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    # v reaches the output only through M_memory's target, which is under stop_grad: the
+    # value memory and v0 get no outer gradient (docs/semantics.md says so)
+    untrained = sorted(n.split(".", 2)[-1] for n, g in grads.items() if g is None)
+    assert set(untrained) == {"M_v.A", "M_v.B", "v0_linear.weight", "v0_conv1d.conv.weight",
+                              "v_conv1d.conv.weight"}, untrained
+    assert all(grads[n].abs().sum() > 0 for n in grads if "CMS" in n)
