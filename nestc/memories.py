@@ -38,6 +38,10 @@ def _unsupported(what: str, span: Any) -> NestError:
 
 
 class Memory(Stateful):
+    """A memory of a block. `check_finite` (build(..., check_finite=True)) makes every update
+    check its new state and raise FloatingPointError naming the memory and its line."""
+
+    check_finite = False
     name = ""
     env_key = ""  # where its write signals sit in the runtime env
     get: Callable[[dict[str, Any]], Any]  # the running module's instance of this memory
@@ -47,6 +51,16 @@ class Memory(Stateful):
 
     def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
         return lambda env: None
+
+    def guard(self, *states: Any) -> None:
+        """Raise if a new state holds NaN or inf (only when check_finite is on: it syncs)."""
+        if not self.check_finite:
+            return
+        for x in states:
+            if isinstance(x, torch.Tensor) and not bool(torch.isfinite(x).all()):
+                raise FloatingPointError(
+                    f"{self.span}: memory `{self.name}` has NaN or inf in its state after an "
+                    "update; lower its learning rate, normalize its keys, or check its inputs")
 
     def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
         raise _unsupported(f"reading memory `{self.name}` like a function", span)
@@ -242,6 +256,8 @@ class LinearMemory(Memory):
         if freq is None or freq.unit != "token" or freq.every is not None:
             raise _unsupported("a matrix memory updated other than `every token`", s.span)
         self.chunk = int(scope.const(freq.chunk)) if freq.chunk is not None else 64
+        if self.chunk < 1:
+            raise NestError("a chunk is at least one token", freq.span, kind="value")
         self.objective, self.rule, self.gated = self._resolve(scope, s, exprs, choices)
         init = _call(s.init)
         self.init = init[0] if init else "zeros"
@@ -320,6 +336,7 @@ class LinearMemory(Memory):
             S0 = self.initial.expand(B, -1, -1, -1)
         run = self._reference if self.backend == "reference" else self._chunked
         o, S = run(q, w, S0)
+        self.guard(S)
         state.out[self.state_key] = S
         return o.reshape(B, T, self.heads * self.b)
 
@@ -578,6 +595,7 @@ class MLPMemory(Memory):
              for n, x in w.items()}
         run = self._reference if self.backend == "reference" else self._chunked
         y, out = run(qh, w, given)
+        self.guard(*out["M"], *out["S"])
         state.out[self.state_key] = out
         return y.transpose(1, 2).reshape(Bn, T, -1).to(q.dtype)
 
@@ -759,6 +777,7 @@ class TaskMLP(Memory):
         if offset == self.chunk:
             weights = tuple(self.retain * w - self.lr * g for w, g in zip(weights, grads))
             grads, offset = None, 0
+        self.guard(*weights)
         state.out[self.state_key] = {"W": weights, "grad": grads, "offset": offset}
 
 

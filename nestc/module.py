@@ -387,9 +387,13 @@ def _unsupported(what: str, span: Any) -> NestError:
 
 
 def build_module(program: Any, checked: Checked, backend: str = "chunked",
-                 **hyper: Any) -> Built:
-    """A block or model declaration -> nn.Module (see the module docstring)."""
+                 check_finite: bool = False, **hyper: Any) -> Built:
+    """A block or model declaration -> nn.Module (see the module docstring). check_finite:
+    every memory update checks its state for NaN and inf (a device sync each: for debugging)."""
     mod = Builder(program, backend).decl(checked, hyper)
+    for sub in mod.modules():
+        if isinstance(sub, memories.Memory):
+            sub.check_finite = check_finite
     # every stateful submodule learns its path: the key of its in-context state
     for path, sub in mod.named_modules():
         if isinstance(sub, layers.Stateful):

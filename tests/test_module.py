@@ -347,3 +347,12 @@ def test_hope_lm_builds_and_trains_its_initial_states_through_cms_updates():
     assert set(untrained) == {"M_v.A", "M_v.B", "v0_linear.weight", "v0_conv1d.conv.weight",
                               "v_conv1d.conv.weight"}, untrained
     assert all(grads[n].abs().sum() > 0 for n in grads if "CMS" in n)
+
+
+def test_check_finite_names_the_memory_whose_update_blew_up():
+    blowup = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
+        "CLAUSES", "objective l2(M(k), v); rule gd(lr = 1e30)"), "boom.nest")
+    x = torch.randn(1, 6, 16)
+    assert not blowup.build("Mem", dim=16)(x).isfinite().all()  # off by default: no check
+    with pytest.raises(FloatingPointError, match=r"boom.nest:8:5: memory `M` has NaN or inf"):
+        blowup.build("Mem", dim=16, check_finite=True)(x)
