@@ -74,7 +74,7 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Any:
         return Ten(lambda env: F.softplus(x.fn(env), beta=beta), x.feat)
     if name == "l2norm":
         x = scope.tensor(e.args[0], hint)
-        per, eps = int(kw.get("per", 1)), float(kw.get("eps", 1e-6))
+        per, eps = scope.size_kw(e, "per", 1, "`per`"), float(kw.get("eps", 1e-6))
         if x.feat % per:
             raise NestError(f"l2norm per {per} slices of {x.feat} features", e.span,
                             kind="shape")
@@ -83,7 +83,7 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Any:
         x = scope.tensor(e.args[0], hint)
         if int(kw.get("dim", -1)) != -1:
             raise _unsupported(f"`{name}` over a dim other than the last", e.span)
-        per = int(kw.get("per", 1))
+        per = scope.size_kw(e, "per", 1, "`per`")
         if x.feat % per:
             raise NestError(f"{name} per {per} slices of {x.feat} features", e.span,
                             kind="shape")
@@ -91,7 +91,10 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Any:
         return Ten(lambda env: red(x.fn(env).unflatten(-1, (per, -1)), -1), per)
     if name == "linear":
         x = scope.tensor(e.args[0], hint)
-        out = int(scope.const(e.args[1]))
+        if x.tokens:
+            raise NestError("linear takes features; embed token ids first", e.args[0].span,
+                            kind="type")
+        out = scope.size(e.args[1], "the width of a linear layer")
         get = scope.ref(scope.add(f"{hint}_linear",
                                   nn.Linear(x.feat, out, bias=bool(kw.get("bias", False)))))
         return Ten(lambda env: get(env)(x.fn(env)), out)
@@ -100,7 +103,8 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Any:
         if not kw.get("causal", True):
             raise _unsupported("a non-causal conv1d", e.span)
         get = scope.ref(scope.add(f"{hint}_conv1d",
-                                  CausalConv1d(x.feat, int(kw.get("window", 4)))))
+                                  CausalConv1d(x.feat, scope.size_kw(e, "window", 4,
+                                                                     "a conv1d window"))))
         return Ten(lambda env: get(env)(x.fn(env), env["__state__"]), x.feat)
     if name in ("rmsnorm", "layernorm"):
         x = scope.tensor(e.args[0], hint)
@@ -111,7 +115,10 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Any:
         return Ten(lambda env: get(env)(x.fn(env)), x.feat)
     if name == "embed":
         tokens = scope.tensor(e.args[0], hint)
-        vocab, dim = int(scope.const(e.args[1])), int(scope.const(e.args[2]))
+        if not tokens.tokens:
+            raise NestError("embed takes token ids (an `int` input)", e.args[0].span,
+                            kind="type")
+        vocab, dim = scope.size(e.args[1], "a vocabulary"), scope.size(e.args[2], "a width")
         get = scope.ref(scope.add(f"{hint}_embed", nn.Embedding(vocab, dim)))
         return Ten(lambda env: get(env)(tokens.fn(env)), dim)
     if name == "softmax_attention":
@@ -127,14 +134,16 @@ def _attention(scope: Any, e: ast.ExprCall, kw: dict[str, Any], hint: str) -> An
         raise _unsupported("windowed softmax attention", e.span)
     if not kw.get("causal", True):
         raise _unsupported("non-causal softmax attention", e.span)
-    heads, rope = int(kw.get("heads", 1)), bool(kw.get("rope", True))
+    heads, rope = scope.size_kw(e, "heads", 1, "a number of heads"), bool(kw.get("rope", True))
     q = scope.tensor(e.args[0], hint)
     if len(e.args) != 2 or not isinstance(e.args[1], ast.ExprName) or \
             not isinstance(scope.mems.get(e.args[1].name), CacheMemory):
         raise _unsupported("softmax_attention over anything but a `cache` memory", e.span)
     cache: CacheMemory = scope.mems[e.args[1].name]
-    if q.feat % heads:
-        raise NestError(f"{q.feat} query features do not split into {heads} heads", e.span,
-                        kind="shape")
+    if q.feat % heads or cache.key.feat != q.feat or cache.value_feat % heads:
+        raise NestError(f"softmax_attention of {q.feat} query features in {heads} heads over "
+                        f"keys of {cache.key.feat} and values of {cache.value_feat} features",
+                        e.span, kind="shape",
+                        hint="queries and keys have the same width; each splits into heads")
     get = cache.get
     return Ten(lambda env: get(env).attend(q.fn(env), heads, rope, env), cache.value_feat)

@@ -74,6 +74,9 @@ class Memory(Stateful):
         heads = self.heads
         if not hasattr(value, "fn"):
             c = float(value)
+            if name in ("retain", "beta") and not 0 < c <= 1:
+                raise NestError(f"`{name}` of memory `{self.name}` is in (0, 1], got {c}",
+                                e.span if e is not None else self.span, kind="value")
             return lambda env, like: like.new_full((*like.shape[:2], heads), c)
         if value.feat not in (1, heads):
             raise NestError(f"`{name}` of memory `{self.name}` has {value.feat} features; it "
@@ -135,7 +138,14 @@ class CacheMemory(Memory):
     def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
         super().__init__()
         self.name = s.name
-        exprs, _ = _clauses(s)
+        exprs, choices = _clauses(s)
+        freq = s.frequency
+        if freq is not None and (freq.unit != "token" or freq.every is not None
+                                 or freq.chunk is not None):
+            raise _unsupported("a cache written other than `every token`", freq.span)
+        if any(choices[k] != default for k, (default, _) in CHOICES.items()):
+            raise _unsupported("choices on a cache (it is read before nothing, per sample)",
+                               s.span)
         if "key" not in exprs or "value" not in exprs:
             raise NestError(f"cache `{s.name}` needs `key` and `value` clauses", s.span,
                             kind="value")
@@ -197,15 +207,15 @@ class StaticMLP(Memory):
         assert structure is not None
         kind, call = structure
         kw = {k.name: scope.const(k.value) for k in call.kwargs}
-        d = int(scope.const(call.args[0]))
-        hidden = int(kw.get("hidden", d))
+        d = scope.size(call.args[0], "an MLP's width")
+        hidden = scope.size_kw(call, "hidden", d, "an MLP's hidden width")
         self.residual = kind == "residual_mlp"
         act = kw.get("act", "silu" if self.residual else "gelu")
         acts = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
         if act not in acts:
             raise NestError(f"activation {act!r} is not one of {', '.join(acts)}", call.span,
                             kind="value")
-        depth = 2 if self.residual else int(kw.get("depth", 2))
+        depth = 2 if self.residual else scope.size_kw(call, "depth", 2, "an MLP's depth")
         if s.per_head:
             raise _unsupported("a per-head MLP that never updates", s.span)
         if s.init is not None and _call(s.init) not in (None,) and \
@@ -246,7 +256,7 @@ class LinearMemory(Memory):
         structure = _call(s.structure)
         assert structure is not None
         _, call = structure
-        self.a, self.b = (int(scope.const(x)) for x in call.args)
+        self.a, self.b = (scope.size(x, "a matrix memory's size") for x in call.args)
         exprs, choices = _clauses(s)
         if choices["state"] != "per sample":
             raise _unsupported("a memory shared across the batch", s.span)
@@ -255,9 +265,7 @@ class LinearMemory(Memory):
         freq = s.frequency
         if freq is None or freq.unit != "token" or freq.every is not None:
             raise _unsupported("a matrix memory updated other than `every token`", s.span)
-        self.chunk = int(scope.const(freq.chunk)) if freq.chunk is not None else 64
-        if self.chunk < 1:
-            raise NestError("a chunk is at least one token", freq.span, kind="value")
+        self.chunk = scope.size(freq.chunk, "a chunk") if freq.chunk is not None else 64
         self.objective, self.rule, self.gated = self._resolve(scope, s, exprs, choices)
         init = _call(s.init)
         self.init = init[0] if init else "zeros"
@@ -387,23 +395,25 @@ class LinearMemory(Memory):
             retain = None if retain is None else F.pad(retain, (0, 0, 1, 0), value=1.0)
             q = F.pad(q, (0, 0, 0, 0, 0, 1))
         T = q.shape[1]
-        C = self.chunk
+        C = min(self.chunk, max(T, 1))  # exact for any chunk: a short piece needs no padding
         o: torch.Tensor
         S: torch.Tensor | None
         if self.objective == "dot":
-            g = None if retain is None else retain.log()
+            g = None if retain is None else _log(retain)
             o, S = chunk_linear_attention(q, k, v, lr, g, S0, C)
         elif retain is None and (self.rule == "gd" or self.gated):
             o, S = chunk_delta_rule(q, k, v, lr, 1.0, S0, True, C)
         else:
             r = torch.ones_like(lr) if retain is None else retain
+            if not self.gated:  # these divide by r: below 1e-6 it is taken as 1e-6
+                r = r.clamp_min(1e-6)
             if self.gated:
                 beta, vv = lr, v
             elif self.rule == "gd":  # r S - lr (S^T k - v) k^T: gated with beta = lr / r
                 beta, vv = lr / r, v * r[..., None]
             else:  # literal: S (r I - 2 lr k k^T) + lr v k^T
                 beta, vv = 2 * lr / r, v * (r[..., None] / 2)
-            o, S = chunk_gated_delta_rule(q, k, vv, r.log(), beta, 1.0, S0, True, C)
+            o, S = chunk_gated_delta_rule(q, k, vv, _log(r), beta, 1.0, S0, True, C)
         if self.read_before:
             o = o[:, : T - 1]
         return o, S
@@ -438,10 +448,10 @@ class MLPMemory(Memory):
         assert structure is not None
         kind, call = structure
         kw = {k.name: scope.const(k.value) for k in call.kwargs}
-        self.d = int(scope.const(call.args[0]))
-        self.hidden = int(kw.get("hidden", self.d))
+        self.d = scope.size(call.args[0], "an MLP's width")
+        self.hidden = scope.size_kw(call, "hidden", self.d, "an MLP's hidden width")
         self.residual = kind == "residual_mlp"
-        if int(kw.get("depth", 2)) != 2:
+        if scope.size_kw(call, "depth", 2, "an MLP's depth") != 2:
             raise _unsupported("an in-context MLP memory of depth other than 2", call.span)
         act = kw.get("act", "silu" if self.residual else "gelu")
         if act not in self.ACTS:
@@ -457,9 +467,7 @@ class MLPMemory(Memory):
         self.read_before = choices["read"] == "before write"
         self.stopped = choices["backprop"] == "stopped"
         assert s.frequency is not None
-        self.chunk = int(scope.const(s.frequency.chunk)) if s.frequency.chunk else 1
-        if self.chunk < 1:
-            raise NestError("a chunk is at least one token", s.frequency.span, kind="value")
+        self.chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
         objective = _call(exprs.get("objective"))
         if objective is None or objective[0] not in ("l2", "dot"):
             raise _unsupported("an MLP memory whose objective is not l2(...) or dot(...)",
@@ -707,10 +715,10 @@ class TaskMLP(Memory):
         assert structure is not None and s.frequency is not None
         kind, call = structure
         kw = {k.name: scope.const(k.value) for k in call.kwargs}
-        self.d = int(scope.const(call.args[0]))
-        self.hidden = int(kw.get("hidden", self.d))
+        self.d = scope.size(call.args[0], "an MLP's width")
+        self.hidden = scope.size_kw(call, "hidden", self.d, "an MLP's hidden width")
         self.residual = kind == "residual_mlp"
-        if int(kw.get("depth", 2)) != 2:
+        if scope.size_kw(call, "depth", 2, "an MLP's depth") != 2:
             raise _unsupported("an MLP memory of depth other than 2", call.span)
         act = kw.get("act", "silu" if self.residual else "gelu")
         if act not in MLPMemory.ACTS:
@@ -719,12 +727,10 @@ class TaskMLP(Memory):
         self.act = MLPMemory.ACTS[act]
         if s.per_head:
             raise _unsupported("a per-head MLP memory learning from the task loss", s.span)
-        self.chunk = int(scope.const(s.frequency.every)) if s.frequency.every is not None else 1
+        self.chunk = scope.size(s.frequency.every, "a period") if s.frequency.every is not None \
+            else 1
         if s.frequency.chunk is not None:
             raise _unsupported("`in chunks of` on a memory updated every N tokens", s.span)
-        if self.chunk < 1:
-            raise NestError("a memory updates every 1 token or more", s.frequency.span,
-                            kind="value")
         exprs, choices = _clauses(s)
         if choices["state"] != "per sample":
             raise _unsupported("a memory shared across the batch", s.span)
@@ -759,8 +765,11 @@ class TaskMLP(Memory):
 
     def read(self, x: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         state = env["__state__"]
-        A, B = self.weights(state, x.shape[0])
-        state.task[self.state_key] = (self, (A, B))  # the driver differentiates the loss here
+        if self.state_key in state.task:  # read again in this piece: the same weights
+            A, B = state.task[self.state_key][1]
+        else:
+            A, B = self.weights(state, x.shape[0])
+            state.task[self.state_key] = (self, (A, B))  # the driver differentiates here
         y = torch.einsum("btk,bkd->btd", self.act(torch.einsum("btd,bdk->btk", x, A)), B)
         return y + x if self.residual else y
 

@@ -81,6 +81,10 @@ class Built(nn.Module):
         none; default: x shifted by one, the last token without one); a block takes
         `task(y, start, stop)`, the loss summed over the tokens start..stop-1 whose outputs
         are y."""
+        if x.shape[1] == 0:  # an empty piece: nothing to compute, the state goes on as it was
+            y = x.new_zeros(x.shape[0], 0, self.out_feat, dtype=torch.get_default_dtype()
+                            if x.dtype in (torch.int64, torch.int32) else x.dtype)
+            return (y, dict(state or {})) if return_state else y
         tasks = self.task_memories()
         if not tasks:
             ctx = State(state)
@@ -209,9 +213,9 @@ class _Scope:
             out = self.tensor(s.value, "out")
             self.mod.out, self.mod.out_feat = out.fn, out.feat
         elif isinstance(s, ast.StmtRepeat):
-            n = self.const(s.count)
+            n = self.size(s.count, "a repeat count", minimum=0)
             outer = self.prefix
-            for i in range(int(n)):
+            for i in range(n):
                 self.prefix = f"{outer}r{i}_"
                 self.stmts(s.body, in_feat)
             self.prefix = outer
@@ -249,13 +253,15 @@ class _Scope:
                 self.mod.objective = e if ok else None
 
     def input(self, s: ast.StmtInput, in_feat: int | None) -> None:
+        if self.mod.inputs:
+            raise _unsupported(f"a second input (`{s.name}`)", s.span)
         self.mod.inputs.append(s.name)
         name = s.name
         if s.shape.dtype == "int":
             self.tens[name] = Ten(lambda env: env[name], 0, tokens=True)
             return
         dims = s.shape.dims
-        feat = self.const(dims[-1]) if len(dims) > 1 else in_feat
+        feat = self.size(dims[-1], f"the width of `{name}`") if len(dims) > 1 else in_feat
         if feat is None:
             raise NestError(f"input `{name}` needs a feature dim: [T, dim]", s.shape.span,
                             kind="shape")
@@ -298,6 +304,25 @@ class _Scope:
                             kind="value")
         return v
 
+    def size(self, e: ast.Expr, what: str, minimum: int = 1) -> int:
+        """A count fixed by the hyperparameters (a width, heads, a window, a chunk): a whole
+        number of at least `minimum`, else a NestError at e."""
+        v = self.const(e)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or \
+                v < minimum:
+            shown = repr(v) if not isinstance(v, float) or v != int(v) else str(v)
+            raise NestError(f"{what} must be a whole number of at least {minimum}, got {shown}",
+                            e.span, kind="value")
+        return int(v)
+
+    def size_kw(self, call: ast.ExprCall, name: str, default: int, what: str,
+                minimum: int = 1) -> int:
+        """size() of a keyword argument of call, or its default."""
+        for k in call.kwargs:
+            if k.name == name:
+                return self.size(k.value, what, minimum)
+        return default
+
     def tensor(self, e: ast.Expr, hint: str) -> Ten:
         v = self.value(e, hint)
         if not isinstance(v, Ten):
@@ -319,6 +344,8 @@ class _Scope:
             x = self.tensor(e.operand, hint)
             if e.op == "-":
                 return Ten(lambda env: -x.fn(env), x.feat)
+            if e.op != "+":
+                raise _unsupported(f"`{e.op}` on a tensor", e.span)
             return x
         if isinstance(e, ast.ExprCall):
             return self.call(e, hint)

@@ -356,3 +356,88 @@ def test_check_finite_names_the_memory_whose_update_blew_up():
     assert not blowup.build("Mem", dim=16)(x).isfinite().all()  # off by default: no check
     with pytest.raises(FloatingPointError, match=r"boom.nest:8:5: memory `M` has NaN or inf"):
         blowup.build("Mem", dim=16, check_finite=True)(x)
+
+
+@pytest.mark.parametrize("clauses", [
+    "objective l2(M(k), v); rule dgd(lr = lr, retain = 0.0 * keep)",
+    "objective dot(M(k), v); rule gd(lr = lr, retain = 0.0 * keep)",
+    "objective l2(M(k), v); rule gd(lr = lr, retain = 0.0 * keep)",
+])
+def test_zero_retention_forgets_on_both_tiers(clauses):
+    prog = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace("CLAUSES", clauses), "z.nest")
+    ref, fast = pair(prog, "Mem", dim=16)
+    x = torch.randn(2, 21, 16)
+    a, b = ref(x), fast(x)
+    assert b.isfinite().all()
+    close(a, b, tol=1e-3)  # gd divides by the retention, taken as at least 1e-6 there
+
+
+def test_empty_pieces_pass_the_state_through():
+    for prog, name, hyper, x in [
+            (TRANSFORMER, "TransformerLM", {"dim": 16, "depth": 1, "vocab": 11},
+             torch.randint(0, 11, (2, 5))),
+            (TITANS, "Titans", {"dim": 16, "chunk": 4}, torch.randn(2, 5, 16)),
+            (DELTANET, "GatedDeltaNet", {"dim": 16}, torch.randn(2, 5, 16))]:
+        mod = prog.build(name, **hyper)
+        y, state = mod(x, return_state=True)
+        empty, same = mod(x[:, :0], state=state, return_state=True)
+        assert empty.shape[:2] == (2, 0) and same.keys() == state.keys()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("block B(dim, heads = 5) {\n    input x : [T, dim]\n    let q = x |> linear(dim)\n"
+     "    memory M : matrix(dim / heads, dim / heads) per head = zeros every token {\n"
+     "        objective l2(M(q), q); rule gd(lr = 1)\n    }\n    output M(q)\n}\n",
+     "b.nest:4:23: error: a matrix memory's size must be a whole number of at least 1, got 2.4"),
+    ("block B(dim) {\n    input x : [T, dim]\n    output not x\n}\n",
+     "b.nest:3:12: error: `not` on a tensor is not supported"),
+    ("block B(dim) {\n    input x : [T, dim]\n    input y : [T, dim]\n    output x\n}\n",
+     "b.nest:3:5: error: a second input (`y`) is not supported"),
+    ("block B(dim) {\n    input x : [T, dim]\n    output conv1d(x, window = 0)\n}\n",
+     "b.nest:3:31: error: a conv1d window must be a whole number of at least 1, got 0"),
+    ("block B(dim) {\n    input x : [T, dim]\n    output embed(x, 10, dim)\n}\n",
+     "b.nest:3:18: error: embed takes token ids"),
+    ("block B(dim) {\n    input x : [T, dim]\n    let k = x |> linear(dim)\n"
+     "    memory C : cache every 2 tokens { key k; value k }\n"
+     "    output softmax_attention(k, C)\n}\n",
+     "b.nest:4:22: error: a cache written other than `every token` is not supported"),
+    ("block B(dim) {\n    input x : [T, dim]\n    let k = x |> linear(dim)\n"
+     "    memory M : matrix(dim, dim) = zeros every token {\n"
+     "        objective l2(M(k), k); rule gd(lr = 1, retain = 1.5)\n    }\n    output M(k)\n}\n",
+     "b.nest:5:57: error: `retain` of memory `M` is in (0, 1], got 1.5"),
+])
+def test_block_errors_have_spans(text, message):
+    with pytest.raises(nestc.NestError) as info:
+        nestc.loads(text, "b.nest").build("B", dim=12)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_cms_level_read_twice_learns_from_both_reads(tmp_path):
+    (tmp_path / "twice.nest").write_text(spec("""
+        from "std/optim/adam.nest" import AdamW
+        model Twice(vocab = 20, dim = 16) {
+            input tokens : [T] int
+            let h = embed(tokens, vocab, dim)
+            memory f : mlp(dim, hidden = 32) = meta every 4 tokens {
+                objective task; rule gd(lr = 0.5)
+            }
+            h = h + f(h)
+            h = h + f(h)
+            output logits = h |> linear(vocab)
+            train every step { objective cross_entropy(logits, next(tokens)); rule AdamW() }
+        }
+    """))
+    torch.manual_seed(0)
+    model = nestc.load(tmp_path / "twice.nest").build("Twice")
+    x = torch.randint(0, 20, (2, 8))
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    y = model(x)
+    A, B = (w.expand(2, -1, -1) for w in (model.f.A, model.f.B))
+    first = model(x[:, :4], state={"f": {"W": (A, B), "grad": None, "offset": 0}},
+                  targets=targets[:, :4])
+    loss = torch.nn.functional.cross_entropy(first.flatten(0, 1), targets[:, :4].flatten(),
+                                             reduction="sum")
+    gA, gB = torch.autograd.grad(loss, (A, B))
+    second = model(x[:, 4:], state={"f": {"W": (A - 0.5 * gA, B - 0.5 * gB), "grad": None,
+                                          "offset": 0}}, targets=targets[:, 4:])
+    close(y[:, 4:], second)
