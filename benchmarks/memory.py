@@ -1,17 +1,24 @@
-"""Memory recurrences on CPU: nestc's chunked delta rule over fla-core's and over the token loop.
+"""Memory recurrences on CPU: nestc's chunked delta rule over fla-core's and over the token loop,
+then the stdlib language models' training throughput at equal parameter count.
 
 Prints a Markdown table of median times and the ratios nestc chunked / fla-core
 `delta_rule_chunkwise` (target <= 1.0) and nestc chunked / token loop (target <= 1/3), measured
 in this process at B=2, H=4, T=2048, D=64, float32, forward only and forward+backward.
+Then a table of training tokens/s (forward, backward, AdamW step) of TransformerLM, TitansLM,
+DeltaNetLM and HopeLM built from std/models/ with backend="chunked", at B=4, T=256, depth 2,
+their widths chosen so their parameter counts match TransformerLM's at --lm-dim; a model the
+compiler does not build yet gets a line naming the missing construct instead of a number.
 Usage: python benchmarks/memory.py [--reps 5] [--warmup 5] [--T 2048] [--chunk-size 64]
-[--fla-chunk-size 32]
-(needs fla-core: pip install --no-deps fla-core einops).
+[--fla-chunk-size 32] [--lm-only] [--quick] [--hope] [--lm-dim 96] [--depth 2]
+[--threads N]
+(the delta rule part needs fla-core: pip install --no-deps fla-core einops).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -113,12 +120,99 @@ def bench_delta_rule(args: argparse.Namespace) -> list[str]:
     return rows
 
 
-def bench_language_models(args: argparse.Namespace) -> list[str]:
-    """HopeLM against TransformerLM in tokens/s, built from the stdlib specs on the same budget.
+# the language models compared, each built from its stdlib spec with its default heads (4);
+# the last one is timed only with --hope (or --quick): its steps take tens of seconds on a CPU
+LM_SPECS = [("TransformerLM", "std/models/transformer.nest"),
+            ("TitansLM", "std/models/titans.nest"),
+            ("DeltaNetLM", "std/models/deltanet.nest"),
+            ("HopeLM", "std/models/hope.nest")]
 
-    Not measured yet: this is where those rows will be produced, in the same Markdown form.
-    """
-    return []
+
+def build_lm(spec: str, name: str, dim: int, args: argparse.Namespace) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return nestc.load(spec).build(name, backend="chunked", vocab=args.vocab, dim=dim,
+                                  depth=args.depth)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def matched_lm(spec: str, name: str, target: int, args: argparse.Namespace,
+               ) -> tuple[torch.nn.Module, int]:
+    """The model at the width (a multiple of its 4 heads) whose parameter count is nearest
+    `target`, and that width; counts grow with the width."""
+    best: tuple[int, torch.nn.Module, int] | None = None
+    dim = 4
+    while True:
+        model = build_lm(spec, name, dim, args)
+        count = n_params(model)
+        if best is None or abs(count - target) < best[0]:
+            best = (abs(count - target), model, dim)
+        if count >= target:
+            return best[1], best[2]
+        dim += 4
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor,
+               ) -> Callable[[], None]:
+    """One step of the models' outer level: next-token cross-entropy, backward, AdamW."""
+
+    def call() -> None:
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return call
+
+
+def bench_language_models(args: argparse.Namespace) -> list[str]:
+    """Markdown lines: training tokens/s (forward, backward and the spec's AdamW step, median
+    over steps after warm-up, the models' steps interleaved) of the stdlib language models at
+    equal parameter count, built with backend="chunked"; TransformerLM at --lm-dim sets the
+    count, the others take the width nearest it. A model the compiler does not build yet gets
+    a line naming what is missing instead of a number."""
+    B, T, V = args.lm_batch, args.lm_T, args.vocab
+    adamw = nestc.load("std/optim/adam.nest")
+    tokens = torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    built, notes = [], []
+    for name, spec in LM_SPECS:
+        try:
+            if not built:
+                model, dim = build_lm(spec, name, args.lm_dim, args), args.lm_dim
+            else:
+                model, dim = matched_lm(spec, name, n_params(built[0][2]), args)
+            step = train_step(model, adamw.build("AdamW", model.parameters(), lr=4e-4,
+                                                 weight_decay=0.1), tokens)
+            if name == "HopeLM" and not (args.hope or args.quick):
+                notes.append(f"{name} (dim {dim}, {n_params(model):,} params) builds but is "
+                             "not timed: its steps take tens of seconds here; --hope times it")
+                continue
+            step()  # the first step, untimed: it also builds what is cached (torch.func)
+        except nestc.NestError as err:
+            if not err.unsupported:
+                raise
+            span = err.span
+            where = f" ({span.file}:{span.line})" if span is not None else ""
+            notes.append(f"{name}: not measured, nestc does not build it yet: "
+                         f"{err.message}{where}")
+            continue
+        built.append((name, dim, model, step))
+    if not built:
+        return notes
+    seconds = median_seconds([step for *_, step in built], args.reps, max(args.warmup - 1, 0))
+    base = n_params(built[0][2])
+    gap = max(abs(n_params(model) - base) / base for _, _, model, _ in built)
+    lines = [f"Language models: training steps (forward, backward, AdamW) at B={B}, T={T}, "
+             f"depth {args.depth}, vocab {V}, backend chunked, float32, median of {args.reps}; "
+             f"parameter counts within {gap:.1%} of TransformerLM's\n",
+             "| model | dim | params | tokens/s | / TransformerLM |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {dim} | {n_params(model):,} | {B * T / t:,.0f} | {seconds[0] / t:.3f} |"
+              for (name, dim, model, _), t in zip(built, seconds)]
+    return lines + ([""] + notes if notes else [])
 
 
 def main() -> None:
@@ -130,19 +224,39 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=64, help="chunk size of nestc's chunked op")
     ap.add_argument("--fla-chunk-size", type=int, default=None,
                     help="chunk size of fla-core's (default: the same; fla's own default is 32)")
+    ap.add_argument("--lm-only", action="store_true",
+                    help="only the language models (skips the delta rule and fla-core)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny sizes and few repetitions: checks that everything runs")
+    ap.add_argument("--lm-dim", type=int, default=96, help="TransformerLM's width; the other "
+                    "models take the width that matches its parameter count")
+    ap.add_argument("--depth", type=int, default=2, help="language models' depth")
+    ap.add_argument("--vocab", type=int, default=256, help="language models' vocabulary")
+    ap.add_argument("--lm-batch", type=int, default=4, help="language models' batch")
+    ap.add_argument("--lm-T", type=int, default=256, help="language models' sequence length")
+    ap.add_argument("--hope", action="store_true",
+                    help="time HopeLM too (tens of seconds a step at the default size)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: "
+                    "torch's; --quick: 1, steadier when other processes share the cores)")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; delta rule at B=2, H=4, "
-          f"T={args.T}, D=64, float32, chunk {args.chunk_size} (fla-core "
-          f"{args.fla_chunk_size or args.chunk_size}), median of {args.reps}\n")
-    print("| mode | nestc chunked ms | fla-core chunkwise ms | token loop ms "
-          "| chunked / fla (<= 1.0) | chunked / loop (<= 0.333) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for row in bench_delta_rule(args):
-        print(row)
-    lm_rows = bench_language_models(args)
-    if lm_rows:
+    if args.quick:
+        args.reps, args.warmup, args.T = 3, 2, 256
+        args.lm_dim, args.depth, args.vocab, args.lm_batch, args.lm_T = 40, 1, 64, 2, 64
+        args.threads = args.threads or 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
+    if not args.lm_only:
+        print(f"Delta rule at B=2, H=4, T={args.T}, D=64, float32, chunk {args.chunk_size} "
+              f"(fla-core {args.fla_chunk_size or args.chunk_size}), median of {args.reps}\n")
+        print("| mode | nestc chunked ms | fla-core chunkwise ms | token loop ms "
+              "| chunked / fla (<= 1.0) | chunked / loop (<= 0.333) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for row in bench_delta_rule(args):
+            print(row, flush=True)
         print()
-        print("\n".join(lm_rows))
+    print("\n".join(bench_language_models(args)))
 
 
 if __name__ == "__main__":
