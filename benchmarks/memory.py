@@ -5,9 +5,9 @@ Prints a Markdown table of median times and the ratios nestc chunked / fla-core
 `delta_rule_chunkwise` (target <= 1.0) and nestc chunked / token loop (target <= 1/3), measured
 in this process at B=2, H=4, T=2048, D=64, float32, forward only and forward+backward.
 Then a table of training tokens/s (forward, backward, AdamW step) of TransformerLM, TitansLM,
-DeltaNetLM and HopeLM built from std/models/ with backend="chunked", at B=4, T=256, depth 2,
-their widths chosen so their parameter counts match TransformerLM's at --lm-dim; a model the
-compiler does not build yet gets a line naming the missing construct instead of a number.
+DeltaNetLM (and HopeLM with --hope) built from std/models/ with backend="chunked", at B=4,
+T=256, depth 2, their widths chosen so their parameter counts match TransformerLM's at --lm-dim;
+a model the compiler does not build yet gets a line naming the missing construct instead.
 Usage: python benchmarks/memory.py [--reps 5] [--warmup 5] [--T 2048] [--chunk-size 64]
 [--fla-chunk-size 32] [--lm-only] [--quick] [--hope] [--lm-dim 96] [--depth 2]
 [--threads N]
@@ -17,6 +17,7 @@ Usage: python benchmarks/memory.py [--reps 5] [--warmup 5] [--T 2048] [--chunk-s
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import statistics
@@ -61,17 +62,23 @@ def head_first(x: Inputs) -> Inputs:
             for name, t in x.items()}
 
 
-def median_seconds(fns: list[Callable[[], None]], reps: int, warmup: int) -> list[float]:
-    """Median wall time of each call, the calls interleaved so all see the same machine state."""
+def median_seconds(fns: list[Callable[[], None]], reps: int, warmup: int,
+                   between: Callable[[], object] | None = None) -> list[float]:
+    """Median wall time of each call, the calls interleaved so all see the same machine state;
+    `between`, if given, runs untimed after every call."""
     for _ in range(warmup):
         for fn in fns:
             fn()
+            if between is not None:
+                between()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
         for fn, ts in zip(fns, times):
             start = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - start)
+            if between is not None:
+                between()
     return [statistics.median(ts) for ts in times]
 
 
@@ -121,7 +128,8 @@ def bench_delta_rule(args: argparse.Namespace) -> list[str]:
 
 
 # the language models compared, each built from its stdlib spec with its default heads (4);
-# the last one is timed only with --hope (or --quick): its steps take tens of seconds on a CPU
+# HopeLM is timed only with --hope (or --quick): at the default size a step takes seconds and
+# gigabytes
 LM_SPECS = [("TransformerLM", "std/models/transformer.nest"),
             ("TitansLM", "std/models/titans.nest"),
             ("DeltaNetLM", "std/models/deltanet.nest"),
@@ -188,9 +196,11 @@ def bench_language_models(args: argparse.Namespace) -> list[str]:
                                                  weight_decay=0.1), tokens)
             if name == "HopeLM" and not (args.hope or args.quick):
                 notes.append(f"{name} (dim {dim}, {n_params(model):,} params) builds but is "
-                             "not timed: its steps take tens of seconds here; --hope times it")
+                             "not timed by default: a step takes seconds and gigabytes at this "
+                             "size; --hope times it")
                 continue
             step()  # the first step, untimed: it also builds what is cached (torch.func)
+            gc.collect()
         except nestc.NestError as err:
             if not err.unsupported:
                 raise
@@ -202,7 +212,11 @@ def bench_language_models(args: argparse.Namespace) -> list[str]:
         built.append((name, dim, model, step))
     if not built:
         return notes
-    seconds = median_seconds([step for *_, step in built], args.reps, max(args.warmup - 1, 0))
+    # a full collection after every step, untimed: a model whose modules leave reference
+    # cycles (HopeLM's self-modifying memories, for now) would otherwise keep each step's
+    # activations until the collector happens to run, and grow by gigabytes a step
+    seconds = median_seconds([step for *_, step in built], args.reps, max(args.warmup - 1, 0),
+                             between=gc.collect)
     base = n_params(built[0][2])
     gap = max(abs(n_params(model) - base) / base for _, _, model, _ in built)
     lines = [f"Language models: training steps (forward, backward, AdamW) at B={B}, T={T}, "

@@ -518,7 +518,9 @@ class MLPMemory(Memory):
             B, T, _ = kk.shape
             out: dict[str, Any] = {"k": kk.view(B, T, H, d)}
             if isinstance(v, _SelfTen):
-                out["value"] = v.bind(env)
+                # a snapshot of env, not env: env is about to hold this dict, and a closure
+                # over env would make a cycle that keeps every activation alive
+                out["value"] = v.bind(dict(env))
             else:
                 out["v"] = v.fn(env).view(B, T, H, d)
             out.update({n: None if f is None else f(env, kk) for n, f in signals.items()})
