@@ -61,6 +61,7 @@ class Built(nn.Module):
         self.out: Fn | None = None
         self.out_feat = 0
         self.objective: Any = None  # a model's train objective: the task loss
+        self.objective_span: Any = None  # where it is, when it is a form not built yet
 
     def run(self, env: Env, x: torch.Tensor) -> torch.Tensor:
         # closures find submodules through "__self__", so a deep copy runs its own weights
@@ -99,6 +100,9 @@ class Built(nn.Module):
 
     def task_loss(self, x: torch.Tensor, targets: torch.Tensor | None
                   ) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+        if self.objective_span is not None:
+            raise _unsupported("a task loss other than cross_entropy(<output>, next(<input>)) "
+                               "for memories with `objective task`", self.objective_span)
         if self.objective is None:
             raise NestError(f"`{self.decl_name}` has memories that learn from the task loss: "
                             "build them inside a model with a `train` objective, or pass "
@@ -251,6 +255,7 @@ class _Scope:
                       and isinstance(e.args[1].func, ast.ExprName)
                       and e.args[1].func.name == "next")
                 self.mod.objective = e if ok else None
+                self.mod.objective_span = None if ok else c.span
 
     def input(self, s: ast.StmtInput, in_feat: int | None) -> None:
         if self.mod.inputs:
