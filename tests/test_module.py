@@ -450,3 +450,24 @@ def test_a_task_loss_of_another_form_is_reported_where_it_is_written(tmp_path):
     with pytest.raises(nestc.NestError) as info:
         model(torch.randint(0, 20, (1, 6)))
     assert info.value.unsupported and "mse.nest:9:9:" in str(info.value)
+
+
+CMS_PROG = nestc.load("std/memory/cms.nest")
+
+
+@pytest.mark.parametrize("prog,name", [(HOPE, "Hope"), (HOPE, "HopeAttention"),
+                                       (CMS_PROG, "CMS"), (CMS_PROG, "CMSIndependent")])
+def test_hope_and_cms_blocks_chunked_equal_reference_with_a_task(prog, name):
+    hyper = {"dim": 16, "chunks": [4, 8]}
+    if name == "Hope":
+        hyper["heads"] = 2
+    ref, fast = pair(prog, name, **hyper)
+    x = torch.randn(2, 11, 16)
+    task = lambda y, a, b: (y - x[:, a:b]).pow(2).sum()  # noqa: E731 - a stand-in task loss
+    ya, yb = ref(x, task=task), fast(x, task=task)
+    close(ya, yb)
+    ya.pow(2).mean().backward()
+    yb.pow(2).mean().backward()
+    for p, q in zip(ref.parameters(), fast.parameters()):
+        zero = torch.zeros_like(p)
+        close(zero if p.grad is None else p.grad, zero if q.grad is None else q.grad)
