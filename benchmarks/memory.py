@@ -212,9 +212,8 @@ def bench_language_models(args: argparse.Namespace) -> list[str]:
         built.append((name, dim, model, step))
     if not built:
         return notes
-    # a full collection after every step, untimed: a model whose modules leave reference
-    # cycles (HopeLM's self-modifying memories, for now) would otherwise keep each step's
-    # activations until the collector happens to run, and grow by gigabytes a step
+    # a full collection after every step, untimed, so that no collector pass lands inside a
+    # timed step (HopeLM's torch.func transforms leave ~10k small cyclic objects a step)
     seconds = median_seconds([step for *_, step in built], args.reps, max(args.warmup - 1, 0),
                              between=gc.collect)
     base = n_params(built[0][2])

@@ -65,6 +65,16 @@ class Memory(Stateful):
     def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
         raise _unsupported(f"reading memory `{self.name}` like a function", span)
 
+    def reader(self, q: Any, span: Any, width: int, out: int) -> Any:
+        """The Ten of a read M(q): this memory's `read` of q, which has `width` features."""
+        from nestc.module import Ten
+
+        if q.feat != width:
+            raise NestError(f"memory `{self.name}` reads {width} features, got {q.feat}",
+                            span, kind="shape")
+        get = self.get
+        return Ten(lambda env: get(env).read(q.fn(env), env), out)
+
     def _signal(self, scope: Any, name: str, default: Any) -> Any:
         """A rule's lr or retain as [B, T, H]: a constant, one value per token, or per head."""
         e = self.rule_kw.get(name)
@@ -110,6 +120,70 @@ def _call(e: ast.Expr | None) -> tuple[str, ast.ExprCall] | None:
     if isinstance(e, ast.ExprName):
         return e.name, ast.ExprCall(e, (), (), e.span)
     return None
+
+
+ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+def _mlp_structure(scope: Any, s: ast.StmtMemory, two_layers: str = ""
+                   ) -> tuple[int, int, bool, str, int]:
+    """(d, hidden, residual, act, depth) of `mlp(d, hidden = d, depth = 2, act = "gelu")` or
+    `residual_mlp(d, hidden = d, act = "silu")`; `two_layers` names what must have depth 2."""
+    structure = _call(s.structure)
+    assert structure is not None
+    kind, call = structure
+    d = scope.size(call.args[0], "an MLP's width")
+    hidden = scope.size_kw(call, "hidden", d, "an MLP's hidden width")
+    residual = kind == "residual_mlp"
+    act = {k.name: scope.const(k.value) for k in call.kwargs}.get(
+        "act", "silu" if residual else "gelu")
+    if act not in ACTS:
+        raise NestError(f"activation {act!r} is not one of {', '.join(ACTS)}", call.span,
+                        kind="value")
+    depth = 2 if residual else scope.size_kw(call, "depth", 2, "an MLP's depth")
+    if two_layers and depth != 2:
+        raise _unsupported(f"{two_layers} of depth other than 2", call.span)
+    return d, hidden, residual, act, depth
+
+
+def _mlp(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, act: Callable[..., torch.Tensor],
+         residual: bool) -> torch.Tensor:
+    """act(x A) B, plus x for a residual MLP; batch dims of x and the weights broadcast."""
+    y = act(x @ A) @ B
+    return y + x if residual else y
+
+
+def _mlp_weights(*batch: int, d: int, hidden: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """Meta-learned initial weights A (d, hidden) and B (hidden, d), at nn.Linear's scale."""
+    return (nn.Parameter(torch.empty(*batch, d, hidden).uniform_(-d ** -0.5, d ** -0.5)),
+            nn.Parameter(torch.empty(*batch, hidden, d).uniform_(-hidden ** -0.5,
+                                                                  hidden ** -0.5)))
+
+
+def _objective(s: ast.StmtMemory, exprs: dict[str, ast.Expr], what: str
+               ) -> tuple[str, ast.Expr, ast.Expr]:
+    """(l2 | dot, key, value) of `objective l2(M(key), value)` or `dot(M(key), value)`."""
+    objective = _call(exprs.get("objective"))
+    if objective is None or objective[0] not in ("l2", "dot"):
+        raise _unsupported(f"{what} whose objective is not l2(...) or dot(...)", s.span)
+    pred, target = objective[1].args
+    read = _call(pred)
+    if read is None or read[0] != s.name or len(read[1].args) != 1:
+        raise NestError(f"the objective of `{s.name}` compares {s.name}(key) with a value",
+                        pred.span, kind="value")
+    return objective[0], read[1].args[0], target
+
+
+class _Act(nn.Module):
+    """An activation by name, as a module (for nn.Sequential)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ACTS[self.name](x)
 
 
 def build(scope: Any, s: ast.StmtMemory) -> Memory:
@@ -203,47 +277,27 @@ class StaticMLP(Memory):
     def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
         super().__init__()
         self.name = s.name
-        structure = _call(s.structure)
-        assert structure is not None
-        kind, call = structure
-        kw = {k.name: scope.const(k.value) for k in call.kwargs}
-        d = scope.size(call.args[0], "an MLP's width")
-        hidden = scope.size_kw(call, "hidden", d, "an MLP's hidden width")
-        self.residual = kind == "residual_mlp"
-        act = kw.get("act", "silu" if self.residual else "gelu")
-        acts = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
-        if act not in acts:
-            raise NestError(f"activation {act!r} is not one of {', '.join(acts)}", call.span,
-                            kind="value")
-        depth = 2 if self.residual else scope.size_kw(call, "depth", 2, "an MLP's depth")
+        d, hidden, self.residual, act, depth = _mlp_structure(scope, s)
         if s.per_head:
             raise _unsupported("a per-head MLP that never updates", s.span)
-        if s.init is not None and _call(s.init) not in (None,) and \
-                _call(s.init)[0] not in ("meta",):  # type: ignore[index]
+        init = _call(s.init)
+        if init is not None and init[0] != "meta":
             raise _unsupported("an initial state other than `meta` for a static MLP", s.span)
         widths = [d] + [hidden] * (depth - 1) + [d]
         parts: list[nn.Module] = []
         for i in range(depth):
             parts.append(nn.Linear(widths[i], widths[i + 1], bias=False))
             if i < depth - 1:
-                parts.append(acts[act]())
+                parts.append(_Act(act))
         self.net = nn.Sequential(*parts)
         self.feat = d
 
     def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
-        from nestc.module import Ten
+        return self.reader(q, span, self.feat, self.feat)
 
-        if q.feat != self.feat:
-            raise NestError(f"memory `{self.name}` maps {self.feat} features, read with "
-                            f"{q.feat}", span, kind="shape")
-        get, residual = self.get, self.residual
-
-        def read(env: dict[str, Any]) -> torch.Tensor:
-            x = q.fn(env)
-            y = get(env).net(x)
-            return y + x if residual else y
-
-        return Ten(read, self.feat)
+    def read(self, x: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        y = self.net(x)
+        return y + x if self.residual else y
 
 
 class LinearMemory(Memory):
@@ -272,29 +326,18 @@ class LinearMemory(Memory):
         if self.init not in ("zeros", "meta"):
             raise _unsupported(f"initial state `{self.init}` for a matrix memory", s.span)
         self.span = s.span
-        self.s = s
 
     def _resolve(self, scope: Any, s: ast.StmtMemory, exprs: dict[str, ast.Expr],
                  choices: dict[str, str]) -> tuple[str, str, bool]:
-        objective = _call(exprs.get("objective"))
-        if objective is None or objective[0] not in ("l2", "dot"):
-            raise _unsupported("a matrix memory whose objective is not l2(...) or dot(...)",
-                               s.span)
-        _, call = objective
-        pred, target = call.args
-        read = _call(pred)
-        if read is None or read[0] != s.name or len(read[1].args) != 1:
-            raise NestError(f"the objective of `{s.name}` compares {s.name}(key) with a value",
-                            pred.span, kind="value")
-        self.key_expr, self.value_expr = read[1].args[0], target
+        objective, self.key_expr, self.value_expr = _objective(s, exprs, "a matrix memory")
         rule = _call(exprs.get("rule"))
         if rule is None or rule[0] not in ("gd", "dgd"):
             raise _unsupported("a matrix memory whose rule is not gd or dgd", s.span)
         self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
         literal = rule[0] == "dgd" and choices["dgd"] == "literal"
-        if literal and objective[0] == "dot":
+        if literal and objective == "dot":
             raise _unsupported("literal DGD with a dot objective", s.span)
-        return objective[0], rule[0], rule[0] == "dgd" and not literal
+        return objective, rule[0], rule[0] == "dgd" and not literal
 
     # writes: the per-token signals, computed where the memory is declared ---------------------
 
@@ -326,13 +369,7 @@ class LinearMemory(Memory):
     # reads --------------------------------------------------------------------------------
 
     def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
-        from nestc.module import Ten
-
-        if q.feat != self.heads * self.a:
-            raise NestError(f"memory `{self.name}` reads {self.heads} heads of {self.a} "
-                            f"features, got {q.feat}", span, kind="shape")
-        get = self.get
-        return Ten(lambda env: get(env).read(q.fn(env), env), self.heads * self.b)
+        return self.reader(q, span, self.heads * self.a, self.heads * self.b)
 
     def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         w = env[self.env_key]
@@ -437,27 +474,13 @@ class MLPMemory(Memory):
     """A 2-layer MLP per head learning in context, with weights A (d, h) and B (h, d):
     M(x) = act(x A) B for `mlp`, x + act(x A) B for `residual_mlp` (docs/semantics.md)."""
 
-    ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh,
-            "sigmoid": torch.sigmoid}
-
     def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
         super().__init__()
         self.name, self.span = s.name, s.span
         self.backend = scope.b.backend
-        structure = _call(s.structure)
-        assert structure is not None
-        kind, call = structure
-        kw = {k.name: scope.const(k.value) for k in call.kwargs}
-        self.d = scope.size(call.args[0], "an MLP's width")
-        self.hidden = scope.size_kw(call, "hidden", self.d, "an MLP's hidden width")
-        self.residual = kind == "residual_mlp"
-        if scope.size_kw(call, "depth", 2, "an MLP's depth") != 2:
-            raise _unsupported("an in-context MLP memory of depth other than 2", call.span)
-        act = kw.get("act", "silu" if self.residual else "gelu")
-        if act not in self.ACTS:
-            raise NestError(f"activation {act!r} is not one of {', '.join(self.ACTS)}",
-                            call.span, kind="value")
-        self.act = self.ACTS[act]
+        self.d, self.hidden, self.residual, act, _ = _mlp_structure(
+            scope, s, "an in-context MLP memory")
+        self.act = ACTS[act]
         self.lets: dict[str, ast.Expr] = {}
         exprs, choices = _clauses(s, self.lets)
         if choices["state"] != "per sample":
@@ -468,17 +491,7 @@ class MLPMemory(Memory):
         self.stopped = choices["backprop"] == "stopped"
         assert s.frequency is not None
         self.chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
-        objective = _call(exprs.get("objective"))
-        if objective is None or objective[0] not in ("l2", "dot"):
-            raise _unsupported("an MLP memory whose objective is not l2(...) or dot(...)",
-                               s.span)
-        self.objective = objective[0]
-        pred, target = objective[1].args
-        read = _call(pred)
-        if read is None or read[0] != s.name or len(read[1].args) != 1:
-            raise NestError(f"the objective of `{s.name}` compares {s.name}(key) with a value",
-                            pred.span, kind="value")
-        self.key_expr, self.value_expr = read[1].args[0], target
+        self.objective, self.key_expr, self.value_expr = _objective(s, exprs, "an MLP memory")
         rule = _call(exprs.get("rule"))
         if rule is None or rule[0] not in ("gd", "dgd", "momentum"):
             raise _unsupported("an MLP memory whose rule is not gd, dgd or momentum", s.span)
@@ -503,11 +516,10 @@ class MLPMemory(Memory):
             raise NestError(f"memory `{self.name}` maps {self.d} features"
                             f"{' per head' if self.per_head else ''}, but its keys have "
                             f"{k.feat} and its values {v.feat}", self.span, kind="shape")
-        H, d, h = self.heads, self.d, self.hidden
-        # the meta-learned initial weights, with nn.Linear's default scale
-        self.A = nn.Parameter(torch.empty(H, d, h).uniform_(-d ** -0.5, d ** -0.5))
-        self.B = nn.Parameter(torch.empty(H, h, d).uniform_(-h ** -0.5, h ** -0.5))
-        signals = {n: self._signal(scope, n, default) for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
+        H, d = self.heads, self.d
+        self.A, self.B = _mlp_weights(H, d=d, hidden=self.hidden)
+        signals = {n: self._signal(scope, n, default)
+                   for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
         if self.momentum and signals["beta"] is None:
             raise NestError(f"the momentum rule of `{self.name}` needs `beta`", self.span,
                             kind="value")
@@ -532,13 +544,7 @@ class MLPMemory(Memory):
         return write
 
     def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
-        from nestc.module import Ten
-
-        if q.feat != self.heads * self.d:
-            raise NestError(f"memory `{self.name}` reads {self.heads} heads of {self.d} "
-                            f"features, got {q.feat}", span, kind="shape")
-        get = self.get
-        return Ten(lambda env: get(env).read(q.fn(env), env), q.feat)
+        return self.reader(q, span, self.heads * self.d, self.heads * self.d)
 
     def _reads_self(self, e: ast.Expr) -> bool:
         if isinstance(e, ast.ExprName) and e.name in self.lets:
@@ -565,19 +571,13 @@ class MLPMemory(Memory):
     def _read_all(self, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """M(x) at one set of weights per sequence and head: x (N, n, H * d) -> the same."""
         xh = x.unflatten(-1, (self.heads, self.d)).transpose(1, 2).to(A.dtype)  # (N, H, n, d)
-        y = torch.einsum("nhck,nhkd->nhcd", self.act(torch.einsum("nhcd,nhdk->nhck", xh, A)), B)
-        y = y + xh if self.residual else y
-        return y.transpose(1, 2).flatten(2)
+        return _mlp(xh, A, B, self.act, self.residual).transpose(1, 2).flatten(2)
 
     # the function of one token, for torch.func -------------------------------------------
 
-    def _forward_one(self, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(x @ A) @ B
-        return y + x if self.residual else y
-
     def _loss(self, A: torch.Tensor, B: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> torch.Tensor:
-        y = self._forward_one(A, B, k)
+        y = _mlp(k, A, B, self.act, self.residual)
         return 0.5 * ((y - v) ** 2).sum() if self.objective == "l2" else -(y * v).sum()
 
     def _grads(self, A: torch.Tensor, B: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -653,9 +653,8 @@ class MLPMemory(Memory):
                    "offset": (offset + T) % self.chunk}
 
     def _read_one(self, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(torch.einsum("nhd,nhdk->nhk", x, A))
-        y = torch.einsum("nhk,nhkd->nhd", y, B)
-        return y + x if self.residual else y
+        """x (N, H, d) read at weights (N, H, d, h) and (N, H, h, d)."""
+        return _mlp(x[..., None, :], A, B, self.act, self.residual)[..., 0, :]
 
     def _chunked(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
         """Chunk by chunk: the chunk's gradients at once, then its momentum and retention
@@ -688,10 +687,8 @@ class MLPMemory(Memory):
             As, Bs = seen.split(sizes, -1)
             As = As.reshape(*As.shape[:3], *A.shape[2:])
             Bs = Bs.reshape(*Bs.shape[:3], *B.shape[2:])
-            x = q[:, :, a:b]
-            y = torch.einsum("nhck,nhckd->nhcd", self.act(torch.einsum("nhcd,nhcdk->nhck", x, As)),
-                             Bs)
-            outs.append(y + x if self.residual else y)
+            x = q[:, :, a:b, None]  # (N, H, n, 1, d): each token with its own weights
+            outs.append(_mlp(x, As, Bs, self.act, self.residual)[..., 0, :])
             eA, eB = M_all[:, :, -1].split(sizes, -1)
             A, B = eA.reshape(A.shape), eB.reshape(B.shape)
         y = torch.cat(outs, 2) if outs else q.new_zeros(q.shape)
@@ -713,20 +710,10 @@ class TaskMLP(Memory):
     def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
         super().__init__()
         self.name, self.span = s.name, s.span
-        structure = _call(s.structure)
-        assert structure is not None and s.frequency is not None
-        kind, call = structure
-        kw = {k.name: scope.const(k.value) for k in call.kwargs}
-        self.d = scope.size(call.args[0], "an MLP's width")
-        self.hidden = scope.size_kw(call, "hidden", self.d, "an MLP's hidden width")
-        self.residual = kind == "residual_mlp"
-        if scope.size_kw(call, "depth", 2, "an MLP's depth") != 2:
-            raise _unsupported("an MLP memory of depth other than 2", call.span)
-        act = kw.get("act", "silu" if self.residual else "gelu")
-        if act not in MLPMemory.ACTS:
-            raise NestError(f"activation {act!r} is not one of {', '.join(MLPMemory.ACTS)}",
-                            call.span, kind="value")
-        self.act = MLPMemory.ACTS[act]
+        assert s.frequency is not None
+        self.d, self.hidden, self.residual, act, _ = _mlp_structure(
+            scope, s, "an MLP memory learning from the task loss")
+        self.act = ACTS[act]
         if s.per_head:
             raise _unsupported("a per-head MLP memory learning from the task loss", s.span)
         self.chunk = scope.size(s.frequency.every, "a period") if s.frequency.every is not None \
@@ -745,18 +732,10 @@ class TaskMLP(Memory):
         init = _call(s.init)
         if init is not None and init[0] != "meta":
             raise _unsupported("a task-loss memory whose initial state is not `meta`", s.span)
-        d, h = self.d, self.hidden
-        self.A = nn.Parameter(torch.empty(d, h).uniform_(-d ** -0.5, d ** -0.5))
-        self.B = nn.Parameter(torch.empty(h, d).uniform_(-h ** -0.5, h ** -0.5))
+        self.A, self.B = _mlp_weights(d=self.d, hidden=self.hidden)
 
     def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
-        from nestc.module import Ten
-
-        if q.feat != self.d:
-            raise NestError(f"memory `{self.name}` maps {self.d} features, read with {q.feat}",
-                            span, kind="shape")
-        get = self.get
-        return Ten(lambda env: get(env).read(q.fn(env), env), self.d)
+        return self.reader(q, span, self.d, self.d)
 
     def weights(self, state: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This chunk's weights: carried in the state, else the meta-learned ones."""
@@ -772,8 +751,7 @@ class TaskMLP(Memory):
         else:
             A, B = self.weights(state, x.shape[0])
             state.task[self.state_key] = (self, (A, B))  # the driver differentiates here
-        y = torch.einsum("btk,bkd->btd", self.act(torch.einsum("btd,bdk->btk", x, A)), B)
-        return y + x if self.residual else y
+        return _mlp(x, A, B, self.act, self.residual)
 
     def learn(self, state: Any, weights: tuple[torch.Tensor, ...], grads: Any,
               tokens: int) -> None:

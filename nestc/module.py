@@ -62,6 +62,7 @@ class Built(nn.Module):
         self.out_feat = 0
         self.objective: Any = None  # a model's train objective: the task loss
         self.objective_span: Any = None  # where it is, when it is a form not built yet
+        self.tasks: list[Any] = []  # its task-loss memories, at any depth (set once built)
 
     def run(self, env: Env, x: torch.Tensor) -> torch.Tensor:
         # closures find submodules through "__self__", so a deep copy runs its own weights
@@ -86,7 +87,7 @@ class Built(nn.Module):
             y = x.new_zeros(x.shape[0], 0, self.out_feat, dtype=torch.get_default_dtype()
                             if x.dtype in (torch.int64, torch.int32) else x.dtype)
             return (y, dict(state or {})) if return_state else y
-        tasks = self.task_memories()
+        tasks = self.tasks
         if not tasks:
             ctx = State(state)
             y = self.run({"__state__": ctx}, x)
@@ -94,9 +95,6 @@ class Built(nn.Module):
         if task is None:
             task = self.task_loss(x, targets)
         return self.forward_in_chunks(x, state, return_state, task, tasks)
-
-    def task_memories(self) -> list[Any]:
-        return [m for m in self.modules() if isinstance(m, memories.TaskMLP)]
 
     def task_loss(self, x: torch.Tensor, targets: torch.Tensor | None
                   ) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
@@ -426,6 +424,8 @@ def build_module(program: Any, checked: Checked, backend: str = "chunked",
     for sub in mod.modules():
         if isinstance(sub, memories.Memory):
             sub.check_finite = check_finite
+    # found once, not on every forward (a deep copy maps the list onto its own memories)
+    mod.tasks = [m for m in mod.modules() if isinstance(m, memories.TaskMLP)]
     # every stateful submodule learns its path: the key of its in-context state
     for path, sub in mod.named_modules():
         if isinstance(sub, layers.Stateful):

@@ -296,6 +296,8 @@ def test_cms_streaming_with_targets_equals_one_pass_and_learns_through_updates(t
     close(torch.cat(pieces, 1), whole)
     for a, b in zip(leaves(final), leaves(state), strict=True):
         close(a, b)
+    twin = copy.deepcopy(model)  # a copy learns in context with its own levels
+    assert [id(m) for m in twin.tasks] == [id(twin.CMS.c0_f), id(twin.CMS.c1_f)]
     whole.sum().backward()  # the outer level trains the initial weights through the updates
     assert model.CMS.c1_f.A.grad is not None and model.CMS.c1_f.A.grad.abs().sum() > 0
 
