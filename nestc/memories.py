@@ -755,15 +755,22 @@ class TaskMLP(Memory):
 
     def learn(self, state: Any, weights: tuple[torch.Tensor, ...], grads: Any,
               tokens: int) -> None:
-        """After `tokens` more tokens with these weights and their task-loss gradients: the
-        state for what follows (the update lands when the chunk is full)."""
+        """After `tokens` more tokens with these weights: the state for what follows. `grads`
+        is the task-loss gradient of the tokens read since it was last given, or None when
+        the driver has not taken it yet (mid-chunk); the update lands when the chunk is
+        full, and the driver always gives the gradient by then."""
         given = state.given.get(self.state_key) or {}
         pending = given.get("grad")
-        grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights))
-        if pending is not None:
-            grads = tuple(p + g for p, g in zip(pending, grads))
+        if grads is not None:
+            grads = tuple(torch.zeros_like(w) if g is None else g
+                          for g, w in zip(grads, weights))
+            if pending is not None:
+                grads = tuple(p + g for p, g in zip(pending, grads))
+        else:
+            grads = pending
         offset = given.get("offset", 0) + tokens
         if offset == self.chunk:
+            assert grads is not None, self.state_key
             weights = tuple(self.retain * w - self.lr * g for w, g in zip(weights, grads))
             grads, offset = None, 0
         self.guard(*weights)

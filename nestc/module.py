@@ -118,28 +118,59 @@ class Built(nn.Module):
     def forward_in_chunks(self, x: torch.Tensor, state: dict[str, Any] | None,
                           return_state: bool, task: Callable[..., torch.Tensor],
                           tasks: list[Any]) -> Any:
-        """Run piece by piece, a piece ending wherever a task-loss memory's chunk does; after
-        each, hand every such memory the gradient of the piece's task loss with respect to
-        the weights it read (docs/semantics.md, "Memories that learn from the task loss")."""
+        """Run piece by piece, a piece ending wherever a task-loss memory's chunk does; hand
+        every such memory the gradient of its chunk's task loss with respect to the weights it
+        read (docs/semantics.md, "Memories that learn from the task loss").
+
+        A memory's weights are the same tensors for its whole chunk, so the sum over the
+        chunk's pieces of each piece's loss gradient is the gradient of the summed loss: it is
+        taken once, when the chunk is full or the input ends (the partial sum then goes into
+        the state), not once per piece. Per piece, each gradient would walk back through the
+        whole history (a slow level's weights reach a piece's loss through every earlier
+        piece), which made a sequence cost quadratic in its number of pieces."""
         given = dict(state or {})
         pos = int(given.get("__pos__", 0))
         outer = torch.is_grad_enabled()
         through = outer and any(not m.stopped for m in tasks)
+        # per memory read and not yet differentiated: [memory, weights, first piece, tokens];
+        # per first piece: the task loss summed from it on
+        pending: dict[str, list[Any]] = {}
+        losses: dict[int, torch.Tensor] = {}
         outs, start, T = [], 0, x.shape[1]
         while start < T:
             stop = min(T, start + min(m.chunk - (pos + start) % m.chunk for m in tasks))
             ctx = State(given)
             with torch.enable_grad():
                 y = self.run({"__state__": ctx}, x[:, start:stop])
-                read = list(ctx.task.values())
-                weights = [w for _, ws in read for w in ws]
-                grads = torch.autograd.grad(task(y, start, stop), weights, allow_unused=True,
-                                            create_graph=through) if weights else ()
-            for i, (mem, ws) in enumerate(read):
-                g = grads[2 * i: 2 * i + 2]
-                if mem.stopped or not outer:
+                for key, (mem, ws) in ctx.task.items():
+                    entry = pending.setdefault(key, [mem, ws, start, 0])
+                    assert all(a is b for a, b in zip(entry[1], ws)), key
+                    entry[3] += stop - start
+                if ctx.task:
+                    loss = task(y, start, stop)
+                    for first in {entry[2] for entry in pending.values()}:
+                        losses[first] = losses[first] + loss if first in losses else loss
+                due: dict[int, list[str]] = {}
+                for key in ctx.task:
+                    mem = pending[key][0]
+                    if stop == T or (pos + stop) % mem.chunk == 0:
+                        due.setdefault(pending[key][2], []).append(key)
+                grads: dict[str, tuple[Any, ...]] = {}
+                for first, keys in due.items():
+                    weights = [w for key in keys for w in pending[key][1]]
+                    gs = torch.autograd.grad(losses[first], weights, allow_unused=True,
+                                             create_graph=through)
+                    for i, key in enumerate(keys):
+                        grads[key] = gs[2 * i: 2 * i + 2]
+            for key, (mem, ws) in ctx.task.items():
+                g = grads.get(key)
+                if g is not None and (mem.stopped or not outer):
                     g = tuple(None if t is None else t.detach() for t in g)
                 mem.learn(ctx, ws, g, stop - start)
+                if g is not None:
+                    del pending[key]
+            for first in [f for f in losses if all(e[2] != f for e in pending.values())]:
+                del losses[first]
             given = {**given, **ctx.out}
             outs.append(y if outer else y.detach())
             start = stop
