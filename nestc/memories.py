@@ -7,8 +7,8 @@
 - `CacheMemory`: softmax attention's key/value cache (`cache`), read by `softmax_attention`.
 - `MLPMemory`: an `mlp`/`residual_mlp` per head that learns every token (Titans): gd, dgd or
   momentum on l2/dot, all gradients of a chunk taken at the chunk's starting state. The
-  chunked tier takes a chunk's gradients at once (torch.func) and runs the momentum and
-  retention recurrences as decay-weighted sums.
+  chunked tier writes each token's gradient as outer products and reads through decay-weighted
+  sums of them, never forming per-token weights.
 - `TaskMLP`: an `mlp`/`residual_mlp` updated every C tokens by gd on the task loss (a CMS
   level, PAPER.md sec. 4); the module's forward runs the sequence chunk by chunk and hands
   each chunk's task-loss gradients to it (`nestc.module.Built.forward`).
@@ -18,6 +18,7 @@ Everything else is reported as not supported yet, with the memory's span.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -124,6 +125,23 @@ def _call(e: ast.Expr | None) -> tuple[str, ast.ExprCall] | None:
 
 ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+def _act_grad(act: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """act'(z), element-wise, for the activations in ACTS (gelu is the exact, erf form)."""
+    if act is F.gelu:
+        return 0.5 * (1 + torch.erf(z * 0.5 ** 0.5)) + z * torch.exp(-0.5 * z * z) * \
+            (2 * math.pi) ** -0.5
+    if act is F.silu:
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if act is F.relu:
+        return (z > 0).to(z.dtype)
+    if act is torch.tanh:
+        return 1 - torch.tanh(z) ** 2
+    assert act is torch.sigmoid, act
+    s = torch.sigmoid(z)
+    return s * (1 - s)
 
 
 def _mlp_structure(scope: Any, s: ast.StmtMemory, two_layers: str = ""
@@ -657,43 +675,80 @@ class MLPMemory(Memory):
         return _mlp(x[..., None, :], A, B, self.act, self.residual)[..., 0, :]
 
     def _chunked(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
-        """Chunk by chunk: the chunk's gradients at once, then its momentum and retention
-        recurrences as decay-weighted sums over its tokens (docs/semantics.md)."""
+        """Chunk by chunk, without forming any token's weights (docs/semantics.md).
+
+        For one token, the gradient of an l2 or dot objective of M(k) = act(k A) B (+ k) is a
+        pair of outer products: dL/dA = k^T delta and dL/dB = act(z)^T e, with z = k A,
+        e = dL/dM(k) and delta = (e B^T) * act'(z). Every weight a token sees is then the
+        chunk's base weights (and momentum) scaled, plus a decay-weighted sum of those outer
+        products, W[t, s] = (the retention and momentum products from s to t) * -lr_s. A read
+        x A_t is thus c_t x A + m_t x S_A + sum_s W[t, s] (x . k_s) delta_s: attention-like
+        products over the chunk's tokens, and likewise for B."""
         (A, B), (SA, SB), (A0, B0) = given["M"], given["S"], given["start"]
         offset, T = given["offset"], q.shape[2]
-        sizes = [A[0, 0].numel(), B[0, 0].numel()]
-        flat = lambda a, b: torch.cat([a.flatten(2), b.flatten(2)], -1)  # noqa: E731
         outs = []
         for i, (a, b) in enumerate(self._segments(T, offset)):
             if i > 0 or offset == 0:
                 A0, B0 = A, B
-            gA, gB = self._grads(A0, B0, w["k"][:, :, a:b], self._values(w, (A0, B0), a, b))
+            k = w["k"][:, :, a:b]
+            v = self._values(w, (A0, B0), a, b)
+            z = k @ A0  # (N, H, n, h): the chunk's gradients, at its first weights
+            h = self.act(z)
+            y = h @ B0 + k if self.residual else h @ B0
+            e = y - v if self.objective == "l2" else -v  # dL/dM(k)
+            delta = (e @ B0.transpose(-1, -2)) * _act_grad(self.act, z)
             lr, retain, beta = self._factors(w, a, b)
-            u = -lr[..., None] * torch.cat([gA.flatten(3), gB.flatten(3)], -1)  # (N, H, n, P)
-            M0 = flat(A, B)  # (N, H, P)
-            if self.momentum:  # S_t = beta_t S_{t-1} + u_t; the weights then add S_t
-                run, D = _decays(_log(beta))
-                u = run[..., None] * flat(SA, SB)[:, :, None] + D @ u
-                SA, SB = (x.reshape(SA.shape if j == 0 else SB.shape)
-                          for j, x in enumerate(u[:, :, -1].split(sizes, -1)))
-            if retain is None:  # M_t = r_t M_{t-1} + u_t
-                M_all = M0[:, :, None] + u.cumsum(2)
+            n = b - a
+            ones = torch.ones(n, n, dtype=q.dtype, device=q.device).tril_()
+            run_r, D_r = _decays(_log(retain)) if retain is not None else (None, ones)
+            if self.momentum:  # S_t = beta_t S_{t-1} + u_t, W_t = r_t W_{t-1} + S_t
+                run_b, D_b = _decays(_log(beta))
+                mix, m = D_r @ D_b, D_r @ run_b[..., None]  # (N, H, n, n), (N, H, n, 1)
+            else:  # W_t = r_t W_{t-1} + u_t
+                mix, m = D_r, None
+            c = run_r[..., None] if run_r is not None else None  # (N, H, n, 1)
+            mix = mix * -lr[..., None, :]  # (N, H, n, n): W[t, s]
+            # the weights each token reads: after its write (row t), or before it (row t - 1)
+            if self.read_before:
+                pad = lambda x, first: torch.cat(  # noqa: E731
+                    [torch.full_like(x[..., :1, :], first), x[..., :-1, :]], -2)
+                mix_r = pad(mix, 0.0)
+                c_r = pad(c, 1.0) if c is not None else None
+                m_r = pad(m, 0.0) if m is not None else None
             else:
-                run, D = _decays(_log(retain))
-                M_all = run[..., None] * M0[:, :, None] + D @ u  # (N, H, n, P)
-            # the weights each token reads: after its write, or before it
-            seen = torch.cat([M0[:, :, None], M_all[:, :, :-1]], 2) if self.read_before \
-                else M_all
-            As, Bs = seen.split(sizes, -1)
-            As = As.reshape(*As.shape[:3], *A.shape[2:])
-            Bs = Bs.reshape(*Bs.shape[:3], *B.shape[2:])
-            x = q[:, :, a:b, None]  # (N, H, n, 1, d): each token with its own weights
-            outs.append(_mlp(x, As, Bs, self.act, self.residual)[..., 0, :])
-            eA, eB = M_all[:, :, -1].split(sizes, -1)
-            A, B = eA.reshape(A.shape), eB.reshape(B.shape)
+                mix_r, c_r, m_r = mix, c, m
+            x = q[:, :, a:b]
+            zq = self._base(x @ A, x @ SA if m_r is not None else None, c_r, m_r) + \
+                (mix_r * (x @ k.transpose(-1, -2))) @ delta
+            hq = self.act(zq)
+            yq = self._base(hq @ B, hq @ SB if m_r is not None else None, c_r, m_r) + \
+                (mix_r * (hq @ h.transpose(-1, -2))) @ e
+            outs.append(yq + x if self.residual else yq)
+            # the state after the chunk's last token: its row of the same sums
+            last = mix[..., -1, :, None]  # (N, H, n, 1)
+            A_new = (k * last).transpose(-1, -2) @ delta
+            B_new = (h * last).transpose(-1, -2) @ e
+            if c is not None:
+                A_new, B_new = A_new + c[..., -1:, :] * A, B_new + c[..., -1:, :] * B
+            else:
+                A_new, B_new = A_new + A, B_new + B
+            if self.momentum:
+                A_new, B_new = A_new + m[..., -1:, :] * SA, B_new + m[..., -1:, :] * SB
+                keep = run_b[..., -1, None, None]
+                last_b = (D_b[..., -1, :] * -lr)[..., None]
+                SA = keep * SA + (k * last_b).transpose(-1, -2) @ delta
+                SB = keep * SB + (h * last_b).transpose(-1, -2) @ e
+            A, B = A_new, B_new
         y = torch.cat(outs, 2) if outs else q.new_zeros(q.shape)
         return y, {"M": (A, B), "S": (SA, SB), "start": (A0, B0),
                    "offset": (offset + T) % self.chunk}
+
+    @staticmethod
+    def _base(xM: torch.Tensor, xS: torch.Tensor | None, c: torch.Tensor | None,
+              m: torch.Tensor | None) -> torch.Tensor:
+        """c_t x M0 + m_t x S0: a token's read of the chunk's base weights and momentum."""
+        y = xM if c is None else c * xM
+        return y if xS is None else y + m * xS
 
 
 def _is_task(s: ast.StmtMemory) -> bool:

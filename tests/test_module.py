@@ -134,6 +134,17 @@ MLP_CASES = {
     "momentum_dot": ("mlp(dim / heads, hidden = 8)",
                      "objective dot(M(k), v); rule momentum(lr = 0.1 * lr, beta = keep, "
                      "retain = 0.9)"),
+    # the chunked tier's closed-form gradients, one case per activation and update shape
+    "relu_momentum_before": ("mlp(dim / heads, hidden = 8, act = \"relu\")",
+                             "read before write; objective l2(M(k), v); "
+                             "rule momentum(lr = 0.1 * lr, beta = keep)"),
+    "sigmoid_retain": ("mlp(dim / heads, hidden = 8, act = \"sigmoid\")",
+                       "objective l2(M(k), v); rule gd(lr = lr, retain = keep)"),
+    "gelu_momentum_retain_before": ("residual_mlp(dim / heads, hidden = 8, act = \"gelu\")",
+                                    "read before write; objective l2(M(k), v); "
+                                    "rule momentum(lr = lr, beta = keep, retain = keep)"),
+    "silu_dot_before": ("residual_mlp(dim / heads, hidden = 8)",
+                        "read before write; objective dot(M(k), v); rule gd(lr = 0.1 * lr)"),
 }
 
 
@@ -148,6 +159,21 @@ def mlp_variant(case):
 def test_mlp_memories_chunked_equal_reference(case, T):
     ref, fast = pair(mlp_variant(case), "Deep", dim=16)
     compare(ref, fast, torch.randn(2, T, 16))
+
+
+@pytest.mark.parametrize("case", MLP_CASES)
+def test_mlp_memories_stream_in_pieces_that_end_inside_chunks(case):
+    torch.manual_seed(0)
+    mod = mlp_variant(case).build("Deep", backend="chunked", dim=16)
+    x = torch.randn(2, 19, 16)
+    whole, final = mod(x, return_state=True)
+    state, pieces = None, []
+    for a, b in [(0, 3), (3, 10), (10, 19)]:
+        y, state = mod(x[:, a:b], state=state, return_state=True)
+        pieces.append(y)
+    close(torch.cat(pieces, 1), whole)
+    for a, b in zip(leaves(final), leaves(state), strict=True):
+        close(a, b)
 
 
 def test_stopped_backprop_keeps_gradients_off_the_writes():
