@@ -499,3 +499,15 @@ def test_hope_and_cms_blocks_chunked_equal_reference_with_a_task(prog, name):
     for p, q in zip(ref.parameters(), fast.parameters()):
         zero = torch.zeros_like(p)
         close(zero if p.grad is None else p.grad, zero if q.grad is None else q.grad)
+
+
+def test_causal_conv1d_equals_torch_conv1d_with_left_padding():
+    from nestc.layers import CausalConv1d
+    from nestc.module import State
+
+    torch.manual_seed(0)
+    conv = CausalConv1d(6, 4)
+    x = torch.randn(2, 9, 6)
+    want = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (3, 0)),
+                                      conv.conv.weight, groups=6).transpose(1, 2)
+    close(conv(x, State(None)), want)
