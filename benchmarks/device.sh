@@ -1,21 +1,40 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA device, in one run that fits a 10-minute device lease: the GPU
-# tests, the optimizer benchmark's GPU variant (and its Triton block-size sweep), and the delta
-# rules against fla-core's Triton kernels. Results land in $OUT (or out/).
-#   bash benchmarks/device.sh
+# The checks that need a CUDA device, in one run that fits a 10-minute device lease. Parts
+# (PARTS, default all): tests (the GPU tests), memory (delta rules against fla-core's Triton
+# kernels), lm (language models' training tokens/s on the GPU), train (`nestc train` of a small
+# HopeLM on MQAR on the GPU), optim (the optimizer benchmark's GPU variant and its Triton
+# block-size sweep). Results land in $OUT (or out/).
+#   PARTS="tests lm" bash benchmarks/device.sh
 # Packages the device image lacks travel as wheels in .whl (see README.md, "GPU checks").
 set -u
 OUT=${OUT:-out}
+PARTS=${PARTS:-tests memory lm train optim}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$OUT/gpu.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
-    | tee "$OUT/test_gpu.txt"
-timeout 150 python3 benchmarks/gpu_memory.py --out "$OUT/gpu_memory.md" 2>&1
-for block in 1024 4096 16384; do
-    NESTC_TRITON_BLOCK=$block timeout 60 python3 benchmarks/optim.py --device cuda --reps 10 \
-        --only triton --out "$OUT/optim_triton_block_$block.md" 2>&1 | tail -5
-done
-timeout 240 python3 benchmarks/optim.py --device cuda --reps 20 --out "$OUT/optim_gpu.md" 2>&1
+if has tests; then
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
+        | tee "$OUT/test_gpu.txt"
+fi
+if has memory; then
+    timeout 150 python3 benchmarks/gpu_memory.py --out "$OUT/gpu_memory.md" 2>&1
+fi
+if has lm; then
+    timeout 150 python3 benchmarks/memory.py --lm-only --hope --device cuda --lm-batch 16 \
+        --lm-T 512 --warmup 3 --reps 5 2>&1 | tee "$OUT/lm_gpu.md"
+fi
+if has train; then
+    timeout 150 python3 -m nestc.cli train std/models/hope.nest HopeLM --task mqar \
+        -k seq_len=256 -k pairs=16 -p dim=128 -p depth=2 --lr 3e-3 --batch 64 --steps 300 \
+        --eval-every 50 --device cuda --quiet --out "$OUT/train_hope_mqar" 2>&1 | tail -20
+fi
+if has optim; then
+    for block in 1024 4096 16384; do
+        NESTC_TRITON_BLOCK=$block timeout 60 python3 benchmarks/optim.py --device cuda \
+            --reps 10 --only triton --out "$OUT/optim_triton_block_$block.md" 2>&1 | tail -5
+    done
+    timeout 240 python3 benchmarks/optim.py --device cuda --reps 20 --out "$OUT/optim_gpu.md" 2>&1
+fi

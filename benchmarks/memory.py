@@ -10,7 +10,7 @@ T=256, depth 2, their widths chosen so their parameter counts match TransformerL
 a model the compiler does not build yet gets a line naming the missing construct instead.
 Usage: python benchmarks/memory.py [--reps 5] [--warmup 5] [--T 2048] [--chunk-size 64]
 [--fla-chunk-size 32] [--lm-only] [--quick] [--hope] [--lm-dim 96] [--depth 2]
-[--threads N]
+[--threads N] [--device cuda]
 (the delta rule part needs fla-core: pip install --no-deps fla-core einops).
 """
 
@@ -139,7 +139,7 @@ LM_SPECS = [("TransformerLM", "std/models/transformer.nest"),
 def build_lm(spec: str, name: str, dim: int, args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
     return nestc.load(spec).build(name, backend="chunked", vocab=args.vocab, dim=dim,
-                                  depth=args.depth)
+                                  depth=args.depth).to(args.device)
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -172,6 +172,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if tokens.is_cuda:
+            torch.cuda.synchronize()
 
     return call
 
@@ -184,7 +186,8 @@ def bench_language_models(args: argparse.Namespace) -> list[str]:
     a line naming what is missing instead of a number."""
     B, T, V = args.lm_batch, args.lm_T, args.vocab
     adamw = nestc.load("std/optim/adam.nest")
-    tokens = torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(0)
+                           ).to(args.device)
     built, notes = [], []
     for name, spec in LM_SPECS:
         try:
@@ -218,8 +221,10 @@ def bench_language_models(args: argparse.Namespace) -> list[str]:
                              between=gc.collect)
     base = n_params(built[0][2])
     gap = max(abs(n_params(model) - base) / base for _, _, model, _ in built)
-    lines = [f"Language models: training steps (forward, backward, AdamW) at B={B}, T={T}, "
-             f"depth {args.depth}, vocab {V}, backend chunked, float32, median of {args.reps}; "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    lines = [f"Language models on {where}: training steps (forward, backward, AdamW) at B={B}, "
+             f"T={T}, depth {args.depth}, vocab {V}, backend chunked, float32, median of "
+             f"{args.reps}; "
              f"parameter counts within {gap:.1%} of TransformerLM's\n",
              "| model | dim | params | tokens/s | / TransformerLM |",
              "| --- | ---: | ---: | ---: | ---: |"]
@@ -247,6 +252,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=256, help="language models' vocabulary")
     ap.add_argument("--lm-batch", type=int, default=4, help="language models' batch")
     ap.add_argument("--lm-T", type=int, default=256, help="language models' sequence length")
+    ap.add_argument("--device", default="cpu", help="the language models' device (cpu, cuda)")
     ap.add_argument("--hope", action="store_true",
                     help="time HopeLM too (tens of seconds a step at the default size)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: "

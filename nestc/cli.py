@@ -1,4 +1,4 @@
-"""The nestc command: check, explain, viz, compile (train and bench come with later issues).
+"""The nestc command: check, explain, viz, compile, train (bench comes with a later issue).
 
 Every NestError prints as `file:line:col: error: ...` with the source line and a caret and
 exits 1; a traceback only with NESTC_DEBUG=1.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,8 +20,9 @@ from nestc.errors import NestError
 VIZ_FORMATS = ("svg", "html", "dot", "mermaid", "png")
 
 
-def _hyper_args(pairs: list[str]) -> dict[str, Any]:
-    """`--set lr=0.1 --set betas=(0.9,0.99)` -> {"lr": 0.1, "betas": (0.9, 0.99)}."""
+def _hyper_args(pairs: list[str], flag: str = "--set") -> dict[str, Any]:
+    """`--set lr=0.1 --set betas=(0.9,0.99)` -> {"lr": 0.1, "betas": (0.9, 0.99)}; flag names
+    the option in errors."""
     from nestc.hyper import UNKNOWN, const_eval
     from nestc.parse import parse_text
 
@@ -28,18 +30,19 @@ def _hyper_args(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         name, sep, text = pair.partition("=")
         if not sep or not name.isidentifier():
-            raise NestError(f"--set takes NAME=VALUE, got `{pair}`", kind="value")
+            raise NestError(f"{flag} takes NAME=VALUE, got `{pair}`", kind="value")
         hint = "a value is a number, true or false, a \"string\", a tuple or a list"
         try:
-            module = parse_text(f"block B(x = {text}) {{ }}", f"--set {name}")
+            module = parse_text(f"block B(x = {text}) {{ }}", f"{flag} {name}")
             params = module.decls[0].params if len(module.decls) == 1 else ()
             default = params[0].default if len(params) == 1 else None
             value = UNKNOWN if default is None else const_eval(default, {})
         except NestError as err:  # the message only: its span is in text nestc made up
-            raise NestError(f"--set {name}={text}: {err.message}", kind="value",
+            raise NestError(f"{flag} {name}={text}: {err.message}", kind="value",
                             hint=hint) from None
         if value is UNKNOWN:
-            raise NestError(f"--set {name}: `{text}` is not a constant", kind="value", hint=hint)
+            raise NestError(f"{flag} {name}: `{text}` is not a constant", kind="value",
+                            hint=hint)
         out[name] = value
     return out
 
@@ -133,6 +136,24 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from nestc.train import train
+
+    summary = train(args.file, args.model, args.task, hyper=_hyper_args(args.param, "-p"),
+                    knobs=_hyper_args(args.knob, "-k"), steps=args.steps, batch=args.batch,
+                    lr=args.lr, warmup=args.warmup, schedule=args.schedule, seed=args.seed,
+                    eval_every=args.eval_every, eval_batches=args.eval_batches, out=args.out,
+                    checkpoint_every=args.checkpoint_every, resume=args.resume,
+                    stop_after=args.stop_after, backend=args.backend, device=args.device,
+                    threads=args.threads, quiet=args.quiet)
+    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+        acc = summary.get("eval_acc")
+        tail = f", eval acc {100 * acc:.1f}%" if acc is not None else ""
+        print(f"trained {summary['steps']} steps: loss {summary['loss']:.4f}{tail}; "
+              f"wrote {summary['out']}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nestc", description="Compile nested learning systems.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -175,6 +196,54 @@ def parser() -> argparse.ArgumentParser:
     decl_args(k)
     k.add_argument("-o", "--output", help="write the source to this file")
     k.set_defaults(run=cmd_compile)
+
+    t = sub.add_parser(
+        "train", help="train a model on a synthetic task with its declared outer level",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model declaration on a synthetic task. The outer level is the "
+        "model's `train` clause:\nits rule's optimizer declaration with the rule's arguments, "
+        "and the cross-entropy against\nthe task's targets. Writes metrics.jsonl, loss.png, "
+        "accuracy.png, checkpoint.pt and\nsummary.json into --out. Under torchrun it trains "
+        "data parallel (DDP).",
+        epilog="example:\n  nestc train std/models/transformer.nest TransformerLM --task copy "
+        "-p dim=64 -k half=16 \\\n      --steps 500 --batch 32 --warmup 50 --schedule cosine\n"
+        "  torchrun --nproc_per_node 2 -m nestc.cli train ... (the same arguments)")
+    t.add_argument("file", metavar="SPEC", help="a .nest file, or std/... for the stdlib")
+    t.add_argument("model", metavar="MODEL", help="the model declaration to train")
+    t.add_argument("--task", required=True, help="a task of nestc.tasks: copy, mqar, "
+                   "continual, ... (an unknown name lists them)")
+    t.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a model hyperparameter (repeatable); vocab defaults to the task's")
+    t.add_argument("-k", "--knob", action="append", default=[], metavar="NAME=VALUE",
+                   help="a task knob such as seq_len=64 (repeatable)")
+    t.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    t.add_argument("--batch", type=int, default=16,
+                   help="sequences per step, over all ranks (default 16)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the "
+                   "rule's)")
+    t.add_argument("--warmup", type=int, default=0, help="steps of linear warmup (default 0)")
+    t.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="after warmup: constant, or cosine down to a tenth (default constant)")
+    t.add_argument("--seed", type=int, default=0, help="weights and data (default 0)")
+    t.add_argument("--eval-every", type=int, default=None, metavar="N", help="evaluate every "
+                   "N steps (default: a tenth of the steps; 0: at the end of each phase only)")
+    t.add_argument("--eval-batches", type=int, default=4, metavar="N",
+                   help="batches in the fixed eval set, per phase (default 4)")
+    t.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default runs/MODEL-TASK)")
+    t.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N steps (always at the end)")
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue from OUT/checkpoint.pt or PATH")
+    t.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after step N (the schedule still spans --steps); resume later")
+    t.add_argument("--backend", default=None, help="the model's back end: reference or "
+                   "chunked")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if "
+                   "there is one)")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or output")
+    t.set_defaults(run=cmd_train)
     return p
 
 

@@ -784,28 +784,57 @@ class TaskMLP(Memory):
             raise _unsupported("a task-loss memory whose rule is not gd", s.span)
         kwr = {k.name: scope.const(k.value) for k in rule[1].kwargs}
         self.lr, self.retain = float(kwr.get("lr", 1.0)), float(kwr.get("retain", 1.0))
+        # `= meta`, or `= f` for another task-loss memory f (the nested CMS): this memory
+        # starts each of f's chunks from f's weights, so f learns its initial state
+        self.parent: Callable[[dict[str, Any]], TaskMLP] | None = None
         init = _call(s.init)
         if init is not None and init[0] != "meta":
-            raise _unsupported("a task-loss memory whose initial state is not `meta`", s.span)
-        self.A, self.B = _mlp_weights(d=self.d, hidden=self.hidden)
+            parent = scope.mems.get(init[0])
+            if not isinstance(parent, TaskMLP) or init[1].args or init[1].kwargs:
+                raise _unsupported("a task-loss memory whose initial state is not `meta` or "
+                                   "another task-loss memory", s.init.span)
+            if (parent.d, parent.hidden, parent.residual, parent.act) != \
+                    (self.d, self.hidden, self.residual, self.act):
+                raise NestError(f"memory `{self.name}` starts from `{parent.name}`, which has "
+                                "another structure: both must be the same MLP", s.init.span,
+                                kind="shape")
+            if parent.chunk % self.chunk:
+                raise NestError(f"memory `{self.name}` is reset to `{parent.name}` every "
+                                f"{parent.chunk} tokens, which is not a whole number of its "
+                                f"chunks of {self.chunk}", s.init.span, kind="frequency",
+                                hint=f"make {parent.chunk} a multiple of {self.chunk}")
+            self.parent = parent.get
+        else:  # meta-learned initial weights (a nested level has its parent's instead)
+            self.A, self.B = _mlp_weights(d=self.d, hidden=self.hidden)
 
     def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
         return self.reader(q, span, self.d, self.d)
 
-    def weights(self, state: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This chunk's weights: carried in the state, else the meta-learned ones."""
-        given = state.given.get(self.state_key)
-        if given is not None:
-            return given["W"]
-        return self.A.expand(batch, -1, -1), self.B.expand(batch, -1, -1)
-
-    def read(self, x: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+    def weights(self, env: dict[str, Any], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This piece's weights, registered once per piece with the driver, which takes the
+        task loss's gradient with respect to them: carried in the state, else the
+        meta-learned ones. A memory that starts from a parent's weights is reset to them
+        whenever the parent's chunk starts, and registers the parent too: the parent learns
+        from the loss through this memory's reads and updates."""
         state = env["__state__"]
         if self.state_key in state.task:  # read again in this piece: the same weights
-            A, B = state.task[self.state_key][1]
-        else:
-            A, B = self.weights(state, x.shape[0])
-            state.task[self.state_key] = (self, (A, B))  # the driver differentiates here
+            return state.task[self.state_key][1]
+        given = state.given.get(self.state_key)
+        if self.parent is not None:
+            parent = self.parent(env)
+            start = parent.weights(env, batch)
+            if (state.given.get(parent.state_key) or {}).get("offset", 0) == 0:
+                given = {"W": start}  # the parent's chunk starts here: reset
+        weights = given["W"] if given is not None else \
+            (self.A.expand(batch, -1, -1), self.B.expand(batch, -1, -1))
+        # without the outer level's graph (evaluation, or a state passed in), the task loss is
+        # still differentiated with respect to them: they become leaves, kept for the chunk
+        weights = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in weights)
+        state.task[self.state_key] = (self, weights)
+        return weights
+
+    def read(self, x: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        A, B = self.weights(env, x.shape[0])
         return _mlp(x, A, B, self.act, self.residual)
 
     def learn(self, state: Any, weights: tuple[torch.Tensor, ...], grads: Any,

@@ -131,7 +131,10 @@ class Built(nn.Module):
         given = dict(state or {})
         pos = int(given.get("__pos__", 0))
         outer = torch.is_grad_enabled()
-        through = outer and any(not m.stopped for m in tasks)
+        # the levels' gradients are differentiable (second order) unless every level stops
+        # backprop, also without grad mode: a level's gradient may run through a faster
+        # level's updates (CMSNested), and evaluation must compute what training computes
+        through = any(not m.stopped for m in tasks)
         # per memory read and not yet differentiated: [memory, weights, first piece, tokens];
         # per first piece: the task loss summed from it on
         pending: dict[str, list[Any]] = {}
@@ -158,25 +161,39 @@ class Built(nn.Module):
                 grads: dict[str, tuple[Any, ...]] = {}
                 for first, keys in due.items():
                     weights = [w for key in keys for w in pending[key][1]]
+                    # a slower level's summed loss still holds this graph: keep it
+                    keep = through or len(pending) > len(keys)
                     gs = torch.autograd.grad(losses[first], weights, allow_unused=True,
-                                             create_graph=through)
+                                             create_graph=through, retain_graph=keep)
                     for i, key in enumerate(keys):
                         grads[key] = gs[2 * i: 2 * i + 2]
-            for key, (mem, ws) in ctx.task.items():
-                g = grads.get(key)
-                if g is not None and (mem.stopped or not outer):
-                    g = tuple(None if t is None else t.detach() for t in g)
-                mem.learn(ctx, ws, g, stop - start)
-                if g is not None:
-                    del pending[key]
+                for key, (mem, ws) in ctx.task.items():
+                    g = grads.get(key)
+                    if g is not None and mem.stopped:
+                        g = tuple(None if t is None else t.detach() for t in g)
+                    mem.learn(ctx, ws, g, stop - start)
+                    if g is not None:
+                        del pending[key]
             for first in [f for f in losses if all(e[2] != f for e in pending.values())]:
                 del losses[first]
             given = {**given, **ctx.out}
-            outs.append(y if outer else y.detach())
+            outs.append(y)
             start = stop
         given["__pos__"] = pos + T
         y = torch.cat(outs, 1)
+        if not outer:  # what evaluation returns holds no graph
+            y, given = y.detach(), _detached(given)
         return (y, given) if return_state else y
+
+
+def _detached(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach()
+    if isinstance(tree, dict):
+        return {k: _detached(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_detached(v) for v in tree)
+    return tree
 
 
 class Builder:

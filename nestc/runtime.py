@@ -307,8 +307,10 @@ def _exec(source: str, name: str) -> Any:
 def optimizer_class(program: Any, checked: Checked) -> type[torch.optim.Optimizer]:
     """The generated torch.optim.Optimizer subclass of an optimizer declaration (cached)."""
     from nestc.codegen.torch import class_name
+    from nestc.compile import generate
 
-    return _exec(program.source(checked.name), class_name(checked.name))
+    # from the declaration itself: it may come from another file than the program's
+    return _exec(generate(checked), class_name(checked.name))
 
 
 def build_optimizer(program: Any, checked: Checked, params: Any = None, *args: Any,

@@ -484,7 +484,8 @@ CMS_PROG = nestc.load("std/memory/cms.nest")
 
 
 @pytest.mark.parametrize("prog,name", [(HOPE, "Hope"), (HOPE, "HopeAttention"),
-                                       (CMS_PROG, "CMS"), (CMS_PROG, "CMSIndependent")])
+                                       (CMS_PROG, "CMS"), (CMS_PROG, "CMSIndependent"),
+                                       (CMS_PROG, "CMSNested")])
 def test_hope_and_cms_blocks_chunked_equal_reference_with_a_task(prog, name):
     hyper = {"dim": 16, "chunks": [4, 8]}
     if name == "Hope":
@@ -511,3 +512,89 @@ def test_causal_conv1d_equals_torch_conv1d_with_left_padding():
     want = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (3, 0)),
                                       conv.conv.weight, groups=6).transpose(1, 2)
     close(conv(x, State(None)), want)
+
+
+def nested_task(x):
+    return lambda y, a, b: (y - x[:, a:b]).pow(2).sum()  # a stand-in task loss
+
+
+def test_nested_cms_slow_level_learns_the_fast_levels_start_through_its_updates():
+    torch.manual_seed(0)
+    cms = CMS_PROG.build("CMSNested", dim=8, chunks=[2, 4], lr=0.1)
+    x = torch.randn(2, 8, 8)
+    task = nested_task(x)
+    y, state = cms(x[:, :4], task=task, return_state=True)
+    # by hand: the fast level starts from the slow level's weights and takes a gd step on its
+    # first chunk; the slow level's step is the gradient of the loss of its whole chunk through
+    # those reads and that update (second order)
+    A, B = (w.expand(2, -1, -1) for w in (cms.slow.A, cms.slow.B))
+    mlp = lambda h, a, b: torch.nn.functional.gelu(h @ a) @ b  # noqa: E731
+    first = mlp(x[:, :2], A, B)
+    gA, gB = torch.autograd.grad(task(first, 0, 2), (A, B), create_graph=True)
+    second = mlp(x[:, 2:4], A - 0.1 * gA, B - 0.1 * gB)
+    close(y, torch.cat([first, second], 1))
+    sA, sB = torch.autograd.grad(task(first, 0, 2) + task(second, 2, 4), (A, B))
+    close(state["slow"]["W"][0], A - 0.1 * sA)
+    close(state["slow"]["W"][1], B - 0.1 * sB)
+    # at the slow level's next chunk the fast level restarts from the slow level's new weights,
+    # whatever it had learned
+    later = cms(x[:, 4:6], task=task, state=state)
+    close(later, mlp(x[:, 4:6], *state["slow"]["W"]))
+    forgot = {**state, "fast": {**state["fast"], "W": tuple(torch.zeros_like(w) for w in
+                                                            state["fast"]["W"])}}
+    close(cms(x[:, 4:6], task=task, state=forgot), later)
+
+
+def test_nested_cms_streams_and_trains_its_meta_weights():
+    torch.manual_seed(0)
+    cms = CMS_PROG.build("CMSNested", dim=8, chunks=[2, 4], lr=0.01)
+    x = torch.randn(2, 11, 8)
+    whole, final = cms(x, task=nested_task(x), return_state=True)
+    state, pieces = None, []
+    for a, b in [(0, 3), (3, 9), (9, 11)]:
+        piece = x[:, a:b]
+        y, state = cms(piece, state=state, return_state=True,
+                       task=lambda y, s, e, a=a: nested_task(x)(y, s + a, e + a))
+        pieces.append(y)
+    close(torch.cat(pieces, 1), whole)
+    for u, v in zip(leaves(final), leaves(state), strict=True):
+        close(u, v)
+    whole.pow(2).sum().backward()
+    assert cms.slow.A.grad is not None and cms.slow.A.grad.abs().sum() > 0
+    assert [name for name, _ in cms.named_parameters()] == ["slow.A", "slow.B"]
+
+
+@pytest.mark.parametrize("init,chunk,message", [
+    ("slow", "3", "not a whole number of its chunks"),
+    ("other", "2", "another structure"),
+    ("x", "2", "not `meta` or another task-loss memory"),
+])
+def test_nested_cms_errors(init, chunk, message):
+    prog = nestc.loads(f"""
+    block B(dim) {{
+        input x : [T, dim]
+        memory slow : mlp(dim, hidden = 4) = meta every 4 tokens {{ objective task; rule gd }}
+        memory other : mlp(dim, hidden = 8) = meta every 4 tokens {{ objective task; rule gd }}
+        memory fast : mlp(dim, hidden = 4) = {init} every {chunk} tokens {{
+            objective task; rule gd
+        }}
+        output fast(x) + other(x) + slow(x)
+    }}
+    """, "n.nest")
+    with pytest.raises(nestc.NestError, match=message) as err:
+        prog.build("B", dim=8)
+    assert err.value.span is not None and err.value.span.line == 6
+
+
+def test_task_memories_learn_in_context_without_grad_mode(tmp_path):
+    model = cms_lm(tmp_path, chunks=[2, 4], lr=0.5)
+    x = torch.randint(0, 20, (2, 9))
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    with torch.no_grad():
+        y, state = model(x, return_state=True)
+        # pieces that end where the slowest level's chunk does (see docs/semantics.md)
+        _, first = model(x[:, :4], return_state=True, targets=targets[:, :4])
+        again = model(x[:, 4:], state=first, targets=targets[:, 4:])
+    close(y, model(x).detach())
+    close(again, y[:, 4:])
+    assert not y.requires_grad and state["CMS.c0_f"]["offset"] == 1

@@ -1,0 +1,307 @@
+"""nestc train: a run end to end through the command line, determinism, bit-for-bit resume,
+continual phases, the spec's outer level, errors without tracebacks, and DDP over two processes
+equal to one process on the full batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import ClassVar
+
+import pytest
+from conftest import ROOT, spec
+
+torch = pytest.importorskip("torch")
+
+import nestc  # noqa: E402
+from nestc import cli  # noqa: E402
+from nestc.tasks import Copy  # noqa: E402
+from nestc.train import lr_factor, outer_level, train  # noqa: E402
+
+LM = "std/models/transformer.nest"
+TINY = {"dim": 16, "depth": 1}
+TINY_ARGS = ["-p", "dim=16", "-p", "depth=1"]
+
+
+def losses(metrics: list[dict]) -> list[dict]:
+    """The metrics without the wall-clock field."""
+    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_tiny_run_through_the_command_line_writes_metrics_plots_and_a_checkpoint(
+        tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, err = run(capsys, "train", LM, "TransformerLM", "--task", "copy", *TINY_ARGS,
+                          "-k", "half=4", "--steps", "6", "--batch", "4", "--eval-every", "3",
+                          "--out", str(out), "-q")
+    assert (rc, stdout, err) == (0, "", "")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in lines)
+    assert [m["step"] for m in lines if "eval_loss" in m] == [3, 6]
+    assert 0 <= lines[-1]["eval_acc"] <= 1 and "bpc" not in lines[-1]
+    for png in ("loss.png", "accuracy.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6 and losses(ckpt["metrics"]) == losses(lines)
+    assert set(ckpt["rng"]) == {"data", "torch"}
+    assert ckpt["optimizer"]["state"] and "r0_Attention.q_linear.weight" in ckpt["model"]
+    # the attention cache of the last batch: (keys, values), 4 sequences of 8 tokens
+    (cache,) = [v for k, v in ckpt["memory_state"].items() if k.endswith("Attention.C")]
+    assert [tuple(t.shape[:1]) for t in cache] == [(4,), (4,)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["eval_acc"] == lines[-1]["eval_acc"]
+
+
+def test_the_progress_bar_and_a_summary_line_unless_quiet(tmp_path, capsys):
+    rc, stdout, err = run(capsys, "train", LM, "TransformerLM", "--task", "copy", *TINY_ARGS,
+                          "--steps", "2", "--batch", "2", "--eval-every", "0",
+                          "--out", str(tmp_path))
+    assert rc == 0
+    assert "2/2" in err and "tok_s=" in err
+    first, last = stdout.splitlines()
+    assert first.startswith("step 2: loss ") and ", eval loss " in first
+    assert last.startswith("trained 2 steps: loss ") and last.endswith(f"; wrote {tmp_path}")
+
+
+def test_two_runs_with_one_seed_are_equal_and_another_seed_differs(tmp_path):
+    kw = {"hyper": TINY, "steps": 4, "batch": 4, "eval_every": 2, "quiet": True}
+    a = train(LM, "TransformerLM", "copy", out=str(tmp_path / "a"), **kw)
+    b = train(LM, "TransformerLM", "copy", out=str(tmp_path / "b"), **kw)
+    c = train(LM, "TransformerLM", "copy", out=str(tmp_path / "c"), seed=1, **kw)
+    assert losses(a["metrics"]) == losses(b["metrics"])
+    assert losses(a["metrics"]) != losses(c["metrics"])
+
+
+def test_resume_continues_bit_for_bit(tmp_path, capsys):
+    kw = {"hyper": TINY, "steps": 8, "batch": 4, "eval_every": 3, "warmup": 2,
+          "schedule": "cosine", "quiet": True}
+    whole = train(LM, "TransformerLM", "copy", out=str(tmp_path / "whole"), **kw)
+    half = train(LM, "TransformerLM", "copy", out=str(tmp_path / "split"), stop_after=4, **kw)
+    assert len(half["metrics"]) == 4
+    rest = train(LM, "TransformerLM", "copy", out=str(tmp_path / "split"), resume=True, **kw)
+    assert losses(rest["metrics"]) == losses(whole["metrics"])  # ==, not approximately
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert losses([json.loads(line) for line in lines]) == losses(whole["metrics"])
+    # through the command line: 3 steps, then --resume (a given path) to 6, constant lr
+    args = ["train", LM, "TransformerLM", "--task", "copy", *TINY_ARGS, "--batch", "4", "-q"]
+    assert run(capsys, *args, "--steps", "6", "--out", str(tmp_path / "c1"))[0] == 0
+    assert run(capsys, *args, "--steps", "3", "--out", str(tmp_path / "c2"))[0] == 0
+    assert run(capsys, *args, "--steps", "6", "--out", str(tmp_path / "c3"), "--resume",
+               str(tmp_path / "c2" / "checkpoint.pt"))[0] == 0
+    c1, c3 = ((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("c1", "c3"))
+    assert losses([json.loads(x) for x in c1]) == losses([json.loads(x) for x in c3])
+
+
+class TwoPhaseCopy(Copy):
+    """Copy with low token ids, then copy with high ones: two phases learned in turn."""
+
+    name = "copy2"
+    phases = 2
+    seen: ClassVar[list[tuple[str, int]]] = []
+
+    def sample(self, batch, generator, phase=0, split="train"):
+        self.seen.append((split, phase))
+        half = torch.randint(0, self.vocab // 2 - 1, (batch, self.half), generator=generator)
+        half = half + 2 + phase * (self.vocab // 2 - 1)
+        tokens = torch.cat([half, half], 1)
+        targets = torch.full_like(tokens, -100)
+        targets[:, self.half - 1:-1] = tokens[:, self.half:]
+        return tokens, targets
+
+    def groups(self, tokens, targets):
+        first = torch.zeros_like(targets, dtype=torch.bool)
+        first[:, self.half - 1] = True
+        return {"first": first, "rest": (targets != -100) & ~first}
+
+
+def test_a_continual_task_is_trained_phase_after_phase_and_every_phase_is_evaluated(tmp_path):
+    TwoPhaseCopy.seen.clear()
+    s = train(LM, "TransformerLM", TwoPhaseCopy(), hyper=TINY, steps=6, batch=4, eval_every=0,
+              eval_batches=1, out=str(tmp_path), quiet=True)
+    assert [m["phase"] for m in s["metrics"]] == [0, 0, 0, 1, 1, 1]
+    assert [x for x in TwoPhaseCopy.seen if x[0] == "train"] == [("train", 0)] * 3 + \
+        [("train", 1)] * 3
+    assert sorted(set(x for x in TwoPhaseCopy.seen if x[0] != "train")) == \
+        [("eval", 0), ("eval", 1)]
+    evals = {m["step"]: m for m in s["metrics"] if "eval_loss" in m}
+    assert sorted(evals) == [3, 6]  # at the end of each phase
+    assert "acc/phase0" in evals[3] and "acc/phase1" not in evals[3]
+    assert {"loss/phase0", "acc/phase0", "loss/phase1", "acc/phase1"} <= set(evals[6])
+    # the task's groups, pooled and per phase, and whole-sequence accuracy
+    assert {"acc/first", "acc/rest", "acc/first/phase1", "eval_seq_acc", "seq_acc/phase1"} <= \
+        set(evals[6])
+    # the pooled score is the mean of the phases' (equal counts of scored positions)
+    assert evals[6]["eval_acc"] == pytest.approx((evals[6]["acc/phase0"]
+                                                  + evals[6]["acc/phase1"]) / 2)
+
+
+def test_a_character_task_reports_bits_per_character(tmp_path):
+    class Chars(Copy):
+        name = "chars"
+        bits = True
+
+    s = train(LM, "TransformerLM", Chars(), hyper=TINY, steps=1, batch=2, eval_batches=1,
+              out=str(tmp_path), quiet=True)
+    assert s["bpc"] == pytest.approx(s["eval_loss"] / 0.6931471805599453)
+
+
+OWN_RULE = spec("""
+    import "std/optim/adam.nest" as O
+    optimizer Plain(lr = 0.1) {
+        param W
+        W -= lr * grad(W)
+    }
+    model Tiny(vocab = 12, dim = 8) {
+        input tokens : [T] int
+        output logits = embed(tokens, vocab, dim) |> linear(vocab)
+        train every step { objective cross_entropy(logits, next(tokens)); rule Plain(1 / dim) }
+    }
+    model Aliased(vocab = 12, dim = 8) {
+        input tokens : [T] int
+        output logits = embed(tokens, vocab, dim) |> linear(vocab)
+        train every step {
+            objective cross_entropy(logits, next(tokens))
+            rule O.AdamW(weight_decay = 0.25, betas = (0.8, 0.9))
+        }
+    }
+""")
+
+
+def test_the_outer_level_is_the_optimizer_the_spec_declares(tmp_path):
+    prog = nestc.load(LM)
+    outer = outer_level(prog, prog.decl("TransformerLM"), {})
+    assert (outer.optimizer.name, outer.kwargs) == ("AdamW", {"lr": 4e-4, "weight_decay": 0.1})
+    train(LM, "TransformerLM", "copy", hyper=TINY, steps=1, batch=2, out=str(tmp_path / "a"),
+          quiet=True)
+    (group,) = torch.load(tmp_path / "a" / "checkpoint.pt",
+                          weights_only=True)["optimizer"]["param_groups"]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (4e-4, 0.1, (0.9, 0.999))
+    # its own optimizer with an argument over the model's hyperparameters, and an aliased import
+    path = tmp_path / "own.nest"
+    path.write_text(OWN_RULE)
+    prog = nestc.load(path)
+    assert outer_level(prog, prog.decl("Tiny"), {"dim": 4}).kwargs == {"lr": 0.25}
+    train(str(path), "Tiny", "copy", steps=1, batch=2, out=str(tmp_path / "b"), quiet=True)
+    (group,) = torch.load(tmp_path / "b" / "checkpoint.pt",
+                          weights_only=True)["optimizer"]["param_groups"]
+    assert group["lr"] == 1 / 8 and "weight_decay" not in group
+    train(str(path), "Aliased", "copy", steps=1, batch=2, lr=0.01, out=str(tmp_path / "c"),
+          quiet=True)
+    (group,) = torch.load(tmp_path / "c" / "checkpoint.pt",
+                          weights_only=True)["optimizer"]["param_groups"]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (0.01, 0.25, (0.8, 0.9))
+
+
+def test_warmup_then_cosine_to_a_tenth():
+    assert [lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, 10, 2, "cosine") == 1.0
+    assert lr_factor(9, 10, 2, "cosine") == pytest.approx(0.1)
+
+
+NOT_TRAINABLE = spec("""
+    from "std/optim/adam.nest" import AdamW
+    model Tiny(vocab = 12, dim = 8) {
+        input tokens : [T] int
+        output logits = embed(tokens, vocab, dim) |> linear(vocab)
+        train every step { objective cross_entropy(logits, next(tokens)); rule gd(lr = 0.1) }
+    }
+    model Slow(vocab = 12, dim = 8) {
+        input tokens : [T] int
+        output logits = embed(tokens, vocab, dim) |> linear(vocab)
+        train every 2 steps { objective cross_entropy(logits, next(tokens)); rule AdamW() }
+    }
+    model Other(vocab = 12, dim = 8) {
+        input tokens : [T] int
+        output logits = embed(tokens, vocab, dim) |> linear(vocab)
+        train every step { objective l2(logits, logits); rule AdamW() }
+    }
+""")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["bad.nest", "Tiny"], "bad.nest:1:7: error: "),
+    (["m.nest", "Tiny"], "m.nest:5:76: error: the train level's rule `gd` is not an "
+                         "optimizer declaration\n"),
+    (["m.nest", "Slow"], "m.nest:10:11: error: nestc train runs `train every step`: one outer "
+                         "update per batch\n"),
+    (["m.nest", "Other"], "m.nest:15:24: error: nestc train runs the objective "
+                          "cross_entropy(<logits>, next(<tokens>))\n"),
+    ([LM, "TransformerLM", "--backend", "fast"], "error: backend must be one of "),
+    ([LM, "Transformer"], "error: `std/models/transformer.nest` declares no `Transformer`\n"),
+    ([LM, "MLP"], "std/models/transformer.nest:16:7: error: `MLP` is a block: nestc train "
+                  "runs a model\n"),
+    ([LM, "TransformerLM", "-p", "width=3"], "std/models/transformer.nest:22:7: error: model "
+                                             "`TransformerLM` has no hyperparameter `width`\n"),
+    ([LM, "TransformerLM", "--task", "nope"], "error: unknown task `nope`\n"),
+    ([LM, "TransformerLM", "-k", "bogus=1"], "error: task `copy` has no knob `bogus`\n"),
+    ([LM, "TransformerLM", "-k", "half=x +"], "error: -k half=x +: "),
+    ([LM, "TransformerLM", "--resume"], "error: --resume: no checkpoint at `"),
+])
+def test_errors_exit_1_with_a_message_and_no_traceback(tmp_path, monkeypatch, capsys, args,
+                                                       message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.nest").write_text("model (\n")
+    (tmp_path / "m.nest").write_text(NOT_TRAINABLE)
+    task = [] if "--task" in args else ["--task", "copy"]
+    rc, stdout, err = run(capsys, "train", *args, *task, "--steps", "1", "--batch", "2", "-q",
+                          "--out", str(tmp_path / "run"))
+    assert rc == 1 and err.startswith(message), err
+    assert "Traceback" not in err
+
+
+def test_a_rule_that_is_not_an_optimizer_is_shown_at_its_span(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.nest").write_text(NOT_TRAINABLE)
+    rc, _, err = run(capsys, "train", "m.nest", "Tiny", "--task", "copy", "-q")
+    assert rc == 1 and err == spec("""
+        m.nest:5:76: error: the train level's rule `gd` is not an optimizer declaration
+           5 |     train every step { objective cross_entropy(logits, next(tokens)); rule gd(lr = 0.1) }
+             |                                                                            ^~
+          hint: nestc train builds the outer level from an optimizer, e.g. from "std/optim/adam.nest" import AdamW
+    """)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
+    args = ["train", LM, "TransformerLM", "--task", "copy", "--steps", "2", "--batch", "2",
+            "-q", "--out", str(tmp_path)]
+    assert run(capsys, *args, *TINY_ARGS)[0] == 0
+    rc, _, err = run(capsys, *args, "-p", "dim=8", "-p", "depth=1", "--resume")
+    assert rc == 1 and err.startswith(f"error: --resume: `{tmp_path}/checkpoint.pt` was made "
+                                      "with hyper {'dim': 16, 'depth': 1}, this run has")
+
+
+def test_two_processes_under_torchrun_equal_one_process_on_the_full_batch(tmp_path):
+    args = ["train", LM, "TransformerLM", "--task", "copy", *TINY_ARGS, "--steps", "4",
+            "--batch", "6", "--eval-every", "2", "--eval-batches", "1", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "nestc.cli", *args, "--out",
+                          str(tmp_path / "ddp")], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr
+    one = train(LM, "TransformerLM", "copy", hyper=TINY, steps=4, batch=6, eval_every=2,
+                eval_batches=1, out=str(tmp_path / "one"), quiet=True)
+    text = (tmp_path / "ddp" / "metrics.jsonl").read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert len(lines) == 4
+    for a, b in zip(lines, one["metrics"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key != "tokens_per_s":
+                assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    wa = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
+    for key in wb:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
