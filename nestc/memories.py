@@ -787,6 +787,7 @@ class TaskMLP(Memory):
         # `= meta`, or `= f` for another task-loss memory f (the nested CMS): this memory
         # starts each of f's chunks from f's weights, so f learns its initial state
         self.parent: Callable[[dict[str, Any]], TaskMLP] | None = None
+        self.nested = False  # another task-loss memory starts from this one's weights
         init = _call(s.init)
         if init is not None and init[0] != "meta":
             parent = scope.mems.get(init[0])
@@ -804,6 +805,7 @@ class TaskMLP(Memory):
                                 f"chunks of {self.chunk}", s.init.span, kind="frequency",
                                 hint=f"make {parent.chunk} a multiple of {self.chunk}")
             self.parent = parent.get
+            parent.nested = True
         else:  # meta-learned initial weights (a nested level has its parent's instead)
             self.A, self.B = _mlp_weights(d=self.d, hidden=self.hidden)
 
@@ -811,27 +813,34 @@ class TaskMLP(Memory):
         return self.reader(q, span, self.d, self.d)
 
     def weights(self, env: dict[str, Any], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This piece's weights, registered once per piece with the driver, which takes the
-        task loss's gradient with respect to them: carried in the state, else the
+        """This piece's weights, registered once per piece with the driver, which hands back
+        the task loss's gradient with respect to them: carried in the state, else the
         meta-learned ones. A memory that starts from a parent's weights is reset to them
-        whenever the parent's chunk starts, and registers the parent too: the parent learns
-        from the loss through this memory's reads and updates."""
+        whenever the parent's chunk starts, and registers the parent too.
+
+        The gradient is local to the piece: the driver differentiates a view of the weights
+        made for this piece, so what reaches the piece's loss through earlier pieces (a
+        sequence memory's state, a faster level's updates) is held fixed. The exception is a
+        parent (`nested`): it is differentiated through everything its weights reach over its
+        whole chunk, the faster level's updates included, which is how it learns that
+        level's initial state."""
         state = env["__state__"]
         if self.state_key in state.task:  # read again in this piece: the same weights
-            return state.task[self.state_key][1]
+            return state.task[self.state_key][2]
         given = state.given.get(self.state_key)
         if self.parent is not None:
             parent = self.parent(env)
             start = parent.weights(env, batch)
             if (state.given.get(parent.state_key) or {}).get("offset", 0) == 0:
                 given = {"W": start}  # the parent's chunk starts here: reset
-        weights = given["W"] if given is not None else \
+        base = given["W"] if given is not None else \
             (self.A.expand(batch, -1, -1), self.B.expand(batch, -1, -1))
         # without the outer level's graph (evaluation, or a state passed in), the task loss is
         # still differentiated with respect to them: they become leaves, kept for the chunk
-        weights = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in weights)
-        state.task[self.state_key] = (self, weights)
-        return weights
+        base = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in base)
+        used = base if self.nested else tuple(w.view_as(w) for w in base)
+        state.task[self.state_key] = (self, base, used)
+        return used  # type: ignore[return-value]
 
     def read(self, x: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         A, B = self.weights(env, x.shape[0])

@@ -135,7 +135,7 @@ class Built(nn.Module):
         # backprop, also without grad mode: a level's gradient may run through a faster
         # level's updates (CMSNested), and evaluation must compute what training computes
         through = any(not m.stopped for m in tasks)
-        # per memory read and not yet differentiated: [memory, weights, first piece, tokens];
+        # per memory read and not yet differentiated: [memory, weights, first piece];
         # per first piece: the task loss summed from it on
         pending: dict[str, list[Any]] = {}
         losses: dict[int, torch.Tensor] = {}
@@ -145,33 +145,34 @@ class Built(nn.Module):
             ctx = State(given)
             with torch.enable_grad():
                 y = self.run({"__state__": ctx}, x[:, start:stop])
-                for key, (mem, ws) in ctx.task.items():
-                    entry = pending.setdefault(key, [mem, ws, start, 0])
-                    assert all(a is b for a, b in zip(entry[1], ws)), key
-                    entry[3] += stop - start
+                for key, (mem, _, used) in ctx.task.items():
+                    entry = pending.setdefault(key, [mem, used, start])
+                    assert all(a is b for a, b in zip(entry[1], used)), key
                 if ctx.task:
                     loss = task(y, start, stop)
                     for first in {entry[2] for entry in pending.values()}:
                         losses[first] = losses[first] + loss if first in losses else loss
+                # a level's gradient is taken every piece (local to it, see TaskMLP.weights);
+                # a parent's once per chunk, or when the input ends
                 due: dict[int, list[str]] = {}
                 for key in ctx.task:
                     mem = pending[key][0]
-                    if stop == T or (pos + stop) % mem.chunk == 0:
+                    if not mem.nested or stop == T or (pos + stop) % mem.chunk == 0:
                         due.setdefault(pending[key][2], []).append(key)
                 grads: dict[str, tuple[Any, ...]] = {}
                 for first, keys in due.items():
                     weights = [w for key in keys for w in pending[key][1]]
-                    # a slower level's summed loss still holds this graph: keep it
+                    # a parent's summed loss may still hold this graph: keep it
                     keep = through or len(pending) > len(keys)
                     gs = torch.autograd.grad(losses[first], weights, allow_unused=True,
                                              create_graph=through, retain_graph=keep)
                     for i, key in enumerate(keys):
                         grads[key] = gs[2 * i: 2 * i + 2]
-                for key, (mem, ws) in ctx.task.items():
+                for key, (mem, base, _) in ctx.task.items():
                     g = grads.get(key)
                     if g is not None and mem.stopped:
                         g = tuple(None if t is None else t.detach() for t in g)
-                    mem.learn(ctx, ws, g, stop - start)
+                    mem.learn(ctx, base, g, stop - start)
                     if g is not None:
                         del pending[key]
             for first in [f for f in losses if all(e[2] != f for e in pending.values())]:

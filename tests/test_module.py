@@ -598,3 +598,32 @@ def test_task_memories_learn_in_context_without_grad_mode(tmp_path):
     close(y, model(x).detach())
     close(again, y[:, 4:])
     assert not y.requires_grad and state["CMS.c0_f"]["offset"] == 1
+
+
+def test_a_slow_levels_gradient_is_local_to_each_piece(tmp_path):
+    # the slow level (chunk 4) sums, over the two pieces of its chunk, each piece's gradient
+    # with what came in from earlier pieces (here the fast level's updated weights) held fixed
+    model = cms_lm(tmp_path, chunks=[2, 4], lr=0.5)
+    x = torch.randint(0, 20, (2, 4))
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    _, state = model(x, return_state=True)
+    fast, slow = model.CMS.c0_f, model.CMS.c1_f
+
+    def leaf(*ws):
+        return tuple(w.detach().clone().requires_grad_() for w in ws)
+
+    def piece(a, b, W0, W1):
+        given = {"CMS.c0_f": {"W": W0, "grad": None, "offset": 0},
+                 "CMS.c1_f": {"W": W1, "grad": None, "offset": a % 4}}
+        y = model(x[:, a:b], state=given, targets=targets[:, a:b])
+        return torch.nn.functional.cross_entropy(y.flatten(0, 1), targets[:, a:b].flatten(),
+                                                 ignore_index=-100, reduction="sum")
+
+    expand = lambda m: (m.A.expand(2, -1, -1), m.B.expand(2, -1, -1))  # noqa: E731
+    W0, W1 = leaf(*expand(fast)), leaf(*expand(slow))
+    g0 = torch.autograd.grad(piece(0, 2, W0, W1), W0 + W1)
+    W0b = tuple(w - 0.5 * g for w, g in zip(W0, g0[:2]))
+    W1b = leaf(*W1)
+    g1 = torch.autograd.grad(piece(2, 4, leaf(*W0b), W1b), W1b)
+    for w, a, b, got in zip(W1, g0[2:], g1, state["CMS.c1_f"]["W"]):
+        close(got, w - 0.5 * (a + b))
