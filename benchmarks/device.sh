@@ -16,18 +16,18 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$OUT/gpu.txt"
 if has tests; then
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
         | tee "$OUT/test_gpu.txt"
 fi
 if has memory; then
-    timeout 150 python3 benchmarks/gpu_memory.py --out "$OUT/gpu_memory.md" 2>&1
+    timeout 120 python3 benchmarks/gpu_memory.py --out "$OUT/gpu_memory.md" 2>&1
 fi
 if has lm; then
-    timeout 150 python3 benchmarks/memory.py --lm-only --hope --device cuda --lm-batch 16 \
+    timeout 120 python3 benchmarks/memory.py --lm-only --hope --device cuda --lm-batch 16 \
         --lm-T 512 --warmup 3 --reps 5 2>&1 | tee "$OUT/lm_gpu.md"
 fi
 if has train; then
-    timeout 150 python3 -m nestc.cli train std/models/hope.nest HopeLM --task mqar \
+    timeout 120 python3 -m nestc.cli train std/models/hope.nest HopeLM --task mqar \
         -k seq_len=256 -k pairs=16 -p dim=128 -p depth=2 --lr 3e-3 --batch 64 --steps 300 \
         --eval-every 50 --device cuda --quiet --out "$OUT/train_hope_mqar" 2>&1 | tail -20
 fi
