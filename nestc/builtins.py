@@ -90,8 +90,9 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     _b("huber", 2, 2, "delta", "objective", "Huber loss"),
     _b("task", 0, 0, "", "objective", "the enclosing model's loss"),
     # learning rules
-    _b("gd", 0, 0, "lr retain", "rule", "state <- retain * state - lr * grad(objective)"),
-    _b("dgd", 0, 0, "lr retain", "rule", "delta gradient descent (PAPER.md sec. 2)"),
-    _b("momentum", 0, 0, "lr beta retain", "rule",
+    _b("gd", 0, 0, "lr retain clip", "rule",
+       "state <- retain * state - lr * grad(objective)"),
+    _b("dgd", 0, 0, "lr retain clip", "rule", "delta gradient descent (PAPER.md sec. 2)"),
+    _b("momentum", 0, 0, "lr beta retain clip", "rule",
        "Titans: S <- beta S - lr grad; M <- retain M + S"),
 ]}

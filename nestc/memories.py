@@ -352,6 +352,8 @@ class LinearMemory(Memory):
         if rule is None or rule[0] not in ("gd", "dgd"):
             raise _unsupported("a matrix memory whose rule is not gd or dgd", s.span)
         self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
+        if "clip" in self.rule_kw:
+            raise _unsupported("`clip` on a matrix memory", self.rule_kw["clip"].span)
         literal = rule[0] == "dgd" and choices["dgd"] == "literal"
         if literal and objective == "dot":
             raise _unsupported("literal DGD with a dot objective", s.span)
@@ -538,6 +540,11 @@ class MLPMemory(Memory):
         self.A, self.B = _mlp_weights(H, d=d, hidden=self.hidden)
         signals = {n: self._signal(scope, n, default)
                    for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
+        clip = self.rule_kw.get("clip")
+        self.clip = None if clip is None else float(scope.const(clip))
+        if self.clip is not None and not self.clip > 0:
+            raise NestError(f"`clip` of memory `{self.name}` must be positive, got {self.clip}",
+                            clip.span, kind="value")
         if self.momentum and signals["beta"] is None:
             raise NestError(f"the momentum rule of `{self.name}` needs `beta`", self.span,
                             kind="value")
@@ -656,7 +663,11 @@ class MLPMemory(Memory):
             retain, beta = (None if x is None else x[:, :, t, None, None]
                             for x in (w["retain"], w["beta"]))
             gA, gB = self._grads(A0, B0, w["k"][:, :, t:t + 1], self._values(w, (A0, B0), t, t + 1))
-            uA, uB = -lr * gA[:, :, 0], -lr * gB[:, :, 0]
+            gA, gB = gA[:, :, 0], gB[:, :, 0]
+            if self.clip is not None:  # the gradient's norm, at most clip
+                lr = lr * self._clipped(gA.pow(2).sum((-2, -1)) + gB.pow(2).sum((-2, -1))
+                                        )[..., None, None]
+            uA, uB = -lr * gA, -lr * gB
             if self.read_before:
                 outs.append(self._read_one(A, B, q[:, :, t]))
             if self.momentum:
@@ -698,6 +709,9 @@ class MLPMemory(Memory):
             e = y - v if self.objective == "l2" else -v  # dL/dM(k)
             delta = (e @ B0.transpose(-1, -2)) * _act_grad(self.act, z)
             lr, retain, beta = self._factors(w, a, b)
+            if self.clip is not None:  # |dA|^2 = |k|^2 |delta|^2, |dB|^2 = |h|^2 |e|^2
+                sq = lambda x: x.pow(2).sum(-1)  # noqa: E731
+                lr = lr * self._clipped(sq(k) * sq(delta) + sq(h) * sq(e))
             n = b - a
             ones = torch.ones(n, n, dtype=q.dtype, device=q.device).tril_()
             run_r, D_r = _decays(_log(retain)) if retain is not None else (None, ones)
@@ -743,6 +757,12 @@ class MLPMemory(Memory):
         return y, {"M": (A, B), "S": (SA, SB), "start": (A0, B0),
                    "offset": (offset + T) % self.chunk}
 
+    def _clipped(self, sq: torch.Tensor) -> torch.Tensor:
+        """The factor that scales a gradient of squared norm sq to norm at most clip:
+        clip / max(norm, clip), with no square root at 0."""
+        assert self.clip is not None
+        return self.clip * torch.rsqrt(sq.clamp_min(self.clip ** 2))
+
     @staticmethod
     def _base(xM: torch.Tensor, xS: torch.Tensor | None, c: torch.Tensor | None,
               m: torch.Tensor | None) -> torch.Tensor:
@@ -783,6 +803,8 @@ class TaskMLP(Memory):
         if rule is None or rule[0] != "gd":
             raise _unsupported("a task-loss memory whose rule is not gd", s.span)
         kwr = {k.name: scope.const(k.value) for k in rule[1].kwargs}
+        if "clip" in kwr:
+            raise _unsupported("`clip` on a memory learning from the task loss", s.span)
         self.lr, self.retain = float(kwr.get("lr", 1.0)), float(kwr.get("retain", 1.0))
         # `= meta`, or `= f` for another task-loss memory f (the nested CMS): this memory
         # starts each of f's chunks from f's weights, so f learns its initial state

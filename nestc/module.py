@@ -131,10 +131,12 @@ class Built(nn.Module):
         given = dict(state or {})
         pos = int(given.get("__pos__", 0))
         outer = torch.is_grad_enabled()
-        # the levels' gradients are differentiable (second order) unless every level stops
-        # backprop, also without grad mode: a level's gradient may run through a faster
-        # level's updates (CMSNested), and evaluation must compute what training computes
-        through = any(not m.stopped for m in tasks)
+        # the levels' gradients are differentiable (second order) for the outer level unless
+        # every level stops backprop; also without grad mode when a parent's gradient runs
+        # through a faster level's updates (CMSNested): evaluation computes what training
+        # computes. Other levels' gradients are local to their piece (TaskMLP.weights), so
+        # no gradient runs through another's.
+        through = any(not m.stopped for m in tasks) and (outer or any(m.nested for m in tasks))
         # per memory read and not yet differentiated: [memory, weights, first piece];
         # per first piece: the task loss summed from it on
         pending: dict[str, list[Any]] = {}
@@ -162,8 +164,9 @@ class Built(nn.Module):
                 grads: dict[str, tuple[Any, ...]] = {}
                 for first, keys in due.items():
                     weights = [w for key in keys for w in pending[key][1]]
-                    # a parent's summed loss may still hold this graph: keep it
-                    keep = through or len(pending) > len(keys)
+                    # the outer level's backward, or a parent's summed loss, may still need
+                    # this graph: keep it
+                    keep = outer or through or len(pending) > len(keys)
                     gs = torch.autograd.grad(losses[first], weights, allow_unused=True,
                                              create_graph=through, retain_graph=keep)
                     for i, key in enumerate(keys):

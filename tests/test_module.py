@@ -145,6 +145,12 @@ MLP_CASES = {
                                     "rule momentum(lr = lr, beta = keep, retain = keep)"),
     "silu_dot_before": ("residual_mlp(dim / heads, hidden = 8)",
                         "read before write; objective dot(M(k), v); rule gd(lr = 0.1 * lr)"),
+    # every token's gradient scaled to norm at most clip (small enough to act here)
+    "clip_gd": ("mlp(dim / heads, hidden = 8, act = \"tanh\")",
+                "objective l2(M(k), v); rule gd(lr = lr, clip = 0.05)"),
+    "clip_momentum_before": ("residual_mlp(dim / heads, hidden = 8)",
+                             "read before write; objective l2(M(k), v); "
+                             "rule momentum(lr = lr, beta = keep, retain = keep, clip = 0.1)"),
 }
 
 
@@ -559,6 +565,8 @@ def test_nested_cms_streams_and_trains_its_meta_weights():
     close(torch.cat(pieces, 1), whole)
     for u, v in zip(leaves(final), leaves(state), strict=True):
         close(u, v)
+    with torch.no_grad():  # evaluation: the slow level's gradient still runs through the fast's
+        close(cms(x, task=nested_task(x)), whole)
     whole.pow(2).sum().backward()
     assert cms.slow.A.grad is not None and cms.slow.A.grad.abs().sum() > 0
     assert [name for name, _ in cms.named_parameters()] == ["slow.A", "slow.B"]
@@ -627,3 +635,36 @@ def test_a_slow_levels_gradient_is_local_to_each_piece(tmp_path):
     g1 = torch.autograd.grad(piece(2, 4, leaf(*W0b), W1b), W1b)
     for w, a, b, got in zip(W1, g0[2:], g1, state["CMS.c1_f"]["W"]):
         close(got, w - 0.5 * (a + b))
+
+
+def test_clip_bounds_each_tokens_update():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    outs = []
+    for clip in ("", ", clip = 1e-3"):
+        prog = nestc.loads(MLP_TEMPLATE.replace("STRUCTURE", "mlp(dim / heads, hidden = 8)")
+                           .replace("CLAUSES", f"objective l2(M(k), v); rule gd(lr = lr{clip})"),
+                           "m.nest")
+        torch.manual_seed(1)
+        mod = prog.build("Deep", dim=16)
+        y, state = mod(x, return_state=True)
+        outs.append((y, state["M"]["M"], mod.M.A))
+    (y0, _, _), (y1, (A, _), A0) = outs
+    assert (y0 - y1).abs().max() > 1e-4
+    # 6 updates of norm at most lr * clip (lr < 0.5): the weights moved by at most 3e-3
+    assert (A - A0).flatten(2).norm(dim=-1).max() <= 6 * 0.5 * 1e-3 + 1e-6
+
+
+def test_clip_is_refused_where_it_is_not_built():
+    prog = nestc.loads("""
+    block B(dim) {
+        input x : [T, dim]
+        memory M : matrix(dim, dim) = zeros every token {
+            key x; value x; objective l2(M(x), x); rule gd(lr = 0.1, clip = 1.0)
+        }
+        output M(x)
+    }
+    """, "c.nest")
+    with pytest.raises(nestc.NestError, match="clip") as err:
+        prog.build("B", dim=4)
+    assert err.value.unsupported

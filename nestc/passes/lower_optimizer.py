@@ -426,6 +426,8 @@ class _Lowerer:
         kwargs = {k.name: k.value for k in rule.kwargs} if isinstance(rule, ast.ExprCall) else {}
         if rule_name != "gd":
             raise self.unsupported(f"the rule `{rule_name}` (in an optimizer's memory)", rule.span)
+        if "clip" in kwargs:
+            raise self.unsupported("`clip` in an optimizer's memory", kwargs["clip"].span)
         lr = self.expr(kwargs["lr"], names) if "lr" in kwargs else ir.const(1.0)
         retain = self.expr(kwargs["retain"], names) if "retain" in kwargs else None
         return lr, retain
