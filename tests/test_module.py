@@ -668,3 +668,22 @@ def test_clip_is_refused_where_it_is_not_built():
     with pytest.raises(nestc.NestError, match="clip") as err:
         prog.build("B", dim=4)
     assert err.value.unsupported
+
+
+def test_a_level_with_backprop_stopped_trains_first_order():
+    prog = nestc.loads("""
+    from "std/optim/adam.nest" import AdamW
+    model M(vocab = 20, dim = 8) {
+        input tokens : [T] int
+        let h = embed(tokens, vocab, dim)
+        memory f : mlp(dim, hidden = 16) = meta every 2 tokens {
+            objective task; rule gd(lr = 0.5); backprop stopped
+        }
+        output logits = (h + f(h)) |> linear(vocab)
+        train every step { objective cross_entropy(logits, next(tokens)); rule AdamW }
+    }
+    """, "s.nest")
+    torch.manual_seed(0)
+    model = prog.build("M")
+    model(torch.randint(0, 20, (2, 7))).sum().backward()  # the graph outlives the updates
+    assert model.f.A.grad is not None and model.f.A.grad.abs().sum() > 0
