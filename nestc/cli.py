@@ -1,4 +1,4 @@
-"""The nestc command: check, explain, viz, compile, train (bench comes with a later issue).
+"""The nestc command: check, explain, viz, compile, train, bench.
 
 Every NestError prints as `file:line:col: error: ...` with the source line and a caret and
 exits 1; a traceback only with NESTC_DEBUG=1.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -154,6 +155,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nestc.bench import bench, split_knobs
+
+    knobs = {task: _hyper_args(pairs, "-k") for task, pairs in split_knobs(args.knob).items()}
+    bench(command=shlex.join(["nestc", *args.argv]), update_docs=args.update_docs,
+          quick=args.quick, models=args.models, tasks=args.tasks, steps=args.steps,
+          batch=args.batch, minutes=args.minutes, dim=args.dim, depth=args.depth,
+          lengths=args.lengths, knobs=knobs, out=args.out, seed=args.seed,
+          threads=args.threads, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
+          eval_every=args.eval_every, eval_batches=args.eval_batches, backend=args.backend,
+          device=args.device, quiet=args.quiet)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nestc", description="Compile nested learning systems.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -244,11 +259,61 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or output")
     t.set_defaults(run=cmd_train)
+
+    b = sub.add_parser(
+        "bench", help="the stdlib models at equal parameter count on the synthetic tasks",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train HopeLM, TitansLM, DeltaNetLM and TransformerLM at equal parameter "
+        "count (widths\nnearest TransformerLM's at --dim) with equal steps, batch and seed on "
+        "each task;\nwrite OUT/results.md (a table per task), OUT/results.json, OUT/TASK.png "
+        "and every\nrun's nestc train files under OUT/TASK/MODEL/.",
+        epilog="example:\n  nestc bench --models TransformerLM DeltaNetLM --tasks mqar "
+        "s-niah-1 --steps 300 \\\n      -k mqar.seq_len=128 --lengths 64 128 256 --out "
+        "runs/bench")
+    b.add_argument("--models", nargs="+", metavar="MODEL", help="default: TransformerLM "
+                   "DeltaNetLM TitansLM HopeLM")
+    b.add_argument("--tasks", nargs="+", metavar="TASK", help="default: mqar s-niah-1 "
+                   "continual charlm (CPU-sized: 64-token sequences)")
+    b.add_argument("--steps", type=int, help="optimizer steps of every run (default 300)")
+    b.add_argument("--batch", type=int, help="sequences per step (default 16)")
+    b.add_argument("--minutes", type=float, help="cap each run's wall clock: it stops at the "
+                   "step that passes it")
+    b.add_argument("--dim", type=int, help="TransformerLM's width, which sets the parameter "
+                   "count (default 64)")
+    b.add_argument("--depth", type=int, help="layers of every model (default 2)")
+    b.add_argument("--lengths", type=int, nargs="+", metavar="T", help="context lengths the "
+                   "needle tasks are evaluated at (default: their seq_len times 1, 2, 4)")
+    b.add_argument("-k", "--knob", action="append", default=[], metavar="TASK.NAME=VALUE",
+                   help="a task knob such as mqar.seq_len=256 (repeatable)")
+    b.add_argument("--out", metavar="DIR", help="output directory (default runs/bench)")
+    b.add_argument("--seed", type=int, default=0, help="weights and data of every run "
+                   "(default 0)")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    b.add_argument("--quick", action="store_true", help="a tiny smoke configuration: tiny "
+                   "widths, a few steps, short sequences")
+    b.add_argument("--lr", type=float, default=None, help="peak learning rate of every run "
+                   "(default: the specs' AdamW, 4e-4)")
+    b.add_argument("--warmup", type=int, default=0, help="steps of linear warmup (default 0)")
+    b.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="after warmup (default constant)")
+    b.add_argument("--eval-every", type=int, default=None, metavar="N", help="evaluate every "
+                   "N steps (default: a tenth of the steps)")
+    b.add_argument("--eval-batches", type=int, default=None, metavar="N",
+                   help="eval batches per phase and per length (default 4)")
+    b.add_argument("--backend", default=None, help="the models' back end: reference or "
+                   "chunked")
+    b.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if "
+                   "there is one)")
+    b.add_argument("--update-docs", action="store_true", help="also copy results.md to the "
+                   "checkout's docs/results.md")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    b.set_defaults(run=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # bench records its command
     if args.version:
         from nestc import __version__
 

@@ -29,6 +29,7 @@ from torch import nn
 from nestc import ast
 from nestc.check import CHOICES
 from nestc.errors import NestError
+from nestc.hyper import UNKNOWN, const_eval
 from nestc.layers import Stateful
 
 
@@ -85,8 +86,10 @@ class Memory(Stateful):
         heads = self.heads
         if not hasattr(value, "fn"):
             c = float(value)
-            if name in ("retain", "beta") and not 0 < c <= 1:
-                raise NestError(f"`{name}` of memory `{self.name}` is in (0, 1], got {c}",
+            low = c >= 0 if name == "beta" else c > 0  # beta 0: no momentum
+            if name in ("retain", "beta") and not (low and c <= 1):
+                where = "[0, 1]" if name == "beta" else "(0, 1]"
+                raise NestError(f"`{name}` of memory `{self.name}` is in {where}, got {c}",
                                 e.span if e is not None else self.span, kind="value")
             return lambda env, like: like.new_full((*like.shape[:2], heads), c)
         if value.feat not in (1, heads):
@@ -95,6 +98,13 @@ class Memory(Stateful):
                             e.span if e is not None else self.span, kind="shape")
         fn = value.fn
         return lambda env, like: fn(env).expand(*like.shape[:2], heads)
+
+
+def _constant(scope: Any, e: ast.Expr) -> float | None:
+    """e's value when the hyperparameters fix it, else None."""
+    value = const_eval(e, scope.consts)
+    return None if value is UNKNOWN or isinstance(value, bool) or \
+        not isinstance(value, (int, float)) else float(value)
 
 
 def _clauses(s: ast.StmtMemory, lets: dict[str, ast.Expr] | None = None
@@ -548,6 +558,8 @@ class MLPMemory(Memory):
         if self.momentum and signals["beta"] is None:
             raise NestError(f"the momentum rule of `{self.name}` needs `beta`", self.span,
                             kind="value")
+        if self.momentum and _constant(scope, self.rule_kw["beta"]) == 0:
+            self.momentum, signals["beta"] = False, None  # S_t = u_t: plain gd
         stop = self.stopped
 
         def write(env: dict[str, Any]) -> dict[str, Any]:

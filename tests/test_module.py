@@ -347,9 +347,12 @@ HOPE = nestc.load("std/models/hope.nest")
 
 
 @pytest.mark.parametrize("T", [1, 7, 21])
-def test_self_modifying_titans_chunked_equals_reference(T):
-    # two chunk sizes, pieces of neither: self-generated targets at each chunk's first state
-    ref, fast = pair(SMT, "SelfModifyingTitans", dim=16, heads=2, chunk=4, memory_chunk=8)
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_self_modifying_titans_chunked_equals_reference(T, beta):
+    # two chunk sizes, pieces of neither: self-generated targets at each chunk's first state;
+    # with and without the momentum of the paper's ablation
+    ref, fast = pair(SMT, "SelfModifyingTitans", dim=16, heads=2, chunk=4, memory_chunk=8,
+                     momentum_beta=beta)
     compare(ref, fast, torch.randn(2, T, 16))
 
 
@@ -687,3 +690,16 @@ def test_a_level_with_backprop_stopped_trains_first_order():
     model = prog.build("M")
     model(torch.randint(0, 20, (2, 7))).sum().backward()  # the graph outlives the updates
     assert model.f.A.grad is not None and model.f.A.grad.abs().sum() > 0
+
+
+def test_a_momentum_rule_with_beta_zero_is_plain_gd():
+    x = torch.randn(2, 9, 16)
+    outs = []
+    for rule in ("momentum(lr = lr, beta = 0.0, retain = keep)", "gd(lr = lr, retain = keep)"):
+        prog = nestc.loads(MLP_TEMPLATE.replace("STRUCTURE", "mlp(dim / heads, hidden = 8)")
+                           .replace("CLAUSES", f"objective l2(M(k), v); rule {rule}"), "m.nest")
+        torch.manual_seed(0)
+        mod = prog.build("Deep", dim=16)
+        assert not mod.M.momentum
+        outs.append(mod(x))
+    close(outs[0], outs[1])
