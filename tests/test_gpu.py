@@ -71,6 +71,8 @@ def test_triton_half_precision_matches_torch_fused(dtype):
     for p, q in zip(a, b):
         # the two round float32 values computed in a different order: on an H200 (torch 2.11)
         # 4 of 131072 bfloat16 weights rounded the other way, by one unit in the last place
+        if p.numel() == 0:
+            continue
         diff = (q.float() - p.float()).abs()
         assert diff.max() <= 2 * eps * p.float().abs().max(), diff.max()
         assert (diff > 4 * eps * p.float().abs() + 1e-5).float().mean() < 1e-3
