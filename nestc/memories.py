@@ -189,12 +189,14 @@ def _mlp_weights(*batch: int, d: int, hidden: int) -> tuple[nn.Parameter, nn.Par
                                                                   hidden ** -0.5)))
 
 
-def _objective(s: ast.StmtMemory, exprs: dict[str, ast.Expr], what: str
-               ) -> tuple[str, ast.Expr, ast.Expr]:
-    """(l2 | dot, key, value) of `objective l2(M(key), value)` or `dot(M(key), value)`."""
+def _objective(s: ast.StmtMemory, exprs: dict[str, ast.Expr], what: str,
+               allowed: tuple[str, ...] = ("l2", "dot")) -> tuple[str, ast.Expr, ast.Expr]:
+    """(l2 | dot | huber, key, value) of `objective l2(M(key), value)`, `dot(...)` or
+    `huber(...)` (those in `allowed`)."""
     objective = _call(exprs.get("objective"))
-    if objective is None or objective[0] not in ("l2", "dot"):
-        raise _unsupported(f"{what} whose objective is not l2(...) or dot(...)", s.span)
+    if objective is None or objective[0] not in allowed:
+        names = " or ".join(f"{a}(...)" for a in allowed)
+        raise _unsupported(f"{what} whose objective is not {names}", s.span)
     pred, target = objective[1].args
     read = _call(pred)
     if read is None or read[0] != s.name or len(read[1].args) != 1:
@@ -521,7 +523,14 @@ class MLPMemory(Memory):
         self.stopped = choices["backprop"] == "stopped"
         assert s.frequency is not None
         self.chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
-        self.objective, self.key_expr, self.value_expr = _objective(s, exprs, "an MLP memory")
+        self.objective, self.key_expr, self.value_expr = _objective(
+            s, exprs, "an MLP memory", ("l2", "dot", "huber"))
+        delta = {k.name: k.value for k in _call(exprs["objective"])[1].kwargs}.get("delta")
+        self.delta = 1.0 if delta is None else float(scope.const(delta))
+        if not self.delta > 0:
+            raise NestError(f"the huber `delta` of memory `{self.name}` must be positive, got "
+                            f"{self.delta}", delta.span if delta is not None else s.span,
+                            kind="value")
         rule = _call(exprs.get("rule"))
         if rule is None or rule[0] not in ("gd", "dgd", "momentum"):
             raise _unsupported("an MLP memory whose rule is not gd, dgd or momentum", s.span)
@@ -615,6 +624,8 @@ class MLPMemory(Memory):
     def _loss(self, A: torch.Tensor, B: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> torch.Tensor:
         y = _mlp(k, A, B, self.act, self.residual)
+        if self.objective == "huber":  # 1/2 x^2 within delta, delta (|x| - delta / 2) beyond
+            return F.huber_loss(y, v, reduction="sum", delta=self.delta)
         return 0.5 * ((y - v) ** 2).sum() if self.objective == "l2" else -(y * v).sum()
 
     def _grads(self, A: torch.Tensor, B: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -718,7 +729,9 @@ class MLPMemory(Memory):
             z = k @ A0  # (N, H, n, h): the chunk's gradients, at its first weights
             h = self.act(z)
             y = h @ B0 + k if self.residual else h @ B0
-            e = y - v if self.objective == "l2" else -v  # dL/dM(k)
+            # dL/dM(k): the error, clamped to [-delta, delta] for huber
+            e = -v if self.objective == "dot" else y - v if self.objective == "l2" else \
+                (y - v).clamp(-self.delta, self.delta)
             delta = (e @ B0.transpose(-1, -2)) * _act_grad(self.act, z)
             lr, retain, beta = self._factors(w, a, b)
             if self.clip is not None:  # |dA|^2 = |k|^2 |delta|^2, |dB|^2 = |h|^2 |e|^2

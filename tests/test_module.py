@@ -145,6 +145,9 @@ MLP_CASES = {
                                     "rule momentum(lr = lr, beta = keep, retain = keep)"),
     "silu_dot_before": ("residual_mlp(dim / heads, hidden = 8)",
                         "read before write; objective dot(M(k), v); rule gd(lr = 0.1 * lr)"),
+    "huber": ("residual_mlp(dim / heads, hidden = 8)",
+              "read before write; objective huber(M(k), v, delta = 0.3); "
+              "rule gd(lr = lr, retain = keep)"),
     # every token's gradient scaled to norm at most clip (small enough to act here)
     "clip_gd": ("mlp(dim / heads, hidden = 8, act = \"tanh\")",
                 "objective l2(M(k), v); rule gd(lr = lr, clip = 0.05)"),
