@@ -118,16 +118,14 @@ class Built(nn.Module):
     def forward_in_chunks(self, x: torch.Tensor, state: dict[str, Any] | None,
                           return_state: bool, task: Callable[..., torch.Tensor],
                           tasks: list[Any]) -> Any:
-        """Run piece by piece, a piece ending wherever a task-loss memory's chunk does; hand
-        every such memory the gradient of its chunk's task loss with respect to the weights it
-        read (docs/semantics.md, "Memories that learn from the task loss").
-
-        A memory's weights are the same tensors for its whole chunk, so the sum over the
-        chunk's pieces of each piece's loss gradient is the gradient of the summed loss: it is
-        taken once, when the chunk is full or the input ends (the partial sum then goes into
-        the state), not once per piece. Per piece, each gradient would walk back through the
-        whole history (a slow level's weights reach a piece's loss through every earlier
-        piece), which made a sequence cost quadratic in its number of pieces."""
+        """Run piece by piece, a piece ending wherever a task-loss memory's chunk does; after
+        each, hand every such memory the gradient of the piece's task loss with respect to
+        the weights as this piece used them (local: what came in from earlier pieces is held
+        fixed); the memory sums them over its chunk and updates when the chunk is full
+        (docs/semantics.md, "Memories that learn from the task loss"). A parent of a nested
+        level is the exception: its gradient is taken once, when its chunk is full or the
+        input ends, of the loss summed since the chunk began, through everything its weights
+        reached (the child's reads and updates)."""
         given = dict(state or {})
         pos = int(given.get("__pos__", 0))
         outer = torch.is_grad_enabled()
