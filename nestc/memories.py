@@ -711,7 +711,7 @@ class MLPMemory(Memory):
     def _chunked(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
         """Chunk by chunk, without forming any token's weights (docs/semantics.md).
 
-        For one token, the gradient of an l2 or dot objective of M(k) = act(k A) B (+ k) is a
+        For one token, the gradient of an l2, dot or huber objective of M(k) = act(k A) B (+ k) is a
         pair of outer products: dL/dA = k^T delta and dL/dB = act(z)^T e, with z = k A,
         e = dL/dM(k) and delta = (e B^T) * act'(z). Every weight a token sees is then the
         chunk's base weights (and momentum) scaled, plus a decay-weighted sum of those outer
