@@ -525,7 +525,9 @@ class MLPMemory(Memory):
         self.chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
         self.objective, self.key_expr, self.value_expr = _objective(
             s, exprs, "an MLP memory", ("l2", "dot", "huber"))
-        delta = {k.name: k.value for k in _call(exprs["objective"])[1].kwargs}.get("delta")
+        objective = _call(exprs["objective"])
+        assert objective is not None
+        delta = {k.name: k.value for k in objective[1].kwargs}.get("delta")
         self.delta = 1.0 if delta is None else float(scope.const(delta))
         if not self.delta > 0:
             raise NestError(f"the huber `delta` of memory `{self.name}` must be positive, got "
@@ -561,7 +563,7 @@ class MLPMemory(Memory):
                    for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
         clip = self.rule_kw.get("clip")
         self.clip = None if clip is None else float(scope.const(clip))
-        if self.clip is not None and not self.clip > 0:
+        if clip is not None and not self.clip > 0:  # type: ignore[operator]
             raise NestError(f"`clip` of memory `{self.name}` must be positive, got {self.clip}",
                             clip.span, kind="value")
         if self.momentum and signals["beta"] is None:
@@ -772,6 +774,7 @@ class MLPMemory(Memory):
             else:
                 A_new, B_new = A_new + A, B_new + B
             if self.momentum:
+                assert m is not None
                 A_new, B_new = A_new + m[..., -1:, :] * SA, B_new + m[..., -1:, :] * SB
                 keep = run_b[..., -1, None, None]
                 last_b = (D_b[..., -1, :] * -lr)[..., None]
@@ -793,7 +796,10 @@ class MLPMemory(Memory):
               m: torch.Tensor | None) -> torch.Tensor:
         """c_t x M0 + m_t x S0: a token's read of the chunk's base weights and momentum."""
         y = xM if c is None else c * xM
-        return y if xS is None else y + m * xS
+        if xS is None:
+            return y
+        assert m is not None
+        return y + m * xS
 
 
 def _is_task(s: ast.StmtMemory) -> bool:
@@ -836,20 +842,21 @@ class TaskMLP(Memory):
         self.parent: Callable[[dict[str, Any]], TaskMLP] | None = None
         self.nested = False  # another task-loss memory starts from this one's weights
         init = _call(s.init)
-        if init is not None and init[0] != "meta":
+        if s.init is not None and init is not None and init[0] != "meta":
+            where = s.init.span
             parent = scope.mems.get(init[0])
             if not isinstance(parent, TaskMLP) or init[1].args or init[1].kwargs:
                 raise _unsupported("a task-loss memory whose initial state is not `meta` or "
-                                   "another task-loss memory", s.init.span)
+                                   "another task-loss memory", where)
             if (parent.d, parent.hidden, parent.residual, parent.act) != \
                     (self.d, self.hidden, self.residual, self.act):
                 raise NestError(f"memory `{self.name}` starts from `{parent.name}`, which has "
-                                "another structure: both must be the same MLP", s.init.span,
+                                "another structure: both must be the same MLP", where,
                                 kind="shape")
             if parent.chunk % self.chunk:
                 raise NestError(f"memory `{self.name}` is reset to `{parent.name}` every "
                                 f"{parent.chunk} tokens, which is not a whole number of its "
-                                f"chunks of {self.chunk}", s.init.span, kind="frequency",
+                                f"chunks of {self.chunk}", where, kind="frequency",
                                 hint=f"make {parent.chunk} a multiple of {self.chunk}")
             self.parent = parent.get
             parent.nested = True
