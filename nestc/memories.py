@@ -562,10 +562,12 @@ class MLPMemory(Memory):
         signals = {n: self._signal(scope, n, default)
                    for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
         clip = self.rule_kw.get("clip")
-        self.clip = None if clip is None else float(scope.const(clip))
-        if clip is not None and not self.clip > 0:  # type: ignore[operator]
-            raise NestError(f"`clip` of memory `{self.name}` must be positive, got {self.clip}",
-                            clip.span, kind="value")
+        self.clip: float | None = None
+        if clip is not None:
+            self.clip = float(scope.const(clip))
+            if not self.clip > 0:
+                raise NestError(f"`clip` of memory `{self.name}` must be positive, got "
+                                f"{self.clip}", clip.span, kind="value")
         if self.momentum and signals["beta"] is None:
             raise NestError(f"the momentum rule of `{self.name}` needs `beta`", self.span,
                             kind="value")
