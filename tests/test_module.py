@@ -706,3 +706,15 @@ def test_a_momentum_rule_with_beta_zero_is_plain_gd():
         assert not mod.M.momentum
         outs.append(mod(x))
     close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("clauses,message", [
+    ("objective l2(M(k), v); rule gd(lr = lr, clip = 0.0)", "`clip` of memory `M` must be"),
+    ("objective huber(M(k), v, delta = -1); rule gd(lr = lr)", "huber `delta` of memory `M`"),
+])
+def test_clip_and_huber_delta_must_be_positive(clauses, message):
+    prog = nestc.loads(MLP_TEMPLATE.replace("STRUCTURE", "mlp(dim / heads, hidden = 8)")
+                       .replace("CLAUSES", clauses), "m.nest")
+    with pytest.raises(nestc.NestError, match=message) as err:
+        prog.build("Deep", dim=16)
+    assert err.value.span is not None
