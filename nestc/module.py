@@ -184,17 +184,18 @@ class Built(nn.Module):
         given["__pos__"] = pos + T
         y = torch.cat(outs, 1)
         if not outer:  # what evaluation returns holds no graph
-            y, given = y.detach(), _detached(given)
+            y, given = y.detach(), detached(given)
         return (y, given) if return_state else y
 
 
-def _detached(tree: Any) -> Any:
+def detached(tree: Any) -> Any:
+    """An in-context state (dicts, tuples and lists of tensors) with every tensor detached."""
     if isinstance(tree, torch.Tensor):
         return tree.detach()
     if isinstance(tree, dict):
-        return {k: _detached(v) for k, v in tree.items()}
+        return {k: detached(v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
-        return type(tree)(_detached(v) for v in tree)
+        return type(tree)(detached(v) for v in tree)
     return tree
 
 

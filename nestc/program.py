@@ -83,7 +83,7 @@ class Program:
         if checked.kind == "optimizer":
             from nestc.runtime import build_optimizer
 
-            return build_optimizer(self, checked, *args, **kwargs)
+            return build_optimizer(checked, *args, **kwargs)
         from nestc.module import build_module
 
         if args:

@@ -304,7 +304,7 @@ def _exec(source: str, name: str) -> Any:
     return _load(source, name)[name]
 
 
-def optimizer_class(program: Any, checked: Checked) -> type[torch.optim.Optimizer]:
+def optimizer_class(checked: Checked) -> type[torch.optim.Optimizer]:
     """The generated torch.optim.Optimizer subclass of an optimizer declaration (cached)."""
     from nestc.codegen.torch import class_name
     from nestc.compile import generate
@@ -313,7 +313,7 @@ def optimizer_class(program: Any, checked: Checked) -> type[torch.optim.Optimize
     return _exec(generate(checked), class_name(checked.name))
 
 
-def build_optimizer(program: Any, checked: Checked, params: Any = None, *args: Any,
+def build_optimizer(checked: Checked, params: Any = None, *args: Any,
                     **kwargs: Any) -> torch.optim.Optimizer:
     from nestc.codegen.torch import py_name
 
@@ -325,6 +325,6 @@ def build_optimizer(program: Any, checked: Checked, params: Any = None, *args: A
         raise TypeError("hyperparameters are passed by keyword: build(name, params, lr=...)")
     backend = check_backend(kwargs.pop("backend", "auto"))
     hyper = checked.bind(kwargs)
-    cls = optimizer_class(program, checked)
+    cls = optimizer_class(checked)
     return cls(params, **{py_name(k): v for k, v in hyper.items()},  # type: ignore[call-arg]
                backend=backend)

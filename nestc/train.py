@@ -52,6 +52,7 @@ from torch import nn
 
 from nestc import ast
 from nestc.errors import NestError
+from nestc.module import detached
 from nestc.tasks import IGNORE, Task, sequence_correct
 
 SCHEDULES = ("constant", "cosine")
@@ -253,7 +254,7 @@ def score(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor
     logits, state = model(tokens, return_state=True, targets=targets)  # (B, T, V)
     loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                        ignore_index=IGNORE, reduction="sum")
-    return loss, logits.detach().argmax(-1), _detach(state)
+    return loss, logits.detach().argmax(-1), detached(state)
 
 
 class Run:
@@ -321,7 +322,7 @@ class Run:
             raise NestError(f"`{c.model}` has {self.model.out_feat} logits, task "
                             f"`{self.task.name}` has {self.task.vocab} tokens", kind="value",
                             hint=f"pass -p vocab={self.task.vocab}")
-        self.optimizer = build_optimizer(program, outer.optimizer,
+        self.optimizer = build_optimizer(outer.optimizer,
                                          self.model.parameters(), **kwargs)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, c.steps, c.warmup, c.schedule))
@@ -539,16 +540,6 @@ class Run:
             (self.out / "summary.json").write_text(json.dumps(
                 {k: v for k, v in summary.items() if k != "metrics"}, indent=2) + "\n")
         return summary
-
-
-def _detach(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, dict):
-        return {k: _detach(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_detach(v) for v in state)
-    return state
 
 
 def _plain(value: Any) -> Any:
