@@ -4,7 +4,9 @@ The model is compiled from its spec (`Program.build`); the outer level is the on
 declares in the model's `train` clause: its `rule` names an optimizer declaration (its own or
 an imported one), built with the rule's arguments, and its objective is the cross-entropy of
 the logits against the task's targets, the mean over the scored positions. Memories that learn
-from the task loss get the same targets (`model(tokens, targets=targets)`).
+from the task loss in context (CMS levels) learn from the input alone: the next token, as the
+spec's `next(tokens)` says, never the task's labels, which for recall and needle tasks are
+answers the input does not hold (evaluation would otherwise learn from them).
 
     nestc train std/models/transformer.nest TransformerLM --task copy -p dim=64 -p depth=2 \\
         -k half=16 --steps 500 --batch 32 --lr 1e-3 --warmup 50 --schedule cosine
@@ -250,8 +252,9 @@ class Objective(nn.Module):
 def score(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor
           ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(the cross-entropy summed over the scored positions, the argmax at every position
-    [B, T], the in-context state after the batch, detached)."""
-    logits, state = model(tokens, return_state=True, targets=targets)  # (B, T, V)
+    [B, T], the in-context state after the batch, detached). The model's in-context levels
+    learn from the input only (its next tokens), never from `targets`."""
+    logits, state = model(tokens, return_state=True)  # (B, T, V)
     loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                        ignore_index=IGNORE, reduction="sum")
     return loss, logits.detach().argmax(-1), detached(state)

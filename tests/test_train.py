@@ -305,3 +305,35 @@ def test_two_processes_under_torchrun_equal_one_process_on_the_full_batch(tmp_pa
     wb = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
     for key in wb:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_in_context_levels_learn_from_the_input_never_from_the_labels(tmp_path):
+    """A CMS level's in-context loss is the spec's next(tokens): the task's labels (MQAR's
+    answers, absent from the input) must not reach it, or evaluation would learn from them."""
+    from nestc.train import score
+    (tmp_path / "cms.nest").write_text(spec("""
+        import "std/memory/cms.nest"
+        from "std/optim/adam.nest" import AdamW
+        model CMSLM(vocab = 20, dim = 16) {
+            input tokens : [T] int
+            let h = embed(tokens, vocab, dim)
+            h = h + CMS(dim, chunks = [4], lr = 0.5)(rmsnorm(h))
+            output logits = h |> rmsnorm |> linear(vocab)
+            train every step {
+                objective cross_entropy(logits, next(tokens))
+                rule AdamW(lr = 1e-3)
+            }
+        }
+    """))
+    torch.manual_seed(0)
+    model = nestc.load(tmp_path / "cms.nest").build("CMSLM")
+    tokens = torch.randint(0, 20, (2, 12))
+    labels = torch.full_like(tokens, -100)
+    labels[:, 2:8] = torch.randint(0, 20, (2, 6))
+    _, pred, state = score(model, tokens, labels)
+    _, pred2, state2 = score(model, tokens, (labels + 7) % 20)
+    learned = model(tokens, return_state=True)[1]["CMS.c0_f"]["W"]
+    assert torch.equal(pred, pred2)
+    for a, b, c in zip(state["CMS.c0_f"]["W"], state2["CMS.c0_f"]["W"], learned):
+        assert torch.equal(a, b) and torch.equal(a, c.detach())
+    assert not torch.equal(learned[0], model.CMS.c0_f.A)  # the level did learn in context
