@@ -551,8 +551,9 @@ class MLPMemory(Memory):
         self.heads = k.feat // self.d
         # a value that reads this memory (a self-generated target) is computed per chunk, at
         # the chunk's first weights; any other value once, from the whole sequence
+        # (and one that names the memory's own `let`s, which only _SelfExpr resolves)
         v = _SelfExpr(self, scope).compile(self.value_expr) if self._reads_self(
-            self.value_expr) else scope.tensor(self.value_expr, self.name)
+            self.value_expr, lets=True) else scope.tensor(self.value_expr, self.name)
         if k.feat % self.d or v.feat != k.feat or (not self.per_head and k.feat != self.d):
             raise NestError(f"memory `{self.name}` maps {self.d} features"
                             f"{' per head' if self.per_head else ''}, but its keys have "
@@ -596,17 +597,18 @@ class MLPMemory(Memory):
     def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
         return self.reader(q, span, self.heads * self.d, self.heads * self.d)
 
-    def _reads_self(self, e: ast.Expr) -> bool:
+    def _reads_self(self, e: ast.Expr, lets: bool = False) -> bool:
+        """Whether `e` reads this memory (or, with `lets`, names one of its `let`s)."""
         if isinstance(e, ast.ExprName) and e.name in self.lets:
-            return self._reads_self(self.lets[e.name])
+            return lets or self._reads_self(self.lets[e.name])
         if isinstance(e, ast.ExprCall):
             if isinstance(e.func, ast.ExprName) and e.func.name == self.name:
                 return True
-            return any(self._reads_self(a) for a in e.args)
+            return any(self._reads_self(a, lets) for a in e.args)
         if isinstance(e, ast.ExprBinary):
-            return self._reads_self(e.left) or self._reads_self(e.right)
+            return self._reads_self(e.left, lets) or self._reads_self(e.right, lets)
         if isinstance(e, ast.ExprUnary):
-            return self._reads_self(e.operand)
+            return self._reads_self(e.operand, lets)
         return False
 
     def _values(self, w: dict[str, Any], weights: tuple[torch.Tensor, torch.Tensor], a: int,

@@ -373,6 +373,32 @@ def test_self_modifying_titans_streams(backend):
     close(torch.cat(pieces, 1), whole)
 
 
+def test_a_memory_value_named_by_its_own_let_equals_the_value_written_out():
+    body = """
+        block B(dim) {
+            input x : [T, dim]
+            let v = x |> linear(dim)
+            memory M : residual_mlp(dim / 2) per head = meta every token in chunks of 4 {
+                LET
+                key x; value VALUE
+                objective l2(M(x), VALUE)
+                rule gd(lr = 0.5)
+            }
+            output M(x)
+        }
+    """
+    direct = nestc.loads(spec(body.replace("LET", "").replace("VALUE", "2 * v")), "a.nest")
+    named = nestc.loads(spec(body.replace("LET", "let target = 2 * v").replace(
+        "VALUE", "target")), "b.nest")
+    x = torch.randn(2, 9, 8)
+    for backend in ("reference", "chunked"):
+        torch.manual_seed(0)
+        a = direct.build("B", dim=8, backend=backend)
+        b = named.build("B", dim=8, backend=backend)
+        b.load_state_dict(a.state_dict())
+        close(b(x), a(x))
+
+
 def test_hope_lm_builds_and_trains_its_initial_states_through_cms_updates():
     torch.manual_seed(0)
     model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, chunks=[4, 8])
