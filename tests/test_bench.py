@@ -120,7 +120,9 @@ def test_widths_match_the_reference_parameter_count_at_the_default_size(model):
                                 bench.hyper_of(ref, bench.REFERENCE, vocab, dim, depth), None)
     program = nestc.load(bench.MODELS[model])
     width, count = bench.matched_width(program, model, target, vocab, depth, None)
-    assert width % bench.HEADS == 0 and abs(count / target - 1) < 0.05
+    # widths step by 4, which moves HopeLM's count (about dim^2) by ~17% at dim 48: the nearest
+    # is within half of that
+    assert width % bench.HEADS == 0 and abs(count / target - 1) < 0.09
     # the nearest width: neither neighbour is closer
     for other in (width - bench.HEADS, width + bench.HEADS):
         n = bench.count_params(program, model, bench.hyper_of(program, model, vocab, other,
