@@ -45,3 +45,14 @@ def test_optimizers_example_runs(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "M3 (lr 2e-4" in run.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("benchmarks/specs/*.nest")),
+                         ids=lambda p: p.name)
+def test_every_benchmark_model_builds_and_runs(path):
+    torch = pytest.importorskip("torch")
+    prog = nestc.load(path)
+    for name in prog.names:
+        if prog.decl(name).kind == "model":
+            logits = prog.build(name, vocab=12, dim=8)(torch.randint(0, 12, (1, 5)))
+            assert logits.shape == (1, 5, 12) and logits.isfinite().all(), name
