@@ -547,7 +547,15 @@ class MLPMemory(Memory):
         self.per_head = s.per_head
 
     def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
-        k = scope.tensor(self.key_expr, self.name)
+        if self._reads_self(self.key_expr):
+            raise _unsupported(f"a key that reads memory `{self.name}` itself",
+                               self.key_expr.span)
+        if self._reads_self(self.key_expr, lets=True):  # names the memory's own `let`s
+            from nestc.module import Ten
+            key = _SelfExpr(self, scope).compile(self.key_expr)
+            k = Ten(lambda env: key.node(env, None, 0, None), key.feat)
+        else:
+            k = scope.tensor(self.key_expr, self.name)
         self.heads = k.feat // self.d
         # a value that reads this memory (a self-generated target) is computed per chunk, at
         # the chunk's first weights; any other value once, from the whole sequence

@@ -374,7 +374,7 @@ def test_self_modifying_titans_streams(backend):
     close(torch.cat(pieces, 1), whole)
 
 
-def test_a_memory_value_named_by_its_own_let_equals_the_value_written_out():
+def test_a_memory_value_or_key_named_by_its_own_let_equals_it_written_out():
     body = """
         block B(dim) {
             input x : [T, dim]
@@ -391,13 +391,23 @@ def test_a_memory_value_named_by_its_own_let_equals_the_value_written_out():
     direct = nestc.loads(spec(body.replace("LET", "").replace("VALUE", "2 * v")), "a.nest")
     named = nestc.loads(spec(body.replace("LET", "let target = 2 * v").replace(
         "VALUE", "target")), "b.nest")
+    # a key may name a let too
+    key = nestc.loads(spec(body.replace("LET", "let kk = x + 0").replace("key x", "key kk")
+                           .replace("M(x), VALUE", "M(kk), VALUE").replace("VALUE", "2 * v")),
+                      "c.nest")
     x = torch.randn(2, 9, 8)
     for backend in ("reference", "chunked"):
         torch.manual_seed(0)
         a = direct.build("B", dim=8, backend=backend)
-        b = named.build("B", dim=8, backend=backend)
-        b.load_state_dict(a.state_dict())
-        close(b(x), a(x))
+        for other in (named, key):
+            b = other.build("B", dim=8, backend=backend)
+            b.load_state_dict(a.state_dict())
+            close(b(x), a(x))
+    selfkey = nestc.loads(spec(body.replace("LET", "let kk = M(x)").replace("key x", "key kk")
+                               .replace("M(x), VALUE", "M(kk), VALUE").replace("VALUE", "v")),
+                          "d.nest")
+    with pytest.raises(nestc.NestError, match="key that reads memory `M` itself"):
+        selfkey.build("B", dim=8)
 
 
 def test_hope_lm_builds_and_trains_its_initial_states_through_cms_updates():
