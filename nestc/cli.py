@@ -169,6 +169,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _where_to_run(p: argparse.ArgumentParser, whose: str) -> None:
+    """--backend, --device and --threads, which train and bench share."""
+    p.add_argument("--backend", default=None, help=f"{whose} back end: reference or chunked")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if "
+                   "there is one)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nestc", description="Compile nested learning systems.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -252,11 +260,7 @@ def parser() -> argparse.ArgumentParser:
                    help="continue from OUT/checkpoint.pt or PATH")
     t.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after step N (the schedule still spans --steps); resume later")
-    t.add_argument("--backend", default=None, help="the model's back end: reference or "
-                   "chunked")
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if "
-                   "there is one)")
-    t.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    _where_to_run(t, "the model's")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or output")
     t.set_defaults(run=cmd_train)
 
@@ -288,7 +292,6 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", metavar="DIR", help="output directory (default runs/bench)")
     b.add_argument("--seed", type=int, default=0, help="weights and data of every run "
                    "(default 0)")
-    b.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
     b.add_argument("--quick", action="store_true", help="a tiny smoke configuration: tiny "
                    "widths, a few steps, short sequences")
     b.add_argument("--lr", type=float, default=None, help="peak learning rate of every run "
@@ -300,10 +303,7 @@ def parser() -> argparse.ArgumentParser:
                    "N steps (default: a tenth of the steps)")
     b.add_argument("--eval-batches", type=int, default=None, metavar="N",
                    help="eval batches per phase and per length (default 4)")
-    b.add_argument("--backend", default=None, help="the models' back end: reference or "
-                   "chunked")
-    b.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if "
-                   "there is one)")
+    _where_to_run(b, "the models'")
     b.add_argument("--update-docs", action="store_true", help="also copy results.md to the "
                    "checkout's docs/results.md")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress output")
