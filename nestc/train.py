@@ -13,7 +13,8 @@ answers the input does not hold (evaluation would otherwise learn from them).
 
 writes into `--out` (default `runs/<model>-<task>`):
 
-- `metrics.jsonl`: one line per step (step, phase, loss, lr, tokens_per_s); at eval steps also
+- `metrics.jsonl`: one line per step (step, phase, loss, lr, tokens_per_s, train_s: seconds
+  spent in training steps so far, evaluation and checkpoints left out); at eval steps also
   eval_loss, eval_acc (per scored position) and eval_seq_acc (whole samples right, RULER's
   metric) over every phase trained so far; `acc/<group>` for the task's groups of positions;
   per phase `loss/phaseK`, `acc/phaseK`, ... (tasks with several phases); `bpc` for character
@@ -379,6 +380,8 @@ class Run:
                    unit="step", dynamic_ncols=True, file=sys.stderr)
         rows = self.ranks.rows(c.batch)
         speed = None  # tokens/s, smoothed for the bar
+        # seconds spent in training steps (evaluation and checkpoints left out), over resumes
+        spent = float(self.metrics[-1].get("train_s", 0.0)) if self.metrics else 0.0
         try:
             for step in range(start, stop):
                 phase = self.phase_of(step)
@@ -398,9 +401,11 @@ class Run:
                 self.schedule.step()
                 total = self.ranks.sum(loss.detach().double().reshape(1) / self.ranks.world)
                 elapsed = time.perf_counter() - tick
+                spent += elapsed
                 record: dict[str, Any] = {"step": step + 1, "phase": phase,
                                           "loss": total.item(), "lr": lr,
-                                          "tokens_per_s": round(tokens_per_step / elapsed, 1)}
+                                          "tokens_per_s": round(tokens_per_step / elapsed, 1),
+                                          "train_s": round(spent, 3)}
                 due = self.eval_every and (step + 1) % self.eval_every == 0
                 if step + 1 == c.steps or self.phase_of(step + 1) != phase or due:
                     record.update(self.evaluate(phase))

@@ -25,9 +25,12 @@ TINY = {"dim": 16, "depth": 1}
 TINY_ARGS = ["-p", "dim=16", "-p", "depth=1"]
 
 
+CLOCK = ("tokens_per_s", "train_s")  # the wall-clock fields of metrics.jsonl
+
+
 def losses(metrics: list[dict]) -> list[dict]:
-    """The metrics without the wall-clock field."""
-    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics]
+    """The metrics without the wall-clock fields."""
+    return [{k: v for k, v in m.items() if k not in CLOCK} for m in metrics]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -46,6 +49,8 @@ def test_a_tiny_run_through_the_command_line_writes_metrics_plots_and_a_checkpoi
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in lines)
+    spent = [m["train_s"] for m in lines]
+    assert 0 < spent[0] and all(a < b for a, b in zip(spent, spent[1:]))
     assert [m["step"] for m in lines if "eval_loss" in m] == [3, 6]
     assert 0 <= lines[-1]["eval_acc"] <= 1 and "bpc" not in lines[-1]
     for png in ("loss.png", "accuracy.png"):
@@ -89,6 +94,8 @@ def test_resume_continues_bit_for_bit(tmp_path, capsys):
     assert len(half["metrics"]) == 4
     rest = train(LM, "TransformerLM", "copy", out=str(tmp_path / "split"), resume=True, **kw)
     assert losses(rest["metrics"]) == losses(whole["metrics"])  # ==, not approximately
+    spent = [m["train_s"] for m in rest["metrics"]]  # the time of training steps goes on
+    assert all(a < b for a, b in zip(spent, spent[1:]))
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -299,7 +306,7 @@ def test_two_processes_under_torchrun_equal_one_process_on_the_full_batch(tmp_pa
     for a, b in zip(lines, one["metrics"]):
         assert a.keys() == b.keys()
         for key in a:
-            if key != "tokens_per_s":
+            if key not in CLOCK:
                 assert a[key] == pytest.approx(b[key], rel=1e-5), key
     wa = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
