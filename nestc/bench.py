@@ -7,10 +7,12 @@ synthetic tasks, into a results table and plots.
 Every run is nestc train's loop (`nestc.train.Run`) with the same steps, batch, learning rate
 (the spec's AdamW unless --lr), schedule and seed. TransformerLM at --dim sets the parameter
 count; every other model takes the width (a multiple of its 4 heads) whose count is nearest it,
-all at --depth with the task's vocabulary. --minutes caps each run's wall clock: the run is
-evaluated and stops at the step that passes it (its row says how many steps it did). A run
-whose training or eval loss turns NaN or infinite stops there ("diverged at step N"), and a
-model that fails to build or train gets a row with the message; the other runs go on.
+all at --depth with the task's vocabulary; `-p MODEL.NAME=VALUE` gives one model a
+hyperparameter of its own (its depth or heads, say), with which its width is matched.
+--minutes caps each run's wall clock: the run is evaluated and stops at the step that passes
+it (its row says how many steps it did). A run whose training or eval loss turns NaN or
+infinite stops there ("diverged at step N"), and a model that fails to build or train gets a
+row with the message; the other runs go on.
 
 The headline metric of each task:
 
@@ -85,6 +87,8 @@ class Settings:
     depth: int = DEFAULTS["depth"]
     lengths: list[int] | None = None  # None: the needle tasks' seq_len times LENGTH_FACTORS
     knobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> its knobs
+    # model -> hyperparameters of its own (over --depth and the heads; not its width)
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
     out: str = DEFAULTS["out"]
     seed: int = 0
     threads: int | None = None
@@ -119,14 +123,17 @@ def settings(quick: bool = False, **given: Any) -> Settings:
     return Settings(**options, knobs=knobs)
 
 
-def split_knobs(pairs: list[str]) -> dict[str, list[str]]:
-    """`-k mqar.seq_len=128` -> {"mqar": ["seq_len=128"]}: the task, then NAME=VALUE for it."""
+def split_knobs(pairs: list[str], flag: str = "-k") -> dict[str, list[str]]:
+    """`-k mqar.seq_len=128` -> {"mqar": ["seq_len=128"]}: the task, then NAME=VALUE for it;
+    with flag "-p", `-p HopeLM.heads=1`: the model, then one of its hyperparameters."""
+    what, example = ("TASK.KNOB", "mqar.seq_len=128") if flag == "-k" else \
+        ("MODEL.NAME", "HopeLM.heads=1")
     out: dict[str, list[str]] = {}
     for pair in pairs:
         task, dot, rest = pair.partition(".")
         if not dot or "=" not in rest or "=" in task:
-            raise NestError(f"-k takes TASK.KNOB=VALUE, got `{pair}`", kind="value",
-                            hint="e.g. -k mqar.seq_len=128")
+            raise NestError(f"{flag} takes {what}=VALUE, got `{pair}`", kind="value",
+                            hint=f"e.g. {flag} {example}")
         out.setdefault(task, []).append(rest)
     return out
 
@@ -160,6 +167,8 @@ def validate(s: Settings) -> dict[str, Any]:
                         hint=f"schedules are {', '.join(SCHEDULES)}")
     if s.lengths is not None and any(n < 1 for n in s.lengths):
         raise NestError(f"--lengths must be at least 1, got {min(s.lengths)}", kind="value")
+    for model, given in s.params.items():
+        check_params(model, given, s.models)
     tasks = {}
     for name in s.tasks:
         tasks[name] = make(name, **s.knobs[name])
@@ -178,11 +187,33 @@ def lengths_of(s: Settings, task: Any) -> list[int]:
 # --- widths at equal parameter count -------------------------------------------------------
 
 
-def hyper_of(program: Any, model: str, vocab: int, dim: int, depth: int) -> dict[str, Any]:
+def check_params(model: str, given: dict[str, Any], models: list[str]) -> None:
+    """NestError unless `-p MODEL.NAME=VALUE` names a benched model and one of its
+    hyperparameters other than those the bench sets (vocab, dim)."""
+    import nestc
+
+    if model not in models:
+        raise NestError(f"-p {model}.NAME=VALUE: model `{model}` is not benched", kind="value",
+                        hint=f"the models benched are {', '.join(models)} (--models)")
+    hypers = nestc.load(MODELS[model]).decl(model).hypers
+    for name in given:
+        if name in ("vocab", "dim"):
+            why = "to the task's vocabulary" if name == "vocab" else "to the width whose " \
+                f"parameter count is nearest {REFERENCE}'s at --dim"
+            raise NestError(f"-p {model}.{name}: the bench sets every model's {name} {why}",
+                            kind="value")
+        if name not in hypers:
+            raise NestError(f"-p {model}.{name}: `{model}` has no hyperparameter `{name}`",
+                            kind="value", hint=f"its hyperparameters are {', '.join(hypers)}")
+
+
+def hyper_of(program: Any, model: str, vocab: int, dim: int, depth: int,
+             given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model's hyperparameters in a run: the bench's, then the model's own (-p)."""
     hyper = {"vocab": vocab, "dim": dim, "depth": depth}
     if "heads" in program.decl(model).hypers:
         hyper["heads"] = HEADS
-    return hyper
+    return {**hyper, **(given or {})}
 
 
 def count_params(program: Any, model: str, hyper: dict[str, Any], backend: str | None) -> int:
@@ -191,19 +222,22 @@ def count_params(program: Any, model: str, hyper: dict[str, Any], backend: str |
 
 
 def matched_width(program: Any, model: str, target: int, vocab: int, depth: int,
-                  backend: str | None) -> tuple[int, int]:
-    """(width, parameter count) of `model` at the multiple of HEADS whose count is nearest
-    `target`; counts grow with the width."""
+                  backend: str | None, given: dict[str, Any] | None = None
+                  ) -> tuple[int, int]:
+    """(width, parameter count) of `model` at the multiple of HEADS (and of its own heads,
+    if given) whose count is nearest `target`; counts grow with the width."""
     best: tuple[int, int] | None = None
-    dim = HEADS
+    heads = (given or {}).get("heads", HEADS)
+    step = math.lcm(HEADS, heads) if isinstance(heads, int) and heads > 0 else HEADS
+    dim = step
     while True:
-        count = count_params(program, model, hyper_of(program, model, vocab, dim, depth),
-                             backend)
+        hyper = hyper_of(program, model, vocab, dim, depth, given)
+        count = count_params(program, model, hyper, backend)
         if best is None or abs(count - target) < abs(best[1] - target):
             best = (dim, count)
         if count >= target:
             return best
-        dim += HEADS
+        dim += step
 
 
 # --- one run -------------------------------------------------------------------------------
@@ -367,12 +401,13 @@ def bench_task(s: Settings, task: Any, say: Any
         out = Path(s.out) / task.name / model
         try:
             program = nestc.load(MODELS[model])
-            if model == REFERENCE:
+            given = s.params.get(model)
+            if model == REFERENCE and not given:
                 row["dim"], row["params"] = s.dim, target
             else:
                 row["dim"], row["params"] = matched_width(program, model, target, task.vocab,
-                                                          s.depth, s.backend)
-            hyper = hyper_of(program, model, task.vocab, row["dim"], s.depth)
+                                                          s.depth, s.backend, given)
+            hyper = hyper_of(program, model, task.vocab, row["dim"], s.depth, given)
             summary, row["note"] = train_one(s, task.name, model, hyper, out)
             metrics = summary["metrics"]
             row["steps"] = summary["steps"]
@@ -483,9 +518,11 @@ def markdown(results: dict[str, Any]) -> str:
              f"{results['date']}, {results['machine']}, torch {results['torch']}, nestc "
              f"{results['commit']}.", "",
              f"Every model: {budget} of {s['batch']} sequences, {lr}, warmup {s['warmup']}, "
-             f"{s['schedule']} schedule, seed {s['seed']}; depth {s['depth']}, {HEADS} heads, "
-             f"widths with parameter counts nearest {REFERENCE}'s at dim {s['dim']} (per task: "
-             "the vocabularies differ). tokens/s: training steps only."]
+             f"{s['schedule']} schedule, seed {s['seed']}; depth {s['depth']}, {HEADS} heads"
+             + "".join(f"; {model}: " + ", ".join(f"{k} {v}" for k, v in given.items())
+                       for model, given in s["params"].items()) +
+             f"; widths with parameter counts nearest {REFERENCE}'s at dim {s['dim']} (per "
+             "task: the vocabularies differ). tokens/s: training steps only."]
     for name, t in results["tasks"].items():
         counts = [r["params"] for r in t["rows"] if r["params"] is not None]
         gap = "" if not counts else f" Parameter counts within " \

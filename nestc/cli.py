@@ -159,10 +159,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from nestc.bench import bench, split_knobs
 
     knobs = {task: _hyper_args(pairs, "-k") for task, pairs in split_knobs(args.knob).items()}
+    params = {model: _hyper_args(pairs, "-p")
+              for model, pairs in split_knobs(args.param, "-p").items()}
     bench(command=shlex.join(["nestc", *args.argv]), update_docs=args.update_docs,
           quick=args.quick, models=args.models, tasks=args.tasks, steps=args.steps,
           batch=args.batch, minutes=args.minutes, dim=args.dim, depth=args.depth,
-          lengths=args.lengths, knobs=knobs, out=args.out, seed=args.seed,
+          lengths=args.lengths, knobs=knobs, params=params, out=args.out, seed=args.seed,
           threads=args.threads, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
           eval_every=args.eval_every, eval_batches=args.eval_batches, backend=args.backend,
           device=args.device, quiet=args.quiet)
@@ -289,6 +291,9 @@ def parser() -> argparse.ArgumentParser:
                    "needle tasks are evaluated at (default: their seq_len times 1, 2, 4)")
     b.add_argument("-k", "--knob", action="append", default=[], metavar="TASK.NAME=VALUE",
                    help="a task knob such as mqar.seq_len=256 (repeatable)")
+    b.add_argument("-p", "--param", action="append", default=[], metavar="MODEL.NAME=VALUE",
+                   help="a hyperparameter of one model, such as HopeLM.heads=1, over --depth "
+                   "and the 4 heads; not its width (repeatable)")
     b.add_argument("--out", metavar="DIR", help="output directory (default runs/bench)")
     b.add_argument("--seed", type=int, default=0, help="weights and data of every run "
                    "(default 0)")

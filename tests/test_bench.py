@@ -130,6 +130,24 @@ def test_widths_match_the_reference_parameter_count_at_the_default_size(model):
         assert abs(n - target) >= abs(count - target)
 
 
+def test_a_models_own_hyperparameters_reach_its_runs_and_its_width_is_matched_with_them(
+        tmp_path):
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--quick", "--models", "TransformerLM", "HopeLM", "--tasks", "mqar",
+                   "-p", "HopeLM.heads=2", "-p", "HopeLM.depth=2", "--out", str(out), "-q"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    ref, hope = results["tasks"]["mqar"]["rows"]
+    config = json.loads((out / "mqar" / "HopeLM" / "summary.json").read_text())["config"]
+    assert config["hyper"] == {"vocab": make("mqar", **bench.QUICK_KNOBS["mqar"]).vocab,
+                               "dim": hope["dim"], "depth": 2, "heads": 2}
+    program = nestc.load(bench.MODELS["HopeLM"])
+    assert (hope["dim"], hope["params"]) == bench.matched_width(
+        program, "HopeLM", ref["params"], config["hyper"]["vocab"], bench.QUICK["depth"], None,
+        {"heads": 2, "depth": 2})
+    assert "; HopeLM: heads 2, depth 2;" in (out / "results.md").read_text()
+
+
 def test_a_diverging_model_gets_a_row_that_says_where(tmp_path):
     rc = cli.main(["bench", "--quick", "--models", *MODELS, "--tasks", "mqar", "--lr", "1e6",
                    "--out", str(tmp_path), "-q"])
@@ -211,6 +229,12 @@ def test_retention_is_the_last_eval_per_phase_and_forgetting_is_what_was_lost():
     (["--dim", "10"], "error: --dim must be a multiple of the 4 heads, got 10"),
     (["--steps", "0"], "error: --steps must be at least 1, got 0"),
     (["--minutes", "0"], "error: --minutes must be above 0, got 0.0"),
+    (["-p", "heads=1"], "error: -p takes MODEL.NAME=VALUE, got `heads=1`"),
+    (["--models", "TransformerLM", "-p", "HopeLM.heads=1"], "error: -p HopeLM.NAME=VALUE: "
+     "model `HopeLM` is not benched"),
+    (["-p", "HopeLM.nope=1"], "error: -p HopeLM.nope: `HopeLM` has no hyperparameter `nope`"),
+    (["-p", "HopeLM.dim=32"], "error: -p HopeLM.dim: the bench sets every model's dim to the "
+     "width"),
 ])
 def test_bad_arguments_exit_1_with_an_error_before_any_run(tmp_path, capsys, argv, message):
     out = tmp_path / "bench"

@@ -50,7 +50,7 @@ def test_a_tiny_run_through_the_command_line_writes_metrics_plots_and_a_checkpoi
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in lines)
     spent = [m["train_s"] for m in lines]
-    assert 0 < spent[0] and all(a < b for a, b in zip(spent, spent[1:]))
+    assert spent[0] > 0 and all(a < b for a, b in zip(spent, spent[1:]))
     assert [m["step"] for m in lines if "eval_loss" in m] == [3, 6]
     assert 0 <= lines[-1]["eval_acc"] <= 1 and "bpc" not in lines[-1]
     for png in ("loss.png", "accuracy.png"):
