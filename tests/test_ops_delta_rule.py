@@ -256,7 +256,7 @@ ERRORS = [
     ({"chunk_size": 24}, "chunk_size must be a power of two >= 16 (16, 32, 64, ...), got 24"),
     ({"chunk_size": 8}, "chunk_size must be a power of two >= 16 (16, 32, 64, ...), got 8"),
     ({"chunk_size": 64.0}, "chunk_size must be a power of two >= 16 (16, 32, 64, ...), got 64.0"),
-    ({"backend": "triton"}, "unknown backend 'triton'; use None, 'chunked' or 'naive'"),
+    ({"backend": "cuda"}, "unknown backend 'cuda'; use None, 'chunked', 'naive' or 'triton'"),
     ({"scale": "1"}, "scale must be a number or None, got str"),
 ]
 

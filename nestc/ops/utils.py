@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 # None picks "chunked" until a Triton back end exists
-BACKENDS = (None, "chunked", "naive")
+BACKENDS = (None, "chunked", "naive", "triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -70,7 +70,8 @@ def check_delta_rule_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.
         raise ValueError(f"{op}: chunk_size must be a power of two >= 16 (16, 32, 64, ...), "
                          f"got {chunk_size!r}")
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: unknown backend {backend!r}; use None, 'chunked' or 'naive'")
+        raise ValueError(f"{op}: unknown backend {backend!r}; use None, 'chunked', 'naive' "
+                         "or 'triton'")
 
 
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:

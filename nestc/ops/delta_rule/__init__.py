@@ -30,7 +30,10 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
         initial_state: the state before token 0, [B, H, K, V]; zeros when None.
         output_final_state: return the state after the last token (else None).
         chunk_size: tokens per chunk for the chunked back end; a power of two >= 16.
-        backend: "chunked" (what None picks) or "naive" (the token-by-token definition).
+        backend: "chunked" (what None picks), "naive" (the token-by-token definition) or
+            "triton" (fused kernels, nestc/ops/delta_rule/triton.py: CUDA tensors, or CPU ones
+            with TRITON_INTERPRET=1 set before triton is imported; not yet run on a GPU, so
+            None does not pick it there yet).
 
     Returns:
         o, [B, T, H, V] in q's dtype, and the final state, [B, H, K, V] in float32 (float64 for
@@ -49,6 +52,11 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     if backend == "naive":
         return naive_recurrent_delta_rule(q, k, v, beta, scale, initial_state,
                                           output_final_state)
+    if backend == "triton":
+        from nestc.ops.delta_rule.triton import triton_delta_rule
+
+        return triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state,
+                                 chunk_size)
     return chunk_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, chunk_size)
 
 

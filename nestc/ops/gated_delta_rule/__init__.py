@@ -34,7 +34,8 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         initial_state: the state before token 0, [B, H, K, V]; zeros when None.
         output_final_state: return the state after the last token (else None).
         chunk_size: tokens per chunk for the chunked back end; a power of two >= 16.
-        backend: "chunked" (what None picks) or "naive" (the token-by-token definition).
+        backend: "chunked" (what None picks), "naive" (the token-by-token definition) or
+            "triton" (fused kernels, as for `delta_rule`).
 
     Returns:
         o, [B, T, H, V] in q's dtype, and the final state, [B, H, K, V] in float32 (float64 for
@@ -54,6 +55,11 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if backend == "naive":
         return naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state,
                                                 output_final_state)
+    if backend == "triton":
+        from nestc.ops.gated_delta_rule.triton import triton_gated_delta_rule
+
+        return triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state,
+                                       output_final_state, chunk_size)
     return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
                                   chunk_size)
 

@@ -1,0 +1,469 @@
+"""The delta rule and the gated delta rule as Triton kernels: chunk.py's UT form, fused per chunk.
+
+Same arguments, layout ([B, T, H, D]) and results as `chunk_delta_rule` and
+`chunk_gated_delta_rule`; README.md beside this file derives the forward. `g` is the per-token
+log retention of the gated rule and None for the plain one (then no decay is computed at all).
+Within a chunk, G is the running sum of g (restarting at each chunk), D[t, s] = exp(G_t - G_s)
+for s <= t, and M = (I + strict_tril(diag(beta) (K K^T * D)))^{-1} diag(beta).
+
+Forward, three kernels after G = chunk_local_cumsum(g) in torch:
+  fwd_kernel_prepare           grid (N, B*H): A, Ai = (I + A)^{-1} by forward substitution in
+                               registers, u = M V, w = M diag(e^G) K
+  fwd_kernel_state             grid (V / BV, B*H), a loop over the N chunks: stores the state S_n
+                               entering each chunk, the writes U = u - w S_n, then
+                               S <- e^{G_C} S + K_d^T U (K_d: keys decayed to the chunk's end)
+  fwd_kernel_o                 grid (V / BV, N, B*H): O = scale (diag(e^G) Q S_n + (Q K^T * D) U)
+
+Backward: nothing but the inputs is saved. The prepare and state kernels run again (u, w, Ai,
+S_n, U), then, with dS_{n+1} the gradient of the state leaving chunk n:
+  bwd_kernel_dhu               grid (V / BV, B*H), chunks in reverse:
+                               dU  = scale (Q K^T * D)^T dO + K_d dS_{n+1}
+                               dS_n = e^{G_C} dS_{n+1} + scale (diag(e^G) Q)^T dO - w^T dU
+  bwd_kernel_dqkvbg            grid (N, B*H): everything chunk-local, by the chain rule through
+                               U = u - w S_n, u = M V, w = M diag(e^G) K, M = Ai diag(beta),
+                               dA = -Ai^T dAi Ai^T (strictly lower), A and the outputs;
+                               dG collects every exp(G) factor, and dg is its reverse running
+                               sum within the chunk (torch).
+Operands are loaded in their dtype and everything is computed in float32; matmuls of float32
+inputs use IEEE float32 (no TF32), so the kernels match the chunked tier to about 1e-6.
+Block sizes: C = chunk_size, BK = K rounded up to a power of two >= 16 (K <= 256: a whole key
+row stays in registers), BV = V in tiles of at most 64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_K = 256
+# set by tests: fill every buffer a kernel writes with NaN first, so a missed store shows up
+POISON_BUFFERS = False
+
+
+@triton.jit
+def delta_rule_fwd_kernel_prepare(k, v, beta, G, u, w, Ai, T, H: tl.constexpr, K: tl.constexpr,
+                                  V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                                  BV: tl.constexpr, USE_G: tl.constexpr,
+                                  STORE_AI: tl.constexpr, PRECISION: tl.constexpr):
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    m_t = i_n * C + o_c < T
+    m_k = o_k < K
+    r = ((i_b * T + i_n * C + o_c) * H + i_h).to(tl.int64)  # rows of [B, T, H, *]
+    m_tk = m_t[:, None] & m_k[None, :]
+
+    b_k = tl.load(k + r[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_beta = tl.load(beta + r, mask=m_t, other=0.).to(tl.float32)
+    strict = o_c[:, None] > o_c[None, :]
+    b_A = tl.dot(b_k * b_beta[:, None], tl.trans(b_k), input_precision=PRECISION)  # (C, C)
+    if USE_G:
+        b_G = tl.load(G + r, mask=m_t, other=0.)
+        # masked before exp: above the diagonal, and from the padding rows past T (G = 0
+        # there), the differences can be large and positive
+        b_A *= tl.exp(tl.where(strict & m_t[:, None], b_G[:, None] - b_G[None, :], 0.))
+        b_kg = b_k * tl.exp(b_G)[:, None]
+    else:
+        b_kg = b_k
+    # (I + A)^{-1} = I + X, X strictly lower: row i of X is -A_i - sum_{j<i} A_ij X_j, and
+    # rows not reached yet still hold -A, whose entries at j >= i are zero
+    b_X = tl.where(strict, -b_A, 0.)
+    for i in range(2, C):
+        b_a = tl.sum(tl.where((o_c == i)[:, None], b_X, 0.), 0)
+        b_a += tl.sum(b_a[:, None] * b_X, 0)
+        b_X = tl.where((o_c == i)[:, None], b_a[None, :], b_X)
+    b_Ai = b_X + (o_c[:, None] == o_c[None, :]).to(tl.float32)
+    b_M = b_Ai * b_beta[None, :]
+
+    b_w = tl.dot(b_M, b_kg, input_precision=PRECISION)  # (C, BK)
+    tl.store(w + r[:, None] * K + o_k[None, :], b_w, mask=m_tk)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + r[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_u = tl.dot(b_M, b_v, input_precision=PRECISION)  # (C, BV)
+        tl.store(u + r[:, None] * V + o_v[None, :], b_u, mask=m_tv)
+    if STORE_AI:
+        tl.store(Ai + r[:, None] * C + o_c[None, :], b_Ai, mask=m_t[:, None])
+
+
+@triton.jit
+def delta_rule_fwd_kernel_state(k, u, w, G, h0, h, U, ht, T, N, H: tl.constexpr,
+                                K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                                BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                                USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                                PRECISION: tl.constexpr):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    if USE_H0:
+        b_S = tl.load(h0 + i_bh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.).to(tl.float32)
+    else:
+        b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_n in range(N):
+        tl.store(h + (i_bh * N + i_n).to(tl.int64) * K * V + p_kv, b_S, mask=m_kv)
+        m_t = i_n * C + o_c < T
+        r = ((i_b * T + i_n * C + o_c) * H + i_h).to(tl.int64)
+        m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
+        b_w = tl.load(w + r[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
+        b_u = tl.load(u + r[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
+        b_U = b_u - tl.dot(b_w, b_S, input_precision=PRECISION)  # (C, BV)
+        tl.store(U + r[:, None] * V + o_v[None, :], b_U, mask=m_tv)
+        b_k = tl.load(k + r[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        if USE_G:
+            last = (i_b * T + tl.minimum(i_n * C + C, T) - 1) * H + i_h
+            b_gl = tl.load(G + last.to(tl.int64))
+            b_G = tl.load(G + r, mask=m_t, other=0.)
+            b_k *= tl.exp(tl.where(m_t, b_gl - b_G, 0.))[:, None]
+            b_S *= tl.exp(b_gl)
+        b_S += tl.dot(tl.trans(b_k), b_U, input_precision=PRECISION)
+    if STORE_HT:
+        tl.store(ht + i_bh.to(tl.int64) * K * V + p_kv, b_S, mask=m_kv)
+
+
+@triton.jit
+def delta_rule_fwd_kernel_o(q, k, U, h, G, o, scale, T, N, H: tl.constexpr, K: tl.constexpr,
+                            V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
+    i_v, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t, m_k, m_v = i_n * C + o_c < T, o_k < K, o_v < V
+    r = ((i_b * T + i_n * C + o_c) * H + i_h).to(tl.int64)
+    m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
+
+    b_q = tl.load(q + r[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_k = tl.load(k + r[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_S = tl.load(h + (i_bh * N + i_n).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.)
+    b_U = tl.load(U + r[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
+    causal = o_c[:, None] >= o_c[None, :]
+    b_P = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # (C, C)
+    if USE_G:
+        b_G = tl.load(G + r, mask=m_t, other=0.)
+        b_P *= tl.exp(tl.where(causal & m_t[:, None], b_G[:, None] - b_G[None, :], 0.))
+        b_q *= tl.exp(b_G)[:, None]
+    b_P = tl.where(causal, b_P, 0.)
+    b_o = (tl.dot(b_q, b_S, input_precision=PRECISION)
+           + tl.dot(b_P, b_U, input_precision=PRECISION)) * scale
+    tl.store(o + r[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def delta_rule_bwd_kernel_dhu(q, k, w, G, do, dht, dh, dU, dh0, scale, T, N, H: tl.constexpr,
+                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                              BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                              USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    if USE_DHT:
+        b_dS = tl.load(dht + i_bh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.)
+        b_dS = b_dS.to(tl.float32)
+    else:
+        b_dS = tl.zeros([BK, BV], dtype=tl.float32)
+    # P^T[s, t] = k_s . q_t for s <= t: the transposed causal mask
+    causal_t = o_c[:, None] <= o_c[None, :]
+    for i in range(N):
+        i_n = N - 1 - i
+        # b_dS is the gradient of the state leaving chunk i_n
+        tl.store(dh + (i_bh * N + i_n).to(tl.int64) * K * V + p_kv, b_dS, mask=m_kv)
+        m_t = i_n * C + o_c < T
+        r = ((i_b * T + i_n * C + o_c) * H + i_h).to(tl.int64)
+        m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
+        b_q = tl.load(q + r[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_k = tl.load(k + r[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_w = tl.load(w + r[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
+        b_do = tl.load(do + r[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_Pt = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # (C, C)
+        if USE_G:
+            last = (i_b * T + tl.minimum(i_n * C + C, T) - 1) * H + i_h
+            b_gl = tl.load(G + last.to(tl.int64))
+            b_G = tl.load(G + r, mask=m_t, other=0.)
+            b_Pt *= tl.exp(tl.where(causal_t & m_t[None, :], b_G[None, :] - b_G[:, None], 0.))
+            b_kd = b_k * tl.exp(tl.where(m_t, b_gl - b_G, 0.))[:, None]
+            b_q *= tl.exp(b_G)[:, None]
+        else:
+            b_kd = b_k
+        b_Pt = tl.where(causal_t, b_Pt, 0.)
+        b_dU = (tl.dot(b_Pt, b_do, input_precision=PRECISION) * scale
+                + tl.dot(b_kd, b_dS, input_precision=PRECISION))  # (C, BV)
+        tl.store(dU + r[:, None] * V + o_v[None, :], b_dU, mask=m_tv)
+        if USE_G:
+            b_dS *= tl.exp(b_gl)
+        b_dS += (tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION) * scale
+                 - tl.dot(tl.trans(b_w), b_dU, input_precision=PRECISION))
+    if STORE_DH0:
+        tl.store(dh0 + i_bh.to(tl.int64) * K * V + p_kv, b_dS, mask=m_kv)
+
+
+@triton.jit
+def delta_rule_bwd_kernel_dqkvbg(q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG,
+                                 scale, T, N, H: tl.constexpr, K: tl.constexpr,
+                                 V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                                 BV: tl.constexpr, USE_G: tl.constexpr,
+                                 PRECISION: tl.constexpr):
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    m_t, m_k = i_n * C + o_c < T, o_k < K
+    r = ((i_b * T + i_n * C + o_c) * H + i_h).to(tl.int64)
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_S = (i_bh * N + i_n).to(tl.int64) * K * V
+
+    b_q = tl.load(q + r[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_k = tl.load(k + r[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_beta = tl.load(beta + r, mask=m_t, other=0.).to(tl.float32)
+    b_Ai = tl.load(Ai + r[:, None] * C + o_c[None, :], mask=m_t[:, None], other=0.)
+    b_M = b_Ai * b_beta[None, :]
+    strict = o_c[:, None] > o_c[None, :]
+    causal = o_c[:, None] >= o_c[None, :]
+    if USE_G:
+        b_G = tl.load(G + r, mask=m_t, other=0.)
+        n_valid = tl.minimum(C, T - i_n * C)
+        b_gl = tl.sum(tl.where(o_c == n_valid - 1, b_G, 0.), 0)
+        causal_t = causal & m_t[:, None]
+        b_D = tl.where(causal, tl.exp(tl.where(causal_t, b_G[:, None] - b_G[None, :], 0.)), 0.)
+        b_eG = tl.exp(b_G)
+        b_kg = b_k * b_eG[:, None]
+        b_kd = b_k * tl.exp(tl.where(m_t, b_gl - b_G, 0.))[:, None]
+    else:
+        b_D = tl.where(causal, 1., 0.)
+        b_kg = b_k
+        b_kd = b_k
+
+    b_dqS = tl.zeros([C, BK], dtype=tl.float32)  # dO S^T
+    b_dP = tl.zeros([C, C], dtype=tl.float32)  # dO U^T
+    b_dKd = tl.zeros([C, BK], dtype=tl.float32)  # U dS_{n+1}^T
+    b_dw = tl.zeros([C, BK], dtype=tl.float32)  # -dU S^T
+    b_dM = tl.zeros([C, C], dtype=tl.float32)  # dU V^T (+ dw kg^T below)
+    b_SdS = tl.zeros([BK], dtype=tl.float32)  # rows of sum(S * dS_{n+1})
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv, m_kv = m_t[:, None] & m_v[None, :], m_k[:, None] & m_v[None, :]
+        p_tv = r[:, None] * V + o_v[None, :]
+        p_kv = p_S + o_k[:, None] * V + o_v[None, :]
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_U = tl.load(U + p_tv, mask=m_tv, other=0.)
+        b_dU = tl.load(dU + p_tv, mask=m_tv, other=0.)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_S = tl.load(h + p_kv, mask=m_kv, other=0.)
+        b_dSn = tl.load(dh + p_kv, mask=m_kv, other=0.)
+        b_dqS += tl.dot(b_do, tl.trans(b_S), input_precision=PRECISION)
+        b_dP += tl.dot(b_do, tl.trans(b_U), input_precision=PRECISION)
+        b_dKd += tl.dot(b_U, tl.trans(b_dSn), input_precision=PRECISION)
+        b_dw -= tl.dot(b_dU, tl.trans(b_S), input_precision=PRECISION)
+        b_dM += tl.dot(b_dU, tl.trans(b_v), input_precision=PRECISION)
+        b_SdS += tl.sum(b_S * b_dSn, 1)
+        # v enters only through u = M V
+        b_dv = tl.dot(tl.trans(b_M), b_dU, input_precision=PRECISION)
+        tl.store(dv + p_tv, b_dv, mask=m_tv)
+
+    # w = M kg and M = Ai diag(beta), Ai = (I + A)^{-1}
+    b_dkg = tl.dot(tl.trans(b_M), b_dw, input_precision=PRECISION)  # (C, BK)
+    b_dM += tl.dot(b_dw, tl.trans(b_kg), input_precision=PRECISION)
+    b_dbeta = tl.sum(b_dM * b_Ai, 0)
+    b_dAi = b_dM * b_beta[None, :]
+    b_dA = -tl.dot(tl.dot(tl.trans(b_Ai), b_dAi, input_precision=PRECISION), tl.trans(b_Ai),
+                   input_precision=PRECISION)
+    b_dA = tl.where(strict, b_dA, 0.)
+    # A = strict_tril(diag(beta) (K K^T * D))
+    b_KK = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+    b_dAD = b_dA * b_D
+    b_dbeta += tl.sum(b_dAD * b_KK, 1)
+    b_dKK = b_dAD * b_beta[:, None]
+    b_dk = (tl.dot(b_dKK, b_k, input_precision=PRECISION)
+            + tl.dot(tl.trans(b_dKK), b_k, input_precision=PRECISION))
+    # O = scale (diag(e^G) Q S + (Q K^T * D) U)
+    b_dP = tl.where(causal, b_dP * scale, 0.)
+    b_dQK = b_dP * b_D
+    b_dq = tl.dot(b_dQK, b_k, input_precision=PRECISION)
+    b_dk += tl.dot(tl.trans(b_dQK), b_q, input_precision=PRECISION)
+    if USE_G:
+        b_dq += b_dqS * (scale * b_eG)[:, None]
+        b_dk += b_dKd * tl.exp(tl.where(m_t, b_gl - b_G, 0.))[:, None] + b_dkg * b_eG[:, None]
+        # every exp(G) factor: the state read, w's keys, the decayed keys of the hand-off and
+        # the state's own decay (both at the chunk's last token), and the two D matrices
+        b_dG = scale * b_eG * tl.sum(b_q * b_dqS, 1) + tl.sum(b_dkg * b_kg, 1)
+        b_r = tl.sum(b_dKd * b_kd, 1)
+        b_dG -= b_r
+        b_end = tl.sum(b_r, 0) + tl.exp(b_gl) * tl.sum(b_SdS, 0)
+        b_dG += tl.where(o_c == n_valid - 1, b_end, 0.)
+        b_QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+        b_dD = b_dAD * b_beta[:, None] * b_KK + b_dQK * b_QK
+        b_dG += tl.sum(b_dD, 1) - tl.sum(b_dD, 0)
+        tl.store(dG + r, b_dG, mask=m_t)
+    else:
+        b_dq += b_dqS * scale
+        b_dk += b_dKd + b_dkg
+    tl.store(dq + r[:, None] * K + o_k[None, :], b_dq, mask=m_tk)
+    tl.store(dk + r[:, None] * K + o_k[None, :], b_dk, mask=m_tk)
+    tl.store(dbeta + r, b_dbeta, mask=m_t)
+
+
+def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A float32 buffer that a kernel fills (NaN-filled first when POISON_BUFFERS is set)."""
+    if POISON_BUFFERS:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
+    return torch.empty(shape, dtype=torch.float32, device=like.device)
+
+
+def chunk_local_cumsum(g: torch.Tensor, C: int, reverse: bool = False) -> torch.Tensor:
+    """[B, T, H] -> the running sum of g within each chunk of C tokens, in float32 (from the
+    chunk's last token backwards when reverse)."""
+    B, T, H = g.shape
+    N = -(-T // C)
+    x = torch.nn.functional.pad(g.float(), (0, 0, 0, N * C - T)).view(B, N, C, H)
+    x = x.flip(2).cumsum(2).flip(2) if reverse else x.cumsum(2)
+    return x.view(B, N * C, H)[:, :T].contiguous()
+
+
+class _Launch:
+    """Sizes and block shapes shared by the kernels of one call."""
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> None:
+        self.B, self.T, self.H, self.K = q.shape
+        self.V = v.shape[-1]
+        self.C = chunk_size
+        self.N = -(-self.T // chunk_size)
+        self.BK = max(16, triton.next_power_of_2(self.K))
+        self.BV = min(64, max(16, triton.next_power_of_2(self.V)))
+        self.NV = triton.cdiv(self.V, self.BV)
+        self.BH = self.B * self.H
+        # float32 inputs keep float32 products; TF32 holds 16-bit inputs exactly and rounds
+        # float32 intermediates no coarser than those inputs already are
+        self.precision = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    def sizes(self) -> dict[str, Any]:
+        return {"H": self.H, "K": self.K, "V": self.V, "C": self.C, "BK": self.BK,
+                "BV": self.BV, "PRECISION": self.precision}
+
+
+def _prepare_and_state(n: _Launch, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                       G: torch.Tensor | None, h0: torch.Tensor | None, store_ai: bool,
+                       store_ht: bool) -> tuple[torch.Tensor | None, ...]:
+    """Ai (or None), w = M diag(e^G) K, the states entering each chunk h, the writes U and the
+    final state (or None)."""
+    u = _buffer((n.B, n.T, n.H, n.V), k)
+    w = _buffer((n.B, n.T, n.H, n.K), k)
+    Ai = _buffer((n.B, n.T, n.H, n.C), k) if store_ai else None
+    delta_rule_fwd_kernel_prepare[(n.N, n.BH)](
+        k, v, beta, G, u, w, Ai, n.T, USE_G=G is not None, STORE_AI=store_ai, **n.sizes())
+    h = _buffer((n.BH, n.N, n.K, n.V), k)
+    U = _buffer((n.B, n.T, n.H, n.V), k)
+    ht = _buffer((n.B, n.H, n.K, n.V), k) if store_ht else None
+    delta_rule_fwd_kernel_state[(n.NV, n.BH)](
+        k, u, w, G, h0, h, U, ht, n.T, n.N, USE_G=G is not None, USE_H0=h0 is not None,
+        STORE_HT=store_ht, **n.sizes())
+    return Ai, w, h, U, ht
+
+
+class DeltaRuleFunction(torch.autograd.Function):
+    """o, final state = the (gated when g is given) delta rule; the backward recomputes the
+    chunk-local quantities and the states from the saved inputs."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                g: torch.Tensor | None, beta: torch.Tensor, scale: float,
+                initial_state: torch.Tensor | None, output_final_state: bool,
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+        h0 = None if initial_state is None else initial_state.contiguous()
+        n = _Launch(q, v, chunk_size)
+        G = None if g is None else chunk_local_cumsum(g, chunk_size)
+        _, _, h, U, ht = _prepare_and_state(n, k, v, beta, G, h0, False, output_final_state)
+        o = torch.empty_like(v, dtype=q.dtype)
+        if POISON_BUFFERS:
+            o.fill_(float("nan"))
+        delta_rule_fwd_kernel_o[(n.NV, n.N, n.BH)](
+            q, k, U, h, G, o, scale, n.T, n.N, USE_G=G is not None, **n.sizes())
+        ctx.save_for_backward(q, k, v, g, beta, h0)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        return o, ht
+
+    @staticmethod
+    def backward(ctx: Any, do: torch.Tensor, dht: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, g, beta, h0 = ctx.saved_tensors
+        do = do.contiguous()
+        dht = None if dht is None else dht.contiguous()
+        n = _Launch(q, v, ctx.chunk_size)
+        G = None if g is None else chunk_local_cumsum(g, ctx.chunk_size)
+        Ai, w, h, U, _ = _prepare_and_state(n, k, v, beta, G, h0, True, False)
+        dh = _buffer((n.BH, n.N, n.K, n.V), q)
+        dU = _buffer((n.B, n.T, n.H, n.V), q)
+        dh0 = None if h0 is None else _buffer((n.B, n.H, n.K, n.V), q)
+        delta_rule_bwd_kernel_dhu[(n.NV, n.BH)](
+            q, k, w, G, do, dht, dh, dU, dh0, ctx.scale, n.T,
+            n.N, USE_G=G is not None, USE_DHT=dht is not None, STORE_DH0=h0 is not None,
+            **n.sizes())
+        dq, dk = _buffer(tuple(q.shape), q), _buffer(tuple(k.shape), q)
+        dv, dbeta = _buffer(tuple(v.shape), q), _buffer(tuple(beta.shape), q)
+        dG = None if g is None else _buffer(tuple(g.shape), q)
+        delta_rule_bwd_kernel_dqkvbg[(n.N, n.BH)](
+            q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG, ctx.scale, n.T, n.N,
+            USE_G=G is not None, **n.sizes())
+        dg = None if dG is None else chunk_local_cumsum(dG, ctx.chunk_size, reverse=True)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+                None if dg is None else dg.to(g.dtype), dbeta.to(beta.dtype), None,
+                None if dh0 is None else dh0.to(h0.dtype), None, None)
+
+
+
+# triton.jit picks the interpreter when a kernel is defined (TRITON_INTERPRET=1 at import)
+INTERPRETED = not isinstance(delta_rule_fwd_kernel_o, triton.runtime.jit.JITFunction)
+
+
+def delta_rule_with_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           g: torch.Tensor | None, beta: torch.Tensor, scale: float | None,
+                           initial_state: torch.Tensor | None, output_final_state: bool,
+                           chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The delta rule (gated when g is not None) through the kernels above; `op` names the
+    caller in errors. Inputs are taken as checked by `check_delta_rule_inputs`."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if q.dtype == torch.float64:
+        raise ValueError(f"{op}: the Triton kernels compute in float32; use the chunked back "
+                         "end for float64 inputs")
+    if K > MAX_K:
+        raise ValueError(f"{op}: the Triton kernels hold a whole key in registers, so K must "
+                         f"be at most {MAX_K}, got {K}")
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"{op}: the Triton kernels need CUDA tensors, got {q.device}; set "
+                         "TRITON_INTERPRET=1 before triton is imported to run them on the CPU")
+    scale = K ** -0.5 if scale is None else float(scale)
+    if T == 0:
+        S0 = (q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None
+              else initial_state.float())
+        return v.new_zeros(B, 0, H, V), (S0 if output_final_state else None)
+    return DeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                   chunk_size)
+
+
+def triton_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                      scale: float | None = None, initial_state: torch.Tensor | None = None,
+                      output_final_state: bool = True, chunk_size: int = 64,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same arguments and results as `chunk_delta_rule` (float32, bfloat16 or float16 inputs,
+    K <= 256), on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1."""
+    return delta_rule_with_triton("triton_delta_rule", q, k, v, None, beta, scale,
+                                  initial_state, output_final_state, chunk_size)

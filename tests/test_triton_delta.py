@@ -1,0 +1,343 @@
+"""The Triton delta rule and gated delta rule against the chunked tier and fla-core's naive
+recurrences: outputs, final states and the gradient of every input, with a relative error
+(norm of the difference / norm of the reference), at tiny shapes.
+
+Triton reads TRITON_INTERPRET when it is imported, so on CPU the checks run in one subprocess
+under the interpreter (started once for this module, running the selected cases); on a CUDA
+device they run here, on the compiled kernels. Every buffer a kernel writes is NaN-filled
+first, so a missed store fails the comparison.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+F = torch.nn.functional
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+B, H, K, V = 2, 2, 16, 32
+OPS = ("delta_rule", "gated_delta_rule")
+TOL = 1e-4
+
+
+def ops() -> dict[str, dict[str, Callable[..., Any]]]:
+    """The tiers by op; imported on first use, so that the subprocess imports triton itself."""
+    from nestc.ops.delta_rule.chunk import chunk_delta_rule
+    from nestc.ops.delta_rule.triton import triton_delta_rule
+    from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+    from nestc.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+    from nestc.ops.gated_delta_rule.triton import triton_gated_delta_rule
+
+    return {"triton": {"delta_rule": triton_delta_rule,
+                       "gated_delta_rule": triton_gated_delta_rule},
+            "chunked": {"delta_rule": chunk_delta_rule,
+                        "gated_delta_rule": chunk_gated_delta_rule},
+            "naive": {"gated_delta_rule": naive_recurrent_gated_delta_rule}}
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (ours.detach().double() - ref.detach().double()).norm()
+    return (diff / ref.detach().double().norm()).item()
+
+
+def assert_close(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
+    """Relative error under tol; an all-zero reference (dg of a first token that decays a zero
+    state) needs every entry within 1e-6."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    if ref.abs().max().item() == 0:
+        assert ours.abs().max().item() <= 1e-6, f"{name}: {ours.abs().max().item():.2e} != 0"
+        return
+    err = rel_err(ours, ref)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def make_inputs(op: str, T: int, with_state: bool, k_dim: int = K, v_dim: int = V,
+                decay: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Leaf tensors on DEVICE in the [B, T, H, D] layout; unit-norm keys as DeltaNet feeds."""
+    gen = torch.Generator().manual_seed(seed * 1000 + T)
+    x = {"q": torch.randn(B, T, H, k_dim, generator=gen),
+         "k": F.normalize(torch.randn(B, T, H, k_dim, generator=gen), dim=-1),
+         "v": torch.randn(B, T, H, v_dim, generator=gen),
+         "beta": torch.rand(B, T, H, generator=gen)}
+    if op == "gated_delta_rule":
+        x["g"] = decay * F.logsigmoid(torch.randn(B, T, H, generator=gen))
+    if with_state:
+        x["initial_state"] = torch.randn(B, H, k_dim, v_dim, generator=gen)
+    return {name: t.to(DEVICE).requires_grad_() for name, t in x.items()}
+
+
+def call(tier: str, op: str, x: dict[str, torch.Tensor], **kw: Any) -> Any:
+    fn = ops()[tier][op]
+    if op == "delta_rule":
+        return fn(x["q"], x["k"], x["v"], x["beta"], initial_state=x.get("initial_state"), **kw)
+    return fn(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x.get("initial_state"),
+              **kw)
+
+
+def results(o: torch.Tensor, S: torch.Tensor | None, x: dict[str, torch.Tensor]
+            ) -> dict[str, torch.Tensor]:
+    """o, the final state and the gradient of every input for <o, do> + <S, dS>."""
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(o.shape, generator=gen).to(DEVICE)
+    loss = (o.float() * do).sum()
+    out = {"o": o.detach()}
+    if S is not None:
+        dS = torch.randn(S.shape, generator=gen).to(DEVICE)
+        loss = loss + (S * dS).sum()
+        out["final_state"] = S.detach()
+    grads = torch.autograd.grad(loss, list(x.values()))
+    return out | {f"d{name}": g for name, g in zip(x, grads)}
+
+
+def compare(op: str, x: dict[str, torch.Tensor], tol: float = TOL, **kw: Any
+            ) -> dict[str, torch.Tensor]:
+    """The Triton tier against the chunked tier on the same inputs, dtypes included; returns
+    the Triton tier's results."""
+    ours = results(*call("triton", op, x, **kw), x)
+    ref = results(*call("chunked", op, x, **kw), x)
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert ours[name].dtype == ref[name].dtype, (name, ours[name].dtype, ref[name].dtype)
+        assert_close(f"{op} {name}", ours[name], ref[name], tol)
+    return ours
+
+
+@functools.cache
+def fla_naive(relpath: str) -> ModuleType:
+    """A naive reference file of fla-core, loaded by path (importing `fla` pulls in its own
+    Triton kernels); these files need only torch and einops."""
+    pytest.importorskip("einops")
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("fla-core is not installed")
+    path = Path(spec.submodule_search_locations[0]) / relpath
+    module_spec = importlib.util.spec_from_file_location(f"fla_naive_{path.parent.name}", path)
+    assert module_spec is not None and module_spec.loader is not None, path
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def run_fla(op: str, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if op == "delta_rule":
+        # [B, H, T, D], and q always scaled by K ** -0.5 (our default scale)
+        fla = fla_naive("ops/delta_rule/naive.py")
+        q, k, v, beta = (x[n].transpose(1, 2) for n in ("q", "k", "v", "beta"))
+        o, S = fla.delta_rule_recurrence(q, k, v, beta, initial_state=x.get("initial_state"),
+                                         output_final_state=True)
+        return o.transpose(1, 2), S
+    fla = fla_naive("ops/gated_delta_rule/naive.py")
+    return fla.naive_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"],
+                                                initial_state=x.get("initial_state"),
+                                                output_final_state=True)
+
+
+# The checks, by case name; each runs where the kernels can (see the module docstring).
+
+def check_matches_chunked_tier(op: str, T: int, chunk_size: int, with_state: bool) -> None:
+    compare(op, make_inputs(op, T, with_state), chunk_size=chunk_size)
+
+
+def check_matches_fla_naive(op: str, with_state: bool) -> None:
+    x = make_inputs(op, 33, with_state, seed=1)
+    ref = results(*run_fla(op, x), x)
+    ours = results(*call("triton", op, x, chunk_size=16), x)
+    for name in ref:
+        assert_close(f"{op} {name}", ours[name], ref[name])
+
+
+def check_key_and_value_widths_off_the_blocks(op: str) -> None:
+    """K = 20 masks a 32-wide key block; V = 80 takes two 64-wide value tiles, one partial."""
+    compare(op, make_inputs(op, 37, True, k_dim=20, v_dim=80), chunk_size=16)
+
+
+def check_scale_without_final_state(op: str) -> None:
+    ours = compare(op, make_inputs(op, 33, True), scale=0.3, output_final_state=False,
+                   chunk_size=32)
+    assert "final_state" not in ours  # the state came back as None
+
+
+def check_strong_decay_stays_finite() -> None:
+    """g around -40 a token: exp(G) underflows within a chunk; nothing may overflow, and the
+    padding past T (G = 0 there) must not meet the decayed tokens in an exponent. dg is bound
+    by float32 cancellation in both tiers (9e-5 for the chunked tier on this draw, 3e-3 on
+    others), so it is held to twice the chunked tier's own error against a float64 recurrence
+    instead of to 1e-4."""
+    op = "gated_delta_rule"
+    x = make_inputs(op, 40, True, decay=40.0)
+    ours = results(*call("triton", op, x, chunk_size=16), x)
+    ref = results(*call("chunked", op, x, chunk_size=16), x)
+    for name in ref:
+        if name != "dg":
+            assert_close(name, ours[name], ref[name])
+    x64 = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    exact = results(*call("naive", op, x64), x64)
+    assert torch.isfinite(ours["dg"]).all()
+    err, err_chunked = rel_err(ours["dg"], exact["dg"]), rel_err(ref["dg"], exact["dg"])
+    assert err <= 2 * err_chunked + 1e-5, (err, err_chunked)
+
+
+def check_bfloat16_inputs(op: str) -> None:
+    """bf16 in, float32 inside: o and the gradients in bf16, the state in float32, close to the
+    chunked tier, which rounds the same float32 values (1e-2: the interpreter truncates float32
+    to bf16 where a GPU rounds to nearest)."""
+    x = {n: t.detach().to(torch.bfloat16).requires_grad_()
+         for n, t in make_inputs(op, 33, True).items()}
+    ours = compare(op, x, tol=1e-2, chunk_size=16)
+    assert ours["o"].dtype == torch.bfloat16 and ours["final_state"].dtype == torch.float32
+    assert all(ours[f"d{n}"].dtype == torch.bfloat16 for n in x)
+
+
+def check_empty_sequence(op: str) -> None:
+    x = {n: (t[:, :0] if n != "initial_state" else t)
+         for n, t in make_inputs(op, 5, True).items()}
+    o, S = call("triton", op, x)
+    assert o.shape == (B, 0, H, V)
+    assert torch.equal(S, x["initial_state"])
+
+
+def check_refusals() -> None:
+    x64 = {n: t.detach().double() for n, t in make_inputs("delta_rule", 5, False).items()}
+    with pytest.raises(ValueError, match="float32; use the chunked back end for float64"):
+        call("triton", "delta_rule", x64)
+    with pytest.raises(ValueError, match="K must be at most 256, got 257"):
+        call("triton", "delta_rule", make_inputs("delta_rule", 5, False, k_dim=257))
+
+
+def check_public_op_takes_the_triton_backend(op: str) -> None:
+    """nestc.ops.<op>(..., backend="triton") runs these kernels (once), and equals the default
+    tier."""
+    from nestc.ops.delta_rule import triton as kernels
+
+    calls = []
+    apply = kernels.DeltaRuleFunction.apply
+    kernels.DeltaRuleFunction.apply = lambda *a: calls.append(1) or apply(*a)  # type: ignore
+    try:
+        check_public_op_runs(op)
+    finally:
+        kernels.DeltaRuleFunction.apply = apply  # type: ignore
+    assert len(calls) == 1
+
+
+def check_public_op_runs(op: str) -> None:
+    import nestc.ops
+
+    x = make_inputs(op, 21, True)
+    fn = getattr(nestc.ops, op)
+    args = [x[n] for n in (("q", "k", "v", "beta") if op == "delta_rule"
+                           else ("q", "k", "v", "g", "beta"))]
+    ours = results(*fn(*args, initial_state=x["initial_state"], chunk_size=16,
+                       backend="triton"), x)
+    ref = results(*fn(*args, initial_state=x["initial_state"], chunk_size=16), x)
+    for name in ref:
+        assert_close(f"{op} {name}", ours[name], ref[name])
+
+
+def check_kernels_match_the_device() -> None:
+    """Interpreted on CPU (the subprocess), compiled on CUDA."""
+    from nestc.ops.delta_rule import triton as kernels
+
+    assert kernels.INTERPRETED is (DEVICE == "cpu")
+
+
+CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {}
+for _op in OPS:
+    for _T in (1, 17, 33):
+        for _C in (16, 32):
+            for _state in (False, True):
+                CASES[f"chunked-{_op}-T{_T}-C{_C}-{'state' if _state else 'zero'}"] = (
+                    check_matches_chunked_tier, (_op, _T, _C, _state))
+    for _state in (False, True):
+        CASES[f"fla_naive-{_op}-{'state' if _state else 'zero'}"] = (
+            check_matches_fla_naive, (_op, _state))
+    CASES[f"widths-{_op}"] = (check_key_and_value_widths_off_the_blocks, (_op,))
+    CASES[f"scale_no_final_state-{_op}"] = (check_scale_without_final_state, (_op,))
+    CASES[f"bfloat16-{_op}"] = (check_bfloat16_inputs, (_op,))
+    CASES[f"empty-{_op}"] = (check_empty_sequence, (_op,))
+    CASES[f"public_op-{_op}"] = (check_public_op_takes_the_triton_backend, (_op,))
+CASES["strong_decay"] = (check_strong_decay_stays_finite, ())
+CASES["refusals"] = (check_refusals, ())
+CASES["interpreted_on_cpu"] = (check_kernels_match_the_device, ())
+
+
+def run_cases(names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each case's outcome: "ok", "skip" or "fail", with the message and the seconds it took."""
+    from nestc.ops.delta_rule import triton as kernels
+
+    kernels.POISON_BUFFERS = True
+    out = {}
+    try:
+        for name in names:
+            fn, args = CASES[name]
+            start = time.perf_counter()
+            try:
+                fn(*args)
+                outcome, message = "ok", ""
+            except pytest.skip.Exception as e:
+                outcome, message = "skip", str(e)
+            except Exception:
+                outcome, message = "fail", traceback.format_exc(limit=-3)
+            out[name] = {"outcome": outcome, "message": message,
+                         "seconds": round(time.perf_counter() - start, 2)}
+    finally:
+        kernels.POISON_BUFFERS = False
+    return out
+
+
+# the subprocess: this file loaded by path under TRITON_INTERPRET=1, the selected cases run
+CHILD = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("triton_delta_checks", sys.argv[1])
+checks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(checks)
+print(json.dumps(checks.run_cases(sys.argv[2:])))
+"""
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+    """The outcomes of the cases this session selected, run once."""
+    names = [item.callspec.params["case"] for item in request.session.items
+             if item.path == Path(__file__) and hasattr(item, "callspec")]
+    if DEVICE == "cuda":
+        return run_cases(names)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", CHILD, __file__, *names], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_delta(case: str, outcomes: dict[str, dict[str, Any]]) -> None:
+    result = outcomes[case]
+    if result["outcome"] == "skip":
+        pytest.skip(result["message"])
+    if result["outcome"] != "ok":
+        pytest.fail(f"{case} failed in the subprocess:\n{result['message']}", pytrace=False)
+
+
+@pytest.mark.skipif(DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the kernels can run here")
+def test_the_triton_backend_on_cpu_without_the_interpreter_says_how_to_run_it() -> None:
+    import nestc.ops
+
+    x = make_inputs("delta_rule", 5, False)
+    with pytest.raises(ValueError, match="need CUDA tensors, got cpu; set TRITON_INTERPRET=1"):
+        nestc.ops.delta_rule(x["q"], x["k"], x["v"], x["beta"], backend="triton")
