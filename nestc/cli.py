@@ -173,7 +173,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _where_to_run(p: argparse.ArgumentParser, whose: str) -> None:
     """--backend, --device and --threads, which train and bench share."""
-    p.add_argument("--backend", default=None, help=f"{whose} back end: reference or chunked")
+    p.add_argument("--backend", default=None,
+                   help=f"{whose} back end: reference, chunked or triton")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if "
                    "there is one)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")

@@ -465,13 +465,21 @@ class LinearMemory(Memory):
             q = F.pad(q, (0, 0, 0, 0, 0, 1))
         T = q.shape[1]
         C = min(self.chunk, max(T, 1))  # exact for any chunk: a short piece needs no padding
+        delta, gated, Cd = chunk_delta_rule, chunk_gated_delta_rule, C
+        if self.backend == "triton" and q.dtype != torch.float64:  # the kernels: float32 inside
+            from nestc.ops.delta_rule.triton import triton_delta_rule
+            from nestc.ops.gated_delta_rule.triton import triton_gated_delta_rule
+
+            delta, gated = triton_delta_rule, triton_gated_delta_rule
+            # their chunk is a power of two >= 16 (the result does not depend on it)
+            Cd = self.chunk if self.chunk >= 16 and not self.chunk & (self.chunk - 1) else 64
         o: torch.Tensor
         S: torch.Tensor | None
         if self.objective == "dot":
             g = None if retain is None else _log(retain)
             o, S = chunk_linear_attention(q, k, v, lr, g, S0, C)
         elif retain is None and (self.rule == "gd" or self.gated):
-            o, S = chunk_delta_rule(q, k, v, lr, 1.0, S0, True, C)
+            o, S = delta(q, k, v, lr, 1.0, S0, True, Cd)
         else:
             r = torch.ones_like(lr) if retain is None else retain
             if not self.gated:  # these divide by r: below 1e-6 it is taken as 1e-6
@@ -482,7 +490,7 @@ class LinearMemory(Memory):
                 beta, vv = lr / r, v * r[..., None]
             else:  # literal: S (r I - 2 lr k k^T) + lr v k^T
                 beta, vv = 2 * lr / r, v * (r[..., None] / 2)
-            o, S = chunk_gated_delta_rule(q, k, vv, _log(r), beta, 1.0, S0, True, C)
+            o, S = gated(q, k, vv, _log(r), beta, 1.0, S0, True, Cd)
         if self.read_before:
             o = o[:, : T - 1]
         return o, S

@@ -226,12 +226,12 @@ def check_public_op_takes_the_triton_backend(op: str) -> None:
     from nestc.ops.delta_rule import triton as kernels
 
     calls = []
-    apply = kernels.DeltaRuleFunction.apply
-    kernels.DeltaRuleFunction.apply = lambda *a: calls.append(1) or apply(*a)  # type: ignore
+    fwd = kernels.delta_rule_fwd
+    kernels.delta_rule_fwd = lambda *a: calls.append(1) or fwd(*a)  # type: ignore
     try:
         check_public_op_runs(op)
     finally:
-        kernels.DeltaRuleFunction.apply = apply  # type: ignore
+        kernels.delta_rule_fwd = fwd  # type: ignore
     assert len(calls) == 1
 
 
@@ -247,6 +247,87 @@ def check_public_op_runs(op: str) -> None:
     ref = results(*fn(*args, initial_state=x["initial_state"], chunk_size=16), x)
     for name in ref:
         assert_close(f"{op} {name}", ours[name], ref[name])
+
+
+def counting_kernel_calls() -> Any:
+    """A context manager counting the calls of the forward op, in a list."""
+    import contextlib
+
+    from nestc.ops.delta_rule import triton as kernels
+
+    @contextlib.contextmanager
+    def counting() -> Any:
+        calls: list[int] = []
+        fwd = kernels.delta_rule_fwd
+        kernels.delta_rule_fwd = lambda *a: calls.append(1) or fwd(*a)  # type: ignore
+        try:
+            yield calls
+        finally:
+            kernels.delta_rule_fwd = fwd  # type: ignore
+    return counting()
+
+
+def built_blocks(name: str, T: int = 37) -> tuple[Any, Any, torch.Tensor]:
+    """The stdlib block `name` built with the triton and the chunked back ends from one seed,
+    and an input."""
+    import nestc
+
+    prog = nestc.load("std/memory/deltanet.nest")
+    models = []
+    for backend in ("triton", "chunked"):
+        torch.manual_seed(0)
+        models.append(prog.build(name, dim=32, heads=2, chunk=16, backend=backend).to(DEVICE))
+    x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    return models[0], models[1], x
+
+
+def outputs_and_grads(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = x.detach().requires_grad_()
+    y, state = model(x, return_state=True)
+    loss = (y * torch.linspace(-1, 1, y.shape[-1], device=DEVICE)).sum() + \
+        sum(s.sum() for s in state.values() if isinstance(s, torch.Tensor))
+    names = [n.removeprefix("_orig_mod.") for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(loss, [x, *model.parameters()])
+    return {"y": y.detach(), "dx": grads[0], **{f"d{n}": g for n, g in zip(names, grads[1:])}}
+
+
+def check_compiler_selects_the_kernels(name: str) -> None:
+    """prog.build(..., backend="triton") runs the delta-rule memory through the kernels: the
+    same outputs, state and gradients as the chunked tier."""
+    ours, ref, x = built_blocks(name)
+    with counting_kernel_calls() as calls:
+        got = outputs_and_grads(ours, x)
+    assert calls, "the kernels did not run"
+    want = outputs_and_grads(ref, x)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert_close(f"{name} {key}", got[key], want[key])
+
+
+def check_torch_compile_matches_eager(name: str) -> None:
+    """torch.compile traces around the custom ops (their fake implementations and registered
+    backward) in one graph, and equals eager."""
+    import torch._dynamo
+
+    ours, _, x = built_blocks(name)
+    want = outputs_and_grads(ours, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    got = outputs_and_grads(compiled, x)
+    for key in want:
+        assert_close(f"compiled {name} {key}", got[key], want[key], 1e-6)
+
+
+def check_custom_op_registration(op: str) -> None:
+    """torch.library.opcheck: the schema, the fake implementation and the autograd
+    registration agree with the op."""
+    from nestc.ops.delta_rule import triton as kernels
+
+    x = make_inputs(op, 19, True)
+    g = x.get("g")
+    torch.library.opcheck(kernels.delta_rule_fwd,
+                          (x["q"], x["k"], x["v"], g, x["beta"], 0.25, x["initial_state"],
+                           True, 16))
 
 
 def check_kernels_match_the_device() -> None:
@@ -271,6 +352,10 @@ for _op in OPS:
     CASES[f"bfloat16-{_op}"] = (check_bfloat16_inputs, (_op,))
     CASES[f"empty-{_op}"] = (check_empty_sequence, (_op,))
     CASES[f"public_op-{_op}"] = (check_public_op_takes_the_triton_backend, (_op,))
+    CASES[f"opcheck-{_op}"] = (check_custom_op_registration, (_op,))
+for _block in ("DeltaNet", "GatedDeltaNet"):
+    CASES[f"build-{_block}"] = (check_compiler_selects_the_kernels, (_block,))
+    CASES[f"compile-{_block}"] = (check_torch_compile_matches_eager, (_block,))
 CASES["strong_decay"] = (check_strong_decay_stays_finite, ())
 CASES["refusals"] = (check_refusals, ())
 CASES["interpreted_on_cpu"] = (check_kernels_match_the_device, ())

@@ -24,6 +24,9 @@ S_n, U), then, with dS_{n+1} the gradient of the state leaving chunk n:
                                dA = -Ai^T dAi Ai^T (strictly lower), A and the outputs;
                                dG collects every exp(G) factor, and dg is its reverse running
                                sum within the chunk (torch).
+The forward and the backward are the torch.library custom ops nestc::delta_rule_fwd and
+nestc::delta_rule_bwd (with fake implementations and the backward registered as the forward's
+autograd formula), so torch.compile traces around them in one graph.
 Operands are loaded in their dtype and everything is computed in float32; matmuls of float32
 inputs use IEEE float32 (no TF32), so the kernels match the chunked tier to about 1e-6.
 Block sizes: C = chunk_size, BK = K rounded up to a power of two >= 16 (K <= 256: a whole key
@@ -377,56 +380,128 @@ def _prepare_and_state(n: _Launch, k: torch.Tensor, v: torch.Tensor, beta: torch
     return Ai, w, h, U, ht
 
 
-class DeltaRuleFunction(torch.autograd.Function):
-    """o, final state = the (gated when g is given) delta rule; the backward recomputes the
-    chunk-local quantities and the states from the saved inputs."""
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+             beta: torch.Tensor, scale: float, h0: torch.Tensor | None, output_final_state: bool,
+             chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    h0 = None if h0 is None else h0.contiguous()
+    n = _Launch(q, v, chunk_size)
+    G = None if g is None else chunk_local_cumsum(g, chunk_size)
+    _, _, h, U, ht = _prepare_and_state(n, k, v, beta, G, h0, False, output_final_state)
+    o = torch.empty_like(v, dtype=q.dtype)
+    if POISON_BUFFERS:
+        o.fill_(float("nan"))
+    delta_rule_fwd_kernel_o[(n.NV, n.N, n.BH)](
+        q, k, U, h, G, o, scale, n.T, n.N, USE_G=G is not None, **n.sizes())
+    return o, ht
 
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                g: torch.Tensor | None, beta: torch.Tensor, scale: float,
-                initial_state: torch.Tensor | None, output_final_state: bool,
-                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
-        h0 = None if initial_state is None else initial_state.contiguous()
-        n = _Launch(q, v, chunk_size)
-        G = None if g is None else chunk_local_cumsum(g, chunk_size)
-        _, _, h, U, ht = _prepare_and_state(n, k, v, beta, G, h0, False, output_final_state)
-        o = torch.empty_like(v, dtype=q.dtype)
-        if POISON_BUFFERS:
-            o.fill_(float("nan"))
-        delta_rule_fwd_kernel_o[(n.NV, n.N, n.BH)](
-            q, k, U, h, G, o, scale, n.T, n.N, USE_G=G is not None, **n.sizes())
-        ctx.save_for_backward(q, k, v, g, beta, h0)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
-        return o, ht
 
-    @staticmethod
-    def backward(ctx: Any, do: torch.Tensor, dht: torch.Tensor | None
-                 ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, g, beta, h0 = ctx.saved_tensors
-        do = do.contiguous()
-        dht = None if dht is None else dht.contiguous()
-        n = _Launch(q, v, ctx.chunk_size)
-        G = None if g is None else chunk_local_cumsum(g, ctx.chunk_size)
-        Ai, w, h, U, _ = _prepare_and_state(n, k, v, beta, G, h0, True, False)
-        dh = _buffer((n.BH, n.N, n.K, n.V), q)
-        dU = _buffer((n.B, n.T, n.H, n.V), q)
-        dh0 = None if h0 is None else _buffer((n.B, n.H, n.K, n.V), q)
-        delta_rule_bwd_kernel_dhu[(n.NV, n.BH)](
-            q, k, w, G, do, dht, dh, dU, dh0, ctx.scale, n.T,
-            n.N, USE_G=G is not None, USE_DHT=dht is not None, STORE_DH0=h0 is not None,
-            **n.sizes())
-        dq, dk = _buffer(tuple(q.shape), q), _buffer(tuple(k.shape), q)
-        dv, dbeta = _buffer(tuple(v.shape), q), _buffer(tuple(beta.shape), q)
-        dG = None if g is None else _buffer(tuple(g.shape), q)
-        delta_rule_bwd_kernel_dqkvbg[(n.N, n.BH)](
-            q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG, ctx.scale, n.T, n.N,
-            USE_G=G is not None, **n.sizes())
-        dg = None if dG is None else chunk_local_cumsum(dG, ctx.chunk_size, reverse=True)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-                None if dg is None else dg.to(g.dtype), dbeta.to(beta.dtype), None,
-                None if dh0 is None else dh0.to(h0.dtype), None, None)
+def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+              beta: torch.Tensor, scale: float, h0: torch.Tensor | None, chunk_size: int,
+              do: torch.Tensor, dht: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """dq, dk, dv, dg (None without g), dbeta, dh0 (None without h0), each in its input's
+    dtype: the chunk-local quantities and the states are recomputed from the inputs."""
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    h0 = None if h0 is None else h0.contiguous()
+    do = do.contiguous()
+    dht = None if dht is None else dht.contiguous()
+    n = _Launch(q, v, chunk_size)
+    G = None if g is None else chunk_local_cumsum(g, chunk_size)
+    Ai, w, h, U, _ = _prepare_and_state(n, k, v, beta, G, h0, True, False)
+    dh = _buffer((n.BH, n.N, n.K, n.V), q)
+    dU = _buffer((n.B, n.T, n.H, n.V), q)
+    dh0 = None if h0 is None else _buffer((n.B, n.H, n.K, n.V), q)
+    delta_rule_bwd_kernel_dhu[(n.NV, n.BH)](
+        q, k, w, G, do, dht, dh, dU, dh0, scale, n.T, n.N, USE_G=G is not None,
+        USE_DHT=dht is not None, STORE_DH0=h0 is not None, **n.sizes())
+    dq, dk = _buffer(tuple(q.shape), q), _buffer(tuple(k.shape), q)
+    dv, dbeta = _buffer(tuple(v.shape), q), _buffer(tuple(beta.shape), q)
+    dG = None if g is None else _buffer(tuple(g.shape), q)
+    delta_rule_bwd_kernel_dqkvbg[(n.N, n.BH)](
+        q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG, scale, n.T, n.N,
+        USE_G=G is not None, **n.sizes())
+    dg = None if dG is None else chunk_local_cumsum(dG, chunk_size, reverse=True)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            None if dg is None or g is None else dg.to(g.dtype), dbeta.to(beta.dtype),
+            None if dh0 is None or h0 is None else dh0.to(h0.dtype))
 
+
+# The kernels as torch.library custom ops (nestc::delta_rule_fwd / _bwd), so that
+# torch.compile traces around them: a fake implementation gives the shapes, and the backward
+# is registered as an op too. A custom op cannot return None, so "no final state" and "no
+# gradient" travel as empty tensors (NONE) and become None again outside.
+
+def _none(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return like.new_empty(shape, dtype=dtype)
+
+
+def _or_none(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None or x.numel() == 0 and x.dim() == 1 else x
+
+
+@torch.library.custom_op("nestc::delta_rule_fwd", mutates_args=())
+def delta_rule_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                   beta: torch.Tensor, scale: float, initial_state: torch.Tensor | None,
+                   output_final_state: bool, chunk_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """o and the final state (an empty tensor without output_final_state)."""
+    o, ht = _forward(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
+    return o, ht if ht is not None else _none((0,), q, torch.float32)
+
+
+@delta_rule_fwd.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+      beta: torch.Tensor, scale: float, initial_state: torch.Tensor | None,
+      output_final_state: bool, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    o = q.new_empty((B, T, H, V))
+    return o, _none((B, H, K, V) if output_final_state else (0,), q, torch.float32)
+
+
+@torch.library.custom_op("nestc::delta_rule_bwd", mutates_args=())
+def delta_rule_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                   beta: torch.Tensor, scale: float, initial_state: torch.Tensor | None,
+                   chunk_size: int, do: torch.Tensor, dht: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, dg, dbeta, dh0 (dg and dh0 empty when g or the initial state is None)."""
+    grads = _backward(q, k, v, g, beta, scale, initial_state, chunk_size, do, dht)
+    dq, dk, dv, dg, dbeta, dh0 = grads
+    assert dq is not None and dk is not None and dv is not None and dbeta is not None
+    return (dq, dk, dv, dg if dg is not None else _none((0,), q, q.dtype), dbeta,
+            dh0 if dh0 is not None else _none((0,), q, q.dtype))
+
+
+@delta_rule_bwd.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+      beta: torch.Tensor, scale: float, initial_state: torch.Tensor | None, chunk_size: int,
+      do: torch.Tensor, dht: torch.Tensor | None
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                 torch.Tensor]:
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(g) if g is not None else _none((0,), q, q.dtype),
+            torch.empty_like(beta),
+            torch.empty_like(initial_state) if initial_state is not None
+            else _none((0,), q, q.dtype))
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    q, k, v, g, beta, scale, h0, _, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, g, beta, h0)
+    ctx.scale, ctx.chunk_size = scale, chunk_size
+
+
+def _autograd_backward(ctx: Any, do: torch.Tensor, dht: torch.Tensor | None
+                       ) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, g, beta, h0 = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, dh0 = delta_rule_bwd(q, k, v, g, beta, ctx.scale, h0,
+                                                ctx.chunk_size, do, _or_none(dht))
+    return (dq, dk, dv, _or_none(dg) if g is not None else None, dbeta, None,
+            _or_none(dh0) if h0 is not None else None, None, None)
+
+
+delta_rule_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # triton.jit picks the interpreter when a kernel is defined (TRITON_INTERPRET=1 at import)
@@ -455,8 +530,9 @@ def delta_rule_with_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
         S0 = (q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None
               else initial_state.float())
         return v.new_zeros(B, 0, H, V), (S0 if output_final_state else None)
-    return DeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                   chunk_size)
+    o, ht = delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state,
+                           chunk_size)
+    return o, _or_none(ht)
 
 
 def triton_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
