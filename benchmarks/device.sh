@@ -18,13 +18,18 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if has tests; then
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
         | tee "$OUT/test_gpu.txt"
+    # the Triton delta rules, compiled (on CPU the same checks run under the interpreter)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_delta.py 2>&1 \
+        | tee -a "$OUT/test_gpu.txt"
 fi
 if has memory; then
-    timeout 120 python3 benchmarks/gpu_memory.py --out "$OUT/gpu_memory.md" 2>&1
+    timeout 240 python3 benchmarks/gpu_memory.py --out "$OUT/gpu_memory.md" 2>&1
 fi
 if has lm; then
     timeout 120 python3 benchmarks/memory.py --lm-only --hope --device cuda --lm-batch 16 \
         --lm-T 512 --warmup 3 --reps 5 2>&1 | tee "$OUT/lm_gpu.md"
+    timeout 60 python3 benchmarks/memory.py --lm-only --device cuda --backend triton \
+        --lm-batch 16 --lm-T 512 --warmup 3 --reps 5 2>&1 | tee -a "$OUT/lm_gpu.md"
 fi
 if has train; then
     timeout 120 python3 -m nestc.cli train std/models/hope.nest HopeLM --task mqar \

@@ -1,55 +1,77 @@
 """Memory recurrences on a CUDA device: nestc's delta rules against fla-core's Triton kernels.
 
-Forward+backward time of fla-core's `chunk_delta_rule` / `chunk_gated_delta_rule` (Triton) and
-of nestc's tiers on the same inputs, at B=4, H=8, D in {64, 128}, T in --T, bfloat16; plus a
-float32 check that the two agree. Writes a Markdown table (--out). nestc has no Triton tier for
-these yet (issue 6): its rows are the chunked PyTorch tier, the floor that tier must beat.
-Usage: python benchmarks/gpu_memory.py [--T 1024 4096] [--reps 10] [--out table.md]
-(needs a GPU and fla-core with its Triton kernels: pip install --no-deps fla-core einops).
+Forward+backward time of fla-core's `chunk_delta_rule` / `chunk_gated_delta_rule` (Triton),
+nestc's Triton tier and nestc's chunked PyTorch tier on the same inputs, at B=4, H=8, D in
+--D, T in --T, bfloat16; plus a float32 check that they agree. Writes a Markdown table (--out).
+The targets (issue 6): nestc's Triton tier within 1.25x of fla's chunk kernel, and at least
+5x faster than the chunked tier at T=4K.
+
+    python benchmarks/gpu_memory.py [--T 1024 4096 16384] [--D 64 128] [--reps 10] [--out t.md]
+    python benchmarks/gpu_memory.py --dry    # CPU, tiny shapes, kernels under the interpreter
+
+The GPU run needs fla-core with its Triton kernels (pip install --no-deps fla-core einops).
+`--dry` checks the script itself on a CPU: TRITON_INTERPRET=1, B=1, H=2, D=16, T=32 and 80,
+float32, wall-clock timing, and no fla column (its kernels are not run under the interpreter);
+its numbers say nothing about speed.
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
-from pathlib import Path
+import os
+import sys
 
-import torch
+if __name__ == "__main__" and "--dry" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
-import nestc.ops
+import argparse  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import nestc.ops  # noqa: E402
+
+Run = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, gated: bool,
+def inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, gated: bool, device: str,
            seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, T, H, D, device="cuda", generator=g, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, T, H, D, device=device, generator=g, dtype=dtype)
     k = torch.nn.functional.normalize(
-        torch.randn(B, T, H, D, device="cuda", generator=g), dim=-1).to(dtype)
-    v = torch.randn(B, T, H, D, device="cuda", generator=g, dtype=dtype)
-    beta = torch.rand(B, T, H, device="cuda", generator=g).to(dtype)
+        torch.randn(B, T, H, D, device=device, generator=g), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, D, device=device, generator=g, dtype=dtype)
+    beta = torch.rand(B, T, H, device=device, generator=g).to(dtype)
     xs = [q, k, v, beta]
     if gated:  # log retention in (log 0.9, 0)
-        xs.append((0.9 + 0.1 * torch.rand(B, T, H, device="cuda", generator=g)).log())
+        xs.append((0.9 + 0.1 * torch.rand(B, T, H, device=device, generator=g)).log())
     return [x.requires_grad_(True) for x in xs]
 
 
-def ms(fn: Callable[[], None], reps: int) -> float:
-    """Median of reps timed calls (CUDA events), after three warm-up calls."""
-    for _ in range(3):
+def ms(fn: Callable[[], None], reps: int, cuda: bool) -> float:
+    """Median of reps timed calls (CUDA events on a GPU, the wall clock on a CPU), after
+    warm-up calls (three on a GPU, one on a CPU)."""
+    for _ in range(3 if cuda else 1):
         fn()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if cuda:
+            start, end = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            tick = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - tick))
     return sorted(times)[len(times) // 2]
 
 
-def fwd_bwd(run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
-            xs: list[torch.Tensor]) -> Callable[[], None]:
+def fwd_bwd(run: Run, xs: list[torch.Tensor]) -> Callable[[], None]:
     def call() -> None:
         for x in xs:
             x.grad = None
@@ -58,59 +80,98 @@ def fwd_bwd(run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
     return call
 
 
-def ops(gated: bool) -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
-                              Callable[..., tuple[torch.Tensor, torch.Tensor | None]]]:
-    """(fla's chunk kernel, nestc's op), both taking (q, k, v, beta[, g])."""
+def ops(gated: bool, fla: bool) -> dict[str, Run]:
+    """The implementations by column, each taking (q, k, v, beta[, g]): fla's chunk kernel
+    (when fla), nestc's Triton tier and nestc's chunked tier."""
+    out: dict[str, Run] = {}
     if gated:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        if fla:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-        return (lambda q, k, v, b, g: chunk_gated_delta_rule(q, k, v, g, b, scale=1.0,
-                                                             output_final_state=True),
-                lambda q, k, v, b, g: nestc.ops.gated_delta_rule(q, k, v, g, b, scale=1.0))
-    from fla.ops.delta_rule import chunk_delta_rule
+            out["fla"] = lambda q, k, v, b, g: chunk_gated_delta_rule(
+                q, k, v, g, b, scale=1.0, output_final_state=True)
+        for backend in ("triton", "chunked"):
+            out[backend] = lambda q, k, v, b, g, backend=backend: nestc.ops.gated_delta_rule(
+                q, k, v, g, b, scale=1.0, backend=backend)
+        return out
+    if fla:
+        from fla.ops.delta_rule import chunk_delta_rule
 
-    return (lambda q, k, v, b: chunk_delta_rule(q, k, v, b, scale=1.0, output_final_state=True),
-            lambda q, k, v, b: nestc.ops.delta_rule(q, k, v, b, scale=1.0))
+        out["fla"] = lambda q, k, v, b: chunk_delta_rule(q, k, v, b, scale=1.0,
+                                                         output_final_state=True)
+    for backend in ("triton", "chunked"):
+        out[backend] = lambda q, k, v, b, backend=backend: nestc.ops.delta_rule(
+            q, k, v, b, scale=1.0, backend=backend)
+    return out
 
 
-def agreement(gated: bool) -> float:
-    """Largest difference of nestc's output from fla's, relative to fla's largest, float32."""
-    fla, ours = ops(gated)
-    xs = inputs(2, 300, 4, 64, torch.float32, gated)
-    a, _ = fla(*xs)
-    b, _ = ours(*xs)
-    return ((a - b).abs().max() / a.abs().max()).item()
+def agreement(gated: bool, fla: bool, device: str) -> dict[str, float]:
+    """Largest difference of each tier's output from the chunked tier's, relative to its
+    largest entry, in float32 at T=300 (T=45 on a CPU)."""
+    runs = ops(gated, fla)
+    xs = inputs(2, 300 if device == "cuda" else 45, 4, 64 if device == "cuda" else 16,
+                torch.float32, gated, device)
+    ref, _ = runs["chunked"](*xs)
+    return {name: ((run(*xs)[0] - ref).abs().max() / ref.abs().max()).item()
+            for name, run in runs.items() if name != "chunked"}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--D", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--out", help="also write the table here")
-    args = ap.parse_args()
-    lines = [f"torch {torch.__version__}, {torch.cuda.get_device_name()}, B=4, H=8, bfloat16, "
-             "forward+backward, median ms", "",
-             "| op | D | T | fla-core chunk (Triton) | nestc chunked (PyTorch) | nestc / fla |",
-             "|---|---|---|---|---|---|"]
-    print("\n".join(lines))
+def table(T_list: list[int], D_list: list[int], reps: int, dry: bool) -> list[str]:
+    device = "cpu" if dry else "cuda"
+    fla = not dry
+    B, H, dtype = (1, 2, torch.float32) if dry else (4, 8, torch.bfloat16)
+    where = "CPU, Triton interpreter (dry run: no speed meaning)" if dry else \
+        torch.cuda.get_device_name()
+    lines = [f"torch {torch.__version__}, {where}, B={B}, H={H}, "
+             f"{str(dtype).removeprefix('torch.')}, forward+backward, median ms of {reps}", "",
+             "| op | D | T | fla-core chunk (Triton) | nestc Triton | nestc chunked (PyTorch) "
+             "| Triton / fla | chunked / Triton |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for gated in (False, True):
         name = "gated_delta_rule" if gated else "delta_rule"
-        fla, ours = ops(gated)
-        for D in args.D:
-            for T in args.T:
-                xs = inputs(4, T, 8, D, torch.bfloat16, gated)
-                t_fla, t_ours = ms(fwd_bwd(fla, xs), args.reps), ms(fwd_bwd(ours, xs), args.reps)
-                row = f"| {name} | {D} | {T} | {t_fla:.2f} | {t_ours:.2f} | {t_ours / t_fla:.1f} |"
-                print(row)
+        runs = ops(gated, fla)
+        for D in D_list:
+            for T in T_list:
+                xs = inputs(B, T, H, D, dtype, gated, device)
+                t = {col: ms(fwd_bwd(run, xs), reps, not dry) for col, run in runs.items()}
+                fla_ms = f"{t['fla']:.2f}" if "fla" in t else "—"
+                vs_fla = f"{t['triton'] / t['fla']:.2f}" if "fla" in t else "—"
+                row = (f"| {name} | {D} | {T} | {fla_ms} | {t['triton']:.2f} | "
+                       f"{t['chunked']:.2f} | {vs_fla} | {t['chunked'] / t['triton']:.2f} |")
+                print(row, flush=True)
                 lines.append(row)
-        note = f"{name}: nestc chunked vs fla chunk, float32, T=300: {agreement(gated):.1e}"
-        print(note)
+        agree = agreement(gated, fla, device)
+        note = f"{name}, float32, largest difference from the chunked tier over its largest " \
+            "entry: " + ", ".join(f"{k} {v:.1e}" for k, v in agree.items())
+        print(note, flush=True)
         lines += ["", note, ""]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, nargs="+", default=None,
+                    help="sequence lengths (default 1024 4096 16384; --dry: 32 80)")
+    ap.add_argument("--D", type=int, nargs="+", default=None,
+                    help="head widths (default 64 128; --dry: 16)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls (default 10; --dry 1)")
+    ap.add_argument("--dry", action="store_true", help="CPU, tiny shapes, the interpreter")
+    ap.add_argument("--out", help="also write the table here")
+    args = ap.parse_args(argv)
+    if args.dry and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--dry needs TRITON_INTERPRET=1 before triton is imported: run the script "
+                 "itself, or set the variable")
+    if not args.dry and not torch.cuda.is_available():
+        ap.error("no CUDA device: run on a GPU, or with --dry on a CPU")
+    lines = table(args.T or ([32, 80] if args.dry else [1024, 4096, 16384]),
+                  args.D or ([16] if args.dry else [64, 128]),
+                  args.reps or (1 if args.dry else 10), args.dry)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

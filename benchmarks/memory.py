@@ -5,12 +5,12 @@ Prints a Markdown table of median times and the ratios nestc chunked / fla-core
 `delta_rule_chunkwise` (target <= 1.0) and nestc chunked / token loop (target <= 1/3), measured
 in this process at B=2, H=4, T=2048, D=64, float32, forward only and forward+backward.
 Then a table of training tokens/s (forward, backward, AdamW step) of TransformerLM, TitansLM,
-DeltaNetLM (and HopeLM with --hope) built from std/models/ with backend="chunked", at B=4,
+DeltaNetLM (and HopeLM with --hope) built from std/models/ with --backend (chunked), at B=4,
 T=256, depth 2, their widths chosen so their parameter counts match TransformerLM's at --lm-dim;
 a model the compiler does not build yet gets a line naming the missing construct instead.
 Usage: python benchmarks/memory.py [--reps 5] [--warmup 5] [--T 2048] [--chunk-size 64]
 [--fla-chunk-size 32] [--lm-only] [--quick] [--hope] [--lm-dim 96] [--depth 2]
-[--threads N] [--device cuda]
+[--threads N] [--device cuda] [--backend triton]
 (the delta rule part needs fla-core: pip install --no-deps fla-core einops).
 """
 
@@ -138,7 +138,7 @@ LM_SPECS = [("TransformerLM", "std/models/transformer.nest"),
 
 def build_lm(spec: str, name: str, dim: int, args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
-    return nestc.load(spec).build(name, backend="chunked", vocab=args.vocab, dim=dim,
+    return nestc.load(spec).build(name, backend=args.backend, vocab=args.vocab, dim=dim,
                                   depth=args.depth).to(args.device)
 
 
@@ -181,7 +181,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch
 def bench_language_models(args: argparse.Namespace) -> list[str]:
     """Markdown lines: training tokens/s (forward, backward and the spec's AdamW step, median
     over steps after warm-up, the models' steps interleaved) of the stdlib language models at
-    equal parameter count, built with backend="chunked"; TransformerLM at --lm-dim sets the
+    equal parameter count, built with --backend (default chunked); TransformerLM at --lm-dim sets the
     count, the others take the width nearest it. A model the compiler does not build yet gets
     a line naming what is missing instead of a number."""
     B, T, V = args.lm_batch, args.lm_T, args.vocab
@@ -223,7 +223,7 @@ def bench_language_models(args: argparse.Namespace) -> list[str]:
     gap = max(abs(n_params(model) - base) / base for _, _, model, _ in built)
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     lines = [f"Language models on {where}: training steps (forward, backward, AdamW) at B={B}, "
-             f"T={T}, depth {args.depth}, vocab {V}, backend chunked, float32, median of "
+             f"T={T}, depth {args.depth}, vocab {V}, backend {args.backend}, float32, median of "
              f"{args.reps}; "
              f"parameter counts within {gap:.1%} of TransformerLM's\n",
              "| model | dim | params | tokens/s | / TransformerLM |",
@@ -253,6 +253,9 @@ def main() -> None:
     ap.add_argument("--lm-batch", type=int, default=4, help="language models' batch")
     ap.add_argument("--lm-T", type=int, default=256, help="language models' sequence length")
     ap.add_argument("--device", default="cpu", help="the language models' device (cpu, cuda)")
+    ap.add_argument("--backend", default="chunked", choices=("chunked", "triton"),
+                    help="the language models' back end (triton: the delta-rule memories "
+                    "through the Triton kernels; needs CUDA)")
     ap.add_argument("--hope", action="store_true",
                     help="time HopeLM too (tens of seconds a step at the default size)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: "

@@ -426,3 +426,21 @@ def test_the_triton_backend_on_cpu_without_the_interpreter_says_how_to_run_it() 
     x = make_inputs("delta_rule", 5, False)
     with pytest.raises(ValueError, match="need CUDA tensors, got cpu; set TRITON_INTERPRET=1"):
         nestc.ops.delta_rule(x["q"], x["k"], x["v"], x["beta"], backend="triton")
+
+
+def test_the_gpu_benchmark_runs_dry_on_a_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_memory.py --dry: tiny shapes under the interpreter, the whole table,
+    and the Triton tier's agreement with the chunked tier under 1e-4."""
+    out = tmp_path / "gpu_memory.md"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_memory.py"
+    run = subprocess.run([sys.executable, str(script), "--dry", "--T", "20", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| delta_rule") or
+            line.startswith("| gated_delta_rule")]
+    assert [(r[0], r[2]) for r in rows] == [("| delta_rule", "20"), ("| gated_delta_rule", "20")]
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    agree = [float(line.rsplit("triton ", 1)[1]) for line in lines if "largest difference" in line]
+    assert len(agree) == 2 and max(agree) < 1e-4
