@@ -23,7 +23,7 @@ if has tests; then
         | tee -a "$OUT/test_gpu.txt"
 fi
 if has memory; then
-    timeout 240 python3 benchmarks/gpu_memory.py --out "$OUT/gpu_memory.md" 2>&1
+    timeout 300 python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1
 fi
 if has lm; then
     timeout 120 python3 benchmarks/memory.py --lm-only --hope --device cuda --lm-batch 16 \

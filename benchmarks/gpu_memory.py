@@ -6,13 +6,18 @@ nestc's Triton tier and nestc's chunked PyTorch tier on the same inputs, at B=4,
 The targets (issue 6): nestc's Triton tier within 1.25x of fla's chunk kernel, and at least
 5x faster than the chunked tier at T=4K.
 
-    python benchmarks/gpu_memory.py [--T 1024 4096 16384] [--D 64 128] [--reps 10] [--out t.md]
+    python benchmarks/gpu_memory.py [--T 1024 4096 16384] [--D 64 128] [--reps 10] [--lm]
+                                    [--out t.md]
     python benchmarks/gpu_memory.py --dry    # CPU, tiny shapes, kernels under the interpreter
+
+--lm adds the stdlib language models' training tokens/s at equal parameter count (B=16, T=512,
+depth 2, TransformerLM at width 96 with SDPA attention, HopeLM included, back end triton;
+benchmarks/memory.py's table).
 
 The GPU run needs fla-core with its Triton kernels (pip install --no-deps fla-core einops).
 `--dry` checks the script itself on a CPU: TRITON_INTERPRET=1, B=1, H=2, D=16, T=32 and 80,
 float32, wall-clock timing, and no fla column (its kernels are not run under the interpreter);
-its numbers say nothing about speed.
+with --lm, memory.py's --quick sizes. Its numbers say nothing about speed.
 """
 
 from __future__ import annotations
@@ -149,6 +154,24 @@ def table(T_list: list[int], D_list: list[int], reps: int, dry: bool) -> list[st
     return lines
 
 
+def language_models(dry: bool) -> list[str]:
+    """benchmarks/memory.py's table of training tokens/s, on the GPU (or tiny, on the CPU)."""
+    import importlib.util
+
+    path = Path(__file__).with_name("memory.py")
+    spec = importlib.util.spec_from_file_location("nestc_memory_benchmark", path)
+    assert spec is not None and spec.loader is not None, path
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    sizes = dict(lm_dim=40, depth=1, vocab=64, lm_batch=2, lm_T=64, reps=1, warmup=1) if dry \
+        else dict(lm_dim=96, depth=2, vocab=256, lm_batch=16, lm_T=512, reps=5, warmup=3)
+    args = argparse.Namespace(**sizes, device="cpu" if dry else "cuda", backend="triton",
+                              hope=True, quick=dry)
+    lines = memory.bench_language_models(args)
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="head widths (default 64 128; --dry: 16)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls (default 10; --dry 1)")
     ap.add_argument("--dry", action="store_true", help="CPU, tiny shapes, the interpreter")
+    ap.add_argument("--lm", action="store_true", help="also the language models' tokens/s")
     ap.add_argument("--out", help="also write the table here")
     args = ap.parse_args(argv)
     if args.dry and os.environ.get("TRITON_INTERPRET") != "1":
@@ -168,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = table(args.T or ([32, 80] if args.dry else [1024, 4096, 16384]),
                   args.D or ([16] if args.dry else [64, 128]),
                   args.reps or (1 if args.dry else 10), args.dry)
+    if args.lm:
+        lines += [""] + language_models(args.dry)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
     return 0

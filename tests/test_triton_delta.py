@@ -433,7 +433,8 @@ def test_the_gpu_benchmark_runs_dry_on_a_cpu(tmp_path: Path) -> None:
     and the Triton tier's agreement with the chunked tier under 1e-4."""
     out = tmp_path / "gpu_memory.md"
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_memory.py"
-    run = subprocess.run([sys.executable, str(script), "--dry", "--T", "20", "--out", str(out)],
+    run = subprocess.run([sys.executable, str(script), "--dry", "--T", "20", "--lm", "--out",
+                          str(out)],
                          capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -444,3 +445,7 @@ def test_the_gpu_benchmark_runs_dry_on_a_cpu(tmp_path: Path) -> None:
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
     agree = [float(line.rsplit("triton ", 1)[1]) for line in lines if "largest difference" in line]
     assert len(agree) == 2 and max(agree) < 1e-4
+    models = [cells[0] for cells in (line.split(" | ") for line in lines)
+              if cells[0].startswith("| ") and cells[0].endswith("LM")]
+    assert models == ["| TransformerLM", "| TitansLM", "| DeltaNetLM", "| HopeLM"]
+    assert "backend triton" in out.read_text()
