@@ -1,0 +1,93 @@
+"""The Titans chunk update of a 2-layer MLP memory with momentum and retention.
+
+`mlp_memory(q, k, v, lr, retain, beta, A0, B0)` runs the memory of stdlib/memory/titans.nest
+(MLPMemory's chunked tier for the l2 objective, given values, a plain MLP) over a sequence:
+reference.py is the PyTorch math, triton.py the fused kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nestc.ops.mlp_memory.reference import ACTS, chunk_mlp_memory
+
+__all__ = ["chunk_mlp_memory", "mlp_memory"]
+
+BACKENDS = (None, "chunked", "triton")
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+           retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
+           B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str,
+           chunk: int, backend: str | None) -> None:
+    """Raise ValueError naming the argument that does not fit the layout."""
+    op = "mlp_memory"
+    if q.ndim != 4:
+        raise ValueError(f"{op}: q must have shape [N, H, T, d], got {list(q.shape)}")
+    N, H, T, d = q.shape
+    if A0.ndim != 4 or tuple(A0.shape[:3]) != (N, H, d):
+        raise ValueError(f"{op}: A0 must have shape [N, H, d, h] = [{N}, {H}, {d}, h], got "
+                         f"{list(A0.shape)}")
+    h = A0.shape[-1]
+    want = {"k": (q.shape, k), "v": (q.shape, v), "lr": ((N, H, T), lr),
+            "retain": ((N, H, T), retain), "beta": ((N, H, T), beta),
+            "B0": ((N, H, h, d), B0), "SA0": ((N, H, d, h), SA0), "SB0": ((N, H, h, d), SB0)}
+    for name, (shape, x) in want.items():
+        if x is not None and tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(x.shape)}")
+    if (SA0 is None) != (SB0 is None):
+        raise ValueError(f"{op}: give both SA0 and SB0 or neither")
+    if act not in ACTS:
+        raise ValueError(f"{op}: act must be one of {ACTS}, got {act!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"{op}: chunk must be a positive int, got {chunk!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; use None, 'chunked' or 'triton'")
+
+
+def mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+               retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
+               B0: torch.Tensor, SA0: torch.Tensor | None = None,
+               SB0: torch.Tensor | None = None, *, act: str = "gelu", clip: float | None = None,
+               read_before: bool = False, chunk: int = 64, backend: str | None = None
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Run a Titans MLP memory over a sequence, each chunk's gradients at its first weights.
+
+    Args:
+        q, k, v: queries, keys and values, [N, H, T, d]; the memory learns k -> v with the
+            l2 objective 1/2 |act(k A) B - v|^2 and reads y_t = act(q_t A_t) B_t.
+        lr: per-token learning rates, [N, H, T].
+        retain: per-token retention of the weights, [N, H, T], or None (1: no forgetting).
+        beta: per-token momentum decay, [N, H, T], or None (no momentum: SA, SB unchanged).
+        A0, B0: the weights before token 0, [N, H, d, h] and [N, H, h, d].
+        SA0, SB0: the momenta before token 0, like A0 and B0, or None (zeros).
+        act: "gelu" (exact, erf form) or "silu".
+        clip: scale each token's gradient (the pair dA, dB) to norm at most clip; None: no
+            clipping.
+        read_before: read the weights before the token's write instead of after it.
+        chunk: tokens per chunk (the last may be short); 16, 32 or 64 for "triton".
+        backend: "chunked" (PyTorch, what None picks) or "triton" (the fused kernel of
+            triton.py: CUDA tensors, or CPU ones with TRITON_INTERPRET=1 set before triton is
+            imported; not yet run on a GPU, so None does not pick it there yet).
+
+    Returns:
+        y, [N, H, T, d] in q's dtype, and the final (A, B, SA, SB) in float32 (float64 for
+        float64 inputs).
+
+    Examples:
+        >>> import torch, nestc.ops.mlp_memory as mm
+        >>> q, k, v = torch.randn(3, 1, 2, 5, 8).unbind(0)
+        >>> lr, retain, beta = torch.rand(3, 1, 2, 5).unbind(0)
+        >>> A0, B0 = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 16, 8)
+        >>> y, (A, B, SA, SB) = mm.mlp_memory(q, k, v, lr, retain, beta, A0, B0, chunk=4)
+        >>> y.shape, A.shape, SB.shape
+        (torch.Size([1, 2, 5, 8]), torch.Size([1, 2, 8, 16]), torch.Size([1, 2, 16, 8]))
+    """
+    _check(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, chunk, backend)
+    if backend == "triton":
+        from nestc.ops.mlp_memory.triton import triton_mlp_memory
+
+        return triton_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act,
+                                 clip=clip, read_before=read_before, chunk=chunk)
+    return chunk_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act, clip=clip,
+                            read_before=read_before, chunk=chunk)

@@ -1,0 +1,143 @@
+"""The Titans chunk update of a 2-layer MLP memory in PyTorch: MLPMemory._chunked's math for
+the l2 objective, given values and a plain (non-residual) MLP, as a function of tensors.
+
+Per sequence and head the memory has weights A (d, h), B (h, d) and momenta SA, SB, and reads
+M(x) = act(x A) B. Tokens come in chunks of C; every gradient of a chunk is taken at the
+chunk's first weights. For token t (lr, retain, beta per token):
+
+    g_t = grad of 1/2 |M(k_t) - v_t|^2, scaled to norm at most `clip` (when given)
+    S_t = beta_t S_{t-1} - lr_t g_t          (S_t = -lr_t g_t without momentum)
+    W_t = retain_t W_{t-1} + S_t              (retain_t = 1 without retention)
+    y_t = M_{W_t}(q_t)                        (M_{W_{t-1}}(q_t) with read_before)
+
+No token's weights are formed: within a chunk a read is the chunk's base weights and momentum,
+scaled, plus attention-like sums over the chunk's tokens (docs/semantics.md, "MLP memories that
+learn every token"). `mlp_memory_chunk` is one chunk; the Triton tier's backward takes its vjp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
+
+ACTS = ("gelu", "silu")
+
+
+def act_fn(act: str, z: torch.Tensor) -> torch.Tensor:
+    """act(z): gelu in its exact (erf) form, or silu."""
+    return F.gelu(z) if act == "gelu" else F.silu(z)
+
+
+def act_grad(act: str, z: torch.Tensor) -> torch.Tensor:
+    """act'(z), element-wise."""
+    if act == "gelu":
+        return 0.5 * (1 + torch.erf(z * 0.5 ** 0.5)) + z * torch.exp(-0.5 * z * z) * \
+            (2 * math.pi) ** -0.5
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _decays(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token factors (..., n) -> their running products (..., n) and the matrix
+    D[t, s] = prod_{s < j <= t} factor_j for s <= t, else 0 (..., n, n); a factor of 0
+    forgets all (its log is clamped at log 1e-30)."""
+    L = factors.clamp_min(1e-30).log().cumsum(-1)
+    diff = L[..., :, None] - L[..., None, :]
+    causal = torch.ones(diff.shape[-2:], dtype=torch.bool, device=L.device).tril_()
+    return L.exp(), torch.where(causal, diff, float("-inf")).exp()
+
+
+def _base(xM: torch.Tensor, xS: torch.Tensor | None, c: torch.Tensor | None,
+          m: torch.Tensor | None) -> torch.Tensor:
+    """c_t x M0 + m_t x S0: a token's read of the chunk's base weights and momentum."""
+    y = xM if c is None else c * xM
+    return y if xS is None or m is None else y + m * xS
+
+
+def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                     retain: torch.Tensor | None, beta: torch.Tensor | None, A: torch.Tensor,
+                     B: torch.Tensor, SA: torch.Tensor, SB: torch.Tensor, act: str,
+                     clip: float | None, read_before: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+    """One chunk of n tokens: q, k, v (N, H, n, d), lr, retain, beta (N, H, n) or None, the
+    chunk-start weights A (N, H, d, h), B (N, H, h, d) and momenta SA, SB (like them) ->
+    the reads y (N, H, n, d) and the weights and momenta after the chunk's last token."""
+    n = k.shape[-2]
+    z = k @ A  # (N, H, n, h): the chunk's gradients, at its first weights
+    hk = act_fn(act, z)
+    e = hk @ B - v  # (N, H, n, d): dL/dM(k)
+    delta = (e @ B.transpose(-1, -2)) * act_grad(act, z)  # (N, H, n, h)
+    if clip is not None:  # |dA|^2 = |k|^2 |delta|^2, |dB|^2 = |h|^2 |e|^2
+        sq = k.pow(2).sum(-1) * delta.pow(2).sum(-1) + hk.pow(2).sum(-1) * e.pow(2).sum(-1)
+        lr = lr * (clip * torch.rsqrt(sq.clamp_min(clip ** 2)))
+    ones = torch.ones(n, n, dtype=k.dtype, device=k.device).tril_()
+    run_r, D_r = _decays(retain) if retain is not None else (None, ones)
+    if beta is not None:  # S_t = beta_t S_{t-1} + u_t, W_t = r_t W_{t-1} + S_t
+        run_b, D_b = _decays(beta)
+        mix, m = D_r @ D_b, D_r @ run_b[..., None]  # (N, H, n, n), (N, H, n, 1)
+    else:  # W_t = r_t W_{t-1} + u_t
+        mix, m = D_r, None
+    c = run_r[..., None] if run_r is not None else None  # (N, H, n, 1)
+    mix = mix * -lr[..., None, :]  # (N, H, n, n): W[t, s]
+    # the weights each token reads: after its write (row t), or before it (row t - 1)
+    if read_before:
+        def pad(x: torch.Tensor, first: float) -> torch.Tensor:
+            return torch.cat([torch.full_like(x[..., :1, :], first), x[..., :-1, :]], -2)
+        mix_r = pad(mix, 0.0)
+        c_r = pad(c, 1.0) if c is not None else None
+        m_r = pad(m, 0.0) if m is not None else None
+    else:
+        mix_r, c_r, m_r = mix, c, m
+    zq = _base(q @ A, q @ SA if m_r is not None else None, c_r, m_r) + \
+        (mix_r * (q @ k.transpose(-1, -2))) @ delta
+    hq = act_fn(act, zq)
+    y = _base(hq @ B, hq @ SB if m_r is not None else None, c_r, m_r) + \
+        (mix_r * (hq @ hk.transpose(-1, -2))) @ e
+    # the state after the chunk's last token: its row of the same sums
+    last = mix[..., -1, :, None]  # (N, H, n, 1)
+    A_new = (k * last).transpose(-1, -2) @ delta
+    B_new = (hk * last).transpose(-1, -2) @ e
+    if c is not None:
+        A_new, B_new = A_new + c[..., -1:, :] * A, B_new + c[..., -1:, :] * B
+    else:
+        A_new, B_new = A_new + A, B_new + B
+    if beta is not None:
+        assert m is not None
+        A_new, B_new = A_new + m[..., -1:, :] * SA, B_new + m[..., -1:, :] * SB
+        keep = run_b[..., -1, None, None]
+        last_b = (D_b[..., -1, :] * -lr)[..., None]
+        SA = keep * SA + (k * last_b).transpose(-1, -2) @ delta
+        SB = keep * SB + (hk * last_b).transpose(-1, -2) @ e
+    return y, A_new, B_new, SA, SB
+
+
+def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                     retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
+                     B0: torch.Tensor, SA0: torch.Tensor | None = None,
+                     SB0: torch.Tensor | None = None, *, act: str = "gelu",
+                     clip: float | None = None, read_before: bool = False, chunk: int = 64
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The memory over a whole sequence, chunk by chunk (the last one may be short).
+
+    Args and results as `nestc.ops.mlp_memory.mlp_memory`; everything is computed in float32
+    (float64 for float64 inputs), y comes back in q's dtype.
+    """
+    dtype, acc = q.dtype, torch.promote_types(q.dtype, torch.float32)
+    q, k, v, lr, A, B = (x.to(acc) for x in (q, k, v, lr, A0, B0))
+    retain, beta = (None if x is None else x.to(acc) for x in (retain, beta))
+    SA = torch.zeros_like(A) if SA0 is None else SA0.to(acc)
+    SB = torch.zeros_like(B) if SB0 is None else SB0.to(acc)
+    T = q.shape[2]
+    ys = []
+    for a in range(0, T, chunk):
+        b = min(T, a + chunk)
+        cut = [None if x is None else x[:, :, a:b] for x in (retain, beta)]
+        y, A, B, SA, SB = mlp_memory_chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                           lr[:, :, a:b], cut[0], cut[1], A, B, SA, SB, act,
+                                           clip, read_before)
+        ys.append(y)
+    y = torch.cat(ys, 2) if ys else q.new_zeros(q.shape)
+    return y.to(dtype), (A, B, SA, SB)

@@ -1,0 +1,435 @@
+"""The Titans chunk update of a 2-layer MLP memory as a Triton kernel: reference.py's math,
+fused over a whole sequence per program.
+
+Layout [N, H, T, d] (q, k, v), [N, H, T] (lr, retain, beta), weights A [N, H, d, h],
+B [N, H, h, d] and momenta SA, SB like them. One chunk of C tokens at weights A, B and momenta
+SA, SB (everything taken at the chunk's first weights, masked past T):
+
+    z = k A, hk = act(z), e = hk B - v, delta = (e B^T) * act'(z)      the chunk's gradients
+    lr_s <- lr_s clip / max(clip, |g_s|), |g_s|^2 = |k_s|^2 |delta_s|^2 + |hk_s|^2 |e_s|^2
+    D_r[t, s], D_b[t, s]    the products of retain and beta over s < j <= t (0 above the
+                            diagonal), from running sums of their logs
+    W = (D_r D_b) * -lr_s   (D_r * -lr_s without momentum), c = the running product of
+                            retain, m = D_r (running product of beta)
+    zq = c (q A) + m (q SA) + (W * q k^T) delta, hq = act(zq)
+    y  = c (hq B) + m (hq SB) + (W * hq hk^T) e
+with W, c, m shifted down one row for read_before (row 0: W = 0, c = 1, m = 0). The next
+state is the same sums at the chunk's last valid token (row w of W, c_w, m_w):
+    A' = c_w A + m_w SA + k^T (W[w] * delta), B' likewise with hk, e, B, SB,
+    SA' = (prod beta) SA + k^T (D_b[w] * -lr * delta), SB' likewise.
+
+Forward: mlp_memory_fwd_kernel, grid (N * H,): a loop over the chunks carrying A, B, SA, SB in
+registers, storing the reads, the final state and the state entering each chunk (the four
+"starts" buffers, [N, H, NC, ...]; the momenta only with beta).
+Backward (not fused yet): PyTorch, chunks in reverse from the stored starts: each chunk's
+reference function (`mlp_memory_chunk`) is recomputed at its stored start state and its vjp
+taken with torch.func.vjp, handing the state's gradient to the chunk before. It costs one
+chunk's autograd graph of memory and no forward over the whole sequence again.
+Both directions are torch.library custom ops (nestc::mlp_memory_fwd / _bwd, with fake
+implementations), the backward registered as the forward's autograd formula.
+
+Block sizes: C = chunk (16, 32 or 64), BD and BH = d and h rounded up to powers of two >= 16.
+The whole state (4 d h floats) stays in registers: fine for small d, h; at d = h = 128 it is
+64K floats a program, which spills on a GPU (tiling over h is not done yet). float32 matmuls
+use IEEE float32 (no TF32).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from nestc.ops.mlp_memory.reference import ACTS, mlp_memory_chunk
+
+MAX_DIM = 128
+CHUNKS = (16, 32, 64)
+# set by tests: fill every buffer a kernel writes with NaN first, so a missed store shows up
+POISON_BUFFERS = False
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 0:  # gelu, exact
+        return 0.5 * z * (1. + tl.math.erf(z * 0.7071067811865476))
+    return z * tl.sigmoid(z)
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    if ACT == 0:
+        return (0.5 * (1. + tl.math.erf(z * 0.7071067811865476))
+                + z * tl.exp(-0.5 * z * z) * 0.3989422804014327)
+    s = tl.sigmoid(z)
+    return s * (1. + z * (1. - s))
+
+
+@triton.jit
+def _row(x, o_c, i):
+    """Row i of a (C, C) matrix, as a vector."""
+    return tl.sum(tl.where((o_c == i)[:, None], x, 0.), 0)
+
+
+@triton.jit
+def _at(x, o_c, i):
+    """Entry i of a (C,) vector, as a scalar."""
+    return tl.sum(tl.where(o_c == i, x, 0.), 0)
+
+
+@triton.jit
+def mlp_memory_fwd_kernel(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt,
+                          sA, sB, sSA, sSB, clip, T, NC, D: tl.constexpr, HID: tl.constexpr,
+                          C: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                          ACT: tl.constexpr, USE_R: tl.constexpr, USE_BETA: tl.constexpr,
+                          USE_S0: tl.constexpr, USE_CLIP: tl.constexpr,
+                          READ_BEFORE: tl.constexpr, STORE_STARTS: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_c = tl.arange(0, C)
+    o_d = tl.arange(0, BD)
+    o_h = tl.arange(0, BH)
+    m_d, m_h = o_d < D, o_h < HID
+    m_dh = m_d[:, None] & m_h[None, :]
+    m_hd = m_h[:, None] & m_d[None, :]
+    p_dh = o_d[:, None] * HID + o_h[None, :]  # A (d, h)
+    p_hd = o_h[:, None] * D + o_d[None, :]  # B (h, d)
+    p_w = i_bh * D * HID
+    b_A = tl.load(A0 + p_w + p_dh, mask=m_dh, other=0.).to(tl.float32)
+    b_B = tl.load(B0 + p_w + p_hd, mask=m_hd, other=0.).to(tl.float32)
+    if USE_S0:
+        b_SA = tl.load(SA0 + p_w + p_dh, mask=m_dh, other=0.).to(tl.float32)
+        b_SB = tl.load(SB0 + p_w + p_hd, mask=m_hd, other=0.).to(tl.float32)
+    else:
+        b_SA = tl.zeros([BD, BH], dtype=tl.float32)
+        b_SB = tl.zeros([BH, BD], dtype=tl.float32)
+    causal = o_c[:, None] >= o_c[None, :]
+    # S[t, t - 1] = 1: S X is X shifted down a row, exactly
+    shift = tl.where(o_c[:, None] == o_c[None, :] + 1, 1., 0.)
+    for i_n in range(NC):
+        if STORE_STARTS:
+            p_s = (i_bh * NC + i_n) * D * HID
+            tl.store(sA + p_s + p_dh, b_A, mask=m_dh)
+            tl.store(sB + p_s + p_hd, b_B, mask=m_hd)
+            if USE_BETA:
+                tl.store(sSA + p_s + p_dh, b_SA, mask=m_dh)
+                tl.store(sSB + p_s + p_hd, b_SB, mask=m_hd)
+        t = i_n * C + o_c
+        m_t = t < T
+        i_last = tl.minimum(C, T - i_n * C) - 1
+        r = i_bh * T + t  # rows of [N, H, T, *]
+        m_td = m_t[:, None] & m_d[None, :]
+        p_td = r[:, None] * D + o_d[None, :]
+        b_k = tl.load(k + p_td, mask=m_td, other=0.).to(tl.float32)
+        b_v = tl.load(v + p_td, mask=m_td, other=0.).to(tl.float32)
+        b_q = tl.load(q + p_td, mask=m_td, other=0.).to(tl.float32)
+        b_lr = tl.load(lr + r, mask=m_t, other=0.).to(tl.float32)
+
+        # the chunk's gradients at its first weights; padding rows stay 0 (act(0) = 0)
+        b_z = tl.dot(b_k, b_A, input_precision=PRECISION)  # (C, BH)
+        b_hk = _act(b_z, ACT)
+        b_e = tl.dot(b_hk, b_B, input_precision=PRECISION) - b_v  # (C, BD)
+        b_delta = tl.dot(b_e, tl.trans(b_B), input_precision=PRECISION) * _act_grad(b_z, ACT)
+        if USE_CLIP:
+            b_sq = (tl.sum(b_k * b_k, 1) * tl.sum(b_delta * b_delta, 1)
+                    + tl.sum(b_hk * b_hk, 1) * tl.sum(b_e * b_e, 1))
+            b_lr = b_lr * clip / tl.sqrt(tl.maximum(b_sq, clip * clip))
+
+        if USE_R:
+            b_rt = tl.load(retain + r, mask=m_t, other=1.).to(tl.float32)
+            b_Lr = tl.cumsum(tl.log(tl.maximum(b_rt, 1e-30)), 0)
+            b_c = tl.exp(b_Lr)
+            b_Dr = tl.where(causal, tl.exp(tl.where(causal, b_Lr[:, None] - b_Lr[None, :], 0.)),
+                            0.)
+        else:
+            b_c = tl.full([C], 1., dtype=tl.float32)
+            b_Dr = tl.where(causal, 1., 0.)
+        if USE_BETA:
+            b_bt = tl.load(beta + r, mask=m_t, other=1.).to(tl.float32)
+            b_Lb = tl.cumsum(tl.log(tl.maximum(b_bt, 1e-30)), 0)
+            b_runb = tl.exp(b_Lb)
+            b_Db = tl.where(causal, tl.exp(tl.where(causal, b_Lb[:, None] - b_Lb[None, :], 0.)),
+                            0.)
+            b_W = tl.dot(b_Dr, b_Db, input_precision=PRECISION)
+            b_m = tl.sum(b_Dr * b_runb[None, :], 1)
+        else:
+            b_W = b_Dr
+            b_m = tl.zeros([C], dtype=tl.float32)
+        b_W = b_W * -b_lr[None, :]  # (C, C): W[t, s]
+
+        if READ_BEFORE:
+            b_Wr = tl.dot(shift, b_W, input_precision=PRECISION)
+            b_cr = tl.sum(shift * b_c[None, :], 1) + tl.where(o_c == 0, 1., 0.)
+            b_mr = tl.sum(shift * b_m[None, :], 1)
+        else:
+            b_Wr, b_cr, b_mr = b_W, b_c, b_m
+        b_zq = (b_cr[:, None] * tl.dot(b_q, b_A, input_precision=PRECISION)
+                + tl.dot(b_Wr * tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION),
+                         b_delta, input_precision=PRECISION))
+        if USE_BETA:
+            b_zq += b_mr[:, None] * tl.dot(b_q, b_SA, input_precision=PRECISION)
+        b_hq = _act(b_zq, ACT)
+        b_y = (b_cr[:, None] * tl.dot(b_hq, b_B, input_precision=PRECISION)
+               + tl.dot(b_Wr * tl.dot(b_hq, tl.trans(b_hk), input_precision=PRECISION),
+                        b_e, input_precision=PRECISION))
+        if USE_BETA:
+            b_y += b_mr[:, None] * tl.dot(b_hq, b_SB, input_precision=PRECISION)
+        tl.store(y + p_td, b_y.to(y.dtype.element_ty), mask=m_td)
+
+        # the state after the chunk's last valid token: that row of the same sums
+        b_wl = _row(b_W, o_c, i_last)  # (C,)
+        b_cl = _at(b_c, o_c, i_last)
+        b_An = b_cl * b_A + tl.dot(tl.trans(b_k * b_wl[:, None]), b_delta,
+                                   input_precision=PRECISION)
+        b_Bn = b_cl * b_B + tl.dot(tl.trans(b_hk * b_wl[:, None]), b_e,
+                                   input_precision=PRECISION)
+        if USE_BETA:
+            b_ml = _at(b_m, o_c, i_last)
+            b_An += b_ml * b_SA
+            b_Bn += b_ml * b_SB
+            b_bl = _row(b_Db, o_c, i_last) * -b_lr
+            b_keep = _at(b_runb, o_c, i_last)
+            b_SA = b_keep * b_SA + tl.dot(tl.trans(b_k * b_bl[:, None]), b_delta,
+                                          input_precision=PRECISION)
+            b_SB = b_keep * b_SB + tl.dot(tl.trans(b_hk * b_bl[:, None]), b_e,
+                                          input_precision=PRECISION)
+        b_A, b_B = b_An, b_Bn
+    tl.store(At + p_w + p_dh, b_A, mask=m_dh)
+    tl.store(Bt + p_w + p_hd, b_B, mask=m_hd)
+    tl.store(SAt + p_w + p_dh, b_SA, mask=m_dh)
+    tl.store(SBt + p_w + p_hd, b_SB, mask=m_hd)
+
+
+def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A float32 buffer that a kernel fills (NaN-filled first when POISON_BUFFERS is set)."""
+    if POISON_BUFFERS:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
+    return torch.empty(shape, dtype=torch.float32, device=like.device)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+             retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
+             B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str,
+             clip: float | None, read_before: bool, chunk: int, store_starts: bool
+             ) -> tuple[torch.Tensor, ...]:
+    """y, the final A, B, SA, SB (float32) and the starts sA, sB, sSA, sSB ([N, H, NC, ...];
+    empty unless store_starts, the momenta also without beta)."""
+    q, k, v, lr, A0, B0 = (x.contiguous() for x in (q, k, v, lr, A0, B0))
+    retain, beta, SA0, SB0 = (None if x is None else x.contiguous()
+                              for x in (retain, beta, SA0, SB0))
+    N, H, T, d = q.shape
+    h = A0.shape[-1]
+    NC = -(-T // chunk)
+    y = torch.empty_like(q)
+    if POISON_BUFFERS:
+        y.fill_(float("nan"))
+    At, Bt = _buffer((N, H, d, h), q), _buffer((N, H, h, d), q)
+    SAt, SBt = _buffer((N, H, d, h), q), _buffer((N, H, h, d), q)
+    momenta = store_starts and beta is not None
+    sA, sB, sSA, sSB = (_buffer((N, H, NC, *shape), q) if store else
+                        q.new_empty((0,), dtype=torch.float32)
+                        for shape, store in (((d, h), store_starts), ((h, d), store_starts),
+                                             ((d, h), momenta), ((h, d), momenta)))
+    mlp_memory_fwd_kernel[(N * H,)](
+        q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt, sA, sB, sSA, sSB,
+        1.0 if clip is None else float(clip), T, NC, D=d, HID=h, C=chunk,
+        BD=max(16, triton.next_power_of_2(d)), BH=max(16, triton.next_power_of_2(h)),
+        ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
+        USE_S0=SA0 is not None, USE_CLIP=clip is not None, READ_BEFORE=read_before,
+        STORE_STARTS=store_starts,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return y, At, Bt, SAt, SBt, sA, sB, sSA, sSB
+
+
+def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+              retain: torch.Tensor | None, beta: torch.Tensor | None, sA: torch.Tensor,
+              sB: torch.Tensor, sSA: torch.Tensor, sSB: torch.Tensor, act: str,
+              clip: float | None, read_before: bool, chunk: int, dy: torch.Tensor,
+              dA: torch.Tensor, dB: torch.Tensor, dSA: torch.Tensor, dSB: torch.Tensor
+              ) -> tuple[torch.Tensor | None, ...]:
+    """dq, dk, dv, dlr, dretain, dbeta (None without them) and the gradients of the initial
+    A, B, SA, SB, in float32: chunks in reverse, each recomputed by `mlp_memory_chunk` at its
+    stored start state and differentiated by torch.func.vjp (a PyTorch backward, not fused)."""
+    T = q.shape[2]
+    f32 = torch.float32
+    seq = [None if x is None else x.to(f32) for x in (q, k, v, lr, retain, beta)]
+    grads: list[list[torch.Tensor]] = [[] for _ in seq]
+    dA, dB, dSA, dSB = (x.to(f32) for x in (dA, dB, dSA, dSB))
+    dy = dy.to(f32)
+    options = act, clip, read_before
+    for i_n in reversed(range(sA.shape[2])):
+        a, b = i_n * chunk, min(T, i_n * chunk + chunk)
+        cut = [None if x is None else x[:, :, a:b] for x in seq]
+        # without momentum SA, SB pass through unchanged: any value stands for them
+        start = (sA[:, :, i_n], sB[:, :, i_n],
+                 sSA[:, :, i_n] if beta is not None else torch.zeros_like(dSA),
+                 sSB[:, :, i_n] if beta is not None else torch.zeros_like(dSB))
+        out = _chunk_vjp(cut, start, options, (dy[:, :, a:b], dA, dB, dSA, dSB))
+        dA, dB, dSA, dSB = out[4:8]
+        rest = iter(out[8:])
+        for i, x in enumerate(cut):
+            if x is not None:
+                grads[i].append(out[i] if i < 4 else next(rest))
+    dseq = [torch.cat(g[::-1], 2) if seq[i] is not None else None for i, g in enumerate(grads)]
+    return (*dseq, dA, dB, dSA, dSB)
+
+
+def _chunk_vjp(cut: list[torch.Tensor | None], start: tuple[torch.Tensor, ...],
+               options: tuple[Any, ...], grads: tuple[torch.Tensor, ...]
+               ) -> tuple[torch.Tensor, ...]:
+    """The vjp of one chunk's `mlp_memory_chunk` at its inputs `cut` (q, k, v, lr, retain,
+    beta) and start state: the gradients of q, k, v, lr, A, B, SA, SB, then of retain and
+    beta where given."""
+    use_r, use_b = cut[4] is not None, cut[5] is not None
+
+    def chunk_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                 A: torch.Tensor, B: torch.Tensor, SA: torch.Tensor, SB: torch.Tensor,
+                 *rb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        it = iter(rb)
+        retain = next(it) if use_r else None
+        beta = next(it) if use_b else None
+        return mlp_memory_chunk(q, k, v, lr, retain, beta, A, B, SA, SB, *options)
+
+    wrt = [*cut[:4], *start, *(x for x in cut[4:] if x is not None)]
+    vjp = torch.func.vjp(chunk_fn, *wrt)[1]
+    return tuple(vjp(grads))
+
+
+# The kernel and the backward as torch.library custom ops (nestc::mlp_memory_fwd / _bwd), so
+# that torch.compile traces around them. A custom op cannot return None: "no starts" and "no
+# gradient" travel as empty tensors (NONE) and become None again outside.
+
+def _or_none(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None or x.numel() == 0 and x.dim() == 1 else x
+
+
+@torch.library.custom_op("nestc::mlp_memory_fwd", mutates_args=())
+def mlp_memory_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                   retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
+                   B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None,
+                   act: str, clip: float | None, read_before: bool, chunk: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor]:
+    """y, the final A, B, SA, SB and the states entering each chunk sA, sB, sSA, sSB (the
+    momenta empty without beta), for the backward."""
+    return _forward(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip, read_before, chunk,
+                    True)  # type: ignore[return-value]
+
+
+@mlp_memory_fwd.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+      retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor, B0: torch.Tensor,
+      SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str, clip: float | None,
+      read_before: bool, chunk: int) -> tuple[torch.Tensor, ...]:
+    N, H, T, d = q.shape
+    h = A0.shape[-1]
+    NC = -(-T // chunk)
+    f32 = torch.float32
+    new = q.new_empty
+    momenta = (N, H, NC) if beta is not None else (0,)
+    return (torch.empty_like(q), new((N, H, d, h), dtype=f32), new((N, H, h, d), dtype=f32),
+            new((N, H, d, h), dtype=f32), new((N, H, h, d), dtype=f32),
+            new((N, H, NC, d, h), dtype=f32), new((N, H, NC, h, d), dtype=f32),
+            new((*momenta, d, h) if beta is not None else (0,), dtype=f32),
+            new((*momenta, h, d) if beta is not None else (0,), dtype=f32))
+
+
+@torch.library.custom_op("nestc::mlp_memory_bwd", mutates_args=())
+def mlp_memory_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                   retain: torch.Tensor | None, beta: torch.Tensor | None, sA: torch.Tensor,
+                   sB: torch.Tensor, sSA: torch.Tensor, sSB: torch.Tensor, act: str,
+                   clip: float | None, read_before: bool, chunk: int, dy: torch.Tensor,
+                   dA: torch.Tensor, dB: torch.Tensor, dSA: torch.Tensor, dSB: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, dlr, dretain, dbeta (empty without them), dA0, dB0, dSA0, dSB0, each in its
+    input's dtype (the weights' gradients in float32)."""
+    out = _backward(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip, read_before, chunk,
+                    dy, dA, dB, dSA, dSB)
+    like = (q, k, v, lr, retain, beta)
+    seq = [q.new_empty((0,)) if g is None or x is None else g.to(x.dtype)
+           for g, x in zip(out[:6], like)]
+    # without momentum dSA, dSB come back as given: an op's output may not alias its input
+    dA0, dB0, dSA0, dSB0 = (g.clone() for g in out[6:] if g is not None)
+    return (*seq, dA0, dB0, dSA0, dSB0)  # type: ignore[return-value]
+
+
+@mlp_memory_bwd.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+      retain: torch.Tensor | None, beta: torch.Tensor | None, sA: torch.Tensor,
+      sB: torch.Tensor, sSA: torch.Tensor, sSB: torch.Tensor, act: str, clip: float | None,
+      read_before: bool, chunk: int, dy: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
+      dSA: torch.Tensor, dSB: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lr),
+            torch.empty_like(retain) if retain is not None else q.new_empty((0,)),
+            torch.empty_like(beta) if beta is not None else q.new_empty((0,)),
+            torch.empty_like(dA), torch.empty_like(dB), torch.empty_like(dSA),
+            torch.empty_like(dSB))
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip, read_before, chunk = inputs
+    ctx.save_for_backward(q, k, v, lr, retain, beta, *output[5:])
+    ctx.options = act, clip, read_before, chunk
+    ctx.dtypes = A0.dtype, B0.dtype
+    ctx.given = SA0 is not None, SB0 is not None
+
+
+def _autograd_backward(ctx: Any, dy: torch.Tensor, dA: torch.Tensor | None,
+                       dB: torch.Tensor | None, dSA: torch.Tensor | None,
+                       dSB: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, lr, retain, beta, sA, sB, sSA, sSB = ctx.saved_tensors
+    # an output that the loss does not use has no gradient: zeros
+    dA, dB, dSA, dSB = (torch.zeros_like(s[:, :, 0]) if g is None else g
+                        for g, s in zip((dA, dB, dSA, dSB), (sA, sB, sA, sB)))
+    dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0 = mlp_memory_bwd(
+        q, k, v, lr, retain, beta, sA, sB, sSA, sSB, *ctx.options, dy, dA, dB, dSA, dSB)
+    return (dq, dk, dv, dlr, _or_none(dretain) if retain is not None else None,
+            _or_none(dbeta) if beta is not None else None, dA0.to(ctx.dtypes[0]),
+            dB0.to(ctx.dtypes[1]), dSA0 if ctx.given[0] else None,
+            dSB0 if ctx.given[1] else None, None, None, None, None)
+
+
+mlp_memory_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# triton.jit picks the interpreter when a kernel is defined (TRITON_INTERPRET=1 at import)
+INTERPRETED = not isinstance(mlp_memory_fwd_kernel, triton.runtime.jit.JITFunction)
+
+
+def triton_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                      retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
+                      B0: torch.Tensor, SA0: torch.Tensor | None = None,
+                      SB0: torch.Tensor | None = None, *, act: str = "gelu",
+                      clip: float | None = None, read_before: bool = False, chunk: int = 64
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Same arguments and results as `chunk_mlp_memory` (float32 or 16-bit inputs, d and
+    h <= 128, chunk 16, 32 or 64), on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1."""
+    op = "triton_mlp_memory"
+    if q.dtype == torch.float64:
+        raise ValueError(f"{op}: the Triton kernel computes in float32; use the chunked back "
+                         "end for float64 inputs")
+    d, h = A0.shape[-2:]
+    if max(d, h) > MAX_DIM:
+        raise ValueError(f"{op}: the Triton kernel holds the weights in registers, so d and h "
+                         f"must be at most {MAX_DIM}, got d = {d}, h = {h}")
+    if chunk not in CHUNKS:
+        raise ValueError(f"{op}: chunk must be one of {CHUNKS}, got {chunk!r}")
+    if act not in ACTS:
+        raise ValueError(f"{op}: act must be one of {ACTS}, got {act!r}")
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"{op}: the Triton kernel needs CUDA tensors, got {q.device}; set "
+                         "TRITON_INTERPRET=1 before triton is imported to run it on the CPU")
+    if (SA0 is None) != (SB0 is None):
+        raise ValueError(f"{op}: give both SA0 and SB0 or neither")
+    if q.shape[2] == 0:
+        SA = torch.zeros_like(A0, dtype=torch.float32) if SA0 is None else SA0.float().clone()
+        SB = torch.zeros_like(B0, dtype=torch.float32) if SB0 is None else SB0.float().clone()
+        return q.new_zeros(q.shape), (A0.float().clone(), B0.float().clone(), SA, SB)
+    y, A, B, SA, SB, *_ = mlp_memory_fwd(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act,
+                                         None if clip is None else float(clip), read_before,
+                                         chunk)
+    return y, (A, B, SA, SB)

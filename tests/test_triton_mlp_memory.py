@@ -1,0 +1,335 @@
+"""The Titans MLP memory op (nestc/ops/mlp_memory): the PyTorch reference against the real
+MLPMemory (its chunked tier and its token-by-token definition), then the Triton tier against
+the reference on outputs, final states and the gradient of every input, with a relative error
+(norm of the difference / norm of the reference), at tiny shapes.
+
+Triton reads TRITON_INTERPRET when it is imported, so on CPU the kernel checks run in one
+subprocess under the interpreter (started once for this module, running the selected cases);
+on a CUDA device they run here. Every buffer the kernel writes is NaN-filled first, so a
+missed store fails the comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+F = torch.nn.functional
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-4
+SEQ = ("q", "k", "v", "lr", "retain", "beta")
+STATE = ("A", "B", "SA", "SB")
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (ours.detach().double() - ref.detach().double()).norm()
+    return (diff / ref.detach().double().norm()).item()
+
+
+def assert_close(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
+    """Relative error under tol; an all-zero reference needs exact zeros."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    if ref.abs().max().item() == 0:  # the momenta of a memory without momentum or given ones
+        assert ours.abs().max().item() == 0, f"{name}: {ours.abs().max().item():.2e} != 0"
+        return
+    err = rel_err(ours, ref)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def make_inputs(N: int = 1, H: int = 2, T: int = 37, d: int = 8, h: int = 16,
+                retain: bool = True, beta: bool = True, state: bool = True, seed: int = 0
+                ) -> dict[str, torch.Tensor | None]:
+    """Leaf tensors on DEVICE: unit-norm q and k (Titans' l2norm), lr in (0, 1), retain near 1
+    with spread, beta in (0, 1), weights at the usual init scale, small momenta."""
+    gen = torch.Generator().manual_seed(seed * 1000 + T)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+    x: dict[str, torch.Tensor | None] = {
+        "q": F.normalize(rand(N, H, T, d), dim=-1), "k": F.normalize(rand(N, H, T, d), dim=-1),
+        "v": rand(N, H, T, d), "lr": torch.sigmoid(rand(N, H, T)),
+        "retain": 1 - 0.3 * torch.sigmoid(rand(N, H, T)) if retain else None,
+        "beta": torch.sigmoid(rand(N, H, T)) if beta else None,
+        "A0": rand(N, H, d, h) * d ** -0.5, "B0": rand(N, H, h, d) * h ** -0.5,
+        "SA0": 0.1 * rand(N, H, d, h) if state else None,
+        "SB0": 0.1 * rand(N, H, h, d) if state else None}
+    return {n: None if t is None else t.to(DEVICE).requires_grad_() for n, t in x.items()}
+
+
+def run(backend: str, x: dict[str, torch.Tensor | None], **kw: Any
+        ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    from nestc.ops.mlp_memory import mlp_memory
+
+    return mlp_memory(*x.values(), backend=backend, **kw)
+
+
+def results(y: torch.Tensor, state: tuple[torch.Tensor, ...],
+            x: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """y, the final state and the gradient of every given input of <y, dy> + <state, dstate>."""
+    gen = torch.Generator().manual_seed(7)
+    loss = (y * torch.randn(y.shape, generator=gen).to(DEVICE)).sum()
+    out = {"y": y.detach()}
+    for name, s in zip(STATE, state):
+        loss = loss + (s * torch.randn(s.shape, generator=gen).to(DEVICE)).sum()
+        out[name] = s.detach()
+    leaves = {n: t for n, t in x.items() if t is not None}
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return out | {f"d{n}": g for n, g in zip(leaves, grads)}
+
+
+def compare(x: dict[str, torch.Tensor | None], **kw: Any) -> None:
+    """The Triton tier against the chunked reference: y, states, every gradient."""
+    ours = results(*run("triton", x, **kw), x)
+    ref = results(*run("chunked", x, **kw), x)
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert ours[name].dtype == ref[name].dtype, (name, ours[name].dtype, ref[name].dtype)
+        assert_close(name, ours[name], ref[name])
+
+
+# The reference against nestc's MLPMemory (in this process: no kernel runs) -------------------
+
+def titans() -> tuple[Any, Any]:
+    """The stdlib Titans block (dim 32, 2 heads of d = 16, h = 32, chunks of 16) and its
+    MLPMemory."""
+    import nestc
+    from nestc.memories import MLPMemory
+
+    torch.manual_seed(0)
+    block = nestc.load("std/memory/titans.nest").build("Titans", dim=32, heads=2, chunk=16)
+    mems = [m for m in block.modules() if isinstance(m, MLPMemory)]
+    assert len(mems) == 1
+    return block, mems[0]
+
+
+def test_reference_equals_the_titans_block() -> None:
+    """The memory of the built Titans block, its inputs captured in a forward pass (lr = eta,
+    retain = 1 - alpha, beta = theta, clip = 1): the reference gives its reads and final state
+    exactly, and the token-by-token definition within float32 rounding."""
+    from nestc.ops.mlp_memory.reference import chunk_mlp_memory
+
+    block, mem = titans()
+    seen: dict[str, Any] = {}
+    chunked = mem._chunked
+
+    def spy(q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
+        seen.update(q=q, w=w, given=given, out=chunked(q, w, given))
+        return seen["out"]
+    mem._chunked = spy
+    block(torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(3)))
+    q, w, given = seen["q"], seen["w"], seen["given"]
+    assert given["offset"] == 0 and mem.momentum and mem.clip == 1.0
+    y, state = chunk_mlp_memory(q, w["k"], w["v"], w["lr"], w["retain"], w["beta"],
+                                *given["M"], *given["S"], act="gelu", clip=mem.clip,
+                                chunk=mem.chunk)
+    y_mem, out = seen["out"]
+    for name, ours, ref in zip(("y", *STATE), (y, *state), (y_mem, *out["M"], *out["S"])):
+        assert torch.equal(ours, ref), name
+    y_def, out_def = mem._reference(q, w, given)
+    for name, ours, ref in zip(("y", *STATE), (y, *state), (y_def, *out_def["M"], *out_def["S"])):
+        assert rel_err(ours, ref) < 1e-5, name
+
+
+MEMORY_CASES = {  # act, retain, beta, clip, read_before
+    "gelu-retain-momentum-clip": ("gelu", True, True, 0.05, False),
+    "silu-momentum-read_before": ("silu", False, True, None, True),
+    "gelu-retain-gd-read_before-clip": ("gelu", True, False, 0.05, True),
+    "silu-plain-gd": ("silu", False, False, None, False),
+}
+
+
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_reference_equals_mlp_memory_methods(case: str) -> None:
+    """MLPMemory's own chunked tier and token-by-token definition (the Titans block's memory,
+    its rule switched by attribute), on random inputs with nonzero momenta and a short last
+    chunk: the reference equals the first exactly (reads, states and every input's gradient)
+    and the second within float32 rounding, its gradients included."""
+    from nestc.memories import ACTS
+    from nestc.ops.mlp_memory.reference import chunk_mlp_memory
+
+    act, retain, beta, clip, read_before = MEMORY_CASES[case]
+    mem = copy.copy(titans()[1])
+    mem.act, mem.momentum, mem.clip, mem.read_before, mem.chunk = \
+        ACTS[act], beta, clip, read_before, 8
+    x = make_inputs(N=2, T=21, d=16, h=32, retain=retain, beta=beta)
+    w = {"k": x["k"], "v": x["v"], "lr": x["lr"], "retain": x["retain"], "beta": x["beta"]}
+    given = {"M": (x["A0"], x["B0"]), "S": (x["SA0"], x["SB0"]), "start": (x["A0"], x["B0"]),
+             "offset": 0}
+    kw = {"act": act, "read_before": read_before, "chunk": 8}
+    ours = results(*chunk_mlp_memory(*x.values(), clip=clip, **kw), x)
+    y_mem, out = mem._chunked(x["q"], w, given)
+    chunked = results(y_mem, (*out["M"], *out["S"]), x)
+    y_def, out_def = mem._reference(x["q"], w, given)
+    exact = results(y_def, (*out_def["M"], *out_def["S"]), x)
+    for name in exact:
+        assert torch.equal(ours[name], chunked[name]), name
+        assert rel_err(ours[name], exact[name]) < (1e-5 if name in ("y", *STATE) else 1e-4), name
+    if clip is not None:  # the clip bites on these inputs
+        y_free, _ = chunk_mlp_memory(*x.values(), clip=None, **kw)
+        assert rel_err(ours["y"], y_free) > 1e-2
+
+
+# The Triton tier (where the kernel runs: see the module docstring) ---------------------------
+
+def check_matches_reference(T: int, chunk: int, act: str, retain: bool, beta: bool,
+                            state: bool, clip: float | None, read_before: bool, N: int = 1,
+                            d: int = 8, h: int = 16) -> None:
+    x = make_inputs(N=N, T=T, d=d, h=h, retain=retain, beta=beta, state=state)
+    compare(x, act=act, clip=clip, read_before=read_before, chunk=chunk)
+
+
+def check_empty_sequence() -> None:
+    x = {n: None if t is None else (t[:, :, :0] if n in SEQ else t)
+         for n, t in make_inputs(T=5).items()}
+    y, state = run("triton", x, chunk=16)
+    assert y.shape == (1, 2, 0, 8)
+    for s, s0 in zip(state, (x["A0"], x["B0"], x["SA0"], x["SB0"])):
+        assert torch.equal(s, s0)
+
+
+def check_refusals() -> None:
+    x = make_inputs(T=5)
+    with pytest.raises(ValueError, match="chunk must be one of"):
+        run("triton", x, chunk=8)
+    with pytest.raises(ValueError, match="float32; use the chunked back end"):
+        run("triton", {n: None if t is None else t.detach().double() for n, t in x.items()})
+    with pytest.raises(ValueError, match="at most 128, got d = 8, h = 129"):
+        run("triton", make_inputs(T=5, h=129))
+
+
+def check_custom_op_registration() -> None:
+    """torch.library.opcheck: the schema, the fake implementation and the autograd
+    registration agree with the op."""
+    from nestc.ops.mlp_memory import triton as kernels
+
+    x = make_inputs(T=19)
+    torch.library.opcheck(kernels.mlp_memory_fwd, (*x.values(), "gelu", 0.5, False, 16))
+
+
+def check_torch_compile_matches_eager() -> None:
+    """torch.compile traces around the custom ops in one graph and equals eager."""
+    import torch._dynamo
+
+    x = make_inputs(T=21)
+
+    def fn(*args: Any) -> Any:
+        from nestc.ops.mlp_memory.triton import triton_mlp_memory
+
+        return triton_mlp_memory(*args, clip=0.5, chunk=16)
+    want = results(*fn(*x.values()), x)
+    torch._dynamo.reset()
+    got = results(*torch.compile(fn, backend="aot_eager", fullgraph=True)(*x.values()), x)
+    for name in want:
+        assert_close(f"compiled {name}", got[name], want[name], 1e-6)
+
+
+def check_kernel_matches_the_device() -> None:
+    """Interpreted on CPU (the subprocess), compiled on CUDA."""
+    from nestc.ops.mlp_memory import triton as kernels
+
+    assert kernels.INTERPRETED is (DEVICE == "cpu")
+
+
+CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
+    # T, chunk, act, retain, beta, state, clip, read_before
+    "T37-C16-gelu-retain-momentum-state": (
+        check_matches_reference, (37, 16, "gelu", True, True, True, None, False)),
+    "T37-C32-gelu-retain-momentum-state-clip-read_before": (
+        check_matches_reference, (37, 32, "gelu", True, True, True, 0.05, True)),
+    "T40-C16-silu-retain-gd": (
+        check_matches_reference, (40, 16, "silu", True, False, False, None, False)),
+    "T23-C16-silu-momentum-state-clip": (
+        check_matches_reference, (23, 16, "silu", False, True, True, 0.05, False)),
+    "T5-C64-gelu-plain-gd-read_before": (
+        check_matches_reference, (5, 64, "gelu", False, False, False, None, True)),
+    "T33-C64-silu-retain-momentum-state-clip-read_before": (
+        check_matches_reference, (33, 64, "silu", True, True, True, 0.05, True)),
+    "T1-C16-gelu-retain-momentum-state": (
+        check_matches_reference, (1, 16, "gelu", True, True, True, None, False)),
+    "N2-d12-h20-T29-C16-gelu-retain-momentum-clip": (
+        check_matches_reference, (29, 16, "gelu", True, True, False, 0.05, False, 2, 12, 20)),
+    "empty": (check_empty_sequence, ()),
+    "refusals": (check_refusals, ()),
+    "opcheck": (check_custom_op_registration, ()),
+    "compile": (check_torch_compile_matches_eager, ()),
+    "interpreted_on_cpu": (check_kernel_matches_the_device, ()),
+}
+
+
+def run_cases(names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each case's outcome: "ok", "skip" or "fail", with the message and the seconds it took."""
+    from nestc.ops.mlp_memory import triton as kernels
+
+    kernels.POISON_BUFFERS = True
+    out = {}
+    try:
+        for name in names:
+            fn, args = CASES[name]
+            start = time.perf_counter()
+            try:
+                fn(*args)
+                outcome, message = "ok", ""
+            except pytest.skip.Exception as e:
+                outcome, message = "skip", str(e)
+            except Exception:
+                outcome, message = "fail", traceback.format_exc(limit=-3)
+            out[name] = {"outcome": outcome, "message": message,
+                         "seconds": round(time.perf_counter() - start, 2)}
+    finally:
+        kernels.POISON_BUFFERS = False
+    return out
+
+
+# the subprocess: this file loaded by path under TRITON_INTERPRET=1, the selected cases run
+CHILD = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("triton_mlp_memory_checks", sys.argv[1])
+checks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(checks)
+print(json.dumps(checks.run_cases(sys.argv[2:])))
+"""
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+    """The outcomes of the kernel cases this session selected, run once."""
+    names = [item.callspec.params["case"] for item in request.session.items
+             if item.path == Path(__file__) and hasattr(item, "callspec")
+             and item.callspec.params["case"] in CASES]
+    if DEVICE == "cuda":
+        return run_cases(names)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, __file__, *names], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_mlp_memory(case: str, outcomes: dict[str, dict[str, Any]]) -> None:
+    result = outcomes[case]
+    if result["outcome"] == "skip":
+        pytest.skip(result["message"])
+    if result["outcome"] != "ok":
+        pytest.fail(f"{case} failed in the subprocess:\n{result['message']}", pytrace=False)
+
+
+@pytest.mark.skipif(DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the kernel can run here")
+def test_the_triton_backend_on_cpu_without_the_interpreter_says_how_to_run_it() -> None:
+    with pytest.raises(ValueError, match="needs CUDA tensors, got cpu; set TRITON_INTERPRET=1"):
+        run("triton", make_inputs(T=5))
