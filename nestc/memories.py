@@ -520,7 +520,7 @@ class MLPMemory(Memory):
         self.backend = scope.b.backend
         self.d, self.hidden, self.residual, act, _ = _mlp_structure(
             scope, s, "an in-context MLP memory")
-        self.act = ACTS[act]
+        self.act, self.act_name = ACTS[act], act
         self.lets: dict[str, ast.Expr] = {}
         exprs, choices = _clauses(s, self.lets)
         if choices["state"] != "per sample":
@@ -673,11 +673,38 @@ class MLPMemory(Memory):
         qh = q.view(Bn, T, self.heads, self.d).transpose(1, 2).to(acc)  # (N, H, T, d)
         w = {n: x.transpose(1, 2).to(acc) if isinstance(x, torch.Tensor) else x
              for n, x in w.items()}
-        run = self._reference if self.backend == "reference" else self._chunked
+        run = self._reference if self.backend == "reference" else \
+            self._fused if self._fusable(qh, w, given) else self._chunked
         y, out = run(qh, w, given)
         self.guard(*out["M"], *out["S"])
         state.out[self.state_key] = out
         return y.transpose(1, 2).reshape(Bn, T, -1).to(q.dtype)
+
+    def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
+        """Whether the triton tier runs this read through nestc.ops.mlp_memory's kernel: a
+        plain MLP (gelu or silu) learning given values by l2, in float32 or a 16-bit type,
+        within the kernel's sizes, on a piece of whole chunks from a chunk's start (the
+        kernel keeps no chunk-start weights for a piece that ends inside a chunk)."""
+        if self.backend != "triton" or self.residual or self.objective != "l2" or \
+                "v" not in w or self.act_name not in ("gelu", "silu"):
+            return False
+        from nestc.ops.mlp_memory.triton import CHUNKS, MAX_DIM
+
+        return (q.dtype != torch.float64 and self.chunk in CHUNKS and self.d <= MAX_DIM
+                and self.hidden <= MAX_DIM and given["offset"] == 0
+                and q.shape[2] % self.chunk == 0)
+
+    def _fused(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
+        """The chunked tier's computation as one Triton kernel (nestc/ops/mlp_memory)."""
+        from nestc.ops.mlp_memory.triton import triton_mlp_memory
+
+        (A, B), (SA, SB) = given["M"], given["S"]
+        y, (A, B, SA, SB) = triton_mlp_memory(
+            q, w["k"], w["v"], w["lr"], w["retain"], w["beta"] if self.momentum else None,
+            A, B, SA, SB, act=self.act_name, clip=self.clip, read_before=self.read_before,
+            chunk=self.chunk)
+        # the piece ends where a chunk does: the next piece starts a chunk from (A, B)
+        return y, {"M": (A, B), "S": (SA, SB), "start": (A, B), "offset": 0}
 
     def _segments(self, T: int, offset: int) -> list[tuple[int, int]]:
         """[start, end) of each chunk of this piece: the first ends where the chunk that an

@@ -237,6 +237,42 @@ def check_torch_compile_matches_eager() -> None:
         assert_close(f"compiled {name}", got[name], want[name], 1e-6)
 
 
+def check_titans_block_on_the_triton_backend(T: int, fused: bool) -> None:
+    """build(..., backend="triton") runs the Titans block's memory through the kernel when the
+    piece is whole chunks (T = 32, chunks of 16), else through the chunked tier (T = 37): the
+    same outputs, state and gradients either way."""
+    import nestc
+    from nestc.ops.mlp_memory import triton as kernels
+
+    blocks = []
+    for backend in ("triton", "chunked"):
+        torch.manual_seed(0)
+        blocks.append(nestc.load("std/memory/titans.nest").build(
+            "Titans", dim=32, heads=2, chunk=16, backend=backend).to(DEVICE))
+    x0 = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got: list[dict[str, torch.Tensor]] = []
+    calls: list[int] = []
+    fwd = kernels.mlp_memory_fwd
+    kernels.mlp_memory_fwd = lambda *a: calls.append(1) or fwd(*a)  # type: ignore
+    try:
+        for block in blocks:
+            x = x0.clone().requires_grad_()
+            y, state = block(x, return_state=True)
+            mem = next(s for s in state.values() if isinstance(s, dict) and "M" in s)
+            (A, B), (SA, SB) = mem["M"], mem["S"]
+            loss = (y * torch.linspace(-1, 1, 32, device=DEVICE)).sum() + A.sum() + \
+                B.pow(2).sum() + SA.sum() + SB.sum()
+            grads = torch.autograd.grad(loss, [x, *block.parameters()])
+            got.append({"y": y.detach(), "A": A.detach(), "SB": SB.detach(),
+                        **{f"d{i}": g for i, g in enumerate(grads)}})
+            if block is blocks[0]:
+                assert len(calls) == (1 if fused else 0), calls
+    finally:
+        kernels.mlp_memory_fwd = fwd  # type: ignore
+    for name in got[1]:
+        assert_close(f"Titans T={T} {name}", got[0][name], got[1][name])
+
+
 def check_kernel_matches_the_device() -> None:
     """Interpreted on CPU (the subprocess), compiled on CUDA."""
     from nestc.ops.mlp_memory import triton as kernels
@@ -267,6 +303,8 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
     "opcheck": (check_custom_op_registration, ()),
     "compile": (check_torch_compile_matches_eager, ()),
     "interpreted_on_cpu": (check_kernel_matches_the_device, ()),
+    "titans_block_fused": (check_titans_block_on_the_triton_backend, (32, True)),
+    "titans_block_not_whole_chunks": (check_titans_block_on_the_triton_backend, (37, False)),
 }
 
 
