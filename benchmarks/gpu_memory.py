@@ -4,7 +4,8 @@ Forward+backward time of fla-core's `chunk_delta_rule` / `chunk_gated_delta_rule
 nestc's Triton tier and nestc's chunked PyTorch tier on the same inputs, at B=4, H=8, D in
 --D, T in --T, bfloat16; plus a float32 check that they agree. Writes a Markdown table (--out).
 The targets (issue 6): nestc's Triton tier within 1.25x of fla's chunk kernel, and at least
-5x faster than the chunked tier at T=4K.
+5x faster than the chunked tier at T=4K. Then Titans' MLP memory (nestc.ops.mlp_memory), its
+Triton kernel against the chunked tier, forward and forward+backward.
 
     python benchmarks/gpu_memory.py [--T 1024 4096 16384] [--D 64 128] [--reps 10] [--lm]
                                     [--out t.md]
@@ -154,6 +155,46 @@ def table(T_list: list[int], D_list: list[int], reps: int, dry: bool) -> list[st
     return lines
 
 
+def mlp_memory_table(T_list: list[int], reps: int, dry: bool) -> list[str]:
+    """Titans' MLP memory (nestc.ops.mlp_memory: momentum, retention, clip 1, chunks of 64),
+    the Triton tier against the chunked PyTorch tier, float32, forward and forward+backward
+    (the Triton tier's backward recomputes each chunk in PyTorch)."""
+    from nestc.ops.mlp_memory import mlp_memory
+
+    device = "cpu" if dry else "cuda"
+    N, H, d, h = (1, 2, 16, 32) if dry else (4, 8, 64, 128)
+    lines = ["", f"Titans' MLP memory, N={N}, H={H}, d={d}, h={h}, float32, chunks of 64, "
+             "median ms", "",
+             "| T | Triton fwd | chunked fwd | chunked / Triton fwd | Triton fwd+bwd "
+             "| chunked fwd+bwd | chunked / Triton fwd+bwd |", "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for T in T_list:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.nn.functional.normalize(torch.randn(N, H, T, d, device=device,
+                                                             generator=g), dim=-1)
+                   for _ in range(3))
+        lr, retain, beta = (torch.rand(N, H, T, device=device, generator=g) for _ in range(3))
+        A0 = torch.randn(N, H, d, h, device=device, generator=g) * d ** -0.5
+        B0 = torch.randn(N, H, h, d, device=device, generator=g) * h ** -0.5
+        xs = [x.requires_grad_() for x in (q, k, v, lr, retain, beta, A0, B0)]
+        t = {}
+        for backend in ("triton", "chunked"):
+            def run(*a: torch.Tensor, backend: str = backend
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return mlp_memory(*a, clip=1.0, chunk=64, backend=backend)[0], None
+
+            def forward(run: Run = run, xs: list[torch.Tensor] = xs) -> None:
+                with torch.no_grad():
+                    run(*xs)
+            t[backend] = (ms(forward, reps, not dry), ms(fwd_bwd(run, xs), reps, not dry))
+        row = (f"| {T} | {t['triton'][0]:.2f} | {t['chunked'][0]:.2f} | "
+               f"{t['chunked'][0] / t['triton'][0]:.2f} | {t['triton'][1]:.2f} | "
+               f"{t['chunked'][1]:.2f} | {t['chunked'][1] / t['triton'][1]:.2f} |")
+        print(row, flush=True)
+        lines.append(row)
+    return lines
+
+
 def language_models(dry: bool) -> list[str]:
     """benchmarks/memory.py's table of training tokens/s, on the GPU (or tiny, on the CPU)."""
     import importlib.util
@@ -192,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = table(args.T or ([32, 80] if args.dry else [1024, 4096, 16384]),
                   args.D or ([16] if args.dry else [64, 128]),
                   args.reps or (1 if args.dry else 10), args.dry)
+    lines += mlp_memory_table(args.T or ([32, 80] if args.dry else [1024, 4096, 16384]),
+                              args.reps or (1 if args.dry else 10), args.dry)
     if args.lm:
         lines += [""] + language_models(args.dry)
     if args.out:
