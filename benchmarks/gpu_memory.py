@@ -158,7 +158,7 @@ def table(T_list: list[int], D_list: list[int], reps: int, dry: bool) -> list[st
 def mlp_memory_table(T_list: list[int], reps: int, dry: bool) -> list[str]:
     """Titans' MLP memory (nestc.ops.mlp_memory: momentum, retention, clip 1, chunks of 64),
     the Triton tier against the chunked PyTorch tier, float32, forward and forward+backward
-    (the Triton tier's backward recomputes each chunk in PyTorch)."""
+    (both directions fused in the Triton tier)."""
     from nestc.ops.mlp_memory import mlp_memory
 
     device = "cpu" if dry else "cuda"

@@ -1,7 +1,8 @@
 """The Titans MLP memory op (nestc/ops/mlp_memory): the PyTorch reference against the real
 MLPMemory (its chunked tier and its token-by-token definition), then the Triton tier against
 the reference on outputs, final states and the gradient of every input, with a relative error
-(norm of the difference / norm of the reference), at tiny shapes.
+(norm of the difference / norm of the reference), at tiny shapes; and the fused backward kernel
+against the PyTorch per-chunk vjp that it replaces, on every gradient.
 
 Triton reads TRITON_INTERPRET when it is imported, so on CPU the kernel checks run in one
 subprocess under the interpreter (started once for this module, running the selected cases);
@@ -192,6 +193,40 @@ def check_matches_reference(T: int, chunk: int, act: str, retain: bool, beta: bo
     compare(x, act=act, clip=clip, read_before=read_before, chunk=chunk)
 
 
+GRADS = ("dq", "dk", "dv", "dlr", "dretain", "dbeta", "dA0", "dB0", "dSA0", "dSB0")
+
+
+def check_fused_backward_matches_vjp(T: int, chunk: int, act: str, retain: bool, beta: bool,
+                                     state: bool, clip: float | None, read_before: bool,
+                                     N: int = 1, d: int = 8, h: int = 16) -> None:
+    """The fused backward kernel (`_backward`) against the PyTorch per-chunk vjp
+    (`_backward_reference`) from the same stored starts and random gradients of y and of the
+    final state: every gradient, NaN-filled buffers. The gradients of retain, beta and the
+    momenta exist only with retain, beta; the clip bites on these inputs."""
+    from nestc.ops.mlp_memory import triton as kernels
+    from nestc.ops.mlp_memory.reference import chunk_mlp_memory
+
+    x = {n: None if t is None else t.detach()
+         for n, t in make_inputs(N=N, T=T, d=d, h=h, retain=retain, beta=beta,
+                                 state=state).items()}
+    out = kernels._forward(*x.values(), act, clip, read_before, chunk, True)
+    gen = torch.Generator().manual_seed(11)
+    dout = [torch.randn(o.shape, generator=gen).to(DEVICE) for o in out[:5]]
+    args = (*(x[n] for n in SEQ), *out[5:], act, clip, read_before, chunk, *dout)
+    ours = kernels._backward(*args)
+    ref = kernels._backward_reference(*args)
+    for name, got, want in zip(GRADS, ours, ref):
+        if name in ("dretain", "dbeta"):
+            assert (got is None) == (want is None) == (x[name[1:]] is None), name
+        if want is not None:
+            assert got is not None and got.dtype == torch.float32, name
+            assert_close(f"fused backward {name}", got, want)
+    if clip is not None:
+        y_free, _ = chunk_mlp_memory(*x.values(), act=act, read_before=read_before,
+                                     chunk=chunk)
+        assert rel_err(out[0], y_free) > 1e-3
+
+
 def check_empty_sequence() -> None:
     x = {n: None if t is None else (t[:, :, :0] if n in SEQ else t)
          for n, t in make_inputs(T=5).items()}
@@ -298,6 +333,23 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
         check_matches_reference, (1, 16, "gelu", True, True, True, None, False)),
     "N2-d12-h20-T29-C16-gelu-retain-momentum-clip": (
         check_matches_reference, (29, 16, "gelu", True, True, False, 0.05, False, 2, 12, 20)),
+    # the fused backward against the per-chunk vjp (clip 2 bites on some tokens, 0.05 on all)
+    "bwd-T37-C16-gelu-retain-momentum-state": (
+        check_fused_backward_matches_vjp, (37, 16, "gelu", True, True, True, None, False)),
+    "bwd-T37-C32-gelu-retain-momentum-state-clip-read_before": (
+        check_fused_backward_matches_vjp, (37, 32, "gelu", True, True, True, 2.0, True)),
+    "bwd-T40-C16-silu-retain-gd-read_before": (
+        check_fused_backward_matches_vjp, (40, 16, "silu", True, False, False, None, True)),
+    "bwd-T23-C16-silu-momentum-state-clip": (
+        check_fused_backward_matches_vjp, (23, 16, "silu", False, True, True, 2.0, False)),
+    "bwd-T21-C16-gelu-plain-gd-clip": (
+        check_fused_backward_matches_vjp, (21, 16, "gelu", False, False, False, 0.05, False)),
+    "bwd-N2-d12-h20-T29-C16-silu-retain-momentum-clip-read_before": (
+        check_fused_backward_matches_vjp,
+        (29, 16, "silu", True, True, False, 0.05, True, 2, 12, 20)),
+    "bwd-d5-h24-T9-C64-gelu-retain-gd-clip": (
+        check_fused_backward_matches_vjp, (9, 64, "gelu", True, False, True, 2.0, False, 1, 5,
+                                            24)),
     "empty": (check_empty_sequence, ()),
     "refusals": (check_refusals, ()),
     "opcheck": (check_custom_op_registration, ()),

@@ -12,7 +12,8 @@ chunk's first weights. For token t (lr, retain, beta per token):
 
 No token's weights are formed: within a chunk a read is the chunk's base weights and momentum,
 scaled, plus attention-like sums over the chunk's tokens (docs/semantics.md, "MLP memories that
-learn every token"). `mlp_memory_chunk` is one chunk; the Triton tier's backward takes its vjp.
+learn every token"). `mlp_memory_chunk` is one chunk; its vjp is the Triton tier's backward
+reference (`triton._backward_reference`).
 """
 
 from __future__ import annotations

@@ -21,17 +21,51 @@ state is the same sums at the chunk's last valid token (row w of W, c_w, m_w):
 Forward: mlp_memory_fwd_kernel, grid (N * H,): a loop over the chunks carrying A, B, SA, SB in
 registers, storing the reads, the final state and the state entering each chunk (the four
 "starts" buffers, [N, H, NC, ...]; the momenta only with beta).
-Backward (not fused yet): PyTorch, chunks in reverse from the stored starts: each chunk's
-reference function (`mlp_memory_chunk`) is recomputed at its stored start state and its vjp
-taken with torch.func.vjp, handing the state's gradient to the chunk before. It costs one
-chunk's autograd graph of memory and no forward over the whole sequence again.
+Backward: mlp_memory_bwd_kernel, grid (N * H,): the chunks in reverse, carrying dA, dB, dSA,
+dSB (the gradients of the state leaving the chunk; at first those of the final state). Each
+chunk is recomputed from its stored start (z, hk, e, P = e B^T, delta, the clip factor f, the
+decays, W, zq, hq: nothing chunk-local is stored), then, with X' for the state leaving it,
+x_w the row or entry at the last valid token w, [w] a one-hot at w, rowsum/colsum over the
+(C, C) matrices and the read's c, m, W already shifted for read_before:
+  reads    dGh = dy e^T; dhq = c (dy B^T) + m (dy SB^T) + (W * dGh) hk
+           de = (W * hq hk^T)^T dy, dhk = (W * dGh)^T hq
+           dzq = dhq * act'(zq), dGq = dzq delta^T
+           dq = c (dzq A^T) + m (dzq SA^T) + (W * dGq) k, dk = (W * dGq)^T q
+           ddelta = (W * q k^T)^T dzq
+           dW = dGh * (hq hk^T) + dGq * (q k^T), dc = rowsum((hq B) * dy) + rowsum((q A) * dzq),
+           dm likewise with SB, SA; dA = q^T (c dzq), dB = hq^T (c dy), dSA, dSB with m
+  state    with bl = D_b[w] * -lr (momentum's row): dk += wl delta dA'^T + bl delta dSA'^T,
+           ddelta += wl (k dA') + bl (k dSA'), dhk += wl e dB'^T + bl e dSB'^T,
+           de += wl (hk dB') + bl (hk dSB'), dW[w] += rowsum((k dA') * delta + (hk dB') * e),
+           dbl likewise with dSA', dSB'; dc_w += <A, dA'> + <B, dB'>,
+           dm_w += <SA, dA'> + <SB, dB'>, d(prod beta) = <SA, dSA'> + <SB, dSB'>;
+           dA += c_w dA', dB += c_w dB', dSA = m_w dA' + (prod beta) dSA' + the reads', dSB
+           likewise (without momentum dSA, dSB pass through: handed on outside the kernel)
+  decays   read_before first: dW, dc, dm <- S^T of the read's (S the shift). With r, b the
+           running products of retain and beta (c = r, m = D_r b, prod beta = b_w; without
+           momentum D_b = I and no m):
+           dlr_s = -colsum(dW * D_r D_b)_s - D_b[w, s] dbl_s         (the clipped lr's)
+           dD_b = D_r^T (dW * -lr) + [w] (dbl * -lr)^T, db = D_r^T dm + [w] d(prod beta)
+           dD_r = (dW * -lr) D_b^T + dm b^T
+           dL_b = rowsum(dD_b * D_b) - colsum(dD_b * D_b) + db * b, dL_r likewise + dc * r
+           dlog beta_s = sum_{t >= s} dL_b[t], dbeta = dlog beta / beta (0 where the clamp at
+           1e-30 holds); retain likewise
+  clip     f = clip / sqrt(max(sq, clip^2)): dlr <- dlr f, dsq = -dlr_clipped lr f / (2 sq)
+           where sq >= clip^2 (else 0), dk += 2 dsq |delta|^2 k, ddelta += 2 dsq |k|^2 delta,
+           dhk += 2 dsq |e|^2 hk, de += 2 dsq |hk|^2 e
+  chunk    dP = ddelta * act'(z), dz = ddelta * P * act''(z) (gelu: phi(z) (2 - z^2);
+           silu: s (1 - s) (2 + z (1 - 2 s))), de += dP B, dB += dP^T e, dhk += de B^T,
+           dB += hk^T de, dv = -de, dz += dhk * act'(z), dk += dz A^T, dA += k^T dz
+The PyTorch per-chunk vjp of `mlp_memory_chunk` (`_backward_reference`) is what the tests
+hold the kernel to.
 Both directions are torch.library custom ops (nestc::mlp_memory_fwd / _bwd, with fake
 implementations), the backward registered as the forward's autograd formula.
 
 Block sizes: C = chunk (16, 32 or 64), BD and BH = d and h rounded up to powers of two >= 16.
-The whole state (4 d h floats) stays in registers: fine for small d, h; at d = h = 128 it is
-64K floats a program, which spills on a GPU (tiling over h is not done yet). float32 matmuls
-use IEEE float32 (no TF32).
+The whole state (4 d h floats; the backward also its gradients, 8 d h) stays in registers:
+fine for small d, h; at d = h = 128 it is 64K floats a program (128K in the backward), which
+spills on a GPU (tiling over h is not done yet; neither kernel has run on a GPU yet). float32
+matmuls use IEEE float32 (no TF32).
 """
 
 from __future__ import annotations
@@ -201,6 +235,250 @@ def mlp_memory_fwd_kernel(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt
     tl.store(SBt + p_w + p_hd, b_SB, mask=m_hd)
 
 
+@triton.jit
+def _act_grad2(z, ACT: tl.constexpr):
+    """act''(z): delta's act'(z) is differentiated too."""
+    if ACT == 0:  # phi(z) (2 - z^2)
+        return tl.exp(-0.5 * z * z) * 0.3989422804014327 * (2. - z * z)
+    s = tl.sigmoid(z)
+    return s * (1. - s) * (2. + z * (1. - 2. * s))
+
+
+@triton.jit
+def _sum2(x):
+    """The sum of a 2-D block, as a scalar."""
+    return tl.sum(tl.sum(x, 1), 0)
+
+
+@triton.jit
+def mlp_memory_bwd_kernel(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, dy, dAt, dBt, dSAt, dSBt,
+                          dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0, clip, T, NC,
+                          D: tl.constexpr, HID: tl.constexpr, C: tl.constexpr,
+                          BD: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
+                          USE_R: tl.constexpr, USE_BETA: tl.constexpr, USE_CLIP: tl.constexpr,
+                          READ_BEFORE: tl.constexpr, PRECISION: tl.constexpr):
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_c = tl.arange(0, C)
+    o_d = tl.arange(0, BD)
+    o_h = tl.arange(0, BH)
+    m_d, m_h = o_d < D, o_h < HID
+    m_dh = m_d[:, None] & m_h[None, :]
+    m_hd = m_h[:, None] & m_d[None, :]
+    p_dh = o_d[:, None] * HID + o_h[None, :]  # A (d, h)
+    p_hd = o_h[:, None] * D + o_d[None, :]  # B (h, d)
+    p_w = i_bh * D * HID
+    # the gradients of the state leaving the current chunk, carried backwards
+    b_dA = tl.load(dAt + p_w + p_dh, mask=m_dh, other=0.).to(tl.float32)
+    b_dB = tl.load(dBt + p_w + p_hd, mask=m_hd, other=0.).to(tl.float32)
+    if USE_BETA:
+        b_dSA = tl.load(dSAt + p_w + p_dh, mask=m_dh, other=0.).to(tl.float32)
+        b_dSB = tl.load(dSBt + p_w + p_hd, mask=m_hd, other=0.).to(tl.float32)
+    else:  # the momenta pass through: their gradients are handed on outside
+        b_dSA = tl.zeros([BD, BH], dtype=tl.float32)
+        b_dSB = tl.zeros([BH, BD], dtype=tl.float32)
+    causal = o_c[:, None] >= o_c[None, :]
+    shift = tl.where(o_c[:, None] == o_c[None, :] + 1, 1., 0.)
+    for i_r in range(NC):
+        i_n = NC - 1 - i_r
+        p_s = (i_bh * NC + i_n) * D * HID
+        b_A = tl.load(sA + p_s + p_dh, mask=m_dh, other=0.)
+        b_B = tl.load(sB + p_s + p_hd, mask=m_hd, other=0.)
+        t = i_n * C + o_c
+        m_t = t < T
+        i_last = tl.minimum(C, T - i_n * C) - 1
+        last = o_c == i_last
+        r = i_bh * T + t
+        m_td = m_t[:, None] & m_d[None, :]
+        p_td = r[:, None] * D + o_d[None, :]
+        b_k = tl.load(k + p_td, mask=m_td, other=0.).to(tl.float32)
+        b_v = tl.load(v + p_td, mask=m_td, other=0.).to(tl.float32)
+        b_q = tl.load(q + p_td, mask=m_td, other=0.).to(tl.float32)
+        b_dy = tl.load(dy + p_td, mask=m_td, other=0.).to(tl.float32)
+        b_lr = tl.load(lr + r, mask=m_t, other=0.).to(tl.float32)
+
+        # the chunk's forward again, from its start state
+        b_z = tl.dot(b_k, b_A, input_precision=PRECISION)  # (C, BH)
+        b_hk = _act(b_z, ACT)
+        b_g1 = _act_grad(b_z, ACT)
+        b_e = tl.dot(b_hk, b_B, input_precision=PRECISION) - b_v  # (C, BD)
+        b_P = tl.dot(b_e, tl.trans(b_B), input_precision=PRECISION)  # (C, BH)
+        b_delta = b_P * b_g1
+        if USE_CLIP:
+            b_kk, b_dd = tl.sum(b_k * b_k, 1), tl.sum(b_delta * b_delta, 1)
+            b_hh, b_ee = tl.sum(b_hk * b_hk, 1), tl.sum(b_e * b_e, 1)
+            b_sq = b_kk * b_dd + b_hh * b_ee
+            b_f = clip / tl.sqrt(tl.maximum(b_sq, clip * clip))
+            b_lre = b_lr * b_f
+        else:
+            b_lre = b_lr
+        if USE_R:
+            b_rt = tl.load(retain + r, mask=m_t, other=1.).to(tl.float32)
+            b_Lr = tl.cumsum(tl.log(tl.maximum(b_rt, 1e-30)), 0)
+            b_c = tl.exp(b_Lr)
+            b_Dr = tl.where(causal, tl.exp(tl.where(causal, b_Lr[:, None] - b_Lr[None, :], 0.)),
+                            0.)
+        else:
+            b_c = tl.full([C], 1., dtype=tl.float32)
+            b_Dr = tl.where(causal, 1., 0.)
+        if USE_BETA:
+            b_SA = tl.load(sSA + p_s + p_dh, mask=m_dh, other=0.)
+            b_SB = tl.load(sSB + p_s + p_hd, mask=m_hd, other=0.)
+            b_bt = tl.load(beta + r, mask=m_t, other=1.).to(tl.float32)
+            b_Lb = tl.cumsum(tl.log(tl.maximum(b_bt, 1e-30)), 0)
+            b_runb = tl.exp(b_Lb)
+            b_Db = tl.where(causal, tl.exp(tl.where(causal, b_Lb[:, None] - b_Lb[None, :], 0.)),
+                            0.)
+            b_M = tl.dot(b_Dr, b_Db, input_precision=PRECISION)
+            b_m = tl.sum(b_Dr * b_runb[None, :], 1)
+        else:
+            b_M = b_Dr
+            b_m = tl.zeros([C], dtype=tl.float32)
+        b_W = b_M * -b_lre[None, :]
+        if READ_BEFORE:
+            b_Wr = tl.dot(shift, b_W, input_precision=PRECISION)
+            b_cr = tl.sum(shift * b_c[None, :], 1) + tl.where(o_c == 0, 1., 0.)
+            b_mr = tl.sum(shift * b_m[None, :], 1)
+        else:
+            b_Wr, b_cr, b_mr = b_W, b_c, b_m
+        b_Kq = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # (C, C)
+        b_qA = tl.dot(b_q, b_A, input_precision=PRECISION)
+        b_zq = b_cr[:, None] * b_qA + tl.dot(b_Wr * b_Kq, b_delta, input_precision=PRECISION)
+        if USE_BETA:
+            b_qSA = tl.dot(b_q, b_SA, input_precision=PRECISION)
+            b_zq += b_mr[:, None] * b_qSA
+        b_hq = _act(b_zq, ACT)
+        b_Hq = tl.dot(b_hq, tl.trans(b_hk), input_precision=PRECISION)  # (C, C)
+
+        # y = cr (hq B) + mr (hq SB) + (Wr * hq hk^T) e
+        b_dGh = tl.dot(b_dy, tl.trans(b_e), input_precision=PRECISION)  # (C, C)
+        b_dWr = b_dGh * b_Hq
+        b_dhq = (b_cr[:, None] * tl.dot(b_dy, tl.trans(b_B), input_precision=PRECISION)
+                 + tl.dot(b_Wr * b_dGh, b_hk, input_precision=PRECISION))
+        b_dhk = tl.dot(tl.trans(b_Wr * b_dGh), b_hq, input_precision=PRECISION)
+        b_de = tl.dot(tl.trans(b_Wr * b_Hq), b_dy, input_precision=PRECISION)
+        b_dcr = tl.sum(tl.dot(b_hq, b_B, input_precision=PRECISION) * b_dy, 1)
+        b_dAi = tl.zeros([BD, BH], dtype=tl.float32)
+        b_dBi = tl.dot(tl.trans(b_hq), b_cr[:, None] * b_dy, input_precision=PRECISION)
+        if USE_BETA:
+            b_dhq += b_mr[:, None] * tl.dot(b_dy, tl.trans(b_SB), input_precision=PRECISION)
+            b_dmr = tl.sum(tl.dot(b_hq, b_SB, input_precision=PRECISION) * b_dy, 1)
+            b_dSBi = tl.dot(tl.trans(b_hq), b_mr[:, None] * b_dy, input_precision=PRECISION)
+        # zq = cr (q A) + mr (q SA) + (Wr * q k^T) delta
+        b_dzq = b_dhq * _act_grad(b_zq, ACT)
+        b_dGq = tl.dot(b_dzq, tl.trans(b_delta), input_precision=PRECISION)  # (C, C)
+        b_dWr += b_dGq * b_Kq
+        b_dq = (b_cr[:, None] * tl.dot(b_dzq, tl.trans(b_A), input_precision=PRECISION)
+                + tl.dot(b_Wr * b_dGq, b_k, input_precision=PRECISION))
+        b_dk = tl.dot(tl.trans(b_Wr * b_dGq), b_q, input_precision=PRECISION)
+        b_ddelta = tl.dot(tl.trans(b_Wr * b_Kq), b_dzq, input_precision=PRECISION)
+        b_dcr += tl.sum(b_qA * b_dzq, 1)
+        b_dAi += tl.dot(tl.trans(b_q), b_cr[:, None] * b_dzq, input_precision=PRECISION)
+        if USE_BETA:
+            b_dq += b_mr[:, None] * tl.dot(b_dzq, tl.trans(b_SA), input_precision=PRECISION)
+            b_dmr += tl.sum(b_qSA * b_dzq, 1)
+            b_dSAi = tl.dot(tl.trans(b_q), b_mr[:, None] * b_dzq, input_precision=PRECISION)
+
+        # A' = cl A + ml SA + k^T (wl * delta), B' = cl B + ml SB + hk^T (wl * e)
+        b_wl = _row(b_W, o_c, i_last)
+        b_kdA = tl.dot(b_k, b_dA, input_precision=PRECISION)  # (C, BH)
+        b_hdB = tl.dot(b_hk, b_dB, input_precision=PRECISION)  # (C, BD)
+        b_dwl = tl.sum(b_kdA * b_delta, 1) + tl.sum(b_hdB * b_e, 1)
+        b_dk += b_wl[:, None] * tl.dot(b_delta, tl.trans(b_dA), input_precision=PRECISION)
+        b_ddelta += b_wl[:, None] * b_kdA
+        b_dhk += b_wl[:, None] * tl.dot(b_e, tl.trans(b_dB), input_precision=PRECISION)
+        b_de += b_wl[:, None] * b_hdB
+        b_cl = _at(b_c, o_c, i_last)
+        b_dcl = _sum2(b_A * b_dA) + _sum2(b_B * b_dB)
+        b_dAi += b_cl * b_dA
+        b_dBi += b_cl * b_dB
+        if USE_BETA:
+            # SA' = keep SA + k^T (bl * delta), SB' = keep SB + hk^T (bl * e)
+            b_ml = _at(b_m, o_c, i_last)
+            b_dml = _sum2(b_SA * b_dA) + _sum2(b_SB * b_dB)
+            b_keep = _at(b_runb, o_c, i_last)
+            b_dkeep = _sum2(b_SA * b_dSA) + _sum2(b_SB * b_dSB)
+            b_bD = _row(b_Db, o_c, i_last)
+            b_bl = b_bD * -b_lre
+            b_kdS = tl.dot(b_k, b_dSA, input_precision=PRECISION)  # (C, BH)
+            b_hdS = tl.dot(b_hk, b_dSB, input_precision=PRECISION)  # (C, BD)
+            b_dbl = tl.sum(b_kdS * b_delta, 1) + tl.sum(b_hdS * b_e, 1)
+            b_dk += b_bl[:, None] * tl.dot(b_delta, tl.trans(b_dSA), input_precision=PRECISION)
+            b_ddelta += b_bl[:, None] * b_kdS
+            b_dhk += b_bl[:, None] * tl.dot(b_e, tl.trans(b_dSB), input_precision=PRECISION)
+            b_de += b_bl[:, None] * b_hdS
+            b_dSAi += b_ml * b_dA + b_keep * b_dSA
+            b_dSBi += b_ml * b_dB + b_keep * b_dSB
+
+        # W = M * -lre, c, m (shifted for read_before) -> lre and the log decays
+        if READ_BEFORE:
+            b_dW = tl.dot(tl.trans(shift), b_dWr, input_precision=PRECISION)
+            b_dc = tl.sum(shift * b_dcr[:, None], 0)
+        else:
+            b_dW, b_dc = b_dWr, b_dcr
+        b_dW += tl.where(last[:, None], b_dwl[None, :], 0.)
+        b_dc += tl.where(last, b_dcl, 0.)
+        b_dlre = -tl.sum(b_dW * b_M, 0)
+        b_dM = b_dW * -b_lre[None, :]
+        if USE_BETA:
+            if READ_BEFORE:
+                b_dm = tl.sum(shift * b_dmr[:, None], 0)
+            else:
+                b_dm = b_dmr
+            b_dm += tl.where(last, b_dml, 0.)
+            b_dlre -= b_bD * b_dbl
+            b_dDb = (tl.dot(tl.trans(b_Dr), b_dM, input_precision=PRECISION)
+                     + tl.where(last[:, None], (b_dbl * -b_lre)[None, :], 0.))
+            b_dDb *= b_Db
+            b_dLb = (tl.sum(b_dDb, 1) - tl.sum(b_dDb, 0)
+                     + (tl.sum(b_Dr * b_dm[:, None], 0) + tl.where(last, b_dkeep, 0.)) * b_runb)
+            b_dlog = tl.cumsum(b_dLb, 0, reverse=True)
+            tl.store(dbeta + r, tl.where(b_bt >= 1e-30, b_dlog / b_bt, 0.), mask=m_t)
+        if USE_R:
+            if USE_BETA:
+                b_dDr = (tl.dot(b_dM, tl.trans(b_Db), input_precision=PRECISION)
+                         + b_dm[:, None] * b_runb[None, :])
+            else:
+                b_dDr = b_dM
+            b_dDr *= b_Dr
+            b_dLr = tl.sum(b_dDr, 1) - tl.sum(b_dDr, 0) + b_dc * b_c
+            b_dlog = tl.cumsum(b_dLr, 0, reverse=True)
+            tl.store(dretain + r, tl.where(b_rt >= 1e-30, b_dlog / b_rt, 0.), mask=m_t)
+
+        # lre = lr clip / sqrt(max(sq, clip^2)), sq = |k|^2 |delta|^2 + |hk|^2 |e|^2
+        if USE_CLIP:
+            tl.store(dlr + r, b_dlre * b_f, mask=m_t)
+            b_dsq = tl.where(b_sq >= clip * clip,
+                             -0.5 * b_dlre * b_lr * b_f / tl.maximum(b_sq, clip * clip), 0.)
+            b_dk += (2. * b_dsq * b_dd)[:, None] * b_k
+            b_ddelta += (2. * b_dsq * b_kk)[:, None] * b_delta
+            b_dhk += (2. * b_dsq * b_ee)[:, None] * b_hk
+            b_de += (2. * b_dsq * b_hh)[:, None] * b_e
+        else:
+            tl.store(dlr + r, b_dlre, mask=m_t)
+
+        # delta = P * act'(z), P = e B^T, e = hk B - v, hk = act(z), z = k A
+        b_dP = b_ddelta * b_g1
+        b_dz = b_ddelta * b_P * _act_grad2(b_z, ACT)
+        b_de += tl.dot(b_dP, b_B, input_precision=PRECISION)
+        b_dBi += tl.dot(tl.trans(b_dP), b_e, input_precision=PRECISION)
+        b_dhk += tl.dot(b_de, tl.trans(b_B), input_precision=PRECISION)
+        b_dBi += tl.dot(tl.trans(b_hk), b_de, input_precision=PRECISION)
+        b_dz += b_dhk * b_g1
+        b_dk += tl.dot(b_dz, tl.trans(b_A), input_precision=PRECISION)
+        b_dAi += tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION)
+        tl.store(dq + p_td, b_dq, mask=m_td)
+        tl.store(dk + p_td, b_dk, mask=m_td)
+        tl.store(dv + p_td, -b_de, mask=m_td)
+        b_dA, b_dB = b_dAi, b_dBi
+        if USE_BETA:
+            b_dSA, b_dSB = b_dSAi, b_dSBi
+    tl.store(dA0 + p_w + p_dh, b_dA, mask=m_dh)
+    tl.store(dB0 + p_w + p_hd, b_dB, mask=m_hd)
+    if USE_BETA:
+        tl.store(dSA0 + p_w + p_dh, b_dSA, mask=m_dh)
+        tl.store(dSB0 + p_w + p_hd, b_dSB, mask=m_hd)
+
+
 def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """A float32 buffer that a kernel fills (NaN-filled first when POISON_BUFFERS is set)."""
     if POISON_BUFFERS:
@@ -249,8 +527,39 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
               dA: torch.Tensor, dB: torch.Tensor, dSA: torch.Tensor, dSB: torch.Tensor
               ) -> tuple[torch.Tensor | None, ...]:
     """dq, dk, dv, dlr, dretain, dbeta (None without them) and the gradients of the initial
-    A, B, SA, SB, in float32: chunks in reverse, each recomputed by `mlp_memory_chunk` at its
-    stored start state and differentiated by torch.func.vjp (a PyTorch backward, not fused)."""
+    A, B, SA, SB, in float32, by mlp_memory_bwd_kernel from the stored starts."""
+    q, k, v, lr, dy, sA, sB = (x.contiguous() for x in (q, k, v, lr, dy, sA, sB))
+    retain, beta = (None if x is None else x.contiguous() for x in (retain, beta))
+    dA, dB, dSA, dSB = (x.float().contiguous() for x in (dA, dB, dSA, dSB))
+    N, H, T, d = q.shape
+    h = sA.shape[-1]
+    dq, dk, dv = (_buffer((N, H, T, d), q) for _ in range(3))
+    dlr = _buffer((N, H, T), q)
+    dretain, dbeta = (None if x is None else _buffer((N, H, T), q) for x in (retain, beta))
+    dA0, dB0 = _buffer((N, H, d, h), q), _buffer((N, H, h, d), q)
+    # without momentum SA, SB pass through the sequence unchanged, and so do their gradients
+    dSA0, dSB0 = ((_buffer((N, H, d, h), q), _buffer((N, H, h, d), q)) if beta is not None
+                  else (dSA.clone(), dSB.clone()))
+    mlp_memory_bwd_kernel[(N * H,)](
+        q, k, v, lr, retain, beta, sA, sB, sSA.contiguous(), sSB.contiguous(), dy, dA, dB, dSA,
+        dSB, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0,
+        1.0 if clip is None else float(clip), T, sA.shape[2], D=d, HID=h, C=chunk,
+        BD=max(16, triton.next_power_of_2(d)), BH=max(16, triton.next_power_of_2(h)),
+        ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
+        USE_CLIP=clip is not None, READ_BEFORE=read_before,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0
+
+
+def _backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                        retain: torch.Tensor | None, beta: torch.Tensor | None,
+                        sA: torch.Tensor, sB: torch.Tensor, sSA: torch.Tensor,
+                        sSB: torch.Tensor, act: str, clip: float | None, read_before: bool,
+                        chunk: int, dy: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
+                        dSA: torch.Tensor, dSB: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """`_backward`'s results in PyTorch, what the tests hold the kernel to: chunks in reverse,
+    each recomputed by `mlp_memory_chunk` at its stored start state and differentiated by
+    torch.func.vjp."""
     T = q.shape[2]
     f32 = torch.float32
     seq = [None if x is None else x.to(f32) for x in (q, k, v, lr, retain, beta)]
@@ -352,9 +661,7 @@ def mlp_memory_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.
     like = (q, k, v, lr, retain, beta)
     seq = [q.new_empty((0,)) if g is None or x is None else g.to(x.dtype)
            for g, x in zip(out[:6], like)]
-    # without momentum dSA, dSB come back as given: an op's output may not alias its input
-    dA0, dB0, dSA0, dSB0 = (g.clone() for g in out[6:] if g is not None)
-    return (*seq, dA0, dB0, dSA0, dSB0)  # type: ignore[return-value]
+    return (*seq, *out[6:])  # type: ignore[return-value]
 
 
 @mlp_memory_bwd.register_fake
