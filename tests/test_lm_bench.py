@@ -68,7 +68,7 @@ def test_a_model_nestc_does_not_build_gets_a_line_not_a_number(tmp_path, monkeyp
     monkeypatch.setattr(bench, "LM_SPECS", [bench.LM_SPECS[0],
                                             ("SharedLM", str(tmp_path / "shared.nest"))])
     args = argparse.Namespace(device="cpu", lm_batch=1, lm_T=8, vocab=16, lm_dim=16, depth=1, reps=1,
-                              warmup=1, hope=False, quick=False)
+                              warmup=1, hope=False, quick=False, backend="chunked")
     lines = bench.bench_language_models(args)
     assert [line for line in lines if line.startswith("| TransformerLM |")]
     assert not [line for line in lines if line.startswith("| SharedLM")]
