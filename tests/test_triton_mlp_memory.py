@@ -13,16 +13,11 @@ missed store fails the comparison.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import subprocess
-import sys
-import time
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import interpreted
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -360,62 +355,18 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
 }
 
 
-def run_cases(names: list[str]) -> dict[str, dict[str, Any]]:
-    """Each case's outcome: "ok", "skip" or "fail", with the message and the seconds it took."""
+def run_selected(names: list[str]) -> dict[str, dict[str, Any]]:
     from nestc.ops.mlp_memory import triton as kernels
 
-    kernels.POISON_BUFFERS = True
-    out = {}
-    try:
-        for name in names:
-            fn, args = CASES[name]
-            start = time.perf_counter()
-            try:
-                fn(*args)
-                outcome, message = "ok", ""
-            except pytest.skip.Exception as e:
-                outcome, message = "skip", str(e)
-            except Exception:
-                outcome, message = "fail", traceback.format_exc(limit=-3)
-            out[name] = {"outcome": outcome, "message": message,
-                         "seconds": round(time.perf_counter() - start, 2)}
-    finally:
-        kernels.POISON_BUFFERS = False
-    return out
+    return interpreted.run_cases(CASES, names, [kernels])
 
 
-# the subprocess: this file loaded by path under TRITON_INTERPRET=1, the selected cases run
-CHILD = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("triton_mlp_memory_checks", sys.argv[1])
-checks = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(checks)
-print(json.dumps(checks.run_cases(sys.argv[2:])))
-"""
-
-
-@pytest.fixture(scope="module")
-def outcomes(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
-    """The outcomes of the kernel cases this session selected, run once."""
-    names = [item.callspec.params["case"] for item in request.session.items
-             if item.path == Path(__file__) and hasattr(item, "callspec")
-             and item.callspec.params["case"] in CASES]
-    if DEVICE == "cuda":
-        return run_cases(names)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, __file__, *names], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.splitlines()[-1])
+outcomes = interpreted.outcomes_fixture(__file__, "run_selected")
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_triton_mlp_memory(case: str, outcomes: dict[str, dict[str, Any]]) -> None:
-    result = outcomes[case]
-    if result["outcome"] == "skip":
-        pytest.skip(result["message"])
-    if result["outcome"] != "ok":
-        pytest.fail(f"{case} failed in the subprocess:\n{result['message']}", pytrace=False)
+    interpreted.report(case, outcomes)
 
 
 @pytest.mark.skipif(DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1",

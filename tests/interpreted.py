@@ -1,0 +1,95 @@
+"""Checks of Triton kernels that run where the kernels can: compiled on a CUDA device, else on
+the CPU under the Triton interpreter.
+
+Triton reads TRITON_INTERPRET when it is first imported, and a pytest session imports it
+earlier, so on a CPU a test module's selected cases run in one subprocess started with the
+variable set (the module loaded there by path), each reported back as its own pass, skip or
+failure. A module defines CASES (name -> (check, args)), a `run_selected(names)` that imports
+its kernels and returns `run_cases(CASES, names, [kernels])`, the fixture
+`outcomes = outcomes_fixture(__file__, "run_selected")` and one test per case that calls
+`report(case, outcomes)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+Cases = dict[str, tuple[Callable[..., None], tuple[Any, ...]]]
+
+# the subprocess: the test module loaded by path (its folder importable), the cases run
+CHILD = """
+import importlib.util, json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+spec = importlib.util.spec_from_file_location("interpreted_checks", sys.argv[1])
+checks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(checks)
+print(json.dumps(getattr(checks, sys.argv[2])(sys.argv[3:])))
+"""
+
+
+def run_cases(cases: Cases, names: list[str], kernels: list[Any]) -> dict[str, dict[str, Any]]:
+    """Each named case's outcome: "ok", "skip" or "fail", with the message and the seconds it
+    took; every buffer the `kernels` modules write is NaN-filled first (POISON_BUFFERS), so a
+    missed store fails."""
+    for module in kernels:
+        module.POISON_BUFFERS = True
+    out = {}
+    try:
+        for name in names:
+            fn, args = cases[name]
+            start = time.perf_counter()
+            try:
+                fn(*args)
+                outcome, message = "ok", ""
+            except pytest.skip.Exception as e:
+                outcome, message = "skip", str(e)
+            except Exception:
+                outcome, message = "fail", traceback.format_exc(limit=-3)
+            out[name] = {"outcome": outcome, "message": message,
+                         "seconds": round(time.perf_counter() - start, 2)}
+    finally:
+        for module in kernels:
+            module.POISON_BUFFERS = False
+    return out
+
+
+def outcomes_fixture(file: str, runner: str) -> Any:
+    """A module-scoped fixture: the outcomes of the cases this session selected in `file`,
+    run once by its function `runner` (here on CUDA, else in the interpreter's subprocess)."""
+
+    @pytest.fixture(scope="module")
+    def outcomes(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+        cases = request.module.CASES
+        names = [item.callspec.params["case"] for item in request.session.items
+                 if item.path == Path(file) and hasattr(item, "callspec")
+                 and item.callspec.params.get("case") in cases]
+        import torch
+
+        if torch.cuda.is_available():
+            return getattr(request.module, runner)(names)  # type: ignore[no-any-return]
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        proc = subprocess.run([sys.executable, "-c", CHILD, file, runner, *names],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+    return outcomes
+
+
+def report(case: str, outcomes: dict[str, dict[str, Any]]) -> None:
+    """Pass, skip or fail the test of `case` as its check did."""
+    result = outcomes[case]
+    if result["outcome"] == "skip":
+        pytest.skip(result["message"])
+    if result["outcome"] != "ok":
+        pytest.fail(f"{case} failed in the subprocess:\n{result['message']}", pytrace=False)
