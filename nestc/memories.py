@@ -18,7 +18,6 @@ Everything else is reported as not supported yet, with the memory's span.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ from nestc.check import CHOICES
 from nestc.errors import NestError
 from nestc.hyper import UNKNOWN, const_eval
 from nestc.layers import Stateful
+from nestc.ops.mlp_memory.reference import ACT_FNS
 
 
 def _unsupported(what: str, span: Any) -> NestError:
@@ -133,25 +133,7 @@ def _call(e: ast.Expr | None) -> tuple[str, ast.ExprCall] | None:
     return None
 
 
-ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
-
-
-def _act_grad(act: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    """act'(z), element-wise, for the activations in ACTS (gelu is the exact, erf form)."""
-    if act is F.gelu:
-        return 0.5 * (1 + torch.erf(z * 0.5 ** 0.5)) + z * torch.exp(-0.5 * z * z) * \
-            (2 * math.pi) ** -0.5
-    if act is F.silu:
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if act is F.relu:
-        return (z > 0).to(z.dtype)
-    if act is torch.tanh:
-        return 1 - torch.tanh(z) ** 2
-    assert act is torch.sigmoid, act
-    s = torch.sigmoid(z)
-    return s * (1 - s)
+ACTS = ACT_FNS  # the activations an MLP memory takes, by name
 
 
 def _mlp_structure(scope: Any, s: ast.StmtMemory, two_layers: str = ""
@@ -497,15 +479,6 @@ class LinearMemory(Memory):
 
 
 
-def _decays(logs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For per-token log factors (..., C): exp of their running sums (..., C) and the matrix
-    D[t, s] = prod_{s < j <= t} factor_j for s <= t, else 0 (..., C, C)."""
-    L = logs.cumsum(-1)
-    diff = L[..., :, None] - L[..., None, :]
-    causal = torch.ones(diff.shape[-2:], dtype=torch.bool, device=logs.device).tril_()
-    return L.exp(), torch.where(causal, diff, float("-inf")).exp()
-
-
 def _log(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min(1e-30).log()  # a factor of 0 forgets all: exp(-69) per token is 0 here
 
@@ -767,67 +740,21 @@ class MLPMemory(Memory):
         products, W[t, s] = (the retention and momentum products from s to t) * -lr_s. A read
         x A_t is thus c_t x A + m_t x S_A + sum_s W[t, s] (x . k_s) delta_s: attention-like
         products over the chunk's tokens, and likewise for B."""
+        from nestc.ops.mlp_memory.reference import mlp_memory_chunk
+
         (A, B), (SA, SB), (A0, B0) = given["M"], given["S"], given["start"]
         offset, T = given["offset"], q.shape[2]
         outs = []
         for i, (a, b) in enumerate(self._segments(T, offset)):
             if i > 0 or offset == 0:
                 A0, B0 = A, B
-            k = w["k"][:, :, a:b]
-            v = self._values(w, (A0, B0), a, b)
-            z = k @ A0  # (N, H, n, h): the chunk's gradients, at its first weights
-            h = self.act(z)
-            y = h @ B0 + k if self.residual else h @ B0
-            # dL/dM(k): the error, clamped to [-delta, delta] for huber
-            e = -v if self.objective == "dot" else y - v if self.objective == "l2" else \
-                (y - v).clamp(-self.delta, self.delta)
-            delta = (e @ B0.transpose(-1, -2)) * _act_grad(self.act, z)
             lr, retain, beta = self._factors(w, a, b)
-            if self.clip is not None:  # |dA|^2 = |k|^2 |delta|^2, |dB|^2 = |h|^2 |e|^2
-                sq = lambda x: x.pow(2).sum(-1)  # noqa: E731
-                lr = lr * self._clipped(sq(k) * sq(delta) + sq(h) * sq(e))
-            n = b - a
-            ones = torch.ones(n, n, dtype=q.dtype, device=q.device).tril_()
-            run_r, D_r = _decays(_log(retain)) if retain is not None else (None, ones)
-            if self.momentum:  # S_t = beta_t S_{t-1} + u_t, W_t = r_t W_{t-1} + S_t
-                run_b, D_b = _decays(_log(beta))
-                mix, m = D_r @ D_b, D_r @ run_b[..., None]  # (N, H, n, n), (N, H, n, 1)
-            else:  # W_t = r_t W_{t-1} + u_t
-                mix, m = D_r, None
-            c = run_r[..., None] if run_r is not None else None  # (N, H, n, 1)
-            mix = mix * -lr[..., None, :]  # (N, H, n, n): W[t, s]
-            # the weights each token reads: after its write (row t), or before it (row t - 1)
-            if self.read_before:
-                pad = lambda x, first: torch.cat(  # noqa: E731
-                    [torch.full_like(x[..., :1, :], first), x[..., :-1, :]], -2)
-                mix_r = pad(mix, 0.0)
-                c_r = pad(c, 1.0) if c is not None else None
-                m_r = pad(m, 0.0) if m is not None else None
-            else:
-                mix_r, c_r, m_r = mix, c, m
-            x = q[:, :, a:b]
-            zq = self._base(x @ A, x @ SA if m_r is not None else None, c_r, m_r) + \
-                (mix_r * (x @ k.transpose(-1, -2))) @ delta
-            hq = self.act(zq)
-            yq = self._base(hq @ B, hq @ SB if m_r is not None else None, c_r, m_r) + \
-                (mix_r * (hq @ h.transpose(-1, -2))) @ e
-            outs.append(yq + x if self.residual else yq)
-            # the state after the chunk's last token: its row of the same sums
-            last = mix[..., -1, :, None]  # (N, H, n, 1)
-            A_new = (k * last).transpose(-1, -2) @ delta
-            B_new = (h * last).transpose(-1, -2) @ e
-            if c is not None:
-                A_new, B_new = A_new + c[..., -1:, :] * A, B_new + c[..., -1:, :] * B
-            else:
-                A_new, B_new = A_new + A, B_new + B
-            if self.momentum:
-                assert m is not None
-                A_new, B_new = A_new + m[..., -1:, :] * SA, B_new + m[..., -1:, :] * SB
-                keep = run_b[..., -1, None, None]
-                last_b = (D_b[..., -1, :] * -lr)[..., None]
-                SA = keep * SA + (k * last_b).transpose(-1, -2) @ delta
-                SB = keep * SB + (h * last_b).transpose(-1, -2) @ e
-            A, B = A_new, B_new
+            y, A, B, SA, SB = mlp_memory_chunk(
+                q[:, :, a:b], w["k"][:, :, a:b], self._values(w, (A0, B0), a, b), lr, retain,
+                beta if self.momentum else None, A, B, SA, SB, self.act_name, self.clip,
+                self.read_before, grad_at=(A0, B0), residual=self.residual,
+                objective=self.objective, huber_delta=self.delta)
+            outs.append(y)
         y = torch.cat(outs, 2) if outs else q.new_zeros(q.shape)
         return y, {"M": (A, B), "S": (SA, SB), "start": (A0, B0),
                    "offset": (offset + T) % self.chunk}
@@ -837,16 +764,6 @@ class MLPMemory(Memory):
         clip / max(norm, clip), with no square root at 0."""
         assert self.clip is not None
         return self.clip * torch.rsqrt(sq.clamp_min(self.clip ** 2))
-
-    @staticmethod
-    def _base(xM: torch.Tensor, xS: torch.Tensor | None, c: torch.Tensor | None,
-              m: torch.Tensor | None) -> torch.Tensor:
-        """c_t x M0 + m_t x S0: a token's read of the chunk's base weights and momentum."""
-        y = xM if c is None else c * xM
-        if xS is None:
-            return y
-        assert m is not None
-        return y + m * xS
 
 
 def _is_task(s: ast.StmtMemory) -> bool:

@@ -152,15 +152,16 @@ MEMORY_CASES = {  # act, retain, beta, clip, read_before
 def test_reference_equals_mlp_memory_methods(case: str) -> None:
     """MLPMemory's own chunked tier and token-by-token definition (the Titans block's memory,
     its rule switched by attribute), on random inputs with nonzero momenta and a short last
-    chunk: the reference equals the first exactly (reads, states and every input's gradient)
-    and the second within float32 rounding, its gradients included."""
+    chunk: the reference equals the first exactly (reads, states and every input's gradient;
+    the chunked tier runs the reference's chunk function, so this checks how MLPMemory cuts
+    and feeds it) and the second within float32 rounding, its gradients included."""
     from nestc.memories import ACTS
     from nestc.ops.mlp_memory.reference import chunk_mlp_memory
 
     act, retain, beta, clip, read_before = MEMORY_CASES[case]
     mem = copy.copy(titans()[1])
-    mem.act, mem.momentum, mem.clip, mem.read_before, mem.chunk = \
-        ACTS[act], beta, clip, read_before, 8
+    mem.act, mem.act_name, mem.momentum, mem.clip, mem.read_before, mem.chunk = \
+        ACTS[act], act, beta, clip, read_before, 8
     x = make_inputs(N=2, T=21, d=16, h=32, retain=retain, beta=beta)
     w = {"k": x["k"], "v": x["v"], "lr": x["lr"], "retain": x["retain"], "beta": x["beta"]}
     given = {"M": (x["A0"], x["B0"]), "S": (x["SA0"], x["SB0"]), "start": (x["A0"], x["B0"]),

@@ -19,25 +19,36 @@ reference (`triton._backward_reference`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-ACTS = ("gelu", "silu")
+ACTS = ("gelu", "silu")  # the op's (and the Triton kernel's); the chunk function takes ACT_FNS
+ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
 def act_fn(act: str, z: torch.Tensor) -> torch.Tensor:
-    """act(z): gelu in its exact (erf) form, or silu."""
-    return F.gelu(z) if act == "gelu" else F.silu(z)
+    """act(z), for the names of ACT_FNS (gelu in its exact, erf form)."""
+    return ACT_FNS[act](z)
 
 
 def act_grad(act: str, z: torch.Tensor) -> torch.Tensor:
-    """act'(z), element-wise."""
+    """act'(z), element-wise, for the names of ACT_FNS."""
     if act == "gelu":
         return 0.5 * (1 + torch.erf(z * 0.5 ** 0.5)) + z * torch.exp(-0.5 * z * z) * \
             (2 * math.pi) ** -0.5
+    if act == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if act == "relu":
+        return (z > 0).to(z.dtype)
+    if act == "tanh":
+        return 1 - torch.tanh(z) ** 2
+    assert act == "sigmoid", act
     s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
+    return s * (1 - s)
 
 
 def _decays(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,17 +71,29 @@ def _base(xM: torch.Tensor, xS: torch.Tensor | None, c: torch.Tensor | None,
 def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
                      retain: torch.Tensor | None, beta: torch.Tensor | None, A: torch.Tensor,
                      B: torch.Tensor, SA: torch.Tensor, SB: torch.Tensor, act: str,
-                     clip: float | None, read_before: bool
+                     clip: float | None, read_before: bool, *,
+                     grad_at: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     residual: bool = False, objective: str = "l2", huber_delta: float = 1.0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
     """One chunk of n tokens: q, k, v (N, H, n, d), lr, retain, beta (N, H, n) or None, the
-    chunk-start weights A (N, H, d, h), B (N, H, h, d) and momenta SA, SB (like them) ->
-    the reads y (N, H, n, d) and the weights and momenta after the chunk's last token."""
+    weights A (N, H, d, h), B (N, H, h, d) and momenta SA, SB (like them) before its first
+    token -> the reads y (N, H, n, d) and the weights and momenta after its last token.
+
+    This is MLPMemory's chunked tier (nestc/memories.py), which also passes: `grad_at`, the
+    weights the gradients are taken at when the piece starts inside a chunk (the chunk's
+    first weights; default A, B); `residual` for M(x) = x + act(x A) B; the objective "l2",
+    "dot" (-M(k) . v) or "huber" (with huber_delta)."""
     n = k.shape[-2]
-    z = k @ A  # (N, H, n, h): the chunk's gradients, at its first weights
+    A0, B0 = (A, B) if grad_at is None else grad_at
+    z = k @ A0  # (N, H, n, h): the chunk's gradients, at its first weights
     hk = act_fn(act, z)
-    e = hk @ B - v  # (N, H, n, d): dL/dM(k)
-    delta = (e @ B.transpose(-1, -2)) * act_grad(act, z)  # (N, H, n, h)
+    if objective == "dot":  # dL/dM(k)
+        e = -v
+    else:
+        yk = hk @ B0 + k if residual else hk @ B0
+        e = yk - v if objective == "l2" else (yk - v).clamp(-huber_delta, huber_delta)
+    delta = (e @ B0.transpose(-1, -2)) * act_grad(act, z)  # (N, H, n, h)
     if clip is not None:  # |dA|^2 = |k|^2 |delta|^2, |dB|^2 = |h|^2 |e|^2
         sq = k.pow(2).sum(-1) * delta.pow(2).sum(-1) + hk.pow(2).sum(-1) * e.pow(2).sum(-1)
         lr = lr * (clip * torch.rsqrt(sq.clamp_min(clip ** 2)))
@@ -97,6 +120,8 @@ def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
     hq = act_fn(act, zq)
     y = _base(hq @ B, hq @ SB if m_r is not None else None, c_r, m_r) + \
         (mix_r * (hq @ hk.transpose(-1, -2))) @ e
+    if residual:
+        y = y + q
     # the state after the chunk's last token: its row of the same sums
     last = mix[..., -1, :, None]  # (N, H, n, 1)
     A_new = (k * last).transpose(-1, -2) @ delta
