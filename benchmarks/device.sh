@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA device, in one run that fits a 10-minute device lease. Parts
-# (PARTS, default all): tests (the GPU tests), memory (delta rules against fla-core's Triton
-# kernels), lm (language models' training tokens/s on the GPU), train (`nestc train` of a small
+# (PARTS, default all): tests (the GPU tests and the Triton kernels' tests, compiled), memory
+# (benchmarks/gpu_memory.py --lm: nestc's Triton delta rules against fla-core's kernels and the
+# chunked tier, the MLP memory kernel, the language models' tokens/s with the triton back
+# end), lm (language models' training tokens/s on the GPU), train (`nestc train` of a small
 # HopeLM on MQAR on the GPU), optim (the optimizer benchmark's GPU variant and its Triton
 # block-size sweep). Results land in $OUT (or out/).
 #   PARTS="tests lm" bash benchmarks/device.sh
-# Packages the device image lacks travel as wheels in .whl (see README.md, "GPU checks").
+# Packages the device image (Python 3.12, torch, triton) lacks travel as wheels in .whl, an
+# ignored folder made here with `pip download --no-deps --only-binary=:all: --python-version
+# 3.12 --platform manylinux2014_x86_64 -d .whl lark tqdm pydantic pydantic-core
+# annotated-types typing-extensions typing-inspection fla-core`, and installed there first:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site && PARTS="tests memory" bash benchmarks/device.sh
 set -u
 OUT=${OUT:-out}
 PARTS=${PARTS:-tests memory lm train optim}
@@ -19,8 +26,8 @@ if has tests; then
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
         | tee "$OUT/test_gpu.txt"
     # the Triton delta rules, compiled (on CPU the same checks run under the interpreter)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_delta.py 2>&1 \
-        | tee -a "$OUT/test_gpu.txt"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_delta.py \
+        tests/test_triton_mlp_memory.py 2>&1 | tee -a "$OUT/test_gpu.txt"
 fi
 if has memory; then
     timeout 300 python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1
