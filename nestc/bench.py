@@ -169,6 +169,17 @@ def validate(s: Settings) -> dict[str, Any]:
         raise NestError(f"--lengths must be at least 1, got {min(s.lengths)}", kind="value")
     for model, given in s.params.items():
         check_params(model, given, s.models)
+    if s.backend == "triton":  # before any run, not as a row per model
+        import torch
+
+        from nestc.train import check_triton
+
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(auto if s.device == "auto" else s.device)
+        except RuntimeError as err:
+            raise NestError(f"--device {s.device}: {err}", kind="value") from None
+        check_triton(device)
     tasks = {}
     for name in s.tasks:
         tasks[name] = make(name, **s.knobs[name])

@@ -261,6 +261,21 @@ def score(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor
     return loss, logits.detach().argmax(-1), detached(state)
 
 
+
+def check_triton(device: Any) -> None:
+    """NestError unless the triton back end can run on `device`: triton installed, and a CUDA
+    device or the interpreter (TRITON_INTERPRET=1)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        raise NestError("--backend triton: triton is not installed", kind="value",
+                        hint="pip install triton (or nestc[triton])")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NestError(f"--backend triton runs Triton kernels, which need a CUDA device; this "
+                        f"run is on {device.type}", kind="value",
+                        hint="use --device cuda, or set TRITON_INTERPRET=1 to run the kernels "
+                        "on the CPU under the interpreter (slow)")
+
 class Run:
     """One training run: set up by build(), trained by train()."""
 
@@ -285,6 +300,8 @@ class Run:
             raise NestError(f"--device {c.device}: {err}", kind="value") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise NestError(f"--device {c.device}: this torch sees no CUDA device", kind="value")
+        if c.backend == "triton":
+            check_triton(self.device)
         if task is None:
             from nestc.tasks import make
 

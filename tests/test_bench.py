@@ -235,8 +235,12 @@ def test_retention_is_the_last_eval_per_phase_and_forgetting_is_what_was_lost():
     (["-p", "HopeLM.nope=1"], "error: -p HopeLM.nope: `HopeLM` has no hyperparameter `nope`"),
     (["-p", "HopeLM.dim=32"], "error: -p HopeLM.dim: the bench sets every model's dim to the "
      "width"),
+    (["--backend", "triton", "--device", "cpu"], "error: --backend triton runs Triton kernels, "
+     "which need a CUDA device; this run is on cpu"),
 ])
-def test_bad_arguments_exit_1_with_an_error_before_any_run(tmp_path, capsys, argv, message):
+def test_bad_arguments_exit_1_with_an_error_before_any_run(tmp_path, capsys, monkeypatch, argv,
+                                                          message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "bench"
     rc = cli.main(["bench", "--quick", "--out", str(out), *argv])
     stdout, err = capsys.readouterr()

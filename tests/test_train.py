@@ -246,6 +246,8 @@ NOT_TRAINABLE = spec("""
     (["m.nest", "Other"], "m.nest:15:24: error: nestc train runs the objective "
                           "cross_entropy(<logits>, next(<tokens>))\n"),
     ([LM, "TransformerLM", "--backend", "fast"], "error: backend must be one of "),
+    ([LM, "TransformerLM", "--backend", "triton", "--device", "cpu"], "error: --backend triton "
+     "runs Triton kernels, which need a CUDA device; this run is on cpu\n"),
     ([LM, "Transformer"], "error: `std/models/transformer.nest` declares no `Transformer`\n"),
     ([LM, "MLP"], "std/models/transformer.nest:16:7: error: `MLP` is a block: nestc train "
                   "runs a model\n"),
@@ -259,6 +261,7 @@ NOT_TRAINABLE = spec("""
 def test_errors_exit_1_with_a_message_and_no_traceback(tmp_path, monkeypatch, capsys, args,
                                                        message):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     (tmp_path / "bad.nest").write_text("model (\n")
     (tmp_path / "m.nest").write_text(NOT_TRAINABLE)
     task = [] if "--task" in args else ["--task", "copy"]
