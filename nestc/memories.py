@@ -654,10 +654,10 @@ class MLPMemory(Memory):
         return y.transpose(1, 2).reshape(Bn, T, -1).to(q.dtype)
 
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
-        """Whether the triton tier runs this read through nestc.ops.mlp_memory's kernel: a
-        plain MLP (gelu or silu) learning given values by l2, in float32 or a 16-bit type,
-        within the kernel's sizes, on a piece of whole chunks from a chunk's start (the
-        kernel keeps no chunk-start weights for a piece that ends inside a chunk)."""
+        """Whether the triton tier runs this read's whole chunks through nestc.ops.mlp_memory's
+        kernel: a plain MLP (gelu or silu) learning given values by l2, in float32 or a 16-bit
+        type, within the kernel's sizes, on a piece that starts where a chunk does and holds
+        at least one whole chunk (a last, partial chunk runs on the chunked tier)."""
         if self.backend != "triton" or self.residual or self.objective != "l2" or \
                 "v" not in w or self.act_name not in ("gelu", "silu"):
             return False
@@ -665,19 +665,28 @@ class MLPMemory(Memory):
 
         return (q.dtype != torch.float64 and self.chunk in CHUNKS and self.d <= MAX_DIM
                 and self.hidden <= MAX_DIM and given["offset"] == 0
-                and q.shape[2] % self.chunk == 0)
+                and q.shape[2] >= self.chunk)
 
     def _fused(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
-        """The chunked tier's computation as one Triton kernel (nestc/ops/mlp_memory)."""
+        """The chunked tier's computation, its whole chunks as one Triton kernel
+        (nestc/ops/mlp_memory), a partial last chunk on the chunked tier."""
         from nestc.ops.mlp_memory.triton import triton_mlp_memory
 
         (A, B), (SA, SB) = given["M"], given["S"]
+        T = q.shape[2]
+        n = T - T % self.chunk  # the tokens of whole chunks
+        cut = {name: x[:, :, :n] if isinstance(x, torch.Tensor) else x for name, x in w.items()}
         y, (A, B, SA, SB) = triton_mlp_memory(
-            q, w["k"], w["v"], w["lr"], w["retain"], w["beta"] if self.momentum else None,
-            A, B, SA, SB, act=self.act_name, clip=self.clip, read_before=self.read_before,
-            chunk=self.chunk)
-        # the piece ends where a chunk does: the next piece starts a chunk from (A, B)
-        return y, {"M": (A, B), "S": (SA, SB), "start": (A, B), "offset": 0}
+            q[:, :, :n], cut["k"], cut["v"], cut["lr"], cut["retain"],
+            cut["beta"] if self.momentum else None, A, B, SA, SB, act=self.act_name,
+            clip=self.clip, read_before=self.read_before, chunk=self.chunk)
+        # the kernel ends where a chunk does: what follows starts a chunk from (A, B)
+        out = {"M": (A, B), "S": (SA, SB), "start": (A, B), "offset": 0}
+        if n == T:
+            return y, out
+        rest = {name: x[:, :, n:] if isinstance(x, torch.Tensor) else x for name, x in w.items()}
+        y_rest, out = self._chunked(q[:, :, n:], rest, out)
+        return torch.cat([y, y_rest], 2), out
 
     def _segments(self, T: int, offset: int) -> list[tuple[int, int]]:
         """[start, end) of each chunk of this piece: the first ends where the chunk that an

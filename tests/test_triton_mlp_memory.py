@@ -272,9 +272,10 @@ def check_torch_compile_matches_eager() -> None:
 
 
 def check_titans_block_on_the_triton_backend(T: int, fused: bool) -> None:
-    """build(..., backend="triton") runs the Titans block's memory through the kernel when the
-    piece is whole chunks (T = 32, chunks of 16), else through the chunked tier (T = 37): the
-    same outputs, state and gradients either way."""
+    """build(..., backend="triton") runs the Titans block's memory through the kernel: whole
+    chunks (T = 32, chunks of 16), or whole chunks then a partial one on the chunked tier
+    (T = 37), or the chunked tier alone for less than a chunk (T = 11): the same outputs,
+    state and gradients as the chunked tier."""
     import nestc
     from nestc.ops.mlp_memory import triton as kernels
 
@@ -355,7 +356,8 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
     "compile": (check_torch_compile_matches_eager, ()),
     "interpreted_on_cpu": (check_kernel_matches_the_device, ()),
     "titans_block_fused": (check_titans_block_on_the_triton_backend, (32, True)),
-    "titans_block_not_whole_chunks": (check_titans_block_on_the_triton_backend, (37, False)),
+    "titans_block_and_a_partial_chunk": (check_titans_block_on_the_triton_backend, (37, True)),
+    "titans_block_under_a_chunk": (check_titans_block_on_the_triton_backend, (11, False)),
 }
 
 
