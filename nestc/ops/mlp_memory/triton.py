@@ -113,6 +113,24 @@ def _at(x, o_c, i):
 
 
 @triton.jit
+def _decay(x, causal):
+    """Per-token factors x (C,) -> their running products and D[t, s], the product of x over
+    s < j <= t for s <= t (0 above the diagonal), from running sums of their logs (a factor
+    below 1e-30 counts as 1e-30)."""
+    L = tl.cumsum(tl.log(tl.maximum(x, 1e-30)), 0)
+    return tl.exp(L), tl.where(causal, tl.exp(tl.where(causal, L[:, None] - L[None, :], 0.)), 0.)
+
+
+@triton.jit
+def _shifted(shift, W, c, m, o_c, PRECISION: tl.constexpr):
+    """W, c and m moved down one row (S X, with S[t, t - 1] = 1); row 0 reads the chunk's
+    start: W 0, c 1, m 0."""
+    return (tl.dot(shift, W, input_precision=PRECISION),
+            tl.sum(shift * c[None, :], 1) + tl.where(o_c == 0, 1., 0.),
+            tl.sum(shift * m[None, :], 1))
+
+
+@triton.jit
 def mlp_memory_fwd_kernel(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt,
                           sA, sB, sSA, sSB, clip, T, NC, D: tl.constexpr, HID: tl.constexpr,
                           C: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
@@ -172,19 +190,13 @@ def mlp_memory_fwd_kernel(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt
 
         if USE_R:
             b_rt = tl.load(retain + r, mask=m_t, other=1.).to(tl.float32)
-            b_Lr = tl.cumsum(tl.log(tl.maximum(b_rt, 1e-30)), 0)
-            b_c = tl.exp(b_Lr)
-            b_Dr = tl.where(causal, tl.exp(tl.where(causal, b_Lr[:, None] - b_Lr[None, :], 0.)),
-                            0.)
+            b_c, b_Dr = _decay(b_rt, causal)
         else:
             b_c = tl.full([C], 1., dtype=tl.float32)
             b_Dr = tl.where(causal, 1., 0.)
         if USE_BETA:
             b_bt = tl.load(beta + r, mask=m_t, other=1.).to(tl.float32)
-            b_Lb = tl.cumsum(tl.log(tl.maximum(b_bt, 1e-30)), 0)
-            b_runb = tl.exp(b_Lb)
-            b_Db = tl.where(causal, tl.exp(tl.where(causal, b_Lb[:, None] - b_Lb[None, :], 0.)),
-                            0.)
+            b_runb, b_Db = _decay(b_bt, causal)
             b_W = tl.dot(b_Dr, b_Db, input_precision=PRECISION)
             b_m = tl.sum(b_Dr * b_runb[None, :], 1)
         else:
@@ -192,10 +204,8 @@ def mlp_memory_fwd_kernel(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt
             b_m = tl.zeros([C], dtype=tl.float32)
         b_W = b_W * -b_lr[None, :]  # (C, C): W[t, s]
 
-        if READ_BEFORE:
-            b_Wr = tl.dot(shift, b_W, input_precision=PRECISION)
-            b_cr = tl.sum(shift * b_c[None, :], 1) + tl.where(o_c == 0, 1., 0.)
-            b_mr = tl.sum(shift * b_m[None, :], 1)
+        if READ_BEFORE:  # row t reads the weights after token t - 1 (row 0: the start)
+            b_Wr, b_cr, b_mr = _shifted(shift, b_W, b_c, b_m, o_c, PRECISION)
         else:
             b_Wr, b_cr, b_mr = b_W, b_c, b_m
         b_zq = (b_cr[:, None] * tl.dot(b_q, b_A, input_precision=PRECISION)
@@ -313,10 +323,7 @@ def mlp_memory_bwd_kernel(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, dy, dAt, 
             b_lre = b_lr
         if USE_R:
             b_rt = tl.load(retain + r, mask=m_t, other=1.).to(tl.float32)
-            b_Lr = tl.cumsum(tl.log(tl.maximum(b_rt, 1e-30)), 0)
-            b_c = tl.exp(b_Lr)
-            b_Dr = tl.where(causal, tl.exp(tl.where(causal, b_Lr[:, None] - b_Lr[None, :], 0.)),
-                            0.)
+            b_c, b_Dr = _decay(b_rt, causal)
         else:
             b_c = tl.full([C], 1., dtype=tl.float32)
             b_Dr = tl.where(causal, 1., 0.)
@@ -324,20 +331,15 @@ def mlp_memory_bwd_kernel(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, dy, dAt, 
             b_SA = tl.load(sSA + p_s + p_dh, mask=m_dh, other=0.)
             b_SB = tl.load(sSB + p_s + p_hd, mask=m_hd, other=0.)
             b_bt = tl.load(beta + r, mask=m_t, other=1.).to(tl.float32)
-            b_Lb = tl.cumsum(tl.log(tl.maximum(b_bt, 1e-30)), 0)
-            b_runb = tl.exp(b_Lb)
-            b_Db = tl.where(causal, tl.exp(tl.where(causal, b_Lb[:, None] - b_Lb[None, :], 0.)),
-                            0.)
+            b_runb, b_Db = _decay(b_bt, causal)
             b_M = tl.dot(b_Dr, b_Db, input_precision=PRECISION)
             b_m = tl.sum(b_Dr * b_runb[None, :], 1)
         else:
             b_M = b_Dr
             b_m = tl.zeros([C], dtype=tl.float32)
         b_W = b_M * -b_lre[None, :]
-        if READ_BEFORE:
-            b_Wr = tl.dot(shift, b_W, input_precision=PRECISION)
-            b_cr = tl.sum(shift * b_c[None, :], 1) + tl.where(o_c == 0, 1., 0.)
-            b_mr = tl.sum(shift * b_m[None, :], 1)
+        if READ_BEFORE:  # row t reads the weights after token t - 1 (row 0: the start)
+            b_Wr, b_cr, b_mr = _shifted(shift, b_W, b_c, b_m, o_c, PRECISION)
         else:
             b_Wr, b_cr, b_mr = b_W, b_c, b_m
         b_Kq = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # (C, C)
