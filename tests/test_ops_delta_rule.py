@@ -8,13 +8,11 @@ fla-core's naive files are loaded by path, so `fla` and its Triton kernels are n
 from __future__ import annotations
 
 import functools
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from fla_reference import fla_naive, run_fla
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -25,22 +23,6 @@ B, H, K, V = 2, 2, 16, 32
 LENGTHS = (1, 5, 63, 64, 100, 130)
 OPS = ("delta_rule", "gated_delta_rule")
 TOL = 1e-4
-
-
-@functools.cache
-def fla_naive(relpath: str) -> ModuleType:
-    """A naive reference file of fla-core, loaded by path: importing `fla` itself pulls in its
-    Triton kernels (seconds, and warnings on CPU); these files need only torch and einops."""
-    pytest.importorskip("einops")
-    spec = importlib.util.find_spec("fla")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("fla-core is not installed")
-    path = Path(spec.submodule_search_locations[0]) / relpath
-    module_spec = importlib.util.spec_from_file_location(f"fla_naive_{path.parent.name}", path)
-    assert module_spec is not None and module_spec.loader is not None, path
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def err_ratio(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -76,20 +58,6 @@ def make_inputs(op: str, T: int, with_state: bool, seed: int = 0) -> dict[str, t
 def cotangents(T: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7 + T)
     return torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
-
-
-def run_fla(op: str, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    if op == "delta_rule":
-        # fla's delta_rule_recurrence takes [B, H, T, D] and always scales q by K ** -0.5
-        fla = fla_naive("ops/delta_rule/naive.py")
-        q, k, v, beta = (x[n].transpose(1, 2) for n in ("q", "k", "v", "beta"))
-        o, S = fla.delta_rule_recurrence(q, k, v, beta, initial_state=x.get("initial_state"),
-                                         output_final_state=True)
-        return o.transpose(1, 2), S
-    fla = fla_naive("ops/gated_delta_rule/naive.py")
-    return fla.naive_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"],
-                                                initial_state=x.get("initial_state"),
-                                                output_final_state=True)
 
 
 def run_ours(op: str, x: dict[str, torch.Tensor], **kw):

@@ -10,18 +10,16 @@ first, so a missed store fails the comparison.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import interpreted
 import pytest
+from fla_reference import run_fla
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -117,36 +115,6 @@ def compare(op: str, x: dict[str, torch.Tensor], tol: float = TOL, **kw: Any
         assert ours[name].dtype == ref[name].dtype, (name, ours[name].dtype, ref[name].dtype)
         assert_close(f"{op} {name}", ours[name], ref[name], tol)
     return ours
-
-
-@functools.cache
-def fla_naive(relpath: str) -> ModuleType:
-    """A naive reference file of fla-core, loaded by path (importing `fla` pulls in its own
-    Triton kernels); these files need only torch and einops."""
-    pytest.importorskip("einops")
-    spec = importlib.util.find_spec("fla")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("fla-core is not installed")
-    path = Path(spec.submodule_search_locations[0]) / relpath
-    module_spec = importlib.util.spec_from_file_location(f"fla_naive_{path.parent.name}", path)
-    assert module_spec is not None and module_spec.loader is not None, path
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def run_fla(op: str, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    if op == "delta_rule":
-        # [B, H, T, D], and q always scaled by K ** -0.5 (our default scale)
-        fla = fla_naive("ops/delta_rule/naive.py")
-        q, k, v, beta = (x[n].transpose(1, 2) for n in ("q", "k", "v", "beta"))
-        o, S = fla.delta_rule_recurrence(q, k, v, beta, initial_state=x.get("initial_state"),
-                                         output_final_state=True)
-        return o.transpose(1, 2), S
-    fla = fla_naive("ops/gated_delta_rule/naive.py")
-    return fla.naive_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"],
-                                                initial_state=x.get("initial_state"),
-                                                output_final_state=True)
 
 
 # The checks, by case name; each runs where the kernels can (see the module docstring).
