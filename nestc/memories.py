@@ -30,7 +30,7 @@ from nestc.check import CHOICES
 from nestc.errors import NestError
 from nestc.hyper import UNKNOWN, const_eval
 from nestc.layers import Stateful
-from nestc.ops.mlp_memory.reference import ACT_FNS
+from nestc.ops.mlp_memory.reference import ACT_FNS, mlp_memory_chunk
 
 
 def _unsupported(what: str, span: Any) -> NestError:
@@ -749,8 +749,6 @@ class MLPMemory(Memory):
         products, W[t, s] = (the retention and momentum products from s to t) * -lr_s. A read
         x A_t is thus c_t x A + m_t x S_A + sum_s W[t, s] (x . k_s) delta_s: attention-like
         products over the chunk's tokens, and likewise for B."""
-        from nestc.ops.mlp_memory.reference import mlp_memory_chunk
-
         (A, B), (SA, SB), (A0, B0) = given["M"], given["S"], given["start"]
         offset, T = given["offset"], q.shape[2]
         outs = []
