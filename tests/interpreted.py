@@ -12,13 +12,14 @@ its kernels and returns `run_cases(CASES, names, [kernels])`, the fixture
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,16 @@ def report(case: str, outcomes: dict[str, dict[str, Any]]) -> None:
         pytest.skip(result["message"])
     if result["outcome"] != "ok":
         pytest.fail(f"{case} failed in the subprocess:\n{result['message']}", pytrace=False)
+
+
+@contextlib.contextmanager
+def counting(module: Any, name: str) -> Iterator[list[int]]:
+    """Within the block, `module.name` (a kernel's op) appends to the list it yields at each
+    call: whether, and how often, a code path reached the kernels."""
+    calls: list[int] = []
+    fn = getattr(module, name)
+    setattr(module, name, lambda *a: calls.append(1) or fn(*a))
+    try:
+        yield calls
+    finally:
+        setattr(module, name, fn)

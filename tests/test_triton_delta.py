@@ -194,13 +194,8 @@ def check_public_op_takes_the_triton_backend(op: str) -> None:
     tier."""
     from nestc.ops.delta_rule import triton as kernels
 
-    calls = []
-    fwd = kernels.delta_rule_fwd
-    kernels.delta_rule_fwd = lambda *a: calls.append(1) or fwd(*a)  # type: ignore
-    try:
+    with interpreted.counting(kernels, "delta_rule_fwd") as calls:
         check_public_op_runs(op)
-    finally:
-        kernels.delta_rule_fwd = fwd  # type: ignore
     assert len(calls) == 1
 
 
@@ -216,24 +211,6 @@ def check_public_op_runs(op: str) -> None:
     ref = results(*fn(*args, initial_state=x["initial_state"], chunk_size=16), x)
     for name in ref:
         assert_close(f"{op} {name}", ours[name], ref[name])
-
-
-def counting_kernel_calls() -> Any:
-    """A context manager counting the calls of the forward op, in a list."""
-    import contextlib
-
-    from nestc.ops.delta_rule import triton as kernels
-
-    @contextlib.contextmanager
-    def counting() -> Any:
-        calls: list[int] = []
-        fwd = kernels.delta_rule_fwd
-        kernels.delta_rule_fwd = lambda *a: calls.append(1) or fwd(*a)  # type: ignore
-        try:
-            yield calls
-        finally:
-            kernels.delta_rule_fwd = fwd  # type: ignore
-    return counting()
 
 
 def built_blocks(name: str, T: int = 37) -> tuple[Any, Any, torch.Tensor]:
@@ -263,8 +240,10 @@ def outputs_and_grads(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def check_compiler_selects_the_kernels(name: str) -> None:
     """prog.build(..., backend="triton") runs the delta-rule memory through the kernels: the
     same outputs, state and gradients as the chunked tier."""
+    from nestc.ops.delta_rule import triton as kernels
+
     ours, ref, x = built_blocks(name)
-    with counting_kernel_calls() as calls:
+    with interpreted.counting(kernels, "delta_rule_fwd") as calls:
         got = outputs_and_grads(ours, x)
     assert calls, "the kernels did not run"
     want = outputs_and_grads(ref, x)
