@@ -26,7 +26,8 @@ from nestc.check import Checked
 from nestc.errors import NestError
 from nestc.hyper import UNKNOWN, const_eval
 
-# "triton": the delta-rule memories through nestc.ops' Triton kernels, the rest as "chunked"
+# "triton": the delta-rule memories and Titans' MLP memory through nestc.ops' Triton kernels,
+# the rest as "chunked"
 BACKENDS = ("reference", "chunked", "triton")
 Env = dict[str, Any]  # runtime: tensor names -> tensors, plus "__state__" (State)
 Fn = Callable[[Env], torch.Tensor]

@@ -72,8 +72,8 @@ class Program:
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """An optimizer declaration -> torch.optim.Optimizer(params, **hyper); a block or a
         model -> torch.nn.Module (build(name, backend="chunked"|"reference"|"triton", **hyper);
-        "triton" runs the delta-rule memories through nestc.ops' Triton kernels: CUDA
-        tensors, or CPU ones under TRITON_INTERPRET=1)."""
+        "triton" runs the delta-rule memories and Titans' MLP memory through nestc.ops'
+        Triton kernels: CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
         checked = self.decl(name)
         try:
             import torch  # noqa: F401
