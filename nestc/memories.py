@@ -449,12 +449,12 @@ class LinearMemory(Memory):
         C = min(self.chunk, max(T, 1))  # exact for any chunk: a short piece needs no padding
         delta, gated, Cd = chunk_delta_rule, chunk_gated_delta_rule, C
         if self.backend == "triton" and q.dtype != torch.float64:  # the kernels: float32 inside
-            from nestc.ops.delta_rule.triton import triton_delta_rule
+            from nestc.ops.delta_rule.triton import MAX_K, triton_delta_rule
             from nestc.ops.gated_delta_rule.triton import triton_gated_delta_rule
 
-            delta, gated = triton_delta_rule, triton_gated_delta_rule
-            # their chunk is a power of two >= 16 (the result does not depend on it)
-            Cd = self.chunk if self.chunk >= 16 and not self.chunk & (self.chunk - 1) else 64
+            if q.shape[-1] <= MAX_K:  # wider keys: the chunked tier
+                # their chunk is at most 64 (the result does not depend on it)
+                delta, gated, Cd = triton_delta_rule, triton_gated_delta_rule, 64
         o: torch.Tensor
         S: torch.Tensor | None
         if self.objective == "dot":
@@ -656,16 +656,16 @@ class MLPMemory(Memory):
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
         """Whether the triton tier runs this read's whole chunks through nestc.ops.mlp_memory's
         kernel: a plain MLP (gelu or silu) learning given values by l2, in float32 or a 16-bit
-        type, within the kernel's sizes, on a piece that starts where a chunk does and holds
-        at least one whole chunk (a last, partial chunk runs on the chunked tier)."""
+        type, at sizes whose kernels fit in a GPU's shared memory (`mlp_kernel_fits`), on a
+        piece that starts where a chunk does and holds at least one whole chunk (a last,
+        partial chunk runs on the chunked tier)."""
         if self.backend != "triton" or self.residual or self.objective != "l2" or \
                 "v" not in w or self.act_name not in ("gelu", "silu"):
             return False
-        from nestc.ops.mlp_memory.triton import CHUNKS, MAX_DIM
+        from nestc.ops.mlp_memory.triton import mlp_kernel_fits
 
-        return (q.dtype != torch.float64 and self.chunk in CHUNKS and self.d <= MAX_DIM
-                and self.hidden <= MAX_DIM and given["offset"] == 0
-                and q.shape[2] >= self.chunk)
+        return (q.dtype != torch.float64 and mlp_kernel_fits(self.d, self.hidden, self.chunk)
+                and given["offset"] == 0 and q.shape[2] >= self.chunk)
 
     def _fused(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
         """The chunked tier's computation, its whole chunks as one Triton kernel

@@ -29,8 +29,8 @@ nestc::delta_rule_bwd (with fake implementations and the backward registered as 
 autograd formula), so torch.compile traces around them in one graph.
 Operands are loaded in their dtype and everything is computed in float32; matmuls of float32
 inputs use IEEE float32 (no TF32), so the kernels match the chunked tier to about 1e-6.
-Block sizes: C = chunk_size, BK = K rounded up to a power of two >= 16 (K <= 256: a whole key
-row stays in registers), BV = V in tiles of at most 64.
+Block sizes: C = chunk_size (at most 64), BK = K rounded up to a power of two >= 16 (K <= 128:
+a whole key row stays in registers), V in tiles of 16 to 64 per kernel and BK (_TILES).
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_K = 256
+# beyond these the kernels' tiles outgrow an H100's shared memory (K = 256: dqkvbg asks for
+# 360 KB; benchmarks/triton_resources.py)
+MAX_K = 128
+MAX_CHUNK = 64
 # set by tests: fill every buffer a kernel writes with NaN first, so a missed store shows up
 POISON_BUFFERS = False
 
@@ -340,6 +343,20 @@ def chunk_local_cumsum(g: torch.Tensor, C: int, reverse: bool = False) -> torch.
     return x.view(B, N * C, H)[:, :T].contiguous()
 
 
+# BV, num_warps and num_stages of each kernel, by BK: chosen from ptxas's registers, spills
+# and shared memory for sm_90 (benchmarks/triton_resources.py; docs/results.md has the table),
+# so that every kernel fits an H100's 227 KiB of shared memory a block and spills little.
+# Not timed on a GPU yet. The kernels that loop over the chunks (state, dhu) take narrow value
+# tiles for more programs at small B*H; dqkvbg takes them to hold fewer accumulators.
+_TILES: dict[str, dict[int, tuple[int, int, int]]] = {
+    "prepare": {64: (64, 4, 2), 128: (64, 4, 2)},
+    "state": {64: (32, 4, 2), 128: (32, 4, 2)},
+    "o": {64: (64, 4, 2), 128: (64, 4, 2)},
+    "dhu": {64: (32, 4, 2), 128: (32, 8, 2)},
+    "dqkvbg": {64: (32, 8, 2), 128: (32, 8, 2)},
+}
+
+
 class _Launch:
     """Sizes and block shapes shared by the kernels of one call."""
 
@@ -349,16 +366,18 @@ class _Launch:
         self.C = chunk_size
         self.N = -(-self.T // chunk_size)
         self.BK = max(16, triton.next_power_of_2(self.K))
-        self.BV = min(64, max(16, triton.next_power_of_2(self.V)))
-        self.NV = triton.cdiv(self.V, self.BV)
         self.BH = self.B * self.H
         # float32 inputs keep float32 products; TF32 holds 16-bit inputs exactly and rounds
         # float32 intermediates no coarser than those inputs already are
         self.precision = "ieee" if q.dtype == torch.float32 else "tf32"
 
-    def sizes(self) -> dict[str, Any]:
-        return {"H": self.H, "K": self.K, "V": self.V, "C": self.C, "BK": self.BK,
-                "BV": self.BV, "PRECISION": self.precision}
+    def tiles(self, kernel: str) -> tuple[int, dict[str, Any]]:
+        """The number of value tiles and the launch's keyword arguments for `kernel`."""
+        bv, warps, stages = _TILES[kernel][max(64, self.BK)]
+        bv = min(bv, max(16, triton.next_power_of_2(self.V)))
+        return triton.cdiv(self.V, bv), {
+            "H": self.H, "K": self.K, "V": self.V, "C": self.C, "BK": self.BK, "BV": bv,
+            "PRECISION": self.precision, "num_warps": warps, "num_stages": stages}
 
 
 def _prepare_and_state(n: _Launch, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
@@ -370,13 +389,15 @@ def _prepare_and_state(n: _Launch, k: torch.Tensor, v: torch.Tensor, beta: torch
     w = _buffer((n.B, n.T, n.H, n.K), k)
     Ai = _buffer((n.B, n.T, n.H, n.C), k) if store_ai else None
     delta_rule_fwd_kernel_prepare[(n.N, n.BH)](
-        k, v, beta, G, u, w, Ai, n.T, USE_G=G is not None, STORE_AI=store_ai, **n.sizes())
+        k, v, beta, G, u, w, Ai, n.T, USE_G=G is not None, STORE_AI=store_ai,
+        **n.tiles("prepare")[1])
     h = _buffer((n.BH, n.N, n.K, n.V), k)
     U = _buffer((n.B, n.T, n.H, n.V), k)
     ht = _buffer((n.B, n.H, n.K, n.V), k) if store_ht else None
-    delta_rule_fwd_kernel_state[(n.NV, n.BH)](
+    NV, tiles = n.tiles("state")
+    delta_rule_fwd_kernel_state[(NV, n.BH)](
         k, u, w, G, h0, h, U, ht, n.T, n.N, USE_G=G is not None, USE_H0=h0 is not None,
-        STORE_HT=store_ht, **n.sizes())
+        STORE_HT=store_ht, **tiles)
     return Ai, w, h, U, ht
 
 
@@ -391,8 +412,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor 
     o = torch.empty_like(v, dtype=q.dtype)
     if POISON_BUFFERS:
         o.fill_(float("nan"))
-    delta_rule_fwd_kernel_o[(n.NV, n.N, n.BH)](
-        q, k, U, h, G, o, scale, n.T, n.N, USE_G=G is not None, **n.sizes())
+    NV, tiles = n.tiles("o")
+    delta_rule_fwd_kernel_o[(NV, n.N, n.BH)](
+        q, k, U, h, G, o, scale, n.T, n.N, USE_G=G is not None, **tiles)
     return o, ht
 
 
@@ -411,15 +433,16 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dh = _buffer((n.BH, n.N, n.K, n.V), q)
     dU = _buffer((n.B, n.T, n.H, n.V), q)
     dh0 = None if h0 is None else _buffer((n.B, n.H, n.K, n.V), q)
-    delta_rule_bwd_kernel_dhu[(n.NV, n.BH)](
+    NV, tiles = n.tiles("dhu")
+    delta_rule_bwd_kernel_dhu[(NV, n.BH)](
         q, k, w, G, do, dht, dh, dU, dh0, scale, n.T, n.N, USE_G=G is not None,
-        USE_DHT=dht is not None, STORE_DH0=h0 is not None, **n.sizes())
+        USE_DHT=dht is not None, STORE_DH0=h0 is not None, **tiles)
     dq, dk = _buffer(tuple(q.shape), q), _buffer(tuple(k.shape), q)
     dv, dbeta = _buffer(tuple(v.shape), q), _buffer(tuple(beta.shape), q)
     dG = None if g is None else _buffer(tuple(g.shape), q)
     delta_rule_bwd_kernel_dqkvbg[(n.N, n.BH)](
         q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG, scale, n.T, n.N,
-        USE_G=G is not None, **n.sizes())
+        USE_G=G is not None, **n.tiles("dqkvbg")[1])
     dg = None if dG is None else chunk_local_cumsum(dG, chunk_size, reverse=True)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
             None if dg is None or g is None else dg.to(g.dtype), dbeta.to(beta.dtype),
@@ -521,7 +544,10 @@ def delta_rule_with_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
                          "end for float64 inputs")
     if K > MAX_K:
         raise ValueError(f"{op}: the Triton kernels hold a whole key in registers, so K must "
-                         f"be at most {MAX_K}, got {K}")
+                         f"be at most {MAX_K}, got {K}; use the chunked back end")
+    if chunk_size > MAX_CHUNK:
+        raise ValueError(f"{op}: the Triton kernels take chunk_size up to {MAX_CHUNK}, got "
+                         f"{chunk_size} (the result does not depend on it)")
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"{op}: the Triton kernels need CUDA tensors, got {q.device}; set "
                          "TRITON_INTERPRET=1 before triton is imported to run them on the CPU")
@@ -540,6 +566,6 @@ def triton_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: t
                       output_final_state: bool = True, chunk_size: int = 64,
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same arguments and results as `chunk_delta_rule` (float32, bfloat16 or float16 inputs,
-    K <= 256), on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1."""
+    K <= 128, chunk_size <= 64), on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1."""
     return delta_rule_with_triton("triton_delta_rule", q, k, v, None, beta, scale,
                                   initial_state, output_final_state, chunk_size)

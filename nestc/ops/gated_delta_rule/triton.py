@@ -16,6 +16,7 @@ def triton_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
                             output_final_state: bool = True, chunk_size: int = 64,
                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same arguments and results as `chunk_gated_delta_rule` (float32, bfloat16 or float16
-    inputs, K <= 256), on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1."""
+    inputs, K <= 128, chunk_size <= 64), on CUDA tensors, or on CPU ones under
+    TRITON_INTERPRET=1."""
     return delta_rule_with_triton("triton_gated_delta_rule", q, k, v, g, beta, scale,
                                   initial_state, output_final_state, chunk_size)

@@ -144,12 +144,14 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
                      retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
                      B0: torch.Tensor, SA0: torch.Tensor | None = None,
                      SB0: torch.Tensor | None = None, *, act: str = "gelu",
-                     clip: float | None = None, read_before: bool = False, chunk: int = 64
+                     clip: float | None = None, read_before: bool = False, chunk: int = 64,
+                     starts: list[tuple[torch.Tensor, ...]] | None = None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The memory over a whole sequence, chunk by chunk (the last one may be short).
 
     Args and results as `nestc.ops.mlp_memory.mlp_memory`; everything is computed in float32
-    (float64 for float64 inputs), y comes back in q's dtype.
+    (float64 for float64 inputs), y comes back in q's dtype. `starts`, when given, gets the
+    state (A, B, SA, SB) entering each chunk appended.
     """
     dtype, acc = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, k, v, lr, A, B = (x.to(acc) for x in (q, k, v, lr, A0, B0))
@@ -161,6 +163,8 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
     for a in range(0, T, chunk):
         b = min(T, a + chunk)
         cut = [None if x is None else x[:, :, a:b] for x in (retain, beta)]
+        if starts is not None:
+            starts.append((A, B, SA, SB))
         y, A, B, SA, SB = mlp_memory_chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
                                            lr[:, :, a:b], cut[0], cut[1], A, B, SA, SB, act,
                                            clip, read_before)

@@ -61,25 +61,48 @@ hold the kernel to.
 Both directions are torch.library custom ops (nestc::mlp_memory_fwd / _bwd, with fake
 implementations), the backward registered as the forward's autograd formula.
 
-Block sizes: C = chunk (16, 32 or 64), BD and BH = d and h rounded up to powers of two >= 16.
-The whole state (4 d h floats; the backward also its gradients, 8 d h) stays in registers:
-fine for small d, h; at d = h = 128 it is 64K floats a program (128K in the backward), which
-spills on a GPU (tiling over h is not done yet; neither kernel has run on a GPU yet). float32
-matmuls use IEEE float32 (no TF32).
+Block sizes: C = chunk (16, 32 or 64), BD and BH = d and h rounded up to powers of two >= 16,
+8 warps. The whole state (4 d h floats; the backward also its gradients, 8 d h) stays in one
+program, in registers and shared memory. Compiled for sm_90 (benchmarks/triton_resources.py),
+the backward outgrows an H100's shared memory at chunk 64 (already at d 32, h 64) and at
+chunk 16 with d = h = 128; `mlp_kernel_fits` says where it fits, and the compiler runs the
+chunked tier elsewhere. Tiling over h or over the chunk is not done. A launch that does not
+fit (triton's OutOfResources) falls back to the same math in PyTorch, with a warning. Neither
+kernel has run on a GPU yet. float32 matmuls use IEEE float32 (no TF32).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
-from nestc.ops.mlp_memory.reference import ACTS, mlp_memory_chunk
+from nestc.ops.mlp_memory.reference import ACTS, chunk_mlp_memory, mlp_memory_chunk
 
 MAX_DIM = 128
 CHUNKS = (16, 32, 64)
+# both kernels run with 8 warps: a thread then holds half as much of the state as with 4, and
+# spills less at the same shared memory (benchmarks/triton_resources.py)
+NUM_WARPS = 8
+
+
+def mlp_kernel_fits(d: int, h: int, chunk: int) -> bool:
+    """Whether both kernels fit in an H100's shared memory (227 KiB a block) at these sizes,
+    so that the compiler picks them. The backward's need grows with chunk * d * h, and much
+    faster from chunk 32 to 64. Measured by benchmarks/triton_resources.py (Triton 3.9,
+    sm_90, bfloat16, bytes): at chunk 16, d x h = 32x64 53K, 64x64 104K, 64x128 186K,
+    128x128 344K; at chunk 32, 32x64 74K, 64x64 144K, 64x128 242K; at chunk 64, 32x64 264K.
+    The table is in docs/results.md."""
+    return chunk <= 32 and chunk * d * h <= 16 * 64 * 128 and max(d, h) <= MAX_DIM
+
+
+def _no_room(error: OutOfResources, what: str) -> None:
+    warnings.warn(f"nestc: the MLP-memory {what} kernel needs more of this GPU than it has "
+                  f"({error}); computing it in PyTorch instead", RuntimeWarning, stacklevel=3)
 # set by tests: fill every buffer a kernel writes with NaN first, so a missed store shows up
 POISON_BUFFERS = False
 
@@ -511,15 +534,36 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor
                         q.new_empty((0,), dtype=torch.float32)
                         for shape, store in (((d, h), store_starts), ((h, d), store_starts),
                                              ((d, h), momenta), ((h, d), momenta)))
-    mlp_memory_fwd_kernel[(N * H,)](
-        q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt, sA, sB, sSA, sSB,
-        1.0 if clip is None else float(clip), T, NC, D=d, HID=h, C=chunk,
-        BD=max(16, triton.next_power_of_2(d)), BH=max(16, triton.next_power_of_2(h)),
-        ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
-        USE_S0=SA0 is not None, USE_CLIP=clip is not None, READ_BEFORE=read_before,
-        STORE_STARTS=store_starts,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    try:
+        mlp_memory_fwd_kernel[(N * H,)](
+            q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt, sA, sB, sSA,
+            sSB, 1.0 if clip is None else float(clip), T, NC, D=d, HID=h, C=chunk,
+            BD=max(16, triton.next_power_of_2(d)), BH=max(16, triton.next_power_of_2(h)),
+            ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
+            USE_S0=SA0 is not None, USE_CLIP=clip is not None, READ_BEFORE=read_before,
+            STORE_STARTS=store_starts,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+    except OutOfResources as error:  # raised at the launch, before anything runs
+        _no_room(error, "forward")
+        return _forward_reference(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip,
+                                  read_before, chunk, store_starts)
     return y, At, Bt, SAt, SBt, sA, sB, sSA, sSB
+
+
+def _forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                       retain: torch.Tensor | None, beta: torch.Tensor | None,
+                       A0: torch.Tensor, B0: torch.Tensor, SA0: torch.Tensor | None,
+                       SB0: torch.Tensor | None, act: str, clip: float | None,
+                       read_before: bool, chunk: int, store_starts: bool
+                       ) -> tuple[torch.Tensor, ...]:
+    """`_forward`'s results by the PyTorch chunk function, for a GPU the kernel does not fit."""
+    starts: list[tuple[torch.Tensor, ...]] = []
+    y, final = chunk_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act,
+                                clip=clip, read_before=read_before, chunk=chunk, starts=starts)
+    empty = q.new_empty((0,), dtype=torch.float32)
+    stacked = [torch.stack([s[i] for s in starts], 2).float().contiguous()
+               if store_starts and (i < 2 or beta is not None) else empty for i in range(4)]
+    return (y, *(x.float() for x in final), *stacked)
 
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
@@ -542,14 +586,19 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
     # without momentum SA, SB pass through the sequence unchanged, and so do their gradients
     dSA0, dSB0 = ((_buffer((N, H, d, h), q), _buffer((N, H, h, d), q)) if beta is not None
                   else (dSA.clone(), dSB.clone()))
-    mlp_memory_bwd_kernel[(N * H,)](
-        q, k, v, lr, retain, beta, sA, sB, sSA.contiguous(), sSB.contiguous(), dy, dA, dB, dSA,
-        dSB, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0,
-        1.0 if clip is None else float(clip), T, sA.shape[2], D=d, HID=h, C=chunk,
-        BD=max(16, triton.next_power_of_2(d)), BH=max(16, triton.next_power_of_2(h)),
-        ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
-        USE_CLIP=clip is not None, READ_BEFORE=read_before,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    try:
+        mlp_memory_bwd_kernel[(N * H,)](
+            q, k, v, lr, retain, beta, sA, sB, sSA.contiguous(), sSB.contiguous(), dy, dA, dB,
+            dSA, dSB, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0,
+            1.0 if clip is None else float(clip), T, sA.shape[2], D=d, HID=h, C=chunk,
+            BD=max(16, triton.next_power_of_2(d)), BH=max(16, triton.next_power_of_2(h)),
+            ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
+            USE_CLIP=clip is not None, READ_BEFORE=read_before,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+    except OutOfResources as error:  # raised at the launch, before anything runs
+        _no_room(error, "backward")
+        return _backward_reference(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip,
+                                   read_before, chunk, dy, dA, dB, dSA, dSB)
     return dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0
 
 

@@ -1,0 +1,218 @@
+"""nestc's Triton kernels compiled for a CUDA GPU on a machine without one, and what they need.
+
+Triton can compile for a GPU it is only told about: the PTX comes from LLVM and the cubin from
+the ptxas that ships with triton, so neither a device nor a driver is needed. This script calls
+the kernels' launch wrappers (the same code the ops run) on CPU tensors, with a stand-in CUDA
+driver and a launch that compiles instead of running, and reports for each kernel its
+num_warps and num_stages, the registers per thread and the bytes spilled to local memory
+(ptxas -v), and the shared memory it asks for against what one block may have on the GPU.
+A kernel that asks for more than that fails to launch (triton's OutOfResources), so this finds
+on a CPU what would otherwise show up only on the device.
+
+    python benchmarks/triton_resources.py [--arch 90] [--K 64 128] [--mlp 32,64,16 ...]
+                                          [--dtype bf16 f32] [--out t.md]
+
+--K: key widths of the delta rules (V = K, chunk 64, plain and gated); --mlp d,h,chunk: MLP
+memory shapes (momentum, retention and clip on). Exit status 1 when a kernel the ops would
+launch needs more shared memory than the GPU allows: every delta-rule kernel, and the MLP
+kernels where `mlp_kernel_fits` admits the shape (the others run on the chunked tier; their
+rows are reported, not checked). The figures depend on the Triton version; the compile times
+are this machine's (ptxas included). Registers and spills say where a kernel will be slow, not
+how slow: only a GPU run times it (benchmarks/gpu_memory.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("triton_resources.py compiles for a GPU: run it without TRITON_INTERPRET=1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from nestc.ops.delta_rule import triton as delta_kernels  # noqa: E402
+from nestc.ops.mlp_memory import triton as mlp_kernels  # noqa: E402
+
+# shared memory one block may have (bytes, opt-in maximum) per compute capability
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+GPU_NAMES = {80: "A100", 86: "A10 / RTX 30", 89: "L4 / L40 / RTX 40", 90: "H100 / H200"}
+
+
+class _StandIn:
+    """What triton's launch path asks the CUDA driver for, answered for a GPU that is not
+    there."""
+
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def is_active(self) -> bool:
+        return True
+
+
+@contextmanager
+def compile_only(arch: int) -> Iterator[list[tuple[str, Any, float]]]:
+    """Within it, `kernel[grid](...)` compiles for sm_<arch> and returns without running;
+    the list collects (kernel name, compiled kernel, seconds). The stand-in driver stays
+    active afterwards: this is for a script, not for a process that also runs kernels."""
+    launches: list[tuple[str, Any, float]] = []
+    run = JITFunction.run
+
+    def compile_launch(self: JITFunction, *args: Any, grid: Any, warmup: bool,
+                       **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        launches.append((self.fn.__name__, kernel, time.perf_counter() - start))
+        return kernel
+
+    driver.set_active(_StandIn(arch))  # type: ignore[arg-type]
+    JITFunction.run = compile_launch  # type: ignore[method-assign]
+    try:
+        yield launches
+    finally:
+        JITFunction.run = run  # type: ignore[method-assign]
+
+
+def ptxas_report(kernel: Any, arch: int) -> tuple[int, int]:
+    """Registers per thread and bytes of spill stores, from ptxas -v on the kernel's PTX."""
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(ptx), "-o",
+                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True,
+                             check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return int(regs.group(1)) if regs else 0, int(spills.group(1)) if spills else 0
+
+
+@dataclass
+class Row:
+    case: str
+    kernel: str
+    warps: int
+    stages: int
+    registers: int
+    spilled: int
+    shared: int
+    checked: bool
+    seconds: float
+
+
+def delta_case(K: int, gated: bool, dtype: torch.dtype) -> Callable[[], None]:
+    def launch() -> None:
+        B, T, H = 1, 128, 2
+        q, k, v = (torch.randn(B, T, H, K, dtype=dtype) for _ in range(3))
+        beta = torch.rand(B, T, H, dtype=dtype)
+        g = -torch.rand(B, T, H, dtype=dtype) if gated else None
+        delta_kernels._forward(q, k, v, g, beta, K ** -0.5, None, True, 64)
+        delta_kernels._backward(q, k, v, g, beta, K ** -0.5, None, 64, torch.randn_like(v),
+                                None)
+    return launch
+
+
+def mlp_case(d: int, h: int, chunk: int, dtype: torch.dtype) -> Callable[[], None]:
+    def launch() -> None:
+        N, H, T = 1, 2, 2 * chunk
+        q, k, v = (torch.randn(N, H, T, d, dtype=dtype) for _ in range(3))
+        lr, retain, beta = (torch.rand(N, H, T) for _ in range(3))
+        A0, B0 = torch.randn(N, H, d, h), torch.randn(N, H, h, d)
+        out = mlp_kernels._forward(q, k, v, lr, retain, beta, A0, B0, None, None, "gelu", 1.0,
+                                   False, chunk, True)
+        sA, sB, sSA, sSB = out[5:9]
+        mlp_kernels._backward(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, "gelu", 1.0, False,
+                              chunk, torch.randn_like(q), A0, B0, A0, B0)
+    return launch
+
+
+def measure(case: str, launch: Callable[[], None], checked: bool, arch: int) -> list[Row]:
+    with compile_only(arch) as launches:
+        launch()
+    rows, seen = [], set()
+    for name, kernel, seconds in launches:
+        if kernel.hash in seen:  # the forward's kernels run again in the backward
+            continue
+        seen.add(kernel.hash)
+        registers, spilled = ptxas_report(kernel, arch)
+        md = kernel.metadata
+        rows.append(Row(case, name, md.num_warps, md.num_stages, registers, spilled, md.shared,
+                        checked, seconds))
+    return rows
+
+
+def table(rows: list[Row], arch: int) -> str:
+    limit = SHARED_LIMIT[arch]
+    out = [f"Triton {triton.__version__}, compiled for sm_{arch} ({GPU_NAMES.get(arch, '?')}: "
+           f"{limit} bytes of shared memory a block) on a CPU, no GPU involved.", "",
+           "| case | kernel | warps | stages | registers | spilled bytes | shared bytes | "
+           "fits | compile s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for r in rows:
+        fits = "yes" if r.shared <= limit else ("**no**" if r.checked else
+                                                "no (chunked tier)")
+        out.append(f"| {r.case} | {r.kernel} | {r.warps} | {r.stages} | {r.registers} | "
+                   f"{r.spilled} | {r.shared} | {fits} | {r.seconds:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
+    p.add_argument("--K", type=int, nargs="*", default=[64, 128])
+    p.add_argument("--mlp", nargs="*", default=["32,64,16", "64,128,16", "32,64,64"],
+                   help="d,h,chunk of the MLP memory shapes")
+    p.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "f32"])
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    dtypes = {"bf16": torch.bfloat16, "f32": torch.float32}
+    rows: list[Row] = []
+    for name in args.dtype:
+        dtype = dtypes[name]
+        for K in args.K:
+            for gated in (False, True):
+                case = f"{'gated ' if gated else ''}delta K={K} {name}"
+                rows += measure(case, delta_case(K, gated, dtype), True, args.arch)
+        for shape in args.mlp:
+            d, h, chunk = (int(x) for x in shape.split(","))
+            admitted = mlp_kernels.mlp_kernel_fits(d, h, chunk)
+            case = f"mlp d={d} h={h} chunk={chunk} {name}"
+            rows += measure(case, mlp_case(d, h, chunk, dtype), admitted, args.arch)
+    text = table(rows, args.arch)
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+    over = [r for r in rows if r.checked and r.shared > SHARED_LIMIT[args.arch]]
+    for r in over:
+        print(f"error: {r.case}: {r.kernel} needs {r.shared} bytes of shared memory, "
+              f"sm_{args.arch} allows {SHARED_LIMIT[args.arch]}", file=sys.stderr)
+    return 1 if over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
