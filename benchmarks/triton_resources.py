@@ -10,10 +10,11 @@ A kernel that asks for more than that fails to launch (triton's OutOfResources),
 on a CPU what would otherwise show up only on the device.
 
     python benchmarks/triton_resources.py [--arch 90] [--K 64 128] [--mlp 32,64,16 ...]
-                                          [--dtype bf16 f32] [--out t.md]
+                                          [--dtype bf16 f32] [--limit BYTES] [--out t.md]
 
 --K: key widths of the delta rules (V = K, chunk 64, plain and gated); --mlp d,h,chunk: MLP
-memory shapes (momentum, retention and clip on). Exit status 1 when a kernel the ops would
+memory shapes (momentum, retention and clip on); --limit: the shared memory a block may have,
+in bytes, instead of the arch's (SHARED_LIMIT). Exit status 1 when a kernel the ops would
 launch needs more shared memory than the GPU allows: every delta-rule kernel, and the MLP
 kernels where `mlp_kernel_fits` admits the shape (the others run on the chunked tier; their
 rows are reported, not checked). The figures depend on the Triton version; the compile times
@@ -166,8 +167,7 @@ def measure(case: str, launch: Callable[[], None], checked: bool, arch: int) -> 
     return rows
 
 
-def table(rows: list[Row], arch: int) -> str:
-    limit = SHARED_LIMIT[arch]
+def table(rows: list[Row], arch: int, limit: int) -> str:
     out = [f"Triton {triton.__version__}, compiled for sm_{arch} ({GPU_NAMES.get(arch, '?')}: "
            f"{limit} bytes of shared memory a block) on a CPU, no GPU involved.", "",
            "| case | kernel | warps | stages | registers | spilled bytes | shared bytes | "
@@ -187,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlp", nargs="*", default=["32,64,16", "64,128,16", "32,64,64"],
                    help="d,h,chunk of the MLP memory shapes")
     p.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "f32"])
+    p.add_argument("--limit", type=int, help="bytes of shared memory a block may have")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    limit = args.limit or SHARED_LIMIT[args.arch]
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     dtypes = {"bf16": torch.bfloat16, "f32": torch.float32}
     rows: list[Row] = []
@@ -203,14 +205,14 @@ def main(argv: list[str] | None = None) -> int:
             admitted = mlp_kernels.mlp_kernel_fits(d, h, chunk)
             case = f"mlp d={d} h={h} chunk={chunk} {name}"
             rows += measure(case, mlp_case(d, h, chunk, dtype), admitted, args.arch)
-    text = table(rows, args.arch)
+    text = table(rows, args.arch, limit)
     print(text, end="")
     if args.out:
         args.out.write_text(text)
-    over = [r for r in rows if r.checked and r.shared > SHARED_LIMIT[args.arch]]
+    over = [r for r in rows if r.checked and r.shared > limit]
     for r in over:
         print(f"error: {r.case}: {r.kernel} needs {r.shared} bytes of shared memory, "
-              f"sm_{args.arch} allows {SHARED_LIMIT[args.arch]}", file=sys.stderr)
+              f"{limit} are allowed", file=sys.stderr)
     return 1 if over else 0
 
 

@@ -217,17 +217,17 @@ def check_public_op_runs(op: str) -> None:
         assert_close(f"{op} {name}", ours[name], ref[name])
 
 
-def built_blocks(name: str, T: int = 37) -> tuple[Any, Any, torch.Tensor]:
-    """The stdlib block `name` built with the triton and the chunked back ends from one seed,
-    and an input."""
+def built_blocks(name: str, T: int = 37, dim: int = 32) -> tuple[Any, Any, torch.Tensor]:
+    """The stdlib block `name` (2 heads) built with the triton and the chunked back ends from
+    one seed, and an input."""
     import nestc
 
     prog = nestc.load("std/memory/deltanet.nest")
     models = []
     for backend in ("triton", "chunked"):
         torch.manual_seed(0)
-        models.append(prog.build(name, dim=32, heads=2, chunk=16, backend=backend).to(DEVICE))
-    x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        models.append(prog.build(name, dim=dim, heads=2, chunk=16, backend=backend).to(DEVICE))
+    x = torch.randn(2, T, dim, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     return models[0], models[1], x
 
 
@@ -254,6 +254,20 @@ def check_compiler_selects_the_kernels(name: str) -> None:
     assert got.keys() == want.keys()
     for key in want:
         assert_close(f"{name} {key}", got[key], want[key])
+
+
+def check_wide_keys_take_the_chunked_tier() -> None:
+    """Heads wider than MAX_K keys: the triton back end runs the chunked tier (the kernels'
+    tiles would outgrow a GPU's shared memory) and gives its results."""
+    from nestc.ops.delta_rule import triton as kernels
+
+    ours, ref, x = built_blocks("GatedDeltaNet", T=9, dim=2 * (kernels.MAX_K + 8))
+    with interpreted.counting(kernels, "delta_rule_fwd") as calls:
+        got = outputs_and_grads(ours, x)
+    assert not calls, "the kernels ran on keys wider than MAX_K"
+    want = outputs_and_grads(ref, x)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
 
 
 def check_torch_compile_matches_eager(name: str) -> None:
@@ -310,6 +324,7 @@ for _block in ("DeltaNet", "GatedDeltaNet"):
     CASES[f"compile-{_block}"] = (check_torch_compile_matches_eager, (_block,))
 CASES["strong_decay"] = (check_strong_decay_stays_finite, ())
 CASES["refusals"] = (check_refusals, ())
+CASES["build-wide-keys"] = (check_wide_keys_take_the_chunked_tier, ())
 CASES["interpreted_on_cpu"] = (check_kernels_match_the_device, ())
 
 

@@ -375,3 +375,46 @@ def test_triton_mlp_memory(case: str, outcomes: dict[str, dict[str, Any]]) -> No
 def test_the_triton_backend_on_cpu_without_the_interpreter_says_how_to_run_it() -> None:
     with pytest.raises(ValueError, match="needs CUDA tensors, got cpu; set TRITON_INTERPRET=1"):
         run("triton", make_inputs(T=5))
+
+
+class _NoRoom:
+    """A kernel whose every launch fails as one too big for the GPU does."""
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        from triton.runtime.errors import OutOfResources
+
+        def launch(*args: Any, **kwargs: Any) -> None:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return launch
+
+
+@pytest.mark.parametrize("beta", [True, False])
+def test_a_kernel_too_big_for_the_gpu_falls_back_to_pytorch(
+        monkeypatch: pytest.MonkeyPatch, beta: bool) -> None:
+    """A launch refused with OutOfResources (raised before anything runs) computes the same
+    forward and backward in PyTorch, with a warning: the chunked tier's results."""
+    from nestc.ops.mlp_memory import triton as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", True)  # let CPU tensors through the check
+    monkeypatch.setattr(kernels, "mlp_memory_fwd_kernel", _NoRoom())
+    monkeypatch.setattr(kernels, "mlp_memory_bwd_kernel", _NoRoom())
+    x = make_inputs(T=37, beta=beta)
+    kw = {"act": "silu", "clip": 0.5, "chunk": 16}
+    with pytest.warns(RuntimeWarning, match="forward kernel needs more of this GPU") as caught:
+        ours = results(*kernels.triton_mlp_memory(*x.values(), **kw), x)
+    assert any("backward kernel" in str(w.message) for w in caught)
+    ref = results(*run("chunked", x, **kw), x)
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert_close(name, ours[name], ref[name], 1e-6)
+
+
+def test_the_compiler_picks_the_kernel_only_where_it_fits() -> None:
+    """mlp_kernel_fits against what benchmarks/triton_resources.py measured on sm_90: the
+    stdlib TitansLM's memory (d 32, h 64, chunk 16) fits; chunk 64 and d = h = 128 do not."""
+    from nestc.ops.mlp_memory.triton import mlp_kernel_fits
+
+    assert mlp_kernel_fits(32, 64, 16) and mlp_kernel_fits(64, 128, 16)
+    assert mlp_kernel_fits(64, 64, 32)
+    assert not mlp_kernel_fits(32, 64, 64) and not mlp_kernel_fits(128, 128, 16)
+    assert not mlp_kernel_fits(64, 128, 32)

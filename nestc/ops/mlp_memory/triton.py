@@ -560,10 +560,11 @@ def _forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: to
     starts: list[tuple[torch.Tensor, ...]] = []
     y, final = chunk_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act,
                                 clip=clip, read_before=read_before, chunk=chunk, starts=starts)
-    empty = q.new_empty((0,), dtype=torch.float32)
     stacked = [torch.stack([s[i] for s in starts], 2).float().contiguous()
-               if store_starts and (i < 2 or beta is not None) else empty for i in range(4)]
-    return (y, *(x.float() for x in final), *stacked)
+               if store_starts and (i < 2 or beta is not None)
+               else q.new_empty((0,), dtype=torch.float32) for i in range(4)]
+    # without momentum SA, SB come back as given: a custom op may not return its inputs
+    return (y, *(x.float().clone() for x in final), *stacked)
 
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
@@ -597,8 +598,10 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "backward")
-        return _backward_reference(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip,
-                                   read_before, chunk, dy, dA, dB, dSA, dSB)
+        out = _backward_reference(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip,
+                                  read_before, chunk, dy, dA, dB, dSA, dSB)
+        # without momentum dSA, dSB come back as given: a custom op may not return its inputs
+        return (*out[:6], *(g.clone() for g in out[6:] if g is not None))
     return dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0
 
 

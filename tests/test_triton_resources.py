@@ -1,0 +1,63 @@
+"""benchmarks/triton_resources.py: nestc's Triton kernels compiled for a GPU on this CPU (the
+ptxas that ships with triton, no device), so that a kernel which would not launch on an H100
+(more shared memory than a block may have) fails here instead of on the device."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "triton_resources.py"
+
+
+def has_ptxas() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return Path(get_ptxas(90).path).exists()
+    except Exception:  # no triton, or a triton without its CUDA tools
+        return False
+
+
+pytestmark = pytest.mark.skipif(not has_ptxas(), reason="triton's ptxas is not installed")
+
+
+def compile_for(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+
+
+def test_the_kernels_the_ops_launch_fit_an_h100(tmp_path: Path) -> None:
+    """Every delta-rule kernel at K = 128 (the widest the ops take) and the MLP-memory kernels
+    at the stdlib TitansLM's sizes compile for sm_90 within its shared memory."""
+    out = tmp_path / "resources.md"
+    done = compile_for("--arch", "90", "--K", "128", "--mlp", "32,64,16", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith(("| case", "| ---"))]
+    kernels = {(r[0].strip(), r[1].strip()) for r in rows}
+    for case in ("delta K=128 bf16", "gated delta K=128 bf16"):
+        for name in ("prepare", "state", "o", "dhu", "dqkvbg"):
+            kind = "bwd" if name in ("dhu", "dqkvbg") else "fwd"
+            assert (case, f"delta_rule_{kind}_kernel_{name}") in kernels, (case, name)
+    for kind in ("fwd", "bwd"):
+        assert ("mlp d=32 h=64 chunk=16 bf16", f"mlp_memory_{kind}_kernel") in kernels
+    assert all(r[7].strip() == "yes" for r in rows), out.read_text()
+    assert all(int(r[4]) > 0 for r in rows)  # ptxas reported registers for every kernel
+
+
+def test_a_kernel_over_the_shared_memory_limit_fails_the_check() -> None:
+    """With a block allowed 100 KB the delta rule's backward (122 KB at K = 64 on sm_90) does
+    not fit: exit 1, the kernel named."""
+    done = compile_for("--arch", "90", "--K", "64", "--mlp", "--limit", "100000")
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "delta_rule_bwd_kernel_dqkvbg needs" in done.stderr
+    assert "100000 are allowed" in done.stderr
+    assert "| **no** |" in done.stdout
