@@ -1,13 +1,14 @@
 """nestc's Triton kernels compiled for a CUDA GPU on a machine without one, and what they need.
 
 Triton can compile for a GPU it is only told about: the PTX comes from LLVM and the cubin from
-the ptxas that ships with triton, so neither a device nor a driver is needed. This script calls
-the kernels' launch wrappers (the same code the ops run) on CPU tensors, with a stand-in CUDA
-driver and a launch that compiles instead of running, and reports for each kernel its
-num_warps and num_stages, the registers per thread and the bytes spilled to local memory
-(ptxas -v), and the shared memory it asks for against what one block may have on the GPU.
-A kernel that asks for more than that fails to launch (triton's OutOfResources), so this finds
-on a CPU what would otherwise show up only on the device.
+the ptxas that ships with triton (cuobjdump, which ships too, reads it back), so neither a
+device nor a driver is needed. This script calls the kernels' launch wrappers (the same code
+the ops run) on CPU tensors, with a stand-in CUDA driver and a launch that compiles instead of
+running, and reports for each kernel its num_warps and num_stages, the registers per thread,
+the bytes of stack per thread in local memory (where spilled registers go), and the shared
+memory it asks for against what one block may have on the GPU. A kernel that asks for more
+than that fails to launch (triton's OutOfResources), so this finds on a CPU what would
+otherwise show up only on the device.
 
     python benchmarks/triton_resources.py [--arch 90] [--K 64 128] [--mlp 32,64,16 ...]
                                           [--dtype bf16 f32] [--limit BYTES] [--out t.md]
@@ -18,7 +19,7 @@ in bytes, instead of the arch's (SHARED_LIMIT). Exit status 1 when a kernel the 
 launch needs more shared memory than the GPU allows: every delta-rule kernel, and the MLP
 kernels where `mlp_kernel_fits` admits the shape (the others run on the chunked tier; their
 rows are reported, not checked). The figures depend on the Triton version; the compile times
-are this machine's (ptxas included). Registers and spills say where a kernel will be slow, not
+are this machine's (ptxas included). Registers and stack say where a kernel will be slow, not
 how slow: only a GPU run times it (benchmarks/gpu_memory.py).
 """
 
@@ -43,8 +44,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -99,18 +100,17 @@ def compile_only(arch: int) -> Iterator[list[tuple[str, Any, float]]]:
         JITFunction.run = run  # type: ignore[method-assign]
 
 
-def ptxas_report(kernel: Any, arch: int) -> tuple[int, int]:
-    """Registers per thread and bytes of spill stores, from ptxas -v on the kernel's PTX."""
-    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+def resource_usage(kernel: Any) -> tuple[int, int]:
+    """Registers per thread and bytes of stack a thread keeps in local memory (where spilled
+    registers go), read by cuobjdump from the cubin triton built."""
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "k.ptx"
-        ptx.write_text(kernel.asm["ptx"])
-        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(ptx), "-o",
-                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True,
-                             check=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores", log)
-    return int(regs.group(1)) if regs else 0, int(spills.group(1)) if spills else 0
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)],
+                             capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    return int(regs.group(1)) if regs else 0, int(stack.group(1)) if stack else 0
 
 
 @dataclass
@@ -120,7 +120,7 @@ class Row:
     warps: int
     stages: int
     registers: int
-    spilled: int
+    stack: int
     shared: int
     checked: bool
     seconds: float
@@ -160,9 +160,9 @@ def measure(case: str, launch: Callable[[], None], checked: bool, arch: int) -> 
         if kernel.hash in seen:  # the forward's kernels run again in the backward
             continue
         seen.add(kernel.hash)
-        registers, spilled = ptxas_report(kernel, arch)
+        registers, stack = resource_usage(kernel)
         md = kernel.metadata
-        rows.append(Row(case, name, md.num_warps, md.num_stages, registers, spilled, md.shared,
+        rows.append(Row(case, name, md.num_warps, md.num_stages, registers, stack, md.shared,
                         checked, seconds))
     return rows
 
@@ -170,13 +170,13 @@ def measure(case: str, launch: Callable[[], None], checked: bool, arch: int) -> 
 def table(rows: list[Row], arch: int, limit: int) -> str:
     out = [f"Triton {triton.__version__}, compiled for sm_{arch} ({GPU_NAMES.get(arch, '?')}: "
            f"{limit} bytes of shared memory a block) on a CPU, no GPU involved.", "",
-           "| case | kernel | warps | stages | registers | spilled bytes | shared bytes | "
+           "| case | kernel | warps | stages | registers | stack bytes | shared bytes | "
            "fits | compile s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
         fits = "yes" if r.shared <= limit else ("**no**" if r.checked else
                                                 "no (chunked tier)")
         out.append(f"| {r.case} | {r.kernel} | {r.warps} | {r.stages} | {r.registers} | "
-                   f"{r.spilled} | {r.shared} | {fits} | {r.seconds:.1f} |")
+                   f"{r.stack} | {r.shared} | {fits} | {r.seconds:.1f} |")
     return "\n".join(out) + "\n"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,22 @@ def check_wide_keys_take_the_chunked_tier() -> None:
         assert torch.equal(got[key], want[key]), key
 
 
+def check_refused_late_falls_back(op: str) -> None:
+    """The backward's last kernel refused with OutOfResources after the others ran: the
+    chunked tier's gradients, with a warning."""
+    from nestc.ops.delta_rule import triton as kernels
+
+    x = make_inputs(op, 21, True)
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch.setattr(kernels, "delta_rule_bwd_kernel_dqkvbg", interpreted.NoRoom())
+        ours = results(*call("triton", op, x, chunk_size=16), x)
+    assert [w for w in caught if "backward kernel needs more" in str(w.message)], caught
+    ref = results(*call("chunked", op, x, chunk_size=16), x)
+    for name in ref:
+        assert_close(f"{op} {name}", ours[name], ref[name])
+
+
 def check_torch_compile_matches_eager(name: str) -> None:
     """torch.compile traces around the custom ops (their fake implementations and registered
     backward) in one graph, and equals eager."""
@@ -319,6 +336,7 @@ for _op in OPS:
     CASES[f"empty-{_op}"] = (check_empty_sequence, (_op,))
     CASES[f"public_op-{_op}"] = (check_public_op_takes_the_triton_backend, (_op,))
     CASES[f"opcheck-{_op}"] = (check_custom_op_registration, (_op,))
+    CASES[f"refused_late-{_op}"] = (check_refused_late_falls_back, (_op,))
 for _block in ("DeltaNet", "GatedDeltaNet"):
     CASES[f"build-{_block}"] = (check_compiler_selects_the_kernels, (_block,))
     CASES[f"compile-{_block}"] = (check_torch_compile_matches_eager, (_block,))
@@ -375,3 +393,22 @@ def test_the_gpu_benchmark_runs_dry_on_a_cpu(tmp_path: Path) -> None:
               if cells[0].startswith("| ") and cells[0].endswith("LM")]
     assert models == ["| TransformerLM", "| TitansLM", "| DeltaNetLM", "| HopeLM"]
     assert "backend triton" in out.read_text()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_a_kernel_too_big_for_the_gpu_falls_back_to_the_chunked_tier(
+        monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    """A launch refused with OutOfResources (here the first kernel, in the forward and in the
+    backward) computes the same on the chunked tier, with a warning. (The backward's last
+    kernel refused after the others ran: the case refused_late.)"""
+    from nestc.ops.delta_rule import triton as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", True)  # let CPU tensors through the check
+    monkeypatch.setattr(kernels, "delta_rule_fwd_kernel_prepare", interpreted.NoRoom())
+    x = make_inputs(op, 21, True)
+    with pytest.warns(RuntimeWarning, match="forward kernel needs more of this GPU") as caught:
+        ours = results(*call("triton", op, x, chunk_size=16), x)
+    assert any("backward kernel" in str(w.message) for w in caught)
+    ref = results(*call("chunked", op, x, chunk_size=16), x)
+    for name in ref:
+        assert_close(f"{op} {name}", ours[name], ref[name], 1e-6)

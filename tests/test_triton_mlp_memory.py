@@ -377,17 +377,6 @@ def test_the_triton_backend_on_cpu_without_the_interpreter_says_how_to_run_it() 
         run("triton", make_inputs(T=5))
 
 
-class _NoRoom:
-    """A kernel whose every launch fails as one too big for the GPU does."""
-
-    def __getitem__(self, grid: Any) -> Callable[..., None]:
-        from triton.runtime.errors import OutOfResources
-
-        def launch(*args: Any, **kwargs: Any) -> None:
-            raise OutOfResources(300000, 232448, "shared memory")
-        return launch
-
-
 @pytest.mark.parametrize("beta", [True, False])
 def test_a_kernel_too_big_for_the_gpu_falls_back_to_pytorch(
         monkeypatch: pytest.MonkeyPatch, beta: bool) -> None:
@@ -396,8 +385,8 @@ def test_a_kernel_too_big_for_the_gpu_falls_back_to_pytorch(
     from nestc.ops.mlp_memory import triton as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETED", True)  # let CPU tensors through the check
-    monkeypatch.setattr(kernels, "mlp_memory_fwd_kernel", _NoRoom())
-    monkeypatch.setattr(kernels, "mlp_memory_bwd_kernel", _NoRoom())
+    monkeypatch.setattr(kernels, "mlp_memory_fwd_kernel", interpreted.NoRoom())
+    monkeypatch.setattr(kernels, "mlp_memory_bwd_kernel", interpreted.NoRoom())
     x = make_inputs(T=37, beta=beta)
     kw = {"act": "silu", "clip": 0.5, "chunk": 16}
     with pytest.warns(RuntimeWarning, match="forward kernel needs more of this GPU") as caught:

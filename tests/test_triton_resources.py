@@ -15,16 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "triton_resources.py"
 
 
-def has_ptxas() -> bool:
+def has_cuda_tools() -> bool:
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
+        from triton import knobs
 
-        return Path(get_ptxas(90).path).exists()
+        return all(Path(tool.path).exists() for tool in
+                   (knobs.nvidia.ptxas, knobs.nvidia.ptxas_blackwell, knobs.nvidia.cuobjdump))
     except Exception:  # no triton, or a triton without its CUDA tools
         return False
 
 
-pytestmark = pytest.mark.skipif(not has_ptxas(), reason="triton's ptxas is not installed")
+pytestmark = pytest.mark.skipif(not has_cuda_tools(),
+                                reason="triton's ptxas and cuobjdump are not installed")
 
 
 def compile_for(*args: str) -> subprocess.CompletedProcess[str]:
@@ -50,7 +52,7 @@ def test_the_kernels_the_ops_launch_fit_an_h100(tmp_path: Path) -> None:
     for kind in ("fwd", "bwd"):
         assert ("mlp d=32 h=64 chunk=16 bf16", f"mlp_memory_{kind}_kernel") in kernels
     assert all(r[7].strip() == "yes" for r in rows), out.read_text()
-    assert all(int(r[4]) > 0 for r in rows)  # ptxas reported registers for every kernel
+    assert all(int(r[4]) > 0 for r in rows)  # cuobjdump read every kernel's registers
 
 
 def test_a_kernel_over_the_shared_memory_limit_fails_the_check() -> None:

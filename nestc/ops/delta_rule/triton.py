@@ -28,18 +28,23 @@ The forward and the backward are the torch.library custom ops nestc::delta_rule_
 nestc::delta_rule_bwd (with fake implementations and the backward registered as the forward's
 autograd formula), so torch.compile traces around them in one graph.
 Operands are loaded in their dtype and everything is computed in float32; matmuls of float32
-inputs use IEEE float32 (no TF32), so the kernels match the chunked tier to about 1e-6.
+inputs use TF32x3 (three TF32 tensor-core products per product, about float32's precision:
+IEEE float32 dots compile to FMA loops that ptxas fits into 32 registers with kilobytes of
+spills on sm_90). Under the interpreter the kernels match the chunked tier to about 1e-6;
+on a GPU that is not measured yet.
 Block sizes: C = chunk_size (at most 64), BK = K rounded up to a power of two >= 16 (K <= 128:
 a whole key row stays in registers), V in tiles of 16 to 64 per kernel and BK (_TILES).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 # beyond these the kernels' tiles outgrow an H100's shared memory (K = 256: dqkvbg asks for
 # 360 KB; benchmarks/triton_resources.py)
@@ -326,6 +331,25 @@ def delta_rule_bwd_kernel_dqkvbg(q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk,
     tl.store(dbeta + r, b_dbeta, mask=m_t)
 
 
+def _no_room(error: OutOfResources, what: str) -> None:
+    warnings.warn(f"nestc: a delta-rule {what} kernel needs more of this GPU than it has "
+                  f"({error}); computing it on the chunked tier instead", RuntimeWarning,
+                  stacklevel=3)
+
+
+def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+             beta: torch.Tensor, scale: float, h0: torch.Tensor | None,
+             output_final_state: bool, chunk_size: int
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same rule on the chunked PyTorch tier, for a GPU that a kernel does not fit."""
+    from nestc.ops.delta_rule.chunk import chunk_delta_rule
+    from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+
+    if g is None:
+        return chunk_delta_rule(q, k, v, beta, scale, h0, output_final_state, chunk_size)
+    return chunk_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, chunk_size)
+
+
 def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """A float32 buffer that a kernel fills (NaN-filled first when POISON_BUFFERS is set)."""
     if POISON_BUFFERS:
@@ -367,9 +391,10 @@ class _Launch:
         self.N = -(-self.T // chunk_size)
         self.BK = max(16, triton.next_power_of_2(self.K))
         self.BH = self.B * self.H
-        # float32 inputs keep float32 products; TF32 holds 16-bit inputs exactly and rounds
-        # float32 intermediates no coarser than those inputs already are
-        self.precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        # float32 inputs keep about float32 products (TF32x3: hi*hi + hi*lo + lo*hi on tensor
+        # cores); TF32 holds 16-bit inputs exactly and rounds float32 intermediates no coarser
+        # than those inputs already are
+        self.precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
 
     def tiles(self, kernel: str) -> tuple[int, dict[str, Any]]:
         """The number of value tiles and the launch's keyword arguments for `kernel`."""
@@ -404,6 +429,18 @@ def _prepare_and_state(n: _Launch, k: torch.Tensor, v: torch.Tensor, beta: torch
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
              beta: torch.Tensor, scale: float, h0: torch.Tensor | None, output_final_state: bool,
              chunk_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    try:
+        return _forward_kernels(q, k, v, g, beta, scale, h0, output_final_state, chunk_size)
+    except OutOfResources as error:  # raised at a launch, before that kernel runs
+        _no_room(error, "forward")
+        with torch.no_grad():
+            return _chunked(q, k, v, g, beta, scale, h0, output_final_state, chunk_size)
+
+
+def _forward_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                     beta: torch.Tensor, scale: float, h0: torch.Tensor | None,
+                     output_final_state: bool, chunk_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     h0 = None if h0 is None else h0.contiguous()
     n = _Launch(q, v, chunk_size)
@@ -422,7 +459,32 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
               beta: torch.Tensor, scale: float, h0: torch.Tensor | None, chunk_size: int,
               do: torch.Tensor, dht: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """dq, dk, dv, dg (None without g), dbeta, dh0 (None without h0), each in its input's
-    dtype: the chunk-local quantities and the states are recomputed from the inputs."""
+    dtype."""
+    try:
+        return _backward_kernels(q, k, v, g, beta, scale, h0, chunk_size, do, dht)
+    except OutOfResources as error:  # raised at a launch, before that kernel runs
+        _no_room(error, "backward")
+    # the chunked tier's gradients: torch.func.vjp (autograd is off inside a custom op)
+    xs = {name: x for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta),
+                                  ("h0", h0)) if x is not None}
+
+    def chunked(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = dict(zip(xs, args))
+        o, ht = _chunked(a["q"], a["k"], a["v"], a.get("g"), a["beta"], scale, a.get("h0"),
+                         dht is not None, chunk_size)
+        return (o,) if ht is None else (o, ht)
+
+    vjp = torch.func.vjp(chunked, *xs.values())[1]
+    d = dict(zip(xs, vjp((do,) if dht is None else (do, dht))))
+    return d["q"], d["k"], d["v"], d.get("g"), d["beta"], d.get("h0")
+
+
+def _backward_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      g: torch.Tensor | None, beta: torch.Tensor, scale: float,
+                      h0: torch.Tensor | None, chunk_size: int, do: torch.Tensor,
+                      dht: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """_backward by the kernels: the chunk-local quantities and the states are recomputed from
+    the inputs."""
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     h0 = None if h0 is None else h0.contiguous()
     do = do.contiguous()

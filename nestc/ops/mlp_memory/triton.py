@@ -68,7 +68,9 @@ the backward outgrows an H100's shared memory at chunk 64 (already at d 32, h 64
 chunk 16 with d = h = 128; `mlp_kernel_fits` says where it fits, and the compiler runs the
 chunked tier elsewhere. Tiling over h or over the chunk is not done. A launch that does not
 fit (triton's OutOfResources) falls back to the same math in PyTorch, with a warning. Neither
-kernel has run on a GPU yet. float32 matmuls use IEEE float32 (no TF32).
+kernel has run on a GPU yet. float32 matmuls use TF32x3 (about float32's precision on tensor
+cores; IEEE float32 dots compile to FMA loops that spill tens of kilobytes a thread on sm_90),
+16-bit inputs TF32.
 """
 
 from __future__ import annotations
@@ -542,7 +544,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor
             ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
             USE_S0=SA0 is not None, USE_CLIP=clip is not None, READ_BEFORE=read_before,
             STORE_STARTS=store_starts,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+            PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "forward")
         return _forward_reference(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip,
@@ -595,7 +597,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
             BD=max(16, triton.next_power_of_2(d)), BH=max(16, triton.next_power_of_2(h)),
             ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
             USE_CLIP=clip is not None, READ_BEFORE=read_before,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+            PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "backward")
         out = _backward_reference(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip,
