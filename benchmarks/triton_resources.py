@@ -155,11 +155,14 @@ def mlp_case(d: int, h: int, chunk: int, dtype: torch.dtype) -> Callable[[], Non
 def measure(case: str, launch: Callable[[], None], checked: bool, arch: int) -> list[Row]:
     with compile_only(arch) as launches:
         launch()
-    rows, seen = [], set()
+    rows: list[Row] = []
+    seen = set()
     for name, kernel, seconds in launches:
-        if kernel.hash in seen:  # the forward's kernels run again in the backward
+        if kernel.hash in seen:
             continue
         seen.add(kernel.hash)
+        if any(r.kernel == name for r in rows):  # the forward's kernels, specialized for the
+            name += " (backward's)"  # backward that runs them again
         registers, stack = resource_usage(kernel)
         md = kernel.metadata
         rows.append(Row(case, name, md.num_warps, md.num_stages, registers, stack, md.shared,

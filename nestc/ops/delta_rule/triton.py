@@ -367,8 +367,8 @@ def chunk_local_cumsum(g: torch.Tensor, C: int, reverse: bool = False) -> torch.
     return x.view(B, N * C, H)[:, :T].contiguous()
 
 
-# BV, num_warps and num_stages of each kernel, by BK: chosen from ptxas's registers, spills
-# and shared memory for sm_90 (benchmarks/triton_resources.py; docs/results.md has the table),
+# BV, num_warps and num_stages of each kernel, by BK: chosen from the registers, the spilled
+# stack and the shared memory of the kernels compiled for sm_90 (benchmarks/triton_resources.py; docs/triton.md has the table),
 # so that every kernel fits an H100's 227 KiB of shared memory a block and spills little.
 # Not timed on a GPU yet. The kernels that loop over the chunks (state, dhu) take narrow value
 # tiles for more programs at small B*H; dqkvbg takes them to hold fewer accumulators.

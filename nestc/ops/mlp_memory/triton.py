@@ -98,7 +98,9 @@ def mlp_kernel_fits(d: int, h: int, chunk: int) -> bool:
     faster from chunk 32 to 64. Measured by benchmarks/triton_resources.py (Triton 3.9,
     sm_90, bfloat16, bytes): at chunk 16, d x h = 32x64 53K, 64x64 104K, 64x128 186K,
     128x128 344K; at chunk 32, 32x64 74K, 64x64 144K, 64x128 242K; at chunk 64, 32x64 264K.
-    The table is in docs/results.md."""
+    float32 inputs (TF32x3 products; what MLPMemory passes) need less in the backward and
+    more in the forward, at most 99K where this admits them, and 248K at chunk 64, 32x64.
+    The tables are in docs/triton.md."""
     return chunk <= 32 and chunk * d * h <= 16 * 64 * 128 and max(d, h) <= MAX_DIM
 
 
