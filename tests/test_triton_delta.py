@@ -387,8 +387,8 @@ def test_the_gpu_benchmark_runs_dry_on_a_cpu(tmp_path: Path) -> None:
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
     agree = [float(line.rsplit("triton ", 1)[1]) for line in lines if "largest difference" in line]
     assert len(agree) == 2 and max(agree) < 1e-4
-    mlp = [line.split(" | ") for line in lines if line.startswith("| 20 |")]
-    assert len(mlp) == 1 and all(float(x) > 0 for x in mlp[0][1:3])
+    mlp = [line.split(" | ") for line in lines if line.startswith("| 16 | 32 | 16 | 20 |")]
+    assert len(mlp) == 1 and all(float(x) > 0 for x in mlp[0][4:6])
     models = [cells[0] for cells in (line.split(" | ") for line in lines)
               if cells[0].startswith("| ") and cells[0].endswith("LM")]
     assert models == ["| TransformerLM", "| TitansLM", "| DeltaNetLM", "| HopeLM"]
