@@ -174,12 +174,13 @@ def table(rows: list[Row], arch: int, limit: int) -> str:
     out = [f"Triton {triton.__version__}, compiled for sm_{arch} ({GPU_NAMES.get(arch, '?')}: "
            f"{limit} bytes of shared memory a block) on a CPU, no GPU involved.", "",
            "| case | kernel | warps | stages | registers | stack bytes | shared bytes | "
-           "fits | compile s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+           "fits | compiler picks it | compile s |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     for r in rows:
-        fits = "yes" if r.shared <= limit else ("**no**" if r.checked else
-                                                "no (chunked tier)")
+        fits = "yes" if r.shared <= limit else "**no**" if r.checked else "no"
+        picked = "yes" if r.checked else "no (chunked tier)"
         out.append(f"| {r.case} | {r.kernel} | {r.warps} | {r.stages} | {r.registers} | "
-                   f"{r.stack} | {r.shared} | {fits} | {r.seconds:.1f} |")
+                   f"{r.stack} | {r.shared} | {fits} | {picked} | {r.seconds:.1f} |")
     return "\n".join(out) + "\n"
 
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
     p.add_argument("--K", type=int, nargs="*", default=[64, 128])
-    p.add_argument("--mlp", nargs="*", default=["32,64,16", "64,128,16", "32,64,64"],
+    p.add_argument("--mlp", nargs="*", default=["32,64,16", "64,128,16", "32,64,64", "64,64,64"],
                    help="d,h,chunk of the MLP memory shapes")
     p.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "f32"])
     p.add_argument("--limit", type=int, help="bytes of shared memory a block may have")
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += measure(case, delta_case(K, gated, dtype), True, args.arch)
         for shape in args.mlp:
             d, h, chunk = (int(x) for x in shape.split(","))
-            admitted = mlp_kernels.mlp_kernel_fits(d, h, chunk)
+            admitted = mlp_kernels.mlp_kernel_fits(d, h, chunk, dtype)
             case = f"mlp d={d} h={h} chunk={chunk} {name}"
             rows += measure(case, mlp_case(d, h, chunk, dtype), admitted, args.arch)
     text = table(rows, args.arch, limit)

@@ -664,7 +664,8 @@ class MLPMemory(Memory):
             return False
         from nestc.ops.mlp_memory.triton import mlp_kernel_fits
 
-        return (q.dtype != torch.float64 and mlp_kernel_fits(self.d, self.hidden, self.chunk)
+        return (q.dtype != torch.float64
+                and mlp_kernel_fits(self.d, self.hidden, self.chunk, q.dtype)
                 and given["offset"] == 0 and q.shape[2] >= self.chunk)
 
     def _fused(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:

@@ -51,7 +51,7 @@ def test_the_kernels_the_ops_launch_fit_an_h100(tmp_path: Path) -> None:
             assert (case, f"delta_rule_{kind}_kernel_{name}") in kernels, (case, name)
     for kind in ("fwd", "bwd"):
         assert ("mlp d=32 h=64 chunk=16 bf16", f"mlp_memory_{kind}_kernel") in kernels
-    assert all(r[7].strip() == "yes" for r in rows), out.read_text()
+    assert all(r[7].strip() == "yes" and r[8].strip() == "yes" for r in rows), out.read_text()
     assert all(int(r[4]) > 0 for r in rows)  # cuobjdump read every kernel's registers
 
 

@@ -87,21 +87,25 @@ from nestc.ops.mlp_memory.reference import ACTS, chunk_mlp_memory, mlp_memory_ch
 
 MAX_DIM = 128
 CHUNKS = (16, 32, 64)
-# both kernels run with 8 warps: a thread then holds half as much of the state as with 4, and
-# spills less at the same shared memory (benchmarks/triton_resources.py)
+# both kernels run with 8 warps (a thread then holds half as much of the state as with 4, and
+# spills less) and one stage (no software pipelining of the chunk loop's loads: at chunk 64
+# that alone takes the backward from 248 KB of shared memory to 164 KB; the loop is bound by
+# the chunk's arithmetic, not its loads). benchmarks/triton_resources.py, docs/triton.md.
 NUM_WARPS = 8
+NUM_STAGES = 1
 
 
-def mlp_kernel_fits(d: int, h: int, chunk: int) -> bool:
-    """Whether both kernels fit in an H100's shared memory (227 KiB a block) at these sizes,
-    so that the compiler picks them. The backward's need grows with chunk * d * h, and much
-    faster from chunk 32 to 64. Measured by benchmarks/triton_resources.py (Triton 3.9,
-    sm_90, bfloat16, bytes): at chunk 16, d x h = 32x64 53K, 64x64 104K, 64x128 186K,
-    128x128 344K; at chunk 32, 32x64 74K, 64x64 144K, 64x128 242K; at chunk 64, 32x64 264K.
-    float32 inputs (TF32x3 products; what MLPMemory passes) need less in the backward and
-    more in the forward, at most 99K where this admits them, and 248K at chunk 64, 32x64.
-    The tables are in docs/triton.md."""
-    return chunk <= 32 and chunk * d * h <= 16 * 64 * 128 and max(d, h) <= MAX_DIM
+def mlp_kernel_fits(d: int, h: int, chunk: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether both kernels fit in an H100's shared memory (227 KiB a block) at these sizes
+    and input dtype, with room to spare, so that the compiler picks them. Their need grows
+    with chunk * d * h. Measured by benchmarks/triton_resources.py (Triton 3.9, sm_90, bytes,
+    the backward's): float32 inputs (TF32x3 products; what MLPMemory passes) need 25K at
+    d 32, h 64, chunk 16, 164K at chunk 64, 229K at d = h = 64, chunk 64; 16-bit inputs need
+    39K, 254K and 393K there, and 125K at d 64, h 128, chunk 16. The tables are in
+    docs/triton.md."""
+    if max(d, h) > MAX_DIM or chunk * d * h > 16 * 64 * 128:
+        return False
+    return dtype == torch.float32 or chunk <= 32
 
 
 def _no_room(error: OutOfResources, what: str) -> None:
@@ -546,7 +550,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor
             ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
             USE_S0=SA0 is not None, USE_CLIP=clip is not None, READ_BEFORE=read_before,
             STORE_STARTS=store_starts,
-            PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+            PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES)
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "forward")
         return _forward_reference(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip,
@@ -599,7 +604,8 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
             BD=max(16, triton.next_power_of_2(d)), BH=max(16, triton.next_power_of_2(h)),
             ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
             USE_CLIP=clip is not None, READ_BEFORE=read_before,
-            PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+            PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES)
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "backward")
         out = _backward_reference(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip,
