@@ -271,11 +271,11 @@ def check_torch_compile_matches_eager() -> None:
         assert_close(f"compiled {name}", got[name], want[name], 1e-6)
 
 
-def check_titans_block_on_the_triton_backend(T: int, fused: bool) -> None:
+def check_titans_block_on_the_triton_backend(T: int, fused: bool, chunk: int = 16) -> None:
     """build(..., backend="triton") runs the Titans block's memory through the kernel: whole
     chunks (T = 32, chunks of 16), or whole chunks then a partial one on the chunked tier
-    (T = 37), or the chunked tier alone for less than a chunk (T = 11): the same outputs,
-    state and gradients as the chunked tier."""
+    (T = 37; T = 70 in the block's default chunks of 64), or the chunked tier alone for less
+    than a chunk (T = 11): the same outputs, state and gradients as the chunked tier."""
     import nestc
     from nestc.ops.mlp_memory import triton as kernels
 
@@ -283,7 +283,7 @@ def check_titans_block_on_the_triton_backend(T: int, fused: bool) -> None:
     for backend in ("triton", "chunked"):
         torch.manual_seed(0)
         blocks.append(nestc.load("std/memory/titans.nest").build(
-            "Titans", dim=32, heads=2, chunk=16, backend=backend).to(DEVICE))
+            "Titans", dim=32, heads=2, chunk=chunk, backend=backend).to(DEVICE))
     x0 = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     got: list[dict[str, torch.Tensor]] = []
     with interpreted.counting(kernels, "mlp_memory_fwd") as calls:
@@ -353,6 +353,7 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
     "titans_block_fused": (check_titans_block_on_the_triton_backend, (32, True)),
     "titans_block_and_a_partial_chunk": (check_titans_block_on_the_triton_backend, (37, True)),
     "titans_block_under_a_chunk": (check_titans_block_on_the_triton_backend, (11, False)),
+    "titans_block_default_chunk": (check_titans_block_on_the_triton_backend, (70, True, 64)),
 }
 
 
