@@ -9,8 +9,13 @@ Triton kernel against the chunked tier, forward and forward+backward, at the siz
 kernel fits an H100 (docs/triton.md).
 
     python benchmarks/gpu_memory.py [--T 1024 4096 16384] [--D 64 128] [--reps 10] [--lm]
+                                    [--tiles KERNEL=BV,WARPS,STAGES ...] [--no-mlp]
                                     [--out t.md]
     python benchmarks/gpu_memory.py --dry    # CPU, tiny shapes, kernels under the interpreter
+
+--tiles replaces the delta-rule kernels' launch settings (nestc/ops/delta_rule/triton.py's
+_TILES, chosen from compile reports, not timings; docs/triton.md) for a timing on the device:
+    python benchmarks/gpu_memory.py --T 4096 --D 128 --no-mlp --tiles dqkvbg=32,4,2
 
 --lm adds the stdlib language models' training tokens/s at equal parameter count (B=16, T=512,
 depth 2, TransformerLM at width 96 with SDPA attention, HopeLM included, back end triton;
@@ -232,8 +237,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed calls (default 10; --dry 1)")
     ap.add_argument("--dry", action="store_true", help="CPU, tiny shapes, the interpreter")
     ap.add_argument("--lm", action="store_true", help="also the language models' tokens/s")
+    ap.add_argument("--tiles", nargs="+", default=[], metavar="KERNEL=BV,WARPS,STAGES",
+                    help="try other launch settings for a delta-rule kernel (prepare, state, "
+                    "o, dhu, dqkvbg) at every key width, e.g. dqkvbg=32,4,2")
+    ap.add_argument("--no-mlp", action="store_true", help="leave out the MLP-memory table")
     ap.add_argument("--out", help="also write the table here")
     args = ap.parse_args(argv)
+    if args.tiles:
+        from nestc.ops.delta_rule.triton import _TILES as TILES
+
+        for spec in args.tiles:
+            kernel, _, values = spec.partition("=")
+            numbers = [int(x) for x in values.split(",") if x.isdigit()]
+            if kernel not in TILES or len(numbers) != 3 or numbers[0] < 16:
+                ap.error(f"--tiles {spec}: expected KERNEL=BV,WARPS,STAGES (BV >= 16) with "
+                         f"KERNEL one of {', '.join(TILES)}")
+            for width in TILES[kernel]:
+                TILES[kernel][width] = (numbers[0], numbers[1], numbers[2])
     if args.dry and os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("--dry needs TRITON_INTERPRET=1 before triton is imported: run the script "
                  "itself, or set the variable")
@@ -243,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                   args.D or ([16] if args.dry else [64, 128]),
                   args.reps or (1 if args.dry else 10), args.dry)
     # the chunked tier loops over 16-token chunks: T = 16K would take a minute of the lease
-    lines += mlp_memory_table(args.T or ([32, 80] if args.dry else [1024, 4096]),
-                              args.reps or (1 if args.dry else 10), args.dry)
+    if not args.no_mlp:
+        lines += mlp_memory_table(args.T or ([32, 80] if args.dry else [1024, 4096]),
+                                  args.reps or (1 if args.dry else 10), args.dry)
     if args.lm:
         lines += [""] + language_models(args.dry)
     if args.out:

@@ -372,11 +372,12 @@ def test_the_triton_backend_on_cpu_without_the_interpreter_says_how_to_run_it() 
 
 def test_the_gpu_benchmark_runs_dry_on_a_cpu(tmp_path: Path) -> None:
     """benchmarks/gpu_memory.py --dry: tiny shapes under the interpreter, the whole table,
-    and the Triton tier's agreement with the chunked tier under 1e-4."""
+    and the Triton tier's agreement with the chunked tier under 1e-4, with --tiles taken
+    (at D = 16 every value tile is 16 wide anyway)."""
     out = tmp_path / "gpu_memory.md"
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_memory.py"
-    run = subprocess.run([sys.executable, str(script), "--dry", "--T", "20", "--lm", "--out",
-                          str(out)],
+    run = subprocess.run([sys.executable, str(script), "--dry", "--T", "20", "--lm",
+                          "--tiles", "dqkvbg=16,4,1", "state=16,4,1", "--out", str(out)],
                          capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert run.returncode == 0, run.stderr[-3000:]
