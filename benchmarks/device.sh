@@ -5,7 +5,8 @@
 # chunked tier, the MLP memory kernel, the language models' tokens/s with the triton back
 # end), lm (language models' training tokens/s on the GPU), train (`nestc train` of a small
 # HopeLM on MQAR on the GPU), optim (the optimizer benchmark's GPU variant and its Triton
-# block-size sweep). Results land in $OUT (or out/).
+# block-size sweep), and, only when named, tiles (the delta-rule kernels at T=4K with other
+# launch settings than docs/triton.md's, one run each). Results land in $OUT (or out/).
 #   PARTS="tests lm" bash benchmarks/device.sh
 # Packages the device image (Python 3.12, torch, triton) lacks travel as wheels in .whl, an
 # ignored folder made here with `pip download --no-deps --only-binary=:all: --python-version
@@ -31,6 +32,12 @@ if has tests; then
 fi
 if has memory; then
     timeout 300 python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1
+fi
+if has tiles; then
+    for tiles in dqkvbg=32,4,2 dqkvbg=64,8,2 dhu=64,4,2 state=64,4,2; do
+        timeout 120 python3 benchmarks/gpu_memory.py --T 4096 --D 64 128 --no-mlp \
+            --tiles "$tiles" --out "$OUT/tiles_${tiles//[=,]/_}.md" 2>&1 | tail -8
+    done
 fi
 if has lm; then
     timeout 120 python3 benchmarks/memory.py --lm-only --hope --device cuda --lm-batch 16 \

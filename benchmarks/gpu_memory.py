@@ -249,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.tiles:
             kernel, _, values = spec.partition("=")
             numbers = [int(x) for x in values.split(",") if x.isdigit()]
-            if kernel not in TILES or len(numbers) != 3 or numbers[0] < 16:
-                ap.error(f"--tiles {spec}: expected KERNEL=BV,WARPS,STAGES (BV >= 16) with "
-                         f"KERNEL one of {', '.join(TILES)}")
+            if kernel not in TILES or len(numbers) != 3 or numbers[0] < 16 or \
+                    numbers[0] & (numbers[0] - 1):
+                ap.error(f"--tiles {spec}: expected KERNEL=BV,WARPS,STAGES (BV a power of 2 >= 16) "
+                         f"with KERNEL one of {', '.join(TILES)}")
             for width in TILES[kernel]:
                 TILES[kernel][width] = (numbers[0], numbers[1], numbers[2])
     if args.dry and os.environ.get("TRITON_INTERPRET") != "1":
