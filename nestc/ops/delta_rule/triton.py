@@ -368,9 +368,9 @@ def chunk_local_cumsum(g: torch.Tensor, C: int, reverse: bool = False) -> torch.
 
 
 # BV, num_warps and num_stages of each kernel, by BK: chosen from the registers, the spilled
-# stack and the shared memory of the kernels compiled for sm_90 (benchmarks/triton_resources.py; docs/triton.md has the table),
-# so that every kernel fits an H100's 227 KiB of shared memory a block and spills little.
-# Not timed on a GPU yet. The kernels that loop over the chunks (state, dhu) take narrow value
+# stack and the shared memory of the kernels compiled for sm_90 (benchmarks/triton_resources.py;
+# docs/triton.md has the table), so that every kernel fits an H100's 227 KiB of shared memory
+# a block and spills little. Not timed on a GPU yet (benchmarks/gpu_memory.py --tiles). The kernels that loop over the chunks (state, dhu) take narrow value
 # tiles for more programs at small B*H; dqkvbg takes them to hold fewer accumulators.
 _TILES: dict[str, dict[int, tuple[int, int, int]]] = {
     "prepare": {64: (64, 4, 2), 128: (64, 4, 2)},

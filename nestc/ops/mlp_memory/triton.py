@@ -62,10 +62,11 @@ Both directions are torch.library custom ops (nestc::mlp_memory_fwd / _bwd, with
 implementations), the backward registered as the forward's autograd formula.
 
 Block sizes: C = chunk (16, 32 or 64), BD and BH = d and h rounded up to powers of two >= 16,
-8 warps. The whole state (4 d h floats; the backward also its gradients, 8 d h) stays in one
-program, in registers and shared memory. Compiled for sm_90 (benchmarks/triton_resources.py),
-the backward outgrows an H100's shared memory at chunk 64 (already at d 32, h 64) and at
-chunk 16 with d = h = 128; `mlp_kernel_fits` says where it fits, and the compiler runs the
+8 warps, 1 stage. The whole state (4 d h floats; the backward also its gradients, 8 d h) stays
+in one program, in registers and shared memory. Compiled for sm_90
+(benchmarks/triton_resources.py), the backward nears or outgrows an H100's shared memory at
+chunk 64 (16-bit inputs already at d 32, h 64; float32 at d = h = 64) and at chunk 16 with
+d = h = 128; `mlp_kernel_fits` says where the compiler uses the kernels, and it runs the
 chunked tier elsewhere. Tiling over h or over the chunk is not done. A launch that does not
 fit (triton's OutOfResources) falls back to the same math in PyTorch, with a warning. Neither
 kernel has run on a GPU yet. float32 matmuls use TF32x3 (about float32's precision on tensor
@@ -87,10 +88,13 @@ from nestc.ops.mlp_memory.reference import ACTS, chunk_mlp_memory, mlp_memory_ch
 
 MAX_DIM = 128
 CHUNKS = (16, 32, 64)
+# set by tests: fill every buffer a kernel writes with NaN first, so a missed store shows up
+POISON_BUFFERS = False
 # both kernels run with 8 warps (a thread then holds half as much of the state as with 4, and
-# spills less) and one stage (no software pipelining of the chunk loop's loads: at chunk 64
-# that alone takes the backward from 248 KB of shared memory to 164 KB; the loop is bound by
-# the chunk's arithmetic, not its loads). benchmarks/triton_resources.py, docs/triton.md.
+# spills less) and one stage (no software pipelining of the chunk loop's loads: at chunk 64,
+# d 32, h 64 that alone takes the float32 backward from 248 KB of shared memory to 164 KB; a
+# chunk's arithmetic should dwarf its loads, but that is not timed yet).
+# benchmarks/triton_resources.py, docs/triton.md.
 NUM_WARPS = 8
 NUM_STAGES = 1
 
@@ -111,8 +115,6 @@ def mlp_kernel_fits(d: int, h: int, chunk: int, dtype: torch.dtype = torch.float
 def _no_room(error: OutOfResources, what: str) -> None:
     warnings.warn(f"nestc: the MLP-memory {what} kernel needs more of this GPU than it has "
                   f"({error}); computing it in PyTorch instead", RuntimeWarning, stacklevel=3)
-# set by tests: fill every buffer a kernel writes with NaN first, so a missed store shows up
-POISON_BUFFERS = False
 
 
 @triton.jit
