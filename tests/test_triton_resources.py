@@ -36,21 +36,24 @@ def compile_for(*args: str) -> subprocess.CompletedProcess[str]:
                           env=env, cwd=ROOT, timeout=600)
 
 
-def test_the_kernels_the_ops_launch_fit_an_h100(tmp_path: Path) -> None:
-    """Every delta-rule kernel at K = 128 (the widest the ops take) and the MLP-memory kernels
-    at the stdlib TitansLM's sizes compile for sm_90 within its shared memory."""
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_the_kernels_the_ops_launch_fit_an_h100(tmp_path: Path, dtype: str) -> None:
+    """Every delta-rule kernel at K = 128 (the widest the ops take; in float32 the tightest
+    fit) and the MLP-memory kernels at the stdlib TitansLM's sizes compile for sm_90 within
+    its shared memory."""
     out = tmp_path / "resources.md"
-    done = compile_for("--arch", "90", "--K", "128", "--mlp", "32,64,16", "--out", str(out))
+    done = compile_for("--arch", "90", "--K", "128", "--mlp", "32,64,16", "--dtype", dtype,
+                       "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
             if line.startswith("| ") and not line.startswith(("| case", "| ---"))]
     kernels = {(r[0].strip(), r[1].strip()) for r in rows}
-    for case in ("delta K=128 bf16", "gated delta K=128 bf16"):
+    for case in (f"delta K=128 {dtype}", f"gated delta K=128 {dtype}"):
         for name in ("prepare", "state", "o", "dhu", "dqkvbg"):
             kind = "bwd" if name in ("dhu", "dqkvbg") else "fwd"
             assert (case, f"delta_rule_{kind}_kernel_{name}") in kernels, (case, name)
     for kind in ("fwd", "bwd"):
-        assert ("mlp d=32 h=64 chunk=16 bf16", f"mlp_memory_{kind}_kernel") in kernels
+        assert (f"mlp d=32 h=64 chunk=16 {dtype}", f"mlp_memory_{kind}_kernel") in kernels
     assert all(r[7].strip() == "yes" and r[8].strip() == "yes" for r in rows), out.read_text()
     assert all(int(r[4]) > 0 for r in rows)  # cuobjdump read every kernel's registers
 
