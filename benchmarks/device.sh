@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA device, in one run that fits a 10-minute device lease. Parts
+# The checks that need a CUDA device. Parts
 # (PARTS, default all): tests (the GPU tests and the Triton kernels' tests, compiled), memory
 # (benchmarks/gpu_memory.py --lm: nestc's Triton delta rules against fla-core's kernels and the
 # chunked tier, the MLP memory kernel, the language models' tokens/s with the triton back
@@ -8,10 +8,14 @@
 # block-size sweep), and, only when named, tiles (the delta-rule kernels at T=4K with other
 # launch settings than docs/triton.md's, one run each). Results land in $OUT (or out/).
 #   PARTS="tests lm" bash benchmarks/device.sh
+# A device command may run 10 minutes: `tests` alone may take most of that from an empty
+# Triton cache (the compiles), so run `PARTS=tests` and `PARTS=memory` as two calls.
 # Packages the device image (Python 3.12, torch, triton) lacks travel as wheels in .whl, an
 # ignored folder made here with `pip download --no-deps --only-binary=:all: --python-version
 # 3.12 --platform manylinux2014_x86_64 -d .whl lark tqdm pydantic pydantic-core
-# annotated-types typing-extensions typing-inspection fla-core`, and installed there first:
+# annotated-types typing-extensions typing-inspection fla-core einops pytest pluggy iniconfig
+# packaging pygments` (the tests part needs pytest, the image may not have it), and installed
+# there first:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 #   export PYTHONPATH=/tmp/site && PARTS="tests memory" bash benchmarks/device.sh
 set -u
@@ -26,9 +30,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if has tests; then
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
         | tee "$OUT/test_gpu.txt"
-    # the Triton delta rules, compiled (on CPU the same checks run under the interpreter)
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_delta.py \
-        tests/test_triton_mlp_memory.py 2>&1 | tee -a "$OUT/test_gpu.txt"
+    # the Triton kernels, compiled (on CPU the same checks run under the interpreter). From an
+    # empty Triton cache compiling dominates: each case's flags are a new specialization, and
+    # on the CPU here an MLP backward takes 9 to 19 s to compile at the tests' tiny sizes
+    # (benchmarks/triton_resources.py), so each module gets its own limit
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_delta.py 2>&1 \
+        | tee -a "$OUT/test_gpu.txt"
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_mlp_memory.py 2>&1 \
+        | tee -a "$OUT/test_gpu.txt"
 fi
 if has memory; then
     timeout 300 python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1
