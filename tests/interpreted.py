@@ -119,3 +119,23 @@ class NoRoom:
         def launch(*args: Any, **kwargs: Any) -> None:
             raise OutOfResources(300000, 232448, "shared memory")
         return launch
+
+
+class RoomWithOneStage:
+    """Stands in for `kernel` on a GPU whose shared memory holds it only without pipelining:
+    a launch with num_stages > 1 is refused (OutOfResources), one with a single stage runs
+    it; `stages` records each launch's num_stages."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.stages: list[int] = []
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        from triton.runtime.errors import OutOfResources
+
+        def launch(*args: Any, **kwargs: Any) -> None:
+            self.stages.append(kwargs.get("num_stages", 1))
+            if self.stages[-1] > 1:
+                raise OutOfResources(180000, 166912, "shared memory")
+            self.kernel[grid](*args, **kwargs)
+        return launch

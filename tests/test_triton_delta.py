@@ -287,6 +287,24 @@ def check_refused_late_falls_back(op: str) -> None:
         assert_close(f"{op} {name}", ours[name], ref[name])
 
 
+def check_refused_pipelining_retries_with_one_stage(op: str) -> None:
+    """A GPU that refuses dhu's launch for its shared memory but fits it with one stage (an
+    A100 and the gated rule's dhu at K = 128, float32): the kernel runs again with one stage,
+    no fallback and no warning, and gives the chunked tier's results."""
+    from nestc.ops.delta_rule import triton as kernels
+
+    x = make_inputs(op, 21, True)
+    stand_in = interpreted.RoomWithOneStage(kernels.delta_rule_bwd_kernel_dhu)
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch.setattr(kernels, "delta_rule_bwd_kernel_dhu", stand_in)
+        ours = results(*call("triton", op, x, chunk_size=16), x)
+    assert stand_in.stages == [2, 1], stand_in.stages
+    ref = results(*call("chunked", op, x, chunk_size=16), x)
+    for name in ref:
+        assert_close(f"{op} {name}", ours[name], ref[name])
+
+
 def check_torch_compile_matches_eager(name: str) -> None:
     """torch.compile traces around the custom ops (their fake implementations and registered
     backward) in one graph, and equals eager."""
@@ -337,6 +355,7 @@ for _op in OPS:
     CASES[f"public_op-{_op}"] = (check_public_op_takes_the_triton_backend, (_op,))
     CASES[f"opcheck-{_op}"] = (check_custom_op_registration, (_op,))
     CASES[f"refused_late-{_op}"] = (check_refused_late_falls_back, (_op,))
+    CASES[f"one_stage-{_op}"] = (check_refused_pipelining_retries_with_one_stage, (_op,))
 for _block in ("DeltaNet", "GatedDeltaNet"):
     CASES[f"build-{_block}"] = (check_compiler_selects_the_kernels, (_block,))
     CASES[f"compile-{_block}"] = (check_torch_compile_matches_eager, (_block,))

@@ -331,6 +331,19 @@ def delta_rule_bwd_kernel_dqkvbg(q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk,
     tl.store(dbeta + r, b_dbeta, mask=m_t)
 
 
+def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """kernel[grid](*args, **kwargs), and again with one stage when the GPU refuses the launch
+    for its resources: the loads' pipelining buffers are much of the shared memory (_TILES is
+    sized for an H100; an A100 has 163 KiB a block). OutOfResources is raised before a
+    kernel runs, so the retry starts clean."""
+    try:
+        kernel[grid](*args, **kwargs)
+    except OutOfResources:
+        if kwargs.get("num_stages", 1) == 1:
+            raise
+        kernel[grid](*args, **{**kwargs, "num_stages": 1})
+
+
 def _no_room(error: OutOfResources, what: str) -> None:
     warnings.warn(f"nestc: a delta-rule {what} kernel needs more of this GPU than it has "
                   f"({error}); computing it on the chunked tier instead", RuntimeWarning,
@@ -370,8 +383,10 @@ def chunk_local_cumsum(g: torch.Tensor, C: int, reverse: bool = False) -> torch.
 # BV, num_warps and num_stages of each kernel, by BK: chosen from the registers, the spilled
 # stack and the shared memory of the kernels compiled for sm_90 (benchmarks/triton_resources.py;
 # docs/triton.md has the table), so that every kernel fits an H100's 227 KiB of shared memory
-# a block and spills little. Not timed on a GPU yet (benchmarks/gpu_memory.py --tiles). The kernels that loop over the chunks (state, dhu) take narrow value
-# tiles for more programs at small B*H; dqkvbg takes them to hold fewer accumulators.
+# a block and spills little. Not timed on a GPU yet (benchmarks/gpu_memory.py --tiles). The
+# kernels that loop over the chunks (state, dhu) take narrow value tiles for more programs at
+# small B*H; dqkvbg takes them to hold fewer accumulators. A GPU that refuses a launch for
+# its shared memory gets one stage (_launch), then the chunked tier.
 _TILES: dict[str, dict[int, tuple[int, int, int]]] = {
     "prepare": {64: (64, 4, 2), 128: (64, 4, 2)},
     "state": {64: (32, 4, 2), 128: (32, 4, 2)},
@@ -413,16 +428,16 @@ def _prepare_and_state(n: _Launch, k: torch.Tensor, v: torch.Tensor, beta: torch
     u = _buffer((n.B, n.T, n.H, n.V), k)
     w = _buffer((n.B, n.T, n.H, n.K), k)
     Ai = _buffer((n.B, n.T, n.H, n.C), k) if store_ai else None
-    delta_rule_fwd_kernel_prepare[(n.N, n.BH)](
-        k, v, beta, G, u, w, Ai, n.T, USE_G=G is not None, STORE_AI=store_ai,
-        **n.tiles("prepare")[1])
+    _launch(delta_rule_fwd_kernel_prepare, (n.N, n.BH),
+            k, v, beta, G, u, w, Ai, n.T, USE_G=G is not None, STORE_AI=store_ai,
+            **n.tiles("prepare")[1])
     h = _buffer((n.BH, n.N, n.K, n.V), k)
     U = _buffer((n.B, n.T, n.H, n.V), k)
     ht = _buffer((n.B, n.H, n.K, n.V), k) if store_ht else None
     NV, tiles = n.tiles("state")
-    delta_rule_fwd_kernel_state[(NV, n.BH)](
-        k, u, w, G, h0, h, U, ht, n.T, n.N, USE_G=G is not None, USE_H0=h0 is not None,
-        STORE_HT=store_ht, **tiles)
+    _launch(delta_rule_fwd_kernel_state, (NV, n.BH),
+            k, u, w, G, h0, h, U, ht, n.T, n.N, USE_G=G is not None, USE_H0=h0 is not None,
+            STORE_HT=store_ht, **tiles)
     return Ai, w, h, U, ht
 
 
@@ -450,8 +465,8 @@ def _forward_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if POISON_BUFFERS:
         o.fill_(float("nan"))
     NV, tiles = n.tiles("o")
-    delta_rule_fwd_kernel_o[(NV, n.N, n.BH)](
-        q, k, U, h, G, o, scale, n.T, n.N, USE_G=G is not None, **tiles)
+    _launch(delta_rule_fwd_kernel_o, (NV, n.N, n.BH),
+            q, k, U, h, G, o, scale, n.T, n.N, USE_G=G is not None, **tiles)
     return o, ht
 
 
@@ -496,15 +511,15 @@ def _backward_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dU = _buffer((n.B, n.T, n.H, n.V), q)
     dh0 = None if h0 is None else _buffer((n.B, n.H, n.K, n.V), q)
     NV, tiles = n.tiles("dhu")
-    delta_rule_bwd_kernel_dhu[(NV, n.BH)](
-        q, k, w, G, do, dht, dh, dU, dh0, scale, n.T, n.N, USE_G=G is not None,
-        USE_DHT=dht is not None, STORE_DH0=h0 is not None, **tiles)
+    _launch(delta_rule_bwd_kernel_dhu, (NV, n.BH),
+            q, k, w, G, do, dht, dh, dU, dh0, scale, n.T, n.N, USE_G=G is not None,
+            USE_DHT=dht is not None, STORE_DH0=h0 is not None, **tiles)
     dq, dk = _buffer(tuple(q.shape), q), _buffer(tuple(k.shape), q)
     dv, dbeta = _buffer(tuple(v.shape), q), _buffer(tuple(beta.shape), q)
     dG = None if g is None else _buffer(tuple(g.shape), q)
-    delta_rule_bwd_kernel_dqkvbg[(n.N, n.BH)](
-        q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG, scale, n.T, n.N,
-        USE_G=G is not None, **n.tiles("dqkvbg")[1])
+    _launch(delta_rule_bwd_kernel_dqkvbg, (n.N, n.BH),
+            q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG, scale, n.T, n.N,
+            USE_G=G is not None, **n.tiles("dqkvbg")[1])
     dg = None if dG is None else chunk_local_cumsum(dG, chunk_size, reverse=True)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
             None if dg is None or g is None else dg.to(g.dtype), dbeta.to(beta.dtype),
