@@ -109,25 +109,14 @@ def counting(module: Any, name: str) -> Iterator[list[int]]:
         setattr(module, name, fn)
 
 
-class NoRoom:
-    """Stands in for a kernel whose every launch fails as one too big for the GPU does
-    (triton's OutOfResources, raised before anything runs)."""
+class Cramped:
+    """Stands in for `kernel` on a GPU whose shared memory holds it with at most `stages`
+    stages (0, the default: not at all): a launch with more is refused as triton refuses one,
+    with OutOfResources before anything runs; one within runs `kernel`. `stages` records each
+    launch's num_stages."""
 
-    def __getitem__(self, grid: Any) -> Callable[..., None]:
-        from triton.runtime.errors import OutOfResources
-
-        def launch(*args: Any, **kwargs: Any) -> None:
-            raise OutOfResources(300000, 232448, "shared memory")
-        return launch
-
-
-class RoomWithOneStage:
-    """Stands in for `kernel` on a GPU whose shared memory holds it only without pipelining:
-    a launch with num_stages > 1 is refused (OutOfResources), one with a single stage runs
-    it; `stages` records each launch's num_stages."""
-
-    def __init__(self, kernel: Any) -> None:
-        self.kernel = kernel
+    def __init__(self, kernel: Any = None, max_stages: int = 0) -> None:
+        self.kernel, self.max_stages = kernel, max_stages
         self.stages: list[int] = []
 
     def __getitem__(self, grid: Any) -> Callable[..., None]:
@@ -135,7 +124,7 @@ class RoomWithOneStage:
 
         def launch(*args: Any, **kwargs: Any) -> None:
             self.stages.append(kwargs.get("num_stages", 1))
-            if self.stages[-1] > 1:
-                raise OutOfResources(180000, 166912, "shared memory")
+            if self.stages[-1] > self.max_stages:
+                raise OutOfResources(300000, 232448, "shared memory")
             self.kernel[grid](*args, **kwargs)
         return launch

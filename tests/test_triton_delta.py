@@ -279,7 +279,7 @@ def check_refused_late_falls_back(op: str) -> None:
     x = make_inputs(op, 21, True)
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        patch.setattr(kernels, "delta_rule_bwd_kernel_dqkvbg", interpreted.NoRoom())
+        patch.setattr(kernels, "delta_rule_bwd_kernel_dqkvbg", interpreted.Cramped())
         ours = results(*call("triton", op, x, chunk_size=16), x)
     assert [w for w in caught if "backward kernel needs more" in str(w.message)], caught
     ref = results(*call("chunked", op, x, chunk_size=16), x)
@@ -294,7 +294,7 @@ def check_refused_pipelining_retries_with_one_stage(op: str) -> None:
     from nestc.ops.delta_rule import triton as kernels
 
     x = make_inputs(op, 21, True)
-    stand_in = interpreted.RoomWithOneStage(kernels.delta_rule_bwd_kernel_dhu)
+    stand_in = interpreted.Cramped(kernels.delta_rule_bwd_kernel_dhu, max_stages=1)
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
         warnings.simplefilter("error")
         patch.setattr(kernels, "delta_rule_bwd_kernel_dhu", stand_in)
@@ -424,7 +424,7 @@ def test_a_kernel_too_big_for_the_gpu_falls_back_to_the_chunked_tier(
     from nestc.ops.delta_rule import triton as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETED", True)  # let CPU tensors through the check
-    monkeypatch.setattr(kernels, "delta_rule_fwd_kernel_prepare", interpreted.NoRoom())
+    monkeypatch.setattr(kernels, "delta_rule_fwd_kernel_prepare", interpreted.Cramped())
     x = make_inputs(op, 21, True)
     with pytest.warns(RuntimeWarning, match="forward kernel needs more of this GPU") as caught:
         ours = results(*call("triton", op, x, chunk_size=16), x)

@@ -386,8 +386,8 @@ def test_a_kernel_too_big_for_the_gpu_falls_back_to_pytorch(
     from nestc.ops.mlp_memory import triton as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETED", True)  # let CPU tensors through the check
-    monkeypatch.setattr(kernels, "mlp_memory_fwd_kernel", interpreted.NoRoom())
-    monkeypatch.setattr(kernels, "mlp_memory_bwd_kernel", interpreted.NoRoom())
+    monkeypatch.setattr(kernels, "mlp_memory_fwd_kernel", interpreted.Cramped())
+    monkeypatch.setattr(kernels, "mlp_memory_bwd_kernel", interpreted.Cramped())
     x = make_inputs(T=37, beta=beta)
     kw = {"act": "silu", "clip": 0.5, "chunk": 16}
     with pytest.warns(RuntimeWarning, match="forward kernel needs more of this GPU") as caught:
