@@ -110,3 +110,12 @@ def from_chunks(x: torch.Tensor, B: int, T: int, H: int) -> torch.Tensor:
     C, D = x.shape[-2:]
     x = x.view(-1, B, H, C, D).permute(1, 0, 3, 2, 4).reshape(B, -1, H, D)
     return x[:, :T].contiguous()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The Triton kernels' tl.dot input_precision for inputs of `dtype`: float32 keeps about
+    float32 products by TF32x3 (hi*hi + hi*lo + lo*hi on tensor cores; IEEE float32 dots
+    compile to FMA loops that spill heavily on sm_90, docs/triton.md); TF32 holds 16-bit
+    inputs exactly and rounds float32 intermediates no coarser than those inputs already
+    are."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"

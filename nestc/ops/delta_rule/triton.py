@@ -46,6 +46,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from nestc.ops.utils import dot_precision
+
 # beyond these the kernels' tiles outgrow an H100's shared memory (K = 256: dqkvbg asks for
 # 360 KB; benchmarks/triton_resources.py)
 MAX_K = 128
@@ -406,10 +408,7 @@ class _Launch:
         self.N = -(-self.T // chunk_size)
         self.BK = max(16, triton.next_power_of_2(self.K))
         self.BH = self.B * self.H
-        # float32 inputs keep about float32 products (TF32x3: hi*hi + hi*lo + lo*hi on tensor
-        # cores); TF32 holds 16-bit inputs exactly and rounds float32 intermediates no coarser
-        # than those inputs already are
-        self.precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
+        self.precision = dot_precision(q.dtype)
 
     def tiles(self, kernel: str) -> tuple[int, dict[str, Any]]:
         """The number of value tiles and the launch's keyword arguments for `kernel`."""

@@ -85,6 +85,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from nestc.ops.mlp_memory.reference import ACTS, chunk_mlp_memory, mlp_memory_chunk
+from nestc.ops.utils import dot_precision
 
 MAX_DIM = 128
 CHUNKS = (16, 32, 64)
@@ -521,6 +522,18 @@ def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=like.device)
 
 
+def _options(q: torch.Tensor, d: int, h: int, chunk: int, act: str,
+             retain: torch.Tensor | None, beta: torch.Tensor | None, clip: float | None,
+             read_before: bool) -> dict[str, Any]:
+    """The sizes, flags and launch settings both kernels take."""
+    return {"D": d, "HID": h, "C": chunk, "BD": max(16, triton.next_power_of_2(d)),
+            "BH": max(16, triton.next_power_of_2(h)), "ACT": ACTS.index(act),
+            "USE_R": retain is not None, "USE_BETA": beta is not None,
+            "USE_CLIP": clip is not None, "READ_BEFORE": read_before,
+            "PRECISION": dot_precision(q.dtype), "num_warps": NUM_WARPS,
+            "num_stages": NUM_STAGES}
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
              retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
              B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str,
@@ -547,13 +560,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor
     try:
         mlp_memory_fwd_kernel[(N * H,)](
             q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt, sA, sB, sSA,
-            sSB, 1.0 if clip is None else float(clip), T, NC, D=d, HID=h, C=chunk,
-            BD=max(16, triton.next_power_of_2(d)), BH=max(16, triton.next_power_of_2(h)),
-            ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
-            USE_S0=SA0 is not None, USE_CLIP=clip is not None, READ_BEFORE=read_before,
+            sSB, 1.0 if clip is None else float(clip), T, NC, USE_S0=SA0 is not None,
             STORE_STARTS=store_starts,
-            PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES)
+            **_options(q, d, h, chunk, act, retain, beta, clip, read_before))
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "forward")
         return _forward_reference(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip,
@@ -602,12 +611,8 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
         mlp_memory_bwd_kernel[(N * H,)](
             q, k, v, lr, retain, beta, sA, sB, sSA.contiguous(), sSB.contiguous(), dy, dA, dB,
             dSA, dSB, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0,
-            1.0 if clip is None else float(clip), T, sA.shape[2], D=d, HID=h, C=chunk,
-            BD=max(16, triton.next_power_of_2(d)), BH=max(16, triton.next_power_of_2(h)),
-            ACT=ACTS.index(act), USE_R=retain is not None, USE_BETA=beta is not None,
-            USE_CLIP=clip is not None, READ_BEFORE=read_before,
-            PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES)
+            1.0 if clip is None else float(clip), T, sA.shape[2],
+            **_options(q, d, h, chunk, act, retain, beta, clip, read_before))
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "backward")
         out = _backward_reference(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip,
