@@ -289,7 +289,7 @@ def delta_rule_bwd_kernel_dqkvbg(q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk,
         b_SdS += tl.sum(b_S * b_dSn, 1)
         # v enters only through u = M V
         b_dv = tl.dot(tl.trans(b_M), b_dU, input_precision=PRECISION)
-        tl.store(dv + p_tv, b_dv, mask=m_tv)
+        tl.store(dv + p_tv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
     # w = M kg and M = Ai diag(beta), Ai = (I + A)^{-1}
     b_dkg = tl.dot(tl.trans(b_M), b_dw, input_precision=PRECISION)  # (C, BK)
@@ -328,9 +328,9 @@ def delta_rule_bwd_kernel_dqkvbg(q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk,
     else:
         b_dq += b_dqS * scale
         b_dk += b_dKd + b_dkg
-    tl.store(dq + r[:, None] * K + o_k[None, :], b_dq, mask=m_tk)
-    tl.store(dk + r[:, None] * K + o_k[None, :], b_dk, mask=m_tk)
-    tl.store(dbeta + r, b_dbeta, mask=m_t)
+    tl.store(dq + r[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + r[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dbeta + r, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
 
 
 def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
@@ -365,11 +365,12 @@ def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor 
     return chunk_gated_delta_rule(q, k, v, g, beta, scale, h0, output_final_state, chunk_size)
 
 
-def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A float32 buffer that a kernel fills (NaN-filled first when POISON_BUFFERS is set)."""
+def _buffer(shape: tuple[int, ...], like: torch.Tensor,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A buffer that a kernel fills (NaN-filled first when POISON_BUFFERS is set)."""
     if POISON_BUFFERS:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
-    return torch.empty(shape, dtype=torch.float32, device=like.device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 def chunk_local_cumsum(g: torch.Tensor, C: int, reverse: bool = False) -> torch.Tensor:
@@ -513,15 +514,14 @@ def _backward_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _launch(delta_rule_bwd_kernel_dhu, (NV, n.BH),
             q, k, w, G, do, dht, dh, dU, dh0, scale, n.T, n.N, USE_G=G is not None,
             USE_DHT=dht is not None, STORE_DH0=h0 is not None, **tiles)
-    dq, dk = _buffer(tuple(q.shape), q), _buffer(tuple(k.shape), q)
-    dv, dbeta = _buffer(tuple(v.shape), q), _buffer(tuple(beta.shape), q)
+    # the kernel writes the gradients in their inputs' dtypes (no float32 copy to cast)
+    dq, dk, dv, dbeta = (_buffer(tuple(x.shape), q, x.dtype) for x in (q, k, v, beta))
     dG = None if g is None else _buffer(tuple(g.shape), q)
     _launch(delta_rule_bwd_kernel_dqkvbg, (n.N, n.BH),
             q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG, scale, n.T, n.N,
             USE_G=G is not None, **n.tiles("dqkvbg")[1])
     dg = None if dG is None else chunk_local_cumsum(dG, chunk_size, reverse=True)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-            None if dg is None or g is None else dg.to(g.dtype), dbeta.to(beta.dtype),
+    return (dq, dk, dv, None if dg is None or g is None else dg.to(g.dtype), dbeta,
             None if dh0 is None or h0 is None else dh0.to(h0.dtype))
 
 
