@@ -345,6 +345,9 @@ for _op in OPS:
             for _state in (False, True):
                 CASES[f"chunked-{_op}-T{_T}-C{_C}-{'state' if _state else 'zero'}"] = (
                     check_matches_chunked_tier, (_op, _T, _C, _state))
+    # chunk 64: the inverse's four diagonal blocks and every term of its merge (a full chunk,
+    # then 36 tokens: three blocks)
+    CASES[f"chunked-{_op}-T100-C64-state"] = (check_matches_chunked_tier, (_op, 100, 64, True))
     for _state in (False, True):
         CASES[f"fla_naive-{_op}-{'state' if _state else 'zero'}"] = (
             check_matches_fla_naive, (_op, _state))
