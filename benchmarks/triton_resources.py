@@ -12,6 +12,7 @@ otherwise show up only on the device.
 
     python benchmarks/triton_resources.py [--arch 90] [--K 64 128] [--mlp 32,64,16 ...]
                                           [--dtype bf16 f32] [--limit BYTES] [--out t.md]
+                                          [--sweep [--jobs N] [--only TEXT ...]]
 
 --K: key widths of the delta rules (V = K, chunk 64, plain and gated); --mlp d,h,chunk: MLP
 memory shapes (momentum, retention and clip on); --limit: the shared memory a block may have,
@@ -21,11 +22,22 @@ kernels where `mlp_kernel_fits` admits the shape (the others run on the chunked 
 rows are reported, not checked). The figures depend on the Triton version; the compile times
 are this machine's (ptxas included). Registers and stack say where a kernel will be slow, not
 how slow: only a GPU run times it (benchmarks/gpu_memory.py).
+
+--sweep compiles instead every specialization the ops' flags and odd sizes produce at those
+widths (the interpreter runs any of them, so a shape or flag the GPU compiler rejects shows up
+only here): for each dtype and K, the delta rules with and without decay, initial state, final
+state and its gradient, at one token and at a partial chunk, and at chunks 16, 32, 64 with value
+widths K, 24 and 200; for each MLP shape, every flag of the all-on case turned off in turn
+(retention, momentum, clip, initial momenta), silu, read_before, one token. One row a case;
+exit status 1 when a case fails to compile or a kernel the ops would launch outgrows the
+limit. --jobs runs the cases in that many processes, --only those whose names contain one of
+its words ("gated", "chunk=16 bf16").
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -34,6 +46,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +68,7 @@ from nestc.ops.mlp_memory import triton as mlp_kernels  # noqa: E402
 # shared memory one block may have (bytes, opt-in maximum) per compute capability
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 GPU_NAMES = {80: "A100", 86: "A10 / RTX 30", 89: "L4 / L40 / RTX 40", 90: "H100 / H200"}
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
 
 class _StandIn:
@@ -126,30 +140,122 @@ class Row:
     seconds: float
 
 
-def delta_case(K: int, gated: bool, dtype: torch.dtype) -> Callable[[], None]:
+def delta_case(K: int, gated: bool, dtype: torch.dtype, V: int | None = None, chunk: int = 64,
+               T: int = 128, h0: bool = False, final: bool = True, dht: bool = False
+               ) -> Callable[[], None]:
+    """The forward and backward of the delta rule (gated: with decay) at these sizes and
+    flags (h0: an initial state, final: the final state returned, dht: its gradient given)."""
     def launch() -> None:
-        B, T, H = 1, 128, 2
-        q, k, v = (torch.randn(B, T, H, K, dtype=dtype) for _ in range(3))
+        B, H = 1, 2
+        q, k = (torch.randn(B, T, H, K, dtype=dtype) for _ in range(2))
+        v = torch.randn(B, T, H, V or K, dtype=dtype)
         beta = torch.rand(B, T, H, dtype=dtype)
         g = -torch.rand(B, T, H, dtype=dtype) if gated else None
-        delta_kernels._forward(q, k, v, g, beta, K ** -0.5, None, True, 64)
-        delta_kernels._backward(q, k, v, g, beta, K ** -0.5, None, 64, torch.randn_like(v),
-                                None)
+        S0 = torch.randn(B, H, K, V or K) if h0 else None
+        delta_kernels._forward(q, k, v, g, beta, K ** -0.5, S0, final, chunk)
+        delta_kernels._backward(q, k, v, g, beta, K ** -0.5, S0, chunk, torch.randn_like(v),
+                                torch.randn(B, H, K, V or K) if dht else None)
     return launch
 
 
-def mlp_case(d: int, h: int, chunk: int, dtype: torch.dtype) -> Callable[[], None]:
+def mlp_case(d: int, h: int, chunk: int, dtype: torch.dtype, T: int | None = None,
+             act: str = "gelu", retain: bool = True, beta: bool = True, clip: bool = True,
+             read_before: bool = False, s0: bool = False) -> Callable[[], None]:
+    """The forward and backward of the MLP memory at these sizes and flags (retain, beta:
+    retention and momentum; s0: initial momenta given)."""
     def launch() -> None:
-        N, H, T = 1, 2, 2 * chunk
-        q, k, v = (torch.randn(N, H, T, d, dtype=dtype) for _ in range(3))
-        lr, retain, beta = (torch.rand(N, H, T) for _ in range(3))
+        N, H, T_ = 1, 2, T or 2 * chunk
+        q, k, v = (torch.randn(N, H, T_, d, dtype=dtype) for _ in range(3))
+        lr = torch.rand(N, H, T_)
+        rt, bt = (torch.rand(N, H, T_) if on else None for on in (retain, beta))
         A0, B0 = torch.randn(N, H, d, h), torch.randn(N, H, h, d)
-        out = mlp_kernels._forward(q, k, v, lr, retain, beta, A0, B0, None, None, "gelu", 1.0,
-                                   False, chunk, True)
+        SA0, SB0 = (torch.randn_like(A0), torch.randn_like(B0)) if s0 else (None, None)
+        c = 1.0 if clip else None
+        out = mlp_kernels._forward(q, k, v, lr, rt, bt, A0, B0, SA0, SB0, act, c, read_before,
+                                   chunk, True)
         sA, sB, sSA, sSB = out[5:9]
-        mlp_kernels._backward(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, "gelu", 1.0, False,
+        mlp_kernels._backward(q, k, v, lr, rt, bt, sA, sB, sSA, sSB, act, c, read_before,
                               chunk, torch.randn_like(q), A0, B0, A0, B0)
     return launch
+
+
+def sweep_cases(Ks: list[int], mlp_shapes: list[tuple[int, int, int]], dtypes: list[str]
+                ) -> list[tuple[str, str, dict[str, Any]]]:
+    """(case name, "delta" or "mlp", the case function's keyword arguments) for --sweep."""
+    cases: list[tuple[str, str, dict[str, Any]]] = []
+    for name in dtypes:
+        for K in Ks:
+            for gated, h0, final, dht, T in itertools.product((False, True), (False, True),
+                                                              (False, True), (False, True),
+                                                              (1, 100)):
+                flags = [f for f, on in (("gated", gated), ("h0", h0), ("final", final),
+                                         ("dht", dht and final)) if on]
+                cases.append((f"delta K={K} {name} T={T} {' '.join(flags) or 'plain'}", "delta",
+                              dict(K=K, gated=gated, dtype=name, T=T, h0=h0, final=final,
+                                   dht=dht and final)))
+            for gated, chunk, V in itertools.product((False, True), (16, 32, 64),
+                                                     (K, 24, 200)):
+                cases.append((f"delta K={K} V={V} chunk={chunk} {name}"
+                              f"{' gated' if gated else ''} T=100", "delta",
+                              dict(K=K, gated=gated, dtype=name, V=V, chunk=chunk, T=100,
+                                   h0=True, final=True, dht=True)))
+        for d, h, chunk in mlp_shapes:
+            base = dict(d=d, h=h, chunk=chunk, dtype=name, T=2 * chunk + 6, s0=True)
+            for label, change in (("all on", {}), ("no retention", {"retain": False}),
+                                  ("no momentum", {"beta": False}), ("no clip", {"clip": False}),
+                                  ("no initial momenta", {"s0": False}),
+                                  ("silu", {"act": "silu"}), ("read_before", {"read_before": True}),
+                                  ("T=1", {"T": 1})):
+                cases.append((f"mlp d={d} h={h} chunk={chunk} {name} {label}", "mlp",
+                              base | change))
+    # dedupe: with dht only where there is a final state, some flag sets repeat
+    return list({case[0]: case for case in cases}.values())
+
+
+def sweep_one(arch: int, limit: int, case: tuple[str, str, dict[str, Any]]
+              ) -> tuple[str, str, int, int, float]:
+    """Compile one sweep case: (name, "ok" / "over the limit" / the error, kernels compiled,
+    the most shared memory one of them asks for, seconds)."""
+    name, kind, kw = case
+    kw = kw | {"dtype": DTYPES[kw["dtype"]]}
+    start = time.perf_counter()
+    checked = kind == "delta" or mlp_kernels.mlp_kernel_fits(kw["d"], kw["h"], kw["chunk"],
+                                                             kw["dtype"])
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    try:
+        with compile_only(arch) as launches:
+            (delta_case if kind == "delta" else mlp_case)(**kw)()
+    except Exception as error:  # a compile error: the case's outcome, not the script's
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return name, f"**{type(error).__name__}**: {first[:200]}", 0, 0, 0.
+    shared = max(kernel.metadata.shared for _, kernel, _ in launches)
+    status = "**over the limit**" if checked and shared > limit else "ok"
+    if not checked:
+        status += " (chunked tier)"
+    return name, status, len(launches), shared, time.perf_counter() - start
+
+
+def sweep(args: argparse.Namespace, limit: int) -> int:
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.mlp]
+    cases = [case for case in sweep_cases(args.K, shapes, args.dtype)  # type: ignore[arg-type]
+             if not args.only or any(part in case[0] for part in args.only)]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(sweep_one, [args.arch] * len(cases), [limit] * len(cases),
+                                cases))
+    out = [f"Triton {triton.__version__}, every specialization compiled for sm_{args.arch} "
+           f"({limit} bytes of shared memory a block) on a CPU: {len(results)} cases.", "",
+           "| case | outcome | launches | most shared bytes | seconds |",
+           "| --- | --- | ---: | ---: | ---: |"]
+    out += [f"| {n} | {status} | {count} | {shared} | {sec:.1f} |"
+            for n, status, count, shared, sec in results]
+    text = "\n".join(out) + "\n"
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+    failed = [(n, status) for n, status, *_ in results if not status.startswith("ok")]
+    for n, status in failed:
+        print(f"error: {n}: {status}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def measure(case: str, launch: Callable[[], None], checked: bool, arch: int) -> list[Row]:
@@ -190,16 +296,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--K", type=int, nargs="*", default=[64, 128])
     p.add_argument("--mlp", nargs="*", default=["32,64,16", "64,128,16", "32,64,64", "64,64,64"],
                    help="d,h,chunk of the MLP memory shapes")
-    p.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "f32"])
+    p.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     p.add_argument("--limit", type=int, help="bytes of shared memory a block may have")
+    p.add_argument("--sweep", action="store_true",
+                   help="compile every flag and odd-size specialization instead (one row a case)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="processes for --sweep")
+    p.add_argument("--only", nargs="*", help="--sweep: only the cases whose names contain one "
+                   "of these")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     limit = args.limit or SHARED_LIMIT[args.arch]
+    if args.sweep:
+        return sweep(args, limit)
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
-    dtypes = {"bf16": torch.bfloat16, "f32": torch.float32}
     rows: list[Row] = []
     for name in args.dtype:
-        dtype = dtypes[name]
+        dtype = DTYPES[name]
         for K in args.K:
             for gated in (False, True):
                 case = f"{'gated ' if gated else ''}delta K={K} {name}"

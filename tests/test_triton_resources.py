@@ -66,3 +66,25 @@ def test_a_kernel_over_the_shared_memory_limit_fails_the_check() -> None:
     assert "delta_rule_bwd_kernel_dqkvbg needs" in done.stderr
     assert "100000 are allowed" in done.stderr
     assert "| **no** |" in done.stdout
+
+
+def test_the_sweep_compiles_every_case_and_fails_the_ones_over_the_limit(tmp_path: Path) -> None:
+    """--sweep, cut down to the chunk-16 bf16 cases at K = 16 and a d 8, h 8 MLP memory: one
+    row a case, and with a block allowed 9,000 bytes exit 1, the cases that need more (the
+    200-wide values, several MLP flags) named as over the limit, the others ok."""
+    out = tmp_path / "sweep.md"
+    done = compile_for("--sweep", "--K", "16", "--mlp", "8,8,16", "--dtype", "bf16",
+                       "--only", "chunk=16 bf16", "--limit", "9000", "--jobs", "2",
+                       "--out", str(out))
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [[x.strip() for x in line.split("|")[1:-1]] for line in out.read_text().splitlines()
+            if line.startswith(("| delta", "| mlp"))]
+    assert len(rows) == 6 + 8, rows  # value widths 16, 24, 200, plain and gated; 8 MLP flags
+    for name, outcome, launches, shared, _ in rows:
+        assert "chunk=16 bf16" in name
+        assert int(launches) == (7 if name.startswith("delta") else 2), name
+        assert outcome == ("**over the limit**" if int(shared) > 9000 else "ok"), name
+    outcomes = {name: outcome for name, outcome, *_ in rows}
+    assert outcomes["delta K=16 V=16 chunk=16 bf16 T=100"] == "ok"
+    assert "error: delta K=16 V=200 chunk=16 bf16 T=100: **over the limit**" in done.stderr
+    assert sum(o == "ok" for o in outcomes.values()) >= 3
