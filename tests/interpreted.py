@@ -38,26 +38,77 @@ print(json.dumps(getattr(checks, sys.argv[2])(sys.argv[3:])))
 """
 
 
+def _tf32(x: Any, nearest: bool) -> Any:
+    """float32 array -> TF32 (10 of the 23 mantissa bits): rounded to nearest, ties away from
+    zero, as cvt.rna.tf32.f32 does, or cut off, as a tensor core reads a float32 register."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    if nearest:
+        bits = bits + np.uint32(0x1000)  # a carry into the exponent rounds up to the next power
+    return np.where(np.isfinite(x), (bits & np.uint32(0xFFFFE000)).view(np.float32), x)
+
+
+@contextlib.contextmanager
+def gpu_dot_precision() -> Iterator[None]:
+    """Within it, the interpreter's tl.dot rounds float32 operands as a GPU's tensor cores do,
+    where the interpreter itself multiplies in full float32 whatever input_precision asks:
+    "tf32" reads each operand with its mantissa cut to 10 bits, "tf32x3" splits each into a
+    TF32 part (rounded) and the rest (cut) and adds the three products big x small,
+    small x big and big x big, as Triton's compiler does. "ieee" is left as it is."""
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    dot = InterpreterBuilder.create_dot
+
+    def create_dot(self: Any, a: Any, b: Any, d: Any, input_precision: Any,
+                   max_num_imprecise_acc: Any) -> Any:
+        import numpy as np
+
+        if (a.data.dtype != np.float32 or b.data.dtype != np.float32
+                or input_precision not in (ir.INPUT_PRECISION.TF32, ir.INPUT_PRECISION.TF32x3)):
+            return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        acc = d.data.dtype
+        if input_precision == ir.INPUT_PRECISION.TF32:
+            out = np.matmul(_tf32(a.data, False), _tf32(b.data, False), dtype=acc)
+        else:
+            a_big, b_big = _tf32(a.data, True), _tf32(b.data, True)
+            a_small, b_small = _tf32(a.data - a_big, False), _tf32(b.data - b_big, False)
+            out = (np.matmul(a_big, b_small, dtype=acc) + np.matmul(a_small, b_big, dtype=acc)
+                   + np.matmul(a_big, b_big, dtype=acc))
+        return TensorHandle(out + d.data, d.dtype.scalar)
+
+    InterpreterBuilder.create_dot = create_dot  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        InterpreterBuilder.create_dot = dot  # type: ignore[method-assign]
+
+
 def run_cases(cases: Cases, names: list[str], kernels: list[Any]) -> dict[str, dict[str, Any]]:
     """Each named case's outcome: "ok", "skip" or "fail", with the message and the seconds it
     took; every buffer the `kernels` modules write is NaN-filled first (POISON_BUFFERS), so a
-    missed store fails."""
+    missed store fails. Under the interpreter, tl.dot rounds as a GPU does
+    (gpu_dot_precision), so the tolerances hold for the GPU's arithmetic, not float32's."""
     for module in kernels:
         module.POISON_BUFFERS = True
     out = {}
+    precision = (gpu_dot_precision() if os.environ.get("TRITON_INTERPRET") == "1"
+                 else contextlib.nullcontext())
     try:
-        for name in names:
-            fn, args = cases[name]
-            start = time.perf_counter()
-            try:
-                fn(*args)
-                outcome, message = "ok", ""
-            except pytest.skip.Exception as e:
-                outcome, message = "skip", str(e)
-            except Exception:
-                outcome, message = "fail", traceback.format_exc(limit=-3)
-            out[name] = {"outcome": outcome, "message": message,
-                         "seconds": round(time.perf_counter() - start, 2)}
+        with precision:
+            for name in names:
+                fn, args = cases[name]
+                start = time.perf_counter()
+                try:
+                    fn(*args)
+                    outcome, message = "ok", ""
+                except pytest.skip.Exception as e:
+                    outcome, message = "skip", str(e)
+                except Exception:
+                    outcome, message = "fail", traceback.format_exc(limit=-3)
+                out[name] = {"outcome": outcome, "message": message,
+                             "seconds": round(time.perf_counter() - start, 2)}
     finally:
         for module in kernels:
             module.POISON_BUFFERS = False
