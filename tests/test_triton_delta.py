@@ -163,6 +163,27 @@ def check_strong_decay_stays_finite() -> None:
     assert err <= 2 * err_chunked + 1e-5, (err, err_chunked)
 
 
+def check_correlated_keys_stay_accurate() -> None:
+    """Keys that nearly repeat (one direction plus 3% noise) and beta near 1 make I + A in
+    each chunk far from the identity: the inverse's blocks and their merge (a product of four
+    terms) must not lose more than the chunked tier's float32 does: both against the
+    chunked tier in float64, on o, the final state and every gradient, at chunk 64."""
+    op = "delta_rule"
+    x = make_inputs(op, 100, True, k_dim=64)
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(B, 1, H, 64, generator=gen)
+    noise = torch.randn(B, 100, H, 64, generator=gen)
+    x["k"] = F.normalize(base + 0.03 * noise, dim=-1).to(DEVICE).requires_grad_()
+    x["beta"] = (0.5 + 0.5 * torch.rand(B, 100, H, generator=gen)).to(DEVICE).requires_grad_()
+    ours = results(*call("triton", op, x, chunk_size=64), x)
+    chunked = results(*call("chunked", op, x, chunk_size=64), x)
+    x64 = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    exact = results(*call("chunked", op, x64, chunk_size=64), x64)
+    for name in exact:
+        err, err_chunked = rel_err(ours[name], exact[name]), rel_err(chunked[name], exact[name])
+        assert err <= 2 * err_chunked + 1e-7, (name, err, err_chunked)
+
+
 def check_bfloat16_inputs(op: str) -> None:
     """bf16 in, float32 inside: o and the gradients in bf16, the state in float32, close to the
     chunked tier, which rounds the same float32 values (1e-2: the interpreter truncates float32
@@ -363,6 +384,7 @@ for _block in ("DeltaNet", "GatedDeltaNet"):
     CASES[f"build-{_block}"] = (check_compiler_selects_the_kernels, (_block,))
     CASES[f"compile-{_block}"] = (check_torch_compile_matches_eager, (_block,))
 CASES["strong_decay"] = (check_strong_decay_stays_finite, ())
+CASES["correlated_keys"] = (check_correlated_keys_stay_accurate, ())
 CASES["refusals"] = (check_refusals, ())
 CASES["build-wide-keys"] = (check_wide_keys_take_the_chunked_tier, ())
 CASES["interpreted_on_cpu"] = (check_kernels_match_the_device, ())

@@ -31,8 +31,9 @@ autograd formula), so torch.compile traces around them in one graph.
 Operands are loaded in their dtype and everything is computed in float32; matmuls of float32
 inputs use TF32x3 (three TF32 tensor-core products per product, about float32's precision:
 IEEE float32 dots compile to FMA loops that ptxas fits into 32 registers with kilobytes of
-spills on sm_90). Under the interpreter the kernels match the chunked tier to about 1e-6;
-on a GPU that is not measured yet.
+spills on sm_90). Under the interpreter, with tl.dot rounding as tensor cores do
+(tests/interpreted.py), float32 inputs match the chunked tier to about 1e-6; on a GPU that is
+not measured yet.
 Block sizes: C = chunk_size (at most 64), BK = K rounded up to a power of two >= 16 (K <= 128:
 a whole key row stays in registers), V in tiles of 16 to 64 per kernel and BK (_TILES).
 """
