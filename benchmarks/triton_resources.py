@@ -28,9 +28,9 @@ widths (the interpreter runs any of them, so a shape or flag the GPU compiler re
 only here): for each dtype and K, the delta rules with and without decay, initial state, final
 state and its gradient, at one token and at a partial chunk, and at chunks 16, 32, 64 with value
 widths K, 24 and 200; for each MLP shape, every flag of the all-on case turned off in turn
-(retention, momentum, clip, initial momenta), silu, read_before, one token. One row a case;
-exit status 1 when a case fails to compile or a kernel the ops would launch outgrows the
-limit. --jobs runs the cases in that many processes, --only those whose names contain one of
+(retention, momentum, clip, initial momenta), silu, read_before, one token, one chunk. One
+row a case; exit status 1 when a case fails to compile or a kernel the ops would launch
+outgrows the limit. --jobs runs the cases in that many processes, --only those whose names contain one of
 its words ("gated", "chunk=16 bf16").
 """
 
@@ -205,7 +205,7 @@ def sweep_cases(Ks: list[int], mlp_shapes: list[tuple[int, int, int]], dtypes: l
                                   ("no momentum", {"beta": False}), ("no clip", {"clip": False}),
                                   ("no initial momenta", {"s0": False}),
                                   ("silu", {"act": "silu"}), ("read_before", {"read_before": True}),
-                                  ("T=1", {"T": 1})):
+                                  ("T=1", {"T": 1}), ("one chunk", {"T": chunk})):
                 cases.append((f"mlp d={d} h={h} chunk={chunk} {name} {label}", "mlp",
                               base | change))
     # dedupe: with dht only where there is a final state, some flag sets repeat
