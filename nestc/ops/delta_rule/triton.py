@@ -56,12 +56,9 @@ MAX_K = 128
 MAX_CHUNK = 64
 # set by tests: fill every buffer a kernel writes with NaN first, so a missed store shows up
 POISON_BUFFERS = False
-# compiled once for every length: Triton would compile an integer argument again when it is 1
-# or divides by 16 (as for the MLP memory's kernels, where a one-chunk kernel outgrew an H100)
-SEQUENCE_SIZES = ["T", "N"]
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit
 def delta_rule_fwd_kernel_prepare(k, v, beta, G, u, w, Ai, T, H: tl.constexpr, K: tl.constexpr,
                                   V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                                   BV: tl.constexpr, USE_G: tl.constexpr,
@@ -124,7 +121,7 @@ def delta_rule_fwd_kernel_prepare(k, v, beta, G, u, w, Ai, T, H: tl.constexpr, K
         tl.store(Ai + r[:, None] * C + o_c[None, :], b_Ai, mask=m_t[:, None])
 
 
-@triton.jit(do_not_specialize=SEQUENCE_SIZES)
+@triton.jit
 def delta_rule_fwd_kernel_state(k, u, w, G, h0, h, U, ht, T, N, H: tl.constexpr,
                                 K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
@@ -163,7 +160,7 @@ def delta_rule_fwd_kernel_state(k, u, w, G, h0, h, U, ht, T, N, H: tl.constexpr,
         tl.store(ht + i_bh.to(tl.int64) * K * V + p_kv, b_S, mask=m_kv)
 
 
-@triton.jit(do_not_specialize=SEQUENCE_SIZES)
+@triton.jit
 def delta_rule_fwd_kernel_o(q, k, U, h, G, o, scale, T, N, H: tl.constexpr, K: tl.constexpr,
                             V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, USE_G: tl.constexpr, PRECISION: tl.constexpr):
@@ -193,7 +190,7 @@ def delta_rule_fwd_kernel_o(q, k, U, h, G, o, scale, T, N, H: tl.constexpr, K: t
     tl.store(o + r[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
-@triton.jit(do_not_specialize=SEQUENCE_SIZES)
+@triton.jit
 def delta_rule_bwd_kernel_dhu(q, k, w, G, do, dht, dh, dU, dh0, scale, T, N, H: tl.constexpr,
                               K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                               BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
@@ -247,7 +244,7 @@ def delta_rule_bwd_kernel_dhu(q, k, w, G, do, dht, dh, dU, dh0, scale, T, N, H: 
         tl.store(dh0 + i_bh.to(tl.int64) * K * V + p_kv, b_dS, mask=m_kv)
 
 
-@triton.jit(do_not_specialize=SEQUENCE_SIZES)
+@triton.jit
 def delta_rule_bwd_kernel_dqkvbg(q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG,
                                  scale, T, N, H: tl.constexpr, K: tl.constexpr,
                                  V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,

@@ -99,11 +99,12 @@ POISON_BUFFERS = False
 NUM_WARPS = 8
 NUM_STAGES = 1
 # Triton compiles an integer argument again when it is 1 (and when it divides by 16). For the
-# sequence's length and chunk count that would specialize a one-chunk call, whose loop the
+# chunk count that would specialize a one-chunk call (T up to the chunk), whose loop the
 # compiler then unrolls into a kernel that needs twice the shared memory (bf16, d 64, h 128,
 # chunk 16: 256,000 bytes at T = 16, more than an H100 has; 124,928 at T = 17): one kernel
-# for every length instead (benchmarks/triton_resources.py --sweep).
-SEQUENCE_SIZES = ["T", "NC"]
+# for every chunk count instead (benchmarks/triton_resources.py --sweep). T stays
+# specialized: unspecialized, it costs the delta rules' kernels registers and spills.
+UNSPECIALIZED = ["NC"]
 
 
 def mlp_kernel_fits(d: int, h: int, chunk: int, dtype: torch.dtype = torch.float32) -> bool:
@@ -170,7 +171,7 @@ def _shifted(shift, W, c, m, o_c, PRECISION: tl.constexpr):
             tl.sum(shift * m[None, :], 1))
 
 
-@triton.jit(do_not_specialize=SEQUENCE_SIZES)
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def mlp_memory_fwd_kernel(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt,
                           sA, sB, sSA, sSB, clip, T, NC, D: tl.constexpr, HID: tl.constexpr,
                           C: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
@@ -300,7 +301,7 @@ def _sum2(x):
     return tl.sum(tl.sum(x, 1), 0)
 
 
-@triton.jit(do_not_specialize=SEQUENCE_SIZES)
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def mlp_memory_bwd_kernel(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, dy, dAt, dBt, dSAt, dSBt,
                           dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0, clip, T, NC,
                           D: tl.constexpr, HID: tl.constexpr, C: tl.constexpr,
