@@ -30,8 +30,8 @@ state and its gradient, at one token and at a partial chunk, and at chunks 16, 3
 widths K, 24 and 200; for each MLP shape, every flag of the all-on case turned off in turn
 (retention, momentum, clip, initial momenta), silu, read_before, one token, one chunk. One
 row a case; exit status 1 when a case fails to compile or a kernel the ops would launch
-outgrows the limit. --jobs runs the cases in that many processes, --only those whose names contain one of
-its words ("gated", "chunk=16 bf16").
+outgrows the limit. --jobs runs the cases in that many processes, --only those whose names
+contain one of its words ("gated", "chunk=16 bf16").
 """
 
 from __future__ import annotations
