@@ -49,22 +49,40 @@ def _tf32(x: Any, nearest: bool) -> Any:
     return np.where(np.isfinite(x), (bits & np.uint32(0xFFFFE000)).view(np.float32), x)
 
 
+def _bf16_bits(x: Any) -> Any:
+    """float32 array -> bfloat16 bits (uint16), rounded to nearest even as a GPU's cast does
+    (the interpreter cuts the mantissa off); NaN stays NaN."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return np.where(np.isnan(x), np.uint16(0x7FC0),
+                    (rounded >> np.uint32(16)).astype(np.uint16))
+
+
 @contextlib.contextmanager
-def gpu_dot_precision() -> Iterator[None]:
-    """Within it, the interpreter's tl.dot rounds float32 operands as a GPU's tensor cores do,
-    where the interpreter itself multiplies in full float32 whatever input_precision asks:
-    "tf32" reads each operand with its mantissa cut to 10 bits, "tf32x3" splits each into a
-    TF32 part (rounded) and the rest (cut) and adds the three products big x small,
-    small x big and big x big, as Triton's compiler does. "ieee" is left as it is."""
+def gpu_rounding() -> Iterator[None]:
+    """Within it, the interpreter rounds as a GPU does where it would not: tl.dot's float32
+    operands as tensor cores read them, where the interpreter multiplies in full float32
+    whatever input_precision asks ("tf32" reads each operand with its mantissa cut to 10
+    bits, "tf32x3" splits each into a TF32 part (rounded) and the rest (cut) and adds the
+    three products big x small, small x big and big x big, as Triton's compiler does; "ieee"
+    is left as it is), and float32 -> bfloat16 casts to nearest even, where the interpreter
+    cuts the mantissa off."""
+    import numpy as np
+    import triton.language as tl
     from triton._C.libtriton import ir
     from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
-    dot = InterpreterBuilder.create_dot
+    dot, trunc = InterpreterBuilder.create_dot, InterpreterBuilder.create_fp_trunc
+
+    def create_fp_trunc(self: Any, src: Any, dst_type: Any) -> Any:
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return TensorHandle(_bf16_bits(src.data), dst_type.scalar)
+        return trunc(self, src, dst_type)
 
     def create_dot(self: Any, a: Any, b: Any, d: Any, input_precision: Any,
                    max_num_imprecise_acc: Any) -> Any:
-        import numpy as np
-
         if (a.data.dtype != np.float32 or b.data.dtype != np.float32
                 or input_precision not in (ir.INPUT_PRECISION.TF32, ir.INPUT_PRECISION.TF32x3)):
             return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
@@ -79,21 +97,23 @@ def gpu_dot_precision() -> Iterator[None]:
         return TensorHandle(out + d.data, d.dtype.scalar)
 
     InterpreterBuilder.create_dot = create_dot  # type: ignore[method-assign]
+    InterpreterBuilder.create_fp_trunc = create_fp_trunc  # type: ignore[method-assign]
     try:
         yield
     finally:
         InterpreterBuilder.create_dot = dot  # type: ignore[method-assign]
+        InterpreterBuilder.create_fp_trunc = trunc  # type: ignore[method-assign]
 
 
 def run_cases(cases: Cases, names: list[str], kernels: list[Any]) -> dict[str, dict[str, Any]]:
     """Each named case's outcome: "ok", "skip" or "fail", with the message and the seconds it
     took; every buffer the `kernels` modules write is NaN-filled first (POISON_BUFFERS), so a
-    missed store fails. Under the interpreter, tl.dot rounds as a GPU does
-    (gpu_dot_precision), so the tolerances hold for the GPU's arithmetic, not float32's."""
+    missed store fails. Under the interpreter, tl.dot and casts to bfloat16 round as a GPU's
+    do (gpu_rounding), so the tolerances hold for the GPU's arithmetic, not float32's."""
     for module in kernels:
         module.POISON_BUFFERS = True
     out = {}
-    precision = (gpu_dot_precision() if os.environ.get("TRITON_INTERPRET") == "1"
+    precision = (gpu_rounding() if os.environ.get("TRITON_INTERPRET") == "1"
                  else contextlib.nullcontext())
     try:
         with precision:

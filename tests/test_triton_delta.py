@@ -186,11 +186,12 @@ def check_correlated_keys_stay_accurate() -> None:
 
 def check_bfloat16_inputs(op: str) -> None:
     """bf16 in, float32 inside: o and the gradients in bf16, the state in float32, close to the
-    chunked tier, which rounds the same float32 values (1e-2: the interpreter truncates float32
-    to bf16 where a GPU rounds to nearest)."""
+    chunked tier, which rounds float32 values to bf16 as the kernels do (5e-3: each side
+    rounds once, and the kernels' float32 values differ by their TF32 products; under the
+    interpreter the casts round to nearest even, as on a GPU, interpreted.gpu_rounding)."""
     x = {n: t.detach().to(torch.bfloat16).requires_grad_()
          for n, t in make_inputs(op, 33, True).items()}
-    ours = compare(op, x, tol=1e-2, chunk_size=16)
+    ours = compare(op, x, tol=5e-3, chunk_size=16)
     assert ours["o"].dtype == torch.bfloat16 and ours["final_state"].dtype == torch.float32
     assert all(ours[f"d{n}"].dtype == torch.bfloat16 for n in x)
 
