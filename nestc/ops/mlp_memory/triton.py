@@ -99,11 +99,11 @@ POISON_BUFFERS = False
 NUM_WARPS = 8
 NUM_STAGES = 1
 # Triton compiles an integer argument again when it is 1 (and when it divides by 16). For the
-# chunk count that would specialize a one-chunk call (T up to the chunk), whose loop the
-# compiler then unrolls into a kernel that needs twice the shared memory (bf16, d 64, h 128,
-# chunk 16: 256,000 bytes at T = 16, more than an H100 has; 124,928 at T = 17): one kernel
-# for every chunk count instead (benchmarks/triton_resources.py --sweep). T stays
-# specialized: unspecialized, it costs the delta rules' kernels registers and spills.
+# chunk count that made a kernel for one-chunk calls (T up to the chunk), and that kernel
+# needs twice the shared memory (bf16, d 64, h 128, chunk 16: 256,000 bytes at T = 16, more
+# than an H100 has; 124,928 at T = 17): one kernel for every chunk count instead
+# (benchmarks/triton_resources.py --sweep). T stays specialized, as in the delta rules,
+# where unspecializing it cost registers (docs/triton.md).
 UNSPECIALIZED = ["NC"]
 
 
