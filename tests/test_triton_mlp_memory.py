@@ -226,6 +226,24 @@ def check_fused_backward_matches_vjp(T: int, chunk: int, act: str, retain: bool,
         assert rel_err(out[0], y_free) > 1e-3
 
 
+def check_bfloat16_inputs() -> None:
+    """bf16 q, k, v (the public op takes 16-bit inputs; MLPMemory hands the kernel float32):
+    y and dq, dk, dv in bf16, the state and the other gradients in float32, close to the
+    chunked tier on the same inputs (1e-2: the kernel's products are TF32 for 16-bit inputs,
+    2e-3 to 3.5e-3 on these, with the GPU's rounding emulated)."""
+    x = {n: None if t is None else
+         (t.detach().to(torch.bfloat16) if n in ("q", "k", "v") else t.detach()).requires_grad_()
+         for n, t in make_inputs(T=37).items()}
+    ours = results(*run("triton", x, chunk=16, clip=0.05), x)
+    ref = results(*run("chunked", x, chunk=16, clip=0.05), x)
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert ours[name].dtype == ref[name].dtype, (name, ours[name].dtype, ref[name].dtype)
+        assert_close(f"bf16 {name}", ours[name], ref[name], 1e-2)
+    assert all(ours[n].dtype == torch.bfloat16 for n in ("y", "dq", "dk", "dv"))
+    assert ours["A"].dtype == torch.float32
+
+
 def check_empty_sequence() -> None:
     x = {n: None if t is None else (t[:, :, :0] if n in SEQ else t)
          for n, t in make_inputs(T=5).items()}
@@ -346,6 +364,7 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
         check_fused_backward_matches_vjp, (9, 64, "gelu", True, False, True, 2.0, False, 1, 5,
                                             24)),
     "empty": (check_empty_sequence, ()),
+    "bfloat16": (check_bfloat16_inputs, ()),
     "refusals": (check_refusals, ()),
     "opcheck": (check_custom_op_registration, ()),
     "compile": (check_torch_compile_matches_eager, ()),
