@@ -526,6 +526,7 @@ class MLPMemory(Memory):
             raise _unsupported("an in-context MLP memory whose initial state is not `meta`",
                                s.span)
         self.per_head = s.per_head
+        self.siblings: tuple[_Siblings, int] | None = None  # set by run_siblings_as_one
 
     def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
         if self._reads_self(self.key_expr):
@@ -563,6 +564,8 @@ class MLPMemory(Memory):
                             kind="value")
         if self.momentum and _constant(scope, self.rule_kw["beta"]) == 0:
             self.momentum, signals["beta"] = False, None  # S_t = u_t: plain gd
+        self.signals = tuple(n for n, f in signals.items() if f is not None)
+        self.self_value = isinstance(v, _SelfTen)
         stop = self.stopped
 
         def write(env: dict[str, Any]) -> dict[str, Any]:
@@ -572,7 +575,7 @@ class MLPMemory(Memory):
             if isinstance(v, _SelfTen):
                 # a snapshot of env, not env: env is about to hold this dict, and a closure
                 # over env would make a cycle that keeps every activation alive
-                out["value"] = v.bind(dict(env))
+                out["value"] = [(v.bind(dict(env)), H)]  # one per memory run (_Siblings)
             else:
                 out["v"] = v.fn(env).view(B, T, H, d)
             out.update({n: None if f is None else f(env, kk) for n, f in signals.items()})
@@ -602,16 +605,22 @@ class MLPMemory(Memory):
 
     def _values(self, w: dict[str, Any], weights: tuple[torch.Tensor, torch.Tensor], a: int,
                 b: int) -> torch.Tensor:
-        """Values of tokens a..b-1, (N, H, n, d): given, or generated at `weights`."""
+        """Values of tokens a..b-1, (N, H, n, d): given, or generated at `weights`, each
+        memory's (w["value"]: one node per memory that runs, _Siblings) at its own heads."""
         if "v" in w:
             return w["v"][:, :, a:b]
         A, B = weights
-        v = w["value"](lambda x: self._read_all(A, B, x), a, b)  # (N, n, H * d)
-        return v.unflatten(-1, (self.heads, self.d)).transpose(1, 2).to(A.dtype)
+        vs, first = [], 0
+        for node, heads in w["value"]:
+            Ai, Bi = A[:, first:first + heads], B[:, first:first + heads]
+            v = node(lambda x, Ai=Ai, Bi=Bi: self._read_all(Ai, Bi, x), a, b)  # (N, n, H * d)
+            vs.append(v.unflatten(-1, (heads, self.d)).transpose(1, 2))
+            first += heads
+        return (vs[0] if len(vs) == 1 else w["stack"](vs)).to(A.dtype)
 
     def _read_all(self, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """M(x) at one set of weights per sequence and head: x (N, n, H * d) -> the same."""
-        xh = x.unflatten(-1, (self.heads, self.d)).transpose(1, 2).to(A.dtype)  # (N, H, n, d)
+        xh = x.unflatten(-1, (A.shape[1], self.d)).transpose(1, 2).to(A.dtype)  # (N, H, n, d)
         return _mlp(xh, A, B, self.act, self.residual).transpose(1, 2).flatten(2)
 
     # the function of one token, for torch.func -------------------------------------------
@@ -634,24 +643,46 @@ class MLPMemory(Memory):
     # reads -------------------------------------------------------------------------------
 
     def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
-        w = env[self.env_key]
-        state = env["__state__"]
+        if self.siblings is not None:
+            group, i = self.siblings
+            return group.read(i, q, env)
+        qh, w, given = self._inputs(q, env)
+        y, out = self._run(qh, w, given)
+        self._store(env, out)
+        return y.transpose(1, 2).reshape(*q.shape[:2], -1).to(q.dtype)
+
+    def _inputs(self, q: torch.Tensor, env: dict[str, Any]
+                ) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+        """A read's query (N, H, T, d), write signals (N, H, T, ...) and the state before it,
+        in float32 at least."""
         Bn, T, _ = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)
-        given = state.given.get(self.state_key)
+        given = env["__state__"].given.get(self.state_key)
         if given is None:
             A, B = (p.to(acc).expand(Bn, *p.shape) for p in (self.A, self.B))
             given = {"M": (A, B), "S": (torch.zeros_like(A), torch.zeros_like(B)),
                      "start": (A, B), "offset": 0}
         qh = q.view(Bn, T, self.heads, self.d).transpose(1, 2).to(acc)  # (N, H, T, d)
         w = {n: x.transpose(1, 2).to(acc) if isinstance(x, torch.Tensor) else x
-             for n, x in w.items()}
+             for n, x in env[self.env_key].items()}
+        return qh, w, given
+
+    def _run(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]
+             ) -> tuple[torch.Tensor, dict[str, Any]]:
         run = self._reference if self.backend == "reference" else \
-            self._fused if self._fusable(qh, w, given) else self._chunked
-        y, out = run(qh, w, given)
+            self._fused if self._fusable(q, w, given) else self._chunked
+        return run(q, w, given)
+
+    def _store(self, env: dict[str, Any], out: dict[str, Any]) -> None:
         self.guard(*out["M"], *out["S"])
-        state.out[self.state_key] = out
-        return y.transpose(1, 2).reshape(Bn, T, -1).to(q.dtype)
+        env["__state__"].out[self.state_key] = out
+
+    def sibling_key(self) -> tuple[Any, ...]:
+        """What memories must share to run as one (_Siblings): all but their weights, state
+        and the tensors they are written and read with."""
+        return (self.d, self.hidden, self.heads, self.residual, self.act_name,
+                self.read_before, self.stopped, self.chunk, self.objective, self.delta,
+                self.momentum, self.clip, self.backend, self.signals, self.self_value)
 
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
         """Whether the triton tier runs this read's whole chunks through nestc.ops.mlp_memory's
@@ -772,6 +803,138 @@ class MLPMemory(Memory):
         clip / max(norm, clip), with no square root at 0."""
         assert self.clip is not None
         return self.clip * torch.rsqrt(sq.clamp_min(self.clip ** 2))
+
+
+class _Siblings:
+    """MLP memories of one declaration that run as one: the same structure (sibling_key), one
+    read each, all of the same query, after all of them are written (the projection memories
+    of self-modifying Titans). Their heads are stacked into one chunked computation, which
+    computes for each head what it computes alone; every memory keeps its own weights and
+    in-context state. The first read runs them all and leaves the others' outputs in the env.
+    """
+
+    def __init__(self, gets: list[Callable[[dict[str, Any]], Any]], key: str) -> None:
+        self.gets, self.key = gets, key
+
+    def read(self, i: int, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        ys = env.get(self.key)
+        if ys is None:
+            ys = env[self.key] = self._run(q, env)
+        return ys[i]
+
+    def _run(self, q: torch.Tensor, env: dict[str, Any]) -> list[torch.Tensor]:
+        mems: list[MLPMemory] = [get(env) for get in self.gets]
+        parts = [m._inputs(q, env) for m in mems]
+        Bn, T, _ = q.shape
+        if len({given["offset"] for _, _, given in parts}) > 1:  # states not run together
+            outs = []
+            for m, (qh, w, given) in zip(mems, parts):
+                y, out = m._run(qh, w, given)
+                m._store(env, out)
+                outs.append(y.transpose(1, 2).reshape(Bn, T, -1).to(q.dtype))
+            return outs
+        record = _Record(len(mems))
+
+        def stack(xs: list[torch.Tensor]) -> torch.Tensor:
+            return _Stack.apply(record, *xs)
+
+        ws, givens = [w for _, w, _ in parts], [given for _, _, given in parts]
+        w: dict[str, Any] = {"stack": stack}
+        for name, x in ws[0].items():
+            if isinstance(x, torch.Tensor):
+                w[name] = stack([wi[name] for wi in ws])
+            else:  # None, or the value nodes
+                w[name] = None if x is None else [node for wi in ws for node in wi[name]]
+        given: dict[str, Any] = {n: tuple(stack(list(ts)) for ts in zip(*(g[n] for g in givens)))
+                                 for n in ("M", "S")}
+        offset = givens[0]["offset"]
+        # a piece that starts a chunk takes no gradient at a chunk's first weights
+        given["start"] = given["M"] if offset == 0 else \
+            tuple(stack(list(ts)) for ts in zip(*(g["start"] for g in givens)))
+        given["offset"] = offset
+        y, out = mems[0]._run(stack([qh for qh, _, _ in parts]), w, given)
+        # (N, G H, T, d) -> per memory (N, T, H d): one copy, then views
+        y = y.transpose(1, 2).reshape(Bn, T, len(mems), -1).to(q.dtype).transpose(1, 2)
+        names = [(n, j) for n in ("M", "S", "start") for j in range(2)]
+        pieces = _Split.apply(record, len(mems), y, *(out[n][j] for n, j in names))
+        ys = [piece[:, 0] for piece in pieces[:len(mems)]]
+        for i, m in enumerate(mems):
+            got = {(n, j): pieces[(k + 1) * len(mems) + i] for k, (n, j) in enumerate(names)}
+            m._store(env, {"M": (got["M", 0], got["M", 1]), "S": (got["S", 0], got["S", 1]),
+                           "start": (got["start", 0], got["start", 1]),
+                           "offset": out["offset"]})
+        return ys
+
+
+class _Record:
+    """Which memories of one run of _Siblings got a gradient, in the last backward pass
+    through it (_Split sets it, then _Stack reads it in the same pass: every path to a
+    _Stack runs through the _Split of its run)."""
+
+    def __init__(self, n: int) -> None:
+        self.got = [True] * n
+
+
+class _Stack(torch.autograd.Function):
+    """torch.cat(xs, 1) of one tensor per memory of a _Siblings run, whose backward gives a
+    memory none of the gradient (None) when nothing reached its outputs (_Split): what it
+    gets when it runs alone, so an optimizer skips its weights as it would then."""
+
+    @staticmethod
+    def forward(ctx: Any, record: _Record, *xs: torch.Tensor) -> torch.Tensor:
+        ctx.record, ctx.sizes = record, [x.shape[1] for x in xs]
+        return torch.cat(xs, 1)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        parts = g.split(ctx.sizes, 1)
+        return (None, *(p if got else None for p, got in zip(parts, ctx.record.got)))
+
+
+class _Split(torch.autograd.Function):
+    """xs (..., n * H, ...) -> for each x, its n memories' slices of dim 1 (views), noting in
+    the record which memories any gradient reached."""
+
+    @staticmethod
+    def forward(ctx: Any, record: _Record, n: int, *xs: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.record, ctx.n = record, n
+        ctx.like = [(x.shape[:1] + (x.shape[1] // n,) + x.shape[2:], x.dtype, x.device)
+                    for x in xs]
+        return tuple(piece for x in xs for piece in x.chunk(n, 1))
+
+    @staticmethod
+    def backward(ctx: Any, *gs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        n = ctx.n
+        rows = [gs[j * n:(j + 1) * n] for j in range(len(ctx.like))]
+        ctx.record.got = [any(row[i] is not None for row in rows) for i in range(n)]
+        grads: list[torch.Tensor | None] = []
+        for row, (shape, dtype, device) in zip(rows, ctx.like):
+            grads.append(None if all(g is None for g in row) else torch.cat(
+                [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                 for g in row], 1))
+        return (None, None, *grads)
+
+
+def run_siblings_as_one(mems: list[Memory], writes: dict[int, int],
+                        reads: dict[int, list[tuple[int, Any]]]) -> None:
+    """Group a declaration's MLP memories that can run as one (_Siblings), given the step
+    that writes each memory and, per read, the step that reads it and its query (a Ten: one
+    object is one tensor). Not on the reference tier, which stays the definition."""
+    groups: dict[Any, list[MLPMemory]] = {}
+    for mem in mems:
+        if isinstance(mem, MLPMemory) and mem.backend != "reference" and \
+                len(reads.get(id(mem), [])) == 1:
+            q = reads[id(mem)][0][1]
+            groups.setdefault((mem.sibling_key(), id(q)), []).append(mem)
+    for members in groups.values():
+        if len(members) < 2 or max(writes[id(m)] for m in members) >= \
+                min(reads[id(m)][0][0] for m in members):
+            continue
+        group = _Siblings([m.get for m in members], f"__siblings_{members[0].env_key}")
+        for i, m in enumerate(members):
+            m.siblings = (group, i)
 
 
 def _is_task(s: ast.StmtMemory) -> bool:

@@ -319,6 +319,68 @@ def check_titans_block_on_the_triton_backend(T: int, fused: bool, chunk: int = 1
         assert_close(f"Titans T={T} {name}", got[0][name], got[1][name])
 
 
+TWO_MEMORIES = """
+block Two(dim, heads = 2, chunk = 16) {
+    input x : [T, dim]
+    let q = x |> linear(dim) |> l2norm(per = heads)
+    let k = x |> linear(dim) |> l2norm(per = heads)
+    let v = x |> linear(dim)
+    let eta = x |> linear(heads) |> sigmoid
+    let theta = x |> linear(heads) |> sigmoid
+    memory M1 : mlp(dim / heads, hidden = 2 * dim / heads) per head = meta
+                every token in chunks of chunk {
+        key k; value v
+        objective l2(M1(k), v)
+        rule momentum(lr = eta, beta = theta, retain = 0.9, clip = 1.0)
+    }
+    memory M2 : mlp(dim / heads, hidden = 2 * dim / heads) per head = meta
+                every token in chunks of chunk {
+        key k; value 2 * v
+        objective l2(M2(k), 2 * v)
+        rule momentum(lr = 0.5 * eta, beta = theta, retain = 0.95, clip = 1.0)
+    }
+    output M1(q) + M2(q)
+}
+"""
+
+
+def check_two_memories_run_as_one_kernel() -> None:
+    """Two memories of one structure read with one query run as one (nestc.memories
+    ._Siblings): their heads stacked into one kernel launch, equal to each run alone on the
+    chunked tier (T = 37: two whole chunks through the kernel, then a partial one)."""
+    import nestc
+    from nestc.memories import MLPMemory
+    from nestc.ops.mlp_memory import triton as kernels
+
+    prog = nestc.loads(TWO_MEMORIES, "two.nest")
+    blocks = []
+    for backend in ("triton", "chunked"):
+        torch.manual_seed(0)
+        blocks.append(prog.build("Two", dim=32, backend=backend).to(DEVICE))
+    for m in blocks[1].modules():
+        if isinstance(m, MLPMemory):
+            m.siblings = None
+    assert blocks[0].M1.siblings is not None and blocks[0].M2.siblings is not None
+    x0 = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got: list[dict[str, torch.Tensor]] = []
+    with interpreted.counting(kernels, "mlp_memory_fwd") as calls:
+        for block in blocks:
+            x = x0.clone().requires_grad_()
+            y, state = block(x, return_state=True)
+            finals = [t for s in state.values() if isinstance(s, dict) and "M" in s
+                      for t in (*s["M"], *s["S"])]
+            loss = (y * torch.linspace(-1, 1, 32, device=DEVICE)).sum() + \
+                sum(t.pow(2).sum() for t in finals)
+            grads = torch.autograd.grad(loss, [x, *block.parameters()])
+            got.append({"y": y.detach(), **{f"state{i}": t.detach() for i, t in
+                                            enumerate(finals)},
+                        **{f"d{i}": g for i, g in enumerate(grads)}})
+            if block is blocks[0]:
+                assert len(calls) == 1, calls
+    for name in got[1]:
+        assert_close(f"two memories {name}", got[0][name], got[1][name])
+
+
 def check_kernel_matches_the_device() -> None:
     """Interpreted on CPU (the subprocess), compiled on CUDA."""
     from nestc.ops.mlp_memory import triton as kernels
@@ -371,6 +433,7 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
     "titans_block_and_a_partial_chunk": (check_titans_block_on_the_triton_backend, (37, True)),
     "titans_block_under_a_chunk": (check_titans_block_on_the_triton_backend, (11, False)),
     "titans_block_default_chunk": (check_titans_block_on_the_triton_backend, (70, True, 64)),
+    "two_memories_one_kernel": (check_two_memories_run_as_one_kernel, ()),
 }
 
 

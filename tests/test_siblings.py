@@ -1,0 +1,180 @@
+"""MLP memories that run as one (nestc.memories._Siblings): self-modifying Titans' projection
+memories stacked head-wise into one chunked computation. Each memory must compute, keep and
+get as gradient exactly what it does alone (siblings cleared), None where alone it gets None."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import spec  # noqa: E402
+
+import nestc  # noqa: E402
+from nestc.memories import MLPMemory  # noqa: E402
+
+SMT = nestc.load("std/memory/self_modifying_titans.nest")
+HOPE = nestc.load("std/models/hope.nest")
+
+
+def alone(module):
+    """A copy of module whose memories each run alone."""
+    twin = copy.deepcopy(module)
+    for m in twin.modules():
+        if isinstance(m, MLPMemory):
+            m.siblings = None
+    return twin
+
+
+def groups(module):
+    """The names of the memories of each group that runs as one, sorted."""
+    found = {}
+    for path, m in module.named_modules():
+        if isinstance(m, MLPMemory) and m.siblings is not None:
+            found.setdefault(id(m.siblings[0]), []).append(path)
+    return sorted(sorted(g) for g in found.values())
+
+
+def leaves(state):
+    if isinstance(state, dict):
+        return [t for key in sorted(state) for t in leaves(state[key])]
+    if isinstance(state, (tuple, list)):
+        return [t for item in state for t in leaves(item)]
+    return [state] if isinstance(state, torch.Tensor) else []
+
+
+def same(a, b, tol=1e-6):
+    err = (a - b).abs().max().item()
+    assert err <= tol * max(a.abs().max().item(), 1.0), err
+
+
+def same_run(a, b, run):
+    """run(module) -> (outputs, a loss): equal outputs, and equal gradients, None alike."""
+    outs_a, loss_a = run(a)
+    outs_b, loss_b = run(b)
+    for x, y in zip(outs_a, outs_b, strict=True):
+        same(x, y)
+    loss_a.backward()
+    loss_b.backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            same(p.grad, q.grad)
+
+
+def test_self_modifying_titans_runs_its_four_projection_memories_as_one():
+    smt = SMT.build("SelfModifyingTitans", dim=16, heads=2)
+    assert groups(smt) == [["M_alpha", "M_eta", "M_k", "M_v"]]
+    assert groups(SMT.build("SelfModifyingTitans", dim=16, heads=2, paper_memory=True)) == \
+        [["M_alpha", "M_eta", "M_k", "M_v"]]  # M_memory reads q, and learns from k and v
+    assert groups(SMT.build("SelfModifyingTitans", dim=16, heads=2,
+                            backend="reference")) == []  # the definition: one by one
+    hope = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
+    assert len(groups(hope)) == 2
+
+
+@pytest.mark.parametrize("paper", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_siblings_compute_what_each_computes_alone(paper, beta):
+    # pieces that start inside chunks (chunks of 4 and 8), momentum or not; with the paper's
+    # main memory M_v reaches the output only under stop_grad: alone its weights get no
+    # gradient (None) from a loss of the outputs, and so run as one (the final states are in
+    # the loss without it)
+    torch.manual_seed(0)
+    smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4, memory_chunk=8,
+                    momentum_beta=beta, paper_memory=paper)
+    x = torch.randn(2, 19, 16)
+
+    def run(mod):
+        state, ys, finals = None, [], []
+        for a, b in [(0, 3), (3, 10), (10, 19)]:
+            y, state = mod(x[:, a:b], state=state, return_state=True)
+            ys.append(y)
+        finals = leaves(state)
+        loss = sum((y * torch.linspace(-1, 1, 16)).sum() for y in ys)
+        if not paper:
+            loss = loss + sum(t.pow(2).sum() for t in finals if t.requires_grad)
+        return [*ys, *finals], loss
+
+    same_run(smt, alone(smt), run)
+    if paper:
+        assert smt.M_v.A.grad is None and smt.M_k.A.grad is not None
+
+
+def test_hope_lm_runs_as_one_through_the_cms_levels_second_order():
+    # the CMS levels' gradients are differentiated by the outer level: a second backward
+    # through the stacked memories
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
+    x = torch.randint(0, 20, (2, 11))
+
+    def run(mod):
+        logits = mod(x)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                                 x[:, 1:].flatten())
+        return [logits], loss
+
+    same_run(model, alone(model), run)
+
+
+def test_a_copy_runs_as_one_with_its_own_weights():
+    torch.manual_seed(0)
+    smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4)
+    twin = copy.deepcopy(smt)
+    with torch.no_grad():
+        twin.M_v.A.add_(1.0)
+    x = torch.randn(1, 9, 16)
+    fresh = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4)
+    fresh.load_state_dict(twin.state_dict())
+    same(twin(x), fresh(x))
+    assert (twin(x) - smt(x)).abs().max() > 1e-3
+
+
+BODY = """
+    block B(dim) {
+        input x : [T, dim]
+        let k = x |> linear(dim) |> l2norm(per = 2)
+        let v = x |> linear(dim)
+        memory M1 : mlp(dim / 2) per head = meta every token in chunks of 4 {
+            key k; value v; objective l2(M1(k), v); rule gd(lr = 0.5)
+        }
+        memory M2 : mlp(dim / 2) per head = meta every token in chunks of CHUNK {
+            key k; value 2 * v; objective l2(M2(k), 2 * v); rule gd(lr = 0.25)
+        }
+        READS
+    }
+"""
+
+
+@pytest.mark.parametrize("reads,chunk,grouped", [
+    ("output M1(x) + M2(x)", 4, True),
+    ("let y = M1(x)\n output y + M2(x)", 4, True),
+    ("output M1(x) + M2(x)", 8, False),                      # another chunk
+    ("output M1(x) + M2(x + 1)", 4, False),                   # another query
+    ("output M1(x) + M2(x) + M1(v)", 4, False),               # M1 read twice
+    ("let y = x |> linear(dim)\n output M1(y) + M2(y)", 4, True),
+])
+def test_which_memories_run_as_one(reads, chunk, grouped):
+    prog = nestc.loads(spec(BODY.replace("READS", reads).replace("CHUNK", str(chunk))),
+                       "b.nest")
+    torch.manual_seed(0)
+    mod = prog.build("B", dim=8)
+    assert groups(mod) == ([["M1", "M2"]] if grouped else [])
+    x = torch.randn(2, 7, 8)
+    same_run(mod, alone(mod), lambda m: ([m(x)], m(x).pow(2).sum()))
+
+
+def test_a_memory_read_before_its_sibling_is_written_runs_alone():
+    prog = nestc.loads(spec("""
+        block B(dim) {
+            input x : [T, dim]
+            let k = x |> linear(dim)
+            memory M1 : mlp(dim) = meta every token { key k; value x; objective l2(M1(k), x); rule gd(lr = 0.5) }
+            let y = M1(x)
+            memory M2 : mlp(dim) = meta every token { key k; value x; objective l2(M2(k), x); rule gd(lr = 0.5) }
+            output y + M2(x)
+        }
+    """), "b.nest")
+    assert groups(prog.build("B", dim=8)) == []
