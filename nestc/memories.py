@@ -828,8 +828,8 @@ class _Siblings:
         Bn, T, _ = q.shape
         if len({given["offset"] for _, _, given in parts}) > 1:  # states not run together
             outs = []
-            for m, (qh, w, given) in zip(mems, parts):
-                y, out = m._run(qh, w, given)
+            for m, (qh, wm, gm) in zip(mems, parts):
+                y, out = m._run(qh, wm, gm)
                 m._store(env, out)
                 outs.append(y.transpose(1, 2).reshape(Bn, T, -1).to(q.dtype))
             return outs

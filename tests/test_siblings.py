@@ -178,3 +178,19 @@ def test_a_memory_read_before_its_sibling_is_written_runs_alone():
         }
     """), "b.nest")
     assert groups(prog.build("B", dim=8)) == []
+
+
+def test_states_from_different_points_of_a_sequence_run_one_by_one():
+    # a state put together by hand, M_v 5 tokens into a sequence and the others 3: the
+    # memories cannot share chunk boundaries, so each runs alone
+    torch.manual_seed(0)
+    smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        _, state = smt(x[:, :3], return_state=True)
+        _, later = smt(x[:, :5], return_state=True)
+    state = {**state, "M_v": later["M_v"]}
+    assert state["M_v"]["offset"] != state["M_k"]["offset"]
+    twin = alone(smt)
+    same_run(smt, twin, lambda m: ([m(x[:, 3:], state=state)],
+                                   m(x[:, 3:], state=state).pow(2).sum()))
