@@ -643,7 +643,8 @@ class MLPMemory(Memory):
     # reads -------------------------------------------------------------------------------
 
     def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
-        if self.siblings is not None:
+        # traced by torch.compile, alone: _Split's note to _Stack would break the graph
+        if self.siblings is not None and not torch.compiler.is_compiling():
             group, i = self.siblings
             return group.read(i, q, env)
         qh, w, given = self._inputs(q, env)
