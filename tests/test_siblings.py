@@ -194,3 +194,15 @@ def test_states_from_different_points_of_a_sequence_run_one_by_one():
     twin = alone(smt)
     same_run(smt, twin, lambda m: ([m(x[:, 3:], state=state)],
                                    m(x[:, 3:], state=state).pow(2).sum()))
+
+
+def test_torch_compile_traces_each_memory_alone_in_one_graph():
+    # _Split's note to _Stack is a side effect dynamo does not trace: compiled, the memories
+    # run alone, without a graph break, and compute what eager computes
+    torch.manual_seed(0)
+    smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4)
+    x = torch.randn(2, 9, 16)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(smt)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    same(torch.compile(smt, backend="aot_eager")(x), smt(x))
