@@ -206,3 +206,19 @@ def test_torch_compile_traces_each_memory_alone_in_one_graph():
     explained = torch._dynamo.explain(smt)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     same(torch.compile(smt, backend="aot_eager")(x), smt(x))
+
+
+def test_the_benchmark_counts_fewer_operations_as_one():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "siblings.py"), "--quick"],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    assert run.returncode == 0, run.stderr
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in run.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| what")]
+    assert [r[1] for r in rows] == ["as one", "alone"] * 2, run.stdout
+    for fused, single in (rows[0:2], rows[2:4]):
+        assert int(fused[2].replace(",", "")) < int(single[2].replace(",", "")), run.stdout

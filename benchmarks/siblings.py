@@ -1,0 +1,136 @@
+"""Memories that run as one (nestc.memories._Siblings) against the same memories run alone:
+training steps of HopeLM and forward+backward of the self-modifying Titans block, in one
+process, interleaved, with equal weights.
+
+Prints a Markdown table: aten operations per step (counted with a TorchDispatchMode: views
+included, each a dispatch on the host, most a kernel launch on a GPU), the median wall time
+of a step, and the ratio of the two. HopeLM's step is its forward (which takes its CMS levels'
+gradients piece by piece) and the backward of next-token cross-entropy.
+Usage: python benchmarks/siblings.py [--dim 64] [--depth 2] [--batch 2] [--T 128] [--reps 5]
+[--warmup 2] [--threads N] [--device cpu] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nestc
+from nestc.memories import MLPMemory
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def alone(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of module (the same weights) whose memories each run alone."""
+    twin = copy.deepcopy(module)
+    for m in twin.modules():
+        if isinstance(m, MLPMemory):
+            m.siblings = None
+    return twin
+
+
+def ops_per_call(fn: Callable[[], None]) -> int:
+    with _Count() as count:
+        fn()
+    return count.n
+
+
+def lm_step(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
+    def call() -> None:
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()
+                                          ).backward()
+        if tokens.is_cuda:
+            torch.cuda.synchronize()
+    return call
+
+
+def block_step(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def call() -> None:
+        block.zero_grad(set_to_none=True)
+        block(x).pow(2).mean().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    return call
+
+
+def median_seconds(fns: list[Callable[[], None]], reps: int, warmup: int) -> list[float]:
+    """Median wall time of each call, the calls interleaved; a full collection between calls,
+    untimed."""
+    times: list[list[float]] = [[] for _ in fns]
+    for rep in range(warmup + reps):
+        for fn, ts in zip(fns, times):
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--T", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs")
+    args = ap.parse_args()
+    if args.quick:
+        args.dim, args.depth, args.batch, args.T, args.reps, args.warmup = 16, 1, 1, 24, 1, 1
+        args.threads = args.threads or 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    hope = nestc.load("std/models/hope.nest").build(
+        "HopeLM", dim=args.dim, depth=args.depth).to(args.device)
+    smt = nestc.load("std/memory/self_modifying_titans.nest").build(
+        "SelfModifyingTitans", dim=args.dim).to(args.device)
+    tokens = torch.randint(0, 256, (args.batch, args.T + 1),
+                           generator=torch.Generator().manual_seed(0)).to(args.device)
+    x = torch.randn(args.batch, args.T, args.dim, generator=torch.Generator().manual_seed(1)
+                    ).to(args.device)
+    rows = [(f"HopeLM (dim {args.dim}, depth {args.depth}), training step", lm_step, hope,
+             tokens),
+            (f"SelfModifyingTitans (dim {args.dim}), forward and backward", block_step, smt, x)]
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.2f}, {where}; B={args.batch}, T={args.T}, float32, chunked "
+          f"tier, median of {args.reps}\n")
+    print("| what | memories | aten ops / step | ms / step | as one / alone |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for what, make, module, inputs in rows:
+        calls = [make(module, inputs), make(alone(module), inputs)]
+        ops = [ops_per_call(call) for call in calls]
+        fused, single = median_seconds(calls, args.reps, args.warmup)
+        print(f"| {what} | as one | {ops[0]:,} | {fused * 1e3:,.1f} | {fused / single:.2f} |")
+        print(f"| {what} | alone | {ops[1]:,} | {single * 1e3:,.1f} | 1.00 |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
