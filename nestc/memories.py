@@ -535,7 +535,7 @@ class MLPMemory(Memory):
         if self._reads_self(self.key_expr, lets=True):  # names the memory's own `let`s
             from nestc.module import Ten
             key = _SelfExpr(self, scope).compile(self.key_expr)
-            k = Ten(lambda env: key.node(env, None, 0, None), key.feat)
+            k = Ten(lambda env: key.node(env, None, 0, None, 1), key.feat)
         else:
             k = scope.tensor(self.key_expr, self.name)
         self.heads = k.feat // self.d
@@ -566,6 +566,7 @@ class MLPMemory(Memory):
             self.momentum, signals["beta"] = False, None  # S_t = u_t: plain gd
         self.signals = tuple(n for n, f in signals.items() if f is not None)
         self.self_value = isinstance(v, _SelfTen)
+        self.value_key = v.key if isinstance(v, _SelfTen) else None
         stop = self.stopped
 
         def write(env: dict[str, Any]) -> dict[str, Any]:
@@ -575,7 +576,8 @@ class MLPMemory(Memory):
             if isinstance(v, _SelfTen):
                 # a snapshot of env, not env: env is about to hold this dict, and a closure
                 # over env would make a cycle that keeps every activation alive
-                out["value"] = [(v.bind(dict(env)), H)]  # one per memory run (_Siblings)
+                # (node, heads, tile): one per memory run, or one tiled for all (_Siblings)
+                out["value"] = [(v.bind(dict(env)), H, 1)]
             else:
                 out["v"] = v.fn(env).view(B, T, H, d)
             out.update({n: None if f is None else f(env, kk) for n, f in signals.items()})
@@ -611,9 +613,9 @@ class MLPMemory(Memory):
             return w["v"][:, :, a:b]
         A, B = weights
         vs, first = [], 0
-        for node, heads in w["value"]:
+        for node, heads, tile in w["value"]:
             Ai, Bi = A[:, first:first + heads], B[:, first:first + heads]
-            v = node(lambda x, Ai=Ai, Bi=Bi: self._read_all(Ai, Bi, x), a, b)  # (N, n, H * d)
+            v = node(lambda x, Ai=Ai, Bi=Bi: self._read_all(Ai, Bi, x), a, b, tile)
             vs.append(v.unflatten(-1, (heads, self.d)).transpose(1, 2))
             first += heads
         return (vs[0] if len(vs) == 1 else w["stack"](vs)).to(A.dtype)
@@ -814,8 +816,10 @@ class _Siblings:
     in-context state. The first read runs them all and leaves the others' outputs in the env.
     """
 
-    def __init__(self, gets: list[Callable[[dict[str, Any]], Any]], key: str) -> None:
+    def __init__(self, gets: list[Callable[[dict[str, Any]], Any]], key: str,
+                 same_values: bool) -> None:
         self.gets, self.key = gets, key
+        self.same_values = same_values  # self-generated, by one expression of one tensor
 
     def read(self, i: int, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         ys = env.get(self.key)
@@ -844,8 +848,11 @@ class _Siblings:
         for name, x in ws[0].items():
             if isinstance(x, torch.Tensor):
                 w[name] = stack([wi[name] for wi in ws])
-            else:  # None, or the value nodes
+            elif x is None or not self.same_values:
                 w[name] = None if x is None else [node for wi in ws for node in wi[name]]
+            else:  # the same self-generated values: one node for all, tiled
+                node, heads, _ = x[0]
+                w[name] = [(node, heads * len(mems), len(mems))]
         given: dict[str, Any] = {n: tuple(stack(list(ts)) for ts in zip(*(g[n] for g in givens)))
                                  for n in ("M", "S")}
         offset = givens[0]["offset"]
@@ -933,7 +940,9 @@ def run_siblings_as_one(mems: list[Memory], writes: dict[int, int],
         if len(members) < 2 or max(writes[id(m)] for m in members) >= \
                 min(reads[id(m)][0][0] for m in members):
             continue
-        group = _Siblings([m.get for m in members], f"__siblings_{members[0].env_key}")
+        keys = {m.value_key for m in members}
+        group = _Siblings([m.get for m in members], f"__siblings_{members[0].env_key}",
+                          same_values=len(keys) == 1 and None not in keys)
         for i, m in enumerate(members):
             m.siblings = (group, i)
 
@@ -1062,14 +1071,21 @@ class TaskMLP(Memory):
 
 class _SelfTen:
     """A memory's value that reads the memory itself (a self-generated target): computed for
-    tokens a..b-1 with the memory read at the weights the caller gives."""
+    tokens a..b-1 with the memory read at the weights the caller gives. `tile` n evaluates it
+    for n memories at once: the block's tensors repeated n times along the features, the read
+    at n memories' stacked weights (every operation is element-wise or a read). `key` is equal
+    for expressions that compute the same from the same tensors, whichever memory reads."""
 
-    def __init__(self, node: Callable[..., Any], feat: int) -> None:
+    def __init__(self, node: Callable[..., Any], feat: int, key: Any) -> None:
         self.node: Callable[..., Any] = node
-        self.feat = feat
+        self.feat, self.key = feat, key
 
-    def bind(self, env: dict[str, Any]) -> Callable[[Callable[..., Any], int, int], Any]:
-        return lambda read, a, b: self.node(env, read, a, b)
+    def bind(self, env: dict[str, Any]) -> Callable[..., Any]:
+        return lambda read, a, b, tile=1: self.node(env, read, a, b, tile)
+
+
+def _tiled(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if n == 1 or x.shape[-1] == 1 else x.repeat(*[1] * (x.dim() - 1), n)
 
 
 class _SelfExpr:
@@ -1088,17 +1104,20 @@ class _SelfExpr:
             return self.compile(mem.lets[e.name])
         if isinstance(e, ast.ExprName) and e.name in scope.tens:
             t = scope.tens[e.name]
-            return _SelfTen(lambda env, read, a, b: t.fn(env)[:, a:b], t.feat)
+            return _SelfTen(lambda env, read, a, b, tile: _tiled(t.fn(env)[:, a:b], tile),
+                            t.feat, ("tensor", id(t)))
         if isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName):
             if len(e.args) != 1 or e.kwargs:
                 raise unsupported(f"`{e.func.name}(...)` inside a memory", e.span)
             x = self.compile(e.args[0])
             if e.func.name == mem.name:
-                return _SelfTen(lambda env, read, a, b: read(x.node(env, read, a, b)), x.feat)
+                return _SelfTen(lambda env, read, a, b, tile: read(x.node(env, read, a, b, tile)),
+                                x.feat, ("read", x.key))
             fn = MATH.get(e.func.name)
             if fn is None:
                 raise unsupported(f"`{e.func.name}` inside a memory", e.span)
-            return _SelfTen(lambda env, read, a, b: fn(x.node(env, read, a, b)), x.feat)
+            return _SelfTen(lambda env, read, a, b, tile: fn(x.node(env, read, a, b, tile)),
+                            x.feat, (e.func.name, x.key))
         if isinstance(e, ast.ExprBinary) and e.op in "+-*/":
             ops: dict[str, Callable[..., Any]] = {"+": torch.add, "-": torch.sub,
                                                   "*": torch.mul, "/": torch.div}
@@ -1107,9 +1126,11 @@ class _SelfExpr:
             left, right = (c if c is not None else self.compile(x)
                            for c, x in zip(sides, (e.left, e.right)))
             feat = max(x.feat for x in (left, right) if isinstance(x, _SelfTen))
-            return _SelfTen(lambda env, read, a, b: op(
-                left.node(env, read, a, b) if isinstance(left, _SelfTen) else left,
-                right.node(env, read, a, b) if isinstance(right, _SelfTen) else right), feat)
+            return _SelfTen(lambda env, read, a, b, tile: op(
+                left.node(env, read, a, b, tile) if isinstance(left, _SelfTen) else left,
+                right.node(env, read, a, b, tile) if isinstance(right, _SelfTen) else right),
+                feat, (e.op, *(x.key if isinstance(x, _SelfTen) else ("constant", x)
+                               for x in (left, right))))
         raise unsupported("this expression inside a memory", e.span)
 
     def constant(self, e: ast.Expr) -> Any:

@@ -222,3 +222,41 @@ def test_the_benchmark_counts_fewer_operations_as_one():
     assert [r[1] for r in rows] == ["as one", "alone"] * 2, run.stdout
     for fused, single in (rows[0:2], rows[2:4]):
         assert int(fused[2].replace(",", "")) < int(single[2].replace(",", "")), run.stdout
+
+
+SELF_BODY = """
+    block B(dim) {
+        input x : [T, dim]
+        let k = x |> linear(dim) |> l2norm(per = 2)
+        let v = x |> linear(dim)
+        let g = x |> linear(1) |> sigmoid
+        memory M1 : residual_mlp(dim / 2) per head = meta every token in chunks of 4 {
+            let target = VALUE1
+            key k; value target; objective l2(M1(k), target); rule gd(lr = 0.5)
+        }
+        memory M2 : residual_mlp(dim / 2) per head = meta every token in chunks of 4 {
+            let target = VALUE2
+            key k; value target; objective l2(M2(k), target); rule gd(lr = 0.25)
+        }
+        output M1(x) + M2(x)
+    }
+"""
+
+
+@pytest.mark.parametrize("value1,value2,same_values", [
+    ("stop_grad(M1(v))", "stop_grad(M2(v))", True),
+    ("g * M1(v) + 0.5 * v", "g * M2(v) + 0.5 * v", True),  # a one-feature tensor, arithmetic
+    ("stop_grad(M1(v))", "stop_grad(M2(2 * v))", False),
+    ("stop_grad(M1(v))", "stop_grad(M2(k))", False),
+])
+def test_self_generated_values_run_as_one(value1, value2, same_values):
+    # one expression of one tensor: evaluated once for both memories, its tensors tiled;
+    # else each memory's at its own heads
+    prog = nestc.loads(spec(SELF_BODY.replace("VALUE1", value1).replace("VALUE2", value2)),
+                       "b.nest")
+    torch.manual_seed(0)
+    mod = prog.build("B", dim=8)
+    assert groups(mod) == [["M1", "M2"]]
+    assert mod.M1.siblings[0].same_values is same_values
+    x = torch.randn(2, 11, 8)
+    same_run(mod, alone(mod), lambda m: ([m(x)], m(x).pow(2).sum()))
