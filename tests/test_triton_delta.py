@@ -353,6 +353,27 @@ def check_custom_op_registration(op: str) -> None:
                            True, 16))
 
 
+def check_double_backward(op: str) -> None:
+    """A backward that is itself differentiated (autograd.grad with create_graph, as a model
+    takes the gradients of its task-loss memories through the memories above them): the op's
+    backward recomputes on the chunked tier as a graph, no backward kernel runs in it, and the
+    second-order gradients equal the chunked tier's."""
+    from nestc.ops.delta_rule import triton as kernels
+
+    got = []
+    for tier in ("triton", "chunked"):
+        x = make_inputs(op, 21, True)
+        o, S = call(tier, op, x, chunk_size=16)
+        first = (o * torch.linspace(-1, 1, o.shape[-1], device=DEVICE)).sum() + S.pow(2).sum()
+        with interpreted.counting(kernels, "delta_rule_bwd") as calls:
+            grads = torch.autograd.grad(first, list(x.values()), create_graph=True)
+        assert calls == [], calls
+        second = sum((g * g.detach().sign()).sum() for g in grads)
+        got.append(torch.autograd.grad(second, list(x.values())))
+    for name, ours, ref in zip(x, *got):
+        assert_close(f"{op} second-order d{name}", ours, ref)
+
+
 def check_kernels_match_the_device() -> None:
     """Interpreted on CPU (the subprocess), compiled on CUDA."""
     from nestc.ops.delta_rule import triton as kernels
@@ -381,6 +402,7 @@ for _op in OPS:
     CASES[f"opcheck-{_op}"] = (check_custom_op_registration, (_op,))
     CASES[f"refused_late-{_op}"] = (check_refused_late_falls_back, (_op,))
     CASES[f"one_stage-{_op}"] = (check_refused_pipelining_retries_with_one_stage, (_op,))
+    CASES[f"double_backward-{_op}"] = (check_double_backward, (_op,))
 for _block in ("DeltaNet", "GatedDeltaNet"):
     CASES[f"build-{_block}"] = (check_compiler_selects_the_kernels, (_block,))
     CASES[f"compile-{_block}"] = (check_torch_compile_matches_eager, (_block,))

@@ -319,6 +319,72 @@ def check_titans_block_on_the_triton_backend(T: int, fused: bool, chunk: int = 1
         assert_close(f"Titans T={T} {name}", got[0][name], got[1][name])
 
 
+def check_double_backward() -> None:
+    """A backward that is itself differentiated (autograd.grad with create_graph, as a model
+    takes the gradients of its task-loss memories through the memories above them): the op's
+    backward recomputes on the chunked tier as a graph, and the second-order gradients equal
+    the chunked tier's; a plain backward still runs the backward kernel."""
+    from nestc.ops.mlp_memory import triton as kernels
+
+    kw = {"act": "silu", "clip": 0.5, "chunk": 16, "read_before": True}
+    got = []
+    for backend in ("triton", "chunked"):
+        x = make_inputs(T=21)
+        leaves = [t for t in x.values() if t is not None]
+        y, state = run(backend, x, **kw)
+        first = (y * torch.linspace(-1, 1, y.shape[-1], device=DEVICE)).sum() + \
+            sum(s.pow(2).sum() for s in state)
+        with interpreted.counting(kernels, "mlp_memory_bwd") as calls:
+            grads = torch.autograd.grad(first, leaves, create_graph=True)
+        assert calls == [], calls
+        # the second pass runs the op's first-order backward too (the incoming gradient of
+        # the state depends on the state): the kernel
+        second = sum((g * g.detach().sign()).sum() for g in grads)
+        with interpreted.counting(kernels, "mlp_memory_bwd") as calls:
+            got.append(torch.autograd.grad(second, leaves))
+        assert len(calls) == (backend == "triton"), calls
+    for name, ours, ref in zip([n for n, t in x.items() if t is not None], *got):
+        assert_close(f"second-order d{name}", ours, ref)
+
+
+CMS_BELOW_TITANS = """
+import "std/memory/titans.nest"
+import "std/memory/cms.nest"
+from "std/optim/adam.nest" import AdamW
+model TL(vocab = 32, dim = 32) {
+    input tokens : [T] int
+    let h = embed(tokens, vocab, dim)
+    h = h + CMS(dim, chunks = [16])(h)
+    h = h + Titans(dim, heads = 2, chunk = 16)(h)
+    output logits = h |> linear(vocab)
+    train every step { objective cross_entropy(logits, next(tokens)); rule AdamW(lr = 1e-3) }
+}
+"""
+
+
+def check_task_memory_below_the_kernel() -> None:
+    """A CMS level below Titans: the level's gradient of each 16-token piece runs back through
+    the memory's kernel, and the outer level differentiates that gradient again. The triton
+    back end trains it as the chunked one does (the kernel runs in every piece)."""
+    import nestc
+    from nestc.ops.mlp_memory import triton as kernels
+
+    prog = nestc.loads(CMS_BELOW_TITANS, "tl.nest")
+    x = torch.randint(0, 32, (2, 32), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    got = []
+    for backend in ("triton", "chunked"):
+        torch.manual_seed(0)
+        model = prog.build("TL", backend=backend).to(DEVICE)
+        with interpreted.counting(kernels, "mlp_memory_fwd") as calls:
+            logits = model(x)
+        assert len(calls) == (2 if backend == "triton" else 0), calls
+        F.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+        got.append({"logits": logits.detach(),
+                    **{n: p.grad for n, p in model.named_parameters()}})
+    for name in got[1]:
+        assert_close(f"CMS below Titans {name}", got[0][name], got[1][name])
+
+
 TWO_MEMORIES = """
 block Two(dim, heads = 2, chunk = 16) {
     input x : [T, dim]
@@ -434,6 +500,8 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
     "titans_block_under_a_chunk": (check_titans_block_on_the_triton_backend, (11, False)),
     "titans_block_default_chunk": (check_titans_block_on_the_triton_backend, (70, True, 64)),
     "two_memories_one_kernel": (check_two_memories_run_as_one_kernel, ()),
+    "double_backward": (check_double_backward, ()),
+    "task_memory_below_the_kernel": (check_task_memory_below_the_kernel, ()),
 }
 
 

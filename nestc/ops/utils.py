@@ -1,4 +1,5 @@
-"""Shared by the delta-rule ops: input checks, the chunked layout, callable op packages."""
+"""Shared by the ops: input checks, the chunked layout, callable op packages, the backward of
+a kernel that is differentiated again."""
 
 from __future__ import annotations
 
@@ -119,3 +120,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     inputs exactly and rounds float32 intermediates no coarser than those inputs already
     are."""
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def recomputed_vjp(forward: Callable[[], tuple[torch.Tensor | None, ...]],
+                   inputs: tuple[torch.Tensor | None, ...],
+                   grads: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
+    """The gradients at `inputs` of forward()'s outputs times `grads`, through the PyTorch ops
+    forward runs, as a graph (create_graph): the backward of a Triton kernel when the backward
+    is itself differentiated (autograd.grad(..., create_graph=True), as a model with memories
+    that learn from the task loss takes their gradients). The kernels' backward ops have no
+    backward of their own; this recomputes the forward on the chunked tier instead. None for
+    an input that is None or needs no gradient."""
+    wanted = [x for x in inputs if x is not None and x.requires_grad]
+    if not wanted:
+        return [None] * len(inputs)
+    with torch.enable_grad():
+        outs = forward()
+    pairs = [(o, g) for o, g in zip(outs, grads)
+             if o is not None and g is not None and o.requires_grad]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                   create_graph=True, allow_unused=True) if pairs
+               else [None] * len(wanted))
+    return [next(got) if x is not None and x.requires_grad else None for x in inputs]

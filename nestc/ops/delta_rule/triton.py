@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from nestc.ops.utils import dot_precision
+from nestc.ops.utils import dot_precision, recomputed_vjp
 
 # beyond these the kernels' tiles outgrow an H100's shared memory (K = 256: dqkvbg asks for
 # 360 KB; benchmarks/triton_resources.py)
@@ -611,6 +611,18 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _autograd_backward(ctx: Any, do: torch.Tensor, dht: torch.Tensor | None
                        ) -> tuple[torch.Tensor | None, ...]:
     q, k, v, g, beta, h0 = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
+        from nestc.ops.delta_rule.chunk import chunk_delta_rule
+        from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+
+        def forward() -> tuple[torch.Tensor | None, ...]:
+            if g is None:
+                return chunk_delta_rule(q, k, v, beta, ctx.scale, h0, dht is not None)
+            return chunk_gated_delta_rule(q, k, v, g, beta, ctx.scale, h0, dht is not None)
+
+        dq, dk, dv, dg, dbeta, dh0 = recomputed_vjp(forward, (q, k, v, g, beta, h0),
+                                                    (do, _or_none(dht)))
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None
     dq, dk, dv, dg, dbeta, dh0 = delta_rule_bwd(q, k, v, g, beta, ctx.scale, h0,
                                                 ctx.chunk_size, do, _or_none(dht))
     return (dq, dk, dv, _or_none(dg) if g is not None else None, dbeta, None,

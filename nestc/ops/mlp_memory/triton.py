@@ -85,7 +85,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from nestc.ops.mlp_memory.reference import ACTS, chunk_mlp_memory, mlp_memory_chunk
-from nestc.ops.utils import dot_precision
+from nestc.ops.utils import dot_precision, recomputed_vjp
 
 MAX_DIM = 128
 CHUNKS = (16, 32, 64)
@@ -757,7 +757,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip, read_before, chunk = inputs
-    ctx.save_for_backward(q, k, v, lr, retain, beta, *output[5:])
+    ctx.save_for_backward(q, k, v, lr, retain, beta, *output[5:], A0, B0, SA0, SB0)
     ctx.options = act, clip, read_before, chunk
     ctx.dtypes = A0.dtype, B0.dtype
     ctx.given = SA0 is not None, SB0 is not None
@@ -766,7 +766,17 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _autograd_backward(ctx: Any, dy: torch.Tensor, dA: torch.Tensor | None,
                        dB: torch.Tensor | None, dSA: torch.Tensor | None,
                        dSB: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
-    q, k, v, lr, retain, beta, sA, sB, sSA, sSB = ctx.saved_tensors
+    q, k, v, lr, retain, beta, sA, sB, sSA, sSB, A0, B0, SA0, SB0 = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
+        act, clip, read_before, chunk = ctx.options
+
+        def forward() -> tuple[torch.Tensor | None, ...]:
+            y, state = chunk_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act,
+                                        clip=clip, read_before=read_before, chunk=chunk)
+            return (y, *state)
+
+        return (*recomputed_vjp(forward, (q, k, v, lr, retain, beta, A0, B0, SA0, SB0),
+                                (dy, dA, dB, dSA, dSB)), None, None, None, None)
     # an output that the loss does not use has no gradient: zeros
     dA, dB, dSA, dSB = (torch.zeros_like(s[:, :, 0]) if g is None else g
                         for g, s in zip((dA, dB, dSA, dSB), (sA, sB, sA, sB)))
