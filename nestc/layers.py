@@ -63,6 +63,15 @@ MATH: dict[str, Any] = {
 }
 
 
+def _softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(1 + exp(beta x)) / beta, as logaddexp: torch.compile's backward of F.softplus
+    followed by a transpose fails at run time in torch 2.13 ("view size is not compatible"),
+    which made a compiled self-modifying Titans fail in backward. Equal to F.softplus within
+    float32 rounding (it returns x above beta x = 20; log(1 + exp(-20)) = 2e-9)."""
+    y = torch.logaddexp(x * beta if beta != 1.0 else x, x.new_zeros(()))
+    return y / beta if beta != 1.0 else y
+
+
 def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Any:
     """One builtin call -> Ten (tensor) for the block builder `scope` (nestc.module._Scope)."""
     from nestc.module import Ten, _unsupported
@@ -77,7 +86,7 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Any:
     if name == "softplus":
         x = scope.tensor(e.args[0], hint)
         beta = float(kw.get("beta", 1.0))
-        return Ten(lambda env: F.softplus(x.fn(env), beta=beta), x.feat)
+        return Ten(lambda env: _softplus(x.fn(env), beta), x.feat)
     if name == "l2norm":
         x = scope.tensor(e.args[0], hint)
         per, eps = scope.size_kw(e, "per", 1, "`per`"), float(kw.get("eps", 1e-6))
