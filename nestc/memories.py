@@ -840,8 +840,8 @@ class _Siblings:
             return outs
         record = _Record(len(mems))
 
-        def stack(xs: list[torch.Tensor]) -> torch.Tensor:
-            return _Stack.apply(record, *xs)
+        def stack(xs: list[torch.Tensor], kind: str = "any") -> torch.Tensor:
+            return _Stack.apply(record, kind, *xs)
 
         ws, givens = [w for _, w, _ in parts], [given for _, _, given in parts]
         w: dict[str, Any] = {"stack": stack}
@@ -860,12 +860,11 @@ class _Siblings:
         given["start"] = given["M"] if offset == 0 else \
             tuple(stack(list(ts)) for ts in zip(*(g["start"] for g in givens)))
         given["offset"] = offset
-        y, out = mems[0]._run(stack([qh for qh, _, _ in parts]), w, given)
-        # (N, G H, T, d) -> per memory (N, T, H d): one copy, then views
-        y = y.transpose(1, 2).reshape(Bn, T, len(mems), -1).to(q.dtype).transpose(1, 2)
+        y, out = mems[0]._run(stack([qh for qh, _, _ in parts], "read"), w, given)
         names = [(n, j) for n in ("M", "S", "start") for j in range(2)]
-        pieces = _Split.apply(record, len(mems), y, *(out[n][j] for n, j in names))
-        ys = [piece[:, 0] for piece in pieces[:len(mems)]]
+        pieces = _Split.apply(record, len(mems), y.to(q.dtype),
+                              *(out[n][j] for n, j in names))
+        ys = list(pieces[:len(mems)])
         for i, m in enumerate(mems):
             got = {(n, j): pieces[(k + 1) * len(mems) + i] for k, (n, j) in enumerate(names)}
             m._store(env, {"M": (got["M", 0], got["M", 1]), "S": (got["S", 0], got["S", 1]),
@@ -874,49 +873,80 @@ class _Siblings:
         return ys
 
 
+# the backward pass running now (a private torch API; without it every note is trusted)
+_graph_task: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: 0)
+
+
 class _Record:
-    """Which memories of one run of _Siblings got a gradient, in the last backward pass
-    through it (_Split sets it, then _Stack reads it in the same pass: every path to a
-    _Stack runs through the _Split of its run)."""
+    """Which memories of one run of _Siblings got a gradient in a backward pass: for their
+    reads ("read") and for any output ("any"). _Split notes it; the run's _Stacks read it later
+    in the same pass (every _Stack's output is consumed by the computation whose outputs
+    _Split takes, so the engine runs _Split first). A pass that reaches a _Stack without
+    _Split (only through a graph a create_graph backward built from the stacked tensors) finds
+    no note of its own and gives every memory its gradient: zeros, not None."""
 
     def __init__(self, n: int) -> None:
-        self.got = [True] * n
+        self.n = n
+        self.task: int | None = None  # the pass that noted `got`
+        self.got: dict[str, list[bool]] = {}
+
+    def note(self, reads: list[bool], any_output: list[bool]) -> None:
+        self.task, self.got = _graph_task(), {"read": reads, "any": any_output}
+
+    def got_for(self, kind: str) -> list[bool]:
+        return self.got[kind] if self.task is not None and self.task == _graph_task() \
+            else [True] * self.n
 
 
 class _Stack(torch.autograd.Function):
     """torch.cat(xs, 1) of one tensor per memory of a _Siblings run, whose backward gives a
-    memory none of the gradient (None) when nothing reached its outputs (_Split): what it
-    gets when it runs alone, so an optimizer skips its weights as it would then."""
+    memory none of the gradient (None) when nothing reached its outputs (_Split; `kind`
+    "read": the query, which only its read depends on; "any": everything else): what it gets
+    when it runs alone, so an optimizer skips a weight as it would then."""
 
     @staticmethod
-    def forward(ctx: Any, record: _Record, *xs: torch.Tensor) -> torch.Tensor:
-        ctx.record, ctx.sizes = record, [x.shape[1] for x in xs]
+    def forward(ctx: Any, record: _Record, kind: str, *xs: torch.Tensor) -> torch.Tensor:
+        ctx.record, ctx.kind, ctx.sizes = record, kind, [x.shape[1] for x in xs]
         return torch.cat(xs, 1)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         parts = g.split(ctx.sizes, 1)
-        return (None, *(p if got else None for p, got in zip(parts, ctx.record.got)))
+        got = ctx.record.got_for(ctx.kind)
+        return (None, None, *(p if got_i else None for p, got_i in zip(parts, got)))
 
 
 class _Split(torch.autograd.Function):
-    """xs (..., n * H, ...) -> for each x, its n memories' slices of dim 1 (views), noting in
-    the record which memories any gradient reached."""
+    """The stacked reads y (N, n H, T, d) and states (N, n H, ...) of a _Siblings run -> each
+    memory's read (N, T, H d) and states, fresh contiguous tensors as when it runs alone
+    (views would forbid in-place use), noting in the record which memories a gradient
+    reached."""
 
     @staticmethod
-    def forward(ctx: Any, record: _Record, n: int, *xs: torch.Tensor
+    def forward(ctx: Any, record: _Record, n: int, y: torch.Tensor, *states: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
-        ctx.record, ctx.n = record, n
-        ctx.like = [(x.shape[:1] + (x.shape[1] // n,) + x.shape[2:], x.dtype, x.device)
-                    for x in xs]
-        return tuple(piece for x in xs for piece in x.chunk(n, 1))
+        N, GH, T, d = y.shape
+        H = GH // n
+        ctx.record, ctx.n, ctx.H = record, n, H
+        ctx.like = [((N, H, T, d), y.dtype, y.device)] + \
+            [((x.shape[0], H, *x.shape[2:]), x.dtype, x.device) for x in states]
+        reads = []
+        for i in range(n):
+            read = y.new_empty(N, T, H * d)
+            read.view(N, T, H, d).copy_(y[:, i * H:(i + 1) * H].transpose(1, 2))
+            reads.append(read)
+        return (*reads, *(x[:, i * H:(i + 1) * H].clone(memory_format=torch.contiguous_format)
+                          for x in states for i in range(n)))
 
     @staticmethod
     def backward(ctx: Any, *gs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        n = ctx.n
-        rows = [gs[j * n:(j + 1) * n] for j in range(len(ctx.like))]
-        ctx.record.got = [any(row[i] is not None for row in rows) for i in range(n)]
+        n, H = ctx.n, ctx.H
+        rows = [list(gs[j * n:(j + 1) * n]) for j in range(len(ctx.like))]
+        rows[0] = [None if g is None else g.unflatten(-1, (H, -1)).transpose(1, 2)
+                   for g in rows[0]]
+        ctx.record.note([g is not None for g in rows[0]],
+                        [any(row[i] is not None for row in rows) for i in range(n)])
         grads: list[torch.Tensor | None] = []
         for row, (shape, dtype, device) in zip(rows, ctx.like):
             grads.append(None if all(g is None for g in row) else torch.cat(
@@ -1085,7 +1115,7 @@ class _SelfTen:
 
 
 def _tiled(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x if n == 1 or x.shape[-1] == 1 else x.repeat(*[1] * (x.dim() - 1), n)
+    return x if n == 1 else x.repeat(*[1] * (x.dim() - 1), n)
 
 
 class _SelfExpr:
@@ -1104,8 +1134,13 @@ class _SelfExpr:
             return self.compile(mem.lets[e.name])
         if isinstance(e, ast.ExprName) and e.name in scope.tens:
             t = scope.tens[e.name]
-            return _SelfTen(lambda env, read, a, b, tile: _tiled(t.fn(env)[:, a:b], tile),
-                            t.feat, ("tensor", id(t)))
+
+            def leaf(env: Any, read: Any, a: int, b: int, tile: int) -> torch.Tensor:
+                # one feature that is not the memory's whole width broadcasts: not tiled
+                whole = t.feat != 1 or mem.heads * mem.d == 1
+                return _tiled(t.fn(env)[:, a:b], tile if whole else 1)
+
+            return _SelfTen(leaf, t.feat, ("tensor", id(t)))
         if isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName):
             if len(e.args) != 1 or e.kwargs:
                 raise unsupported(f"`{e.func.name}(...)` inside a memory", e.span)

@@ -280,3 +280,68 @@ def test_self_generated_values_run_as_one(value1, value2, same_values):
     assert mod.M1.siblings[0].same_values is same_values
     x = torch.randn(2, 11, 8)
     same_run(mod, alone(mod), lambda m: ([m(x)], m(x).pow(2).sum()))
+
+
+def test_one_feature_values_and_a_query_only_the_states_reach():
+    # a memory of one feature and one head: its one-feature value is its whole width, tiled;
+    # a loss of the final states alone: the query's projection gets no gradient (None), as
+    # when each memory runs alone
+    prog = nestc.loads(spec("""
+        block B(dim) {
+            input x : [T, dim]
+            let v = x |> linear(1)
+            let q = x |> linear(1)
+            memory M1 : residual_mlp(1) = meta every token in chunks of 4 {
+                let target = stop_grad(M1(v))
+                key v; value target; objective l2(M1(v), target); rule gd(lr = 0.5)
+            }
+            memory M2 : residual_mlp(1) = meta every token in chunks of 4 {
+                let target = stop_grad(M2(v))
+                key v; value target; objective l2(M2(v), target); rule gd(lr = 0.25)
+            }
+            output M1(q) + M2(q)
+        }
+    """), "b.nest")
+    torch.manual_seed(0)
+    mod = prog.build("B", dim=4)
+    assert groups(mod) == [["M1", "M2"]] and mod.M1.siblings[0].same_values
+    x = torch.randn(2, 9, 4)
+    same_run(mod, alone(mod), lambda m: ([m(x)], m(x).pow(2).sum()))
+
+    def states_only(m):
+        _, state = m(x, return_state=True)
+        return leaves(state), sum(t.pow(2).sum() for t in leaves(state) if t.requires_grad)
+
+    mod.zero_grad(set_to_none=True)
+    twin = alone(mod)
+    same_run(mod, twin, states_only)
+    assert mod.q_linear.weight.grad is None
+
+
+def test_reads_and_states_are_tensors_of_their_own():
+    # as when each memory runs alone: contiguous reads, states that take in-place updates
+    torch.manual_seed(0)
+    smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        _, state = smt(x, return_state=True)
+        state["M_v"]["M"][0].mul_(0.5)
+        _, again = smt(x, state=state, return_state=True)
+    assert all(t.is_contiguous() for t in leaves(again["M_k"]))
+    reads = []
+    group = smt.M_k.siblings[0]
+    run = group._run
+    group._run = lambda q, env: reads.extend(run(q, env)) or reads[-4:]
+    try:
+        smt(x)
+    finally:
+        group._run = run
+    assert len(reads) == 4 and all(r.is_contiguous() for r in reads)
+    reads[0].mul_(2)  # no error: not a view
+
+
+def test_bfloat16_inputs_run_as_one():
+    torch.manual_seed(0)
+    smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4).to(torch.bfloat16)
+    x = torch.randn(2, 9, 16, dtype=torch.bfloat16)
+    same_run(smt, alone(smt), lambda m: ([m(x).float()], m(x).float().pow(2).sum()))
