@@ -64,6 +64,11 @@ def same_run(a, b, run):
             same(p.grad, q.grad)
 
 
+def outputs_as_one_equal_alone(mod, T, dim):
+    x = torch.randn(2, T, dim)
+    same_run(mod, alone(mod), lambda m: ([m(x)], m(x).pow(2).sum()))
+
+
 def test_self_modifying_titans_runs_its_four_projection_memories_as_one():
     smt = SMT.build("SelfModifyingTitans", dim=16, heads=2)
     assert groups(smt) == [["M_alpha", "M_eta", "M_k", "M_v"]]
@@ -162,8 +167,7 @@ def test_which_memories_run_as_one(reads, chunk, grouped):
     torch.manual_seed(0)
     mod = prog.build("B", dim=8)
     assert groups(mod) == ([["M1", "M2"]] if grouped else [])
-    x = torch.randn(2, 7, 8)
-    same_run(mod, alone(mod), lambda m: ([m(x)], m(x).pow(2).sum()))
+    outputs_as_one_equal_alone(mod, 7, 8)
 
 
 def test_a_memory_read_before_its_sibling_is_written_runs_alone():
@@ -278,8 +282,7 @@ def test_self_generated_values_run_as_one(value1, value2, same_values):
     mod = prog.build("B", dim=8)
     assert groups(mod) == [["M1", "M2"]]
     assert mod.M1.siblings[0].same_values is same_values
-    x = torch.randn(2, 11, 8)
-    same_run(mod, alone(mod), lambda m: ([m(x)], m(x).pow(2).sum()))
+    outputs_as_one_equal_alone(mod, 11, 8)
 
 
 def test_one_feature_values_and_a_query_only_the_states_reach():
