@@ -16,16 +16,15 @@ import argparse
 import copy
 import gc
 import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from memory import median_seconds  # benchmarks/memory.py: this script's folder is on the path
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nestc
-from nestc.memories import MLPMemory
+from nestc.memories import run_each_alone
 
 
 class _Count(TorchDispatchMode):
@@ -37,15 +36,6 @@ class _Count(TorchDispatchMode):
                            kwargs: Any = None) -> Any:
         self.n += 1
         return func(*args, **(kwargs or {}))
-
-
-def alone(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of module (the same weights) whose memories each run alone."""
-    twin = copy.deepcopy(module)
-    for m in twin.modules():
-        if isinstance(m, MLPMemory):
-            m.siblings = None
-    return twin
 
 
 def ops_per_call(fn: Callable[[], None]) -> int:
@@ -72,20 +62,6 @@ def block_step(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
         if x.is_cuda:
             torch.cuda.synchronize()
     return call
-
-
-def median_seconds(fns: list[Callable[[], None]], reps: int, warmup: int) -> list[float]:
-    """Median wall time of each call, the calls interleaved; a full collection between calls,
-    untimed."""
-    times: list[list[float]] = [[] for _ in fns]
-    for rep in range(warmup + reps):
-        for fn, ts in zip(fns, times):
-            gc.collect()
-            start = time.perf_counter()
-            fn()
-            if rep >= warmup:
-                ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -125,9 +101,10 @@ def main() -> None:
     print("| what | memories | aten ops / step | ms / step | as one / alone |")
     print("| --- | --- | ---: | ---: | ---: |")
     for what, make, module, inputs in rows:
-        calls = [make(module, inputs), make(alone(module), inputs)]
+        calls = [make(module, inputs), make(run_each_alone(copy.deepcopy(module)), inputs)]
         ops = [ops_per_call(call) for call in calls]
-        fused, single = median_seconds(calls, args.reps, args.warmup)
+        # a full collection after every call, untimed (as benchmarks/memory.py does)
+        fused, single = median_seconds(calls, args.reps, args.warmup, between=gc.collect)
         print(f"| {what} | as one | {ops[0]:,} | {fused * 1e3:,.1f} | {fused / single:.2f} |")
         print(f"| {what} | alone | {ops[1]:,} | {single * 1e3:,.1f} | 1.00 |", flush=True)
 

@@ -565,8 +565,7 @@ class MLPMemory(Memory):
         if self.momentum and _constant(scope, self.rule_kw["beta"]) == 0:
             self.momentum, signals["beta"] = False, None  # S_t = u_t: plain gd
         self.signals = tuple(n for n, f in signals.items() if f is not None)
-        self.self_value = isinstance(v, _SelfTen)
-        self.value_key = v.key if isinstance(v, _SelfTen) else None
+        self.value_key = v.key if isinstance(v, _SelfTen) else None  # None: given values
         stop = self.stopped
 
         def write(env: dict[str, Any]) -> dict[str, Any]:
@@ -649,6 +648,9 @@ class MLPMemory(Memory):
         if self.siblings is not None and not torch.compiler.is_compiling():
             group, i = self.siblings
             return group.read(i, q, env)
+        return self._read_alone(q, env)
+
+    def _read_alone(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         qh, w, given = self._inputs(q, env)
         y, out = self._run(qh, w, given)
         self._store(env, out)
@@ -685,7 +687,8 @@ class MLPMemory(Memory):
         and the tensors they are written and read with."""
         return (self.d, self.hidden, self.heads, self.residual, self.act_name,
                 self.read_before, self.stopped, self.chunk, self.objective, self.delta,
-                self.momentum, self.clip, self.backend, self.signals, self.self_value)
+                self.momentum, self.clip, self.backend, self.signals,
+                self.value_key is None)
 
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
         """Whether the triton tier runs this read's whole chunks through nestc.ops.mlp_memory's
@@ -830,14 +833,8 @@ class _Siblings:
     def _run(self, q: torch.Tensor, env: dict[str, Any]) -> list[torch.Tensor]:
         mems: list[MLPMemory] = [get(env) for get in self.gets]
         parts = [m._inputs(q, env) for m in mems]
-        Bn, T, _ = q.shape
         if len({given["offset"] for _, _, given in parts}) > 1:  # states not run together
-            outs = []
-            for m, (qh, wm, gm) in zip(mems, parts):
-                y, out = m._run(qh, wm, gm)
-                m._store(env, out)
-                outs.append(y.transpose(1, 2).reshape(Bn, T, -1).to(q.dtype))
-            return outs
+            return [m._read_alone(q, env) for m in mems]
         record = _Record(len(mems))
 
         def stack(xs: list[torch.Tensor], kind: str = "any") -> torch.Tensor:
@@ -955,26 +952,36 @@ class _Split(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def run_siblings_as_one(mems: list[Memory], writes: dict[int, int],
-                        reads: dict[int, list[tuple[int, Any]]]) -> None:
+def run_siblings_as_one(writes: dict[Memory, int],
+                        reads: dict[Memory, list[tuple[int, Any]]]) -> None:
     """Group a declaration's MLP memories that can run as one (_Siblings), given the step
-    that writes each memory and, per read, the step that reads it and its query (a Ten: one
-    object is one tensor). Not on the reference tier, which stays the definition."""
+    that writes each memory (in the order they are declared) and, per read, the step that
+    reads it and its query (a Ten: one object is one tensor). Not on the reference tier,
+    which stays the definition."""
     groups: dict[Any, list[MLPMemory]] = {}
-    for mem in mems:
+    for mem in writes:
         if isinstance(mem, MLPMemory) and mem.backend != "reference" and \
-                len(reads.get(id(mem), [])) == 1:
-            q = reads[id(mem)][0][1]
+                len(reads.get(mem, [])) == 1:
+            q = reads[mem][0][1]
             groups.setdefault((mem.sibling_key(), id(q)), []).append(mem)
     for members in groups.values():
-        if len(members) < 2 or max(writes[id(m)] for m in members) >= \
-                min(reads[id(m)][0][0] for m in members):
+        if len(members) < 2 or max(writes[m] for m in members) >= \
+                min(reads[m][0][0] for m in members):
             continue
         keys = {m.value_key for m in members}
         group = _Siblings([m.get for m in members], f"__siblings_{members[0].env_key}",
                           same_values=len(keys) == 1 and None not in keys)
         for i, m in enumerate(members):
             m.siblings = (group, i)
+
+
+def run_each_alone(module: nn.Module) -> nn.Module:
+    """module, its memories ungrouped (_Siblings): each runs alone, as on the reference tier;
+    what tests and benchmarks/siblings.py compare a group with."""
+    for m in module.modules():
+        if isinstance(m, MLPMemory):
+            m.siblings = None
+    return module
 
 
 def _is_task(s: ast.StmtMemory) -> bool:

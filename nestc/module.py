@@ -215,7 +215,7 @@ class Builder:
         mod = Built(checked.name, checked.kind)
         scope = _Scope(self, checked, mod, dict(values))
         scope.stmts(checked.decl.body, in_feat)
-        memories.run_siblings_as_one(scope.declared, scope.writes, scope.reads)
+        memories.run_siblings_as_one(scope.writes, scope.reads)
         if mod.out is None:
             raise NestError(f"{checked.kind} `{checked.name}` has no output",
                             checked.decl.name_span, kind="value")
@@ -232,11 +232,10 @@ class _Scope:
         self.tens: dict[str, Ten] = {}
         self.mems: dict[str, memories.Memory] = {}
         self.prefix = ""
-        # per memory (by id): the step that writes it, and per read the step that reads it
-        # and its query (memories.run_siblings_as_one)
-        self.declared: list[memories.Memory] = []
-        self.writes: dict[int, int] = {}
-        self.reads: dict[int, list[tuple[int, Ten]]] = {}
+        # per memory: the step that writes it, and per read the step that reads it and its
+        # query (memories.run_siblings_as_one)
+        self.writes: dict[memories.Memory, int] = {}
+        self.reads: dict[memories.Memory, list[tuple[int, Ten]]] = {}
 
     def add(self, hint: str, module: nn.Module) -> str:
         """Register a submodule under a spec-derived name, unique in this declaration."""
@@ -355,8 +354,7 @@ class _Scope:
         def step(env: Env) -> None:
             env[mem.env_key] = write(env)
 
-        self.declared.append(mem)
-        self.writes[id(mem)] = len(self.mod.steps)
+        self.writes[mem] = len(self.mod.steps)
         self.mod.steps.append(step)
 
     # expressions --------------------------------------------------------------------------
@@ -443,7 +441,7 @@ class _Scope:
                                 kind="value")
             q = self.tensor(e.args[0], hint)
             # read in the step being compiled (the output: after every step)
-            self.reads.setdefault(id(mem), []).append((len(self.mod.steps), q))
+            self.reads.setdefault(mem, []).append((len(self.mod.steps), q))
             return mem.compile_read(self, q, e.span)
         decl = self.checked.scope.get(name)
         if decl is not None and decl.kind == "block":

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from conftest import spec  # noqa: E402
 
 import nestc  # noqa: E402
-from nestc.memories import MLPMemory  # noqa: E402
+from nestc.memories import MLPMemory, run_each_alone  # noqa: E402
 
 SMT = nestc.load("std/memory/self_modifying_titans.nest")
 HOPE = nestc.load("std/models/hope.nest")
@@ -21,11 +21,7 @@ HOPE = nestc.load("std/models/hope.nest")
 
 def alone(module):
     """A copy of module whose memories each run alone."""
-    twin = copy.deepcopy(module)
-    for m in twin.modules():
-        if isinstance(m, MLPMemory):
-            m.siblings = None
-    return twin
+    return run_each_alone(copy.deepcopy(module))
 
 
 def groups(module):

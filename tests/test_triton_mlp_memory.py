@@ -415,7 +415,7 @@ def check_two_memories_run_as_one_kernel() -> None:
     ._Siblings): their heads stacked into one kernel launch, equal to each run alone on the
     chunked tier (T = 37: two whole chunks through the kernel, then a partial one)."""
     import nestc
-    from nestc.memories import MLPMemory
+    from nestc.memories import run_each_alone
     from nestc.ops.mlp_memory import triton as kernels
 
     prog = nestc.loads(TWO_MEMORIES, "two.nest")
@@ -423,9 +423,7 @@ def check_two_memories_run_as_one_kernel() -> None:
     for backend in ("triton", "chunked"):
         torch.manual_seed(0)
         blocks.append(prog.build("Two", dim=32, backend=backend).to(DEVICE))
-    for m in blocks[1].modules():
-        if isinstance(m, MLPMemory):
-            m.siblings = None
+    run_each_alone(blocks[1])
     assert blocks[0].M1.siblings is not None and blocks[0].M2.siblings is not None
     x0 = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     got: list[dict[str, torch.Tensor]] = []
