@@ -374,6 +374,25 @@ def check_double_backward(op: str) -> None:
         assert_close(f"{op} second-order d{name}", ours, ref)
 
 
+def check_differentiated_backward_of_tied_inputs(op: str) -> None:
+    """q and k one tensor and v computed from it (as a model may feed them): the op's
+    recomputed backward (create_graph) returns the gradient of each argument alone, not the
+    total derivative through the others computed from its tensor, which autograd would add a
+    second time. First- and second-order gradients of the leaves equal the chunked tier's."""
+    got = []
+    for tier in ("triton", "chunked"):
+        leaves = {n: t for n, t in make_inputs(op, 21, True).items() if n not in ("q", "v")}
+        x = dict(leaves, q=leaves["k"], v=torch.cat([leaves["k"], -leaves["k"]], -1).exp())
+        o, S = call(tier, op, x, chunk_size=16)
+        first = (o * torch.linspace(-1, 1, o.shape[-1], device=DEVICE)).sum() + S.pow(2).sum()
+        grads = torch.autograd.grad(first, list(leaves.values()), create_graph=True)
+        second = sum((g * g.detach().sign()).sum() for g in grads)
+        got.append([*grads, *torch.autograd.grad(second, list(leaves.values()))])
+    names = [f"{order} d{n}" for order in ("first-order", "second-order") for n in leaves]
+    for name, ours, ref in zip(names, *got):
+        assert_close(f"{op} tied inputs {name}", ours, ref)
+
+
 def check_kernels_match_the_device() -> None:
     """Interpreted on CPU (the subprocess), compiled on CUDA."""
     from nestc.ops.delta_rule import triton as kernels
@@ -403,6 +422,7 @@ for _op in OPS:
     CASES[f"refused_late-{_op}"] = (check_refused_late_falls_back, (_op,))
     CASES[f"one_stage-{_op}"] = (check_refused_pipelining_retries_with_one_stage, (_op,))
     CASES[f"double_backward-{_op}"] = (check_double_backward, (_op,))
+    CASES[f"double_backward_tied-{_op}"] = (check_differentiated_backward_of_tied_inputs, (_op,))
 for _block in ("DeltaNet", "GatedDeltaNet"):
     CASES[f"build-{_block}"] = (check_compiler_selects_the_kernels, (_block,))
     CASES[f"compile-{_block}"] = (check_torch_compile_matches_eager, (_block,))

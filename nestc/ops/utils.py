@@ -122,23 +122,29 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def recomputed_vjp(forward: Callable[[], tuple[torch.Tensor | None, ...]],
+def recomputed_vjp(forward: Callable[..., tuple[torch.Tensor | None, ...]],
                    inputs: tuple[torch.Tensor | None, ...],
                    grads: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
-    """The gradients at `inputs` of forward()'s outputs times `grads`, through the PyTorch ops
-    forward runs, as a graph (create_graph): the backward of a Triton kernel when the backward
-    is itself differentiated (autograd.grad(..., create_graph=True), as a model with memories
-    that learn from the task loss takes their gradients). The kernels' backward ops have no
-    backward of their own; this recomputes the forward on the chunked tier instead. None for
-    an input that is None or needs no gradient."""
-    wanted = [x for x in inputs if x is not None and x.requires_grad]
+    """The gradients at `inputs` of forward(*inputs)'s outputs times `grads`, through the
+    PyTorch ops forward runs, as a graph (create_graph): the backward of a Triton kernel when
+    the backward is itself differentiated (autograd.grad(..., create_graph=True), as a model
+    with memories that learn from the task loss takes their gradients). The kernels' backward
+    ops have no backward of their own; this recomputes the forward on the chunked tier
+    instead. None for an input that is None or needs no gradient.
+
+    forward gets each input as a fresh alias (a view in the graph): the gradient at one input
+    is then what flows into that argument alone, as a backward returns it, not the total
+    derivative through every argument computed from it (v = f(k), or q and k one tensor),
+    which autograd would add again on its way back to k."""
+    aliases = [x.view_as(x) if x is not None and x.requires_grad else x for x in inputs]
+    wanted = [x for x in aliases if x is not None and x.requires_grad]
     if not wanted:
         return [None] * len(inputs)
     with torch.enable_grad():
-        outs = forward()
+        outs = forward(*aliases)
     pairs = [(o, g) for o, g in zip(outs, grads)
              if o is not None and g is not None and o.requires_grad]
     got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                    create_graph=True, allow_unused=True) if pairs
                else [None] * len(wanted))
-    return [next(got) if x is not None and x.requires_grad else None for x in inputs]
+    return [next(got) if x is not None and x.requires_grad else None for x in aliases]

@@ -615,7 +615,9 @@ def _autograd_backward(ctx: Any, do: torch.Tensor, dht: torch.Tensor | None
         from nestc.ops.delta_rule.chunk import chunk_delta_rule
         from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 
-        def forward() -> tuple[torch.Tensor | None, ...]:
+        def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                    beta: torch.Tensor, h0: torch.Tensor | None
+                    ) -> tuple[torch.Tensor | None, ...]:
             if g is None:
                 return chunk_delta_rule(q, k, v, beta, ctx.scale, h0, dht is not None)
             return chunk_gated_delta_rule(q, k, v, g, beta, ctx.scale, h0, dht is not None)

@@ -770,9 +770,9 @@ def _autograd_backward(ctx: Any, dy: torch.Tensor, dA: torch.Tensor | None,
     if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
         act, clip, read_before, chunk = ctx.options
 
-        def forward() -> tuple[torch.Tensor | None, ...]:
-            y, state = chunk_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act,
-                                        clip=clip, read_before=read_before, chunk=chunk)
+        def forward(*inputs: Any) -> tuple[torch.Tensor | None, ...]:
+            y, state = chunk_mlp_memory(*inputs, act=act, clip=clip, read_before=read_before,
+                                        chunk=chunk)
             return (y, *state)
 
         return (*recomputed_vjp(forward, (q, k, v, lr, retain, beta, A0, B0, SA0, SB0),
