@@ -15,8 +15,8 @@ otherwise show up only on the device.
                                           [--sweep [--jobs N] [--only TEXT ...]]
 
 --K: key widths of the delta rules (V = K, chunk 64, plain and gated); --mlp d,h,chunk: MLP
-memory shapes (momentum, retention and clip on); --limit: the shared memory a block may have,
-in bytes, instead of the arch's (SHARED_LIMIT). Exit status 1 when a kernel the ops would
+memory shapes (momentum, retention and clip on; with and without self-generated values);
+--limit: the shared memory a block may have, in bytes, instead of the arch's (SHARED_LIMIT). Exit status 1 when a kernel the ops would
 launch needs more shared memory than the GPU allows: every delta-rule kernel, and the MLP
 kernels where `mlp_kernel_fits` admits the shape (the others run on the chunked tier; their
 rows are reported, not checked). The figures depend on the Triton version; the compile times
@@ -28,7 +28,9 @@ widths (the interpreter runs any of them, so a shape or flag the GPU compiler re
 only here): for each dtype and K, the delta rules with and without decay, initial state, final
 state and its gradient, at one token and at a partial chunk, and at chunks 16, 32, 64 with value
 widths K, 24 and 200; for each MLP shape, every flag of the all-on case turned off in turn
-(retention, momentum, clip, initial momenta), silu, read_before, one token, one chunk. One
+(retention, momentum, clip, initial momenta), silu, read_before, one token, one chunk, and
+self-generated values (alone, and as self-modifying Titans runs them: silu, read_before, no
+momentum). One
 row a case; exit status 1 when a case fails to compile or a kernel the ops would launch
 outgrows the limit. --jobs runs the cases in that many processes, --only those whose names
 contain one of its words ("gated", "chunk=16 bf16").
@@ -160,9 +162,11 @@ def delta_case(K: int, gated: bool, dtype: torch.dtype, V: int | None = None, ch
 
 def mlp_case(d: int, h: int, chunk: int, dtype: torch.dtype, T: int | None = None,
              act: str = "gelu", retain: bool = True, beta: bool = True, clip: bool = True,
-             read_before: bool = False, s0: bool = False) -> Callable[[], None]:
+             read_before: bool = False, s0: bool = False, v_self: bool = False
+             ) -> Callable[[], None]:
     """The forward and backward of the MLP memory at these sizes and flags (retain, beta:
-    retention and momentum; s0: initial momenta given)."""
+    retention and momentum; s0: initial momenta given; v_self: values it generates itself,
+    as self-modifying Titans' memories do)."""
     def launch() -> None:
         N, H, T_ = 1, 2, T or 2 * chunk
         q, k, v = (torch.randn(N, H, T_, d, dtype=dtype) for _ in range(3))
@@ -171,11 +175,12 @@ def mlp_case(d: int, h: int, chunk: int, dtype: torch.dtype, T: int | None = Non
         A0, B0 = torch.randn(N, H, d, h), torch.randn(N, H, h, d)
         SA0, SB0 = (torch.randn_like(A0), torch.randn_like(B0)) if s0 else (None, None)
         c = 1.0 if clip else None
+        vs = torch.randn_like(q) if v_self else None
         out = mlp_kernels._forward(q, k, v, lr, rt, bt, A0, B0, SA0, SB0, act, c, read_before,
-                                   chunk, True)
+                                   chunk, True, vs)
         sA, sB, sSA, sSB = out[5:9]
         mlp_kernels._backward(q, k, v, lr, rt, bt, sA, sB, sSA, sSB, act, c, read_before,
-                              chunk, torch.randn_like(q), A0, B0, A0, B0)
+                              chunk, torch.randn_like(q), A0, B0, A0, B0, vs)
     return launch
 
 
@@ -205,7 +210,11 @@ def sweep_cases(Ks: list[int], mlp_shapes: list[tuple[int, int, int]], dtypes: l
                                   ("no momentum", {"beta": False}), ("no clip", {"clip": False}),
                                   ("no initial momenta", {"s0": False}),
                                   ("silu", {"act": "silu"}), ("read_before", {"read_before": True}),
-                                  ("T=1", {"T": 1}), ("one chunk", {"T": chunk})):
+                                  ("T=1", {"T": 1}), ("one chunk", {"T": chunk}),
+                                  ("self values", {"v_self": True}),
+                                  ("self values silu read_before no momentum",
+                                   {"v_self": True, "act": "silu", "read_before": True,
+                                    "beta": False})):
                 cases.append((f"mlp d={d} h={h} chunk={chunk} {name} {label}", "mlp",
                               base | change))
     # dedupe: with dht only where there is a final state, some flag sets repeat
@@ -322,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             admitted = mlp_kernels.mlp_kernel_fits(d, h, chunk, dtype)
             case = f"mlp d={d} h={h} chunk={chunk} {name}"
             rows += measure(case, mlp_case(d, h, chunk, dtype), admitted, args.arch)
+            rows += measure(f"{case} self values", mlp_case(d, h, chunk, dtype, v_self=True),
+                            admitted, args.arch)
     text = table(rows, args.arch, limit)
     print(text, end="")
     if args.out:

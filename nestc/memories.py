@@ -566,6 +566,12 @@ class MLPMemory(Memory):
             self.momentum, signals["beta"] = False, None  # S_t = u_t: plain gd
         self.signals = tuple(n for n, f in signals.items() if f is not None)
         self.value_key = v.key if isinstance(v, _SelfTen) else None  # None: given values
+        # stop_grad(M(x)) of a block tensor x as wide as the memory: the triton tier's kernel
+        # generates those values itself from x (_fused)
+        source = v.source if isinstance(v, _SelfTen) and self.backend == "triton" else None
+        if source is not None and source.feat != H * d:
+            source = None
+        self.value_source = source is not None
         stop = self.stopped
 
         def write(env: dict[str, Any]) -> dict[str, Any]:
@@ -577,6 +583,8 @@ class MLPMemory(Memory):
                 # over env would make a cycle that keeps every activation alive
                 # (node, heads, tile): one per memory run, or one tiled for all (_Siblings)
                 out["value"] = [(v.bind(dict(env)), H, 1)]
+                if source is not None:
+                    out["vs"] = source.fn(env).view(B, T, H, d).detach()
             else:
                 out["v"] = v.fn(env).view(B, T, H, d)
             out.update({n: None if f is None else f(env, kk) for n, f in signals.items()})
@@ -688,16 +696,17 @@ class MLPMemory(Memory):
         return (self.d, self.hidden, self.heads, self.residual, self.act_name,
                 self.read_before, self.stopped, self.chunk, self.objective, self.delta,
                 self.momentum, self.clip, self.backend, self.signals,
-                self.value_key is None)
+                self.value_key is None, self.value_source)
 
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
         """Whether the triton tier runs this read's whole chunks through nestc.ops.mlp_memory's
-        kernel: a plain MLP (gelu or silu) learning given values by l2, in float32 or a 16-bit
-        type, at sizes whose kernels fit in a GPU's shared memory (`mlp_kernel_fits`), on a
-        piece that starts where a chunk does and holds at least one whole chunk (a last,
-        partial chunk runs on the chunked tier)."""
-        if self.backend != "triton" or self.residual or self.objective != "l2" or \
-                "v" not in w or self.act_name not in ("gelu", "silu"):
+        kernel: an MLP or residual MLP (gelu or silu) learning by l2 given values or its own
+        reading of a block tensor under stop_grad, in float32 or a 16-bit type, at sizes whose
+        kernels fit in a GPU's shared memory (`mlp_kernel_fits`), on a piece that starts
+        where a chunk does and holds at least one whole chunk (a last, partial chunk runs on
+        the chunked tier)."""
+        if self.backend != "triton" or self.objective != "l2" or \
+                not ("v" in w or "vs" in w) or self.act_name not in ("gelu", "silu"):
             return False
         from nestc.ops.mlp_memory.triton import mlp_kernel_fits
 
@@ -707,22 +716,34 @@ class MLPMemory(Memory):
 
     def _fused(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
         """The chunked tier's computation, its whole chunks as one Triton kernel
-        (nestc/ops/mlp_memory), a partial last chunk on the chunked tier."""
+        (nestc/ops/mlp_memory), a partial last chunk on the chunked tier. The kernel's MLP is
+        act(x A) B: a residual memory, x + act(x A) B, learns v as that MLP learns v - k,
+        and reads q plus that MLP's reading of q. Self-generated values (w["vs"]: x of
+        stop_grad(M(x))) are the kernel's v_self."""
         from nestc.ops.mlp_memory.triton import triton_mlp_memory
 
         (A, B), (SA, SB) = given["M"], given["S"]
         T = q.shape[2]
         n = T - T % self.chunk  # the tokens of whole chunks
         cut = {name: x[:, :, :n] if isinstance(x, torch.Tensor) else x for name, x in w.items()}
+        vs = cut.get("vs")
+        v = cut["v"] if vs is None else vs if self.residual else torch.zeros_like(vs)
+        if self.residual:
+            v = v - cut["k"]
         y, (A, B, SA, SB) = triton_mlp_memory(
-            q[:, :, :n], cut["k"], cut["v"], cut["lr"], cut["retain"],
+            q[:, :, :n], cut["k"], v, cut["lr"], cut["retain"],
             cut["beta"] if self.momentum else None, A, B, SA, SB, act=self.act_name,
-            clip=self.clip, read_before=self.read_before, chunk=self.chunk)
+            clip=self.clip, read_before=self.read_before, chunk=self.chunk, v_self=vs)
+        if self.residual:
+            y = y + q[:, :, :n]
         # the kernel ends where a chunk does: what follows starts a chunk from (A, B)
         out = {"M": (A, B), "S": (SA, SB), "start": (A, B), "offset": 0}
         if n == T:
             return y, out
         rest = {name: x[:, :, n:] if isinstance(x, torch.Tensor) else x for name, x in w.items()}
+        if "value" in w:  # generated values take the tokens' places in the whole piece
+            rest["value"] = [(lambda read, a, b, tile, node=node: node(read, a + n, b + n, tile),
+                              heads, tile) for node, heads, tile in w["value"]]
         y_rest, out = self._chunked(q[:, :, n:], rest, out)
         return torch.cat([y, y_rest], 2), out
 
@@ -1116,6 +1137,9 @@ class _SelfTen:
     def __init__(self, node: Callable[..., Any], feat: int, key: Any) -> None:
         self.node: Callable[..., Any] = node
         self.feat, self.key = feat, key
+        # x, when this is stop_grad(M(x)) of a block tensor x: the form the MLP kernel
+        # generates itself (nestc.ops.mlp_memory's v_self)
+        self.source: Any = None
 
     def bind(self, env: dict[str, Any]) -> Callable[..., Any]:
         return lambda read, a, b, tile=1: self.node(env, read, a, b, tile)
@@ -1133,12 +1157,32 @@ class _SelfExpr:
         self.mem, self.scope = mem, scope
 
     def compile(self, e: ast.Expr) -> _SelfTen:
+        if isinstance(e, ast.ExprName) and e.name in self.mem.lets:
+            return self.compile(self.mem.lets[e.name])
+        out = self._compile(e)
+        out.source = self._source(e)
+        return out
+
+    def _source(self, e: ast.Expr) -> Any:
+        """The block tensor x when e is stop_grad(M(x)), M this memory; else None."""
+        def arg(call: ast.Expr, name: str) -> ast.Expr | None:
+            while isinstance(call, ast.ExprName) and call.name in self.mem.lets:
+                call = self.mem.lets[call.name]
+            ok = isinstance(call, ast.ExprCall) and isinstance(call.func, ast.ExprName) and \
+                call.func.name == name and len(call.args) == 1 and not call.kwargs
+            return call.args[0] if ok else None  # type: ignore[union-attr]
+
+        read = arg(e, "stop_grad")
+        x = None if read is None else arg(read, self.mem.name)
+        while isinstance(x, ast.ExprName) and x.name in self.mem.lets:
+            x = self.mem.lets[x.name]
+        return self.scope.tens.get(x.name) if isinstance(x, ast.ExprName) else None
+
+    def _compile(self, e: ast.Expr) -> _SelfTen:
         from nestc.layers import MATH
         from nestc.module import _unsupported as unsupported
 
         mem, scope = self.mem, self.scope
-        if isinstance(e, ast.ExprName) and e.name in mem.lets:
-            return self.compile(mem.lets[e.name])
         if isinstance(e, ast.ExprName) and e.name in scope.tens:
             t = scope.tens[e.name]
 

@@ -186,6 +186,54 @@ def test_reference_equals_mlp_memory_methods(case: str) -> None:
         assert rel_err(ours["y"], y_free) > 1e-2
 
 
+def block_results(block: Any, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A block's output, its memories' final states and the gradients of its input and
+    parameters for a loss of all of them."""
+    x = x0.clone().requires_grad_()
+    y, state = block(x, return_state=True)
+    finals = [t for s in state.values() if isinstance(s, dict) and "M" in s
+              for t in (*s["M"], *s["S"])]
+    loss = (y * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum() + \
+        sum(t.pow(2).sum() for t in finals)
+    grads = torch.autograd.grad(loss, [x, *block.parameters()], allow_unused=True)
+    names = ["x", *(n for n, _ in block.named_parameters())]
+    return {"y": y.detach(), **{f"state{i}": t.detach() for i, t in enumerate(finals)},
+            **{f"d{n}": g for n, g in zip(names, grads) if g is not None}}
+
+
+def test_self_modifying_titans_maps_onto_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How the triton tier hands self-modifying Titans' memories to the op (MLPMemory._fused):
+    the four projection memories are residual MLPs learning their own readings of v0 under
+    stop_grad (v_self; a residual memory learns v - k and reads q plus the MLP), run as one
+    group; the main memory learns given values. With the op's PyTorch reference in the
+    kernel's place (so no kernel runs here), the block equals the chunked tier and the
+    token-by-token definition: T = 37 is two whole chunks of 16 through the op, then a
+    partial one on the chunked tier, its generated values taken at the right tokens."""
+    import nestc
+    from nestc.ops.mlp_memory import triton as kernels
+    from nestc.ops.mlp_memory.reference import chunk_mlp_memory
+
+    calls: list[bool] = []
+
+    def op(*args: Any, v_self: torch.Tensor | None = None, **kw: Any) -> Any:
+        calls.append(v_self is not None)
+        return chunk_mlp_memory(*args, v_self=v_self, **kw)
+    monkeypatch.setattr(kernels, "triton_mlp_memory", op)
+    prog = nestc.load("std/memory/self_modifying_titans.nest")
+    x0 = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(3))
+    got = {}
+    for backend in ("triton", "chunked", "reference"):
+        torch.manual_seed(0)
+        block = prog.build("SelfModifyingTitans", dim=32, heads=2, memory_chunk=16,
+                           backend=backend)
+        got[backend] = block_results(block, x0)
+    assert sorted(calls) == [False, True], calls  # the main memory, then the group
+    assert got["triton"].keys() == got["chunked"].keys() == got["reference"].keys()
+    for name, ref in got["chunked"].items():
+        assert_close(f"triton tier {name}", got["triton"][name], ref, 1e-5)
+        assert_close(f"reference tier {name}", got["reference"][name], ref)
+
+
 # The Triton tier (where the kernel runs: see the module docstring) ---------------------------
 
 def check_matches_reference(T: int, chunk: int, act: str, retain: bool, beta: bool,
@@ -200,21 +248,24 @@ GRADS = ("dq", "dk", "dv", "dlr", "dretain", "dbeta", "dA0", "dB0", "dSA0", "dSB
 
 def check_fused_backward_matches_vjp(T: int, chunk: int, act: str, retain: bool, beta: bool,
                                      state: bool, clip: float | None, read_before: bool,
-                                     N: int = 1, d: int = 8, h: int = 16) -> None:
+                                     N: int = 1, d: int = 8, h: int = 16,
+                                     self_values: bool = False) -> None:
     """The fused backward kernel (`_backward`) against the PyTorch per-chunk vjp
     (`_backward_reference`) from the same stored starts and random gradients of y and of the
     final state: every gradient, NaN-filled buffers. The gradients of retain, beta and the
-    momenta exist only with retain, beta; the clip bites on these inputs."""
+    momenta exist only with retain, beta; the clip bites on these inputs. With self_values,
+    the memory also generates values from v_self."""
     from nestc.ops.mlp_memory import triton as kernels
     from nestc.ops.mlp_memory.reference import chunk_mlp_memory
 
     x = {n: None if t is None else t.detach()
          for n, t in make_inputs(N=N, T=T, d=d, h=h, retain=retain, beta=beta,
                                  state=state).items()}
-    out = kernels._forward(*x.values(), act, clip, read_before, chunk, True)
+    vs = self_inputs(x).detach() if self_values else None
+    out = kernels._forward(*x.values(), act, clip, read_before, chunk, True, vs)
     gen = torch.Generator().manual_seed(11)
     dout = [torch.randn(o.shape, generator=gen).to(DEVICE) for o in out[:5]]
-    args = (*(x[n] for n in SEQ), *out[5:], act, clip, read_before, chunk, *dout)
+    args = (*(x[n] for n in SEQ), *out[5:], act, clip, read_before, chunk, *dout, vs)
     ours = kernels._backward(*args)
     ref = kernels._backward_reference(*args)
     for name, got, want in zip(GRADS, ours, ref):
@@ -225,8 +276,35 @@ def check_fused_backward_matches_vjp(T: int, chunk: int, act: str, retain: bool,
             assert_close(f"fused backward {name}", got, want)
     if clip is not None:
         y_free, _ = chunk_mlp_memory(*x.values(), act=act, read_before=read_before,
-                                     chunk=chunk)
+                                     chunk=chunk, v_self=vs)
         assert rel_err(out[0], y_free) > 1e-3
+
+
+def self_inputs(x: dict[str, torch.Tensor | None], seed: int = 5) -> torch.Tensor:
+    """Unit-norm inputs for the memory to read its own values from (v_self), needing a
+    gradient, so that a gradient that leaks into them shows."""
+    N, H, T, d = x["q"].shape
+    gen = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(N, H, T, d, generator=gen), dim=-1).to(DEVICE) \
+        .requires_grad_()
+
+
+def check_self_generated_values(T: int, chunk: int, act: str, clip: float | None,
+                                read_before: bool) -> None:
+    """v_self (self-modifying Titans' stop_grad(M(x))): the Triton tier equals the chunked
+    one on y, states and every gradient; neither sends a gradient to v_self; and the values
+    the memory generates change what it reads."""
+    x = make_inputs(T=T)
+    vs = self_inputs(x)
+    kw = {"act": act, "clip": clip, "read_before": read_before, "chunk": chunk}
+    compare(x, v_self=vs, **kw)
+    for backend in ("triton", "chunked"):
+        y, state = run(backend, x, v_self=vs, **kw)
+        loss = y.pow(2).sum() + sum(s.pow(2).sum() for s in state)
+        dvs, = torch.autograd.grad(loss, vs, allow_unused=True)
+        assert dvs is None or dvs.abs().max() == 0, backend
+    y_given, _ = run("triton", x, **kw)
+    assert rel_err(y_given, run("triton", x, v_self=vs, **kw)[0]) > 1e-2
 
 
 def check_bfloat16_inputs() -> None:
@@ -445,6 +523,86 @@ def check_two_memories_run_as_one_kernel() -> None:
         assert_close(f"two memories {name}", got[0][name], got[1][name])
 
 
+def check_self_modifying_titans(T: int, launches: int) -> None:
+    """build(..., backend="triton") runs self-modifying Titans' memories through the kernel:
+    its four projection memories (residual MLPs learning their own readings of v0) as one
+    launch, its main memory as another (chunks of 16 here); T = 37 ends in a partial chunk
+    on the chunked tier, T = 11 runs there alone. Outputs, states and gradients equal the
+    chunked tier's."""
+    import nestc
+    from nestc.ops.mlp_memory import triton as kernels
+
+    prog = nestc.load("std/memory/self_modifying_titans.nest")
+    x0 = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got = []
+    for backend in ("triton", "chunked"):
+        torch.manual_seed(0)
+        block = prog.build("SelfModifyingTitans", dim=32, heads=2, memory_chunk=16,
+                           backend=backend).to(DEVICE)
+        with interpreted.counting(kernels, "mlp_memory_fwd") as calls:
+            got.append(block_results(block, x0))
+        assert len(calls) == (launches if backend == "triton" else 0), calls
+    for name in got[1]:
+        assert_close(f"SelfModifyingTitans T={T} {name}", got[0][name], got[1][name])
+
+
+def check_self_modifying_titans_second_order() -> None:
+    """The gradient of self-modifying Titans' input taken as a graph (create_graph, as a CMS
+    level below it takes its task gradient), then differentiated: the first-order gradient
+    (the op's backward recomputed on the chunked tier, where the residual memories' v - k is
+    computed from k) and the second-order gradients of the input and every parameter equal
+    the chunked tier's."""
+    import nestc
+
+    prog = nestc.load("std/memory/self_modifying_titans.nest")
+    x0 = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got = []
+    for backend in ("triton", "chunked"):
+        torch.manual_seed(0)
+        block = prog.build("SelfModifyingTitans", dim=32, heads=2, memory_chunk=16,
+                           backend=backend).to(DEVICE)
+        x = x0.clone().requires_grad_()
+        y = block(x)
+        dx, = torch.autograd.grad((y * torch.linspace(-1, 1, 32, device=DEVICE)).sum(), x,
+                                  create_graph=True)
+        names = ["x", *(n for n, _ in block.named_parameters())]
+        second = torch.autograd.grad((dx * torch.cos(x0)).sum(), [x, *block.parameters()],
+                                     allow_unused=True)
+        got.append({"dx": dx.detach(),
+                    **{f"d2 {n}": g for n, g in zip(names, second) if g is not None}})
+    assert got[0].keys() == got[1].keys()
+    for name in got[1]:
+        assert_close(f"SelfModifyingTitans {name}", got[0][name], got[1][name])
+
+
+def check_hope_lm() -> None:
+    """A 2-layer HopeLM trains on the triton back end as on the chunked one: its CMS levels
+    cut the sequence into 16-token pieces, in each of which the kernel runs the projection
+    memories of self-modifying Titans (the main memory's chunks of 64 do not fit a piece: it
+    stays on the chunked tier), and a level's gradient through a later layer's memories is
+    differentiated again by the outer level. Logits and every parameter's gradient equal the
+    chunked tier's."""
+    import nestc
+    from nestc.ops.mlp_memory import triton as kernels
+
+    prog = nestc.load("std/models/hope.nest")
+    x = torch.randint(0, 32, (2, 32), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    got = []
+    for backend in ("triton", "chunked"):
+        torch.manual_seed(0)
+        model = prog.build("HopeLM", vocab=32, dim=32, depth=2, heads=2,
+                           backend=backend).to(DEVICE)
+        with interpreted.counting(kernels, "mlp_memory_fwd") as calls:
+            logits = model(x)
+        assert len(calls) == (4 if backend == "triton" else 0), calls  # 2 layers x 2 pieces
+        F.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+        got.append({"logits": logits.detach(),
+                    **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}})
+    assert got[0].keys() == got[1].keys()
+    for name in got[1]:
+        assert_close(f"HopeLM {name}", got[0][name], got[1][name])
+
+
 def check_kernel_matches_the_device() -> None:
     """Interpreted on CPU (the subprocess), compiled on CUDA."""
     from nestc.ops.mlp_memory import triton as kernels
@@ -487,6 +645,15 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
     "bwd-d5-h24-T9-C64-gelu-retain-gd-clip": (
         check_fused_backward_matches_vjp, (9, 64, "gelu", True, False, True, 2.0, False, 1, 5,
                                             24)),
+    # self-generated values (v_self): the op, then the fused backward
+    "self-T37-C16-gelu-clip": (check_self_generated_values, (37, 16, "gelu", 0.05, False)),
+    "self-T40-C32-silu-read_before": (check_self_generated_values, (40, 32, "silu", None, True)),
+    "bwd-self-T37-C16-silu-retain-momentum-state-clip-read_before": (
+        check_fused_backward_matches_vjp,
+        (37, 16, "silu", True, True, True, 2.0, True, 1, 8, 16, True)),
+    "bwd-self-T21-C16-gelu-retain-gd": (
+        check_fused_backward_matches_vjp,
+        (21, 16, "gelu", True, False, False, None, False, 1, 8, 16, True)),
     "empty": (check_empty_sequence, ()),
     "bfloat16": (check_bfloat16_inputs, ()),
     "refusals": (check_refusals, ()),
@@ -498,6 +665,11 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
     "titans_block_under_a_chunk": (check_titans_block_on_the_triton_backend, (11, False)),
     "titans_block_default_chunk": (check_titans_block_on_the_triton_backend, (70, True, 64)),
     "two_memories_one_kernel": (check_two_memories_run_as_one_kernel, ()),
+    "self_modifying_titans_fused": (check_self_modifying_titans, (32, 2)),
+    "self_modifying_titans_and_a_partial_chunk": (check_self_modifying_titans, (37, 2)),
+    "self_modifying_titans_under_a_chunk": (check_self_modifying_titans, (11, 0)),
+    "self_modifying_titans_second_order": (check_self_modifying_titans_second_order, ()),
+    "hope_lm": (check_hope_lm, ()),
     "double_backward": (check_double_backward, ()),
     "task_memory_below_the_kernel": (check_task_memory_below_the_kernel, ()),
 }

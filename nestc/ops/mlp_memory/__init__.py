@@ -19,7 +19,7 @@ BACKENDS = (None, "chunked", "triton")
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
            retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
            B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str,
-           chunk: int, backend: str | None) -> None:
+           chunk: int, backend: str | None, v_self: torch.Tensor | None = None) -> None:
     """Raise ValueError naming the argument that does not fit the layout."""
     op = "mlp_memory"
     if q.ndim != 4:
@@ -29,7 +29,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
         raise ValueError(f"{op}: A0 must have shape [N, H, d, h] = [{N}, {H}, {d}, h], got "
                          f"{list(A0.shape)}")
     h = A0.shape[-1]
-    want = {"k": (q.shape, k), "v": (q.shape, v), "lr": ((N, H, T), lr),
+    want = {"k": (q.shape, k), "v": (q.shape, v), "v_self": (q.shape, v_self),
+            "lr": ((N, H, T), lr),
             "retain": ((N, H, T), retain), "beta": ((N, H, T), beta),
             "B0": ((N, H, h, d), B0), "SA0": ((N, H, d, h), SA0), "SB0": ((N, H, h, d), SB0)}
     for name, (shape, x) in want.items():
@@ -49,8 +50,8 @@ def mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tens
                retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
                B0: torch.Tensor, SA0: torch.Tensor | None = None,
                SB0: torch.Tensor | None = None, *, act: str = "gelu", clip: float | None = None,
-               read_before: bool = False, chunk: int = 64, backend: str | None = None
-               ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+               read_before: bool = False, chunk: int = 64, v_self: torch.Tensor | None = None,
+               backend: str | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Run a Titans MLP memory over a sequence, each chunk's gradients at its first weights.
 
     Args:
@@ -66,6 +67,10 @@ def mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tens
             clipping.
         read_before: read the weights before the token's write instead of after it.
         chunk: tokens per chunk (the last may be short); 16, 32 or 64 for "triton".
+        v_self: [N, H, T, d] or None: targets the memory generates itself (self-modifying
+            Titans' stop_grad(M(x))): token t learns v_t + act(x_t A_c) B_c, with A_c, B_c
+            the weights its chunk starts with, and no gradient flows through that term (to
+            v_self, A_c or B_c).
         backend: "chunked" (PyTorch, what None picks) or "triton" (the fused kernel of
             triton.py: CUDA tensors, or CPU ones with TRITON_INTERPRET=1 set before triton is
             imported; not yet run on a GPU, so None does not pick it there yet).
@@ -83,11 +88,12 @@ def mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tens
         >>> y.shape, A.shape, SB.shape
         (torch.Size([1, 2, 5, 8]), torch.Size([1, 2, 8, 16]), torch.Size([1, 2, 16, 8]))
     """
-    _check(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, chunk, backend)
+    _check(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, chunk, backend, v_self)
     if backend == "triton":
         from nestc.ops.mlp_memory.triton import triton_mlp_memory
 
         return triton_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act,
-                                 clip=clip, read_before=read_before, chunk=chunk)
+                                 clip=clip, read_before=read_before, chunk=chunk,
+                                 v_self=v_self)
     return chunk_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act, clip=clip,
-                            read_before=read_before, chunk=chunk)
+                            read_before=read_before, chunk=chunk, v_self=v_self)

@@ -10,6 +10,9 @@ chunk's first weights. For token t (lr, retain, beta per token):
     W_t = retain_t W_{t-1} + S_t              (retain_t = 1 without retention)
     y_t = M_{W_t}(q_t)                        (M_{W_{t-1}}(q_t) with read_before)
 
+With `v_self`, the memory also generates its targets: v_t + M_{W_c}(x_t) under stop-gradient,
+W_c the weights of t's chunk's first token (self-modifying Titans' stop_grad(M(x))).
+
 No token's weights are formed: within a chunk a read is the chunk's base weights and momentum,
 scaled, plus attention-like sums over the chunk's tokens (docs/semantics.md, "MLP memories that
 learn every token"). `mlp_memory_chunk` is one chunk; its vjp is the Triton tier's backward
@@ -73,7 +76,8 @@ def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
                      B: torch.Tensor, SA: torch.Tensor, SB: torch.Tensor, act: str,
                      clip: float | None, read_before: bool, *,
                      grad_at: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     residual: bool = False, objective: str = "l2", huber_delta: float = 1.0
+                     residual: bool = False, objective: str = "l2", huber_delta: float = 1.0,
+                     v_self: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
     """One chunk of n tokens: q, k, v (N, H, n, d), lr, retain, beta (N, H, n) or None, the
@@ -83,9 +87,13 @@ def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
     This is MLPMemory's chunked tier (nestc/memories.py), which also passes: `grad_at`, the
     weights the gradients are taken at when the piece starts inside a chunk (the chunk's
     first weights; default A, B); `residual` for M(x) = x + act(x A) B; the objective "l2",
-    "dot" (-M(k) . v) or "huber" (with huber_delta)."""
+    "dot" (-M(k) . v) or "huber" (with huber_delta); `v_self` (N, H, n, d), inputs the memory
+    reads at those weights, under stop-gradient, to add to the values (a self-generated
+    target)."""
     n = k.shape[-2]
     A0, B0 = (A, B) if grad_at is None else grad_at
+    if v_self is not None:  # stop-gradient: nothing flows back to v_self, A0 or B0
+        v = v + (act_fn(act, v_self @ A0) @ B0 + (v_self if residual else 0)).detach()
     z = k @ A0  # (N, H, n, h): the chunk's gradients, at its first weights
     hk = act_fn(act, z)
     if objective == "dot":  # dL/dM(k)
@@ -145,6 +153,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
                      B0: torch.Tensor, SA0: torch.Tensor | None = None,
                      SB0: torch.Tensor | None = None, *, act: str = "gelu",
                      clip: float | None = None, read_before: bool = False, chunk: int = 64,
+                     v_self: torch.Tensor | None = None,
                      starts: list[tuple[torch.Tensor, ...]] | None = None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The memory over a whole sequence, chunk by chunk (the last one may be short).
@@ -155,19 +164,19 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
     """
     dtype, acc = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, k, v, lr, A, B = (x.to(acc) for x in (q, k, v, lr, A0, B0))
-    retain, beta = (None if x is None else x.to(acc) for x in (retain, beta))
+    retain, beta, v_self = (None if x is None else x.to(acc) for x in (retain, beta, v_self))
     SA = torch.zeros_like(A) if SA0 is None else SA0.to(acc)
     SB = torch.zeros_like(B) if SB0 is None else SB0.to(acc)
     T = q.shape[2]
     ys = []
     for a in range(0, T, chunk):
         b = min(T, a + chunk)
-        cut = [None if x is None else x[:, :, a:b] for x in (retain, beta)]
+        cut = [None if x is None else x[:, :, a:b] for x in (retain, beta, v_self)]
         if starts is not None:
             starts.append((A, B, SA, SB))
         y, A, B, SA, SB = mlp_memory_chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
                                            lr[:, :, a:b], cut[0], cut[1], A, B, SA, SB, act,
-                                           clip, read_before)
+                                           clip, read_before, v_self=cut[2])
         ys.append(y)
     y = torch.cat(ys, 2) if ys else q.new_zeros(q.shape)
     return y.to(dtype), (A, B, SA, SB)

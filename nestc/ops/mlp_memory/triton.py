@@ -13,7 +13,8 @@ SA, SB (everything taken at the chunk's first weights, masked past T):
                             retain, m = D_r (running product of beta)
     zq = c (q A) + m (q SA) + (W * q k^T) delta, hq = act(zq)
     y  = c (hq B) + m (hq SB) + (W * hq hk^T) e
-with W, c, m shifted down one row for read_before (row 0: W = 0, c = 1, m = 0). The next
+with W, c, m shifted down one row for read_before (row 0: W = 0, c = 1, m = 0), and
+v += act(x A) B for self-generated values (v_self: x; no gradient flows through it). The next
 state is the same sums at the chunk's last valid token (row w of W, c_w, m_w):
     A' = c_w A + m_w SA + k^T (W[w] * delta), B' likewise with hk, e, B, SB,
     SA' = (prod beta) SA + k^T (D_b[w] * -lr * delta), SB' likewise.
@@ -163,6 +164,15 @@ def _decay(x, causal):
 
 
 @triton.jit
+def _self_values(vs, p_td, m_td, b_A, b_B, ACT: tl.constexpr, PRECISION: tl.constexpr):
+    """The values a memory generates for a chunk: its reading of the inputs vs at the chunk's
+    first weights, act(x A) B (padding rows 0)."""
+    b_x = tl.load(vs + p_td, mask=m_td, other=0.).to(tl.float32)
+    return tl.dot(_act(tl.dot(b_x, b_A, input_precision=PRECISION), ACT), b_B,
+                  input_precision=PRECISION)
+
+
+@triton.jit
 def _shifted(shift, W, c, m, o_c, PRECISION: tl.constexpr):
     """W, c and m moved down one row (S X, with S[t, t - 1] = 1); row 0 reads the chunk's
     start: W 0, c 1, m 0."""
@@ -172,13 +182,13 @@ def _shifted(shift, W, c, m, o_c, PRECISION: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def mlp_memory_fwd_kernel(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt,
-                          sA, sB, sSA, sSB, clip, T, NC, D: tl.constexpr, HID: tl.constexpr,
-                          C: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                          ACT: tl.constexpr, USE_R: tl.constexpr, USE_BETA: tl.constexpr,
-                          USE_S0: tl.constexpr, USE_CLIP: tl.constexpr,
-                          READ_BEFORE: tl.constexpr, STORE_STARTS: tl.constexpr,
-                          PRECISION: tl.constexpr):
+def mlp_memory_fwd_kernel(q, k, v, vs, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt,
+                          SBt, sA, sB, sSA, sSB, clip, T, NC, D: tl.constexpr,
+                          HID: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+                          BH: tl.constexpr, ACT: tl.constexpr, USE_R: tl.constexpr,
+                          USE_BETA: tl.constexpr, USE_VS: tl.constexpr, USE_S0: tl.constexpr,
+                          USE_CLIP: tl.constexpr, READ_BEFORE: tl.constexpr,
+                          STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr):
     i_bh = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, C)
     o_d = tl.arange(0, BD)
@@ -216,6 +226,8 @@ def mlp_memory_fwd_kernel(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt
         p_td = r[:, None] * D + o_d[None, :]
         b_k = tl.load(k + p_td, mask=m_td, other=0.).to(tl.float32)
         b_v = tl.load(v + p_td, mask=m_td, other=0.).to(tl.float32)
+        if USE_VS:
+            b_v += _self_values(vs, p_td, m_td, b_A, b_B, ACT, PRECISION)
         b_q = tl.load(q + p_td, mask=m_td, other=0.).to(tl.float32)
         b_lr = tl.load(lr + r, mask=m_t, other=0.).to(tl.float32)
 
@@ -302,12 +314,13 @@ def _sum2(x):
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def mlp_memory_bwd_kernel(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, dy, dAt, dBt, dSAt, dSBt,
-                          dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0, clip, T, NC,
-                          D: tl.constexpr, HID: tl.constexpr, C: tl.constexpr,
+def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, dy, dAt, dBt, dSAt,
+                          dSBt, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0, clip, T,
+                          NC, D: tl.constexpr, HID: tl.constexpr, C: tl.constexpr,
                           BD: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-                          USE_R: tl.constexpr, USE_BETA: tl.constexpr, USE_CLIP: tl.constexpr,
-                          READ_BEFORE: tl.constexpr, PRECISION: tl.constexpr):
+                          USE_R: tl.constexpr, USE_BETA: tl.constexpr, USE_VS: tl.constexpr,
+                          USE_CLIP: tl.constexpr, READ_BEFORE: tl.constexpr,
+                          PRECISION: tl.constexpr):
     i_bh = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, C)
     o_d = tl.arange(0, BD)
@@ -343,6 +356,8 @@ def mlp_memory_bwd_kernel(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, dy, dAt, 
         p_td = r[:, None] * D + o_d[None, :]
         b_k = tl.load(k + p_td, mask=m_td, other=0.).to(tl.float32)
         b_v = tl.load(v + p_td, mask=m_td, other=0.).to(tl.float32)
+        if USE_VS:  # no gradient flows back through them
+            b_v += _self_values(vs, p_td, m_td, b_A, b_B, ACT, PRECISION)
         b_q = tl.load(q + p_td, mask=m_td, other=0.).to(tl.float32)
         b_dy = tl.load(dy + p_td, mask=m_td, other=0.).to(tl.float32)
         b_lr = tl.load(lr + r, mask=m_t, other=0.).to(tl.float32)
@@ -531,11 +546,12 @@ def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 
 def _options(q: torch.Tensor, d: int, h: int, chunk: int, act: str,
              retain: torch.Tensor | None, beta: torch.Tensor | None, clip: float | None,
-             read_before: bool) -> dict[str, Any]:
+             read_before: bool, v_self: torch.Tensor | None) -> dict[str, Any]:
     """The sizes, flags and launch settings both kernels take."""
     return {"D": d, "HID": h, "C": chunk, "BD": max(16, triton.next_power_of_2(d)),
             "BH": max(16, triton.next_power_of_2(h)), "ACT": ACTS.index(act),
             "USE_R": retain is not None, "USE_BETA": beta is not None,
+            "USE_VS": v_self is not None,
             "USE_CLIP": clip is not None, "READ_BEFORE": read_before,
             "PRECISION": dot_precision(q.dtype), "num_warps": NUM_WARPS,
             "num_stages": NUM_STAGES}
@@ -544,13 +560,13 @@ def _options(q: torch.Tensor, d: int, h: int, chunk: int, act: str,
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
              retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
              B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str,
-             clip: float | None, read_before: bool, chunk: int, store_starts: bool
-             ) -> tuple[torch.Tensor, ...]:
+             clip: float | None, read_before: bool, chunk: int, store_starts: bool,
+             v_self: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """y, the final A, B, SA, SB (float32) and the starts sA, sB, sSA, sSB ([N, H, NC, ...];
     empty unless store_starts, the momenta also without beta)."""
     q, k, v, lr, A0, B0 = (x.contiguous() for x in (q, k, v, lr, A0, B0))
-    retain, beta, SA0, SB0 = (None if x is None else x.contiguous()
-                              for x in (retain, beta, SA0, SB0))
+    retain, beta, SA0, SB0, v_self = (None if x is None else x.contiguous()
+                                      for x in (retain, beta, SA0, SB0, v_self))
     N, H, T, d = q.shape
     h = A0.shape[-1]
     NC = -(-T // chunk)
@@ -566,14 +582,14 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor
                                              ((d, h), momenta), ((h, d), momenta)))
     try:
         mlp_memory_fwd_kernel[(N * H,)](
-            q, k, v, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt, sA, sB, sSA,
-            sSB, 1.0 if clip is None else float(clip), T, NC, USE_S0=SA0 is not None,
+            q, k, v, v_self, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt, sA, sB,
+            sSA, sSB, 1.0 if clip is None else float(clip), T, NC, USE_S0=SA0 is not None,
             STORE_STARTS=store_starts,
-            **_options(q, d, h, chunk, act, retain, beta, clip, read_before))
+            **_options(q, d, h, chunk, act, retain, beta, clip, read_before, v_self))
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "forward")
         return _forward_reference(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip,
-                                  read_before, chunk, store_starts)
+                                  read_before, chunk, store_starts, v_self)
     return y, At, Bt, SAt, SBt, sA, sB, sSA, sSB
 
 
@@ -581,12 +597,13 @@ def _forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: to
                        retain: torch.Tensor | None, beta: torch.Tensor | None,
                        A0: torch.Tensor, B0: torch.Tensor, SA0: torch.Tensor | None,
                        SB0: torch.Tensor | None, act: str, clip: float | None,
-                       read_before: bool, chunk: int, store_starts: bool
-                       ) -> tuple[torch.Tensor, ...]:
+                       read_before: bool, chunk: int, store_starts: bool,
+                       v_self: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """`_forward`'s results by the PyTorch chunk function, for a GPU the kernel does not fit."""
     starts: list[tuple[torch.Tensor, ...]] = []
     y, final = chunk_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act,
-                                clip=clip, read_before=read_before, chunk=chunk, starts=starts)
+                                clip=clip, read_before=read_before, chunk=chunk, v_self=v_self,
+                                starts=starts)
     stacked = [torch.stack([s[i] for s in starts], 2).float().contiguous()
                if store_starts and (i < 2 or beta is not None)
                else q.new_empty((0,), dtype=torch.float32) for i in range(4)]
@@ -598,12 +615,14 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
               retain: torch.Tensor | None, beta: torch.Tensor | None, sA: torch.Tensor,
               sB: torch.Tensor, sSA: torch.Tensor, sSB: torch.Tensor, act: str,
               clip: float | None, read_before: bool, chunk: int, dy: torch.Tensor,
-              dA: torch.Tensor, dB: torch.Tensor, dSA: torch.Tensor, dSB: torch.Tensor
-              ) -> tuple[torch.Tensor | None, ...]:
+              dA: torch.Tensor, dB: torch.Tensor, dSA: torch.Tensor, dSB: torch.Tensor,
+              v_self: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """dq, dk, dv, dlr, dretain, dbeta (None without them) and the gradients of the initial
-    A, B, SA, SB, in float32, by mlp_memory_bwd_kernel from the stored starts."""
+    A, B, SA, SB, in float32, by mlp_memory_bwd_kernel from the stored starts (v_self gets
+    none: the values it generates are under stop-gradient)."""
     q, k, v, lr, dy, sA, sB = (x.contiguous() for x in (q, k, v, lr, dy, sA, sB))
-    retain, beta = (None if x is None else x.contiguous() for x in (retain, beta))
+    retain, beta, v_self = (None if x is None else x.contiguous()
+                            for x in (retain, beta, v_self))
     dA, dB, dSA, dSB = (x.float().contiguous() for x in (dA, dB, dSA, dSB))
     N, H, T, d = q.shape
     h = sA.shape[-1]
@@ -616,14 +635,14 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
                   else (dSA.clone(), dSB.clone()))
     try:
         mlp_memory_bwd_kernel[(N * H,)](
-            q, k, v, lr, retain, beta, sA, sB, sSA.contiguous(), sSB.contiguous(), dy, dA, dB,
-            dSA, dSB, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0,
+            q, k, v, v_self, lr, retain, beta, sA, sB, sSA.contiguous(), sSB.contiguous(), dy,
+            dA, dB, dSA, dSB, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0,
             1.0 if clip is None else float(clip), T, sA.shape[2],
-            **_options(q, d, h, chunk, act, retain, beta, clip, read_before))
+            **_options(q, d, h, chunk, act, retain, beta, clip, read_before, v_self))
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "backward")
         out = _backward_reference(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip,
-                                  read_before, chunk, dy, dA, dB, dSA, dSB)
+                                  read_before, chunk, dy, dA, dB, dSA, dSB, v_self)
         # without momentum dSA, dSB come back as given: a custom op may not return its inputs
         return (*out[:6], *(g.clone() for g in out[6:] if g is not None))
     return dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0
@@ -634,7 +653,8 @@ def _backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: t
                         sA: torch.Tensor, sB: torch.Tensor, sSA: torch.Tensor,
                         sSB: torch.Tensor, act: str, clip: float | None, read_before: bool,
                         chunk: int, dy: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
-                        dSA: torch.Tensor, dSB: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+                        dSA: torch.Tensor, dSB: torch.Tensor, v_self: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor | None, ...]:
     """`_backward`'s results in PyTorch, what the tests hold the kernel to: chunks in reverse,
     each recomputed by `mlp_memory_chunk` at its stored start state and differentiated by
     torch.func.vjp."""
@@ -652,7 +672,8 @@ def _backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: t
         start = (sA[:, :, i_n], sB[:, :, i_n],
                  sSA[:, :, i_n] if beta is not None else torch.zeros_like(dSA),
                  sSB[:, :, i_n] if beta is not None else torch.zeros_like(dSB))
-        out = _chunk_vjp(cut, start, options, (dy[:, :, a:b], dA, dB, dSA, dSB))
+        out = _chunk_vjp(cut, start, options, (dy[:, :, a:b], dA, dB, dSA, dSB),
+                         None if v_self is None else v_self[:, :, a:b].to(f32))
         dA, dB, dSA, dSB = out[4:8]
         rest = iter(out[8:])
         for i, x in enumerate(cut):
@@ -663,8 +684,8 @@ def _backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: t
 
 
 def _chunk_vjp(cut: list[torch.Tensor | None], start: tuple[torch.Tensor, ...],
-               options: tuple[Any, ...], grads: tuple[torch.Tensor, ...]
-               ) -> tuple[torch.Tensor, ...]:
+               options: tuple[Any, ...], grads: tuple[torch.Tensor, ...],
+               v_self: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """The vjp of one chunk's `mlp_memory_chunk` at its inputs `cut` (q, k, v, lr, retain,
     beta) and start state: the gradients of q, k, v, lr, A, B, SA, SB, then of retain and
     beta where given."""
@@ -676,7 +697,8 @@ def _chunk_vjp(cut: list[torch.Tensor | None], start: tuple[torch.Tensor, ...],
         it = iter(rb)
         retain = next(it) if use_r else None
         beta = next(it) if use_b else None
-        return mlp_memory_chunk(q, k, v, lr, retain, beta, A, B, SA, SB, *options)
+        return mlp_memory_chunk(q, k, v, lr, retain, beta, A, B, SA, SB, *options,
+                                v_self=v_self)
 
     wrt = [*cut[:4], *start, *(x for x in cut[4:] if x is not None)]
     vjp = torch.func.vjp(chunk_fn, *wrt)[1]
@@ -695,21 +717,23 @@ def _or_none(x: torch.Tensor | None) -> torch.Tensor | None:
 def mlp_memory_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
                    retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
                    B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None,
-                   act: str, clip: float | None, read_before: bool, chunk: int
+                   act: str, clip: float | None, read_before: bool, chunk: int,
+                   v_self: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor]:
     """y, the final A, B, SA, SB and the states entering each chunk sA, sB, sSA, sSB (the
     momenta empty without beta), for the backward."""
     return _forward(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip, read_before, chunk,
-                    True)  # type: ignore[return-value]
+                    True, v_self)  # type: ignore[return-value]
 
 
 @mlp_memory_fwd.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
       retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor, B0: torch.Tensor,
       SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str, clip: float | None,
-      read_before: bool, chunk: int) -> tuple[torch.Tensor, ...]:
+      read_before: bool, chunk: int, v_self: torch.Tensor | None = None
+      ) -> tuple[torch.Tensor, ...]:
     N, H, T, d = q.shape
     h = A0.shape[-1]
     NC = -(-T // chunk)
@@ -728,14 +752,15 @@ def mlp_memory_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.
                    retain: torch.Tensor | None, beta: torch.Tensor | None, sA: torch.Tensor,
                    sB: torch.Tensor, sSA: torch.Tensor, sSB: torch.Tensor, act: str,
                    clip: float | None, read_before: bool, chunk: int, dy: torch.Tensor,
-                   dA: torch.Tensor, dB: torch.Tensor, dSA: torch.Tensor, dSB: torch.Tensor
+                   dA: torch.Tensor, dB: torch.Tensor, dSA: torch.Tensor, dSB: torch.Tensor,
+                   v_self: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor]:
     """dq, dk, dv, dlr, dretain, dbeta (empty without them), dA0, dB0, dSA0, dSB0, each in its
     input's dtype (the weights' gradients in float32)."""
     out = _backward(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip, read_before, chunk,
-                    dy, dA, dB, dSA, dSB)
+                    dy, dA, dB, dSA, dSB, v_self)
     like = (q, k, v, lr, retain, beta)
     seq = [q.new_empty((0,)) if g is None or x is None else g.to(x.dtype)
            for g, x in zip(out[:6], like)]
@@ -747,7 +772,8 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
       retain: torch.Tensor | None, beta: torch.Tensor | None, sA: torch.Tensor,
       sB: torch.Tensor, sSA: torch.Tensor, sSB: torch.Tensor, act: str, clip: float | None,
       read_before: bool, chunk: int, dy: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
-      dSA: torch.Tensor, dSB: torch.Tensor) -> tuple[torch.Tensor, ...]:
+      dSA: torch.Tensor, dSB: torch.Tensor, v_self: torch.Tensor | None = None
+      ) -> tuple[torch.Tensor, ...]:
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lr),
             torch.empty_like(retain) if retain is not None else q.new_empty((0,)),
             torch.empty_like(beta) if beta is not None else q.new_empty((0,)),
@@ -756,8 +782,8 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip, read_before, chunk = inputs
-    ctx.save_for_backward(q, k, v, lr, retain, beta, *output[5:], A0, B0, SA0, SB0)
+    q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip, read_before, chunk, v_self = inputs
+    ctx.save_for_backward(q, k, v, lr, retain, beta, *output[5:], A0, B0, SA0, SB0, v_self)
     ctx.options = act, clip, read_before, chunk
     ctx.dtypes = A0.dtype, B0.dtype
     ctx.given = SA0 is not None, SB0 is not None
@@ -766,26 +792,26 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _autograd_backward(ctx: Any, dy: torch.Tensor, dA: torch.Tensor | None,
                        dB: torch.Tensor | None, dSA: torch.Tensor | None,
                        dSB: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
-    q, k, v, lr, retain, beta, sA, sB, sSA, sSB, A0, B0, SA0, SB0 = ctx.saved_tensors
+    q, k, v, lr, retain, beta, sA, sB, sSA, sSB, A0, B0, SA0, SB0, v_self = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
         act, clip, read_before, chunk = ctx.options
 
         def forward(*inputs: Any) -> tuple[torch.Tensor | None, ...]:
             y, state = chunk_mlp_memory(*inputs, act=act, clip=clip, read_before=read_before,
-                                        chunk=chunk)
+                                        chunk=chunk, v_self=v_self)
             return (y, *state)
 
         return (*recomputed_vjp(forward, (q, k, v, lr, retain, beta, A0, B0, SA0, SB0),
-                                (dy, dA, dB, dSA, dSB)), None, None, None, None)
+                                (dy, dA, dB, dSA, dSB)), None, None, None, None, None)
     # an output that the loss does not use has no gradient: zeros
     dA, dB, dSA, dSB = (torch.zeros_like(s[:, :, 0]) if g is None else g
                         for g, s in zip((dA, dB, dSA, dSB), (sA, sB, sA, sB)))
     dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0 = mlp_memory_bwd(
-        q, k, v, lr, retain, beta, sA, sB, sSA, sSB, *ctx.options, dy, dA, dB, dSA, dSB)
+        q, k, v, lr, retain, beta, sA, sB, sSA, sSB, *ctx.options, dy, dA, dB, dSA, dSB, v_self)
     return (dq, dk, dv, dlr, _or_none(dretain) if retain is not None else None,
             _or_none(dbeta) if beta is not None else None, dA0.to(ctx.dtypes[0]),
             dB0.to(ctx.dtypes[1]), dSA0 if ctx.given[0] else None,
-            dSB0 if ctx.given[1] else None, None, None, None, None)
+            dSB0 if ctx.given[1] else None, None, None, None, None, None)
 
 
 mlp_memory_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -799,7 +825,8 @@ def triton_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: tor
                       retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
                       B0: torch.Tensor, SA0: torch.Tensor | None = None,
                       SB0: torch.Tensor | None = None, *, act: str = "gelu",
-                      clip: float | None = None, read_before: bool = False, chunk: int = 64
+                      clip: float | None = None, read_before: bool = False, chunk: int = 64,
+                      v_self: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Same arguments and results as `chunk_mlp_memory` (float32 or 16-bit inputs, d and
     h <= 128, chunk 16, 32 or 64), on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1."""
@@ -826,5 +853,5 @@ def triton_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: tor
         return q.new_zeros(q.shape), (A0.float().clone(), B0.float().clone(), SA, SB)
     y, A, B, SA, SB, *_ = mlp_memory_fwd(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act,
                                          None if clip is None else float(clip), read_before,
-                                         chunk)
+                                         chunk, v_self)
     return y, (A, B, SA, SB)
