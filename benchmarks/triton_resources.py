@@ -15,7 +15,8 @@ otherwise show up only on the device.
                                           [--sweep [--jobs N] [--only TEXT ...]]
 
 --K: key widths of the delta rules (V = K, chunk 64, plain and gated); --mlp d,h,chunk: MLP
-memory shapes (momentum, retention and clip on; with and without self-generated values);
+memory shapes (momentum, retention and clip on; as given, with self-generated values, and
+starting inside a chunk);
 --limit: the shared memory a block may have, in bytes, instead of the arch's (SHARED_LIMIT). Exit status 1 when a kernel the ops would
 launch needs more shared memory than the GPU allows: every delta-rule kernel, and the MLP
 kernels where `mlp_kernel_fits` admits the shape (the others run on the chunked tier; their
@@ -30,7 +31,7 @@ state and its gradient, at one token and at a partial chunk, and at chunks 16, 3
 widths K, 24 and 200; for each MLP shape, every flag of the all-on case turned off in turn
 (retention, momentum, clip, initial momenta), silu, read_before, one token, one chunk, and
 self-generated values (alone, and as self-modifying Titans runs them: silu, read_before, no
-momentum). One
+momentum), and pieces that start inside a chunk (ending past it, or within it). One
 row a case; exit status 1 when a case fails to compile or a kernel the ops would launch
 outgrows the limit. --jobs runs the cases in that many processes, --only those whose names
 contain one of its words ("gated", "chunk=16 bf16").
@@ -162,11 +163,12 @@ def delta_case(K: int, gated: bool, dtype: torch.dtype, V: int | None = None, ch
 
 def mlp_case(d: int, h: int, chunk: int, dtype: torch.dtype, T: int | None = None,
              act: str = "gelu", retain: bool = True, beta: bool = True, clip: bool = True,
-             read_before: bool = False, s0: bool = False, v_self: bool = False
-             ) -> Callable[[], None]:
+             read_before: bool = False, s0: bool = False, v_self: bool = False,
+             offset: int = 0) -> Callable[[], None]:
     """The forward and backward of the MLP memory at these sizes and flags (retain, beta:
     retention and momentum; s0: initial momenta given; v_self: values it generates itself,
-    as self-modifying Titans' memories do)."""
+    as self-modifying Titans' memories do; offset: a piece that starts that many tokens into
+    a chunk, whose first gradients are taken at other weights)."""
     def launch() -> None:
         N, H, T_ = 1, 2, T or 2 * chunk
         q, k, v = (torch.randn(N, H, T_, d, dtype=dtype) for _ in range(3))
@@ -176,11 +178,12 @@ def mlp_case(d: int, h: int, chunk: int, dtype: torch.dtype, T: int | None = Non
         SA0, SB0 = (torch.randn_like(A0), torch.randn_like(B0)) if s0 else (None, None)
         c = 1.0 if clip else None
         vs = torch.randn_like(q) if v_self else None
+        G = (torch.randn_like(A0), torch.randn_like(B0)) if offset else None
         out = mlp_kernels._forward(q, k, v, lr, rt, bt, A0, B0, SA0, SB0, act, c, read_before,
-                                   chunk, True, vs)
+                                   chunk, True, vs, G, offset)
         sA, sB, sSA, sSB = out[5:9]
         mlp_kernels._backward(q, k, v, lr, rt, bt, sA, sB, sSA, sSB, act, c, read_before,
-                              chunk, torch.randn_like(q), A0, B0, A0, B0, vs)
+                              chunk, torch.randn_like(q), A0, B0, A0, B0, vs, G, offset)
     return launch
 
 
@@ -214,7 +217,11 @@ def sweep_cases(Ks: list[int], mlp_shapes: list[tuple[int, int, int]], dtypes: l
                                   ("self values", {"v_self": True}),
                                   ("self values silu read_before no momentum",
                                    {"v_self": True, "act": "silu", "read_before": True,
-                                    "beta": False})):
+                                    "beta": False}),
+                                  ("inside a chunk", {"offset": chunk // 2}),
+                                  ("inside one chunk", {"offset": chunk // 4, "T": chunk // 4}),
+                                  ("inside a chunk self values read_before",
+                                   {"offset": 3, "v_self": True, "read_before": True})):
                 cases.append((f"mlp d={d} h={h} chunk={chunk} {name} {label}", "mlp",
                               base | change))
     # dedupe: with dht only where there is a final state, some flag sets repeat
@@ -333,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure(case, mlp_case(d, h, chunk, dtype), admitted, args.arch)
             rows += measure(f"{case} self values", mlp_case(d, h, chunk, dtype, v_self=True),
                             admitted, args.arch)
+            rows += measure(f"{case} inside a chunk",
+                            mlp_case(d, h, chunk, dtype, offset=chunk // 2), admitted, args.arch)
     text = table(rows, args.arch, limit)
     print(text, end="")
     if args.out:

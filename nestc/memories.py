@@ -699,12 +699,10 @@ class MLPMemory(Memory):
                 self.value_key is None, self.value_source)
 
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
-        """Whether the triton tier runs this read's whole chunks through nestc.ops.mlp_memory's
-        kernel: an MLP or residual MLP (gelu or silu) learning by l2 given values or its own
-        reading of a block tensor under stop_grad, in float32 or a 16-bit type, at sizes whose
-        kernels fit in a GPU's shared memory (`mlp_kernel_fits`), on a piece that starts
-        where a chunk does and holds at least one whole chunk (a last, partial chunk runs on
-        the chunked tier)."""
+        """Whether the triton tier runs this read through nestc.ops.mlp_memory's kernel (_fused):
+        an MLP or residual MLP (gelu or silu) learning by l2 given values or its own reading of
+        a block tensor under stop_grad, in float32 or a 16-bit type, at sizes whose kernels
+        fit in a GPU's shared memory (`mlp_kernel_fits`)."""
         if self.backend != "triton" or self.objective != "l2" or \
                 not ("v" in w or "vs" in w) or self.act_name not in ("gelu", "silu"):
             return False
@@ -712,19 +710,22 @@ class MLPMemory(Memory):
 
         return (q.dtype != torch.float64
                 and mlp_kernel_fits(self.d, self.hidden, self.chunk, q.dtype)
-                and given["offset"] == 0 and q.shape[2] >= self.chunk)
+                and q.shape[2] > 0)
 
     def _fused(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
-        """The chunked tier's computation, its whole chunks as one Triton kernel
-        (nestc/ops/mlp_memory), a partial last chunk on the chunked tier. The kernel's MLP is
-        act(x A) B: a residual memory, x + act(x A) B, learns v as that MLP learns v - k,
-        and reads q plus that MLP's reading of q. Self-generated values (w["vs"]: x of
-        stop_grad(M(x))) are the kernel's v_self."""
+        """The chunked tier's computation as one Triton kernel (nestc/ops/mlp_memory) up to
+        the piece's last chunk boundary, the rest (a partial last chunk) on the chunked tier;
+        a piece within one chunk runs on the kernel whole. A piece that starts inside a chunk
+        hands the kernel the chunk's first weights (given["start"]: its first gradients are
+        taken there) and how far in it starts. The kernel's MLP is act(x A) B: a residual
+        memory, x + act(x A) B, learns v as that MLP learns v - k, and reads q plus that
+        MLP's reading of q. Self-generated values (w["vs"]: x of stop_grad(M(x))) are the
+        kernel's v_self."""
         from nestc.ops.mlp_memory.triton import triton_mlp_memory
 
         (A, B), (SA, SB) = given["M"], given["S"]
-        T = q.shape[2]
-        n = T - T % self.chunk  # the tokens of whole chunks
+        T, C, offset = q.shape[2], self.chunk, given["offset"]
+        n = T if offset + T <= C else T - (offset + T) % C
         cut = {name: x[:, :, :n] if isinstance(x, torch.Tensor) else x for name, x in w.items()}
         vs = cut.get("vs")
         v = cut["v"] if vs is None else vs if self.residual else torch.zeros_like(vs)
@@ -733,11 +734,15 @@ class MLPMemory(Memory):
         y, (A, B, SA, SB) = triton_mlp_memory(
             q[:, :, :n], cut["k"], v, cut["lr"], cut["retain"],
             cut["beta"] if self.momentum else None, A, B, SA, SB, act=self.act_name,
-            clip=self.clip, read_before=self.read_before, chunk=self.chunk, v_self=vs)
+            clip=self.clip, read_before=self.read_before, chunk=C, v_self=vs,
+            grad_at=given["start"] if offset else None, offset=offset)
         if self.residual:
             y = y + q[:, :, :n]
-        # the kernel ends where a chunk does: what follows starts a chunk from (A, B)
-        out = {"M": (A, B), "S": (SA, SB), "start": (A, B), "offset": 0}
+        end = (offset + n) % C
+        # the next chunk's first weights: these, where the kernel ended on a boundary, else
+        # the first weights of the chunk it ended in
+        start = (A, B) if end == 0 else given["start"] if offset else given["M"]
+        out = {"M": (A, B), "S": (SA, SB), "start": start, "offset": end}
         if n == T:
             return y, out
         rest = {name: x[:, :, n:] if isinstance(x, torch.Tensor) else x for name, x in w.items()}

@@ -234,6 +234,37 @@ def test_self_modifying_titans_maps_onto_the_op(monkeypatch: pytest.MonkeyPatch)
         assert_close(f"reference tier {name}", got["reference"][name], ref)
 
 
+@pytest.mark.parametrize("offset", [5, 13])
+def test_reference_inside_a_chunk_equals_mlp_memory_methods(offset: int) -> None:
+    """A piece that starts `offset` tokens into a chunk of 16 (its state given["M"] and the
+    chunk's first weights given["start"], where its first gradients are taken): the reference
+    with grad_at and offset equals MLPMemory's chunked tier exactly and its token-by-token
+    definition within float32 rounding, gradients of the first weights included. The piece
+    ends inside its first chunk (T = 16 - offset - 1) or runs on past it (T = 30)."""
+    from nestc.ops.mlp_memory.reference import chunk_mlp_memory
+
+    mem = copy.copy(titans()[1])
+    mem.chunk = 16
+    for T in (16 - offset - 1, 30):
+        x = make_inputs(N=2, T=T, d=16, h=32)
+        gen = torch.Generator().manual_seed(T)
+        G = {n: (x[n].detach() + 0.3 * torch.randn(x[n].shape, generator=gen))
+             .requires_grad_() for n in ("A0", "B0")}
+        w = {"k": x["k"], "v": x["v"], "lr": x["lr"], "retain": x["retain"], "beta": x["beta"]}
+        given = {"M": (x["A0"], x["B0"]), "S": (x["SA0"], x["SB0"]),
+                 "start": (G["A0"], G["B0"]), "offset": offset}
+        leaves = {**x, "GA": G["A0"], "GB": G["B0"]}
+        ours = results(*chunk_mlp_memory(*x.values(), clip=1.0, chunk=16,
+                                         grad_at=(G["A0"], G["B0"]), offset=offset), leaves)
+        y_mem, out = mem._chunked(x["q"], w, given)
+        chunked = results(y_mem, (*out["M"], *out["S"]), leaves)
+        y_def, out_def = mem._reference(x["q"], w, given)
+        exact = results(y_def, (*out_def["M"], *out_def["S"]), leaves)
+        for name in exact:
+            assert torch.equal(ours[name], chunked[name]), (T, name)
+            assert rel_err(ours[name], exact[name]) < 1e-4, (T, name)
+
+
 # The Triton tier (where the kernel runs: see the module docstring) ---------------------------
 
 def check_matches_reference(T: int, chunk: int, act: str, retain: bool, beta: bool,
@@ -249,12 +280,13 @@ GRADS = ("dq", "dk", "dv", "dlr", "dretain", "dbeta", "dA0", "dB0", "dSA0", "dSB
 def check_fused_backward_matches_vjp(T: int, chunk: int, act: str, retain: bool, beta: bool,
                                      state: bool, clip: float | None, read_before: bool,
                                      N: int = 1, d: int = 8, h: int = 16,
-                                     self_values: bool = False) -> None:
+                                     self_values: bool = False, offset: int = 0) -> None:
     """The fused backward kernel (`_backward`) against the PyTorch per-chunk vjp
     (`_backward_reference`) from the same stored starts and random gradients of y and of the
     final state: every gradient, NaN-filled buffers. The gradients of retain, beta and the
     momenta exist only with retain, beta; the clip bites on these inputs. With self_values,
-    the memory also generates values from v_self."""
+    the memory also generates values from v_self; with an offset, the piece starts that far
+    into a chunk whose first weights are others (and get gradients, dGA and dGB)."""
     from nestc.ops.mlp_memory import triton as kernels
     from nestc.ops.mlp_memory.reference import chunk_mlp_memory
 
@@ -262,13 +294,18 @@ def check_fused_backward_matches_vjp(T: int, chunk: int, act: str, retain: bool,
          for n, t in make_inputs(N=N, T=T, d=d, h=h, retain=retain, beta=beta,
                                  state=state).items()}
     vs = self_inputs(x).detach() if self_values else None
-    out = kernels._forward(*x.values(), act, clip, read_before, chunk, True, vs)
     gen = torch.Generator().manual_seed(11)
+    G = None if offset == 0 else \
+        tuple(x[n] + 0.3 * torch.randn(x[n].shape, generator=gen).to(DEVICE) for n in ("A0", "B0"))
+    out = kernels._forward(*x.values(), act, clip, read_before, chunk, True, vs, G, offset)
     dout = [torch.randn(o.shape, generator=gen).to(DEVICE) for o in out[:5]]
-    args = (*(x[n] for n in SEQ), *out[5:], act, clip, read_before, chunk, *dout, vs)
+    args = (*(x[n] for n in SEQ), *out[5:], act, clip, read_before, chunk, *dout, vs, G,
+            offset)
     ours = kernels._backward(*args)
     ref = kernels._backward_reference(*args)
-    for name, got, want in zip(GRADS, ours, ref):
+    assert len(ours) == len(ref) == len(GRADS) + 2
+    assert (ours[-1] is None) == (ref[-1] is None) == (G is None)
+    for name, got, want in zip((*GRADS, "dGA", "dGB"), ours, ref):
         if name in ("dretain", "dbeta"):
             assert (got is None) == (want is None) == (x[name[1:]] is None), name
         if want is not None:
@@ -276,7 +313,7 @@ def check_fused_backward_matches_vjp(T: int, chunk: int, act: str, retain: bool,
             assert_close(f"fused backward {name}", got, want)
     if clip is not None:
         y_free, _ = chunk_mlp_memory(*x.values(), act=act, read_before=read_before,
-                                     chunk=chunk, v_self=vs)
+                                     chunk=chunk, v_self=vs, grad_at=G, offset=offset)
         assert rel_err(out[0], y_free) > 1e-3
 
 
@@ -305,6 +342,27 @@ def check_self_generated_values(T: int, chunk: int, act: str, clip: float | None
         assert dvs is None or dvs.abs().max() == 0, backend
     y_given, _ = run("triton", x, **kw)
     assert rel_err(y_given, run("triton", x, v_self=vs, **kw)[0]) > 1e-2
+
+
+def check_inside_a_chunk(T: int, chunk: int, offset: int, act: str, clip: float | None,
+                         read_before: bool, beta: bool, self_values: bool) -> None:
+    """A piece that starts `offset` tokens into a chunk, its first gradients taken at other
+    weights (grad_at, needing gradients too): the Triton tier equals the chunked one on y,
+    states and every gradient, those of grad_at included."""
+    x = make_inputs(T=T, beta=beta, state=beta)
+    gen = torch.Generator().manual_seed(9)
+    G = tuple((x[n].detach() + 0.3 * torch.randn(x[n].shape, generator=gen).to(DEVICE))
+              .requires_grad_() for n in ("A0", "B0"))
+    kw = {"act": act, "clip": clip, "read_before": read_before, "chunk": chunk,
+          "grad_at": G, "offset": offset,
+          "v_self": self_inputs(x).detach() if self_values else None}
+    leaves = {**x, "GA": G[0], "GB": G[1]}
+    ours = results(*run("triton", x, **kw), leaves)
+    ref = results(*run("chunked", x, **kw), leaves)
+    for name in ref:
+        assert_close(name, ours[name], ref[name])
+    y_start, _ = run("triton", x, **{**kw, "grad_at": None, "offset": 0})
+    assert rel_err(y_start, ours["y"]) > 1e-3  # the grad point and the offset matter
 
 
 def check_bfloat16_inputs() -> None:
@@ -365,11 +423,11 @@ def check_torch_compile_matches_eager() -> None:
         assert_close(f"compiled {name}", got[name], want[name], 1e-6)
 
 
-def check_titans_block_on_the_triton_backend(T: int, fused: bool, chunk: int = 16) -> None:
+def check_titans_block_on_the_triton_backend(T: int, chunk: int = 16) -> None:
     """build(..., backend="triton") runs the Titans block's memory through the kernel: whole
     chunks (T = 32, chunks of 16), or whole chunks then a partial one on the chunked tier
-    (T = 37; T = 70 in the block's default chunks of 64), or the chunked tier alone for less
-    than a chunk (T = 11): the same outputs, state and gradients as the chunked tier."""
+    (T = 37; T = 70 in the block's default chunks of 64), or less than a chunk, on the
+    kernel too (T = 11): the same outputs, state and gradients as the chunked tier."""
     import nestc
     from nestc.ops.mlp_memory import triton as kernels
 
@@ -392,7 +450,7 @@ def check_titans_block_on_the_triton_backend(T: int, fused: bool, chunk: int = 1
             got.append({"y": y.detach(), "A": A.detach(), "SB": SB.detach(),
                         **{f"d{i}": g for i, g in enumerate(grads)}})
             if block is blocks[0]:
-                assert len(calls) == (1 if fused else 0), calls
+                assert len(calls) == 1, calls
     for name in got[1]:
         assert_close(f"Titans T={T} {name}", got[0][name], got[1][name])
 
@@ -527,7 +585,7 @@ def check_self_modifying_titans(T: int, launches: int) -> None:
     """build(..., backend="triton") runs self-modifying Titans' memories through the kernel:
     its four projection memories (residual MLPs learning their own readings of v0) as one
     launch, its main memory as another (chunks of 16 here); T = 37 ends in a partial chunk
-    on the chunked tier, T = 11 runs there alone. Outputs, states and gradients equal the
+    on the chunked tier, T = 11 is one partial chunk. Outputs, states and gradients equal the
     chunked tier's."""
     import nestc
     from nestc.ops.mlp_memory import triton as kernels
@@ -578,10 +636,11 @@ def check_self_modifying_titans_second_order() -> None:
 def check_hope_lm() -> None:
     """A 2-layer HopeLM trains on the triton back end as on the chunked one: its CMS levels
     cut the sequence into 16-token pieces, in each of which the kernel runs the projection
-    memories of self-modifying Titans (the main memory's chunks of 64 do not fit a piece: it
-    stays on the chunked tier), and a level's gradient through a later layer's memories is
-    differentiated again by the outer level. Logits and every parameter's gradient equal the
-    chunked tier's."""
+    memories of self-modifying Titans (one launch) and its main memory (another: a quarter of
+    one of its chunks of 64, the piece's first gradients taken at that chunk's first
+    weights), and a level's gradient through a later layer's memories is differentiated
+    again by the outer level. Logits and every parameter's gradient equal the chunked
+    tier's."""
     import nestc
     from nestc.ops.mlp_memory import triton as kernels
 
@@ -594,7 +653,8 @@ def check_hope_lm() -> None:
                            backend=backend).to(DEVICE)
         with interpreted.counting(kernels, "mlp_memory_fwd") as calls:
             logits = model(x)
-        assert len(calls) == (4 if backend == "triton" else 0), calls  # 2 layers x 2 pieces
+        # 2 layers x 2 pieces x 2 launches
+        assert len(calls) == (8 if backend == "triton" else 0), calls
         F.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
         got.append({"logits": logits.detach(),
                     **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}})
@@ -654,20 +714,35 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
     "bwd-self-T21-C16-gelu-retain-gd": (
         check_fused_backward_matches_vjp,
         (21, 16, "gelu", True, False, False, None, False, 1, 8, 16, True)),
+    # pieces that start inside a chunk: T, chunk, offset, act, clip, read_before, beta, v_self
+    "inside-T37-C16-off5-gelu-clip-momentum": (
+        check_inside_a_chunk, (37, 16, 5, "gelu", 0.05, False, True, False)),
+    "inside-T9-C16-off3-silu-read_before-self": (
+        check_inside_a_chunk, (9, 16, 3, "silu", None, True, False, True)),
+    "inside-T16-C64-off48-gelu-read_before-momentum": (
+        check_inside_a_chunk, (16, 64, 48, "gelu", None, True, True, False)),
+    "inside-T40-C32-off31-silu-clip-self-momentum": (
+        check_inside_a_chunk, (40, 32, 31, "silu", 0.05, False, True, True)),
+    "bwd-inside-T37-C16-off5-gelu-retain-momentum-state-clip": (
+        check_fused_backward_matches_vjp,
+        (37, 16, "gelu", True, True, True, 2.0, False, 1, 8, 16, False, 5)),
+    "bwd-inside-T10-C16-off6-silu-retain-momentum-read_before-self": (
+        check_fused_backward_matches_vjp,
+        (10, 16, "silu", True, True, True, None, True, 1, 8, 16, True, 6)),
     "empty": (check_empty_sequence, ()),
     "bfloat16": (check_bfloat16_inputs, ()),
     "refusals": (check_refusals, ()),
     "opcheck": (check_custom_op_registration, ()),
     "compile": (check_torch_compile_matches_eager, ()),
     "interpreted_on_cpu": (check_kernel_matches_the_device, ()),
-    "titans_block_fused": (check_titans_block_on_the_triton_backend, (32, True)),
-    "titans_block_and_a_partial_chunk": (check_titans_block_on_the_triton_backend, (37, True)),
-    "titans_block_under_a_chunk": (check_titans_block_on_the_triton_backend, (11, False)),
-    "titans_block_default_chunk": (check_titans_block_on_the_triton_backend, (70, True, 64)),
+    "titans_block_fused": (check_titans_block_on_the_triton_backend, (32,)),
+    "titans_block_and_a_partial_chunk": (check_titans_block_on_the_triton_backend, (37,)),
+    "titans_block_under_a_chunk": (check_titans_block_on_the_triton_backend, (11,)),
+    "titans_block_default_chunk": (check_titans_block_on_the_triton_backend, (70, 64)),
     "two_memories_one_kernel": (check_two_memories_run_as_one_kernel, ()),
     "self_modifying_titans_fused": (check_self_modifying_titans, (32, 2)),
     "self_modifying_titans_and_a_partial_chunk": (check_self_modifying_titans, (37, 2)),
-    "self_modifying_titans_under_a_chunk": (check_self_modifying_titans, (11, 0)),
+    "self_modifying_titans_under_a_chunk": (check_self_modifying_titans, (11, 2)),
     "self_modifying_titans_second_order": (check_self_modifying_titans_second_order, ()),
     "hope_lm": (check_hope_lm, ()),
     "double_backward": (check_double_backward, ()),

@@ -7,6 +7,8 @@ reference.py is the PyTorch math, triton.py the fused kernel.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from nestc.ops.mlp_memory.reference import ACTS, chunk_mlp_memory
@@ -19,7 +21,8 @@ BACKENDS = (None, "chunked", "triton")
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
            retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
            B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str,
-           chunk: int, backend: str | None, v_self: torch.Tensor | None = None) -> None:
+           chunk: int, backend: str | None, v_self: torch.Tensor | None = None,
+           grad_at: tuple[torch.Tensor, torch.Tensor] | None = None, offset: int = 0) -> None:
     """Raise ValueError naming the argument that does not fit the layout."""
     op = "mlp_memory"
     if q.ndim != 4:
@@ -33,6 +36,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
             "lr": ((N, H, T), lr),
             "retain": ((N, H, T), retain), "beta": ((N, H, T), beta),
             "B0": ((N, H, h, d), B0), "SA0": ((N, H, d, h), SA0), "SB0": ((N, H, h, d), SB0)}
+    if grad_at is not None:
+        if not isinstance(grad_at, (tuple, list)) or len(grad_at) != 2:
+            raise ValueError(f"{op}: grad_at must be a pair (A, B) of weights or None")
+        want |= {"grad_at[0]": ((N, H, d, h), grad_at[0]),
+                 "grad_at[1]": ((N, H, h, d), grad_at[1])}
     for name, (shape, x) in want.items():
         if x is not None and tuple(x.shape) != tuple(shape):
             raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(x.shape)}")
@@ -42,6 +50,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
         raise ValueError(f"{op}: act must be one of {ACTS}, got {act!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"{op}: chunk must be a positive int, got {chunk!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < chunk:
+        raise ValueError(f"{op}: offset must be an int in [0, chunk) = [0, {chunk}), got "
+                         f"{offset!r}")
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; use None, 'chunked' or 'triton'")
 
@@ -51,6 +62,7 @@ def mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tens
                B0: torch.Tensor, SA0: torch.Tensor | None = None,
                SB0: torch.Tensor | None = None, *, act: str = "gelu", clip: float | None = None,
                read_before: bool = False, chunk: int = 64, v_self: torch.Tensor | None = None,
+               grad_at: tuple[torch.Tensor, torch.Tensor] | None = None, offset: int = 0,
                backend: str | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Run a Titans MLP memory over a sequence, each chunk's gradients at its first weights.
 
@@ -71,6 +83,11 @@ def mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tens
             Titans' stop_grad(M(x))): token t learns v_t + act(x_t A_c) B_c, with A_c, B_c
             the weights its chunk starts with, and no gradient flows through that term (to
             v_self, A_c or B_c).
+        grad_at, offset: a sequence that starts `offset` tokens into a chunk (0 <= offset <
+            chunk; its first chunk then holds chunk - offset tokens), whose first weights
+            were grad_at = (A_c, B_c): that chunk's gradients (and generated values) are
+            taken there, and grad_at gets gradients. This is how a model that runs in pieces
+            carries a memory across a chunk that a piece boundary cuts.
         backend: "chunked" (PyTorch, what None picks) or "triton" (the fused kernel of
             triton.py: CUDA tensors, or CPU ones with TRITON_INTERPRET=1 set before triton is
             imported; not yet run on a GPU, so None does not pick it there yet).
@@ -88,12 +105,13 @@ def mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tens
         >>> y.shape, A.shape, SB.shape
         (torch.Size([1, 2, 5, 8]), torch.Size([1, 2, 8, 16]), torch.Size([1, 2, 16, 8]))
     """
-    _check(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, chunk, backend, v_self)
+    _check(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, chunk, backend, v_self, grad_at,
+           offset)
+    kw: dict[str, Any] = {"act": act, "clip": clip, "read_before": read_before, "chunk": chunk,
+                          "v_self": v_self, "offset": offset,
+                          "grad_at": None if grad_at is None else tuple(grad_at)}
     if backend == "triton":
         from nestc.ops.mlp_memory.triton import triton_mlp_memory
 
-        return triton_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act,
-                                 clip=clip, read_before=read_before, chunk=chunk,
-                                 v_self=v_self)
-    return chunk_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act, clip=clip,
-                            read_before=read_before, chunk=chunk, v_self=v_self)
+        return triton_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, **kw)
+    return chunk_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, **kw)

@@ -154,9 +154,10 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
                      SB0: torch.Tensor | None = None, *, act: str = "gelu",
                      clip: float | None = None, read_before: bool = False, chunk: int = 64,
                      v_self: torch.Tensor | None = None,
-                     starts: list[tuple[torch.Tensor, ...]] | None = None
+                     grad_at: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     offset: int = 0, starts: list[tuple[torch.Tensor, ...]] | None = None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The memory over a whole sequence, chunk by chunk (the last one may be short).
+    """The memory over a whole sequence, chunk by chunk (the first and the last may be short).
 
     Args and results as `nestc.ops.mlp_memory.mlp_memory`; everything is computed in float32
     (float64 for float64 inputs), y comes back in q's dtype. `starts`, when given, gets the
@@ -169,14 +170,19 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
     SB = torch.zeros_like(B) if SB0 is None else SB0.to(acc)
     T = q.shape[2]
     ys = []
-    for a in range(0, T, chunk):
-        b = min(T, a + chunk)
+    # the first chunk holds chunk - offset tokens, its gradients at grad_at
+    firsts = range(0, T, chunk) if offset == 0 or T == 0 else \
+        [0, *range(chunk - offset, T, chunk)]
+    for a in firsts:
+        b = min(T, a + chunk - (offset if a == 0 else 0))
         cut = [None if x is None else x[:, :, a:b] for x in (retain, beta, v_self)]
         if starts is not None:
             starts.append((A, B, SA, SB))
+        point = None if a > 0 or grad_at is None else tuple(x.to(acc) for x in grad_at)
         y, A, B, SA, SB = mlp_memory_chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
                                            lr[:, :, a:b], cut[0], cut[1], A, B, SA, SB, act,
-                                           clip, read_before, v_self=cut[2])
+                                           clip, read_before, v_self=cut[2],
+                                           grad_at=point)  # type: ignore[arg-type]
         ys.append(y)
     y = torch.cat(ys, 2) if ys else q.new_zeros(q.shape)
     return y.to(dtype), (A, B, SA, SB)

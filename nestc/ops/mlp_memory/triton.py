@@ -105,7 +105,7 @@ NUM_STAGES = 1
 # than an H100 has; 124,928 at T = 17): one kernel for every chunk count instead
 # (benchmarks/triton_resources.py --sweep). T stays specialized, as in the delta rules,
 # where unspecializing it cost registers (docs/triton.md).
-UNSPECIALIZED = ["NC"]
+UNSPECIALIZED = ["NC", "OFF"]
 
 
 def mlp_kernel_fits(d: int, h: int, chunk: int, dtype: torch.dtype = torch.float32) -> bool:
@@ -173,6 +173,14 @@ def _self_values(vs, p_td, m_td, b_A, b_B, ACT: tl.constexpr, PRECISION: tl.cons
 
 
 @triton.jit
+def _grad_point(b_A, b_B, b_GA, b_GB, i_n):
+    """The weights a chunk's gradients are taken at: its first weights, or for the first
+    chunk of a piece that starts inside one, the weights that chunk started with (G)."""
+    first = i_n == 0
+    return tl.where(first, b_GA, b_A), tl.where(first, b_GB, b_B)
+
+
+@triton.jit
 def _shifted(shift, W, c, m, o_c, PRECISION: tl.constexpr):
     """W, c and m moved down one row (S X, with S[t, t - 1] = 1); row 0 reads the chunk's
     start: W 0, c 1, m 0."""
@@ -182,13 +190,14 @@ def _shifted(shift, W, c, m, o_c, PRECISION: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def mlp_memory_fwd_kernel(q, k, v, vs, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt,
-                          SBt, sA, sB, sSA, sSB, clip, T, NC, D: tl.constexpr,
+def mlp_memory_fwd_kernel(q, k, v, vs, lr, retain, beta, A0, B0, GA, GB, SA0, SB0, y, At, Bt,
+                          SAt, SBt, sA, sB, sSA, sSB, clip, T, OFF, NC, D: tl.constexpr,
                           HID: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
                           BH: tl.constexpr, ACT: tl.constexpr, USE_R: tl.constexpr,
-                          USE_BETA: tl.constexpr, USE_VS: tl.constexpr, USE_S0: tl.constexpr,
-                          USE_CLIP: tl.constexpr, READ_BEFORE: tl.constexpr,
-                          STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr):
+                          USE_BETA: tl.constexpr, USE_VS: tl.constexpr, USE_G: tl.constexpr,
+                          USE_S0: tl.constexpr, USE_CLIP: tl.constexpr,
+                          READ_BEFORE: tl.constexpr, STORE_STARTS: tl.constexpr,
+                          PRECISION: tl.constexpr):
     i_bh = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, C)
     o_d = tl.arange(0, BD)
@@ -201,6 +210,9 @@ def mlp_memory_fwd_kernel(q, k, v, vs, lr, retain, beta, A0, B0, SA0, SB0, y, At
     p_w = i_bh * D * HID
     b_A = tl.load(A0 + p_w + p_dh, mask=m_dh, other=0.).to(tl.float32)
     b_B = tl.load(B0 + p_w + p_hd, mask=m_hd, other=0.).to(tl.float32)
+    if USE_G:  # the first chunk's gradients are taken at these weights
+        b_GA = tl.load(GA + p_w + p_dh, mask=m_dh, other=0.).to(tl.float32)
+        b_GB = tl.load(GB + p_w + p_hd, mask=m_hd, other=0.).to(tl.float32)
     if USE_S0:
         b_SA = tl.load(SA0 + p_w + p_dh, mask=m_dh, other=0.).to(tl.float32)
         b_SB = tl.load(SB0 + p_w + p_hd, mask=m_hd, other=0.).to(tl.float32)
@@ -218,24 +230,28 @@ def mlp_memory_fwd_kernel(q, k, v, vs, lr, retain, beta, A0, B0, SA0, SB0, y, At
             if USE_BETA:
                 tl.store(sSA + p_s + p_dh, b_SA, mask=m_dh)
                 tl.store(sSB + p_s + p_hd, b_SB, mask=m_hd)
-        t = i_n * C + o_c
-        m_t = t < T
-        i_last = tl.minimum(C, T - i_n * C) - 1
+        t = i_n * C + o_c - OFF  # the first chunk's first OFF rows are padding
+        m_t = (t >= 0) & (t < T)
+        i_last = tl.minimum(C, T + OFF - i_n * C) - 1
         r = i_bh * T + t  # rows of [N, H, T, *]
         m_td = m_t[:, None] & m_d[None, :]
         p_td = r[:, None] * D + o_d[None, :]
+        if USE_G:
+            b_Ag, b_Bg = _grad_point(b_A, b_B, b_GA, b_GB, i_n)
+        else:
+            b_Ag, b_Bg = b_A, b_B
         b_k = tl.load(k + p_td, mask=m_td, other=0.).to(tl.float32)
         b_v = tl.load(v + p_td, mask=m_td, other=0.).to(tl.float32)
         if USE_VS:
-            b_v += _self_values(vs, p_td, m_td, b_A, b_B, ACT, PRECISION)
+            b_v += _self_values(vs, p_td, m_td, b_Ag, b_Bg, ACT, PRECISION)
         b_q = tl.load(q + p_td, mask=m_td, other=0.).to(tl.float32)
         b_lr = tl.load(lr + r, mask=m_t, other=0.).to(tl.float32)
 
         # the chunk's gradients at its first weights; padding rows stay 0 (act(0) = 0)
-        b_z = tl.dot(b_k, b_A, input_precision=PRECISION)  # (C, BH)
+        b_z = tl.dot(b_k, b_Ag, input_precision=PRECISION)  # (C, BH)
         b_hk = _act(b_z, ACT)
-        b_e = tl.dot(b_hk, b_B, input_precision=PRECISION) - b_v  # (C, BD)
-        b_delta = tl.dot(b_e, tl.trans(b_B), input_precision=PRECISION) * _act_grad(b_z, ACT)
+        b_e = tl.dot(b_hk, b_Bg, input_precision=PRECISION) - b_v  # (C, BD)
+        b_delta = tl.dot(b_e, tl.trans(b_Bg), input_precision=PRECISION) * _act_grad(b_z, ACT)
         if USE_CLIP:
             b_sq = (tl.sum(b_k * b_k, 1) * tl.sum(b_delta * b_delta, 1)
                     + tl.sum(b_hk * b_hk, 1) * tl.sum(b_e * b_e, 1))
@@ -251,7 +267,8 @@ def mlp_memory_fwd_kernel(q, k, v, vs, lr, retain, beta, A0, B0, SA0, SB0, y, At
             b_bt = tl.load(beta + r, mask=m_t, other=1.).to(tl.float32)
             b_runb, b_Db = _decay(b_bt, causal)
             b_W = tl.dot(b_Dr, b_Db, input_precision=PRECISION)
-            b_m = tl.sum(b_Dr * b_runb[None, :], 1)
+            # a padding row before the piece is no token: it adds no momentum to the weights
+            b_m = tl.sum(b_Dr * tl.where(t >= 0, b_runb, 0.)[None, :], 1)
         else:
             b_W = b_Dr
             b_m = tl.zeros([C], dtype=tl.float32)
@@ -314,13 +331,13 @@ def _sum2(x):
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
-def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, dy, dAt, dBt, dSAt,
-                          dSBt, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0, clip, T,
-                          NC, D: tl.constexpr, HID: tl.constexpr, C: tl.constexpr,
-                          BD: tl.constexpr, BH: tl.constexpr, ACT: tl.constexpr,
-                          USE_R: tl.constexpr, USE_BETA: tl.constexpr, USE_VS: tl.constexpr,
-                          USE_CLIP: tl.constexpr, READ_BEFORE: tl.constexpr,
-                          PRECISION: tl.constexpr):
+def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, GA, GB, dy, dAt,
+                          dBt, dSAt, dSBt, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0,
+                          dSB0, dGA, dGB, clip, T, OFF, NC, D: tl.constexpr, HID: tl.constexpr,
+                          C: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                          ACT: tl.constexpr, USE_R: tl.constexpr, USE_BETA: tl.constexpr,
+                          USE_VS: tl.constexpr, USE_G: tl.constexpr, USE_CLIP: tl.constexpr,
+                          READ_BEFORE: tl.constexpr, PRECISION: tl.constexpr):
     i_bh = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, C)
     o_d = tl.arange(0, BD)
@@ -340,6 +357,9 @@ def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, dy, d
     else:  # the momenta pass through: their gradients are handed on outside
         b_dSA = tl.zeros([BD, BH], dtype=tl.float32)
         b_dSB = tl.zeros([BH, BD], dtype=tl.float32)
+    if USE_G:
+        b_GA = tl.load(GA + p_w + p_dh, mask=m_dh, other=0.).to(tl.float32)
+        b_GB = tl.load(GB + p_w + p_hd, mask=m_hd, other=0.).to(tl.float32)
     causal = o_c[:, None] >= o_c[None, :]
     shift = tl.where(o_c[:, None] == o_c[None, :] + 1, 1., 0.)
     for i_r in range(NC):
@@ -347,27 +367,31 @@ def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, dy, d
         p_s = (i_bh * NC + i_n) * D * HID
         b_A = tl.load(sA + p_s + p_dh, mask=m_dh, other=0.)
         b_B = tl.load(sB + p_s + p_hd, mask=m_hd, other=0.)
-        t = i_n * C + o_c
-        m_t = t < T
-        i_last = tl.minimum(C, T - i_n * C) - 1
+        t = i_n * C + o_c - OFF
+        m_t = (t >= 0) & (t < T)
+        i_last = tl.minimum(C, T + OFF - i_n * C) - 1
         last = o_c == i_last
         r = i_bh * T + t
         m_td = m_t[:, None] & m_d[None, :]
         p_td = r[:, None] * D + o_d[None, :]
+        if USE_G:
+            b_Ag, b_Bg = _grad_point(b_A, b_B, b_GA, b_GB, i_n)
+        else:
+            b_Ag, b_Bg = b_A, b_B
         b_k = tl.load(k + p_td, mask=m_td, other=0.).to(tl.float32)
         b_v = tl.load(v + p_td, mask=m_td, other=0.).to(tl.float32)
         if USE_VS:  # no gradient flows back through them
-            b_v += _self_values(vs, p_td, m_td, b_A, b_B, ACT, PRECISION)
+            b_v += _self_values(vs, p_td, m_td, b_Ag, b_Bg, ACT, PRECISION)
         b_q = tl.load(q + p_td, mask=m_td, other=0.).to(tl.float32)
         b_dy = tl.load(dy + p_td, mask=m_td, other=0.).to(tl.float32)
         b_lr = tl.load(lr + r, mask=m_t, other=0.).to(tl.float32)
 
         # the chunk's forward again, from its start state
-        b_z = tl.dot(b_k, b_A, input_precision=PRECISION)  # (C, BH)
+        b_z = tl.dot(b_k, b_Ag, input_precision=PRECISION)  # (C, BH)
         b_hk = _act(b_z, ACT)
         b_g1 = _act_grad(b_z, ACT)
-        b_e = tl.dot(b_hk, b_B, input_precision=PRECISION) - b_v  # (C, BD)
-        b_P = tl.dot(b_e, tl.trans(b_B), input_precision=PRECISION)  # (C, BH)
+        b_e = tl.dot(b_hk, b_Bg, input_precision=PRECISION) - b_v  # (C, BD)
+        b_P = tl.dot(b_e, tl.trans(b_Bg), input_precision=PRECISION)  # (C, BH)
         b_delta = b_P * b_g1
         if USE_CLIP:
             b_kk, b_dd = tl.sum(b_k * b_k, 1), tl.sum(b_delta * b_delta, 1)
@@ -389,7 +413,8 @@ def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, dy, d
             b_bt = tl.load(beta + r, mask=m_t, other=1.).to(tl.float32)
             b_runb, b_Db = _decay(b_bt, causal)
             b_M = tl.dot(b_Dr, b_Db, input_precision=PRECISION)
-            b_m = tl.sum(b_Dr * b_runb[None, :], 1)
+            b_runv = tl.where(t >= 0, b_runb, 0.)  # padding before the piece: no momentum
+            b_m = tl.sum(b_Dr * b_runv[None, :], 1)
         else:
             b_M = b_Dr
             b_m = tl.zeros([C], dtype=tl.float32)
@@ -488,13 +513,14 @@ def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, dy, d
                      + tl.where(last[:, None], (b_dbl * -b_lre)[None, :], 0.))
             b_dDb *= b_Db
             b_dLb = (tl.sum(b_dDb, 1) - tl.sum(b_dDb, 0)
-                     + (tl.sum(b_Dr * b_dm[:, None], 0) + tl.where(last, b_dkeep, 0.)) * b_runb)
+                     + (tl.where(t >= 0, tl.sum(b_Dr * b_dm[:, None], 0), 0.)
+                        + tl.where(last, b_dkeep, 0.)) * b_runb)
             b_dlog = tl.cumsum(b_dLb, 0, reverse=True)
             tl.store(dbeta + r, tl.where(b_bt >= 1e-30, b_dlog / b_bt, 0.), mask=m_t)
         if USE_R:
             if USE_BETA:
                 b_dDr = (tl.dot(b_dM, tl.trans(b_Db), input_precision=PRECISION)
-                         + b_dm[:, None] * b_runb[None, :])
+                         + b_dm[:, None] * b_runv[None, :])
             else:
                 b_dDr = b_dM
             b_dDr *= b_Dr
@@ -514,16 +540,22 @@ def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, dy, d
         else:
             tl.store(dlr + r, b_dlre, mask=m_t)
 
-        # delta = P * act'(z), P = e B^T, e = hk B - v, hk = act(z), z = k A
+        # delta = P * act'(z), P = e B^T, e = hk B - v, hk = act(z), z = k A, at the grad point
         b_dP = b_ddelta * b_g1
         b_dz = b_ddelta * b_P * _act_grad2(b_z, ACT)
-        b_de += tl.dot(b_dP, b_B, input_precision=PRECISION)
-        b_dBi += tl.dot(tl.trans(b_dP), b_e, input_precision=PRECISION)
-        b_dhk += tl.dot(b_de, tl.trans(b_B), input_precision=PRECISION)
-        b_dBi += tl.dot(tl.trans(b_hk), b_de, input_precision=PRECISION)
+        b_de += tl.dot(b_dP, b_Bg, input_precision=PRECISION)
+        b_dBg = tl.dot(tl.trans(b_dP), b_e, input_precision=PRECISION)
+        b_dhk += tl.dot(b_de, tl.trans(b_Bg), input_precision=PRECISION)
+        b_dBg += tl.dot(tl.trans(b_hk), b_de, input_precision=PRECISION)
         b_dz += b_dhk * b_g1
-        b_dk += tl.dot(b_dz, tl.trans(b_A), input_precision=PRECISION)
-        b_dAi += tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION)
+        b_dk += tl.dot(b_dz, tl.trans(b_Ag), input_precision=PRECISION)
+        b_dAg = tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION)
+        if USE_G and i_n == 0:  # the first chunk's point is G, not its start state
+            tl.store(dGA + p_w + p_dh, b_dAg, mask=m_dh)
+            tl.store(dGB + p_w + p_hd, b_dBg, mask=m_hd)
+        else:
+            b_dAi += b_dAg
+            b_dBi += b_dBg
         tl.store(dq + p_td, b_dq, mask=m_td)
         tl.store(dk + p_td, b_dk, mask=m_td)
         tl.store(dv + p_td, -b_de, mask=m_td)
@@ -546,12 +578,13 @@ def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 
 def _options(q: torch.Tensor, d: int, h: int, chunk: int, act: str,
              retain: torch.Tensor | None, beta: torch.Tensor | None, clip: float | None,
-             read_before: bool, v_self: torch.Tensor | None) -> dict[str, Any]:
+             read_before: bool, v_self: torch.Tensor | None,
+             grad_at: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
     """The sizes, flags and launch settings both kernels take."""
     return {"D": d, "HID": h, "C": chunk, "BD": max(16, triton.next_power_of_2(d)),
             "BH": max(16, triton.next_power_of_2(h)), "ACT": ACTS.index(act),
             "USE_R": retain is not None, "USE_BETA": beta is not None,
-            "USE_VS": v_self is not None,
+            "USE_VS": v_self is not None, "USE_G": grad_at is not None,
             "USE_CLIP": clip is not None, "READ_BEFORE": read_before,
             "PRECISION": dot_precision(q.dtype), "num_warps": NUM_WARPS,
             "num_stages": NUM_STAGES}
@@ -561,15 +594,18 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor
              retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
              B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str,
              clip: float | None, read_before: bool, chunk: int, store_starts: bool,
-             v_self: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+             v_self: torch.Tensor | None = None,
+             grad_at: tuple[torch.Tensor, torch.Tensor] | None = None, offset: int = 0
+             ) -> tuple[torch.Tensor, ...]:
     """y, the final A, B, SA, SB (float32) and the starts sA, sB, sSA, sSB ([N, H, NC, ...];
     empty unless store_starts, the momenta also without beta)."""
     q, k, v, lr, A0, B0 = (x.contiguous() for x in (q, k, v, lr, A0, B0))
     retain, beta, SA0, SB0, v_self = (None if x is None else x.contiguous()
                                       for x in (retain, beta, SA0, SB0, v_self))
+    GA, GB = (None, None) if grad_at is None else (x.contiguous() for x in grad_at)
     N, H, T, d = q.shape
     h = A0.shape[-1]
-    NC = -(-T // chunk)
+    NC = -(-(T + offset) // chunk)
     y = torch.empty_like(q)
     if POISON_BUFFERS:
         y.fill_(float("nan"))
@@ -582,14 +618,14 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor
                                              ((d, h), momenta), ((h, d), momenta)))
     try:
         mlp_memory_fwd_kernel[(N * H,)](
-            q, k, v, v_self, lr, retain, beta, A0, B0, SA0, SB0, y, At, Bt, SAt, SBt, sA, sB,
-            sSA, sSB, 1.0 if clip is None else float(clip), T, NC, USE_S0=SA0 is not None,
-            STORE_STARTS=store_starts,
-            **_options(q, d, h, chunk, act, retain, beta, clip, read_before, v_self))
+            q, k, v, v_self, lr, retain, beta, A0, B0, GA, GB, SA0, SB0, y, At, Bt, SAt, SBt,
+            sA, sB, sSA, sSB, 1.0 if clip is None else float(clip), T, offset, NC,
+            USE_S0=SA0 is not None, STORE_STARTS=store_starts,
+            **_options(q, d, h, chunk, act, retain, beta, clip, read_before, v_self, grad_at))
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "forward")
         return _forward_reference(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip,
-                                  read_before, chunk, store_starts, v_self)
+                                  read_before, chunk, store_starts, v_self, grad_at, offset)
     return y, At, Bt, SAt, SBt, sA, sB, sSA, sSB
 
 
@@ -598,12 +634,14 @@ def _forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: to
                        A0: torch.Tensor, B0: torch.Tensor, SA0: torch.Tensor | None,
                        SB0: torch.Tensor | None, act: str, clip: float | None,
                        read_before: bool, chunk: int, store_starts: bool,
-                       v_self: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                       v_self: torch.Tensor | None = None,
+                       grad_at: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       offset: int = 0) -> tuple[torch.Tensor, ...]:
     """`_forward`'s results by the PyTorch chunk function, for a GPU the kernel does not fit."""
     starts: list[tuple[torch.Tensor, ...]] = []
     y, final = chunk_mlp_memory(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act=act,
                                 clip=clip, read_before=read_before, chunk=chunk, v_self=v_self,
-                                starts=starts)
+                                grad_at=grad_at, offset=offset, starts=starts)
     stacked = [torch.stack([s[i] for s in starts], 2).float().contiguous()
                if store_starts and (i < 2 or beta is not None)
                else q.new_empty((0,), dtype=torch.float32) for i in range(4)]
@@ -616,13 +654,17 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
               sB: torch.Tensor, sSA: torch.Tensor, sSB: torch.Tensor, act: str,
               clip: float | None, read_before: bool, chunk: int, dy: torch.Tensor,
               dA: torch.Tensor, dB: torch.Tensor, dSA: torch.Tensor, dSB: torch.Tensor,
-              v_self: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
-    """dq, dk, dv, dlr, dretain, dbeta (None without them) and the gradients of the initial
-    A, B, SA, SB, in float32, by mlp_memory_bwd_kernel from the stored starts (v_self gets
-    none: the values it generates are under stop-gradient)."""
+              v_self: torch.Tensor | None = None,
+              grad_at: tuple[torch.Tensor, torch.Tensor] | None = None, offset: int = 0
+              ) -> tuple[torch.Tensor | None, ...]:
+    """dq, dk, dv, dlr, dretain, dbeta (None without them), the gradients of the initial
+    A, B, SA, SB and of grad_at's two (None without it), in float32, by mlp_memory_bwd_kernel
+    from the stored starts (v_self gets none: the values it generates are under
+    stop-gradient)."""
     q, k, v, lr, dy, sA, sB = (x.contiguous() for x in (q, k, v, lr, dy, sA, sB))
     retain, beta, v_self = (None if x is None else x.contiguous()
                             for x in (retain, beta, v_self))
+    GA, GB = (None, None) if grad_at is None else (x.contiguous() for x in grad_at)
     dA, dB, dSA, dSB = (x.float().contiguous() for x in (dA, dB, dSA, dSB))
     N, H, T, d = q.shape
     h = sA.shape[-1]
@@ -633,19 +675,22 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
     # without momentum SA, SB pass through the sequence unchanged, and so do their gradients
     dSA0, dSB0 = ((_buffer((N, H, d, h), q), _buffer((N, H, h, d), q)) if beta is not None
                   else (dSA.clone(), dSB.clone()))
+    dGA, dGB = ((None, None) if grad_at is None
+                else (_buffer((N, H, d, h), q), _buffer((N, H, h, d), q)))
     try:
         mlp_memory_bwd_kernel[(N * H,)](
-            q, k, v, v_self, lr, retain, beta, sA, sB, sSA.contiguous(), sSB.contiguous(), dy,
-            dA, dB, dSA, dSB, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0,
-            1.0 if clip is None else float(clip), T, sA.shape[2],
-            **_options(q, d, h, chunk, act, retain, beta, clip, read_before, v_self))
+            q, k, v, v_self, lr, retain, beta, sA, sB, sSA.contiguous(), sSB.contiguous(), GA,
+            GB, dy, dA, dB, dSA, dSB, dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0,
+            dGA, dGB, 1.0 if clip is None else float(clip), T, offset, sA.shape[2],
+            **_options(q, d, h, chunk, act, retain, beta, clip, read_before, v_self, grad_at))
     except OutOfResources as error:  # raised at the launch, before anything runs
         _no_room(error, "backward")
         out = _backward_reference(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip,
-                                  read_before, chunk, dy, dA, dB, dSA, dSB, v_self)
+                                  read_before, chunk, dy, dA, dB, dSA, dSB, v_self, grad_at,
+                                  offset)
         # without momentum dSA, dSB come back as given: a custom op may not return its inputs
-        return (*out[:6], *(g.clone() for g in out[6:] if g is not None))
-    return dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0
+        return (*out[:6], *(None if g is None else g.clone() for g in out[6:]))
+    return dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0, dGA, dGB
 
 
 def _backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
@@ -653,12 +698,14 @@ def _backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: t
                         sA: torch.Tensor, sB: torch.Tensor, sSA: torch.Tensor,
                         sSB: torch.Tensor, act: str, clip: float | None, read_before: bool,
                         chunk: int, dy: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
-                        dSA: torch.Tensor, dSB: torch.Tensor, v_self: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor | None, ...]:
+                        dSA: torch.Tensor, dSB: torch.Tensor, v_self: torch.Tensor | None = None,
+                        grad_at: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        offset: int = 0) -> tuple[torch.Tensor | None, ...]:
     """`_backward`'s results in PyTorch, what the tests hold the kernel to: chunks in reverse,
     each recomputed by `mlp_memory_chunk` at its stored start state and differentiated by
     torch.func.vjp."""
     T = q.shape[2]
+    dG: tuple[torch.Tensor | None, ...] = (None, None)
     f32 = torch.float32
     seq = [None if x is None else x.to(f32) for x in (q, k, v, lr, retain, beta)]
     grads: list[list[torch.Tensor]] = [[] for _ in seq]
@@ -666,41 +713,46 @@ def _backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: t
     dy = dy.to(f32)
     options = act, clip, read_before
     for i_n in reversed(range(sA.shape[2])):
-        a, b = i_n * chunk, min(T, i_n * chunk + chunk)
+        a, b = max(0, i_n * chunk - offset), min(T, i_n * chunk + chunk - offset)
         cut = [None if x is None else x[:, :, a:b] for x in seq]
         # without momentum SA, SB pass through unchanged: any value stands for them
         start = (sA[:, :, i_n], sB[:, :, i_n],
                  sSA[:, :, i_n] if beta is not None else torch.zeros_like(dSA),
                  sSB[:, :, i_n] if beta is not None else torch.zeros_like(dSB))
+        point = None if i_n > 0 or grad_at is None else tuple(x.to(f32) for x in grad_at)
         out = _chunk_vjp(cut, start, options, (dy[:, :, a:b], dA, dB, dSA, dSB),
-                         None if v_self is None else v_self[:, :, a:b].to(f32))
+                         None if v_self is None else v_self[:, :, a:b].to(f32), point)
         dA, dB, dSA, dSB = out[4:8]
+        if point is not None:
+            dG, out = out[-2:], out[:-2]
         rest = iter(out[8:])
         for i, x in enumerate(cut):
             if x is not None:
                 grads[i].append(out[i] if i < 4 else next(rest))
     dseq = [torch.cat(g[::-1], 2) if seq[i] is not None else None for i, g in enumerate(grads)]
-    return (*dseq, dA, dB, dSA, dSB)
+    return (*dseq, dA, dB, dSA, dSB, *dG)
 
 
 def _chunk_vjp(cut: list[torch.Tensor | None], start: tuple[torch.Tensor, ...],
                options: tuple[Any, ...], grads: tuple[torch.Tensor, ...],
-               v_self: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+               v_self: torch.Tensor | None,
+               grad_at: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
     """The vjp of one chunk's `mlp_memory_chunk` at its inputs `cut` (q, k, v, lr, retain,
     beta) and start state: the gradients of q, k, v, lr, A, B, SA, SB, then of retain and
-    beta where given."""
+    beta where given, then of grad_at's two where given."""
     use_r, use_b = cut[4] is not None, cut[5] is not None
 
     def chunk_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
                  A: torch.Tensor, B: torch.Tensor, SA: torch.Tensor, SB: torch.Tensor,
-                 *rb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        it = iter(rb)
+                 *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        it = iter(rest)
         retain = next(it) if use_r else None
         beta = next(it) if use_b else None
+        point = (next(it), next(it)) if grad_at is not None else None
         return mlp_memory_chunk(q, k, v, lr, retain, beta, A, B, SA, SB, *options,
-                                v_self=v_self)
+                                v_self=v_self, grad_at=point)
 
-    wrt = [*cut[:4], *start, *(x for x in cut[4:] if x is not None)]
+    wrt = [*cut[:4], *start, *(x for x in cut[4:] if x is not None), *(grad_at or ())]
     vjp = torch.func.vjp(chunk_fn, *wrt)[1]
     return tuple(vjp(grads))
 
@@ -718,25 +770,32 @@ def mlp_memory_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.
                    retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
                    B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None,
                    act: str, clip: float | None, read_before: bool, chunk: int,
-                   v_self: torch.Tensor | None = None
+                   v_self: torch.Tensor | None = None, GA: torch.Tensor | None = None,
+                   GB: torch.Tensor | None = None, offset: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor]:
     """y, the final A, B, SA, SB and the states entering each chunk sA, sB, sSA, sSB (the
     momenta empty without beta), for the backward."""
     return _forward(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip, read_before, chunk,
-                    True, v_self)  # type: ignore[return-value]
+                    True, v_self, _pair(GA, GB), offset)  # type: ignore[return-value]
+
+
+def _pair(GA: torch.Tensor | None, GB: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return None if GA is None or GB is None else (GA, GB)
 
 
 @mlp_memory_fwd.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
       retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor, B0: torch.Tensor,
       SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str, clip: float | None,
-      read_before: bool, chunk: int, v_self: torch.Tensor | None = None
+      read_before: bool, chunk: int, v_self: torch.Tensor | None = None,
+      GA: torch.Tensor | None = None, GB: torch.Tensor | None = None, offset: int = 0
       ) -> tuple[torch.Tensor, ...]:
     N, H, T, d = q.shape
     h = A0.shape[-1]
-    NC = -(-T // chunk)
+    NC = -(-(T + offset) // chunk)
     f32 = torch.float32
     new = q.new_empty
     momenta = (N, H, NC) if beta is not None else (0,)
@@ -753,18 +812,20 @@ def mlp_memory_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.
                    sB: torch.Tensor, sSA: torch.Tensor, sSB: torch.Tensor, act: str,
                    clip: float | None, read_before: bool, chunk: int, dy: torch.Tensor,
                    dA: torch.Tensor, dB: torch.Tensor, dSA: torch.Tensor, dSB: torch.Tensor,
-                   v_self: torch.Tensor | None = None
+                   v_self: torch.Tensor | None = None, GA: torch.Tensor | None = None,
+                   GB: torch.Tensor | None = None, offset: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor, torch.Tensor]:
-    """dq, dk, dv, dlr, dretain, dbeta (empty without them), dA0, dB0, dSA0, dSB0, each in its
-    input's dtype (the weights' gradients in float32)."""
+                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, dlr, dretain, dbeta (empty without them), dA0, dB0, dSA0, dSB0, dGA, dGB
+    (empty without GA, GB), each in its input's dtype (the weights' gradients in float32)."""
     out = _backward(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip, read_before, chunk,
-                    dy, dA, dB, dSA, dSB, v_self)
+                    dy, dA, dB, dSA, dSB, v_self, _pair(GA, GB), offset)
     like = (q, k, v, lr, retain, beta)
     seq = [q.new_empty((0,)) if g is None or x is None else g.to(x.dtype)
            for g, x in zip(out[:6], like)]
-    return (*seq, *out[6:])  # type: ignore[return-value]
+    dG = [q.new_empty((0,), dtype=torch.float32) if g is None else g for g in out[10:]]
+    return (*seq, *out[6:10], *dG)  # type: ignore[return-value]
 
 
 @mlp_memory_bwd.register_fake
@@ -772,19 +833,25 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
       retain: torch.Tensor | None, beta: torch.Tensor | None, sA: torch.Tensor,
       sB: torch.Tensor, sSA: torch.Tensor, sSB: torch.Tensor, act: str, clip: float | None,
       read_before: bool, chunk: int, dy: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
-      dSA: torch.Tensor, dSB: torch.Tensor, v_self: torch.Tensor | None = None
+      dSA: torch.Tensor, dSB: torch.Tensor, v_self: torch.Tensor | None = None,
+      GA: torch.Tensor | None = None, GB: torch.Tensor | None = None, offset: int = 0
       ) -> tuple[torch.Tensor, ...]:
+    none = q.new_empty((0,), dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lr),
             torch.empty_like(retain) if retain is not None else q.new_empty((0,)),
             torch.empty_like(beta) if beta is not None else q.new_empty((0,)),
             torch.empty_like(dA), torch.empty_like(dB), torch.empty_like(dSA),
-            torch.empty_like(dSB))
+            torch.empty_like(dSB), none if GA is None else torch.empty_like(dA),
+            none if GB is None else torch.empty_like(dB))
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip, read_before, chunk, v_self = inputs
-    ctx.save_for_backward(q, k, v, lr, retain, beta, *output[5:], A0, B0, SA0, SB0, v_self)
+    (q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip, read_before, chunk, v_self, GA, GB,
+     offset) = inputs
+    ctx.save_for_backward(q, k, v, lr, retain, beta, *output[5:], A0, B0, SA0, SB0, v_self, GA,
+                          GB)
     ctx.options = act, clip, read_before, chunk
+    ctx.offset = offset
     ctx.dtypes = A0.dtype, B0.dtype
     ctx.given = SA0 is not None, SB0 is not None
 
@@ -792,26 +859,32 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _autograd_backward(ctx: Any, dy: torch.Tensor, dA: torch.Tensor | None,
                        dB: torch.Tensor | None, dSA: torch.Tensor | None,
                        dSB: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
-    q, k, v, lr, retain, beta, sA, sB, sSA, sSB, A0, B0, SA0, SB0, v_self = ctx.saved_tensors
+    (q, k, v, lr, retain, beta, sA, sB, sSA, sSB, A0, B0, SA0, SB0, v_self, GA,
+     GB) = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph: this backward is differentiated again
         act, clip, read_before, chunk = ctx.options
 
         def forward(*inputs: Any) -> tuple[torch.Tensor | None, ...]:
-            y, state = chunk_mlp_memory(*inputs, act=act, clip=clip, read_before=read_before,
-                                        chunk=chunk, v_self=v_self)
+            y, state = chunk_mlp_memory(*inputs[:10], act=act, clip=clip,
+                                        read_before=read_before, chunk=chunk, v_self=v_self,
+                                        grad_at=_pair(*inputs[10:]), offset=ctx.offset)
             return (y, *state)
 
-        return (*recomputed_vjp(forward, (q, k, v, lr, retain, beta, A0, B0, SA0, SB0),
-                                (dy, dA, dB, dSA, dSB)), None, None, None, None, None)
+        grads = recomputed_vjp(forward, (q, k, v, lr, retain, beta, A0, B0, SA0, SB0, GA, GB),
+                               (dy, dA, dB, dSA, dSB))
+        return (*grads[:10], None, None, None, None, None, *grads[10:], None)
     # an output that the loss does not use has no gradient: zeros
     dA, dB, dSA, dSB = (torch.zeros_like(s[:, :, 0]) if g is None else g
                         for g, s in zip((dA, dB, dSA, dSB), (sA, sB, sA, sB)))
-    dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0 = mlp_memory_bwd(
-        q, k, v, lr, retain, beta, sA, sB, sSA, sSB, *ctx.options, dy, dA, dB, dSA, dSB, v_self)
+    dq, dk, dv, dlr, dretain, dbeta, dA0, dB0, dSA0, dSB0, dGA, dGB = mlp_memory_bwd(
+        q, k, v, lr, retain, beta, sA, sB, sSA, sSB, *ctx.options, dy, dA, dB, dSA, dSB, v_self,
+        GA, GB, ctx.offset)
     return (dq, dk, dv, dlr, _or_none(dretain) if retain is not None else None,
             _or_none(dbeta) if beta is not None else None, dA0.to(ctx.dtypes[0]),
             dB0.to(ctx.dtypes[1]), dSA0 if ctx.given[0] else None,
-            dSB0 if ctx.given[1] else None, None, None, None, None, None)
+            dSB0 if ctx.given[1] else None, None, None, None, None, None,
+            None if GA is None else dGA.to(GA.dtype), None if GB is None else dGB.to(GB.dtype),
+            None)
 
 
 mlp_memory_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -826,8 +899,9 @@ def triton_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: tor
                       B0: torch.Tensor, SA0: torch.Tensor | None = None,
                       SB0: torch.Tensor | None = None, *, act: str = "gelu",
                       clip: float | None = None, read_before: bool = False, chunk: int = 64,
-                      v_self: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+                      v_self: torch.Tensor | None = None,
+                      grad_at: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      offset: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Same arguments and results as `chunk_mlp_memory` (float32 or 16-bit inputs, d and
     h <= 128, chunk 16, 32 or 64), on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1."""
     op = "triton_mlp_memory"
@@ -847,11 +921,14 @@ def triton_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: tor
                          "TRITON_INTERPRET=1 before triton is imported to run it on the CPU")
     if (SA0 is None) != (SB0 is None):
         raise ValueError(f"{op}: give both SA0 and SB0 or neither")
+    if not 0 <= offset < chunk:
+        raise ValueError(f"{op}: offset must be in [0, chunk) = [0, {chunk}), got {offset!r}")
     if q.shape[2] == 0:
         SA = torch.zeros_like(A0, dtype=torch.float32) if SA0 is None else SA0.float().clone()
         SB = torch.zeros_like(B0, dtype=torch.float32) if SB0 is None else SB0.float().clone()
         return q.new_zeros(q.shape), (A0.float().clone(), B0.float().clone(), SA, SB)
+    GA, GB = (None, None) if grad_at is None else grad_at
     y, A, B, SA, SB, *_ = mlp_memory_fwd(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act,
                                          None if clip is None else float(clip), read_before,
-                                         chunk, v_self)
+                                         chunk, v_self, GA, GB, offset)
     return y, (A, B, SA, SB)
