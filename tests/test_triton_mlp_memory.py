@@ -186,11 +186,17 @@ def test_reference_equals_mlp_memory_methods(case: str) -> None:
         assert rel_err(ours["y"], y_free) > 1e-2
 
 
-def block_results(block: Any, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+def block_results(block: Any, x0: torch.Tensor, cuts: tuple[int, ...] = ()
+                  ) -> dict[str, torch.Tensor]:
     """A block's output, its memories' final states and the gradients of its input and
-    parameters for a loss of all of them."""
+    parameters for a loss of all of them; run in pieces cut at `cuts`, the state carried."""
     x = x0.clone().requires_grad_()
-    y, state = block(x, return_state=True)
+    ys, state = [], None
+    bounds = (0, *cuts, x.shape[1])
+    for a, b in zip(bounds, bounds[1:]):
+        y, state = block(x[:, a:b], state=state, return_state=True)
+        ys.append(y)
+    y = torch.cat(ys, 1)
     finals = [t for s in state.values() if isinstance(s, dict) and "M" in s
               for t in (*s["M"], *s["S"])]
     loss = (y * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum() + \
@@ -208,30 +214,38 @@ def test_self_modifying_titans_maps_onto_the_op(monkeypatch: pytest.MonkeyPatch)
     group; the main memory learns given values. With the op's PyTorch reference in the
     kernel's place (so no kernel runs here), the block equals the chunked tier and the
     token-by-token definition: T = 37 is two whole chunks of 16 through the op, then a
-    partial one on the chunked tier, its generated values taken at the right tokens."""
+    partial one on the chunked tier, its generated values taken at the right tokens; in
+    pieces of 10, 19 and 8 tokens, the last two start inside a chunk (the op gets that
+    chunk's first weights and the offset) and run past its end (the op stops there, the
+    rest runs on the chunked tier)."""
     import nestc
     from nestc.ops.mlp_memory import triton as kernels
     from nestc.ops.mlp_memory.reference import chunk_mlp_memory
 
-    calls: list[bool] = []
+    calls: list[tuple[bool, int]] = []
 
-    def op(*args: Any, v_self: torch.Tensor | None = None, **kw: Any) -> Any:
-        calls.append(v_self is not None)
-        return chunk_mlp_memory(*args, v_self=v_self, **kw)
+    def op(*args: Any, v_self: torch.Tensor | None = None, offset: int = 0, **kw: Any) -> Any:
+        calls.append((v_self is not None, offset))
+        return chunk_mlp_memory(*args, v_self=v_self, offset=offset, **kw)
     monkeypatch.setattr(kernels, "triton_mlp_memory", op)
     prog = nestc.load("std/memory/self_modifying_titans.nest")
     x0 = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(3))
-    got = {}
-    for backend in ("triton", "chunked", "reference"):
-        torch.manual_seed(0)
-        block = prog.build("SelfModifyingTitans", dim=32, heads=2, memory_chunk=16,
-                           backend=backend)
-        got[backend] = block_results(block, x0)
-    assert sorted(calls) == [False, True], calls  # the main memory, then the group
-    assert got["triton"].keys() == got["chunked"].keys() == got["reference"].keys()
-    for name, ref in got["chunked"].items():
-        assert_close(f"triton tier {name}", got["triton"][name], ref, 1e-5)
-        assert_close(f"reference tier {name}", got["reference"][name], ref)
+    for cuts, want in (((), [(False, 0), (True, 0)]),
+                       ((10, 29), [(False, 0), (True, 0), (False, 10), (True, 10),
+                                   (False, 13), (True, 13)])):
+        got = {}
+        calls.clear()
+        for backend in ("triton", "chunked", "reference"):
+            torch.manual_seed(0)
+            block = prog.build("SelfModifyingTitans", dim=32, heads=2, memory_chunk=16,
+                               backend=backend)
+            got[backend] = block_results(block, x0, cuts)
+        # the main memory and the group in each piece, at the offset the piece starts at
+        assert sorted(calls) == sorted(want), calls
+        assert got["triton"].keys() == got["chunked"].keys() == got["reference"].keys()
+        for name, ref in got["chunked"].items():
+            assert_close(f"triton tier {cuts} {name}", got["triton"][name], ref, 1e-5)
+            assert_close(f"reference tier {cuts} {name}", got["reference"][name], ref)
 
 
 @pytest.mark.parametrize("offset", [5, 13])
@@ -404,6 +418,10 @@ def check_custom_op_registration() -> None:
 
     x = make_inputs(T=19)
     torch.library.opcheck(kernels.mlp_memory_fwd, (*x.values(), "gelu", 0.5, False, 16))
+    # with self-generated values, inside a chunk whose first weights get gradients
+    G = [(t.detach() * 0.9).requires_grad_() for t in (x["A0"], x["B0"])]
+    torch.library.opcheck(kernels.mlp_memory_fwd, (*x.values(), "silu", None, True, 16,
+                                                   self_inputs(x).detach(), *G, 5))
 
 
 def check_torch_compile_matches_eager() -> None:
