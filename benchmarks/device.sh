@@ -5,8 +5,10 @@
 # chunked tier, the MLP memory kernel, the language models' tokens/s with the triton back
 # end), lm (language models' training tokens/s on the GPU), train (`nestc train` of a small
 # HopeLM on MQAR on the GPU), optim (the optimizer benchmark's GPU variant and its Triton
-# block-size sweep), and, only when named, tiles (the delta-rule kernels at T=4K with other
-# launch settings than docs/triton.md's, one run each). Results land in $OUT (or out/).
+# block-size sweep), and, only when named, fusion (benchmarks/fusion.py: the stdlib language
+# models' steps on the chunked and triton back ends) and tiles (the delta-rule kernels at T=4K
+# with other launch settings than docs/triton.md's, one run each). Results land in $OUT (or
+# out/).
 #   PARTS="tests lm" bash benchmarks/device.sh
 # A device command may run 10 minutes: `tests` alone may take most of that from an empty
 # Triton cache (the compiles), so run `PARTS=tests` and `PARTS=memory` as two calls.
@@ -41,6 +43,11 @@ if has tests; then
 fi
 if has memory; then
     timeout 300 python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1
+fi
+if has fusion; then
+    # aten operations and milliseconds per training step, chunked against triton back end
+    timeout 300 python3 benchmarks/fusion.py --device cuda --dim 128 --depth 4 --batch 8 \
+        --T 512 2>&1 | tee "$OUT/fusion.md"
 fi
 if has tiles; then
     for tiles in dqkvbg=32,4,2 dqkvbg=64,8,2 dhu=64,4,2 state=64,4,2; do

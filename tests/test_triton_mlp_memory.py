@@ -822,3 +822,26 @@ def test_the_compiler_picks_the_kernel_only_where_it_fits() -> None:
     assert mlp_kernel_fits(32, 64, 64) and not mlp_kernel_fits(32, 64, 64, bf16)
     assert mlp_kernel_fits(64, 128, 16, bf16) and not mlp_kernel_fits(64, 64, 64)
     assert not mlp_kernel_fits(128, 128, 16) and not mlp_kernel_fits(16, 256, 16)
+
+
+def test_the_fusion_benchmark_counts_what_the_kernels_take() -> None:
+    """benchmarks/fusion.py --quick (kernels interpreted): each stdlib language model runs in
+    fewer PyTorch operations on the triton back end, the kernels among them: HopeLM in three
+    pieces (its CMS levels' chunks of 16 in 40 tokens), each with a forward and a backward for
+    self-modifying Titans' four projection memories (one group) and for its main memory;
+    TitansLM and DeltaNetLM one forward and one backward."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "fusion.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {(r[0], r[1]): (int(r[2].replace(",", "")), int(r[3])) for r in
+            ([c.strip() for c in line.strip("|").split("|")] for line in run.stdout.splitlines()
+             if line.startswith("| ") and not line.startswith(("| model", "| ---")))}
+    for model, kernels in (("HopeLM", 12), ("TitansLM", 2), ("DeltaNetLM", 2)):
+        assert rows[(model, "chunked")][1] == 0, run.stdout
+        assert rows[(model, "triton")][1] == kernels, run.stdout
+        assert rows[(model, "triton")][0] < rows[(model, "chunked")][0], run.stdout

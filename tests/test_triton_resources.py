@@ -79,7 +79,7 @@ def test_the_sweep_compiles_every_case_and_fails_the_ones_over_the_limit(tmp_pat
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [[x.strip() for x in line.split("|")[1:-1]] for line in out.read_text().splitlines()
             if line.startswith(("| delta", "| mlp"))]
-    assert len(rows) == 6 + 9, rows  # value widths 16, 24, 200, plain and gated; 9 MLP cases
+    assert len(rows) == 6 + 14, rows  # value widths 16, 24, 200, plain and gated; 14 MLP cases
     for name, outcome, launches, shared, _ in rows:
         assert "chunk=16 bf16" in name
         assert int(launches) == (7 if name.startswith("delta") else 2), name
