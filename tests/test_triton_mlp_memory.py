@@ -741,6 +741,8 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
         check_inside_a_chunk, (16, 64, 48, "gelu", None, True, True, False)),
     "inside-T40-C32-off31-silu-clip-self-momentum": (
         check_inside_a_chunk, (40, 32, 31, "silu", 0.05, False, True, True)),
+    "inside-T37-C16-off9-gelu-clip-read_before-self-momentum": (
+        check_inside_a_chunk, (37, 16, 9, "gelu", 0.05, True, True, True)),
     "bwd-inside-T37-C16-off5-gelu-retain-momentum-state-clip": (
         check_fused_backward_matches_vjp,
         (37, 16, "gelu", True, True, True, 2.0, False, 1, 8, 16, False, 5)),
