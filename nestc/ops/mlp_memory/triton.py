@@ -18,6 +18,11 @@ v += act(x A) B for self-generated values (v_self: x; no gradient flows through 
 state is the same sums at the chunk's last valid token (row w of W, c_w, m_w):
     A' = c_w A + m_w SA + k^T (W[w] * delta), B' likewise with hk, e, B, SB,
     SA' = (prod beta) SA + k^T (D_b[w] * -lr * delta), SB' likewise.
+A sequence that starts OFF tokens into a chunk (a piece of a longer one) gives its first chunk
+OFF rows of padding (lr 0, retain and beta 1, and left out of m: a padding row applies no
+momentum) and takes that chunk's z, e, delta and generated values at G = (GA, GB), the
+weights the chunk started with, instead of A, B; for that chunk the backward sends what
+those terms give the weights (k^T dz to A, dP^T e + hk^T de to B, below) to dG instead.
 
 Forward: mlp_memory_fwd_kernel, grid (N * H,): a loop over the chunks carrying A, B, SA, SB in
 registers, storing the reads, the final state and the state entering each chunk (the four
