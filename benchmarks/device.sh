@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA device. Parts
-# (PARTS, default all): tests (the GPU tests and the Triton kernels' tests, compiled), memory
+# (PARTS, default all): tests (the GPU tests and the delta-rule kernels' tests, compiled),
+# mlptests (the MLP-memory kernel's tests, compiled), memory
 # (benchmarks/gpu_memory.py --lm: nestc's Triton delta rules against fla-core's kernels and the
 # chunked tier, the MLP memory kernel, the language models' tokens/s with the triton back
 # end), lm (language models' training tokens/s on the GPU), train (`nestc train` of a small
@@ -10,8 +11,9 @@
 # with other launch settings than docs/triton.md's, one run each). Results land in $OUT (or
 # out/).
 #   PARTS="tests lm" bash benchmarks/device.sh
-# A device command may run 10 minutes: `tests` alone may take most of that from an empty
-# Triton cache (the compiles), so run `PARTS=tests` and `PARTS=memory` as two calls.
+# A device command may run 10 minutes: `tests` and `mlptests` may each take most of that from
+# an empty Triton cache (the compiles), so run `PARTS=tests`, `PARTS=mlptests` and
+# `PARTS=memory` as separate calls.
 # Packages the device image (Python 3.12, torch, triton) lacks travel as wheels in .whl, an
 # ignored folder made here with `pip download --no-deps --only-binary=:all: --python-version
 # 3.12 --platform manylinux2014_x86_64 -d .whl lark tqdm pydantic pydantic-core
@@ -22,7 +24,7 @@
 #   export PYTHONPATH=/tmp/site && PARTS="tests memory" bash benchmarks/device.sh
 set -u
 OUT=${OUT:-out}
-PARTS=${PARTS:-tests memory lm train optim}
+PARTS=${PARTS:-tests mlptests memory lm train optim}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -38,8 +40,12 @@ if has tests; then
     # (benchmarks/triton_resources.py), so each module gets its own limit
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_delta.py 2>&1 \
         | tee -a "$OUT/test_gpu.txt"
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_mlp_memory.py 2>&1 \
-        | tee -a "$OUT/test_gpu.txt"
+fi
+if has mlptests; then
+    # the MLP-memory kernel's cases: about 30 specializations (generated values, pieces inside
+    # a chunk, each flag), each a forward and a backward to compile, so a call of its own
+    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_triton_mlp_memory.py 2>&1 \
+        | tee "$OUT/test_gpu_mlp.txt"
 fi
 if has memory; then
     timeout 300 python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1
