@@ -15,8 +15,8 @@ otherwise show up only on the device.
                                           [--sweep [--jobs N] [--only TEXT ...]]
 
 --K: key widths of the delta rules (V = K, chunk 64, plain and gated); --mlp d,h,chunk: MLP
-memory shapes (momentum, retention and clip on; as given, with self-generated values, and
-starting inside a chunk);
+memory shapes (momentum, retention and clip on; --variants: given values, self-generated
+ones, starting inside a chunk);
 --limit: the shared memory a block may have, in bytes, instead of the arch's (SHARED_LIMIT). Exit status 1 when a kernel the ops would
 launch needs more shared memory than the GPU allows: every delta-rule kernel, and the MLP
 kernels where `mlp_kernel_fits` admits the shape (the others run on the chunked tier; their
@@ -30,8 +30,8 @@ only here): for each dtype and K, the delta rules with and without decay, initia
 state and its gradient, at one token and at a partial chunk, and at chunks 16, 32, 64 with value
 widths K, 24 and 200; for each MLP shape, every flag of the all-on case turned off in turn
 (retention, momentum, clip, initial momenta), silu, read_before, one token, one chunk, and
-self-generated values (alone, and as self-modifying Titans runs them: silu, read_before, no
-momentum), and pieces that start inside a chunk (ending past it, or within it). One
+self-generated values (as self-modifying Titans runs them: silu, read_before, no momentum),
+and pieces that start inside a chunk (alone, and with self-generated values). One
 row a case; exit status 1 when a case fails to compile or a kernel the ops would launch
 outgrows the limit. --jobs runs the cases in that many processes, --only those whose names
 contain one of its words ("gated", "chunk=16 bf16").
@@ -187,6 +187,11 @@ def mlp_case(d: int, h: int, chunk: int, dtype: torch.dtype, T: int | None = Non
     return launch
 
 
+# the MLP kernels' calls the main mode compiles at each shape (--variants); "inside" starts
+# half a chunk in
+VARIANTS: dict[str, dict[str, Any]] = {"given": {}, "self": {"v_self": True}, "inside": {}}
+
+
 def sweep_cases(Ks: list[int], mlp_shapes: list[tuple[int, int, int]], dtypes: list[str]
                 ) -> list[tuple[str, str, dict[str, Any]]]:
     """(case name, "delta" or "mlp", the case function's keyword arguments) for --sweep."""
@@ -214,12 +219,10 @@ def sweep_cases(Ks: list[int], mlp_shapes: list[tuple[int, int, int]], dtypes: l
                                   ("no initial momenta", {"s0": False}),
                                   ("silu", {"act": "silu"}), ("read_before", {"read_before": True}),
                                   ("T=1", {"T": 1}), ("one chunk", {"T": chunk}),
-                                  ("self values", {"v_self": True}),
                                   ("self values silu read_before no momentum",
                                    {"v_self": True, "act": "silu", "read_before": True,
                                     "beta": False}),
                                   ("inside a chunk", {"offset": chunk // 2}),
-                                  ("inside one chunk", {"offset": chunk // 4, "T": chunk // 4}),
                                   ("inside a chunk self values read_before",
                                    {"offset": 3, "v_self": True, "read_before": True})):
                 cases.append((f"mlp d={d} h={h} chunk={chunk} {name} {label}", "mlp",
@@ -313,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlp", nargs="*", default=["32,64,16", "64,128,16", "32,64,64", "64,64,64"],
                    help="d,h,chunk of the MLP memory shapes")
     p.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="the MLP kernels' calls to compile: given values, self-generated "
+                   "ones, a piece starting inside a chunk")
     p.add_argument("--limit", type=int, help="bytes of shared memory a block may have")
     p.add_argument("--sweep", action="store_true",
                    help="compile every flag and odd-size specialization instead (one row a case)")
@@ -337,11 +343,11 @@ def main(argv: list[str] | None = None) -> int:
             d, h, chunk = (int(x) for x in shape.split(","))
             admitted = mlp_kernels.mlp_kernel_fits(d, h, chunk, dtype)
             case = f"mlp d={d} h={h} chunk={chunk} {name}"
-            rows += measure(case, mlp_case(d, h, chunk, dtype), admitted, args.arch)
-            rows += measure(f"{case} self values", mlp_case(d, h, chunk, dtype, v_self=True),
-                            admitted, args.arch)
-            rows += measure(f"{case} inside a chunk",
-                            mlp_case(d, h, chunk, dtype, offset=chunk // 2), admitted, args.arch)
+            for variant in args.variants:
+                kw = VARIANTS[variant] | ({"offset": chunk // 2} if variant == "inside" else {})
+                label = {"given": "", "self": " self values", "inside": " inside a chunk"}
+                rows += measure(case + label[variant], mlp_case(d, h, chunk, dtype, **kw),
+                                admitted, args.arch)
     text = table(rows, args.arch, limit)
     print(text, end="")
     if args.out:
