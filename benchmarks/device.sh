@@ -18,7 +18,8 @@
 # ignored folder made here with `pip download --no-deps --only-binary=:all: --python-version
 # 3.12 --platform manylinux2014_x86_64 -d .whl lark tqdm pydantic pydantic-core
 # annotated-types typing-extensions typing-inspection fla-core einops pytest pluggy iniconfig
-# packaging pygments` (the tests part needs pytest, the image may not have it), and installed
+# packaging pygments pytest-xdist execnet` (the tests need pytest, the image may not have it;
+# pytest-xdist spreads the kernel modules' compiles over the host's cores), and installed
 # there first:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 #   export PYTHONPATH=/tmp/site && PARTS="tests memory" bash benchmarks/device.sh
@@ -28,6 +29,9 @@ PARTS=${PARTS:-tests mlptests memory lm train optim}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
+# with pytest-xdist, a kernel module's cases (each compiling its own specializations) spread
+# over 8 workers (tests/interpreted.py runs each case in its own test on CUDA)
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8 --dist load")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$OUT/gpu.txt"
@@ -38,14 +42,15 @@ if has tests; then
     # empty Triton cache compiling dominates: each case's flags are a new specialization, and
     # on the CPU here an MLP backward takes 9 to 19 s to compile at the tests' tiny sizes
     # (benchmarks/triton_resources.py), so each module gets its own limit
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_delta.py 2>&1 \
+    timeout 240 python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_triton_delta.py 2>&1 \
         | tee -a "$OUT/test_gpu.txt"
 fi
 if has mlptests; then
-    # the MLP-memory kernel's cases: about 30 specializations (generated values, pieces inside
-    # a chunk, each flag), each a forward and a backward to compile, so a call of its own
-    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_triton_mlp_memory.py 2>&1 \
-        | tee "$OUT/test_gpu_mlp.txt"
+    # the MLP-memory kernel's cases: 37 forward and 32 backward kernels of distinct flags and
+    # sizes to compile (counted under the interpreter; Triton's own specializations on
+    # divisibility may add more), so a call of its own
+    timeout 560 python3 -m pytest -q -p no:cacheprovider $XDIST \
+        tests/test_triton_mlp_memory.py 2>&1 | tee "$OUT/test_gpu_mlp.txt"
 fi
 if has memory; then
     timeout 300 python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1

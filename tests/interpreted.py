@@ -4,10 +4,11 @@ the CPU under the Triton interpreter.
 Triton reads TRITON_INTERPRET when it is first imported, and a pytest session imports it
 earlier, so on a CPU a test module's selected cases run in one subprocess started with the
 variable set (the module loaded there by path), each reported back as its own pass, skip or
-failure. A module defines CASES (name -> (check, args)), a `run_selected(names)` that imports
-its kernels and returns `run_cases(CASES, names, [kernels])`, the fixture
-`outcomes = outcomes_fixture(__file__, "run_selected")` and one test per case that calls
-`report(case, outcomes)`.
+failure. On CUDA, or in a pytest started with TRITON_INTERPRET=1, each case runs in its own
+test instead (pytest-xdist can then spread one module's cases over workers). A module defines
+CASES (name -> (check, args)), a `run_selected(names)` that imports its kernels and returns
+`run_cases(CASES, names, [kernels])`, the fixture `outcomes = outcomes_fixture(__file__,
+"run_selected")` and one test per case that calls `report(case, outcomes)`.
 """
 
 from __future__ import annotations
@@ -135,9 +136,24 @@ def run_cases(cases: Cases, names: list[str], kernels: list[Any]) -> dict[str, d
     return out
 
 
+class _EachWhenAsked(dict):  # type: ignore[type-arg]
+    """Outcomes run one case at a time, when a test asks for it: where the kernels run in this
+    process, so that pytest-xdist's workers (`-n 8 --dist load`) share the cases, and the
+    compiles, of one module."""
+
+    def __init__(self, run: Callable[[list[str]], dict[str, dict[str, Any]]]) -> None:
+        super().__init__()
+        self.run = run
+
+    def __missing__(self, name: str) -> dict[str, Any]:
+        self[name] = self.run([name])[name]
+        return self[name]  # type: ignore[no-any-return]
+
+
 def outcomes_fixture(file: str, runner: str) -> Any:
-    """A module-scoped fixture: the outcomes of the cases this session selected in `file`,
-    run once by its function `runner` (here on CUDA, else in the interpreter's subprocess)."""
+    """A module-scoped fixture: the outcomes of the cases this session selected in `file`, by
+    its function `runner`: each when its test asks, here, on CUDA or in a process started with
+    TRITON_INTERPRET=1; else all at once in the interpreter's subprocess."""
 
     @pytest.fixture(scope="module")
     def outcomes(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
@@ -147,8 +163,8 @@ def outcomes_fixture(file: str, runner: str) -> Any:
                  and item.callspec.params.get("case") in cases]
         import torch
 
-        if torch.cuda.is_available():
-            return getattr(request.module, runner)(names)  # type: ignore[no-any-return]
+        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            return _EachWhenAsked(getattr(request.module, runner))
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         proc = subprocess.run([sys.executable, "-c", CHILD, file, runner, *names],
                               capture_output=True, text=True, env=env, timeout=600)
