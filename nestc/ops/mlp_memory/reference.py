@@ -178,11 +178,12 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
         cut = [None if x is None else x[:, :, a:b] for x in (retain, beta, v_self)]
         if starts is not None:
             starts.append((A, B, SA, SB))
-        point = None if a > 0 or grad_at is None else tuple(x.to(acc) for x in grad_at)
+        point = None if a > 0 or grad_at is None else \
+            (grad_at[0].to(acc), grad_at[1].to(acc))
         y, A, B, SA, SB = mlp_memory_chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
                                            lr[:, :, a:b], cut[0], cut[1], A, B, SA, SB, act,
                                            clip, read_before, v_self=cut[2],
-                                           grad_at=point)  # type: ignore[arg-type]
+                                           grad_at=point)
         ys.append(y)
     y = torch.cat(ys, 2) if ys else q.new_zeros(q.shape)
     return y.to(dtype), (A, B, SA, SB)
