@@ -500,3 +500,35 @@ def test_a_kernel_too_big_for_the_gpu_falls_back_to_the_chunked_tier(
     ref = results(*call("chunked", op, x, chunk_size=16), x)
     for name in ref:
         assert_close(f"{op} {name}", ours[name], ref[name], 1e-6)
+
+
+MENDED = """
+import torch, triton, triton.language as tl
+from triton.runtime import interpreter
+import nestc.ops.delta_rule.triton
+from nestc.ops.utils import mend_interpreter
+mended = interpreter._patch_lang_tensor
+assert getattr(mended, "mended", False), "importing the kernels under the interpreter mends it"
+mend_interpreter()
+assert interpreter._patch_lang_tensor is mended, "a second call wraps nothing twice"
+
+@triton.jit
+def total(x, out, n):
+    acc = tl.zeros((1,), dtype=tl.float32)
+    for i in range(n):
+        acc += tl.load(x + i + tl.arange(0, 1))
+    tl.store(out + tl.arange(0, 1), acc)
+
+x, out = torch.arange(1.0, 8.0), torch.zeros(1)
+total[(1,)](x, out, 7)
+assert out.item() == 28.0, out
+"""
+
+
+def test_the_interpreter_takes_a_kernel_argument_as_a_loop_bound() -> None:
+    """nestc.ops.utils.mend_interpreter: a runtime loop bound, with NumPy's deprecation of
+    int(array) an error (Triton 3.6's interpreter trips on it: every kernel failed there)."""
+    run = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", MENDED],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]

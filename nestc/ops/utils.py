@@ -148,3 +148,26 @@ def recomputed_vjp(forward: Callable[..., tuple[torch.Tensor | None, ...]],
                                    create_graph=True, allow_unused=True) if pairs
                else [None] * len(wanted))
     return [next(got) if x is not None and x.requires_grad else None for x in aliases]
+
+
+def mend_interpreter() -> None:
+    """Make the Triton interpreter take a kernel's scalar argument as a loop bound with any
+    NumPy. Triton 3.6's interpreter holds a scalar as an array of one element and turns it
+    into a Python int with int(array), which NumPy deprecates from 1.25 (a warning, an error
+    where warnings are errors) and refuses from 2.4, so `for i in range(N)` stops every
+    kernel. Later Triton squeezes the array first; this does the same for the versions that
+    do not, through the interpreter's own patch scope (undone after each launch, as Triton's
+    own attributes are). Idempotent; a no-op where the interpreter's layout is not the one
+    known."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "mended", False):
+        return
+
+    def mended(tensor: Any, scope: Any) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    mended.mended = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = mended

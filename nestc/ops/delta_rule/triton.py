@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from nestc.ops.utils import dot_precision, recomputed_vjp
+from nestc.ops.utils import dot_precision, mend_interpreter, recomputed_vjp
 
 # beyond these the kernels' tiles outgrow an H100's shared memory (K = 256: dqkvbg asks for
 # 360 KB; benchmarks/triton_resources.py)
@@ -636,6 +636,8 @@ delta_rule_fwd.register_autograd(_autograd_backward, setup_context=_setup_contex
 
 # triton.jit picks the interpreter when a kernel is defined (TRITON_INTERPRET=1 at import)
 INTERPRETED = not isinstance(delta_rule_fwd_kernel_o, triton.runtime.jit.JITFunction)
+if INTERPRETED:
+    mend_interpreter()
 
 
 def delta_rule_with_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -91,7 +91,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from nestc.ops.mlp_memory.reference import ACTS, chunk_mlp_memory, mlp_memory_chunk
-from nestc.ops.utils import dot_precision, recomputed_vjp
+from nestc.ops.utils import dot_precision, mend_interpreter, recomputed_vjp
 
 MAX_DIM = 128
 CHUNKS = (16, 32, 64)
@@ -897,6 +897,8 @@ mlp_memory_fwd.register_autograd(_autograd_backward, setup_context=_setup_contex
 
 # triton.jit picks the interpreter when a kernel is defined (TRITON_INTERPRET=1 at import)
 INTERPRETED = not isinstance(mlp_memory_fwd_kernel, triton.runtime.jit.JITFunction)
+if INTERPRETED:
+    mend_interpreter()
 
 
 def triton_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
