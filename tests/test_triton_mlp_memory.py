@@ -217,7 +217,9 @@ def test_self_modifying_titans_maps_onto_the_op(monkeypatch: pytest.MonkeyPatch)
     partial one on the chunked tier, its generated values taken at the right tokens; in
     pieces of 10, 19 and 8 tokens, the last two start inside a chunk (the op gets that
     chunk's first weights and the offset) and run past its end (the op stops there, the
-    rest runs on the chunked tier)."""
+    rest runs on the chunked tier); and in pieces of 3, 4, 13, 17 and of 1, 1, 14, 1, 16, 4
+    tokens (pieces of one token, pieces ending at a chunk's end and starting at its start,
+    a piece of a whole chunk's length that starts inside one)."""
     import nestc
     from nestc.ops.mlp_memory import triton as kernels
     from nestc.ops.mlp_memory.reference import chunk_mlp_memory
@@ -232,7 +234,11 @@ def test_self_modifying_titans_maps_onto_the_op(monkeypatch: pytest.MonkeyPatch)
     x0 = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(3))
     for cuts, want in (((), [(False, 0), (True, 0)]),
                        ((10, 29), [(False, 0), (True, 0), (False, 10), (True, 10),
-                                   (False, 13), (True, 13)])):
+                                   (False, 13), (True, 13)]),
+                       # pieces of one to 16 tokens, starting at and inside chunks
+                       ((3, 7, 20), [(g, o) for o in (0, 3, 7, 4) for g in (False, True)]),
+                       ((1, 2, 16, 17, 33),
+                        [(g, o) for o in (0, 1, 2, 0, 1, 1) for g in (False, True)])):
         got = {}
         calls.clear()
         for backend in ("triton", "chunked", "reference"):
@@ -375,8 +381,10 @@ def check_inside_a_chunk(T: int, chunk: int, offset: int, act: str, clip: float 
     ref = results(*run("chunked", x, **kw), leaves)
     for name in ref:
         assert_close(name, ours[name], ref[name])
+    # the grad point and the offset matter: every case reads after an update inside its
+    # piece (a read_before piece of one token reads only the given weights, the same either way)
     y_start, _ = run("triton", x, **{**kw, "grad_at": None, "offset": 0})
-    assert rel_err(y_start, ours["y"]) > 1e-3  # the grad point and the offset matter
+    assert rel_err(y_start, ours["y"]) > 1e-3
 
 
 def check_bfloat16_inputs() -> None:
