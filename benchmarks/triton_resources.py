@@ -17,10 +17,12 @@ otherwise show up only on the device.
 --K: key widths of the delta rules (V = K, chunk 64, plain and gated); --mlp d,h,chunk: MLP
 memory shapes (momentum, retention and clip on; --variants: given values, self-generated
 ones, starting inside a chunk);
---limit: the shared memory a block may have, in bytes, instead of the arch's (SHARED_LIMIT). Exit status 1 when a kernel the ops would
-launch needs more shared memory than the GPU allows: every delta-rule kernel, and the MLP
-kernels where `mlp_kernel_fits` admits the shape (the others run on the chunked tier; their
-rows are reported, not checked). The figures depend on the Triton version; the compile times
+--limit: the shared memory a block may have, in bytes, instead of the arch's (SHARED_LIMIT). A launch
+that needs more is refused as the GPU refuses it (OutOfResources), so the ops answer as they
+would there: the delta rules' kernels retry with one stage (a row of its own, "retried").
+Exit status 1 when a kernel the ops would launch does not fit even so (the ops would compute
+its part in PyTorch): every delta-rule kernel, and the MLP kernels where `mlp_kernel_fits`
+admits the shape (the others run on the chunked tier; their rows are reported, not checked). The figures depend on the Triton version; the compile times
 are this machine's (ptxas included). Registers and stack say where a kernel will be slow, not
 how slow: only a GPU run times it (benchmarks/gpu_memory.py).
 
@@ -63,6 +65,7 @@ import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from nestc.ops.delta_rule import triton as delta_kernels  # noqa: E402
@@ -95,18 +98,25 @@ class _StandIn:
 
 
 @contextmanager
-def compile_only(arch: int) -> Iterator[list[tuple[str, Any, float]]]:
+def compile_only(arch: int, limit: int | None = None
+                 ) -> Iterator[list[tuple[str, Any, float, bool]]]:
     """Within it, `kernel[grid](...)` compiles for sm_<arch> and returns without running;
-    the list collects (kernel name, compiled kernel, seconds). The stand-in driver stays
-    active afterwards: this is for a script, not for a process that also runs kernels."""
-    launches: list[tuple[str, Any, float]] = []
+    the list collects (kernel name, compiled kernel, seconds, refused). With a limit, a
+    kernel that asks for more shared memory is refused as a GPU refuses it, with triton's
+    OutOfResources, so that the ops' answer runs as it would on the device (a retry with
+    one stage, or the chunked tier with a warning). The stand-in driver stays active
+    afterwards: this is for a script, not for a process that also runs kernels."""
+    launches: list[tuple[str, Any, float, bool]] = []
     run = JITFunction.run
 
     def compile_launch(self: JITFunction, *args: Any, grid: Any, warmup: bool,
                        **kwargs: Any) -> Any:
         start = time.perf_counter()
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        launches.append((self.fn.__name__, kernel, time.perf_counter() - start))
+        refused = limit is not None and kernel.metadata.shared > limit
+        launches.append((self.fn.__name__, kernel, time.perf_counter() - start, refused))
+        if refused:
+            raise OutOfResources(kernel.metadata.shared, limit, "shared memory")
         return kernel
 
     driver.set_active(_StandIn(arch))  # type: ignore[arg-type]
@@ -141,6 +151,8 @@ class Row:
     shared: int
     checked: bool
     seconds: float
+    refused: bool = False  # over the limit: the launch failed (checked rows only)
+    retried: bool = False  # and the ops' retry with one stage fitted (the next row)
 
 
 def delta_case(K: int, gated: bool, dtype: torch.dtype, V: int | None = None, chunk: int = 64,
@@ -233,25 +245,41 @@ def sweep_cases(Ks: list[int], mlp_shapes: list[tuple[int, int, int]], dtypes: l
 
 def sweep_one(arch: int, limit: int, case: tuple[str, str, dict[str, Any]]
               ) -> tuple[str, str, int, int, float]:
-    """Compile one sweep case: (name, "ok" / "over the limit" / the error, kernels compiled,
-    the most shared memory one of them asks for, seconds)."""
+    """Compile one sweep case: (name, "ok" / "ok (retried with one stage)" / "over the limit"
+    / the error, kernels compiled, the most shared memory one of them asks for (a refused one
+    included), seconds)."""
     name, kind, kw = case
     kw = kw | {"dtype": DTYPES[kw["dtype"]]}
     start = time.perf_counter()
     checked = kind == "delta" or mlp_kernels.mlp_kernel_fits(kw["d"], kw["h"], kw["chunk"],
                                                              kw["dtype"])
-    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     try:
-        with compile_only(arch) as launches:
+        with compile_only(arch, limit if checked else None) as launches, \
+                fallbacks() as fell_back:
             (delta_case if kind == "delta" else mlp_case)(**kw)()
     except Exception as error:  # a compile error: the case's outcome, not the script's
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return name, f"**{type(error).__name__}**: {first[:200]}", 0, 0, 0.
-    shared = max(kernel.metadata.shared for _, kernel, _ in launches)
-    status = "**over the limit**" if checked and shared > limit else "ok"
-    if not checked:
-        status += " (chunked tier)"
+    shared = max(kernel.metadata.shared for _, kernel, _, _ in launches)  # refused ones too
+    if fell_back:
+        status = "**over the limit**"
+    elif any(refused for *_, refused in launches):
+        status = "ok (retried with one stage)"
+    else:
+        status = "ok" if checked else "ok (chunked tier)"
     return name, status, len(launches), shared, time.perf_counter() - start
+
+
+@contextmanager
+def fallbacks() -> Iterator[list[str]]:
+    """The ops' warnings, within it, that a kernel did not fit and PyTorch computed its part
+    (what a refused launch without a retry, or a refused retry, comes to)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+        got: list[str] = []
+        yield got
+    got += [str(w.message) for w in caught if "needs more of this GPU" in str(w.message)]
 
 
 def sweep(args: argparse.Namespace, limit: int) -> int:
@@ -277,21 +305,28 @@ def sweep(args: argparse.Namespace, limit: int) -> int:
     return 1 if failed else 0
 
 
-def measure(case: str, launch: Callable[[], None], checked: bool, arch: int) -> list[Row]:
-    with compile_only(arch) as launches:
+def measure(case: str, launch: Callable[[], None], checked: bool, arch: int,
+            limit: int) -> list[Row]:
+    """One row per kernel compiled. A checked launch over the limit is refused (a row that
+    does not fit); the ops' retry with one stage is the next row, labelled so."""
+    with compile_only(arch, limit if checked else None) as launches, fallbacks():
         launch()
     rows: list[Row] = []
     seen = set()
-    for name, kernel, seconds in launches:
+    for name, kernel, seconds, refused in launches:
         if kernel.hash in seen:
             continue
         seen.add(kernel.hash)
-        if any(r.kernel == name for r in rows):  # the forward's kernels, specialized for the
-            name += " (backward's)"  # backward that runs them again
+        label = name
+        if rows and rows[-1].refused and rows[-1].kernel.split(" ")[0] == name:
+            rows[-1].retried = True
+            label = rows[-1].kernel + " (retried)"
+        elif any(r.kernel == name for r in rows):  # the forward's kernels, specialized for
+            label += " (backward's)"  # the backward that runs them again
         registers, stack = resource_usage(kernel)
         md = kernel.metadata
-        rows.append(Row(case, name, md.num_warps, md.num_stages, registers, stack, md.shared,
-                        checked, seconds))
+        rows.append(Row(case, label, md.num_warps, md.num_stages, registers, stack, md.shared,
+                        checked, seconds, refused))
     return rows
 
 
@@ -302,7 +337,8 @@ def table(rows: list[Row], arch: int, limit: int) -> str:
            "fits | compiler picks it | compile s |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     for r in rows:
-        fits = "yes" if r.shared <= limit else "**no**" if r.checked else "no"
+        fits = ("yes" if r.shared <= limit else "no: retried with one stage" if r.retried
+                else "**no**" if r.checked else "no")
         picked = "yes" if r.checked else "no (chunked tier)"
         out.append(f"| {r.case} | {r.kernel} | {r.warps} | {r.stages} | {r.registers} | "
                    f"{r.stack} | {r.shared} | {fits} | {picked} | {r.seconds:.1f} |")
@@ -338,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         for K in args.K:
             for gated in (False, True):
                 case = f"{'gated ' if gated else ''}delta K={K} {name}"
-                rows += measure(case, delta_case(K, gated, dtype), True, args.arch)
+                rows += measure(case, delta_case(K, gated, dtype), True, args.arch, limit)
         for shape in args.mlp:
             d, h, chunk = (int(x) for x in shape.split(","))
             admitted = mlp_kernels.mlp_kernel_fits(d, h, chunk, dtype)
@@ -347,12 +383,12 @@ def main(argv: list[str] | None = None) -> int:
                 kw = VARIANTS[variant] | ({"offset": chunk // 2} if variant == "inside" else {})
                 label = {"given": "", "self": " self values", "inside": " inside a chunk"}
                 rows += measure(case + label[variant], mlp_case(d, h, chunk, dtype, **kw),
-                                admitted, args.arch)
+                                admitted, args.arch, limit)
     text = table(rows, args.arch, limit)
     print(text, end="")
     if args.out:
         args.out.write_text(text)
-    over = [r for r in rows if r.checked and r.shared > limit]
+    over = [r for r in rows if r.checked and r.shared > limit and not r.retried]
     for r in over:
         print(f"error: {r.case}: {r.kernel} needs {r.shared} bytes of shared memory, "
               f"{limit} are allowed", file=sys.stderr)

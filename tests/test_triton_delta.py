@@ -311,8 +311,10 @@ def check_refused_late_falls_back(op: str) -> None:
 
 def check_refused_pipelining_retries_with_one_stage(op: str) -> None:
     """A GPU that refuses dhu's launch for its shared memory but fits it with one stage (an
-    A100 and the gated rule's dhu at K = 128, float32): the kernel runs again with one stage,
-    no fallback and no warning, and gives the chunked tier's results."""
+    A100 and the gated rule's dhu at K = 128, float32; Triton 3.6 and dqkvbg at K = 128,
+    bfloat16, on an H100): the kernel runs again with one stage, no fallback and no warning,
+    and gives the chunked tier's results. A second call of the same sizes goes to one stage
+    at once; one in another dtype tries two stages first again."""
     from nestc.ops.delta_rule import triton as kernels
 
     x = make_inputs(op, 21, True)
@@ -321,10 +323,17 @@ def check_refused_pipelining_retries_with_one_stage(op: str) -> None:
         warnings.simplefilter("error")
         patch.setattr(kernels, "delta_rule_bwd_kernel_dhu", stand_in)
         ours = results(*call("triton", op, x, chunk_size=16), x)
-    assert stand_in.stages == [2, 1], stand_in.stages
+        assert stand_in.stages == [2, 1], stand_in.stages
+        again = results(*call("triton", op, x, chunk_size=16), x)
+        assert stand_in.stages == [2, 1, 1], stand_in.stages
+        half = {n: t if n == "initial_state" else t.detach().bfloat16().requires_grad_()
+                for n, t in x.items()}
+        call("triton", op, half, chunk_size=16)[0].float().sum().backward()
+        assert stand_in.stages == [2, 1, 1, 2, 1], stand_in.stages
     ref = results(*call("chunked", op, x, chunk_size=16), x)
     for name in ref:
         assert_close(f"{op} {name}", ours[name], ref[name])
+        assert torch.equal(again[name], ours[name]), name
 
 
 def check_torch_compile_matches_eager(name: str) -> None:
