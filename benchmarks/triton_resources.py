@@ -108,6 +108,7 @@ def compile_only(arch: int, limit: int | None = None
     afterwards: this is for a script, not for a process that also runs kernels."""
     launches: list[tuple[str, Any, float, bool]] = []
     run = JITFunction.run
+    delta_kernels._ONE_STAGE.clear()  # each case finds its own refusals (not an earlier case's)
 
     def compile_launch(self: JITFunction, *args: Any, grid: Any, warmup: bool,
                        **kwargs: Any) -> Any:

@@ -42,7 +42,8 @@ def compile_for(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_kernels_the_ops_launch_fit_an_h100(tmp_path: Path, dtype: str) -> None:
     """Every delta-rule kernel at K = 128 (the widest the ops take; in float32 the tightest
     fit) and the MLP-memory kernels at the stdlib TitansLM's sizes (for bf16 also on a piece
-    that starts inside a chunk) compile for sm_90 within its shared memory."""
+    that starts inside a chunk) compile for sm_90 within its shared memory, at their launch
+    settings or at the ops' retry with one stage."""
     out = tmp_path / "resources.md"
     # a piece inside a chunk needs more shared memory with 16-bit inputs (docs/triton.md);
     # self-generated values change none
@@ -61,7 +62,14 @@ def test_the_kernels_the_ops_launch_fit_an_h100(tmp_path: Path, dtype: str) -> N
         for variant in ("", " inside a chunk") if dtype == "bf16" else ("",):
             assert (f"mlp d=32 h=64 chunk=16 {dtype}{variant}",
                     f"mlp_memory_{kind}_kernel") in kernels
-    assert all(r[7].strip() == "yes" and r[8].strip() == "yes" for r in rows), out.read_text()
+    # a launch over the limit is refused and retried with one stage, which must fit (Triton
+    # 3.6 and dqkvbg at K = 128, bf16: 286,720 bytes, then 200,704 and gated 229,376)
+    fits = {(r[0].strip(), r[1].strip()): r[7].strip() for r in rows}
+    for (case, kernel), fit in fits.items():
+        assert fit == "yes" or (fit == "no: retried with one stage"
+                                and fits.get((case, kernel + " (retried)")) == "yes"), \
+            out.read_text()
+    assert all(r[8].strip() == "yes" for r in rows), out.read_text()
     assert all(int(r[4]) > 0 for r in rows)  # cuobjdump read every kernel's registers
 
 
