@@ -17,12 +17,13 @@ otherwise show up only on the device.
 --K: key widths of the delta rules (V = K, chunk 64, plain and gated); --mlp d,h,chunk: MLP
 memory shapes (momentum, retention and clip on; --variants: given values, self-generated
 ones, starting inside a chunk);
---limit: the shared memory a block may have, in bytes, instead of the arch's (SHARED_LIMIT). A launch
-that needs more is refused as the GPU refuses it (OutOfResources), so the ops answer as they
-would there: the delta rules' kernels retry with one stage (a row of its own, "retried").
-Exit status 1 when a kernel the ops would launch does not fit even so (the ops would compute
-its part in PyTorch): every delta-rule kernel, and the MLP kernels where `mlp_kernel_fits`
-admits the shape (the others run on the chunked tier; their rows are reported, not checked). The figures depend on the Triton version; the compile times
+--limit: the shared memory a block may have, in bytes, instead of the arch's (SHARED_LIMIT).
+A launch that needs more is refused as the GPU refuses it (OutOfResources), so the ops answer
+as they would there: the delta rules' kernels retry with one stage (a row of its own,
+"retried"). Exit status 1 when a kernel the ops would launch does not fit even so (the ops
+would compute its part in PyTorch): every delta-rule kernel, and the MLP kernels where
+`mlp_kernel_fits` admits the shape (the others run on the chunked tier; their rows are
+reported, not checked). The figures depend on the Triton version; the compile times
 are this machine's (ptxas included). Registers and stack say where a kernel will be slow, not
 how slow: only a GPU run times it (benchmarks/gpu_memory.py).
 
@@ -153,7 +154,7 @@ class Row:
     checked: bool
     seconds: float
     refused: bool = False  # over the limit: the launch failed (checked rows only)
-    retried: bool = False  # and the ops' retry with one stage fitted (the next row)
+    retried: bool = False  # and retried by the ops with one stage (the next row)
 
 
 def delta_case(K: int, gated: bool, dtype: torch.dtype, V: int | None = None, chunk: int = 64,
