@@ -19,8 +19,8 @@ memory shapes (momentum, retention and clip on; --variants: given values, self-g
 ones, starting inside a chunk);
 --limit: the shared memory a block may have, in bytes, instead of the arch's (SHARED_LIMIT).
 A launch that needs more is refused as the GPU refuses it (OutOfResources), so the ops answer
-as they would there: the delta rules' kernels retry with one stage (a row of its own,
-"retried"). Exit status 1 when a kernel the ops would launch does not fit even so (the ops
+as they would there: the delta rules' kernels retry with one stage, the MLP kernels without
+retention with a retention of ones (a row of its own, "retried"). Exit status 1 when a kernel the ops would launch does not fit even so (the ops
 would compute its part in PyTorch): every delta-rule kernel, and the MLP kernels where
 `mlp_kernel_fits` admits the shape (the others run on the chunked tier; their rows are
 reported, not checked). The figures depend on the Triton version; the compile times
@@ -105,7 +105,7 @@ def compile_only(arch: int, limit: int | None = None
     the list collects (kernel name, compiled kernel, seconds, refused). With a limit, a
     kernel that asks for more shared memory is refused as a GPU refuses it, with triton's
     OutOfResources, so that the ops' answer runs as it would on the device (a retry with
-    one stage, or the chunked tier with a warning). The stand-in driver stays active
+    one stage, a retention of ones, or PyTorch with a warning). The stand-in driver stays active
     afterwards: this is for a script, not for a process that also runs kernels."""
     launches: list[tuple[str, Any, float, bool]] = []
     run = JITFunction.run
@@ -154,7 +154,7 @@ class Row:
     checked: bool
     seconds: float
     refused: bool = False  # over the limit: the launch failed (checked rows only)
-    retried: bool = False  # and retried by the ops with one stage (the next row)
+    retried: bool = False  # and retried by the ops (the next row)
 
 
 def delta_case(K: int, gated: bool, dtype: torch.dtype, V: int | None = None, chunk: int = 64,
@@ -247,7 +247,7 @@ def sweep_cases(Ks: list[int], mlp_shapes: list[tuple[int, int, int]], dtypes: l
 
 def sweep_one(arch: int, limit: int, case: tuple[str, str, dict[str, Any]]
               ) -> tuple[str, str, int, int, float]:
-    """Compile one sweep case: (name, "ok" / "ok (retried with one stage)" / "over the limit"
+    """Compile one sweep case: (name, "ok" / "ok (retried)" / "over the limit"
     / the error, kernels compiled, the most shared memory one of them asks for (a refused one
     included), seconds)."""
     name, kind, kw = case
@@ -266,7 +266,7 @@ def sweep_one(arch: int, limit: int, case: tuple[str, str, dict[str, Any]]
     if fell_back:
         status = "**over the limit**"
     elif any(refused for *_, refused in launches):
-        status = "ok (retried with one stage)"
+        status = "ok (retried)"
     else:
         status = "ok" if checked else "ok (chunked tier)"
     return name, status, len(launches), shared, time.perf_counter() - start
@@ -310,7 +310,7 @@ def sweep(args: argparse.Namespace, limit: int) -> int:
 def measure(case: str, launch: Callable[[], None], checked: bool, arch: int,
             limit: int) -> list[Row]:
     """One row per kernel compiled. A checked launch over the limit is refused (a row that
-    does not fit); the ops' retry with one stage is the next row, labelled so."""
+    does not fit); the ops' retry is the next row, labelled so."""
     with compile_only(arch, limit if checked else None) as launches, fallbacks():
         launch()
     rows: list[Row] = []
@@ -339,7 +339,7 @@ def table(rows: list[Row], arch: int, limit: int) -> str:
            "fits | compiler picks it | compile s |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     for r in rows:
-        fits = ("yes" if r.shared <= limit else "no: retried with one stage" if r.retried
+        fits = ("yes" if r.shared <= limit else "no: retried" if r.retried
                 else "**no**" if r.checked else "no")
         picked = "yes" if r.checked else "no (chunked tier)"
         out.append(f"| {r.case} | {r.kernel} | {r.warps} | {r.stages} | {r.registers} | "

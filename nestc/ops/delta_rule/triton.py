@@ -421,9 +421,10 @@ def chunk_local_cumsum(g: torch.Tensor, C: int, reverse: bool = False) -> torch.
 # stack and the shared memory of the kernels compiled for sm_90 (benchmarks/triton_resources.py;
 # docs/triton.md has the table), so that every kernel fits an H100's 227 KiB of shared memory
 # a block and spills little under Triton 3.9 (3.6 asks 280 KiB of dqkvbg at K = 128 with
-# 16-bit inputs: a refused launch, retried with one stage). Not timed on a GPU yet (benchmarks/gpu_memory.py --tiles). The
-# kernels that loop over the chunks (state, dhu) take narrow value tiles for more programs at
-# small B*H; dqkvbg takes them to hold fewer accumulators. A GPU that refuses a launch for
+# 16-bit inputs: a refused launch, retried with one stage). Not timed on a GPU yet
+# (benchmarks/gpu_memory.py --tiles). The kernels that loop over the chunks (state, dhu) take
+# narrow value tiles for more programs at small B*H; dqkvbg takes them to hold fewer
+# accumulators. A GPU that refuses a launch for
 # its shared memory gets one stage (_launch), then the chunked tier.
 _TILES: dict[str, dict[int, tuple[int, int, int]]] = {
     "prepare": {64: (64, 4, 2), 128: (64, 4, 2)},

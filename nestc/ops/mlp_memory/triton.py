@@ -121,8 +121,8 @@ def mlp_kernel_fits(d: int, h: int, chunk: int, dtype: torch.dtype = torch.float
     d 32, h 64, chunk 16, 164K at chunk 64, 229K at d = h = 64, chunk 64; 16-bit inputs need
     39K, 254K and 393K there, and 125K at d 64, h 128, chunk 16. The tables are in
     docs/triton.md. Triton 3.6 asks up to 30% more: the admitted shapes measured fit there
-    too but float32 at d 32, h 64, chunk 64 without retention (240K), which computes in
-    PyTorch with a warning."""
+    too but float32 at d 32, h 64, chunk 64 without retention (240K), whose refused launch
+    is retried with a retention of ones (208K)."""
     if max(d, h) > MAX_DIM or chunk * d * h > 16 * 64 * 128:
         return False
     return dtype == torch.float32 or chunk <= 32
@@ -630,6 +630,12 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor
             USE_S0=SA0 is not None, STORE_STARTS=store_starts,
             **_options(q, d, h, chunk, act, retain, beta, clip, read_before, v_self, grad_at))
     except OutOfResources as error:  # raised at the launch, before anything runs
+        # without retention, try a retention of ones: the same values (every product of
+        # retentions is 1), in a specialization that may ask less (Triton 3.6, the backward
+        # at d 32, h 64, chunk 64, float32: 245,760 bytes without, 212,992 with; docs/triton.md)
+        if retain is None:
+            return _forward(q, k, v, lr, torch.ones_like(lr), beta, A0, B0, SA0, SB0, act,
+                            clip, read_before, chunk, store_starts, v_self, grad_at, offset)
         _no_room(error, "forward")
         return _forward_reference(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, clip,
                                   read_before, chunk, store_starts, v_self, grad_at, offset)
@@ -691,6 +697,11 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tenso
             dGA, dGB, 1.0 if clip is None else float(clip), T, offset, sA.shape[2],
             **_options(q, d, h, chunk, act, retain, beta, clip, read_before, v_self, grad_at))
     except OutOfResources as error:  # raised at the launch, before anything runs
+        if retain is None:  # as in _forward; the retention's gradient is not asked for
+            out = _backward(q, k, v, lr, torch.ones_like(lr), beta, sA, sB, sSA, sSB, act,
+                            clip, read_before, chunk, dy, dA, dB, dSA, dSB, v_self, grad_at,
+                            offset)
+            return (*out[:4], None, *out[5:])
         _no_room(error, "backward")
         out = _backward_reference(q, k, v, lr, retain, beta, sA, sB, sSA, sSB, act, clip,
                                   read_before, chunk, dy, dA, dB, dSA, dSB, v_self, grad_at,
