@@ -424,8 +424,8 @@ def chunk_local_cumsum(g: torch.Tensor, C: int, reverse: bool = False) -> torch.
 # 16-bit inputs: a refused launch, retried with one stage). Not timed on a GPU yet
 # (benchmarks/gpu_memory.py --tiles). The kernels that loop over the chunks (state, dhu) take
 # narrow value tiles for more programs at small B*H; dqkvbg takes them to hold fewer
-# accumulators. A GPU that refuses a launch for
-# its shared memory gets one stage (_launch), then the chunked tier.
+# accumulators. A GPU that refuses a launch for its shared memory gets one stage (_launch),
+# then the chunked tier.
 _TILES: dict[str, dict[int, tuple[int, int, int]]] = {
     "prepare": {64: (64, 4, 2), 128: (64, 4, 2)},
     "state": {64: (32, 4, 2), 128: (32, 4, 2)},

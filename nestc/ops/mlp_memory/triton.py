@@ -121,8 +121,8 @@ def mlp_kernel_fits(d: int, h: int, chunk: int, dtype: torch.dtype = torch.float
     d 32, h 64, chunk 16, 164K at chunk 64, 229K at d = h = 64, chunk 64; 16-bit inputs need
     39K, 254K and 393K there, and 125K at d 64, h 128, chunk 16. The tables are in
     docs/triton.md. Triton 3.6 asks up to 30% more: the admitted shapes measured fit there
-    too but float32 at d 32, h 64, chunk 64 without retention (240K), whose refused launch
-    is retried with a retention of ones (208K)."""
+    too but float32 at d 32, h 64, chunk 64 without retention (246K), whose refused launch
+    is retried with a retention of ones (213K)."""
     if max(d, h) > MAX_DIM or chunk * d * h > 16 * 64 * 128:
         return False
     return dtype == torch.float32 or chunk <= 32
