@@ -198,20 +198,25 @@ def counting(module: Any, name: str) -> Iterator[list[int]]:
 
 class Cramped:
     """Stands in for `kernel` on a GPU whose shared memory holds it with at most `stages`
-    stages (0, the default: not at all): a launch with more is refused as triton refuses one,
-    with OutOfResources before anything runs; one within runs `kernel`. `stages` records each
-    launch's num_stages."""
+    stages (0, the default: not at all), or only where `refuse(launch keyword arguments)` is
+    false when given: a launch beyond is refused as triton refuses one, with OutOfResources
+    before anything runs; one within runs `kernel`. `stages` records each launch's
+    num_stages, `launches` its keyword arguments."""
 
-    def __init__(self, kernel: Any = None, max_stages: int = 0) -> None:
-        self.kernel, self.max_stages = kernel, max_stages
+    def __init__(self, kernel: Any = None, max_stages: int = 0,
+                 refuse: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        self.kernel, self.max_stages, self.refuse = kernel, max_stages, refuse
         self.stages: list[int] = []
+        self.launches: list[dict[str, Any]] = []
 
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         from triton.runtime.errors import OutOfResources
 
         def launch(*args: Any, **kwargs: Any) -> None:
             self.stages.append(kwargs.get("num_stages", 1))
-            if self.stages[-1] > self.max_stages:
+            self.launches.append(kwargs)
+            if (self.refuse(kwargs) if self.refuse is not None
+                    else self.stages[-1] > self.max_stages):
                 raise OutOfResources(300000, 232448, "shared memory")
             self.kernel[grid](*args, **kwargs)
         return launch

@@ -420,25 +420,6 @@ def check_refusals() -> None:
         run("triton", make_inputs(T=5, h=129))
 
 
-class RefusedWithoutRetention:
-    """Stands in for `kernel` on a GPU whose shared memory holds it only with retention (Triton
-    3.6 at d 32, h 64, chunk 64, float32): a launch without is refused with OutOfResources
-    before anything runs. `with_retention` records each launch's USE_R."""
-
-    def __init__(self, kernel: Any) -> None:
-        self.kernel, self.with_retention = kernel, []
-
-    def __getitem__(self, grid: Any) -> Any:
-        from triton.runtime.errors import OutOfResources
-
-        def launch(*args: Any, **kwargs: Any) -> None:
-            self.with_retention.append(kwargs["USE_R"])
-            if not kwargs["USE_R"]:
-                raise OutOfResources(245760, 232448, "shared memory")
-            self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 def check_refused_without_retention_retries_with_ones(beta: bool) -> None:
     """Launches without retention refused, both kernels run again with a retention of ones:
     no warning, no gradient for the retention, and the values of the kernels without it."""
@@ -447,14 +428,17 @@ def check_refused_without_retention_retries_with_ones(beta: bool) -> None:
     x = make_inputs(T=37, retain=False, beta=beta)
     kw = {"act": "gelu", "clip": 0.5, "chunk": 16}
     want = results(*kernels.triton_mlp_memory(*x.values(), **kw), x)
-    fwd, bwd = (RefusedWithoutRetention(k) for k in (kernels.mlp_memory_fwd_kernel,
-                                                     kernels.mlp_memory_bwd_kernel))
+    # a GPU whose shared memory holds the kernels only with retention (Triton 3.6 at d 32,
+    # h 64, chunk 64, float32)
+    fwd, bwd = (interpreted.Cramped(k, refuse=lambda kw: not kw["USE_R"])
+                for k in (kernels.mlp_memory_fwd_kernel, kernels.mlp_memory_bwd_kernel))
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
         warnings.simplefilter("error")
         patch.setattr(kernels, "mlp_memory_fwd_kernel", fwd)
         patch.setattr(kernels, "mlp_memory_bwd_kernel", bwd)
         got = results(*kernels.triton_mlp_memory(*x.values(), **kw), x)
-    assert fwd.with_retention == [False, True] and bwd.with_retention == [False, True]
+    assert [kw["USE_R"] for kw in fwd.launches] == [False, True]
+    assert [kw["USE_R"] for kw in bwd.launches] == [False, True]
     assert got.keys() == want.keys() and "dretain" not in got
     for name in want:
         assert_close(name, got[name], want[name], 1e-6)

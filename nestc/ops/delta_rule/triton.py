@@ -350,9 +350,8 @@ def delta_rule_bwd_kernel_dqkvbg(q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk,
     tl.store(dbeta + r, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
 
 
-# the launches a GPU refused at their stages and ran with one: (kernel, device, its arguments
-# as triton specializes on them, its keyword arguments); later calls go to one stage at once
-# (triton does not remember a refusal: the same launch is refused again on every call)
+# the launches (_launch_key) a GPU refused at their stages and ran with one; later calls go to
+# one stage at once (triton does not remember a refusal: it refuses the launch on every call)
 _ONE_STAGE: set[tuple[Any, ...]] = set()
 
 
@@ -361,14 +360,8 @@ def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> No
     for its resources: the loads' pipelining buffers are much of the shared memory (_TILES is
     sized for an H100 and Triton 3.9; an A100 has 163 KiB a block, and Triton 3.6 asks more
     of some kernels, docs/triton.md). OutOfResources is raised before a kernel runs, so the
-    retry starts clean."""
-    # the tensors' dtypes and the pointers left out (None), the integers as triton
-    # specializes them (1, multiples of 16)
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    kinds = tuple(a.dtype if isinstance(a, torch.Tensor) else a if a is None or
-                  isinstance(a, float) else (a == 1, a % 16 == 0) for a in args)
-    key = (kernel, device, kinds, tuple(sorted(kwargs.items())))
-    if key in _ONE_STAGE:
+    retry starts clean. Nothing is added to a launch while no launch has been refused."""
+    if _ONE_STAGE and _launch_key(kernel, args, kwargs) in _ONE_STAGE:
         kernel[grid](*args, **{**kwargs, "num_stages": 1})
         return
     try:
@@ -377,7 +370,17 @@ def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> No
         if kwargs.get("num_stages", 1) == 1:
             raise
         kernel[grid](*args, **{**kwargs, "num_stages": 1})
-        _ONE_STAGE.add(key)
+        _ONE_STAGE.add(_launch_key(kernel, args, kwargs))
+
+
+def _launch_key(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """What a launch's shared memory depends on: the kernel, the device, the tensors' dtypes
+    and the pointers left out (None), the integers as triton specializes them (1, multiples
+    of 16), the launch's keyword arguments."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    kinds = tuple(a.dtype if isinstance(a, torch.Tensor) else a if a is None or
+                  isinstance(a, float) else (a == 1, a % 16 == 0) for a in args)
+    return kernel, device, kinds, tuple(sorted(kwargs.items()))
 
 
 def _no_room(error: OutOfResources, what: str) -> None:
