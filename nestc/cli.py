@@ -128,7 +128,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     prog = _load(args.file)
     name = _decl_name(prog, args.name)
-    text = prog.source(name)
+    text = prog.source(name, **_hyper_args(args.set))
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {args.output}")
@@ -218,7 +218,9 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(run=cmd_viz)
 
     k = sub.add_parser("compile", help="print the generated PyTorch source",
-                       description="Emit the generated PyTorch source for a declaration.")
+                       description="Emit the generated PyTorch source for a declaration: an "
+                       "optimizer's torch.optim.Optimizer class, or a block's or model's "
+                       "torch.nn.Module classes at its hyperparameters (--set).")
     decl_args(k)
     k.add_argument("-o", "--output", help="write the source to this file")
     k.set_defaults(run=cmd_compile)

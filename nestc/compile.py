@@ -12,6 +12,7 @@ from nestc.errors import NestError
 OPTIMIZER_PASSES = ("lower_optimizer", "hoist_slow", "select_kernels", "simplify_updates")
 
 _CACHE: dict[tuple[str, str, str], str] = {}
+_MODULES: dict[tuple[Any, ...], tuple[str, str]] = {}
 
 
 def lower(checked: Checked) -> Any:
@@ -23,14 +24,29 @@ def lower(checked: Checked) -> Any:
 
 
 def generate(checked: Checked) -> str:
-    """Generated source, cached by the declaration's file text (an optimizer reads no other)."""
+    """An optimizer's generated source, cached by the declaration's file text (an optimizer
+    reads no other)."""
     from nestc.codegen.torch import generate_optimizer
 
     if checked.kind != "optimizer":
-        raise NestError(f"compiling a {checked.kind} is not implemented yet: `{checked.name}` can "
-                        "be checked, explained and drawn", checked.decl.name_span, kind="value")
+        raise NestError(f"`{checked.name}` is a {checked.kind}: generate_module compiles it",
+                        checked.decl.name_span, kind="value")
     span = checked.decl.span
     key = (span.file, span.source.text, checked.name)
     if key not in _CACHE:
         _CACHE[key] = generate_optimizer(lower(checked))
     return _CACHE[key]
+
+
+def generate_module(program: Any, checked: Checked, hyper: dict[str, Any]
+                    ) -> tuple[str, str]:
+    """A block's or model's generated source at these hyperparameters, and its class's name;
+    cached by the text of every file the program loaded (sub-blocks may come from any)."""
+    from nestc.codegen.block import generate_module as generate_block
+
+    texts = tuple(sorted((name, u.module.span.source.text)
+                         for name, u in program.loader.units.items()))
+    key = (texts, checked.decl.span.file, checked.name, repr(sorted(hyper.items())))
+    if key not in _MODULES:
+        _MODULES[key] = generate_block(program, checked, hyper)
+    return _MODULES[key]

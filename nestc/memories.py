@@ -1,4 +1,8 @@
-"""The memories of blocks: what a `memory` declaration becomes in a module.
+"""The memories of blocks at run time: what generated code constructs and calls.
+
+nestc/codegen/memories.py reads a `memory` declaration, checks it and emits the constructor
+call, with plain values, of one of these classes, the call of its `write` (the per-token
+signals, where the memory is declared) and of its reads (`read(q, env)`; a cache's `attend`).
 
 - `LinearMemory`: `matrix(a, b)` per head with objective l2 or dot and rule gd or dgd. The
   reference tier is the token loop that takes the objective's gradient with torch.func at each
@@ -13,7 +17,10 @@
   level, PAPER.md sec. 4); the module's forward runs the sequence chunk by chunk and hands
   each chunk's task-loss gradients to it (`nestc.module.Built.forward`).
 - `StaticMLP`: an `mlp`/`residual_mlp` that never updates in context (a Transformer's MLP).
-Everything else is reported as not supported yet, with the memory's span.
+
+The env of a run (`nestc.module.Built.run`) holds each memory's write under its submodule's
+name (`env_key`, set by Built.finish), the in-context state ("__state__") and the running
+module ("__self__").
 """
 
 from __future__ import annotations
@@ -25,34 +32,23 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
 
-from nestc import ast
-from nestc.check import CHOICES
-from nestc.errors import NestError
-from nestc.hyper import UNKNOWN, const_eval
 from nestc.layers import Stateful
 from nestc.ops.mlp_memory.reference import ACT_FNS, mlp_memory_chunk
 
-
-def _unsupported(what: str, span: Any) -> NestError:
-    from nestc.module import _unsupported as unsupported
-
-    return unsupported(what, span)
+ACTS = ACT_FNS  # the activations an MLP memory takes, by name
 
 
 class Memory(Stateful):
-    """A memory of a block. `check_finite` (build(..., check_finite=True)) makes every update
-    check its new state and raise FloatingPointError naming the memory and its line."""
+    """A memory of a block, named `name` in the spec at `where` (file:line:col).
+    `check_finite` (build(..., check_finite=True)) makes every update check its new state and
+    raise FloatingPointError naming the memory and its line."""
 
     check_finite = False
-    name = ""
-    env_key = ""  # where its write signals sit in the runtime env
-    get: Callable[[dict[str, Any]], Any]  # the running module's instance of this memory
-    rule_kw: dict[str, ast.Expr]
-    span: Any
-    heads: int
+    env_key = ""  # where its write sits in the env of a run: its submodule's name
 
-    def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
-        return lambda env: None
+    def __init__(self, name: str, where: str) -> None:
+        super().__init__()
+        self.name, self.where = name, where
 
     def guard(self, *states: Any) -> None:
         """Raise if a new state holds NaN or inf (only when check_finite is on: it syncs)."""
@@ -61,100 +57,21 @@ class Memory(Stateful):
         for x in states:
             if isinstance(x, torch.Tensor) and not bool(torch.isfinite(x).all()):
                 raise FloatingPointError(
-                    f"{self.span}: memory `{self.name}` has NaN or inf in its state after an "
+                    f"{self.where}: memory `{self.name}` has NaN or inf in its state after an "
                     "update; lower its learning rate, normalize its keys, or check its inputs")
 
-    def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
-        raise _unsupported(f"reading memory `{self.name}` like a function", span)
 
-    def reader(self, q: Any, span: Any, width: int, out: int) -> Any:
-        """The Ten of a read M(q): this memory's `read` of q, which has `width` features."""
-        from nestc.module import Ten
-
-        if q.feat != width:
-            raise NestError(f"memory `{self.name}` reads {width} features, got {q.feat}",
-                            span, kind="shape")
-        get = self.get
-        return Ten(lambda env: get(env).read(q.fn(env), env), out)
-
-    def _signal(self, scope: Any, name: str, default: Any) -> Any:
-        """A rule's lr or retain as [B, T, H]: a constant, one value per token, or per head."""
-        e = self.rule_kw.get(name)
-        if e is None and default is None:
-            return None
-        value = default if e is None else scope.value(e, self.name)
-        heads = self.heads
-        if not hasattr(value, "fn"):
-            c = float(value)
-            low = c >= 0 if name == "beta" else c > 0  # beta 0: no momentum
-            if name in ("retain", "beta") and not (low and c <= 1):
-                where = "[0, 1]" if name == "beta" else "(0, 1]"
-                raise NestError(f"`{name}` of memory `{self.name}` is in {where}, got {c}",
-                                e.span if e is not None else self.span, kind="value")
-            return lambda env, like: like.new_full((*like.shape[:2], heads), c)
-        if value.feat not in (1, heads):
-            raise NestError(f"`{name}` of memory `{self.name}` has {value.feat} features; it "
-                            f"is one per head ({heads}) or one per token",
-                            e.span if e is not None else self.span, kind="shape")
-        fn = value.fn
-        return lambda env, like: fn(env).expand(*like.shape[:2], heads)
+def signal(x: Any, like: torch.Tensor, heads: int) -> torch.Tensor:
+    """A rule's lr, retain or beta as [B, T, heads], like's first two dims: x is a number, or
+    a tensor of one value per token ([B, T, 1]) or per head ([B, T, heads])."""
+    if isinstance(x, torch.Tensor):
+        return x.expand(*like.shape[:2], heads)
+    return like.new_full((*like.shape[:2], heads), float(x))
 
 
-def _constant(scope: Any, e: ast.Expr) -> float | None:
-    """e's value when the hyperparameters fix it, else None."""
-    value = const_eval(e, scope.consts)
-    return None if value is UNKNOWN or isinstance(value, bool) or \
-        not isinstance(value, (int, float)) else float(value)
-
-
-def _clauses(s: ast.StmtMemory, lets: dict[str, ast.Expr] | None = None
-             ) -> tuple[dict[str, ast.Expr], dict[str, str]]:
-    """The memory's clauses and choices; its `let`s go into `lets` where one is given."""
-    exprs: dict[str, ast.Expr] = {}
-    choices = {k: d for k, (d, _) in CHOICES.items()}
-    for c in s.body:
-        if isinstance(c, ast.StmtLet) and lets is not None:
-            lets[c.name] = c.value
-            continue
-        if not isinstance(c, ast.Clause):
-            raise _unsupported("statements inside this kind of memory", c.span)
-        if isinstance(c.value, str):
-            choices[c.kind] = c.value
-        else:
-            exprs[c.kind] = c.value
-    return exprs, choices
-
-
-def _call(e: ast.Expr | None) -> tuple[str, ast.ExprCall] | None:
-    if isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName):
-        return e.func.name, e
-    if isinstance(e, ast.ExprName):
-        return e.name, ast.ExprCall(e, (), (), e.span)
-    return None
-
-
-ACTS = ACT_FNS  # the activations an MLP memory takes, by name
-
-
-def _mlp_structure(scope: Any, s: ast.StmtMemory, two_layers: str = ""
-                   ) -> tuple[int, int, bool, str, int]:
-    """(d, hidden, residual, act, depth) of `mlp(d, hidden = d, depth = 2, act = "gelu")` or
-    `residual_mlp(d, hidden = d, act = "silu")`; `two_layers` names what must have depth 2."""
-    structure = _call(s.structure)
-    assert structure is not None
-    kind, call = structure
-    d = scope.size(call.args[0], "an MLP's width")
-    hidden = scope.size_kw(call, "hidden", d, "an MLP's hidden width")
-    residual = kind == "residual_mlp"
-    act = {k.name: scope.const(k.value) for k in call.kwargs}.get(
-        "act", "silu" if residual else "gelu")
-    if act not in ACTS:
-        raise NestError(f"activation {act!r} is not one of {', '.join(ACTS)}", call.span,
-                        kind="value")
-    depth = 2 if residual else scope.size_kw(call, "depth", 2, "an MLP's depth")
-    if two_layers and depth != 2:
-        raise _unsupported(f"{two_layers} of depth other than 2", call.span)
-    return d, hidden, residual, act, depth
+def tiled(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x repeated n times along its last dim (a generated value evaluated for n memories)."""
+    return x if n == 1 else x.repeat(*[1] * (x.dim() - 1), n)
 
 
 def _mlp(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, act: Callable[..., torch.Tensor],
@@ -171,22 +88,6 @@ def _mlp_weights(*batch: int, d: int, hidden: int) -> tuple[nn.Parameter, nn.Par
                                                                   hidden ** -0.5)))
 
 
-def _objective(s: ast.StmtMemory, exprs: dict[str, ast.Expr], what: str,
-               allowed: tuple[str, ...] = ("l2", "dot")) -> tuple[str, ast.Expr, ast.Expr]:
-    """(l2 | dot | huber, key, value) of `objective l2(M(key), value)`, `dot(...)` or
-    `huber(...)` (those in `allowed`)."""
-    objective = _call(exprs.get("objective"))
-    if objective is None or objective[0] not in allowed:
-        names = " or ".join(f"{a}(...)" for a in allowed)
-        raise _unsupported(f"{what} whose objective is not {names}", s.span)
-    pred, target = objective[1].args
-    read = _call(pred)
-    if read is None or read[0] != s.name or len(read[1].args) != 1:
-        raise NestError(f"the objective of `{s.name}` compares {s.name}(key) with a value",
-                        pred.span, kind="value")
-    return objective[0], read[1].args[0], target
-
-
 class _Act(nn.Module):
     """An activation by name, as a module (for nn.Sequential)."""
 
@@ -198,50 +99,9 @@ class _Act(nn.Module):
         return ACTS[self.name](x)
 
 
-def build(scope: Any, s: ast.StmtMemory) -> Memory:
-    structure = _call(s.structure)
-    kind = structure[0] if structure else None
-    if kind == "cache":
-        return CacheMemory(scope, s)
-    if kind == "matrix":
-        return LinearMemory(scope, s)
-    if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
-            s.frequency.unit == "never":
-        return StaticMLP(scope, s)
-    if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
-            s.frequency.unit == "token" and _is_task(s):
-        return TaskMLP(scope, s)
-    if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
-            s.frequency.unit == "token" and s.frequency.every is None:
-        return MLPMemory(scope, s)
-    raise _unsupported(f"a `{kind or 'plain'}` memory updated "
-                       f"{'every ' + s.frequency.unit if s.frequency else 'so'}", s.span)
-
-
 class CacheMemory(Memory):
-    """Softmax attention's memory: every token's key and value, kept (PAPER.md sec. 2)."""
-
-    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
-        super().__init__()
-        self.name = s.name
-        exprs, choices = _clauses(s)
-        freq = s.frequency
-        if freq is not None and (freq.unit != "token" or freq.every is not None
-                                 or freq.chunk is not None):
-            raise _unsupported("a cache written other than `every token`", freq.span)
-        if any(choices[k] != default for k, (default, _) in CHOICES.items()):
-            raise _unsupported("choices on a cache (it is read before nothing, per sample)",
-                               s.span)
-        if "key" not in exprs or "value" not in exprs:
-            raise NestError(f"cache `{s.name}` needs `key` and `value` clauses", s.span,
-                            kind="value")
-        self.key = scope.tensor(exprs["key"], s.name)
-        self.value = scope.tensor(exprs["value"], s.name)
-        self.value_feat = self.value.feat
-
-    def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
-        k, v = self.key.fn, self.value.fn
-        return lambda env: (k(env), v(env))
+    """Softmax attention's memory: every token's key and value, kept (PAPER.md sec. 2). Its
+    write is the pair (keys, values)."""
 
     def attend(self, q: torch.Tensor, heads: int, rope: bool, env: dict[str, Any]
                ) -> torch.Tensor:
@@ -286,15 +146,10 @@ class StaticMLP(Memory):
     mlp(d, hidden, depth = 2, act = "gelu"): Linear(d, hidden), act, ..., Linear(hidden, d).
     residual_mlp(d, hidden = d, act = "silu"): x + W1 act(W2 x)."""
 
-    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
-        super().__init__()
-        self.name = s.name
-        d, hidden, self.residual, act, depth = _mlp_structure(scope, s)
-        if s.per_head:
-            raise _unsupported("a per-head MLP that never updates", s.span)
-        init = _call(s.init)
-        if init is not None and init[0] != "meta":
-            raise _unsupported("an initial state other than `meta` for a static MLP", s.span)
+    def __init__(self, name: str, where: str, *, d: int, hidden: int, residual: bool,
+                 act: str, depth: int) -> None:
+        super().__init__(name, where)
+        self.residual = residual
         widths = [d] + [hidden] * (depth - 1) + [d]
         parts: list[nn.Module] = []
         for i in range(depth):
@@ -302,10 +157,6 @@ class StaticMLP(Memory):
             if i < depth - 1:
                 parts.append(_Act(act))
         self.net = nn.Sequential(*parts)
-        self.feat = d
-
-    def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
-        return self.reader(q, span, self.feat, self.feat)
 
     def read(self, x: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         y = self.net(x)
@@ -315,75 +166,27 @@ class StaticMLP(Memory):
 class LinearMemory(Memory):
     """A matrix memory per head, S: [B, H, a, b], read as M(x) = x S (x: [.., a])."""
 
-    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
-        super().__init__()
-        self.name = s.name
-        self.backend = scope.b.backend
-        structure = _call(s.structure)
-        assert structure is not None
-        _, call = structure
-        self.a, self.b = (scope.size(x, "a matrix memory's size") for x in call.args)
-        exprs, choices = _clauses(s)
-        if choices["state"] != "per sample":
-            raise _unsupported("a memory shared across the batch", s.span)
-        self.read_before = choices["read"] == "before write"
-        self.stopped = choices["backprop"] == "stopped"
-        freq = s.frequency
-        if freq is None or freq.unit != "token" or freq.every is not None:
-            raise _unsupported("a matrix memory updated other than `every token`", s.span)
-        self.chunk = scope.size(freq.chunk, "a chunk") if freq.chunk is not None else 64
-        self.objective, self.rule, self.gated = self._resolve(scope, s, exprs, choices)
-        init = _call(s.init)
-        self.init = init[0] if init else "zeros"
-        if self.init not in ("zeros", "meta"):
-            raise _unsupported(f"initial state `{self.init}` for a matrix memory", s.span)
-        self.span = s.span
+    def __init__(self, name: str, where: str, *, a: int, b: int, heads: int, chunk: int,
+                 objective: str, rule: str, gated: bool, read_before: bool, stopped: bool,
+                 init: str, backend: str = "chunked") -> None:
+        super().__init__(name, where)
+        self.a, self.b, self.heads, self.chunk = a, b, heads, chunk
+        self.objective, self.rule, self.gated = objective, rule, gated
+        self.read_before, self.stopped, self.init = read_before, stopped, init
+        self.backend = backend
+        if init == "meta":
+            self.initial = nn.Parameter(torch.zeros(heads, a, b))
 
-    def _resolve(self, scope: Any, s: ast.StmtMemory, exprs: dict[str, ast.Expr],
-                 choices: dict[str, str]) -> tuple[str, str, bool]:
-        objective, self.key_expr, self.value_expr = _objective(s, exprs, "a matrix memory")
-        rule = _call(exprs.get("rule"))
-        if rule is None or rule[0] not in ("gd", "dgd"):
-            raise _unsupported("a matrix memory whose rule is not gd or dgd", s.span)
-        self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
-        if "clip" in self.rule_kw:
-            raise _unsupported("`clip` on a matrix memory", self.rule_kw["clip"].span)
-        literal = rule[0] == "dgd" and choices["dgd"] == "literal"
-        if literal and objective == "dot":
-            raise _unsupported("literal DGD with a dot objective", s.span)
-        return objective, rule[0], rule[0] == "dgd" and not literal
-
-    # writes: the per-token signals, computed where the memory is declared ---------------------
-
-    def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
-        k = scope.tensor(self.key_expr, self.name)
-        v = scope.tensor(self.value_expr, self.name)
-        if k.feat % self.a or v.feat % self.b or k.feat // self.a != v.feat // self.b:
-            raise NestError(f"memory `{self.name}` is matrix({self.a}, {self.b}) per head, but "
-                            f"its keys have {k.feat} features and its values {v.feat}",
-                            self.span, kind="shape")
-        self.heads = k.feat // self.a
-        if self.init == "meta":
-            self.initial = nn.Parameter(torch.zeros(self.heads, self.a, self.b))
-        lr = self._signal(scope, "lr", 1.0)
-        retain = self._signal(scope, "retain", None)
-        stop = self.stopped
-
-        def write(env: dict[str, Any]) -> dict[str, Any]:
-            kk, vv = k.fn(env), v.fn(env)
-            B, T, _ = kk.shape
-            out = {"k": kk.view(B, T, self.heads, self.a), "v": vv.view(B, T, self.heads, self.b),
-                   "lr": lr(env, kk), "retain": None if retain is None else retain(env, kk)}
-            if stop:
-                out = {n: None if x is None else x.detach() for n, x in out.items()}
-            return out
-
-        return write
-
-    # reads --------------------------------------------------------------------------------
-
-    def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
-        return self.reader(q, span, self.heads * self.a, self.heads * self.b)
+    def write(self, k: torch.Tensor, v: torch.Tensor, lr: Any = 1.0, retain: Any = None
+              ) -> dict[str, Any]:
+        """The per-token signals: keys and values by head, lr and retain [B, T, H]."""
+        B, T, _ = k.shape
+        out = {"k": k.view(B, T, self.heads, self.a), "v": v.view(B, T, self.heads, self.b),
+               "lr": signal(lr, k, self.heads),
+               "retain": None if retain is None else signal(retain, k, self.heads)}
+        if self.stopped:
+            out = {n: None if x is None else x.detach() for n, x in out.items()}
+        return out
 
     def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         w = env[self.env_key]
@@ -485,132 +288,49 @@ def _log(x: torch.Tensor) -> torch.Tensor:
 
 class MLPMemory(Memory):
     """A 2-layer MLP per head learning in context, with weights A (d, h) and B (h, d):
-    M(x) = act(x A) B for `mlp`, x + act(x A) B for `residual_mlp` (docs/semantics.md)."""
+    M(x) = act(x A) B for `mlp`, x + act(x A) B for `residual_mlp` (docs/semantics.md).
+    `signals`: which of lr, retain and beta its writes give; `generated`: whether its values
+    are generated by the memory itself (a self-generated target); `has_source`: whether those
+    are stop_grad(M(x)) of a block tensor x, which the triton tier's kernel generates itself."""
 
-    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
-        super().__init__()
-        self.name, self.span = s.name, s.span
-        self.backend = scope.b.backend
-        self.d, self.hidden, self.residual, act, _ = _mlp_structure(
-            scope, s, "an in-context MLP memory")
+    def __init__(self, name: str, where: str, *, d: int, hidden: int, heads: int,
+                 residual: bool, act: str, read_before: bool, stopped: bool, chunk: int,
+                 objective: str, delta: float, momentum: bool, clip: float | None,
+                 signals: tuple[str, ...], generated: bool, has_source: bool,
+                 backend: str = "chunked") -> None:
+        super().__init__(name, where)
+        self.d, self.hidden, self.heads, self.residual = d, hidden, heads, residual
         self.act, self.act_name = ACTS[act], act
-        self.lets: dict[str, ast.Expr] = {}
-        exprs, choices = _clauses(s, self.lets)
-        if choices["state"] != "per sample":
-            raise _unsupported("a memory shared across the batch", s.span)
-        if choices["partial"] != "flush":
-            raise _unsupported("`partial carry`", s.span)
-        self.read_before = choices["read"] == "before write"
-        self.stopped = choices["backprop"] == "stopped"
-        assert s.frequency is not None
-        self.chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
-        self.objective, self.key_expr, self.value_expr = _objective(
-            s, exprs, "an MLP memory", ("l2", "dot", "huber"))
-        objective = _call(exprs["objective"])
-        assert objective is not None
-        delta = {k.name: k.value for k in objective[1].kwargs}.get("delta")
-        self.delta = 1.0 if delta is None else float(scope.const(delta))
-        if not self.delta > 0:
-            raise NestError(f"the huber `delta` of memory `{self.name}` must be positive, got "
-                            f"{self.delta}", delta.span if delta is not None else s.span,
-                            kind="value")
-        rule = _call(exprs.get("rule"))
-        if rule is None or rule[0] not in ("gd", "dgd", "momentum"):
-            raise _unsupported("an MLP memory whose rule is not gd, dgd or momentum", s.span)
-        if rule[0] == "dgd" and choices["dgd"] == "literal":
-            raise _unsupported("literal DGD for an MLP memory", s.span)
-        self.momentum = rule[0] == "momentum"
-        self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
-        init = _call(s.init)
-        if init is None or init[0] != "meta":
-            raise _unsupported("an in-context MLP memory whose initial state is not `meta`",
-                               s.span)
-        self.per_head = s.per_head
-        self.siblings: tuple[_Siblings, int] | None = None  # set by run_siblings_as_one
+        self.read_before, self.stopped, self.chunk = read_before, stopped, chunk
+        self.objective, self.delta, self.momentum, self.clip = objective, delta, momentum, clip
+        self.signals, self.generated, self.backend = signals, generated, backend
+        self.value_source = has_source and backend == "triton"
+        self.A, self.B = _mlp_weights(heads, d=d, hidden=hidden)
+        self.siblings: tuple[_Siblings, int] | None = None  # set by Built.run_as_one
 
-    def compile_write(self, scope: Any) -> Callable[[dict[str, Any]], Any]:
-        if self._reads_self(self.key_expr):
-            raise _unsupported(f"a key that reads memory `{self.name}` itself",
-                               self.key_expr.span)
-        if self._reads_self(self.key_expr, lets=True):  # names the memory's own `let`s
-            from nestc.module import Ten
-            key = _SelfExpr(self, scope).compile(self.key_expr)
-            k = Ten(lambda env: key.node(env, None, 0, None, 1), key.feat)
-        else:
-            k = scope.tensor(self.key_expr, self.name)
-        self.heads = k.feat // self.d
-        # a value that reads this memory (a self-generated target) is computed per chunk, at
-        # the chunk's first weights; any other value once, from the whole sequence
-        # (and one that names the memory's own `let`s, which only _SelfExpr resolves)
-        v = _SelfExpr(self, scope).compile(self.value_expr) if self._reads_self(
-            self.value_expr, lets=True) else scope.tensor(self.value_expr, self.name)
-        if k.feat % self.d or v.feat != k.feat or (not self.per_head and k.feat != self.d):
-            raise NestError(f"memory `{self.name}` maps {self.d} features"
-                            f"{' per head' if self.per_head else ''}, but its keys have "
-                            f"{k.feat} and its values {v.feat}", self.span, kind="shape")
+    def write(self, k: torch.Tensor, v: torch.Tensor | None = None,
+              value: Callable[..., torch.Tensor] | None = None, vs: torch.Tensor | None = None,
+              lr: Any = 1.0, retain: Any = None, beta: Any = None) -> dict[str, Any]:
+        """The per-token signals: keys by head, and given values `v` or a function `value`
+        (read, a, b, tile) of the values of tokens a..b-1 with the memory read by `read`; `vs`:
+        x of values stop_grad(M(x)); lr, retain and beta (those in `signals`) as [B, T, H]."""
+        B, T, _ = k.shape
         H, d = self.heads, self.d
-        self.A, self.B = _mlp_weights(H, d=d, hidden=self.hidden)
-        signals = {n: self._signal(scope, n, default)
-                   for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
-        clip = self.rule_kw.get("clip")
-        self.clip: float | None = None
-        if clip is not None:
-            self.clip = float(scope.const(clip))
-            if not self.clip > 0:
-                raise NestError(f"`clip` of memory `{self.name}` must be positive, got "
-                                f"{self.clip}", clip.span, kind="value")
-        if self.momentum and signals["beta"] is None:
-            raise NestError(f"the momentum rule of `{self.name}` needs `beta`", self.span,
-                            kind="value")
-        if self.momentum and _constant(scope, self.rule_kw["beta"]) == 0:
-            self.momentum, signals["beta"] = False, None  # S_t = u_t: plain gd
-        self.signals = tuple(n for n, f in signals.items() if f is not None)
-        self.value_key = v.key if isinstance(v, _SelfTen) else None  # None: given values
-        # stop_grad(M(x)) of a block tensor x as wide as the memory: the triton tier's kernel
-        # generates those values itself from x (_fused)
-        source = v.source if isinstance(v, _SelfTen) and self.backend == "triton" else None
-        if source is not None and source.feat != H * d:
-            source = None
-        self.value_source = source is not None
-        stop = self.stopped
-
-        def write(env: dict[str, Any]) -> dict[str, Any]:
-            kk = k.fn(env)
-            B, T, _ = kk.shape
-            out: dict[str, Any] = {"k": kk.view(B, T, H, d)}
-            if isinstance(v, _SelfTen):
-                # a snapshot of env, not env: env is about to hold this dict, and a closure
-                # over env would make a cycle that keeps every activation alive
-                # (node, heads, tile): one per memory run, or one tiled for all (_Siblings)
-                out["value"] = [(v.bind(dict(env)), H, 1)]
-                if source is not None:
-                    out["vs"] = source.fn(env).view(B, T, H, d).detach()
-            else:
-                out["v"] = v.fn(env).view(B, T, H, d)
-            out.update({n: None if f is None else f(env, kk) for n, f in signals.items()})
-            if stop:
-                out = {n: x.detach() if isinstance(x, torch.Tensor) else x
-                       for n, x in out.items()}
-            return out
-
-        return write
-
-    def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
-        return self.reader(q, span, self.heads * self.d, self.heads * self.d)
-
-    def _reads_self(self, e: ast.Expr, lets: bool = False) -> bool:
-        """Whether `e` reads this memory (or, with `lets`, names one of its `let`s)."""
-        if isinstance(e, ast.ExprName) and e.name in self.lets:
-            return lets or self._reads_self(self.lets[e.name])
-        if isinstance(e, ast.ExprCall):
-            if isinstance(e.func, ast.ExprName) and e.func.name == self.name:
-                return True
-            return any(self._reads_self(a, lets) for a in e.args)
-        if isinstance(e, ast.ExprBinary):
-            return self._reads_self(e.left, lets) or self._reads_self(e.right, lets)
-        if isinstance(e, ast.ExprUnary):
-            return self._reads_self(e.operand, lets)
-        return False
+        out: dict[str, Any] = {"k": k.view(B, T, H, d)}
+        if value is not None:
+            # (function, heads, tile): one per memory run, or one tiled for all (_Siblings)
+            out["value"] = [(value, H, 1)]
+            if vs is not None and self.value_source:
+                out["vs"] = vs.view(B, T, H, d).detach()
+        else:
+            assert v is not None, self.name
+            out["v"] = v.view(B, T, H, d)
+        given = {"lr": lr, "retain": retain, "beta": beta}
+        out.update({n: signal(given[n], k, H) if n in self.signals else None for n in given})
+        if self.stopped:
+            out = {n: x.detach() if isinstance(x, torch.Tensor) else x
+                   for n, x in out.items()}
+        return out
 
     def _values(self, w: dict[str, Any], weights: tuple[torch.Tensor, torch.Tensor], a: int,
                 b: int) -> torch.Tensor:
@@ -695,8 +415,8 @@ class MLPMemory(Memory):
         and the tensors they are written and read with."""
         return (self.d, self.hidden, self.heads, self.residual, self.act_name,
                 self.read_before, self.stopped, self.chunk, self.objective, self.delta,
-                self.momentum, self.clip, self.backend, self.signals,
-                self.value_key is None, self.value_source)
+                self.momentum, self.clip, self.backend, self.signals, self.generated,
+                self.value_source)
 
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
         """Whether the triton tier runs this read through nestc.ops.mlp_memory's kernel (_fused):
@@ -845,9 +565,8 @@ class _Siblings:
     in-context state. The first read runs them all and leaves the others' outputs in the env.
     """
 
-    def __init__(self, gets: list[Callable[[dict[str, Any]], Any]], key: str,
-                 same_values: bool) -> None:
-        self.gets, self.key = gets, key
+    def __init__(self, names: list[str], key: str, same_values: bool) -> None:
+        self.names, self.key = names, key  # the memories' submodule names
         self.same_values = same_values  # self-generated, by one expression of one tensor
 
     def read(self, i: int, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
@@ -857,7 +576,7 @@ class _Siblings:
         return ys[i]
 
     def _run(self, q: torch.Tensor, env: dict[str, Any]) -> list[torch.Tensor]:
-        mems: list[MLPMemory] = [get(env) for get in self.gets]
+        mems: list[MLPMemory] = [env["__self__"]._modules[n] for n in self.names]
         parts = [m._inputs(q, env) for m in mems]
         if len({given["offset"] for _, _, given in parts}) > 1:  # states not run together
             return [m._read_alone(q, env) for m in mems]
@@ -978,27 +697,18 @@ class _Split(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def run_siblings_as_one(writes: dict[Memory, int],
-                        reads: dict[Memory, list[tuple[int, Any]]]) -> None:
-    """Group a declaration's MLP memories that can run as one (_Siblings), given the step
-    that writes each memory (in the order they are declared) and, per read, the step that
-    reads it and its query (a Ten: one object is one tensor). Not on the reference tier,
-    which stays the definition."""
-    groups: dict[Any, list[MLPMemory]] = {}
-    for mem in writes:
-        if isinstance(mem, MLPMemory) and mem.backend != "reference" and \
-                len(reads.get(mem, [])) == 1:
-            q = reads[mem][0][1]
-            groups.setdefault((mem.sibling_key(), id(q)), []).append(mem)
-    for members in groups.values():
-        if len(members) < 2 or max(writes[m] for m in members) >= \
-                min(reads[m][0][0] for m in members):
-            continue
-        keys = {m.value_key for m in members}
-        group = _Siblings([m.get for m in members], f"__siblings_{members[0].env_key}",
-                          same_values=len(keys) == 1 and None not in keys)
-        for i, m in enumerate(members):
-            m.siblings = (group, i)
+def run_as_one(module: nn.Module, names: list[str], same_values: bool) -> None:
+    """Run the MLP memories `names` of module (a generated block: nestc.codegen.block found
+    that they can) as one (_Siblings), unless they run on the reference tier, which stays the
+    definition, or differ in what only their construction fixes (the back end's value source).
+    same_values: their values are self-generated by one expression of one tensor."""
+    mems = [module._modules[n] for n in names]
+    assert all(isinstance(m, MLPMemory) for m in mems), names
+    if mems[0].backend == "reference" or len({m.sibling_key() for m in mems}) > 1:
+        return
+    group = _Siblings(names, f"__siblings_{names[0]}", same_values)
+    for i, m in enumerate(mems):
+        m.siblings = (group, i)
 
 
 def run_each_alone(module: nn.Module) -> nn.Module:
@@ -1010,69 +720,23 @@ def run_each_alone(module: nn.Module) -> nn.Module:
     return module
 
 
-def _is_task(s: ast.StmtMemory) -> bool:
-    objective = _call(_clauses(s, {})[0].get("objective"))
-    return objective is not None and objective[0] == "task"
-
-
 class TaskMLP(Memory):
     """A CMS level: an MLP whose weights (per sample) change once every C tokens, by gd on the
     task loss summed over the chunk's tokens, all taken at the chunk's weights; in-context
     state {"W": (A, B), "grad": (dA, dB) so far this chunk, "offset": tokens into it}.
-    M(x) = act(x A) B for `mlp`, x + act(x A) B for `residual_mlp` (docs/semantics.md)."""
+    M(x) = act(x A) B for `mlp`, x + act(x A) B for `residual_mlp` (docs/semantics.md).
+    `parent`: the submodule name of another task-loss memory (the nested CMS) whose weights
+    this one starts each of the parent's chunks from; `nested`: another starts from this one."""
 
-    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
-        super().__init__()
-        self.name, self.span = s.name, s.span
-        assert s.frequency is not None
-        self.d, self.hidden, self.residual, act, _ = _mlp_structure(
-            scope, s, "an MLP memory learning from the task loss")
-        self.act = ACTS[act]
-        if s.per_head:
-            raise _unsupported("a per-head MLP memory learning from the task loss", s.span)
-        self.chunk = scope.size(s.frequency.every, "a period") if s.frequency.every is not None \
-            else 1
-        if s.frequency.chunk is not None:
-            raise _unsupported("`in chunks of` on a memory updated every N tokens", s.span)
-        exprs, choices = _clauses(s)
-        if choices["state"] != "per sample":
-            raise _unsupported("a memory shared across the batch", s.span)
-        self.stopped = choices["backprop"] == "stopped"
-        rule = _call(exprs.get("rule"))
-        if rule is None or rule[0] != "gd":
-            raise _unsupported("a task-loss memory whose rule is not gd", s.span)
-        kwr = {k.name: scope.const(k.value) for k in rule[1].kwargs}
-        if "clip" in kwr:
-            raise _unsupported("`clip` on a memory learning from the task loss", s.span)
-        self.lr, self.retain = float(kwr.get("lr", 1.0)), float(kwr.get("retain", 1.0))
-        # `= meta`, or `= f` for another task-loss memory f (the nested CMS): this memory
-        # starts each of f's chunks from f's weights, so f learns its initial state
-        self.parent: Callable[[dict[str, Any]], TaskMLP] | None = None
-        self.nested = False  # another task-loss memory starts from this one's weights
-        init = _call(s.init)
-        if s.init is not None and init is not None and init[0] != "meta":
-            where = s.init.span
-            parent = scope.mems.get(init[0])
-            if not isinstance(parent, TaskMLP) or init[1].args or init[1].kwargs:
-                raise _unsupported("a task-loss memory whose initial state is not `meta` or "
-                                   "another task-loss memory", where)
-            if (parent.d, parent.hidden, parent.residual, parent.act) != \
-                    (self.d, self.hidden, self.residual, self.act):
-                raise NestError(f"memory `{self.name}` starts from `{parent.name}`, which has "
-                                "another structure: both must be the same MLP", where,
-                                kind="shape")
-            if parent.chunk % self.chunk:
-                raise NestError(f"memory `{self.name}` is reset to `{parent.name}` every "
-                                f"{parent.chunk} tokens, which is not a whole number of its "
-                                f"chunks of {self.chunk}", where, kind="frequency",
-                                hint=f"make {parent.chunk} a multiple of {self.chunk}")
-            self.parent = parent.get
-            parent.nested = True
-        else:  # meta-learned initial weights (a nested level has its parent's instead)
-            self.A, self.B = _mlp_weights(d=self.d, hidden=self.hidden)
-
-    def compile_read(self, scope: Any, q: Any, span: Any) -> Any:
-        return self.reader(q, span, self.d, self.d)
+    def __init__(self, name: str, where: str, *, d: int, hidden: int, residual: bool,
+                 act: str, chunk: int, stopped: bool, lr: float, retain: float,
+                 parent: str | None = None, nested: bool = False) -> None:
+        super().__init__(name, where)
+        self.d, self.hidden, self.residual, self.act = d, hidden, residual, ACTS[act]
+        self.chunk, self.stopped, self.lr, self.retain = chunk, stopped, lr, retain
+        self.parent, self.nested = parent, nested
+        if parent is None:  # meta-learned initial weights (a nested level has its parent's)
+            self.A, self.B = _mlp_weights(d=d, hidden=hidden)
 
     def weights(self, env: dict[str, Any], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This piece's weights, registered once per piece with the driver, which hands back
@@ -1091,7 +755,7 @@ class TaskMLP(Memory):
             return state.task[self.state_key][2]
         given = state.given.get(self.state_key)
         if self.parent is not None:
-            parent = self.parent(env)
+            parent = env["__self__"]._modules[self.parent]
             start = parent.weights(env, batch)
             if (state.given.get(parent.state_key) or {}).get("offset", 0) == 0:
                 given = {"W": start}  # the parent's chunk starts here: reset
@@ -1130,102 +794,3 @@ class TaskMLP(Memory):
             grads, offset = None, 0
         self.guard(*weights)
         state.out[self.state_key] = {"W": weights, "grad": grads, "offset": offset}
-
-
-class _SelfTen:
-    """A memory's value that reads the memory itself (a self-generated target): computed for
-    tokens a..b-1 with the memory read at the weights the caller gives. `tile` n evaluates it
-    for n memories at once: the block's tensors repeated n times along the features, the read
-    at n memories' stacked weights (every operation is element-wise or a read). `key` is equal
-    for expressions that compute the same from the same tensors, whichever memory reads."""
-
-    def __init__(self, node: Callable[..., Any], feat: int, key: Any) -> None:
-        self.node: Callable[..., Any] = node
-        self.feat, self.key = feat, key
-        # x, when this is stop_grad(M(x)) of a block tensor x: the form the MLP kernel
-        # generates itself (nestc.ops.mlp_memory's v_self)
-        self.source: Any = None
-
-    def bind(self, env: dict[str, Any]) -> Callable[..., Any]:
-        return lambda read, a, b, tile=1: self.node(env, read, a, b, tile)
-
-
-def _tiled(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x if n == 1 else x.repeat(*[1] * (x.dim() - 1), n)
-
-
-class _SelfExpr:
-    """Compiles the expressions of a memory's `let`s and value: the block's tensors (sliced to
-    the tokens asked for), reads of the memory itself, element-wise math and arithmetic."""
-
-    def __init__(self, mem: MLPMemory, scope: Any) -> None:
-        self.mem, self.scope = mem, scope
-
-    def compile(self, e: ast.Expr) -> _SelfTen:
-        if isinstance(e, ast.ExprName) and e.name in self.mem.lets:
-            return self.compile(self.mem.lets[e.name])
-        out = self._compile(e)
-        out.source = self._source(e)
-        return out
-
-    def _source(self, e: ast.Expr) -> Any:
-        """The block tensor x when e is stop_grad(M(x)), M this memory; else None."""
-        def arg(call: ast.Expr, name: str) -> ast.Expr | None:
-            while isinstance(call, ast.ExprName) and call.name in self.mem.lets:
-                call = self.mem.lets[call.name]
-            ok = isinstance(call, ast.ExprCall) and isinstance(call.func, ast.ExprName) and \
-                call.func.name == name and len(call.args) == 1 and not call.kwargs
-            return call.args[0] if ok else None  # type: ignore[union-attr]
-
-        read = arg(e, "stop_grad")
-        x = None if read is None else arg(read, self.mem.name)
-        while isinstance(x, ast.ExprName) and x.name in self.mem.lets:
-            x = self.mem.lets[x.name]
-        return self.scope.tens.get(x.name) if isinstance(x, ast.ExprName) else None
-
-    def _compile(self, e: ast.Expr) -> _SelfTen:
-        from nestc.layers import MATH
-        from nestc.module import _unsupported as unsupported
-
-        mem, scope = self.mem, self.scope
-        if isinstance(e, ast.ExprName) and e.name in scope.tens:
-            t = scope.tens[e.name]
-
-            def leaf(env: Any, read: Any, a: int, b: int, tile: int) -> torch.Tensor:
-                # one feature that is not the memory's whole width broadcasts: not tiled
-                whole = t.feat != 1 or mem.heads * mem.d == 1
-                return _tiled(t.fn(env)[:, a:b], tile if whole else 1)
-
-            return _SelfTen(leaf, t.feat, ("tensor", id(t)))
-        if isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName):
-            if len(e.args) != 1 or e.kwargs:
-                raise unsupported(f"`{e.func.name}(...)` inside a memory", e.span)
-            x = self.compile(e.args[0])
-            if e.func.name == mem.name:
-                return _SelfTen(lambda env, read, a, b, tile: read(x.node(env, read, a, b, tile)),
-                                x.feat, ("read", x.key))
-            fn = MATH.get(e.func.name)
-            if fn is None:
-                raise unsupported(f"`{e.func.name}` inside a memory", e.span)
-            return _SelfTen(lambda env, read, a, b, tile: fn(x.node(env, read, a, b, tile)),
-                            x.feat, (e.func.name, x.key))
-        if isinstance(e, ast.ExprBinary) and e.op in "+-*/":
-            ops: dict[str, Callable[..., Any]] = {"+": torch.add, "-": torch.sub,
-                                                  "*": torch.mul, "/": torch.div}
-            op = ops[e.op]
-            sides = [self.constant(x) for x in (e.left, e.right)]
-            left, right = (c if c is not None else self.compile(x)
-                           for c, x in zip(sides, (e.left, e.right)))
-            feat = max(x.feat for x in (left, right) if isinstance(x, _SelfTen))
-            return _SelfTen(lambda env, read, a, b, tile: op(
-                left.node(env, read, a, b, tile) if isinstance(left, _SelfTen) else left,
-                right.node(env, read, a, b, tile) if isinstance(right, _SelfTen) else right),
-                feat, (e.op, *(x.key if isinstance(x, _SelfTen) else ("constant", x)
-                               for x in (left, right))))
-        raise unsupported("this expression inside a memory", e.span)
-
-    def constant(self, e: ast.Expr) -> Any:
-        from nestc.hyper import UNKNOWN, const_eval
-
-        v = const_eval(e, self.scope.consts)
-        return None if v is UNKNOWN else v

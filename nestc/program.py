@@ -63,11 +63,19 @@ class Program:
 
         return build_graph(self, self.decl(name), hyper)
 
-    def source(self, name: str) -> str:
-        """The generated PyTorch source of a declaration."""
-        from nestc.compile import generate
+    def source(self, name: str, **hyper: Any) -> str:
+        """The generated PyTorch source of a declaration: an optimizer's (its hyperparameters
+        are its constructor's), or a block's or model's at these hyperparameters."""
+        from nestc.compile import generate, generate_module
 
-        return generate(self.decl(name))
+        checked = self.decl(name)
+        if checked.kind == "optimizer":
+            if hyper:
+                raise NestError(f"the source of optimizer `{name}` does not depend on its "
+                                "hyperparameters: its class takes them", checked.decl.name_span,
+                                kind="value", hint=f"{name}(params, {next(iter(hyper))}=...)")
+            return generate(checked)
+        return generate_module(self, checked, hyper)[0]
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """An optimizer declaration -> torch.optim.Optimizer(params, **hyper); a block or a

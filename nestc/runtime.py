@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import linecache
+import sys
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -294,9 +296,12 @@ def _load(source: str, label: str) -> dict[str, Any]:
     filename = f"<nestc:{label}:{digest}>"
     # register the text so tracebacks, inspect.getsource and Triton's JIT see generated lines
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace: dict[str, Any] = {"__name__": f"nestc_generated_{digest}"}
-    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated code
-    return namespace
+    # a module in sys.modules, as an imported one is: torch.compile looks its globals up there
+    module = types.ModuleType(f"nestc_generated_{digest}")
+    module.__file__ = filename
+    sys.modules[module.__name__] = module
+    exec(compile(source, filename, "exec"), module.__dict__)  # noqa: S102 - our generated code
+    return module.__dict__
 
 
 @functools.lru_cache(maxsize=128)

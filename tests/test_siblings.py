@@ -199,7 +199,7 @@ def test_states_from_different_points_of_a_sequence_run_one_by_one():
 def test_torch_compile_traces_each_memory_alone_in_one_graph():
     # _Split's note to _Stack is a side effect dynamo does not trace: compiled, the memories
     # run alone, without a graph break, and compute what eager computes, gradients included
-    # (the backward failed in torch 2.13 while softplus was F.softplus: nestc.layers._softplus)
+    # (the backward failed in torch 2.13 while softplus was F.softplus: nestc.layers.softplus)
     torch.manual_seed(0)
     smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4)
     x = torch.randn(2, 9, 16)
@@ -216,12 +216,12 @@ def test_torch_compile_traces_each_memory_alone_in_one_graph():
 
 
 def test_softplus_is_torchs():
-    from nestc.layers import _softplus
+    from nestc.layers import softplus
 
     x = torch.cat([torch.linspace(-60, 60, 2001), torch.tensor([float("nan"), float("inf"),
                                                                  -float("inf")])])
     for beta in (1.0, 2.0, 0.5):
-        ours, ref = _softplus(x, beta), torch.nn.functional.softplus(x, beta=beta)
+        ours, ref = softplus(x, beta), torch.nn.functional.softplus(x, beta=beta)
         assert torch.equal(ours.isnan(), ref.isnan())
         fin = ref.isfinite()
         assert torch.equal(ours[~fin & ~ref.isnan()], ref[~fin & ~ref.isnan()])

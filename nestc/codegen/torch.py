@@ -22,7 +22,8 @@ from nestc.passes.lower_optimizer import Branch, Leaf
 from nestc.passes.select_kernels import KernelChoice
 
 # names a spec identifier must not take in generated code: keywords and builtins come on top
-RESERVED = {"torch", "math", "self", "group", "closure", "loss", "defaults", "params", "backend"}
+RESERVED = {"torch", "math", "self", "group", "closure", "loss", "defaults", "params", "backend",
+            "F", "nn"}
 
 FOREACH_UNARY = {"sqrt": "_foreach_sqrt", "abs": "_foreach_abs", "exp": "_foreach_exp",
                  "log": "_foreach_log", "sign": "_foreach_sign", "tanh": "_foreach_tanh",
@@ -141,7 +142,7 @@ class _Variant:
     def expr(self, e: ir.E) -> Val:
         op = e.op
         if op == "const":
-            return Val(_literal(e.value), "s")
+            return Val(literal(e.value), "s")
         if op == "hyper":
             code = self.hyper[e.value[0]] + "".join(f"[{i}]" for i in e.value[1:])
             return Val(code, "s")
@@ -595,7 +596,7 @@ def _kernel_call(choice: KernelChoice, emit: _Variant) -> list[str]:
 def generate_optimizer(opt: ir.Optimizer) -> str:
     hyper = {h.name: py_name(h.name) for h in opt.hypers}
     cls = class_name(opt.name)
-    sig = ", ".join(f"{hyper[h.name]}={_literal(h.default)}" if not h.required else hyper[h.name]
+    sig = ", ".join(f"{hyper[h.name]}={literal(h.default)}" if not h.required else hyper[h.name]
                     for h in opt.hypers)
     out: list[str] = []
     w = out.append
@@ -707,7 +708,7 @@ class _OneTensor:
     def expr(self, e: ir.E) -> str:
         op = e.op
         if op == "const":
-            return _literal(e.value)
+            return literal(e.value)
         if op == "hyper":
             return self.hyper[e.value[0]] + "".join(f"[{i}]" for i in e.value[1:])
         if op in ("param", "grad"):
@@ -895,7 +896,7 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str,
     return header + ["        " + ln if ln else "" for ln in body]
 
 
-def _literal(v: object) -> str:
+def literal(v: object) -> str:
     if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
         return f"float({str(v)!r})"
     return repr(v)

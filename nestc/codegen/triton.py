@@ -14,7 +14,7 @@ variant with a matrix routine (newton_schulz, @) has no kernel. Kernels are name
 from __future__ import annotations
 
 from nestc import ir
-from nestc.codegen.torch import _literal, _period, _Variant, comment, py_name
+from nestc.codegen.torch import _period, _Variant, comment, literal, py_name
 
 NAN = "propagate_nan=tl.PropagateNan.ALL"  # like torch: a NaN gradient stays visible
 TL_UNARY = {"sqrt": "tl.sqrt({})", "exp": "tl.exp({})", "log": "tl.log({})",
@@ -56,7 +56,7 @@ class _Kernel:
     def expr(self, e: ir.E) -> str:
         if e.is_scalar:
             if e.op == "const":
-                return _literal(float(e.value))
+                return literal(float(e.value))
             return self.number(self.host.expr(e).code)
         op = e.op
         if op in ("param", "grad"):

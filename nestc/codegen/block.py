@@ -1,0 +1,494 @@
+"""Blocks and models -> the Python source of torch.nn.Module subclasses.
+
+The generator walks a checked declaration once, with its hyperparameters bound: arithmetic on
+hyperparameters is folded, `if` on them is decided, `repeat` and `chain` are unrolled, and
+every layer call, memory and sub-block call becomes a submodule with a name that depends only on
+the spec (so every back end has the same `state_dict` keys). What is left is straight-line
+code over tensors, the generated class's `run`; each distinct sub-block (a declaration with
+its hyperparameters and input width) becomes a class of its own, emitted before its users.
+
+The generated classes subclass nestc.module.Built, which holds what does not depend on the
+spec: `forward`, the in-context state, the driver of memories that learn from the task loss.
+The memories and layers they construct are nestc.memories' and nestc.layers' runtime classes,
+which take plain values. Every check of a spec (widths, heads, ranges) happens here, with its
+span; generated code never sees the spec's text except in comments and string literals.
+
+Names: a spec identifier becomes a local through py_name (a name bound twice, e.g. in a
+`repeat`, takes `_1`, `_2`, ...); submodules keep their spec-derived names (`state_dict` keys);
+every name the generator makes for itself starts with `_`.
+"""
+
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass, field
+from typing import Any
+
+from nestc import __version__, ast
+from nestc.check import Checked
+from nestc.codegen.torch import class_name, comment, literal, py_name
+from nestc.errors import NestError
+from nestc.hyper import UNKNOWN, const_eval
+
+ACTS = ("gelu", "silu", "relu", "tanh", "sigmoid")  # an MLP memory's (nestc.ops ACT_FNS)
+# the element-wise functions of blocks, as code
+MATH = {"sqrt": "torch.sqrt", "abs": "torch.abs", "exp": "torch.exp", "log": "torch.log",
+        "sign": "torch.sign", "tanh": "torch.tanh", "silu": "F.silu", "gelu": "F.gelu",
+        "relu": "F.relu", "sigmoid": "torch.sigmoid", "stop_grad": "torch.detach"}
+# what a submodule's name must not be: attributes of nn.Module and nestc.module.Built
+# (tests/test_codegen_block.py checks this list against torch's)
+_MODULE_ATTRS = """
+T_destination add_module apply bfloat16 buffers call_super_init children compile cpu cuda
+double dump_patches eval extra_repr float forward get_buffer get_extra_state get_parameter
+get_submodule half ipu load_state_dict modules mtia named_buffers named_children
+named_modules named_parameters parameters register_backward_hook register_buffer
+register_forward_hook register_forward_pre_hook register_full_backward_hook
+register_full_backward_pre_hook register_load_state_dict_post_hook
+register_load_state_dict_pre_hook register_module register_parameter
+register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
+set_extra_state set_submodule share_memory state_dict to to_empty train training type xpu
+zero_grad decl_name kind backend objective out_feat tasks run finish
+run_as_one task_loss forward_in_chunks
+"""
+MODULE_ATTRS = frozenset(_MODULE_ATTRS.split())
+
+
+def wrapped(head: str, args: list[str], indent: int, width: int = 99) -> list[str]:
+    """head(args...) as lines of at most `width` columns where it can (an argument longer
+    than a line stays whole), continued 4 columns in; `indent`: the first line's."""
+    one = f"{head}({', '.join(args)})"
+    if indent + len(one) <= width:
+        return [one]
+    lines, line = [f"{head}("], " " * 4
+    for i, arg in enumerate(args):
+        arg += ")" if i == len(args) - 1 else ","
+        if line.strip() and indent + len(line) + 1 + len(arg) > width:
+            lines.append(line.rstrip())
+            line = " " * 4
+        line += ("" if not line.strip() else " ") + arg
+    return lines + [line]
+
+
+def docstring(text: str, indent: int, width: int = 99) -> list[str]:
+    """A docstring of spec text (names, values, a path), made safe: printable, no quotes or
+    backslashes that could end it, wrapped at `width` columns."""
+    safe = comment(text).replace("\\", "/").replace('"', "'")
+    words, lines, line = safe.split(" "), [], '"""'
+    for w in words:
+        if len(line) > 3 and indent + len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = ""
+        line += (" " if line and line != '"""' else "") + w
+    lines.append(line + '"""')
+    return [" " * indent + ln if ln else "" for ln in lines]
+
+
+def unsupported(what: str, span: Any) -> NestError:
+    err = NestError(f"{what} is not supported by the block compiler yet", span, kind="value")
+    err.unsupported = True
+    return err
+
+
+@dataclass(eq=False)
+class Ten:
+    """A tensor of the generated code: an expression over its locals (a name, a call or a
+    parenthesized operation, so it can take a subscript), and the size of its last dim."""
+
+    code: str
+    feat: int
+    tokens: bool = False  # token ids [B, T] (no feature dim)
+
+
+@dataclass(eq=False)
+class _Sub:
+    """A submodule of a generated class: its attribute and constructor call, or a memory plan
+    whose call is rendered once the whole declaration is seen."""
+
+    attr: str
+    code: str = ""
+    plan: Any = None
+
+
+@dataclass(eq=False)
+class _Class:
+    """One generated class: a declaration at one binding of its hyperparameters."""
+
+    checked: Checked
+    hyper: dict[str, Any]
+    name: str = ""
+    subs: list[_Sub] = field(default_factory=list)
+    body: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)  # __init__ lines after the submodules
+    input: str = ""
+    out: Ten | None = None
+    out_feat: int = 0
+    objective: str | None = None  # a model's task loss: "next_token", the form built so far
+    objective_span: Any = None  # where its objective is, if not a form built yet
+    tasks: bool = False  # whether it has memories that learn from the task loss, at any depth
+
+    def source(self) -> str:
+        c = self.checked
+        span = c.decl.span
+        hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        doc = f"{c.kind} {c.name}({hyper}), compiled from {span.file}:{span.line}."
+        out = [f"class {self.name}(_Built):", *docstring(doc, 4), "",
+               f"    out_feat = {self.out_feat}"]
+        if self.objective:
+            out.append(f"    objective = {self.objective!r}")
+        out += ["", '    def __init__(self, backend="chunked"):',
+                f"        super().__init__({c.name!r}, {c.kind!r}, backend)"]
+        for sub in self.subs:
+            if sub.plan is None:
+                out.append(f"        self.{sub.attr} = {sub.code}")
+            else:
+                out += ["        " + ln
+                        for ln in wrapped(f"self.{sub.attr} = {sub.plan.construct()[0]}",
+                                          sub.plan.construct()[1], 8)]
+        out += [f"        {ln}" for ln in self.after]
+        out += ["        self.finish()", "", f"    def run(self, _env, {self.input}):",
+                '        _env = {"__state__": _env["__state__"], "__self__": self}',
+                '        _state = _env["__state__"]']
+        out += [f"        {ln}" if ln else "" for ln in self.body]
+        return "\n".join(out) + "\n"
+
+
+class Generator:
+    """The classes of one declaration and every sub-block it calls, in the order they are
+    needed; equal classes are emitted once."""
+
+    def __init__(self, program: Any) -> None:
+        self.program = program
+        self.classes: list[_Class] = []
+        self.texts: dict[str, str] = {}  # class source with its name blanked -> class name
+        self.names: set[str] = set()
+
+    def decl(self, checked: Checked, hyper: dict[str, Any], in_feat: int | None = None
+             ) -> _Class:
+        values = checked.bind(hyper)
+        cls = _Class(checked, values)
+        scope = _Scope(self, checked, cls, dict(values))
+        scope.stmts(checked.decl.body, in_feat)
+        if cls.out is None:
+            raise NestError(f"{checked.kind} `{checked.name}` has no output",
+                            checked.decl.name_span, kind="value")
+        cls.body.append(f"return {cls.out.code}")
+        cls.out_feat = cls.out.feat
+        if cls.tasks and cls.objective_span is not None:
+            raise unsupported("a task loss other than cross_entropy(<output>, next(<input>)) "
+                              "for memories with `objective task`", cls.objective_span)
+        scope.run_siblings_as_one()
+        cls.name = "_CLASS_"
+        text = cls.source()
+        if text in self.texts:
+            cls.name = self.texts[text]
+            return cls
+        base = class_name(checked.name)
+        name, k = base, 2
+        while name in self.names:  # another binding of one declaration
+            name, k = f"{base}_{k}", k + 1
+        self.names.add(name)
+        cls.name = self.texts[text] = name
+        self.classes.append(cls)
+        return cls
+
+    def source(self, top: _Class) -> str:
+        c = top.checked
+        out = [f"# Generated by nestc {__version__} from {comment(c.decl.span.file)}:"
+               f"{c.decl.span.line}, {c.kind} {c.name}.",
+               "# Do not edit: `nestc compile` regenerates it.",
+               f'# Build it with {top.name}(backend="chunked"), or "reference" or "triton".',
+               "import torch",
+               "import torch.nn.functional as F  # noqa: N812",
+               "from torch import nn", "",
+               "from nestc import layers as _layers",
+               "from nestc import memories as _mem",
+               "from nestc.module import Built as _Built"]
+        for cls in self.classes:
+            out += ["", "", cls.source().rstrip("\n")]
+        return "\n".join(out) + "\n"
+
+
+def generate_module(program: Any, checked: Checked, hyper: dict[str, Any]) -> tuple[str, str]:
+    """(source, class name) of a block or model declaration at these hyperparameters."""
+    gen = Generator(program)
+    top = gen.decl(checked, hyper)
+    return gen.source(top), top.name
+
+
+class _Scope:
+    """Generates one declaration's body: constants, tensors, submodules and code."""
+
+    def __init__(self, gen: Generator, checked: Checked, cls: _Class,
+                 consts: dict[str, Any]) -> None:
+        self.g, self.checked, self.cls = gen, checked, cls
+        self.consts = consts
+        self.tens: dict[str, Ten] = {}
+        self.mems: dict[str, Any] = {}
+        self.prefix = ""
+        self.locals: set[str] = {"self"}
+        self.fresh_count = 0
+        # per memory: the line that writes it, and per read the line that reads it and its
+        # query (run_siblings_as_one)
+        self.writes: dict[Any, int] = {}
+        self.reads: dict[Any, list[tuple[int, Ten]]] = {}
+
+    def add(self, hint: str, code: str = "", plan: Any = None) -> str:
+        """A submodule under a spec-derived name, unique in this declaration."""
+        base = (self.prefix + hint).replace(".", "_")
+        if base.startswith("_") or keyword.iskeyword(base) or base in MODULE_ATTRS:
+            base = f"m_{base}"
+        taken = {s.attr for s in self.cls.subs}
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        self.cls.subs.append(_Sub(name, code, plan))
+        return name
+
+    def local(self, name: str) -> str:
+        """A new local for the spec name `name` (a name bound again gets a new local)."""
+        base = py_name(name)
+        var, k = base, 1
+        while var in self.locals:
+            var, k = f"{base}_{k}", k + 1
+        self.locals.add(var)
+        return var
+
+    def fresh(self, hint: str) -> str:
+        self.fresh_count += 1
+        return f"_{hint}_{self.fresh_count}"
+
+    def emit(self, line: str) -> None:
+        self.cls.body.append(line)
+
+    # statements ----------------------------------------------------------------------------
+
+    def stmts(self, body: tuple[ast.Stmt, ...], in_feat: int | None) -> None:
+        for s in body:
+            self.stmt(s, in_feat)
+
+    def stmt(self, s: ast.Stmt, in_feat: int | None) -> None:
+        if isinstance(s, ast.StmtInput):
+            self.input(s, in_feat)
+        elif isinstance(s, ast.StmtLet):
+            self.bind(s.name, s.value)
+        elif isinstance(s, ast.StmtUpdate):
+            if s.index is not None or s.op not in ("=", "+=", "-=", "*="):
+                raise unsupported(f"`{s.target} {s.op} ...` in a block", s.span)
+            value = s.value
+            if s.op != "=":
+                value = ast.ExprBinary(s.op[0], ast.ExprName(s.target, s.target_span), value,
+                                       s.span)
+            self.bind(s.target, value)
+        elif isinstance(s, ast.StmtOutput):
+            self.cls.out = self.tensor(s.value, "out")
+        elif isinstance(s, ast.StmtRepeat):
+            n = self.size(s.count, "a repeat count", minimum=0)
+            outer = self.prefix
+            for i in range(n):
+                self.prefix = f"{outer}r{i}_"
+                self.stmts(s.body, in_feat)
+            self.prefix = outer
+        elif isinstance(s, ast.StmtChain):
+            outer, saved = self.prefix, self.consts.get(s.var, UNKNOWN)
+            for i, value in enumerate(self.const(s.values)):
+                self.prefix = f"{outer}{s.var}{i}_"
+                self.consts[s.var] = value
+                self.stmts(s.body, in_feat)
+            self.prefix = outer
+            if saved is UNKNOWN:
+                self.consts.pop(s.var, None)
+            else:
+                self.consts[s.var] = saved
+        elif isinstance(s, ast.StmtIf):
+            self.stmts(s.then if self.const(s.cond) else s.orelse, in_feat)
+        elif isinstance(s, ast.StmtMemory):
+            self.memory(s)
+        elif isinstance(s, ast.StmtTrain):
+            self.train(s)
+        else:
+            raise unsupported(f"`{type(s).__name__}` in a {self.checked.kind}", s.span)
+
+    def train(self, s: ast.StmtTrain) -> None:
+        """The outer level. Its objective is the task loss of `objective task` memories:
+        cross_entropy(<output>, next(<input>)) is the form built so far."""
+        for c in s.body:
+            if isinstance(c, ast.Clause) and c.kind == "objective":
+                e = c.value
+                ok = (isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName)
+                      and e.func.name == "cross_entropy" and len(e.args) == 2
+                      and isinstance(e.args[1], ast.ExprCall)
+                      and isinstance(e.args[1].func, ast.ExprName)
+                      and e.args[1].func.name == "next")
+                self.cls.objective = "next_token" if ok else None
+                self.cls.objective_span = None if ok else c.span
+
+    def input(self, s: ast.StmtInput, in_feat: int | None) -> None:
+        if self.cls.input:
+            raise unsupported(f"a second input (`{s.name}`)", s.span)
+        var = self.cls.input = self.local(s.name)
+        if s.shape.dtype == "int":
+            self.tens[s.name] = Ten(var, 0, tokens=True)
+            return
+        dims = s.shape.dims
+        feat = self.size(dims[-1], f"the width of `{s.name}`") if len(dims) > 1 else in_feat
+        if feat is None:
+            raise NestError(f"input `{s.name}` needs a feature dim: [T, dim]", s.shape.span,
+                            kind="shape")
+        if in_feat is not None and feat != in_feat:
+            raise NestError(f"input `{s.name}` has {feat} features, but {in_feat} are passed "
+                            "in", s.shape.span, kind="shape")
+        self.tens[s.name] = Ten(var, int(feat))
+
+    def bind(self, name: str, value: ast.Expr) -> None:
+        v = self.value(value, name)
+        if not isinstance(v, Ten):
+            self.consts[name] = v
+            return
+        var = self.local(name)
+        self.emit(f"{var} = {v.code}")
+        self.tens[name] = Ten(var, v.feat, v.tokens)
+
+    def memory(self, s: ast.StmtMemory) -> None:
+        from nestc.codegen.memories import plan
+
+        mem = plan(self, s)
+        self.cls.tasks = self.cls.tasks or mem.runtime == "TaskMLP"
+        self.mems[s.name] = mem
+        mem.attr = self.add(s.name, plan=mem)
+        write = mem.write(self)
+        self.writes[mem] = len(self.cls.body)
+        if write is not None:
+            self.cls.body += wrapped(f"_env[{mem.attr!r}] = {write[0]}", write[1], 8)
+
+    def run_siblings_as_one(self) -> None:
+        """MLP memories that can run as one (nestc.memories._Siblings): the same structure,
+        one read each, all of the same query, after all of them are written. Not on the
+        reference tier, which stays the definition (Built.run_as_one decides that)."""
+        from nestc.codegen.memories import MLPPlan
+
+        groups: dict[Any, list[MLPPlan]] = {}
+        for mem in self.writes:
+            if isinstance(mem, MLPPlan) and len(self.reads.get(mem, [])) == 1:
+                q = self.reads[mem][0][1]
+                groups.setdefault((mem.sibling_key(), id(q)), []).append(mem)
+        for members in groups.values():
+            if len(members) < 2 or max(self.writes[m] for m in members) >= \
+                    min(self.reads[m][0][0] for m in members):
+                continue
+            keys = {m.value_key for m in members}
+            same = len(keys) == 1 and None not in keys
+            self.cls.after.append(f"self.run_as_one({[m.attr for m in members]!r}, "
+                                  f"same_values={same})")
+
+    # expressions --------------------------------------------------------------------------
+
+    def const(self, e: ast.Expr) -> Any:
+        v = const_eval(e, self.consts)
+        if v is UNKNOWN:
+            raise NestError("this must be known from the hyperparameters alone", e.span,
+                            kind="value")
+        return v
+
+    def size(self, e: ast.Expr, what: str, minimum: int = 1) -> int:
+        """A count fixed by the hyperparameters (a width, heads, a window, a chunk): a whole
+        number of at least `minimum`, else a NestError at e."""
+        v = self.const(e)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or \
+                v < minimum:
+            shown = repr(v) if not isinstance(v, float) or v != int(v) else str(v)
+            raise NestError(f"{what} must be a whole number of at least {minimum}, got {shown}",
+                            e.span, kind="value")
+        return int(v)
+
+    def size_kw(self, call: ast.ExprCall, name: str, default: int, what: str,
+                minimum: int = 1) -> int:
+        """size() of a keyword argument of call, or its default."""
+        for k in call.kwargs:
+            if k.name == name:
+                return self.size(k.value, what, minimum)
+        return default
+
+    def tensor(self, e: ast.Expr, hint: str) -> Ten:
+        v = self.value(e, hint)
+        if not isinstance(v, Ten):
+            raise NestError("a tensor is needed here, not a constant", e.span, kind="type")
+        return v
+
+    def value(self, e: ast.Expr, hint: str) -> Any:
+        """A constant (Python value) or a Ten."""
+        c = const_eval(e, self.consts)
+        if c is not UNKNOWN:
+            return c
+        if isinstance(e, ast.ExprName):
+            if e.name in self.tens:
+                return self.tens[e.name]
+            raise NestError(f"`{e.name}` is not a tensor here", e.span, kind="name")
+        if isinstance(e, ast.ExprBinary):
+            return self.binary(e, hint)
+        if isinstance(e, ast.ExprUnary):
+            x = self.tensor(e.operand, hint)
+            if e.op == "-":
+                return Ten(f"(-{x.code})", x.feat)
+            if e.op != "+":
+                raise unsupported(f"`{e.op}` on a tensor", e.span)
+            return x
+        if isinstance(e, ast.ExprCall):
+            return self.call(e, hint)
+        raise unsupported(f"this expression ({type(e).__name__}) in a block", e.span)
+
+    def binary(self, e: ast.ExprBinary, hint: str) -> Ten:
+        if e.op not in ("+", "-", "*", "/", "**"):
+            raise unsupported(f"`{e.op}` on tensors", e.span)
+        a, b = self.value(e.left, hint), self.value(e.right, hint)
+        feats = [v.feat for v in (a, b) if isinstance(v, Ten)]
+        if len(feats) == 2 and feats[0] != feats[1] and 1 not in feats:
+            raise NestError(f"`{e.op}` of tensors with {feats[0]} and {feats[1]} features",
+                            e.span, kind="shape")
+        code = [v.code if isinstance(v, Ten) else literal(v) for v in (a, b)]
+        return Ten(f"({code[0]} {e.op} {code[1]})", max(feats))
+
+    def call(self, e: ast.ExprCall, hint: str) -> Any:
+        from nestc.codegen.layers import compile_call
+
+        if isinstance(e.func, ast.ExprCall):  # Block(hyper...)(x): a sub-block
+            return self.subblock(e, hint)
+        if not isinstance(e.func, ast.ExprName):
+            raise unsupported("calling this expression", e.span)
+        name = e.func.name
+        if name in self.mems:
+            mem = self.mems[name]
+            if len(e.args) != 1:
+                raise NestError(f"memory `{name}` is read with one argument", e.span,
+                                kind="value")
+            q = self.tensor(e.args[0], hint)
+            # read in the line being generated (the output: after every other line)
+            self.reads.setdefault(mem, []).append((len(self.cls.body), q))
+            return mem.read(self, q, e.span)
+        decl = self.checked.scope.get(name)
+        if decl is not None and decl.kind == "block":
+            raise NestError(f"block `{name}` is called as {name}(hyperparameters)(x)", e.span,
+                            kind="value")
+        return compile_call(self, e, hint)
+
+    def subblock(self, e: ast.ExprCall, hint: str) -> Ten:
+        assert isinstance(e.func, ast.ExprCall)
+        head = e.func
+        if not isinstance(head.func, ast.ExprName):
+            raise unsupported("calling this expression", e.span)
+        decl = self.checked.scope.get(head.func.name)
+        if decl is None or decl.kind != "block":
+            raise NestError(f"`{head.func.name}` is not a block", head.func.span, kind="name")
+        checked = self.g.program.lookup(decl)
+        names = list(checked.hypers)
+        if len(head.args) > len(names):
+            raise NestError(f"block `{decl.name}` takes {len(names)} hyperparameters",
+                            head.span, kind="value")
+        hyper = {names[i]: self.const(a) for i, a in enumerate(head.args)}
+        hyper.update({k.name: self.const(k.value) for k in head.kwargs})
+        if len(e.args) != 1 or e.kwargs:
+            raise NestError(f"block `{decl.name}` takes one input", e.span, kind="value")
+        x = self.tensor(e.args[0], hint)
+        sub = self.g.decl(checked, hyper, in_feat=x.feat)
+        self.cls.tasks = self.cls.tasks or sub.tasks
+        attr = self.add(decl.name, f"{sub.name}(backend)")
+        return Ten(f"self.{attr}.run(_env, {x.code})", sub.out_feat)

@@ -1,0 +1,103 @@
+"""The builtin layers and tensor functions of blocks, as generated code.
+
+`compile_call` turns one builtin call of a block into an expression; a layer that owns
+parameters (trained by the outer level) becomes a submodule. Choices the language leaves to
+defaults: `linear` has no bias unless `bias = true`; `conv1d` is depthwise and causal with a
+window of 4; `rmsnorm` and `l2norm` use eps 1e-6; `layernorm` 1e-5; `softmax_attention` rotates
+queries and keys by their positions (rotary embeddings, base 10000) unless `rope = false`.
+The runtime side is nestc/layers.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nestc import ast
+from nestc.codegen.block import MATH, Ten, unsupported
+from nestc.codegen.torch import literal
+from nestc.errors import NestError
+
+
+def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
+    """One builtin call -> Ten for the block generator `scope` (nestc.codegen.block._Scope)."""
+    assert isinstance(e.func, ast.ExprName)
+    name = e.func.name
+    kw = {k.name: scope.const(k.value) for k in e.kwargs}
+    if name in MATH:
+        x = scope.tensor(e.args[0], hint)
+        return Ten(f"{MATH[name]}({x.code})", x.feat)
+    if name == "softplus":
+        x = scope.tensor(e.args[0], hint)
+        return Ten(f"_layers.softplus({x.code}, {literal(float(kw.get('beta', 1.0)))})", x.feat)
+    if name == "l2norm":
+        x = scope.tensor(e.args[0], hint)
+        per, eps = scope.size_kw(e, "per", 1, "`per`"), float(kw.get("eps", 1e-6))
+        if x.feat % per:
+            raise NestError(f"l2norm per {per} slices of {x.feat} features", e.span,
+                            kind="shape")
+        return Ten(f"_layers.l2norm({x.code}, {per}, {literal(eps)})", x.feat)
+    if name in ("mean", "sum"):
+        x = scope.tensor(e.args[0], hint)
+        if int(kw.get("dim", -1)) != -1:
+            raise unsupported(f"`{name}` over a dim other than the last", e.span)
+        per = scope.size_kw(e, "per", 1, "`per`")
+        if x.feat % per:
+            raise NestError(f"{name} per {per} slices of {x.feat} features", e.span,
+                            kind="shape")
+        return Ten(f"{x.code}.unflatten(-1, ({per}, -1)).{name}(-1)", per)
+    if name == "linear":
+        x = scope.tensor(e.args[0], hint)
+        if x.tokens:
+            raise NestError("linear takes features; embed token ids first", e.args[0].span,
+                            kind="type")
+        out = scope.size(e.args[1], "the width of a linear layer")
+        attr = scope.add(f"{hint}_linear",
+                         f"nn.Linear({x.feat}, {out}, bias={bool(kw.get('bias', False))})")
+        return Ten(f"self.{attr}({x.code})", out)
+    if name == "conv1d":
+        x = scope.tensor(e.args[0], hint)
+        if not kw.get("causal", True):
+            raise unsupported("a non-causal conv1d", e.span)
+        window = scope.size_kw(e, "window", 4, "a conv1d window")
+        attr = scope.add(f"{hint}_conv1d", f"_layers.CausalConv1d({x.feat}, {window})")
+        return Ten(f"self.{attr}({x.code}, _state)", x.feat)
+    if name in ("rmsnorm", "layernorm"):
+        x = scope.tensor(e.args[0], hint)
+        if name == "rmsnorm":
+            code = f"nn.RMSNorm({x.feat}, eps={literal(float(kw.get('eps', 1e-6)))})"
+        else:
+            code = f"nn.LayerNorm({x.feat}, eps={literal(float(kw.get('eps', 1e-5)))})"
+        attr = scope.add(f"{hint}_{name}", code)
+        return Ten(f"self.{attr}({x.code})", x.feat)
+    if name == "embed":
+        tokens = scope.tensor(e.args[0], hint)
+        if not tokens.tokens:
+            raise NestError("embed takes token ids (an `int` input)", e.args[0].span,
+                            kind="type")
+        vocab, dim = scope.size(e.args[1], "a vocabulary"), scope.size(e.args[2], "a width")
+        attr = scope.add(f"{hint}_embed", f"nn.Embedding({vocab}, {dim})")
+        return Ten(f"self.{attr}({tokens.code})", dim)
+    if name == "softmax_attention":
+        return _attention(scope, e, kw, hint)
+    raise unsupported(f"`{name}` in a block", e.span)
+
+
+def _attention(scope: Any, e: ast.ExprCall, kw: dict[str, Any], hint: str) -> Ten:
+    from nestc.codegen.memories import CachePlan
+
+    if kw.get("window") is not None:
+        raise unsupported("windowed softmax attention", e.span)
+    if not kw.get("causal", True):
+        raise unsupported("non-causal softmax attention", e.span)
+    heads, rope = scope.size_kw(e, "heads", 1, "a number of heads"), bool(kw.get("rope", True))
+    q = scope.tensor(e.args[0], hint)
+    if len(e.args) != 2 or not isinstance(e.args[1], ast.ExprName) or \
+            not isinstance(scope.mems.get(e.args[1].name), CachePlan):
+        raise unsupported("softmax_attention over anything but a `cache` memory", e.span)
+    cache: CachePlan = scope.mems[e.args[1].name]
+    if q.feat % heads or cache.key.feat != q.feat or cache.value.feat % heads:
+        raise NestError(f"softmax_attention of {q.feat} query features in {heads} heads over "
+                        f"keys of {cache.key.feat} and values of {cache.value.feat} features",
+                        e.span, kind="shape",
+                        hint="queries and keys have the same width; each splits into heads")
+    return Ten(f"self.{cache.attr}.attend({q.code}, {heads}, {rope}, _env)", cache.value.feat)

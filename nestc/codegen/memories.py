@@ -1,0 +1,535 @@
+"""The memories of blocks, as generated code: what a `memory` declaration becomes.
+
+A plan reads the declaration (structure, clauses, rule), checks it with its spans, and renders
+three pieces of code: the runtime memory's constructor (nestc.memories, plain values only),
+its write (the per-token signals, computed where the memory is declared) and its reads.
+nestc/memories.py says what each runtime memory computes; docs/semantics.md defines it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nestc import ast
+from nestc.check import CHOICES
+from nestc.codegen.block import ACTS, MATH, Ten, unsupported
+from nestc.codegen.torch import literal
+from nestc.errors import NestError
+from nestc.hyper import UNKNOWN, const_eval
+
+
+def plan(scope: Any, s: ast.StmtMemory) -> Any:
+    structure = _call(s.structure)
+    kind = structure[0] if structure else None
+    if kind == "cache":
+        return CachePlan(scope, s)
+    if kind == "matrix":
+        return LinearPlan(scope, s)
+    if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
+            s.frequency.unit == "never":
+        return StaticPlan(scope, s)
+    if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
+            s.frequency.unit == "token" and _is_task(s):
+        return TaskPlan(scope, s)
+    if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
+            s.frequency.unit == "token" and s.frequency.every is None:
+        return MLPPlan(scope, s)
+    raise unsupported(f"a `{kind or 'plain'}` memory updated "
+                      f"{'every ' + s.frequency.unit if s.frequency else 'so'}", s.span)
+
+
+class Plan:
+    """A memory of a block, as the generator sees it."""
+
+    runtime = ""  # the nestc.memories class
+    attr = ""  # its submodule's name (set by the generator)
+    rule_kw: dict[str, ast.Expr]
+    heads: int
+
+    def __init__(self, s: ast.StmtMemory) -> None:
+        self.name, self.span = s.name, s.span
+        self.config: dict[str, Any] = {}  # the runtime constructor's keyword arguments
+        self.backend = False  # whether the constructor takes the back end
+
+    def construct(self) -> tuple[str, list[str]]:
+        """The runtime memory's constructor and its arguments, as code."""
+        args = [f"{self.name!r}", f"{str(self.span)!r}"]
+        args += [f"{k}={literal(v)}" for k, v in self.config.items()]
+        if self.backend:
+            args.append("backend=backend")
+        return f"_mem.{self.runtime}", args
+
+    def write(self, scope: Any) -> tuple[str, list[str]] | None:
+        """The memory's write (its value lands in the env), a call and its arguments as code;
+        None for a memory that is not written."""
+        return None
+
+    def read(self, scope: Any, q: Ten, span: Any) -> Ten:
+        raise unsupported(f"reading memory `{self.name}` like a function", span)
+
+    def reader(self, q: Ten, span: Any, width: int, out: int) -> Ten:
+        """The Ten of a read M(q): this memory's `read` of q, which has `width` features."""
+        if q.feat != width:
+            raise NestError(f"memory `{self.name}` reads {width} features, got {q.feat}",
+                            span, kind="shape")
+        return Ten(f"self.{self.attr}.read({q.code}, _env)", out)
+
+    def signal(self, scope: Any, name: str, default: Any) -> str | None:
+        """A rule's lr, retain or beta as code: a constant, or a tensor of one value per token
+        or per head (the runtime expands either to [B, T, H])."""
+        e = self.rule_kw.get(name)
+        if e is None and default is None:
+            return None
+        value = default if e is None else scope.value(e, self.name)
+        heads = self.heads
+        if not isinstance(value, Ten):
+            c = float(value)
+            low = c >= 0 if name == "beta" else c > 0  # beta 0: no momentum
+            if name in ("retain", "beta") and not (low and c <= 1):
+                where = "[0, 1]" if name == "beta" else "(0, 1]"
+                raise NestError(f"`{name}` of memory `{self.name}` is in {where}, got {c}",
+                                e.span if e is not None else self.span, kind="value")
+            return literal(c)
+        if value.feat not in (1, heads):
+            raise NestError(f"`{name}` of memory `{self.name}` has {value.feat} features; it "
+                            f"is one per head ({heads}) or one per token",
+                            e.span if e is not None else self.span, kind="shape")
+        return value.code
+
+
+def _constant(scope: Any, e: ast.Expr) -> float | None:
+    """e's value when the hyperparameters fix it, else None."""
+    value = const_eval(e, scope.consts)
+    return None if value is UNKNOWN or isinstance(value, bool) or \
+        not isinstance(value, (int, float)) else float(value)
+
+
+def _clauses(s: ast.StmtMemory, lets: dict[str, ast.Expr] | None = None
+             ) -> tuple[dict[str, ast.Expr], dict[str, str]]:
+    """The memory's clauses and choices; its `let`s go into `lets` where one is given."""
+    exprs: dict[str, ast.Expr] = {}
+    choices = {k: d for k, (d, _) in CHOICES.items()}
+    for c in s.body:
+        if isinstance(c, ast.StmtLet) and lets is not None:
+            lets[c.name] = c.value
+            continue
+        if not isinstance(c, ast.Clause):
+            raise unsupported("statements inside this kind of memory", c.span)
+        if isinstance(c.value, str):
+            choices[c.kind] = c.value
+        else:
+            exprs[c.kind] = c.value
+    return exprs, choices
+
+
+def _call(e: ast.Expr | None) -> tuple[str, ast.ExprCall] | None:
+    if isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName):
+        return e.func.name, e
+    if isinstance(e, ast.ExprName):
+        return e.name, ast.ExprCall(e, (), (), e.span)
+    return None
+
+
+def _mlp_structure(scope: Any, s: ast.StmtMemory, two_layers: str = ""
+                   ) -> tuple[int, int, bool, str, int]:
+    """(d, hidden, residual, act, depth) of `mlp(d, hidden = d, depth = 2, act = "gelu")` or
+    `residual_mlp(d, hidden = d, act = "silu")`; `two_layers` names what must have depth 2."""
+    structure = _call(s.structure)
+    assert structure is not None
+    kind, call = structure
+    d = scope.size(call.args[0], "an MLP's width")
+    hidden = scope.size_kw(call, "hidden", d, "an MLP's hidden width")
+    residual = kind == "residual_mlp"
+    act = {k.name: scope.const(k.value) for k in call.kwargs}.get(
+        "act", "silu" if residual else "gelu")
+    if act not in ACTS:
+        raise NestError(f"activation {act!r} is not one of {', '.join(ACTS)}", call.span,
+                        kind="value")
+    depth = 2 if residual else scope.size_kw(call, "depth", 2, "an MLP's depth")
+    if two_layers and depth != 2:
+        raise unsupported(f"{two_layers} of depth other than 2", call.span)
+    return d, hidden, residual, act, depth
+
+
+def _objective(s: ast.StmtMemory, exprs: dict[str, ast.Expr], what: str,
+               allowed: tuple[str, ...] = ("l2", "dot")) -> tuple[str, ast.Expr, ast.Expr]:
+    """(l2 | dot | huber, key, value) of `objective l2(M(key), value)`, `dot(...)` or
+    `huber(...)` (those in `allowed`)."""
+    objective = _call(exprs.get("objective"))
+    if objective is None or objective[0] not in allowed:
+        names = " or ".join(f"{a}(...)" for a in allowed)
+        raise unsupported(f"{what} whose objective is not {names}", s.span)
+    pred, target = objective[1].args
+    read = _call(pred)
+    if read is None or read[0] != s.name or len(read[1].args) != 1:
+        raise NestError(f"the objective of `{s.name}` compares {s.name}(key) with a value",
+                        pred.span, kind="value")
+    return objective[0], read[1].args[0], target
+
+
+def _is_task(s: ast.StmtMemory) -> bool:
+    objective = _call(_clauses(s, {})[0].get("objective"))
+    return objective is not None and objective[0] == "task"
+
+
+class CachePlan(Plan):
+    """Softmax attention's memory: every token's key and value, kept (PAPER.md sec. 2)."""
+
+    runtime = "CacheMemory"
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__(s)
+        exprs, choices = _clauses(s)
+        freq = s.frequency
+        if freq is not None and (freq.unit != "token" or freq.every is not None
+                                 or freq.chunk is not None):
+            raise unsupported("a cache written other than `every token`", freq.span)
+        if any(choices[k] != default for k, (default, _) in CHOICES.items()):
+            raise unsupported("choices on a cache (it is read before nothing, per sample)",
+                              s.span)
+        if "key" not in exprs or "value" not in exprs:
+            raise NestError(f"cache `{s.name}` needs `key` and `value` clauses", s.span,
+                            kind="value")
+        self.key = scope.tensor(exprs["key"], s.name)
+        self.value = scope.tensor(exprs["value"], s.name)
+
+    def write(self, scope: Any) -> tuple[str, list[str]] | None:
+        return "", [self.key.code, self.value.code]  # a tuple
+
+
+class StaticPlan(Plan):
+    """An MLP memory that never updates in context: its weights are the outer level's."""
+
+    runtime = "StaticMLP"
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__(s)
+        d, hidden, residual, act, depth = _mlp_structure(scope, s)
+        if s.per_head:
+            raise unsupported("a per-head MLP that never updates", s.span)
+        init = _call(s.init)
+        if init is not None and init[0] != "meta":
+            raise unsupported("an initial state other than `meta` for a static MLP", s.span)
+        self.config = {"d": d, "hidden": hidden, "residual": residual, "act": act,
+                       "depth": depth}
+        self.feat = d
+
+    def read(self, scope: Any, q: Ten, span: Any) -> Ten:
+        return self.reader(q, span, self.feat, self.feat)
+
+
+class LinearPlan(Plan):
+    """A matrix memory per head, S: [B, H, a, b], read as M(x) = x S (x: [.., a])."""
+
+    runtime = "LinearMemory"
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__(s)
+        self.backend = True
+        structure = _call(s.structure)
+        assert structure is not None
+        _, call = structure
+        self.a, self.b = (scope.size(x, "a matrix memory's size") for x in call.args)
+        exprs, choices = _clauses(s)
+        if choices["state"] != "per sample":
+            raise unsupported("a memory shared across the batch", s.span)
+        freq = s.frequency
+        if freq is None or freq.unit != "token" or freq.every is not None:
+            raise unsupported("a matrix memory updated other than `every token`", s.span)
+        chunk = scope.size(freq.chunk, "a chunk") if freq.chunk is not None else 64
+        objective, self.key_expr, self.value_expr = _objective(s, exprs, "a matrix memory")
+        rule = _call(exprs.get("rule"))
+        if rule is None or rule[0] not in ("gd", "dgd"):
+            raise unsupported("a matrix memory whose rule is not gd or dgd", s.span)
+        self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
+        if "clip" in self.rule_kw:
+            raise unsupported("`clip` on a matrix memory", self.rule_kw["clip"].span)
+        literal_dgd = rule[0] == "dgd" and choices["dgd"] == "literal"
+        if literal_dgd and objective == "dot":
+            raise unsupported("literal DGD with a dot objective", s.span)
+        init = _call(s.init)
+        init_name = init[0] if init else "zeros"
+        if init_name not in ("zeros", "meta"):
+            raise unsupported(f"initial state `{init_name}` for a matrix memory", s.span)
+        self.config = {"a": self.a, "b": self.b, "heads": 0, "chunk": chunk,
+                       "objective": objective, "rule": rule[0],
+                       "gated": rule[0] == "dgd" and not literal_dgd,
+                       "read_before": choices["read"] == "before write",
+                       "stopped": choices["backprop"] == "stopped", "init": init_name}
+
+    def write(self, scope: Any) -> tuple[str, list[str]] | None:
+        k = scope.tensor(self.key_expr, self.name)
+        v = scope.tensor(self.value_expr, self.name)
+        if k.feat % self.a or v.feat % self.b or k.feat // self.a != v.feat // self.b:
+            raise NestError(f"memory `{self.name}` is matrix({self.a}, {self.b}) per head, but "
+                            f"its keys have {k.feat} features and its values {v.feat}",
+                            self.span, kind="shape")
+        self.heads = self.config["heads"] = k.feat // self.a
+        args = [k.code, v.code, f"lr={self.signal(scope, 'lr', 1.0)}"]
+        retain = self.signal(scope, "retain", None)
+        if retain is not None:
+            args.append(f"retain={retain}")
+        return f"self.{self.attr}.write", args
+
+    def read(self, scope: Any, q: Ten, span: Any) -> Ten:
+        return self.reader(q, span, self.heads * self.a, self.heads * self.b)
+
+
+class MLPPlan(Plan):
+    """A 2-layer MLP per head learning in context (Titans), its values given or generated by
+    the memory itself (a self-generated target)."""
+
+    runtime = "MLPMemory"
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__(s)
+        self.backend = True
+        self.d, hidden, residual, act, _ = _mlp_structure(scope, s,
+                                                          "an in-context MLP memory")
+        self.lets: dict[str, ast.Expr] = {}
+        exprs, choices = _clauses(s, self.lets)
+        if choices["state"] != "per sample":
+            raise unsupported("a memory shared across the batch", s.span)
+        if choices["partial"] != "flush":
+            raise unsupported("`partial carry`", s.span)
+        assert s.frequency is not None
+        chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
+        objective, self.key_expr, self.value_expr = _objective(
+            s, exprs, "an MLP memory", ("l2", "dot", "huber"))
+        call = _call(exprs["objective"])
+        assert call is not None
+        delta_e = {k.name: k.value for k in call[1].kwargs}.get("delta")
+        delta = 1.0 if delta_e is None else float(scope.const(delta_e))
+        if not delta > 0:
+            raise NestError(f"the huber `delta` of memory `{self.name}` must be positive, got "
+                            f"{delta}", delta_e.span if delta_e is not None else s.span,
+                            kind="value")
+        rule = _call(exprs.get("rule"))
+        if rule is None or rule[0] not in ("gd", "dgd", "momentum"):
+            raise unsupported("an MLP memory whose rule is not gd, dgd or momentum", s.span)
+        if rule[0] == "dgd" and choices["dgd"] == "literal":
+            raise unsupported("literal DGD for an MLP memory", s.span)
+        self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
+        init = _call(s.init)
+        if init is None or init[0] != "meta":
+            raise unsupported("an in-context MLP memory whose initial state is not `meta`",
+                              s.span)
+        self.per_head = s.per_head
+        self.value_key: Any = None  # equal for values generated alike; None: given values
+        self.config = {"d": self.d, "hidden": hidden, "heads": 0, "residual": residual,
+                       "act": act, "read_before": choices["read"] == "before write",
+                       "stopped": choices["backprop"] == "stopped", "chunk": chunk,
+                       "objective": objective, "delta": delta,
+                       "momentum": rule[0] == "momentum", "clip": None, "signals": (),
+                       "generated": False, "has_source": False}
+
+    def write(self, scope: Any) -> tuple[str, list[str]] | None:
+        if self._reads_self(self.key_expr):
+            raise unsupported(f"a key that reads memory `{self.name}` itself",
+                              self.key_expr.span)
+        if self._reads_self(self.key_expr, lets=True):  # names the memory's own `let`s
+            code, feat, _ = _SelfExpr(self, scope, whole=True).compile(self.key_expr)
+            k = Ten(code, feat)
+        else:
+            k = scope.tensor(self.key_expr, self.name)
+        self.heads = k.feat // self.d
+        # a value that reads this memory (a self-generated target) is computed per chunk, at
+        # the chunk's first weights; any other value once, from the whole sequence
+        # (and one that names the memory's own `let`s, which only _SelfExpr resolves)
+        generated = self._reads_self(self.value_expr, lets=True)
+        if generated:
+            self_expr = _SelfExpr(self, scope, whole=False)
+            code, feat, self.value_key = self_expr.compile(self.value_expr)
+            v = Ten(code, feat)
+        else:
+            v = scope.tensor(self.value_expr, self.name)
+        if k.feat % self.d or v.feat != k.feat or (not self.per_head and k.feat != self.d):
+            raise NestError(f"memory `{self.name}` maps {self.d} features"
+                            f"{' per head' if self.per_head else ''}, but its keys have "
+                            f"{k.feat} and its values {v.feat}", self.span, kind="shape")
+        H, d, c = self.heads, self.d, self.config
+        c["heads"] = H
+        signals = {n: self.signal(scope, n, default)
+                   for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
+        clip = self.rule_kw.get("clip")
+        if clip is not None:
+            c["clip"] = float(scope.const(clip))
+            if not c["clip"] > 0:
+                raise NestError(f"`clip` of memory `{self.name}` must be positive, got "
+                                f"{c['clip']}", clip.span, kind="value")
+        if c["momentum"] and signals["beta"] is None:
+            raise NestError(f"the momentum rule of `{self.name}` needs `beta`", self.span,
+                            kind="value")
+        if c["momentum"] and _constant(scope, self.rule_kw["beta"]) == 0:
+            c["momentum"], signals["beta"] = False, None  # S_t = u_t: plain gd
+        c["signals"] = tuple(n for n, f in signals.items() if f is not None)
+        args = [k.code]
+        if generated:
+            # the values of tokens _a.._b-1 with the memory read by `_read`; `_tile`
+            # evaluates them for `_tile` memories at once (nestc.memories._Siblings)
+            fn = scope.fresh(f"{self.attr}_value")
+            scope.emit(f"def {fn}(_read, _a, _b, _tile=1):")
+            scope.emit(f"    return {v.code}")
+            args.append(f"value={fn}")
+            c["generated"] = True
+            # stop_grad(M(x)) of a block tensor x as wide as the memory: the triton tier's
+            # kernel generates those values itself from x
+            if self_expr.source is not None and self_expr.source.feat == H * d:
+                args.append(f"vs={self_expr.source.code}")
+                c["has_source"] = True
+        else:
+            args.append(f"v={v.code}")
+        args += [f"{n}={f}" for n, f in signals.items() if f is not None]
+        return f"self.{self.attr}.write", args
+
+    def read(self, scope: Any, q: Ten, span: Any) -> Ten:
+        return self.reader(q, span, self.heads * self.d, self.heads * self.d)
+
+    def sibling_key(self) -> tuple[Any, ...]:
+        """What memories must share to run as one: all but their weights, state and the
+        tensors they are written and read with (the runtime checks its own key again)."""
+        return tuple(v for k, v in self.config.items() if k != "has_source")
+
+    def _reads_self(self, e: ast.Expr, lets: bool = False) -> bool:
+        """Whether `e` reads this memory (or, with `lets`, names one of its `let`s)."""
+        if isinstance(e, ast.ExprName) and e.name in self.lets:
+            return lets or self._reads_self(self.lets[e.name])
+        if isinstance(e, ast.ExprCall):
+            if isinstance(e.func, ast.ExprName) and e.func.name == self.name:
+                return True
+            return any(self._reads_self(a, lets) for a in e.args)
+        if isinstance(e, ast.ExprBinary):
+            return self._reads_self(e.left, lets) or self._reads_self(e.right, lets)
+        if isinstance(e, ast.ExprUnary):
+            return self._reads_self(e.operand, lets)
+        return False
+
+
+class _SelfExpr:
+    """The code of a memory's `let`s and value: the block's tensors (with `whole` off, sliced
+    to the tokens a..b-1 and tiled `tile` times along the features), reads of the memory
+    itself through `read`, element-wise math and arithmetic. Each expression also gets a key,
+    equal for expressions that compute the same from the same tensors, whichever memory
+    reads; and `source` is x when the expression is stop_grad(M(x)) of a block tensor x."""
+
+    def __init__(self, mem: MLPPlan, scope: Any, whole: bool) -> None:
+        self.mem, self.scope, self.whole = mem, scope, whole
+        self.source: Ten | None = None
+
+    def compile(self, e: ast.Expr) -> tuple[str, int, Any]:
+        self.source = self._source(e)
+        return self._compile(e)
+
+    def _source(self, e: ast.Expr) -> Ten | None:
+        def arg(call: ast.Expr, name: str) -> ast.Expr | None:
+            while isinstance(call, ast.ExprName) and call.name in self.mem.lets:
+                call = self.mem.lets[call.name]
+            ok = isinstance(call, ast.ExprCall) and isinstance(call.func, ast.ExprName) and \
+                call.func.name == name and len(call.args) == 1 and not call.kwargs
+            return call.args[0] if ok else None  # type: ignore[union-attr]
+
+        read = arg(e, "stop_grad")
+        x = None if read is None else arg(read, self.mem.name)
+        while isinstance(x, ast.ExprName) and x.name in self.mem.lets:
+            x = self.mem.lets[x.name]
+        return self.scope.tens.get(x.name) if isinstance(x, ast.ExprName) else None
+
+    def _compile(self, e: ast.Expr) -> tuple[str, int, Any]:
+        mem, scope = self.mem, self.scope
+        if isinstance(e, ast.ExprName) and e.name in mem.lets:
+            return self._compile(mem.lets[e.name])
+        if isinstance(e, ast.ExprName) and e.name in scope.tens:
+            t = scope.tens[e.name]
+            if self.whole:
+                return t.code, t.feat, ("tensor", id(t))
+            # one feature that is not the memory's whole width broadcasts: not tiled
+            tiled = t.feat != 1 or mem.heads * mem.d == 1
+            code = f"{t.code}[:, _a:_b]"
+            return (f"_mem.tiled({code}, _tile)" if tiled else code), t.feat, ("tensor", id(t))
+        if isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName):
+            if len(e.args) != 1 or e.kwargs:
+                raise unsupported(f"`{e.func.name}(...)` inside a memory", e.span)
+            code, feat, key = self._compile(e.args[0])
+            if e.func.name == mem.name:
+                return f"_read({code})", feat, ("read", key)
+            fn = MATH.get(e.func.name)
+            if fn is None:
+                raise unsupported(f"`{e.func.name}` inside a memory", e.span)
+            return f"{fn}({code})", feat, (e.func.name, key)
+        if isinstance(e, ast.ExprBinary) and e.op in "+-*/":
+            sides, feats, keys = [], [], []
+            for x in (e.left, e.right):
+                c = const_eval(x, scope.consts)
+                if c is not UNKNOWN:
+                    sides.append(literal(c))
+                    keys.append(("constant", c))
+                    continue
+                code, feat, key = self._compile(x)
+                sides.append(code)
+                feats.append(feat)
+                keys.append(key)
+            return f"({sides[0]} {e.op} {sides[1]})", max(feats), (e.op, *keys)
+        raise unsupported("this expression inside a memory", e.span)
+
+
+class TaskPlan(Plan):
+    """A CMS level: an MLP updated every C tokens by gd on the task loss (PAPER.md sec. 4)."""
+
+    runtime = "TaskMLP"
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__(s)
+        assert s.frequency is not None
+        d, hidden, residual, act, _ = _mlp_structure(
+            scope, s, "an MLP memory learning from the task loss")
+        if s.per_head:
+            raise unsupported("a per-head MLP memory learning from the task loss", s.span)
+        chunk = scope.size(s.frequency.every, "a period") if s.frequency.every is not None \
+            else 1
+        if s.frequency.chunk is not None:
+            raise unsupported("`in chunks of` on a memory updated every N tokens", s.span)
+        exprs, choices = _clauses(s)
+        if choices["state"] != "per sample":
+            raise unsupported("a memory shared across the batch", s.span)
+        rule = _call(exprs.get("rule"))
+        if rule is None or rule[0] != "gd":
+            raise unsupported("a task-loss memory whose rule is not gd", s.span)
+        kwr = {k.name: scope.const(k.value) for k in rule[1].kwargs}
+        if "clip" in kwr:
+            raise unsupported("`clip` on a memory learning from the task loss", s.span)
+        self.structure = (d, hidden, residual, act)
+        self.chunk = chunk
+        self.config = {"d": d, "hidden": hidden, "residual": residual, "act": act,
+                       "chunk": chunk, "stopped": choices["backprop"] == "stopped",
+                       "lr": float(kwr.get("lr", 1.0)), "retain": float(kwr.get("retain", 1.0)),
+                       "parent": None, "nested": False}
+        self.feat = d
+        self.parent: TaskPlan | None = None
+        # `= meta`, or `= f` for another task-loss memory f (the nested CMS): this memory
+        # starts each of f's chunks from f's weights, so f learns its initial state
+        init = _call(s.init)
+        if s.init is not None and init is not None and init[0] != "meta":
+            where = s.init.span
+            parent = scope.mems.get(init[0])
+            if not isinstance(parent, TaskPlan) or init[1].args or init[1].kwargs:
+                raise unsupported("a task-loss memory whose initial state is not `meta` or "
+                                  "another task-loss memory", where)
+            if parent.structure != self.structure:
+                raise NestError(f"memory `{self.name}` starts from `{parent.name}`, which has "
+                                "another structure: both must be the same MLP", where,
+                                kind="shape")
+            if parent.chunk % self.chunk:
+                raise NestError(f"memory `{self.name}` is reset to `{parent.name}` every "
+                                f"{parent.chunk} tokens, which is not a whole number of its "
+                                f"chunks of {self.chunk}", where, kind="frequency",
+                                hint=f"make {parent.chunk} a multiple of {self.chunk}")
+            self.parent = parent
+            parent.config["nested"] = True
+
+    def construct(self) -> tuple[str, list[str]]:
+        if self.parent is not None:  # its name is known once both are added
+            self.config["parent"] = self.parent.attr
+        return super().construct()
+
+    def read(self, scope: Any, q: Ten, span: Any) -> Ten:
+        return self.reader(q, span, self.feat, self.feat)

@@ -1,0 +1,117 @@
+"""Generated source of blocks and models (nestc.codegen.block): `nestc compile` writes the code
+`build` runs, a file that stands alone; spec names never clash with the generator's."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import nestc
+from nestc import cli
+from nestc.codegen.block import MODULE_ATTRS
+from nestc.module import Built
+
+HOPE = "std/models/hope.nest"
+
+
+def _import(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as `import` does: torch.compile looks modules up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_compiled_file_is_the_module_build_makes(tmp_path, capsys):
+    out = tmp_path / "hope_lm.py"
+    rc = cli.main(["compile", HOPE, "--name", "HopeLM", "--set", "depth=2", "--set", "dim=16",
+                   "--set", "vocab=32", "-o", str(out)])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    text = out.read_text()
+    assert text == nestc.load(HOPE).source("HopeLM", depth=2, dim=16, vocab=32)
+    # one class per distinct sub-block: both layers are one Hope
+    assert text.count("\nclass Hope(") == 1 and text.count("= Hope(backend)") == 2
+    module = _import(out, "hope_lm_generated")
+    torch.manual_seed(0)
+    built = nestc.load(HOPE).build("HopeLM", depth=2, dim=16, vocab=32)
+    mine = module.HopeLM()
+    assert list(mine.state_dict()) == list(built.state_dict())
+    mine.load_state_dict(built.state_dict())
+    x = torch.randint(0, 32, (2, 20))
+    y, state = built(x, return_state=True)
+    y2, state2 = mine(x, return_state=True)
+    assert torch.equal(y, y2) and state.keys() == state2.keys()
+
+
+def test_every_backend_runs_one_source():
+    prog = nestc.load("std/memory/deltanet.nest")
+    text = prog.source("GatedDeltaNet", dim=16)
+    assert prog.source("GatedDeltaNet", dim=16) == text  # deterministic
+    assert "backend=backend" in text
+    mods = {b: prog.build("GatedDeltaNet", dim=16, backend=b) for b in ("reference", "chunked")}
+    assert type(mods["reference"]) is type(mods["chunked"])
+    mods["chunked"].load_state_dict(mods["reference"].state_dict())
+    x = torch.randn(2, 11, 16)
+    torch.testing.assert_close(mods["chunked"](x), mods["reference"](x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_submodule_is_never_named_like_an_attribute_of_a_module():
+    public = {n for cls in (nn.Module, Built) for n in dir(cls) if not n.startswith("_")}
+    assert public <= MODULE_ATTRS, sorted(public - MODULE_ATTRS)
+
+
+NAMES = """
+block B(dim = 8) {
+    input torch : [T, dim]
+    let F = linear(torch, dim)
+    let nn = F + 1
+    let a = nn * 2
+    let a_1 = sigmoid(a)
+    a = a + a_1
+    let tile = l2norm(a)
+    memory eval : residual_mlp(4) per head = meta every token in chunks of 2 {
+        let read = stop_grad(eval(tile))
+        key tile; value read
+        objective l2(eval(tile), read)
+        rule gd(lr = 0.1)
+    }
+    output eval(a) + F
+}
+"""
+PLAIN = (NAMES.replace("torch", "x").replace("F", "p").replace("nn", "q").replace("a_1", "s")
+         .replace("tile", "k").replace("eval", "M").replace("read", "target"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_spec_names_that_python_or_the_generator_use_change_nothing(backend):
+    # names of the generated code's imports (torch, F, nn), of a rebinding's local (a_1 beside
+    # a rebound a), of a generated value's arguments (tile, read) and of a Module method (eval)
+    torch.manual_seed(0)
+    odd = nestc.loads(NAMES, "names.nest").build("B", backend=backend)
+    torch.manual_seed(0)
+    plain = nestc.loads(PLAIN, "plain.nest").build("B", backend=backend)
+    assert "m_eval.A" in odd.state_dict()
+    for a, b in zip(odd.state_dict().values(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    x = torch.randn(2, 7, 8)
+    assert torch.equal(odd(x), plain(x))
+
+
+def test_spec_text_cannot_end_a_docstring_or_a_string():
+    text = 'block B(tag = "\\"\\"\\" + __import__(\'os\').getcwd() + \\"\\"\\"", dim = 4) {\n' \
+        "    input x : [T, dim]\n    output x\n}\n"
+    prog = nestc.loads(text, "evil.nest")
+    src = prog.source("B")
+    assert src.count('"""') == 2  # the class docstring's own
+    compile(src, "<evil>", "exec")
+    assert torch.equal(prog.build("B")(torch.ones(1, 2, 4)), torch.ones(1, 2, 4))
+
+
+def test_an_optimizer_source_takes_no_hyperparameters(capsys):
+    rc = cli.main(["compile", "std/optim/sgd.nest", "--set", "lr=0.5"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "does not depend on its hyperparameters" in err and "Traceback" not in err
