@@ -115,3 +115,20 @@ def test_an_optimizer_source_takes_no_hyperparameters(capsys):
     rc = cli.main(["compile", "std/optim/sgd.nest", "--set", "lr=0.5"])
     err = capsys.readouterr().err
     assert rc == 1 and "does not depend on its hyperparameters" in err and "Traceback" not in err
+
+
+def test_a_built_module_pickles_and_copies():
+    import copy
+    import io
+
+    model = nestc.load(HOPE).build("HopeLM", dim=16, depth=1, vocab=32)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randint(0, 32, (2, 9))
+    for other in (loaded, copy.deepcopy(model)):  # each runs its own weights
+        assert type(other) is type(model) and torch.equal(other(x), model(x))
+        with torch.no_grad():
+            other.out_linear.weight.zero_()
+        assert other(x).abs().max() == 0 and model(x).abs().max() > 0
