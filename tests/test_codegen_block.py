@@ -132,3 +132,10 @@ def test_a_built_module_pickles_and_copies():
         with torch.no_grad():
             other.out_linear.weight.zero_()
         assert other(x).abs().max() == 0 and model(x).abs().max() > 0
+
+
+def test_the_generator_knows_the_runtime_activations():
+    from nestc.codegen.block import ACTS
+    from nestc.memories import ACTS as RUNTIME
+
+    assert set(ACTS) == set(RUNTIME)

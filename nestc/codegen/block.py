@@ -141,9 +141,8 @@ class _Class:
             if sub.plan is None:
                 out.append(f"        self.{sub.attr} = {sub.code}")
             else:
-                out += ["        " + ln
-                        for ln in wrapped(f"self.{sub.attr} = {sub.plan.construct()[0]}",
-                                          sub.plan.construct()[1], 8)]
+                func, args = sub.plan.construct()
+                out += ["        " + ln for ln in wrapped(f"self.{sub.attr} = {func}", args, 8)]
         out += [f"        {ln}" for ln in self.after]
         out += ["        self.finish()", "", f"    def run(self, _env, {self.input}):",
                 '        _env = {"__state__": _env["__state__"], "__self__": self}',
