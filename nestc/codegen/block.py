@@ -26,7 +26,7 @@ from typing import Any
 
 from nestc import __version__, ast
 from nestc.check import Checked
-from nestc.codegen.torch import class_name, comment, literal, py_name
+from nestc.codegen.torch import class_name, comment, literal, py_name, source_line
 from nestc.errors import NestError
 from nestc.hyper import UNKNOWN, const_eval
 
@@ -121,6 +121,7 @@ class _Class:
     after: list[str] = field(default_factory=list)  # __init__ lines after the submodules
     input: str = ""
     out: Ten | None = None
+    out_line: str = ""  # the output statement's line, as a comment
     out_feat: int = 0
     objective: str | None = None  # a model's task loss: "next_token", the form built so far
     objective_span: Any = None  # where its objective is, if not a form built yet
@@ -170,7 +171,7 @@ class Generator:
         if cls.out is None:
             raise NestError(f"{checked.kind} `{checked.name}` has no output",
                             checked.decl.name_span, kind="value")
-        cls.body.append(f"return {cls.out.code}")
+        cls.body += [cls.out_line, f"return {cls.out.code}"]
         cls.out_feat = cls.out.feat
         if cls.tasks and cls.objective_span is not None:
             raise unsupported("a task loss other than cross_entropy(<output>, next(<input>)) "
@@ -266,6 +267,16 @@ class _Scope:
             self.stmt(s, in_feat)
 
     def stmt(self, s: ast.Stmt, in_feat: int | None) -> None:
+        start = len(self.cls.body)
+        self.statement(s, in_feat)
+        # the spec line above the code it became (the output's above the return)
+        if isinstance(s, (ast.StmtLet, ast.StmtUpdate, ast.StmtMemory)) and \
+                len(self.cls.body) > start:
+            self.cls.body.insert(start, f"# {comment(source_line(s.span))}")
+        elif isinstance(s, ast.StmtOutput):
+            self.cls.out_line = f"# {comment(source_line(s.span))}"
+
+    def statement(self, s: ast.Stmt, in_feat: int | None) -> None:
         if isinstance(s, ast.StmtInput):
             self.input(s, in_feat)
         elif isinstance(s, ast.StmtLet):

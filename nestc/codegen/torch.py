@@ -306,7 +306,7 @@ class _Variant:
 
     # statements
     def stmt(self, s: ir.Stmt) -> None:
-        self.line(f"# {comment(_source_line(s.span))}")
+        self.line(f"# {comment(source_line(s.span))}")
         self.where = f"{s.span}"  # named by errors the runtime raises for this statement
         if isinstance(s, ir.Let):
             v = self.expr(s.value)
@@ -557,7 +557,7 @@ def _scaled(e: ir.E) -> tuple[ir.E | None, ir.E]:
     return None, e
 
 
-def _source_line(span) -> str:
+def source_line(span) -> str:
     text = span.source.line(span.line).strip()
     return f"{span.file}:{span.line}: {text}"
 
@@ -772,7 +772,7 @@ class _OneTensor:
         lines = ["", "", f"def {name}({sig}{', ' if args else ''}{args}):",
                  '    """One tensor\'s step in plain tensor code, for torch.compile to fuse."""']
         for st in self.variant.stmts:
-            lines.append(f"    # {comment(_source_line(st.span))}")
+            lines.append(f"    # {comment(source_line(st.span))}")
             self.where = f"{st.span}"
             if isinstance(st, ir.Let):
                 value = self.expr(st.value)
