@@ -139,3 +139,12 @@ def test_the_generator_knows_the_runtime_activations():
     from nestc.memories import ACTS as RUNTIME
 
     assert set(ACTS) == set(RUNTIME)
+
+
+def test_the_excerpt_in_the_language_docs_is_what_the_generator_writes():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "language.md").read_text()
+    section = doc.split("## Generated code of blocks and models", 1)[1]
+    excerpt = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert excerpt in nestc.load(HOPE).source("HopeLM", dim=32, depth=1)
