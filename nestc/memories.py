@@ -6,8 +6,9 @@ signals, where the memory is declared) and of its reads (`read(q, env)`; a cache
 
 - `LinearMemory`: `matrix(a, b)` per head with objective l2 or dot and rule gd or dgd. The
   reference tier is the token loop that takes the objective's gradient with torch.func at each
-  token (the definition); the chunked tier selects the recurrence it equals: the delta rule,
-  the gated delta rule or linear attention, run chunk-parallel by `nestc.ops`.
+  token (the definition); the chunked tier runs the recurrence it equals, which the compiler
+  selects: the delta rule, the gated delta rule or linear attention, run chunk-parallel by
+  `nestc.ops`.
 - `CacheMemory`: softmax attention's key/value cache (`cache`), read by `softmax_attention`.
 - `MLPMemory`: an `mlp`/`residual_mlp` per head that learns every token (Titans): gd, dgd or
   momentum on l2/dot, all gradients of a chunk taken at the chunk's starting state. The
@@ -167,11 +168,14 @@ class LinearMemory(Memory):
     """A matrix memory per head, S: [B, H, a, b], read as M(x) = x S (x: [.., a])."""
 
     def __init__(self, name: str, where: str, *, a: int, b: int, heads: int, chunk: int,
-                 objective: str, rule: str, gated: bool, read_before: bool, stopped: bool,
-                 init: str, backend: str = "chunked") -> None:
+                 objective: str, rule: str, gated: bool, recurrence: str, read_before: bool,
+                 stopped: bool, init: str, backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.a, self.b, self.heads, self.chunk = a, b, heads, chunk
         self.objective, self.rule, self.gated = objective, rule, gated
+        # what the chunked and triton tiers run: "delta_rule", "gated_delta_rule" or
+        # "linear_attention", as the compiler selected it (nestc.codegen.memories.recurrence)
+        self.recurrence = recurrence
         self.read_before, self.stopped, self.init = read_before, stopped, init
         self.backend = backend
         if init == "meta":
@@ -238,7 +242,8 @@ class LinearMemory(Memory):
         return o.to(q.dtype), S
 
     def _chunked(self, q: torch.Tensor, w: dict[str, Any], S0: Any) -> Any:
-        """The recurrence the objective and rule amount to, chunk-parallel (docs/semantics.md)."""
+        """The recurrence the objective and rule amount to (`recurrence`), chunk-parallel
+        (docs/semantics.md)."""
         from nestc.ops.delta_rule.chunk import chunk_delta_rule
         from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
         from nestc.ops.linear_attention.chunk import chunk_linear_attention
@@ -260,10 +265,11 @@ class LinearMemory(Memory):
                 delta, gated, Cd = triton_delta_rule, triton_gated_delta_rule, 64
         o: torch.Tensor
         S: torch.Tensor | None
-        if self.objective == "dot":
+        if self.recurrence == "linear_attention":
             g = None if retain is None else _log(retain)
             o, S = chunk_linear_attention(q, k, v, lr, g, S0, C)
-        elif retain is None and (self.rule == "gd" or self.gated):
+        elif self.recurrence == "delta_rule":
+            assert retain is None, f"{self.where}: the delta rule has no retention"
             o, S = delta(q, k, v, lr, 1.0, S0, True, Cd)
         else:
             r = torch.ones_like(lr) if retain is None else retain
@@ -279,7 +285,6 @@ class LinearMemory(Memory):
         if self.read_before:
             o = o[:, : T - 1]
         return o, S
-
 
 
 def _log(x: torch.Tensor) -> torch.Tensor:

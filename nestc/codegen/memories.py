@@ -253,7 +253,7 @@ class LinearPlan(Plan):
             raise unsupported(f"initial state `{init_name}` for a matrix memory", s.span)
         self.config = {"a": self.a, "b": self.b, "heads": 0, "chunk": chunk,
                        "objective": objective, "rule": rule[0],
-                       "gated": rule[0] == "dgd" and not literal_dgd,
+                       "gated": rule[0] == "dgd" and not literal_dgd, "recurrence": "",
                        "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped", "init": init_name}
 
@@ -269,10 +269,25 @@ class LinearPlan(Plan):
         retain = self.signal(scope, "retain", None)
         if retain is not None:
             args.append(f"retain={retain}")
+        c = self.config
+        c["recurrence"] = recurrence(c["objective"], c["rule"], c["gated"], retain is not None)
         return f"self.{self.attr}.write", args
 
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.heads * self.a, self.heads * self.b)
+
+
+def recurrence(objective: str, rule: str, gated: bool, retain: bool) -> str:
+    """Instruction selection for a matrix memory: the recurrence (an op of nestc.ops) that
+    its objective and rule amount to, token for token (docs/semantics.md, "Chunks"). `dot`
+    is linear attention (retention its decay); `l2` with `gd` and no retention, or with gated
+    `dgd` and none, the delta rule; any other `l2` memory the gated delta rule (the runtime
+    rescales lr and values for `gd` with retention and for literal `dgd`)."""
+    if objective == "dot":
+        return "linear_attention"
+    if not retain and (rule == "gd" or gated):
+        return "delta_rule"
+    return "gated_delta_rule"
 
 
 class MLPPlan(Plan):
