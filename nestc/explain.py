@@ -32,7 +32,29 @@ def explain(program: Any, name: str, /, tokens: int | None = None, steps: int | 
                             steps or DEFAULT_STEPS)
     if checked.kind == "optimizer":
         report += "\n" + render_lowering(checked)
+    elif checked.kind in ("block", "model"):
+        report += "\n" + render_memories(program, checked, hyper)
     return report
+
+
+def render_memories(program: Any, checked: Any, hyper: dict[str, Any]) -> str:
+    """What each memory of a block or model compiles to (by its path in the module), or why
+    it does not compile."""
+    from nestc.codegen.block import memories_of
+    from nestc.errors import NestError
+
+    try:
+        mems = memories_of(program, checked, hyper)
+    except NestError as err:
+        where = f"{err.span}: " if err.span is not None else ""
+        return f"not compiled: {where}{err.message}\n"
+    lines = [f"compiled: {len(mems)} memor{'y' if len(mems) == 1 else 'ies'} "
+             "(`nestc compile` prints the source)"]
+    for path, what in mems:
+        lines.append(f"  {path}")
+        lines += textwrap.wrap(what, WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                               break_long_words=False, break_on_hyphens=False)
+    return "\n".join(lines) + "\n"
 
 
 def render_lowering(checked: Any) -> str:

@@ -181,6 +181,8 @@ def test_front_end_never_imports_torch():
         "assert 'torch' not in sys.modules, 'the front end imported torch'\n"
         "nestc.load('std/models/hope.nest').source('HopeLM')\n"
         "assert 'torch' not in sys.modules, 'generating a model imported torch'\n"
+        "main(['explain', 'std/models/hope.nest', '--name', 'HopeLM'])\n"
+        "assert 'torch' not in sys.modules, 'explaining a model imported torch'\n"
         "sys.exit(rc)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

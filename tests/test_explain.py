@@ -168,3 +168,44 @@ def test_deep_momentum_shows_its_mlp_memory_as_a_level() -> None:
         "    kernel: none; MLP memory m runs tensor by tensor (generic code; backend='compiled' "
         "traces it with torch.compile)",
     ]
+
+
+MEMORY = """block Mem(dim = 8) {
+    input x : [T, dim]
+    let lr = x |> linear(2) |> sigmoid
+    memory M : matrix(4, 4) per head = zeros every token in chunks of 16 {
+        CLAUSES
+    }
+    output M(x)
+}
+"""
+
+
+def test_a_blocks_memories_show_what_they_compile_to() -> None:
+    # instruction selection: the recurrence the objective, rule and retention amount to
+    cases = {"objective l2(M(x), x); rule gd(lr = lr)": "the delta rule (nestc.ops.delta_rule)",
+             "objective l2(M(x), x); rule gd(lr = lr, retain = lr)":
+                 "the gated delta rule (nestc.ops.gated_delta_rule)",
+             "objective l2(M(x), x); rule dgd(lr = lr)": "the delta rule (nestc.ops.delta_rule)",
+             "dgd literal; objective l2(M(x), x); rule dgd(lr = lr)":
+                 "the gated delta rule (nestc.ops.gated_delta_rule)",
+             "objective dot(M(x), x); rule gd(lr = lr)":
+                 "linear attention (nestc.ops.linear_attention)"}
+    for clauses, words in cases.items():
+        text = explain(nestc.loads(MEMORY.replace("CLAUSES", clauses), "m.nest"), "Mem")
+        tail = text.split("compiled: 1 memory (`nestc compile` prints the source)\n")[1]
+        assert tail.startswith(f"  M\n      {words}, 2 heads of 4 x 4, in chunks of 16"), \
+            (clauses, tail)
+    hope = explain(nestc.load("std/models/hope.nest"), "HopeLM", depth=1)
+    assert "compiled: 7 memories" in hope
+    assert "  r0_Hope.SelfModifyingTitans.M_k\n" in hope and "runs as one with M_v, M_eta, " \
+        "M_alpha" in hope.replace("\n      ", " ")
+    assert "  r0_Hope.CMSIndependent.c1_f\n" in hope and "gd every 256 tokens" in hope
+
+
+def test_a_memory_that_does_not_compile_is_explained_with_its_line() -> None:
+    prog = nestc.loads(MEMORY.replace("CLAUSES", "state shared; objective l2(M(x), x); "
+                                                 "rule gd(lr = lr)"), "shared.nest")
+    text = explain(prog, "Mem")
+    assert "not compiled: shared.nest:4:5: a memory shared across the batch is not supported" \
+        in text

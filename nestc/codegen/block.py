@@ -107,6 +107,7 @@ class _Sub:
     attr: str
     code: str = ""
     plan: Any = None
+    cls: Any = None  # a sub-block's _Class
 
 
 @dataclass(eq=False)
@@ -118,7 +119,8 @@ class _Class:
     name: str = ""
     subs: list[_Sub] = field(default_factory=list)
     body: list[str] = field(default_factory=list)
-    after: list[str] = field(default_factory=list)  # __init__ lines after the submodules
+    # memories that run as one (their names), and whether their values are generated alike
+    groups: list[tuple[list[str], bool]] = field(default_factory=list)
     input: str = ""
     out: Ten | None = None
     out_line: str = ""  # the output statement's line, as a comment
@@ -144,7 +146,8 @@ class _Class:
             else:
                 func, args = sub.plan.construct()
                 out += ["        " + ln for ln in wrapped(f"self.{sub.attr} = {func}", args, 8)]
-        out += [f"        {ln}" for ln in self.after]
+        out += [f"        self.run_as_one({names!r}, same_values={same})"
+                for names, same in self.groups]
         out += ["        self.finish()", "", f"    def run(self, _env, {self.input}):",
                 '        _env = {"__state__": _env["__state__"], "__self__": self}',
                 '        _state = _env["__state__"]']
@@ -215,6 +218,22 @@ def generate_module(program: Any, checked: Checked, hyper: dict[str, Any]) -> tu
     return gen.source(top), top.name
 
 
+def memories_of(program: Any, checked: Checked, hyper: dict[str, Any]
+                ) -> list[tuple[str, str]]:
+    """(path, what it compiles to) of every memory of a block or model at these
+    hyperparameters, in the order they are constructed; paths as in `named_modules()`."""
+    def walk(cls: _Class, prefix: str) -> list[tuple[str, str]]:
+        out = []
+        for sub in cls.subs:
+            if sub.plan is not None:
+                out.append((prefix + sub.attr, sub.plan.describe()))
+            elif sub.cls is not None:
+                out += walk(sub.cls, f"{prefix}{sub.attr}.")
+        return out
+
+    return walk(Generator(program).decl(checked, hyper), "")
+
+
 class _Scope:
     """Generates one declaration's body: constants, tensors, submodules and code."""
 
@@ -232,7 +251,7 @@ class _Scope:
         self.writes: dict[Any, int] = {}
         self.reads: dict[Any, list[tuple[int, Ten]]] = {}
 
-    def add(self, hint: str, code: str = "", plan: Any = None) -> str:
+    def add(self, hint: str, code: str = "", plan: Any = None, cls: Any = None) -> str:
         """A submodule under a spec-derived name, unique in this declaration."""
         base = (self.prefix + hint).replace(".", "_")
         if base.startswith("_") or keyword.iskeyword(base) or base in MODULE_ATTRS:
@@ -241,7 +260,7 @@ class _Scope:
         name, k = base, 1
         while name in taken:
             name, k = f"{base}_{k}", k + 1
-        self.cls.subs.append(_Sub(name, code, plan))
+        self.cls.subs.append(_Sub(name, code, plan, cls))
         return name
 
     def local(self, name: str) -> str:
@@ -387,8 +406,9 @@ class _Scope:
                 continue
             keys = {m.value_key for m in members}
             same = len(keys) == 1 and None not in keys
-            self.cls.after.append(f"self.run_as_one({[m.attr for m in members]!r}, "
-                                  f"same_values={same})")
+            self.cls.groups.append(([m.attr for m in members], same))
+            for m in members:
+                m.group = [o.attr for o in members if o is not m]
 
     # expressions --------------------------------------------------------------------------
 
@@ -500,5 +520,5 @@ class _Scope:
         x = self.tensor(e.args[0], hint)
         sub = self.g.decl(checked, hyper, in_feat=x.feat)
         self.cls.tasks = self.cls.tasks or sub.tasks
-        attr = self.add(decl.name, f"{sub.name}(backend)")
+        attr = self.add(decl.name, f"{sub.name}(backend)", cls=sub)
         return Ten(f"self.{attr}.run(_env, {x.code})", sub.out_feat)

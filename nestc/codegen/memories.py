@@ -51,6 +51,10 @@ class Plan:
         self.config: dict[str, Any] = {}  # the runtime constructor's keyword arguments
         self.backend = False  # whether the constructor takes the back end
 
+    def describe(self) -> str:
+        """What the memory compiles to, in words (nestc explain)."""
+        raise NotImplementedError
+
     def construct(self) -> tuple[str, list[str]]:
         """The runtime memory's constructor and its arguments, as code."""
         args = [f"{self.name!r}", f"{str(self.span)!r}"]
@@ -196,6 +200,9 @@ class CachePlan(Plan):
     def write(self, scope: Any) -> tuple[str, list[str]] | None:
         return "", [self.key.code, self.value.code]  # a tuple
 
+    def describe(self) -> str:
+        return "softmax attention's key/value cache, read by scaled_dot_product_attention"
+
 
 class StaticPlan(Plan):
     """An MLP memory that never updates in context: its weights are the outer level's."""
@@ -216,6 +223,19 @@ class StaticPlan(Plan):
 
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.feat, self.feat)
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"{'residual ' if c['residual'] else ''}MLP {_widths(c)} of depth {c['depth']}"
+                ", trained by the outer level only")
+
+
+def _widths(c: dict[str, Any]) -> str:
+    return f"{c['d']} -> {c['hidden']} -> {c['d']}"
+
+
+RECURRENCES = {"delta_rule": "the delta rule", "gated_delta_rule": "the gated delta rule",
+               "linear_attention": "linear attention"}
 
 
 class LinearPlan(Plan):
@@ -276,6 +296,13 @@ class LinearPlan(Plan):
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.heads * self.a, self.heads * self.b)
 
+    def describe(self) -> str:
+        c = self.config
+        rec = c["recurrence"]
+        kernels = "" if rec == "linear_attention" else "; Triton kernels with backend='triton'"
+        return (f"{RECURRENCES[rec]} (nestc.ops.{rec}), {c['heads']} heads of {c['a']} x "
+                f"{c['b']}, in chunks of {c['chunk']}{kernels}")
+
 
 def recurrence(objective: str, rule: str, gated: bool, retain: bool) -> str:
     """Instruction selection for a matrix memory: the recurrence (an op of nestc.ops) that
@@ -331,6 +358,7 @@ class MLPPlan(Plan):
                               s.span)
         self.per_head = s.per_head
         self.value_key: Any = None  # equal for values generated alike; None: given values
+        self.group: list[str] = []  # the memories it runs as one with (run_siblings_as_one)
         self.config = {"d": self.d, "hidden": hidden, "heads": 0, "residual": residual,
                        "act": act, "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped", "chunk": chunk,
@@ -399,6 +427,19 @@ class MLPPlan(Plan):
 
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.heads * self.d, self.heads * self.d)
+
+    def describe(self) -> str:
+        c = self.config
+        rule = "momentum" if c["momentum"] else "gd"
+        text = (f"{'residual ' if c['residual'] else ''}MLP {_widths(c)} per head "
+                f"({c['heads']} heads) learning by {rule} on {c['objective']}, every gradient "
+                f"of a chunk of {c['chunk']} at its first weights (nestc.ops.mlp_memory; a "
+                "fused Triton kernel with backend='triton')")
+        if c["generated"]:
+            text += "; values it generates itself"
+        if self.group:
+            text += f"; runs as one with {', '.join(self.group)} (heads stacked)"
+        return text
 
     def sibling_key(self) -> tuple[Any, ...]:
         """What memories must share to run as one: all but their weights, state and the
@@ -548,3 +589,12 @@ class TaskPlan(Plan):
 
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.feat, self.feat)
+
+    def describe(self) -> str:
+        c = self.config
+        text = (f"{'residual ' if c['residual'] else ''}MLP {_widths(c)} learning from the "
+                f"task loss: gd every {c['chunk']} tokens, run chunk by chunk by the module's "
+                "forward")
+        if self.parent is not None:
+            text += f"; starts each of {self.parent.attr}'s chunks from its weights"
+        return text
