@@ -352,6 +352,7 @@ class MLPPlan(Plan):
         if rule[0] == "dgd" and choices["dgd"] == "literal":
             raise unsupported("literal DGD for an MLP memory", s.span)
         self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
+        self.rule = rule[0]
         init = _call(s.init)
         if init is None or init[0] != "meta":
             raise unsupported("an in-context MLP memory whose initial state is not `meta`",
@@ -430,11 +431,14 @@ class MLPPlan(Plan):
 
     def describe(self) -> str:
         c = self.config
-        rule = "momentum" if c["momentum"] else "gd"
+        rule = "momentum with beta 0 (gd)" if self.rule == "momentum" and not c["momentum"] \
+            else self.rule
+        # what MLPMemory._fusable asks of the memory itself (sizes and dtypes aside)
+        fused = c["objective"] == "l2" and c["act"] in ("gelu", "silu")
+        kernel = "; a fused Triton kernel with backend='triton'" if fused else ""
         text = (f"{'residual ' if c['residual'] else ''}MLP {_widths(c)} per head "
                 f"({c['heads']} heads) learning by {rule} on {c['objective']}, every gradient "
-                f"of a chunk of {c['chunk']} at its first weights (nestc.ops.mlp_memory; a "
-                "fused Triton kernel with backend='triton')")
+                f"of a chunk of {c['chunk']} at its first weights (nestc.ops.mlp_memory{kernel})")
         if c["generated"]:
             text += "; values it generates itself"
         if self.group:
