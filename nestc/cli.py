@@ -130,7 +130,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     name = _decl_name(prog, args.name)
     text = prog.source(name, **_hyper_args(args.set))
     if args.output:
-        Path(args.output).write_text(text)
+        Path(args.output).write_text(text, encoding="utf-8")
         print(f"wrote {args.output}")
     else:
         print(text, end="")

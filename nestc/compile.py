@@ -48,5 +48,7 @@ def generate_module(program: Any, checked: Checked, hyper: dict[str, Any]
                          for name, u in program.loader.units.items()))
     key = (texts, checked.decl.span.file, checked.name, repr(sorted(hyper.items())))
     if key not in _MODULES:
+        if len(_MODULES) >= 256:  # a sweep over many hyperparameters: forget the old ones
+            _MODULES.clear()
         _MODULES[key] = generate_block(program, checked, hyper)
     return _MODULES[key]

@@ -46,9 +46,10 @@ class Built(nn.Module):
 
     out_feat = 0  # the width of the output (the vocabulary of a model's logits)
     # a model's task loss, for its memories that learn from it: "next_token" is
-    # cross_entropy(<output>, next(<input>)), the form built so far (the generator reports
-    # any other where it is written)
+    # cross_entropy(<output>, next(<input>)), the form built so far; where its objective is
+    # written when it is another (forward then needs task=)
     objective: str | None = None
+    objective_where: str | None = None
 
     def __init__(self, name: str, kind: str, backend: str = "chunked") -> None:
         super().__init__()
@@ -103,6 +104,13 @@ class Built(nn.Module):
 
     def task_loss(self, x: torch.Tensor, targets: torch.Tensor | None
                   ) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+        if self.objective_where is not None:
+            err = NestError(f"{self.objective_where}: a task loss other than cross_entropy("
+                            "<output>, next(<input>)) for memories with `objective task` is not "
+                            "supported by the block compiler yet: pass task=fn(y, start, stop) "
+                            "to forward", None, kind="value")
+            err.unsupported = True
+            raise err
         if self.objective is None:
             raise NestError(f"`{self.decl_name}` has memories that learn from the task loss: "
                             "build them inside a model with a `train` objective, or pass "

@@ -296,11 +296,15 @@ def _load(source: str, label: str) -> dict[str, Any]:
     filename = f"<nestc:{label}:{digest}>"
     # register the text so tracebacks, inspect.getsource and Triton's JIT see generated lines
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    # a module in sys.modules, as an imported one is: torch.compile looks its globals up there
-    module = types.ModuleType(f"nestc_generated_{digest}")
+    # a module in sys.modules, as an imported one is: torch.compile looks its globals up there,
+    # pickle its classes. Loaded once per process: a class of one source stays one class
+    name = f"nestc_generated_{digest}"
+    if name in sys.modules:
+        return sys.modules[name].__dict__
+    module = types.ModuleType(name)
     module.__file__ = filename
-    sys.modules[module.__name__] = module
     exec(compile(source, filename, "exec"), module.__dict__)  # noqa: S102 - our generated code
+    sys.modules[name] = module
     return module.__dict__
 
 

@@ -148,3 +148,97 @@ def test_the_excerpt_in_the_language_docs_is_what_the_generator_writes():
     section = doc.split("## Generated code of blocks and models", 1)[1]
     excerpt = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert excerpt in nestc.load(HOPE).source("HopeLM", dim=32, depth=1)
+
+
+def _block(body: str, **hyper):
+    text = "block B(dim = 2) {\n    input x : [T, dim]\n" + body + "\n}\n"
+    return nestc.loads(text, "b.nest").build("B", **hyper)
+
+
+def test_a_negative_constant_keeps_its_sign_as_an_operand():
+    # in Python -2 ** y is -(2 ** y): the generator writes (-2) ** y
+    x = torch.ones(1, 3, 2)
+    for body in ("    let a = -2\n    output a ** (x * 0 + 2)",
+                 "    output (-2) ** (x * 0 + 2)"):
+        assert torch.equal(_block(body)(x), torch.full((1, 3, 2), 4.0)), body
+
+
+def test_a_name_bound_to_a_constant_then_to_a_tensor_is_the_tensor():
+    x = torch.randn(1, 3, 2)
+    assert torch.equal(_block("    let a = 2\n    a = x * a\n    output a")(x), x * 2)
+
+
+def test_the_output_is_its_value_where_it_stands():
+    # statements after `output` still run, in order; they do not change what it returned
+    x = torch.ones(1, 2, 2)
+    y = _block("    let y = x + 1\n    output y\n    y = y * 10")(x)
+    assert torch.equal(y, torch.full((1, 2, 2), 2.0))
+
+
+def test_a_class_stays_one_class_when_the_cache_forgets_it():
+    import io
+
+    from nestc import compile as compile_mod
+    from nestc import runtime
+
+    prog = nestc.load("std/models/transformer.nest")
+    first = prog.build("MLP", dim=8)
+    runtime._exec.cache_clear()
+    compile_mod._MODULES.clear()
+    again = prog.build("MLP", dim=8)
+    assert type(first) is type(again)
+    torch.save(first, io.BytesIO())  # still found where pickle looks for it
+
+
+SIBLINGS = """
+    let k = x |> linear(dim) |> l2norm(per = 2)
+    let v = x |> linear(dim)
+    memory M1 : residual_mlp(dim / 2) per head = meta every token in chunks of 4 {
+        let target = stop_grad(M1(v))
+        key k; value target; objective l2(M1(k), target); rule gd(lr = 0.5)
+    }
+    memory M2 : residual_mlp(dim / 2) per head = meta every token in chunks of 4 {
+        let target = 2 * stop_grad(M2(v))
+        key k; value target; objective l2(M2(k), target); rule gd(lr = 0.5)
+    }
+    memory M3 : residual_mlp(dim / 2) per head = meta every token in chunks of 4 {
+        let target = stop_grad(M3(v))
+        key k; value target; objective l2(M3(k), target); rule gd(lr = 0.5)
+    }
+    output M1(x) + M2(x) + M3(x)"""
+
+
+def test_memories_that_differ_only_on_the_triton_tier_group_there_apart():
+    # on triton the kernel generates M1's and M3's values itself (stop_grad(M(v))), not M2's:
+    # M1 and M3 run as one there; on the chunked tier all three do
+    def groups(mod):
+        found = {}
+        for name in ("M1", "M2", "M3"):
+            group = mod._modules[name].siblings
+            if group is not None:
+                found.setdefault(id(group[0]), []).append(name)
+        return sorted(found.values())
+
+    assert groups(_block(SIBLINGS, dim=8)) == [["M1", "M2", "M3"]]
+    assert groups(_block(SIBLINGS, dim=8, backend="triton")) == [["M1", "M3"]]
+
+
+@pytest.mark.parametrize("body,message", [
+    ("    let lr = x |> linear(1)\n"
+     "    memory M : matrix(2, 2) per head = zeros every token {\n"
+     "        objective l2(M(x), x); rule gd(lr = \"fast\")\n    }\n    output M(x)",
+     "b.nest:5:45: error: `lr` of memory `M` is a number or a tensor, got 'fast'"),
+    ("    memory M : matrix(2, 2) per head = zeros every token {\n"
+     "        objective l2(M(M(x)), x); rule gd(lr = 0.1)\n    }\n    output M(x)",
+     "b.nest:4:24: error: reading memory `M` in its own clauses is not supported"),
+    ("    memory M : residual_mlp(2) = meta every token {\n"
+     "        let t = stop_grad(M(x)) * sqrt(dim * 2)\n"
+     "        key x; value t; objective l2(M(x), t); rule gd(lr = 0.1)\n    }\n    output M(x)",
+     "b.nest:4:40: error: arithmetic of constants alone inside a memory"),
+    ("    output rmsnorm(x, eps = \"small\")",
+     "b.nest:3:29: error: `eps` must be a number, got 'small'"),
+])
+def test_bad_values_in_a_block_are_errors_at_their_place(body, message):
+    with pytest.raises(nestc.NestError) as info:
+        _block(body)
+    assert str(info.value).startswith(message), str(info.value)

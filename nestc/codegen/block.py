@@ -47,7 +47,7 @@ register_full_backward_pre_hook register_load_state_dict_post_hook
 register_load_state_dict_pre_hook register_module register_parameter
 register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
 set_extra_state set_submodule share_memory state_dict to to_empty train training type xpu
-zero_grad decl_name kind backend objective out_feat tasks run finish
+zero_grad decl_name kind backend objective objective_where out_feat tasks run finish
 run_as_one task_loss forward_in_chunks
 """
 MODULE_ATTRS = frozenset(_MODULE_ATTRS.split())
@@ -81,6 +81,13 @@ def docstring(text: str, indent: int, width: int = 99) -> list[str]:
         line += (" " if line and line != '"""' else "") + w
     lines.append(line + '"""')
     return [" " * indent + ln if ln else "" for ln in lines]
+
+
+def operand(value: Any) -> str:
+    """A constant as an operand of a binary operation: a negative one in parentheses (in
+    Python, -2 ** y is -(2 ** y))."""
+    code = literal(value)
+    return f"({code})" if code.startswith("-") else code
 
 
 def unsupported(what: str, span: Any) -> NestError:
@@ -126,8 +133,7 @@ class _Class:
     out_line: str = ""  # the output statement's line, as a comment
     out_feat: int = 0
     objective: str | None = None  # a model's task loss: "next_token", the form built so far
-    objective_span: Any = None  # where its objective is, if not a form built yet
-    tasks: bool = False  # whether it has memories that learn from the task loss, at any depth
+    objective_where: str | None = None  # where its objective is, if not a form built yet
 
     def source(self) -> str:
         c = self.checked
@@ -138,6 +144,8 @@ class _Class:
                f"    out_feat = {self.out_feat}"]
         if self.objective:
             out.append(f"    objective = {self.objective!r}")
+        if self.objective_where:
+            out.append(f"    objective_where = {self.objective_where!r}")
         out += ["", '    def __init__(self, backend="chunked"):',
                 f"        super().__init__({c.name!r}, {c.kind!r}, backend)"]
         for sub in self.subs:
@@ -176,9 +184,6 @@ class Generator:
                             checked.decl.name_span, kind="value")
         cls.body += [cls.out_line, f"return {cls.out.code}"]
         cls.out_feat = cls.out.feat
-        if cls.tasks and cls.objective_span is not None:
-            raise unsupported("a task loss other than cross_entropy(<output>, next(<input>)) "
-                              "for memories with `objective task`", cls.objective_span)
         scope.run_siblings_as_one()
         cls.name = "_CLASS_"
         text = cls.source()
@@ -245,11 +250,13 @@ class _Scope:
         self.mems: dict[str, Any] = {}
         self.prefix = ""
         self.locals: set[str] = {"self"}
+        self.rebound: dict[str, int] = {}  # per base name: the suffix its next rebinding tries
         self.fresh_count = 0
         # per memory: the line that writes it, and per read the line that reads it and its
         # query (run_siblings_as_one)
         self.writes: dict[Any, int] = {}
         self.reads: dict[Any, list[tuple[int, Ten]]] = {}
+        self.writing: Any = None  # the memory whose write is being generated
 
     def add(self, hint: str, code: str = "", plan: Any = None, cls: Any = None) -> str:
         """A submodule under a spec-derived name, unique in this declaration."""
@@ -266,9 +273,10 @@ class _Scope:
     def local(self, name: str) -> str:
         """A new local for the spec name `name` (a name bound again gets a new local)."""
         base = py_name(name)
-        var, k = base, 1
+        var, k = base, self.rebound.get(base, 1)
         while var in self.locals:
             var, k = f"{base}_{k}", k + 1
+        self.rebound[base] = k
         self.locals.add(var)
         return var
 
@@ -349,7 +357,7 @@ class _Scope:
                       and isinstance(e.args[1].func, ast.ExprName)
                       and e.args[1].func.name == "next")
                 self.cls.objective = "next_token" if ok else None
-                self.cls.objective_span = None if ok else c.span
+                self.cls.objective_where = None if ok else str(c.span)
 
     def input(self, s: ast.StmtInput, in_feat: int | None) -> None:
         if self.cls.input:
@@ -372,7 +380,9 @@ class _Scope:
         v = self.value(value, name)
         if not isinstance(v, Ten):
             self.consts[name] = v
+            self.tens.pop(name, None)
             return
+        self.consts.pop(name, None)  # a name bound to a constant before is a tensor now
         var = self.local(name)
         self.emit(f"{var} = {v.code}")
         self.tens[name] = Ten(var, v.feat, v.tokens)
@@ -381,10 +391,11 @@ class _Scope:
         from nestc.codegen.memories import plan
 
         mem = plan(self, s)
-        self.cls.tasks = self.cls.tasks or mem.runtime == "TaskMLP"
         self.mems[s.name] = mem
         mem.attr = self.add(s.name, plan=mem)
+        self.writing = mem
         write = mem.write(self)
+        self.writing = None
         self.writes[mem] = len(self.cls.body)
         if write is not None:
             self.cls.body += wrapped(f"_env[{mem.attr!r}] = {write[0]}", write[1], 8)
@@ -430,6 +441,20 @@ class _Scope:
                             e.span, kind="value")
         return int(v)
 
+    def number(self, e: ast.Expr, what: str) -> float:
+        """A number fixed by the hyperparameters (an eps, a clip, a rate), else a NestError."""
+        v = self.const(e)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise NestError(f"{what} must be a number, got {v!r}", e.span, kind="type")
+        return float(v)
+
+    def number_kw(self, call: ast.ExprCall, name: str, default: float, what: str) -> float:
+        """number() of a keyword argument of call, or its default."""
+        for k in call.kwargs:
+            if k.name == name:
+                return self.number(k.value, what)
+        return default
+
     def size_kw(self, call: ast.ExprCall, name: str, default: int, what: str,
                 minimum: int = 1) -> int:
         """size() of a keyword argument of call, or its default."""
@@ -474,7 +499,7 @@ class _Scope:
         if len(feats) == 2 and feats[0] != feats[1] and 1 not in feats:
             raise NestError(f"`{e.op}` of tensors with {feats[0]} and {feats[1]} features",
                             e.span, kind="shape")
-        code = [v.code if isinstance(v, Ten) else literal(v) for v in (a, b)]
+        code = [v.code if isinstance(v, Ten) else operand(v) for v in (a, b)]
         return Ten(f"({code[0]} {e.op} {code[1]})", max(feats))
 
     def call(self, e: ast.ExprCall, hint: str) -> Any:
@@ -490,6 +515,8 @@ class _Scope:
             if len(e.args) != 1:
                 raise NestError(f"memory `{name}` is read with one argument", e.span,
                                 kind="value")
+            if mem is self.writing:  # (an MLP memory's own reads go through its `let`s)
+                raise unsupported(f"reading memory `{name}` in its own clauses", e.span)
             q = self.tensor(e.args[0], hint)
             # read in the line being generated (the output: after every other line)
             self.reads.setdefault(mem, []).append((len(self.cls.body), q))
@@ -519,6 +546,5 @@ class _Scope:
             raise NestError(f"block `{decl.name}` takes one input", e.span, kind="value")
         x = self.tensor(e.args[0], hint)
         sub = self.g.decl(checked, hyper, in_feat=x.feat)
-        self.cls.tasks = self.cls.tasks or sub.tasks
         attr = self.add(decl.name, f"{sub.name}(backend)", cls=sub)
         return Ten(f"self.{attr}.run(_env, {x.code})", sub.out_feat)

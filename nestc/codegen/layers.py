@@ -28,10 +28,11 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
         return Ten(f"{MATH[name]}({x.code})", x.feat)
     if name == "softplus":
         x = scope.tensor(e.args[0], hint)
-        return Ten(f"_layers.softplus({x.code}, {literal(float(kw.get('beta', 1.0)))})", x.feat)
+        beta = scope.number_kw(e, "beta", 1.0, "softplus's `beta`")
+        return Ten(f"_layers.softplus({x.code}, {literal(beta)})", x.feat)
     if name == "l2norm":
         x = scope.tensor(e.args[0], hint)
-        per, eps = scope.size_kw(e, "per", 1, "`per`"), float(kw.get("eps", 1e-6))
+        per, eps = scope.size_kw(e, "per", 1, "`per`"), scope.number_kw(e, "eps", 1e-6, "`eps`")
         if x.feat % per:
             raise NestError(f"l2norm per {per} slices of {x.feat} features", e.span,
                             kind="shape")
@@ -63,10 +64,9 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
         return Ten(f"self.{attr}({x.code}, _state)", x.feat)
     if name in ("rmsnorm", "layernorm"):
         x = scope.tensor(e.args[0], hint)
-        if name == "rmsnorm":
-            code = f"nn.RMSNorm({x.feat}, eps={literal(float(kw.get('eps', 1e-6)))})"
-        else:
-            code = f"nn.LayerNorm({x.feat}, eps={literal(float(kw.get('eps', 1e-5)))})"
+        eps = scope.number_kw(e, "eps", 1e-6 if name == "rmsnorm" else 1e-5, "`eps`")
+        code = f"nn.{'RMSNorm' if name == 'rmsnorm' else 'LayerNorm'}({x.feat}, " \
+            f"eps={literal(eps)})"
         attr = scope.add(f"{hint}_{name}", code)
         return Ten(f"self.{attr}({x.code})", x.feat)
     if name == "embed":

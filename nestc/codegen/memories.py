@@ -12,7 +12,7 @@ from typing import Any
 
 from nestc import ast
 from nestc.check import CHOICES
-from nestc.codegen.block import ACTS, MATH, Ten, unsupported
+from nestc.codegen.block import ACTS, MATH, Ten, operand, unsupported
 from nestc.codegen.torch import literal
 from nestc.errors import NestError
 from nestc.hyper import UNKNOWN, const_eval
@@ -87,6 +87,10 @@ class Plan:
         value = default if e is None else scope.value(e, self.name)
         heads = self.heads
         if not isinstance(value, Ten):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                assert e is not None
+                raise NestError(f"`{name}` of memory `{self.name}` is a number or a tensor, "
+                                f"got {value!r}", e.span, kind="type")
             c = float(value)
             low = c >= 0 if name == "beta" else c > 0  # beta 0: no momentum
             if name in ("retain", "beta") and not (low and c <= 1):
@@ -341,7 +345,7 @@ class MLPPlan(Plan):
         call = _call(exprs["objective"])
         assert call is not None
         delta_e = {k.name: k.value for k in call[1].kwargs}.get("delta")
-        delta = 1.0 if delta_e is None else float(scope.const(delta_e))
+        delta = 1.0 if delta_e is None else scope.number(delta_e, "the huber `delta`")
         if not delta > 0:
             raise NestError(f"the huber `delta` of memory `{self.name}` must be positive, got "
                             f"{delta}", delta_e.span if delta_e is not None else s.span,
@@ -397,7 +401,7 @@ class MLPPlan(Plan):
                    for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
         clip = self.rule_kw.get("clip")
         if clip is not None:
-            c["clip"] = float(scope.const(clip))
+            c["clip"] = scope.number(clip, f"`clip` of memory `{self.name}`")
             if not c["clip"] > 0:
                 raise NestError(f"`clip` of memory `{self.name}` must be positive, got "
                                 f"{c['clip']}", clip.span, kind="value")
@@ -521,13 +525,16 @@ class _SelfExpr:
             for x in (e.left, e.right):
                 c = const_eval(x, scope.consts)
                 if c is not UNKNOWN:
-                    sides.append(literal(c))
+                    sides.append(operand(c))
                     keys.append(("constant", c))
                     continue
                 code, feat, key = self._compile(x)
                 sides.append(code)
                 feats.append(feat)
                 keys.append(key)
+            if not feats:
+                raise unsupported("arithmetic of constants alone inside a memory (compute it "
+                                  "outside, in the block)", e.span)
             return f"({sides[0]} {e.op} {sides[1]})", max(feats), (e.op, *keys)
         raise unsupported("this expression inside a memory", e.span)
 
@@ -554,14 +561,16 @@ class TaskPlan(Plan):
         rule = _call(exprs.get("rule"))
         if rule is None or rule[0] != "gd":
             raise unsupported("a task-loss memory whose rule is not gd", s.span)
-        kwr = {k.name: scope.const(k.value) for k in rule[1].kwargs}
+        kwr = {k.name: k.value for k in rule[1].kwargs}
         if "clip" in kwr:
             raise unsupported("`clip` on a memory learning from the task loss", s.span)
+        rates = {n: scope.number(kwr[n], f"`{n}` of memory `{s.name}`") if n in kwr else 1.0
+                 for n in ("lr", "retain")}
         self.structure = (d, hidden, residual, act)
         self.chunk = chunk
         self.config = {"d": d, "hidden": hidden, "residual": residual, "act": act,
                        "chunk": chunk, "stopped": choices["backprop"] == "stopped",
-                       "lr": float(kwr.get("lr", 1.0)), "retain": float(kwr.get("retain", 1.0)),
+                       "lr": rates["lr"], "retain": rates["retain"],
                        "parent": None, "nested": False}
         self.feat = d
         self.parent: TaskPlan | None = None
