@@ -471,8 +471,8 @@ class MLPPlan(Plan):
 
 class _SelfExpr:
     """The code of a memory's `let`s and value: the block's tensors (with `whole` off, sliced
-    to the tokens a..b-1 and tiled `tile` times along the features), reads of the memory
-    itself through `read`, element-wise math and arithmetic. Each expression also gets a key,
+    to the tokens _a.._b-1 and tiled `_tile` times along the features), reads of the memory
+    itself through `_read`, element-wise math and arithmetic. Each expression also gets a key,
     equal for expressions that compute the same from the same tensors, whichever memory
     reads; and `source` is x when the expression is stop_grad(M(x)) of a block tensor x."""
 
