@@ -1,4 +1,5 @@
-"""Generated optimizer source: pinned by golden files, deterministic, and never injectable."""
+"""Generated source: pinned by golden files (optimizers, and a block and a model), deterministic,
+and never injectable."""
 
 from __future__ import annotations
 
@@ -21,6 +22,20 @@ def test_golden(spec, name):
     # the embedded Triton module is checked by targeted lines (tests/test_triton.py)
     text = "\n".join(ln for ln in nestc.load(spec).source(name).split("\n")
                      if not ln.startswith("_TRITON = "))
+    path = GOLDEN / f"{Path(spec).stem}_{name}.py"
+    if env.UPDATE_GOLDEN:
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+MODULES = [("std/models/hope.nest", "HopeLM", {}),
+           ("std/memory/deltanet.nest", "GatedDeltaNet", {"dim": 64})]
+
+
+@pytest.mark.parametrize(("spec", "name", "hyper"), MODULES)
+def test_golden_modules(spec, name, hyper):
+    """A block's or model's classes (NESTC_UPDATE_GOLDEN=1 rewrites them, as above)."""
+    text = nestc.load(spec).source(name, **hyper)
     path = GOLDEN / f"{Path(spec).stem}_{name}.py"
     if env.UPDATE_GOLDEN:
         path.write_text(text)
