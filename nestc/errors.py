@@ -60,10 +60,11 @@ class NestError(Exception):
         hint: str | None = None,
         notes: tuple[tuple[str, Span], ...] = (),
         file: str | None = None,
+        unsupported: bool = False,
     ) -> None:
         assert kind in KINDS, kind
         self.diagnostics = [Diagnostic(kind, message, span, hint, notes, file)]
-        self.unsupported = False  # a limitation of the compiler rather than a spec mistake
+        self.unsupported = unsupported  # a limitation of the compiler, not a spec mistake
         super().__init__(message)
 
     @classmethod

@@ -311,7 +311,7 @@ class MLPMemory(Memory):
         self.signals, self.generated, self.backend = signals, generated, backend
         self.value_source = has_source and backend == "triton"
         self.A, self.B = _mlp_weights(heads, d=d, hidden=hidden)
-        self.siblings: tuple[_Siblings, int] | None = None  # set by Built.run_as_one
+        self.siblings: tuple[_Siblings, int] | None = None  # set by run_as_one
 
     def write(self, k: torch.Tensor, v: torch.Tensor | None = None,
               value: Callable[..., torch.Tensor] | None = None, vs: torch.Tensor | None = None,

@@ -21,6 +21,7 @@ every name the generator makes for itself starts with `_`.
 from __future__ import annotations
 
 import keyword
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,7 @@ register_load_state_dict_pre_hook register_module register_parameter
 register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
 set_extra_state set_submodule share_memory state_dict to to_empty train training type xpu
 zero_grad decl_name kind backend objective objective_where out_feat tasks run finish
-run_as_one task_loss forward_in_chunks
+task_loss forward_in_chunks
 """
 MODULE_ATTRS = frozenset(_MODULE_ATTRS.split())
 
@@ -57,7 +58,7 @@ def wrapped(head: str, args: list[str], indent: int, width: int = 99) -> list[st
     """head(args...) as lines of at most `width` columns where it can (an argument longer
     than a line stays whole), continued 4 columns in; `indent`: the first line's."""
     one = f"{head}({', '.join(args)})"
-    if indent + len(one) <= width:
+    if indent + len(one) <= width or not args:
         return [one]
     lines, line = [f"{head}("], " " * 4
     for i, arg in enumerate(args):
@@ -73,14 +74,9 @@ def docstring(text: str, indent: int, width: int = 99) -> list[str]:
     """A docstring of spec text (names, values, a path), made safe: printable, no quotes or
     backslashes that could end it, wrapped at `width` columns."""
     safe = comment(text).replace("\\", "/").replace('"', "'")
-    words, lines, line = safe.split(" "), [], '"""'
-    for w in words:
-        if len(line) > 3 and indent + len(line) + 1 + len(w) > width:
-            lines.append(line)
-            line = ""
-        line += (" " if line and line != '"""' else "") + w
-    lines.append(line + '"""')
-    return [" " * indent + ln if ln else "" for ln in lines]
+    return textwrap.wrap(f'"""{safe}"""', width, initial_indent=" " * indent,
+                         subsequent_indent=" " * indent, break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def operand(value: Any) -> str:
@@ -91,9 +87,8 @@ def operand(value: Any) -> str:
 
 
 def unsupported(what: str, span: Any) -> NestError:
-    err = NestError(f"{what} is not supported by the block compiler yet", span, kind="value")
-    err.unsupported = True
-    return err
+    return NestError(f"{what} is not supported by the block compiler yet", span, kind="value",
+                     unsupported=True)
 
 
 @dataclass(eq=False)
@@ -131,9 +126,13 @@ class _Class:
     input: str = ""
     out: Ten | None = None
     out_line: str = ""  # the output statement's line, as a comment
-    out_feat: int = 0
     objective: str | None = None  # a model's task loss: "next_token", the form built so far
     objective_where: str | None = None  # where its objective is, if not a form built yet
+
+    @property
+    def out_feat(self) -> int:
+        assert self.out is not None, self.checked.name
+        return self.out.feat
 
     def source(self) -> str:
         c = self.checked
@@ -154,7 +153,7 @@ class _Class:
             else:
                 func, args = sub.plan.construct()
                 out += ["        " + ln for ln in wrapped(f"self.{sub.attr} = {func}", args, 8)]
-        out += [f"        self.run_as_one({names!r}, same_values={same})"
+        out += [f"        _mem.run_as_one(self, {names!r}, same_values={same})"
                 for names, same in self.groups]
         out += ["        self.finish()", "", f"    def run(self, _env, {self.input}):",
                 '        _env = {"__state__": _env["__state__"], "__self__": self}',
@@ -183,7 +182,6 @@ class Generator:
             raise NestError(f"{checked.kind} `{checked.name}` has no output",
                             checked.decl.name_span, kind="value")
         cls.body += [cls.out_line, f"return {cls.out.code}"]
-        cls.out_feat = cls.out.feat
         scope.run_siblings_as_one()
         cls.name = "_CLASS_"
         text = cls.source()
@@ -403,7 +401,7 @@ class _Scope:
     def run_siblings_as_one(self) -> None:
         """MLP memories that can run as one (nestc.memories._Siblings): the same structure,
         one read each, all of the same query, after all of them are written. Not on the
-        reference tier, which stays the definition (Built.run_as_one decides that)."""
+        reference tier, which stays the definition (nestc.memories.run_as_one decides that)."""
         from nestc.codegen.memories import MLPPlan
 
         groups: dict[Any, list[MLPPlan]] = {}

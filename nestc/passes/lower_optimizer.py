@@ -45,9 +45,8 @@ class _Lowerer:
 
     def unsupported(self, what: str, span: Span) -> NestError:
         """A limitation of this compiler, not a mistake in the spec (`check` lets it pass)."""
-        err = NestError(f"{what} is not supported in an optimizer yet", span, kind="value")
-        err.unsupported = True
-        return err
+        return NestError(f"{what} is not supported in an optimizer yet", span, kind="value",
+                         unsupported=True)
 
     # expressions
     def expr(self, e: ast.Expr, names: dict[str, str]) -> ir.E:

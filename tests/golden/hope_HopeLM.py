@@ -58,7 +58,7 @@ class SelfModifyingTitans(_Built):
         self.gate_linear = nn.Linear(128, 128, bias=False)
         self.out_rmsnorm = nn.RMSNorm(128, eps=1e-06)
         self.out_linear = nn.Linear(128, 128, bias=False)
-        self.run_as_one(['M_k', 'M_v', 'M_eta', 'M_alpha'], same_values=True)
+        _mem.run_as_one(self, ['M_k', 'M_v', 'M_eta', 'M_alpha'], same_values=True)
         self.finish()
 
     def run(self, _env, x):
