@@ -18,7 +18,7 @@ CHOICES = {  # clause -> (default, allowed values)
     "read": ("after write", ("before write", "after write")),
     "backprop": ("through", ("through", "stopped")),
     "state": ("per sample", ("per sample", "shared")),
-    "partial": ("flush", ("flush", "carry")),
+    "partial": ("carry", ("carry", "flush")),
     "dgd": ("gated", ("gated", "literal")),
 }
 

@@ -228,12 +228,14 @@ def _updates(a: dict[str, Any], tokens: int, steps: int) -> str:
     total, word = (tokens, "tokens") if unit == "token" else (steps, "steps")
     count = total // period
     text = f"{count} over {total} {word}"
+    partial = (a.get("choices") or {}).get("partial", CHOICES["partial"][0])
+    if unit == "token" and period > 1 and total % period:
+        text += f" (the last {total % period} in a partial chunk: {partial})"
     chunk = a.get("chunk")
     if chunk:
         chunks = math.ceil(total / chunk)
         text += f", in {chunks} chunk{'s' * (chunks != 1)} of {chunk}"
         if total % chunk:
-            partial = (a.get("choices") or {}).get("partial", CHOICES["partial"][0])
             text += f" (last one partial: {partial})"
     return text
 

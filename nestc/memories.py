@@ -46,6 +46,12 @@ class Memory(Stateful):
 
     check_finite = False
     env_key = ""  # where its write sits in the env of a run: its submodule's name
+    flush = False  # `partial chunk flush`: a call's last partial chunk ends with the call
+
+    def flushed(self, state: Any) -> Any:
+        """Its in-context state at the end of a call that ends inside a chunk, under
+        `partial chunk flush`: the chunk ended (a memory whose chunk changes its result)."""
+        return state
 
     def __init__(self, name: str, where: str) -> None:
         super().__init__()
@@ -302,13 +308,14 @@ class MLPMemory(Memory):
                  residual: bool, act: str, read_before: bool, stopped: bool, chunk: int,
                  objective: str, delta: float, momentum: bool, clip: float | None,
                  signals: tuple[str, ...], generated: bool, has_source: bool,
-                 backend: str = "chunked") -> None:
+                 flush: bool = False, backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.d, self.hidden, self.heads, self.residual = d, hidden, heads, residual
         self.act, self.act_name = ACTS[act], act
         self.read_before, self.stopped, self.chunk = read_before, stopped, chunk
         self.objective, self.delta, self.momentum, self.clip = objective, delta, momentum, clip
         self.signals, self.generated, self.backend = signals, generated, backend
+        self.flush = flush  # `partial chunk flush`: every call ends its chunk
         self.value_source = has_source and backend == "triton"
         self.A, self.B = _mlp_weights(heads, d=d, hidden=hidden)
         self.siblings: tuple[_Siblings, int] | None = None  # set by run_as_one
@@ -414,6 +421,10 @@ class MLPMemory(Memory):
     def _store(self, env: dict[str, Any], out: dict[str, Any]) -> None:
         self.guard(*out["M"], *out["S"])
         env["__state__"].out[self.state_key] = out
+
+    def flushed(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The next call starts a chunk, its gradients taken at the weights reached."""
+        return {**state, "start": state["M"], "offset": 0}
 
     def sibling_key(self) -> tuple[Any, ...]:
         """What memories must share to run as one (_Siblings): all but their weights, state
@@ -741,15 +752,19 @@ class TaskMLP(Memory):
     task loss summed over the chunk's tokens, all taken at the chunk's weights; in-context
     state {"W": (A, B), "grad": (dA, dB) so far this chunk, "offset": tokens into it}.
     M(x) = act(x A) B for `mlp`, x + act(x A) B for `residual_mlp` (docs/semantics.md).
+    `shared`: one set of weights for the batch (`state shared`), which sums the gradients of
+    every sequence's tokens; `flush`: a call's last partial chunk updates at its end.
     `parent`: the submodule name of another task-loss memory (the nested CMS) whose weights
     this one starts each of the parent's chunks from; `nested`: another starts from this one."""
 
     def __init__(self, name: str, where: str, *, d: int, hidden: int, residual: bool,
                  act: str, chunk: int, stopped: bool, lr: float, retain: float,
-                 parent: str | None = None, nested: bool = False) -> None:
+                 shared: bool = False, flush: bool = False, parent: str | None = None,
+                 nested: bool = False) -> None:
         super().__init__(name, where)
         self.d, self.hidden, self.residual, self.act = d, hidden, residual, ACTS[act]
         self.chunk, self.stopped, self.lr, self.retain = chunk, stopped, lr, retain
+        self.shared, self.flush = shared, flush
         self.parent, self.nested = parent, nested
         if parent is None:  # meta-learned initial weights (a nested level has its parent's)
             self.A, self.B = _mlp_weights(d=d, hidden=hidden)
@@ -775,8 +790,9 @@ class TaskMLP(Memory):
             start = parent.weights(env, batch)
             if (state.given.get(parent.state_key) or {}).get("offset", 0) == 0:
                 given = {"W": start}  # the parent's chunk starts here: reset
-        base = given["W"] if given is not None else \
-            (self.A.expand(batch, -1, -1), self.B.expand(batch, -1, -1))
+        base = given["W"] if given is not None else (self.A, self.B)
+        if not self.shared and base[0].dim() == 2:  # per sample, from shared weights
+            base = tuple(w.expand(batch, -1, -1) for w in base)
         # without the outer level's graph (evaluation, or a state passed in), the task loss is
         # still differentiated with respect to them: they become leaves, kept for the chunk
         base = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in base)
@@ -805,8 +821,19 @@ class TaskMLP(Memory):
             grads = pending
         offset = given.get("offset", 0) + tokens
         if offset == self.chunk:
-            assert grads is not None, self.state_key
-            weights = tuple(self.retain * w - self.lr * g for w, g in zip(weights, grads))
-            grads, offset = None, 0
+            weights, grads, offset = self._update(weights, grads), None, 0
         self.guard(*weights)
         state.out[self.state_key] = {"W": weights, "grad": grads, "offset": offset}
+
+    def _update(self, weights: tuple[torch.Tensor, ...], grads: Any) -> tuple[torch.Tensor, ...]:
+        assert grads is not None, self.state_key
+        return tuple(self.retain * w - self.lr * g for w, g in zip(weights, grads))
+
+    def flushed(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A partial chunk updates now (the driver has taken its gradients by the end of a
+        call), and the next call starts a chunk."""
+        if state["offset"] == 0:
+            return state
+        weights = self._update(state["W"], state["grad"])
+        self.guard(*weights)
+        return {"W": weights, "grad": None, "offset": 0}

@@ -91,7 +91,7 @@ def test_chunks_and_partial_chunks() -> None:
     assert "    structure      matrix(dim / heads, dim / heads) per head" in lines
     assert "    learns from    k (key, objective), v (value, objective), beta (lr)" in lines
     lines = lines_of(explain(prog, "DeltaNet", tokens=100, dim=64))
-    assert "    updates        100 over 100 tokens, in 2 chunks of 64 (last one partial: flush)" \
+    assert "    updates        100 over 100 tokens, in 2 chunks of 64 (last one partial: carry)" \
         in lines
 
 
@@ -207,5 +207,5 @@ def test_a_memory_that_does_not_compile_is_explained_with_its_line() -> None:
     prog = nestc.loads(MEMORY.replace("CLAUSES", "state shared; objective l2(M(x), x); "
                                                  "rule gd(lr = lr)"), "shared.nest")
     text = explain(prog, "Mem")
-    assert "not compiled: shared.nest:4:5: a memory shared across the batch is not supported" \
-        in text
+    assert ("not compiled: shared.nest:4:5: `state shared` on a matrix memory (only memories "
+            "with `objective task` are built shared) is not supported") in text

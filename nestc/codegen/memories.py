@@ -256,7 +256,8 @@ class LinearPlan(Plan):
         self.a, self.b = (scope.size(x, "a matrix memory's size") for x in call.args)
         exprs, choices = _clauses(s)
         if choices["state"] != "per sample":
-            raise unsupported("a memory shared across the batch", s.span)
+            raise unsupported("`state shared` on a matrix memory (only memories with "
+                              "`objective task` are built shared)", s.span)
         freq = s.frequency
         if freq is None or freq.unit != "token" or freq.every is not None:
             raise unsupported("a matrix memory updated other than `every token`", s.span)
@@ -335,9 +336,8 @@ class MLPPlan(Plan):
         self.lets: dict[str, ast.Expr] = {}
         exprs, choices = _clauses(s, self.lets)
         if choices["state"] != "per sample":
-            raise unsupported("a memory shared across the batch", s.span)
-        if choices["partial"] != "flush":
-            raise unsupported("`partial carry`", s.span)
+            raise unsupported("`state shared` on an MLP memory with its own objective "
+                              "(only memories with `objective task` are built shared)", s.span)
         assert s.frequency is not None
         chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
         objective, self.key_expr, self.value_expr = _objective(
@@ -369,7 +369,8 @@ class MLPPlan(Plan):
                        "stopped": choices["backprop"] == "stopped", "chunk": chunk,
                        "objective": objective, "delta": delta,
                        "momentum": rule[0] == "momentum", "clip": None, "signals": (),
-                       "generated": False, "has_source": False}
+                       "generated": False, "has_source": False,
+                       "flush": choices["partial"] == "flush"}
 
     def write(self, scope: Any) -> tuple[str, list[str]] | None:
         if self._reads_self(self.key_expr):
@@ -556,8 +557,6 @@ class TaskPlan(Plan):
         if s.frequency.chunk is not None:
             raise unsupported("`in chunks of` on a memory updated every N tokens", s.span)
         exprs, choices = _clauses(s)
-        if choices["state"] != "per sample":
-            raise unsupported("a memory shared across the batch", s.span)
         rule = _call(exprs.get("rule"))
         if rule is None or rule[0] != "gd":
             raise unsupported("a task-loss memory whose rule is not gd", s.span)
@@ -571,7 +570,8 @@ class TaskPlan(Plan):
         self.config = {"d": d, "hidden": hidden, "residual": residual, "act": act,
                        "chunk": chunk, "stopped": choices["backprop"] == "stopped",
                        "lr": rates["lr"], "retain": rates["retain"],
-                       "parent": None, "nested": False}
+                       "shared": choices["state"] == "shared",
+                       "flush": choices["partial"] == "flush", "parent": None, "nested": False}
         self.feat = d
         self.parent: TaskPlan | None = None
         # `= meta`, or `= f` for another task-loss memory f (the nested CMS): this memory
@@ -587,6 +587,17 @@ class TaskPlan(Plan):
                 raise NestError(f"memory `{self.name}` starts from `{parent.name}`, which has "
                                 "another structure: both must be the same MLP", where,
                                 kind="shape")
+            if self.config["shared"] and not parent.config["shared"]:
+                raise NestError(f"memory `{self.name}` is shared by the batch but starts from "
+                                f"`{parent.name}`, which is per sample", where, kind="shape",
+                                hint=f"add `state shared` to `{parent.name}`, or remove it "
+                                f"from `{self.name}`")
+            if self.config["flush"] != parent.config["flush"]:
+                word = "flush" if self.config["flush"] else "carry"
+                raise NestError(f"memory `{self.name}` has `partial chunk {word}` but starts "
+                                f"from `{parent.name}`, which does not: a nested level ends its "
+                                "calls as its parent does", where, kind="frequency",
+                                hint=f"write `partial chunk {word}` in both")
             if parent.chunk % self.chunk:
                 raise NestError(f"memory `{self.name}` is reset to `{parent.name}` every "
                                 f"{parent.chunk} tokens, which is not a whole number of its "
@@ -608,6 +619,8 @@ class TaskPlan(Plan):
         text = (f"{'residual ' if c['residual'] else ''}MLP {_widths(c)} learning from the "
                 f"task loss: gd every {c['chunk']} tokens, run chunk by chunk by the module's "
                 "forward")
+        if c["shared"]:
+            text += "; one set of weights for the batch"
         if self.parent is not None:
             text += f"; starts each of {self.parent.attr}'s chunks from its weights"
         return text

@@ -1,0 +1,263 @@
+"""The semantic choices about chunks and batches (docs/semantics.md): `partial chunk carry`
+(the default: a chunk that a call ends inside goes on in the next call) against `partial chunk
+flush` (it ends with the call), on Titans-style MLP memories and on task-loss (CMS) levels; and
+`state shared` (one set of weights for the batch) on task-loss levels."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import spec  # noqa: E402
+
+import nestc  # noqa: E402
+from nestc.explain import explain  # noqa: E402
+
+MLP = spec("""
+    block Deep(dim, heads = 2, chunk = 4) {
+        input x : [T, dim]
+        let k = x |> linear(dim) |> l2norm(per = heads)
+        let v = x |> linear(dim)
+        let lr = 0.5 * sigmoid(linear(x, heads))
+        memory M : mlp(dim / heads, hidden = 8) per head = meta every token in chunks of chunk {
+            CLAUSES
+            objective l2(M(k), v); rule momentum(lr = lr, beta = 0.5)
+        }
+        output M(x) |> linear(dim)
+    }
+""")
+
+CMS = spec("""
+    from "std/optim/adam.nest" import AdamW
+    block Level(dim, c = 4, lr = 0.5) {
+        input x : [T, dim]
+        memory f : mlp(dim, hidden = 2 * dim) = meta every c tokens {
+            CLAUSES
+            objective task
+            rule gd(lr = lr, retain = 0.9)
+        }
+        output f(x)
+    }
+    model LM(vocab = 20, dim = 8, lr = 0.5) {
+        input tokens : [T] int
+        let h = embed(tokens, vocab, dim)
+        h = h + Level(dim, lr = lr)(rmsnorm(h))
+        output logits = h |> linear(vocab)
+        train every step { objective cross_entropy(logits, next(tokens)); rule AdamW }
+    }
+""")
+
+
+def build(text, name, clauses="", backend="chunked", **hyper):
+    torch.manual_seed(0)
+    return nestc.loads(text.replace("CLAUSES", clauses), "c.nest").build(
+        name, backend=backend, **hyper)
+
+
+def close(a, b, tol=1e-5):
+    assert (a - b).abs().max().item() <= tol * (1 + a.abs().max().item())
+
+
+def leaves(state):
+    if isinstance(state, dict):
+        return [t for key in sorted(state) for t in leaves(state[key])]
+    if isinstance(state, (tuple, list)):
+        return [t for item in state for t in leaves(item)]
+    return [state] if isinstance(state, torch.Tensor) else [torch.tensor(float(state))]
+
+
+def same_states(a, b):
+    for u, v in zip(leaves(a), leaves(b), strict=True):
+        close(u, v)
+
+
+def stream(mod, x, cuts, targets=None, **kw):
+    """mod fed x in pieces ending at cuts, each piece given the last one's state (and its
+    targets)."""
+    state, ys, a = None, [], 0
+    for b in [*cuts, x.shape[1]]:
+        if targets is not None:
+            kw["targets"] = targets[:, a:b]
+        y, state = mod(x[:, a:b], state=state, return_state=True, **kw)
+        ys.append(y)
+        a = b
+    return torch.cat(ys, 1), state
+
+
+# MLP memories ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_an_mlp_memory_carries_a_partial_chunk_into_the_next_call_by_default(backend):
+    mod = build(MLP, "Deep", backend=backend, dim=8)
+    x = torch.randn(2, 11, 8)
+    whole, final = mod(x, return_state=True)
+    pieces, state = stream(mod, x, [6])
+    close(pieces, whole)
+    same_states(final, state)
+    assert final["M"]["offset"] == 3  # 11 tokens: two chunks of 4, three into the third
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_an_mlp_memory_that_flushes_starts_a_chunk_with_every_call(backend):
+    carry = build(MLP, "Deep", backend=backend, dim=8)
+    flush = build(MLP, "Deep", "partial chunk flush", backend=backend, dim=8)
+    x = torch.randn(2, 11, 8)
+    # one call: the same outputs and weights; the flushed state starts a chunk
+    y, state = flush(x[:, :6], return_state=True)
+    y_carry, state_carry = carry(x[:, :6], return_state=True)
+    close(y, y_carry)
+    same_states(state["M"]["M"], state_carry["M"]["M"])
+    assert state["M"]["offset"] == 0 and state_carry["M"]["offset"] == 2
+    # the next call takes its first gradients at the weights the last one reached, as a
+    # memory does whose chunk starts there
+    restart = {"M": {**state_carry["M"], "start": state_carry["M"]["M"], "offset": 0}}
+    later, final = flush(x[:, 6:], state=state, return_state=True)
+    close(later, carry(x[:, 6:], state=restart))
+    assert (later - carry(x[:, 6:], state=state_carry)).abs().max() > 1e-4  # it matters
+    # calls that end on chunk boundaries: the same as one pass
+    pieces, _ = stream(flush, x, [4, 8])
+    close(pieces, carry(x))
+
+
+def test_an_mlp_memory_that_flushes_is_the_same_on_both_tiers():
+    ref = build(MLP, "Deep", "partial chunk flush", backend="reference", dim=8)
+    fast = build(MLP, "Deep", "partial chunk flush", backend="chunked", dim=8)
+    x = torch.randn(2, 13, 8)
+    ya, sa = stream(ref, x, [3, 9])
+    yb, sb = stream(fast, x, [3, 9])
+    close(ya, yb, 1e-4)
+    same_states(sa, sb)
+
+
+# task-loss (CMS) levels --------------------------------------------------------------------
+
+
+def test_a_cms_level_that_flushes_updates_at_the_end_of_a_call():
+    carry = build(CMS, "LM")
+    flush = build(CMS, "LM", "partial chunk flush")
+    x = torch.randint(0, 20, (2, 6))
+    y_carry, carried = carry(x, return_state=True)
+    y, flushed = flush(x, return_state=True)
+    close(y, y_carry)  # the update lands after the call's last token: no read sees it
+    # the carried state holds the gradient of the partial chunk (tokens 4 and 5), the flushed
+    # state the gd step it makes: W <- 0.9 W - 0.5 g
+    level = carried["Level.f"]
+    assert level["offset"] == 2 and flushed["Level.f"]["offset"] == 0
+    assert flushed["Level.f"]["grad"] is None
+    for w, g, after in zip(level["W"], level["grad"], flushed["Level.f"]["W"]):
+        close(after, 0.9 * w - 0.5 * g)
+    # the next call starts a chunk: its first 4 tokens read the flushed weights
+    x2 = torch.randint(0, 20, (2, 5))
+    later = flush(x2, state=flushed)
+    close(later, carry(x2, state={"Level.f": {**flushed["Level.f"]}}))
+    assert (later - carry(x2, state=carried)).abs().max() > 1e-4
+    # calls that end on chunk boundaries: the same as one pass
+    x = torch.randint(0, 20, (2, 12))
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    pieces, _ = stream(flush, x, [4, 8], targets=targets)
+    close(pieces, carry(x))
+
+
+def test_a_cms_level_carries_by_default_and_streams_as_one_pass():
+    carry = build(CMS, "LM")
+    x = torch.randint(0, 20, (2, 13))
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    whole, final = carry(x, return_state=True)
+    pieces, state = stream(carry, x, [3, 6], targets=targets)
+    close(pieces, whole)
+    same_states(final, state)
+
+
+def test_a_shared_cms_level_sums_the_batch_gradients():
+    shared = build(CMS, "LM", "state shared")
+    per_sample = build(CMS, "LM", lr=1.0)
+    x = torch.randint(0, 20, (1, 9)).expand(2, -1)
+    # two equal sequences: one shared step of lr 0.5 on their summed gradients is each
+    # sequence's own step of lr 1
+    y, state = shared(x, return_state=True)
+    y_each, state_each = per_sample(x, return_state=True)
+    close(y, y_each)
+    A, B = state["Level.f"]["W"]
+    assert A.shape == (8, 16) and B.shape == (16, 8)  # no batch dim
+    close(A, state_each["Level.f"]["W"][0][1])
+    # different sequences: every sequence reads the weights the whole batch made (tokens 4
+    # to 7 read those of the first chunk's step)
+    x = torch.randint(0, 20, (3, 9))
+    y, state = shared(x, return_state=True)
+    for i in range(3):
+        alone = shared(x[i:i + 1, 4:8], state={"Level.f": state_at(shared, x, 4)})
+        close(y[i:i + 1, 4:8], alone)
+    assert (y[:1, 4:8] - shared(x[:1])[:, 4:8]).abs().max() > 1e-4
+    # a shared level streams as one pass too, and trains its initial weights
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    pieces, streamed = stream(shared, x, [2, 7], targets=targets)
+    close(pieces, y)
+    same_states(state, streamed)
+    y.sum().backward()
+    assert shared.Level.f.A.grad.abs().sum() > 0
+
+
+def state_at(mod, x, t):
+    """A shared level's state after the first t tokens of every sequence of x (a whole
+    number of chunks)."""
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    _, state = mod(x[:, :t], targets=targets[:, :t], return_state=True)
+    return state["Level.f"]
+
+
+NESTED = spec("""
+    block B(dim) {
+        input x : [T, dim]
+        memory slow : mlp(dim, hidden = 4) = meta every 4 tokens {
+            SLOW
+            objective task; rule gd(lr = 0.1)
+        }
+        memory fast : mlp(dim, hidden = 4) = slow every 2 tokens {
+            FAST
+            objective task; rule gd(lr = 0.1)
+        }
+        output fast(x)
+    }
+""")
+
+
+def nested(slow, fast):
+    torch.manual_seed(0)
+    return nestc.loads(NESTED.replace("SLOW", slow).replace("FAST", fast), "n.nest")
+
+
+def test_a_shared_slow_level_can_start_per_sample_fast_levels():
+    cms = nested("state shared", "").build("B", dim=8)
+    x = torch.randn(2, 11, 8)
+    task = lambda y, a, b: y.pow(2).sum()  # noqa: E731
+    whole, final = cms(x, task=task, return_state=True)
+    assert final["slow"]["W"][0].shape == (8, 4) and final["fast"]["W"][0].shape == (2, 8, 4)
+    pieces, state = stream(cms, x, [3, 9], task=task)
+    close(pieces, whole)
+    same_states(final, state)
+
+
+@pytest.mark.parametrize("slow,fast,message", [
+    ("", "state shared", "shared by the batch but starts from `slow`, which is per sample"),
+    ("", "partial chunk flush", "a nested level ends its calls as its parent does"),
+    ("partial chunk flush", "", "`partial chunk carry` but starts from `slow`"),
+])
+def test_a_nested_level_shares_its_parents_choices(slow, fast, message):
+    with pytest.raises(nestc.NestError, match=message) as err:
+        nested(slow, fast).build("B", dim=8)
+    assert err.value.span is not None and err.value.span.line == 7
+
+
+def test_explain_shows_what_a_partial_chunk_does():
+    prog = nestc.loads(CMS.replace("CLAUSES", "partial chunk flush"), "c.nest")
+    text = explain(prog, "LM", tokens=70)
+    assert "partial chunk  flush        (set)" in text
+    assert "updates        17 over 70 tokens (the last 2 in a partial chunk: flush)" in text
+    text = explain(nestc.loads(MLP.replace("CLAUSES", ""), "m.nest"), "Deep", tokens=70,
+                   dim=8)
+    assert "in 18 chunks of 4 (last one partial: carry)" in text
+    assert "partial chunk  carry        (default)" in text
+    shared = explain(nestc.loads(CMS.replace("CLAUSES", "state shared"), "c.nest"), "LM")
+    assert "one set of weights for the batch" in shared
