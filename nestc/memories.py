@@ -108,30 +108,74 @@ class _Act(nn.Module):
 
 class CacheMemory(Memory):
     """Softmax attention's memory: every token's key and value, kept (PAPER.md sec. 2). Its
-    write is the pair (keys, values)."""
+    write is the pair (keys, values). `keep`: how many of the last keys a later call needs,
+    when every read of it has a window (None: all of them)."""
 
-    def attend(self, q: torch.Tensor, heads: int, rope: bool, env: dict[str, Any]
-               ) -> torch.Tensor:
-        """Causal attention of q over every key so far (those of earlier pieces first). With
-        rope, queries and keys are rotated by their positions in the whole stream."""
+    def __init__(self, name: str, where: str, *, keep: int | None = None,
+                 backend: str = "chunked") -> None:
+        super().__init__(name, where)
+        self.keep, self.backend = keep, backend
+
+    def attend(self, q: torch.Tensor, heads: int, rope: bool, env: dict[str, Any],
+               window: int | None = None) -> torch.Tensor:
+        """Causal attention of q over every key so far (those of earlier calls first), or
+        over the last `window` of them (the query's own included). With rope, queries and
+        keys are rotated by their positions in the whole stream. The state is (keys, values)
+        as attention saw them (rotated), or, for a cache that keeps only its last keys,
+        (keys, values, tokens seen)."""
         k, v = env[self.env_key]
         state = env["__state__"]
         B, T, _ = q.shape
         split = lambda x: x.view(B, x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
         q, k, v = split(q), split(k), split(v)  # (B, heads, T, d)
         past = state.given.get(self.state_key)
-        start = 0 if past is None else past[0].shape[2]
+        kept = 0 if past is None else past[0].shape[2]
+        start = past[2] if past is not None and len(past) == 3 else kept  # the stream's
         if rope:
             q, k = rotary(q, start), rotary(k, start)
-        if past is not None:  # the cache holds keys as attention saw them (rotated)
+        if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        state.out[self.state_key] = (k, v)
-        if start == 0:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # query i sits at position start + i and sees every key up to there
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril_(start)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.keep is None:
+            state.out[self.state_key] = (k, v)
+        else:
+            first = k.shape[2] - min(self.keep, k.shape[2])
+            state.out[self.state_key] = (k[:, :, first:], v[:, :, first:], start + T)
+        o = causal_attention(q, k, v, window, blocked=self.backend != "reference")
         return o.transpose(1, 2).reshape(B, T, -1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                     blocked: bool = True, block: int = 256) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, H, T, d), the last T of the positions of k and
+    v (B, H, L, d), each query over the keys at its position and before, or the last
+    `window` of them. blocked: queries `block` (at least window) at a time, each block over
+    the keys its window reaches, which costs T * (block + window) scores instead of T * L
+    (the reference tier takes one masked product)."""
+    T, L = q.shape[2], k.shape[2]
+    if window is None or window >= L:  # every query reaches back to the first key
+        if T == L:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril_(L - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    block = max(block, window)
+    if not blocked or T <= block:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_band(T, L, L - T, window, q))
+    outs = []
+    for a in range(0, T, block):
+        b = min(T, a + block)
+        lo, hi = max(0, L - T + a - window + 1), L - T + b  # the keys the block's queries see
+        outs.append(F.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi],
+            attn_mask=_band(b - a, hi - lo, L - T + a - lo, window, q)))
+    return torch.cat(outs, 2)
+
+
+def _band(n: int, m: int, first: int, window: int, like: torch.Tensor) -> torch.Tensor:
+    """(n, m) bool: query i, at key position first + i, sees keys first + i - window + 1 ..
+    first + i."""
+    pos = torch.arange(n, device=like.device)[:, None] + first
+    key = torch.arange(m, device=like.device)[None]
+    return (key <= pos) & (key > pos - window)
 
 
 def rotary(x: torch.Tensor, start: int, base: float = 10000.0) -> torch.Tensor:

@@ -85,8 +85,6 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
 def _attention(scope: Any, e: ast.ExprCall, kw: dict[str, Any], hint: str) -> Ten:
     from nestc.codegen.memories import CachePlan
 
-    if kw.get("window") is not None:
-        raise unsupported("windowed softmax attention", e.span)
     if not kw.get("causal", True):
         raise unsupported("non-causal softmax attention", e.span)
     heads, rope = scope.size_kw(e, "heads", 1, "a number of heads"), bool(kw.get("rope", True))
@@ -100,4 +98,7 @@ def _attention(scope: Any, e: ast.ExprCall, kw: dict[str, Any], hint: str) -> Te
                         f"keys of {cache.key.feat} and values of {cache.value.feat} features",
                         e.span, kind="shape",
                         hint="queries and keys have the same width; each splits into heads")
-    return Ten(f"self.{cache.attr}.attend({q.code}, {heads}, {rope}, _env)", cache.value.feat)
+    window = scope.size_kw(e, "window", 0, "an attention window") or None
+    cache.windows.append(window)
+    args = f"{q.code}, {heads}, {rope}, _env" + (f", window={window}" if window else "")
+    return Ten(f"self.{cache.attr}.attend({args})", cache.value.feat)

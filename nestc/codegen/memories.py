@@ -200,12 +200,34 @@ class CachePlan(Plan):
                             kind="value")
         self.key = scope.tensor(exprs["key"], s.name)
         self.value = scope.tensor(exprs["value"], s.name)
+        self.backend = True
+        self.windows: list[int | None] = []  # of the attention that reads it
+
+    def keep(self) -> int | None:
+        """The keys a later call needs: the last window - 1, when every read has a window."""
+        if not self.windows or None in self.windows:
+            return None
+        return max(w for w in self.windows if w) - 1
+
+    def construct(self) -> tuple[str, list[str]]:
+        self.config["keep"] = self.keep()
+        return super().construct()
 
     def write(self, scope: Any) -> tuple[str, list[str]] | None:
         return "", [self.key.code, self.value.code]  # a tuple
 
     def describe(self) -> str:
-        return "softmax attention's key/value cache, read by scaled_dot_product_attention"
+        text = "softmax attention's key/value cache, read by scaled_dot_product_attention"
+        windows = sorted({w for w in self.windows if w})
+        if windows:
+            reach = [f"the last {w} tokens" for w in windows]
+            if None in self.windows:
+                reach.insert(0, "every token so far")
+            text += f" over {' and over '.join(reach)}"
+        keep = self.keep()
+        if keep is not None:
+            text += f"; keeps the last {keep} keys for the next call"
+        return text
 
 
 class StaticPlan(Plan):
