@@ -38,6 +38,15 @@ def timed(fn: Callable[[], torch.Tensor], backward: bool, reps: int, device: str
     return statistics.median(times)
 
 
+def contenders(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+               ) -> dict[str, Callable[[], torch.Tensor]]:
+    return {
+        "blocked": lambda: causal_attention(q, k, v, window, blocked=True),
+        "masked": lambda: causal_attention(q, k, v, window, blocked=False),
+        "full": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--T", type=int, nargs="+", default=[1024, 4096])
@@ -60,14 +69,9 @@ def main() -> None:
                    for _ in range(3))
         for window in args.window:
             for backward in (False, True):
-                runs = {
-                    "blocked": lambda w=window: causal_attention(q, k, v, w, blocked=True),
-                    "masked": lambda w=window: causal_attention(q, k, v, w, blocked=False),
-                    "full": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                }
                 with torch.set_grad_enabled(backward):
                     ms = {name: 1e3 * timed(fn, backward, args.reps, args.device)
-                          for name, fn in runs.items()}
+                          for name, fn in contenders(q, k, v, window).items()}
                 print(f"| {T} | {window} | {'fwd+bwd' if backward else 'fwd'} "
                       f"| {ms['blocked']:.1f} | {ms['masked']:.1f} | {ms['full']:.1f} "
                       f"| {ms['blocked'] / ms['masked']:.2f} "

@@ -158,7 +158,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril_(L - T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     block = max(block, window)
-    if not blocked or T <= block:
+    if not blocked or block >= T:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_band(T, L, L - T, window, q))
     outs = []
     for a in range(0, T, block):
