@@ -118,3 +118,18 @@ def test_a_window_is_a_whole_number_of_tokens():
                                               "at least 1, got 0") as err:
         PROG.build("A", dim=8, window=0)
     assert "a.nest:6:60" in str(err.value)  # at the window's value
+
+
+def test_the_benchmark_runs():
+    """benchmarks/attention.py at tiny sizes: its table, one row per T, window and pass."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    run = subprocess.run([sys.executable, str(script), "--T", "64", "--window", "8",
+                          "--reps", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [ln for ln in run.stdout.splitlines() if ln.startswith("| 64 | 8 |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["fwd", "fwd+bwd"], run.stdout
