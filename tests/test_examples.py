@@ -15,6 +15,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted([*ROOT.glob("stdlib/**/*.nest"), *ROOT.glob("examples/*.nest")])
 
 
+def assert_tidy(source: str) -> None:
+    """What a user's linter checks in a file that `nestc compile -o` writes: lines of at most
+    99 columns (the embedded kernel source aside) and no unused import."""
+    import ast
+
+    long = [ln for ln in source.splitlines() if len(ln) > 99 and not ln.startswith("_TRITON")]
+    assert not long, long
+    tree = ast.parse(source)
+    imported = {a.asname or a.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assert imported <= used, imported - used
+
+
 def optimizer_decls():
     for path in SPECS:
         prog = nestc.load(path)
@@ -27,7 +41,9 @@ def optimizer_decls():
 def test_every_optimizer_compiles_and_steps(path, name):
     torch = pytest.importorskip("torch")
     prog = nestc.load(path)
-    compile(prog.source(name), f"<{name}>", "exec")
+    source = prog.source(name)
+    compile(source, f"<{name}>", "exec")
+    assert_tidy(source)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
     checked = prog.decl(name)
     required = {h: 0.01 for h, info in checked.hypers.items() if info.required}
@@ -65,6 +81,7 @@ def test_every_block_and_model_compiles_and_runs(path, name):
     hyper = {h: v for h, v in small.items() if h in checked.hypers}
     source = prog.source(name, **hyper)
     compile(source, f"<{name}>", "exec")
+    assert_tidy(source)
     mod = prog.build(name, **hyper)
     x = torch.randint(0, 12, (1, 5)) if checked.kind == "model" else torch.randn(1, 5, 8)
     # a block's memories that learn from the task loss take it from the caller

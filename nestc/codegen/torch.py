@@ -13,8 +13,11 @@ mapped them, so the two can never collide.
 from __future__ import annotations
 
 import builtins
+import io
 import keyword
 import re
+import textwrap
+import tokenize
 from dataclasses import dataclass
 
 from nestc import __version__, ir
@@ -306,7 +309,7 @@ class _Variant:
 
     # statements
     def stmt(self, s: ir.Stmt) -> None:
-        self.line(f"# {comment(source_line(s.span))}")
+        self.line(spec_comment(s.span))
         self.where = f"{s.span}"  # named by errors the runtime raises for this statement
         if isinstance(s, ir.Let):
             v = self.expr(s.value)
@@ -562,6 +565,76 @@ def source_line(span) -> str:
     return f"{span.file}:{span.line}: {text}"
 
 
+def fitted(line: str, width: int = 99) -> list[str]:
+    """A generated line as lines of at most `width` columns where it can: a comment continued
+    on comment lines, a statement broken inside its brackets (after a comma, or before a
+    binary operator) and continued 4 columns further in; a line that cannot break stays."""
+    if len(line) <= width:
+        return [line]
+    indent = " " * (len(line) - len(line.lstrip()))
+    text = line.strip()
+    if text.startswith("#"):
+        # a spec line's comment: its place on a line of its own, then the line
+        where = re.match(r"# (\S+:\d+:) ", text)
+        head = [f"{indent}# {where[1]}"] if where else []
+        body = text[where.end():] if where else text[1:].strip()
+        return head + textwrap.wrap(body, width, initial_indent=f"{indent}#{'    ' * bool(where)} ",
+                                    subsequent_indent=f"{indent}#     ",
+                                    break_long_words=False, break_on_hyphens=False)
+    try:
+        breaks = _breaks(text)
+    except (tokenize.TokenError, SyntaxError):  # part of a statement (already wrapped)
+        return [line]
+    more = " " * (8 if text.startswith("def ") else 4)  # a def's arguments, past its body
+    pieces: list[str] = []
+    start = 0
+    while True:
+        room = width - len(indent) - (len(more) if pieces else 0)
+        if len(text) - start <= room:
+            break
+        later = [b for b in breaks if b[0] > start]
+        if not later:
+            break
+        # the outermost break that fits, the last of those; else the first there is
+        fits = [b for b in later if b[0] - start <= room]
+        cut, resume, _ = max(fits, key=lambda b: (-b[2], b[0])) if fits else later[0]
+        pieces.append(text[start:cut].rstrip())
+        start = resume
+    pieces.append(text[start:])
+    return [indent + pieces[0]] + [f"{indent}{more}{p}" for p in pieces[1:]]
+
+
+_BINARY = {"+", "-", "*", "/", "@", "%", "//"}
+
+
+def _breaks(code: str) -> list[tuple[int, int, int]]:
+    """(end of a line, start of the next, bracket depth) where one statement of Python may
+    continue on a new line: inside brackets, after a comma or before a binary operator."""
+    depth, out = 0, []
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(code).readline)
+              if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+    for i, t in enumerate(tokens):
+        if t.type != tokenize.OP:
+            continue
+        if t.string in "([{":
+            depth += 1
+        elif t.string in ")]}":
+            depth -= 1
+        elif depth and t.string == "," and i + 1 < len(tokens):
+            out.append((t.end[1], tokens[i + 1].start[1], depth))
+        elif depth and t.string in _BINARY and i and (
+                tokens[i - 1].type in (tokenize.NAME, tokenize.NUMBER, tokenize.STRING)
+                or tokens[i - 1].string in ")]}"):  # binary, not unary
+            out.append((tokens[i - 1].end[1], t.start[1], depth))
+    return out
+
+
+def spec_comment(span) -> str:
+    """`# file:line: <the spec's line>`, the spacing before its own comment made two spaces
+    (the line is wrapped as a comment when it is long)."""
+    return "# " + re.sub(r"\s{2,}#", "  #", comment(source_line(span)))
+
+
 def _kernel_call(choice: KernelChoice, emit: _Variant) -> list[str]:
     args = {k: emit.scalar(e) for k, e in choice.args}
     st = dict(choice.states)
@@ -609,7 +682,7 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
         w(f"from torch.optim.{mod} import _fused_{mod}")
     w("")
     w("from nestc import runtime as _rt")
-    w("from nestc.interp import FloatNS as _S")
+    w("from nestc.interp import FloatNS as _S")  # dropped below where no code uses it
     w("")
     w("")
     w(f"class {cls}(torch.optim.Optimizer):")
@@ -621,7 +694,9 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
         how = f"torch fused {k} kernel, else generic" if k else "generic multi-tensor code"
         if any(m.mlp is not None for m in v.memories):
             how = "generic code, its MLP memories tensor by tensor"
-        w(f"      {i}: {_conditions(v, hyper) or 'always'} -> {how}")
+        out += textwrap.wrap(f"{i}: {_conditions(v, hyper) or 'always'} -> {how}", 99,
+                             initial_indent=" " * 6, subsequent_indent=" " * 9,
+                             break_long_words=False, break_on_hyphens=False)
     w('    """')
     w("")
     w(f"    HYPERPARAMETERS = {tuple(h.name for h in opt.hypers)!r}")
@@ -658,7 +733,9 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     if any(fusable(v) for v in opt.variants):
         # the kernels' own module, loaded when a group runs on Triton (it imports triton)
         out += ["", "", f"_TRITON = {triton_source(opt)!r}"]
-    return "\n".join(out) + "\n"
+    if not any("_S." in line for line in out):
+        out.remove("from nestc.interp import FloatNS as _S")
+    return "\n".join(fit for ln in out for fit in fitted(ln)) + "\n"
 
 
 def _conditions(v: ir.Variant, hyper: dict[str, str]) -> str:
@@ -772,7 +849,7 @@ class _OneTensor:
         lines = ["", "", f"def {name}({sig}{', ' if args else ''}{args}):",
                  '    """One tensor\'s step in plain tensor code, for torch.compile to fuse."""']
         for st in self.variant.stmts:
-            lines.append(f"    # {comment(source_line(st.span))}")
+            lines.append(f"    {spec_comment(st.span)}")
             self.where = f"{st.span}"
             if isinstance(st, ir.Let):
                 value = self.expr(st.value)

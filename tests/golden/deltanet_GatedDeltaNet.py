@@ -36,17 +36,22 @@ class GatedDeltaNet(_Built):
     def run(self, _env, x):
         _env = {"__state__": _env["__state__"], "__self__": self}
         _state = _env["__state__"]
-        # std/memory/deltanet.nest:30: let q = x |> linear(dim) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
+        # std/memory/deltanet.nest:30:
+        #     let q = x |> linear(dim) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
         q = _layers.l2norm(F.silu(self.q_conv1d(self.q_linear(x), _state)), 4, 1e-06)
-        # std/memory/deltanet.nest:31: let k = x |> linear(dim) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
+        # std/memory/deltanet.nest:31:
+        #     let k = x |> linear(dim) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
         k = _layers.l2norm(F.silu(self.k_conv1d(self.k_linear(x), _state)), 4, 1e-06)
         # std/memory/deltanet.nest:32: let v = x |> linear(dim) |> conv1d(window = 4) |> silu
         v = F.silu(self.v_conv1d(self.v_linear(x), _state))
-        # std/memory/deltanet.nest:33: let beta = x |> linear(heads) |> sigmoid            # learning rate
+        # std/memory/deltanet.nest:33: let beta = x |> linear(heads) |> sigmoid  # learning rate
         beta = torch.sigmoid(self.beta_linear(x))
-        # std/memory/deltanet.nest:34: let alpha = sigmoid(linear(x, heads) + retain_bias)  # retention
+        # std/memory/deltanet.nest:34:
+        #     let alpha = sigmoid(linear(x, heads) + retain_bias)  # retention
         alpha = torch.sigmoid((self.alpha_linear(x) + 4.0))
-        # std/memory/deltanet.nest:35: memory M : matrix(dim / heads, dim / heads) per head = zeros every token in chunks of chunk {
+        # std/memory/deltanet.nest:35:
+        #     memory M : matrix(dim / heads, dim / heads) per head = zeros every token in chunks of
+        #     chunk {
         _env['M'] = self.M.write(k, v, lr=beta, retain=alpha)
         # std/memory/deltanet.nest:41: output M(q) |> linear(dim)
         return self.out_linear(self.M.read(q, _env))

@@ -64,51 +64,73 @@ class SelfModifyingTitans(_Built):
     def run(self, _env, x):
         _env = {"__state__": _env["__state__"], "__self__": self}
         _state = _env["__state__"]
-        # std/memory/self_modifying_titans.nest:47: let q = x |> linear(dim) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
+        # std/memory/self_modifying_titans.nest:47:
+        #     let q = x |> linear(dim) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
         q = _layers.l2norm(F.silu(self.q_conv1d(self.q_linear(x), _state)), 4, 1e-06)
-        # std/memory/self_modifying_titans.nest:50: let k0 = x |> linear(dim) |> conv1d(window = 4) |> l2norm(per = heads)
+        # std/memory/self_modifying_titans.nest:50:
+        #     let k0 = x |> linear(dim) |> conv1d(window = 4) |> l2norm(per = heads)
         k0 = _layers.l2norm(self.k0_conv1d(self.k0_linear(x), _state), 4, 1e-06)
         # std/memory/self_modifying_titans.nest:51: let v0 = x |> linear(dim) |> conv1d(window = 4)
         v0 = self.v0_conv1d(self.v0_linear(x), _state)
-        # std/memory/self_modifying_titans.nest:52: let eta0 = 0.1 * softplus(linear(x, heads))         # small positive learning rate
+        # std/memory/self_modifying_titans.nest:52:
+        #     let eta0 = 0.1 * softplus(linear(x, heads))  # small positive learning rate
         eta0 = (0.1 * _layers.softplus(self.eta0_linear(x), 1.0))
-        # std/memory/self_modifying_titans.nest:53: let alpha0 = sigmoid(linear(x, heads) + retain_bias)  # retention in (0, 1), near 0.98 at first
+        # std/memory/self_modifying_titans.nest:53:
+        #     let alpha0 = sigmoid(linear(x, heads) + retain_bias)  # retention in (0, 1), near
+        #     0.98 at first
         alpha0 = torch.sigmoid((self.alpha0_linear(x) + 4.0))
-        # std/memory/self_modifying_titans.nest:55: memory M_k : residual_mlp(dim / heads) per head = meta every token in chunks of chunk {
+        # std/memory/self_modifying_titans.nest:55:
+        #     memory M_k : residual_mlp(dim / heads) per head = meta every token in chunks of chunk
+        #     {
         def _M_k_value_1(_read, _a, _b, _tile=1):
             return torch.detach(_read(_mem.tiled(v0[:, _a:_b], _tile)))
         _env['M_k'] = self.M_k.write(k0, value=_M_k_value_1, vs=v0, lr=(1.0 * eta0), retain=alpha0)
-        # std/memory/self_modifying_titans.nest:63: memory M_v : residual_mlp(dim / heads) per head = meta every token in chunks of chunk {
+        # std/memory/self_modifying_titans.nest:63:
+        #     memory M_v : residual_mlp(dim / heads) per head = meta every token in chunks of chunk
+        #     {
         def _M_v_value_2(_read, _a, _b, _tile=1):
             return torch.detach(_read(_mem.tiled(v0[:, _a:_b], _tile)))
         _env['M_v'] = self.M_v.write(k0, value=_M_v_value_2, vs=v0, lr=(1.0 * eta0), retain=alpha0)
-        # std/memory/self_modifying_titans.nest:71: memory M_eta : residual_mlp(dim / heads) per head = meta every token in chunks of chunk {
+        # std/memory/self_modifying_titans.nest:71:
+        #     memory M_eta : residual_mlp(dim / heads) per head = meta every token in chunks of
+        #     chunk {
         def _M_eta_value_3(_read, _a, _b, _tile=1):
             return torch.detach(_read(_mem.tiled(v0[:, _a:_b], _tile)))
         _env['M_eta'] = self.M_eta.write(
             k0, value=_M_eta_value_3, vs=v0, lr=(1.0 * eta0), retain=alpha0)
-        # std/memory/self_modifying_titans.nest:79: memory M_alpha : residual_mlp(dim / heads) per head = meta every token in chunks of chunk {
+        # std/memory/self_modifying_titans.nest:79:
+        #     memory M_alpha : residual_mlp(dim / heads) per head = meta every token in chunks of
+        #     chunk {
         def _M_alpha_value_4(_read, _a, _b, _tile=1):
             return torch.detach(_read(_mem.tiled(v0[:, _a:_b], _tile)))
         _env['M_alpha'] = self.M_alpha.write(
             k0, value=_M_alpha_value_4, vs=v0, lr=(1.0 * eta0), retain=alpha0)
-        # std/memory/self_modifying_titans.nest:89: let k = M_k(x) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
+        # std/memory/self_modifying_titans.nest:89:
+        #     let k = M_k(x) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
         k = _layers.l2norm(F.silu(self.k_conv1d(self.M_k.read(x, _env), _state)), 4, 1e-06)
         # std/memory/self_modifying_titans.nest:90: let v = M_v(x) |> conv1d(window = 4) |> silu
         v = F.silu(self.v_conv1d(self.M_v.read(x, _env), _state))
-        # std/memory/self_modifying_titans.nest:91: let eta = memory_lr * softplus(mean(M_eta(x), per = heads))  # one learning rate per head
-        eta = (0.3 * _layers.softplus(self.M_eta.read(x, _env).unflatten(-1, (4, -1)).mean(-1), 1.0))
-        # std/memory/self_modifying_titans.nest:92: let alpha = sigmoid(mean(M_alpha(x), per = heads) + retain_bias)  # one retention per head
+        # std/memory/self_modifying_titans.nest:91:
+        #     let eta = memory_lr * softplus(mean(M_eta(x), per = heads))  # one learning rate per
+        #     head
+        eta = (0.3
+            * _layers.softplus(self.M_eta.read(x, _env).unflatten(-1, (4, -1)).mean(-1), 1.0))
+        # std/memory/self_modifying_titans.nest:92:
+        #     let alpha = sigmoid(mean(M_alpha(x), per = heads) + retain_bias)  # one retention per
+        #     head
         alpha = torch.sigmoid((self.M_alpha.read(x, _env).unflatten(-1, (4, -1)).mean(-1) + 4.0))
         # std/memory/self_modifying_titans.nest:94: let y = 0 * q
         y = (0 * q)
-        # std/memory/self_modifying_titans.nest:107: let theta = x |> linear(heads) |> sigmoid       # Titans' decay of the past surprise
+        # std/memory/self_modifying_titans.nest:107:
+        #     let theta = x |> linear(heads) |> sigmoid  # Titans' decay of the past surprise
         theta = torch.sigmoid(self.theta_linear(x))
-        # std/memory/self_modifying_titans.nest:108: memory M_memory : mlp(dim / heads, hidden = hidden * dim / heads) per head = meta
+        # std/memory/self_modifying_titans.nest:108:
+        #     memory M_memory : mlp(dim / heads, hidden = hidden * dim / heads) per head = meta
         _env['M_memory'] = self.M_memory.write(k, v=v, lr=eta, retain=alpha, beta=theta)
         # std/memory/self_modifying_titans.nest:114: y = M_memory(q)
         y_1 = self.M_memory.read(q, _env)
-        # std/memory/self_modifying_titans.nest:116: let gate = x |> linear(dim) |> sigmoid              # output gate, as in Titans
+        # std/memory/self_modifying_titans.nest:116:
+        #     let gate = x |> linear(dim) |> sigmoid  # output gate, as in Titans
         gate = torch.sigmoid(self.gate_linear(x))
         # std/memory/self_modifying_titans.nest:117: output (rmsnorm(y) * gate) |> linear(dim)
         return self.out_linear((self.out_rmsnorm(y_1) * gate))
@@ -190,13 +212,17 @@ class HopeLM(_Built):
         _state = _env["__state__"]
         # std/models/hope.nest:39: let h = embed(tokens, vocab, dim)
         h = self.h_embed(tokens)
-        # std/models/hope.nest:40: repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
+        # std/models/hope.nest:40:
+        #     repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
         h_1 = self.r0_Hope.run(_env, h)
-        # std/models/hope.nest:40: repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
+        # std/models/hope.nest:40:
+        #     repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
         h_2 = self.r1_Hope.run(_env, h_1)
-        # std/models/hope.nest:40: repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
+        # std/models/hope.nest:40:
+        #     repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
         h_3 = self.r2_Hope.run(_env, h_2)
-        # std/models/hope.nest:40: repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
+        # std/models/hope.nest:40:
+        #     repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
         h_4 = self.r3_Hope.run(_env, h_3)
         # std/models/hope.nest:41: output logits = h |> rmsnorm |> linear(vocab)
         return self.out_linear(self.out_rmsnorm(h_4))

@@ -15,11 +15,20 @@ class Muon(torch.optim.Optimizer):
       1: not (_p.ndim >= 2) -> torch fused adamw kernel, else generic
     """
 
-    HYPERPARAMETERS = ('lr', 'weight_decay', 'momentum', 'nesterov', 'ns_coefficients', 'eps', 'ns_steps', 'adjust_lr_fn', 'ns_dtype', 'adamw_lr', 'adamw_betas', 'adamw_eps', 'adamw_weight_decay')
+    HYPERPARAMETERS = ('lr', 'weight_decay', 'momentum', 'nesterov', 'ns_coefficients', 'eps',
+        'ns_steps', 'adjust_lr_fn', 'ns_dtype', 'adamw_lr', 'adamw_betas', 'adamw_eps',
+        'adamw_weight_decay')
     MEMORIES = ('exp_avg', 'exp_avg_sq', 'momentum_buffer')
 
-    def __init__(self, params, lr=0.001, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5, adjust_lr_fn='original', ns_dtype='bfloat16', adamw_lr=0.0003, adamw_betas=(0.9, 0.95), adamw_eps=1e-10, adamw_weight_decay=0.0, *, backend="auto"):
-        defaults = {'lr': lr, 'weight_decay': weight_decay, 'momentum': momentum, 'nesterov': nesterov, 'ns_coefficients': ns_coefficients, 'eps': eps, 'ns_steps': ns_steps, 'adjust_lr_fn': adjust_lr_fn, 'ns_dtype': ns_dtype, 'adamw_lr': adamw_lr, 'adamw_betas': adamw_betas, 'adamw_eps': adamw_eps, 'adamw_weight_decay': adamw_weight_decay, 'backend': _rt.check_backend(backend)}
+    def __init__(self, params, lr=0.001, weight_decay=0.1, momentum=0.95, nesterov=True,
+            ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5,
+            adjust_lr_fn='original', ns_dtype='bfloat16', adamw_lr=0.0003, adamw_betas=(0.9, 0.95),
+            adamw_eps=1e-10, adamw_weight_decay=0.0, *, backend="auto"):
+        defaults = {'lr': lr, 'weight_decay': weight_decay, 'momentum': momentum,
+            'nesterov': nesterov, 'ns_coefficients': ns_coefficients, 'eps': eps,
+            'ns_steps': ns_steps, 'adjust_lr_fn': adjust_lr_fn, 'ns_dtype': ns_dtype,
+            'adamw_lr': adamw_lr, 'adamw_betas': adamw_betas, 'adamw_eps': adamw_eps,
+            'adamw_weight_decay': adamw_weight_decay, 'backend': _rt.check_backend(backend)}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -48,13 +57,19 @@ class Muon(torch.optim.Optimizer):
             for _params, _on in _rt.split(_params, lambda _p: (_p.ndim >= 2)):
                 if _on:
                     _ps, _first = _params, {}
-                    self._variant_0(group, _ps, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+                    self._variant_0(group, _ps, _first, lr, weight_decay, momentum, nesterov,
+                        ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr,
+                        adamw_betas, adamw_eps, adamw_weight_decay)
                 else:
                     _ps, _first = _params, {}
-                    self._variant_1(group, _ps, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+                    self._variant_1(group, _ps, _first, lr, weight_decay, momentum, nesterov,
+                        ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr,
+                        adamw_betas, adamw_eps, adamw_weight_decay)
         return loss
 
-    def _variant_0(self, group, _params, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay):
+    def _variant_0(self, group, _params, _first, lr, weight_decay, momentum, nesterov,
+            ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas,
+            adamw_eps, adamw_weight_decay):
         """(_p.ndim >= 2)."""
         _grads = [_p.grad for _p in _params]
         _states = [self.state[_p] for _p in _params]
@@ -66,23 +81,40 @@ class Muon(torch.optim.Optimizer):
         _rt.no_kernel(group)
         torch._foreach_add_(_steps, 1)
         if _rt.backend_of(group) == 'compiled':
-            _rt.compiled(_all_0)(_params, _grads, _steps, _st_momentum_buffer, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+            _rt.compiled(_all_0)(_params, _grads, _steps, _st_momentum_buffer, _first, lr,
+                weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
+                ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
             return
         _step = [_s.item() for _s in _steps]
         # std/optim/muon.nest:25: rule gd(lr = 1 - momentum)
         torch._foreach_lerp_(_st_momentum_buffer, _grads, (1 - momentum))
-        # std/optim/muon.nest:27: let u = if nesterov then lerp(grad(W), momentum_buffer, momentum) else momentum_buffer
-        _l_u = (torch._foreach_lerp(_grads, _st_momentum_buffer, momentum) if nesterov else _st_momentum_buffer)
-        # std/optim/muon.nest:28: let o = newton_schulz(u, steps = ns_steps, eps = eps, coefficients = ns_coefficients,
-        _l_o = [_rt.newton_schulz(_x, ns_steps, eps, (ns_coefficients[0], ns_coefficients[1], ns_coefficients[2]), ns_dtype, 'std/optim/muon.nest:28:9') for _x in _l_u]
-        # std/optim/muon.nest:31: let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W)))
-        # std/optim/muon.nest:34: W -= lr * weight_decay * W                   # decoupled decay, before the step
+        # std/optim/muon.nest:27:
+        #     let u = if nesterov then lerp(grad(W), momentum_buffer, momentum) else
+        #     momentum_buffer
+        _l_u = (torch._foreach_lerp(_grads, _st_momentum_buffer,
+            momentum) if nesterov else _st_momentum_buffer)
+        # std/optim/muon.nest:28:
+        #     let o = newton_schulz(u, steps = ns_steps, eps = eps, coefficients = ns_coefficients,
+        _l_o = [_rt.newton_schulz(_x, ns_steps, eps,
+            (ns_coefficients[0], ns_coefficients[1], ns_coefficients[2]), ns_dtype,
+            'std/optim/muon.nest:28:9') for _x in _l_u]
+        # std/optim/muon.nest:31:
+        #     let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W)))
+        # std/optim/muon.nest:34: W -= lr * weight_decay * W  # decoupled decay, before the step
         torch._foreach_mul_(_params, (1 - (lr * weight_decay)))
         # std/optim/muon.nest:35: W -= lr * scale * o
-        for _x, _y, _a in zip(_params, _l_o, [(lr * ((_S.sqrt(_S.max(1, (_rt.rows(_p) / _rt.cols(_p)))) if (adjust_lr_fn == 'original') else ((0.2 * _S.sqrt(_S.max(_rt.rows(_p), _rt.cols(_p)))) if (adjust_lr_fn == 'match_rms_adamw') else 1.0)))) for _c, _p in zip(_step, _params)]):
+        for _x, _y, _a in zip(_params, _l_o,
+            [(lr
+            * ((_S.sqrt(_S.max(1,
+            (_rt.rows(_p) / _rt.cols(_p)))) if (adjust_lr_fn == 'original') else ((0.2
+            * _S.sqrt(_S.max(_rt.rows(_p),
+            _rt.cols(_p)))) if (adjust_lr_fn == 'match_rms_adamw') else 1.0)))) for _c,
+            _p in zip(_step, _params)]):
             _x.add_(_y, alpha=-_a)
 
-    def _variant_1(self, group, _params, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay):
+    def _variant_1(self, group, _params, _first, lr, weight_decay, momentum, nesterov,
+            ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas,
+            adamw_eps, adamw_weight_decay):
         """not (_p.ndim >= 2)."""
         _grads = [_p.grad for _p in _params]
         _states = [self.state[_p] for _p in _params]
@@ -108,10 +140,15 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(_steps, 1)
         if _rt.use_triton(group, _params, _grads):
             _step = [_s.item() for _s in _steps]
-            _rt.triton_module(_TRITON).launch_1(_params, _grads, _step, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+            _rt.triton_module(_TRITON).launch_1(_params, _grads, _step, _st_exp_avg,
+                _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps,
+                ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps,
+                adamw_weight_decay)
             return
         if _rt.backend_of(group) == 'compiled':
-            _rt.compiled(_all_1)(_params, _grads, _steps, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+            _rt.compiled(_all_1)(_params, _grads, _steps, _st_exp_avg, _st_exp_avg_sq, _first, lr,
+                weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
+                ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
             return
         _step = [_s.item() for _s in _steps]
         # std/optim/muon.nest:37: let g = grad(W)
@@ -127,31 +164,55 @@ class Muon(torch.optim.Optimizer):
         _t1 = torch._foreach_sqrt(_st_exp_avg_sq)
         torch._foreach_div_(_t1, [_S.sqrt((1 - (adamw_betas[1] ** _c))) for _c in _step])
         torch._foreach_add_(_t1, adamw_eps)
-        torch._foreach_addcdiv_(_params, _st_exp_avg, _t1, [(-(adamw_lr / (1 - (adamw_betas[0] ** _c)))) for _c in _step])
+        torch._foreach_addcdiv_(_params, _st_exp_avg, _t1,
+            [(-(adamw_lr / (1 - (adamw_betas[0] ** _c)))) for _c in _step])
 
 
-def _one_0(_p, _g, _c, _st_momentum_buffer, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay):
+def _one_0(_p, _g, _c, _st_momentum_buffer, _first, lr, weight_decay, momentum, nesterov,
+        ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps,
+        adamw_weight_decay):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
     # std/optim/muon.nest:25: rule gd(lr = 1 - momentum)
     _st_momentum_buffer.copy_(torch.lerp(_st_momentum_buffer, _g, (1 - momentum)))
-    # std/optim/muon.nest:27: let u = if nesterov then lerp(grad(W), momentum_buffer, momentum) else momentum_buffer
+    # std/optim/muon.nest:27:
+    #     let u = if nesterov then lerp(grad(W), momentum_buffer, momentum) else momentum_buffer
     _l_u = (torch.lerp(_g, _st_momentum_buffer, momentum) if nesterov else _st_momentum_buffer)
-    # std/optim/muon.nest:28: let o = newton_schulz(u, steps = ns_steps, eps = eps, coefficients = ns_coefficients,
-    _l_o = _rt.newton_schulz(_l_u, ns_steps, eps, (ns_coefficients[0], ns_coefficients[1], ns_coefficients[2]), ns_dtype, 'std/optim/muon.nest:28:9')
-    # std/optim/muon.nest:31: let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W)))
-    _l_scale = (torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(1), torch.as_tensor((_rt.rows(_p) / _rt.cols(_p)))))) if (adjust_lr_fn == 'original') else ((0.2 * torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(_rt.rows(_p)), torch.as_tensor(_rt.cols(_p)))))) if (adjust_lr_fn == 'match_rms_adamw') else 1.0))
-    # std/optim/muon.nest:34: W -= lr * weight_decay * W                   # decoupled decay, before the step
+    # std/optim/muon.nest:28:
+    #     let o = newton_schulz(u, steps = ns_steps, eps = eps, coefficients = ns_coefficients,
+    _l_o = _rt.newton_schulz(_l_u, ns_steps, eps,
+        (ns_coefficients[0], ns_coefficients[1], ns_coefficients[2]), ns_dtype,
+        'std/optim/muon.nest:28:9')
+    # std/optim/muon.nest:31:
+    #     let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W)))
+    _l_scale = (torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(1),
+        torch.as_tensor((_rt.rows(_p)
+        / _rt.cols(_p)))))) if (adjust_lr_fn == 'original') else ((0.2
+        * torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(_rt.rows(_p)),
+        torch.as_tensor(_rt.cols(_p)))))) if (adjust_lr_fn == 'match_rms_adamw') else 1.0))
+    # std/optim/muon.nest:34: W -= lr * weight_decay * W  # decoupled decay, before the step
     _p.copy_((_p * (1 - (lr * weight_decay))))
     # std/optim/muon.nest:35: W -= lr * scale * o
-    _p.copy_((_p - ((lr * (torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(1), torch.as_tensor((_rt.rows(_p) / _rt.cols(_p)))))) if (adjust_lr_fn == 'original') else ((0.2 * torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(_rt.rows(_p)), torch.as_tensor(_rt.cols(_p)))))) if (adjust_lr_fn == 'match_rms_adamw') else 1.0))) * _l_o)))
+    _p.copy_((_p
+        - ((lr
+        * (torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(1),
+        torch.as_tensor((_rt.rows(_p)
+        / _rt.cols(_p)))))) if (adjust_lr_fn == 'original') else ((0.2
+        * torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(_rt.rows(_p)),
+        torch.as_tensor(_rt.cols(_p)))))) if (adjust_lr_fn == 'match_rms_adamw') else 1.0)))
+        * _l_o)))
 
 
-def _all_0(_params, _grads, _steps, _st_momentum_buffer, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay):
+def _all_0(_params, _grads, _steps, _st_momentum_buffer, _first, lr, weight_decay, momentum,
+        nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas,
+        adamw_eps, adamw_weight_decay):
     for _p, _g, _c, _m0 in zip(_params, _grads, _steps, _st_momentum_buffer):
-        _one_0(_p, _g, _c, _m0, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+        _one_0(_p, _g, _c, _m0, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps,
+            ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
 
 
-def _one_1(_p, _g, _c, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay):
+def _one_1(_p, _g, _c, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov,
+        ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps,
+        adamw_weight_decay):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
     # std/optim/muon.nest:37: let g = grad(W)
     _l_g = _g
@@ -162,11 +223,18 @@ def _one_1(_p, _g, _c, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, mo
     # std/optim/muon.nest:44: W -= adamw_lr * adamw_weight_decay * W
     _p.copy_((_p * (1 - (adamw_lr * adamw_weight_decay))))
     # std/optim/muon.nest:45: W -= adamw_lr * debias(exp_avg, adamw_betas[0])
-    _p.copy_((_p - ((adamw_lr * (_st_exp_avg / (1 - adamw_betas[0] ** _c))) / (torch.sqrt(torch.as_tensor((_st_exp_avg_sq / (1 - adamw_betas[1] ** _c)))) + adamw_eps))))
+    _p.copy_((_p
+        - ((adamw_lr * (_st_exp_avg / (1 - adamw_betas[0] ** _c)))
+        / (torch.sqrt(torch.as_tensor((_st_exp_avg_sq / (1 - adamw_betas[1] ** _c))))
+        + adamw_eps))))
 
 
-def _all_1(_params, _grads, _steps, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay):
+def _all_1(_params, _grads, _steps, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay,
+        momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr,
+        adamw_betas, adamw_eps, adamw_weight_decay):
     for _p, _g, _c, _m0, _m1 in zip(_params, _grads, _steps, _st_exp_avg, _st_exp_avg_sq):
-        _one_1(_p, _g, _c, _m0, _m1, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+        _one_1(_p, _g, _c, _m0, _m1, _first, lr, weight_decay, momentum, nesterov, ns_coefficients,
+            eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps,
+            adamw_weight_decay)
 
 

@@ -4,7 +4,6 @@ import torch
 from torch.optim.sgd import _fused_sgd
 
 from nestc import runtime as _rt
-from nestc.interp import FloatNS as _S
 
 
 class SGD(torch.optim.Optimizer):
@@ -19,8 +18,11 @@ class SGD(torch.optim.Optimizer):
     HYPERPARAMETERS = ('lr', 'momentum', 'dampening', 'weight_decay', 'nesterov')
     MEMORIES = ('buf',)
 
-    def __init__(self, params, lr=0.001, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *, backend="auto"):
-        defaults = {'lr': lr, 'momentum': momentum, 'dampening': dampening, 'weight_decay': weight_decay, 'nesterov': nesterov, 'backend': _rt.check_backend(backend)}
+    def __init__(self, params, lr=0.001, momentum=0.0, dampening=0.0, weight_decay=0.0,
+            nesterov=False, *, backend="auto"):
+        defaults = {'lr': lr, 'momentum': momentum, 'dampening': dampening,
+            'weight_decay': weight_decay, 'nesterov': nesterov,
+            'backend': _rt.check_backend(backend)}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -41,13 +43,16 @@ class SGD(torch.optim.Optimizer):
             if (momentum != 0):
                 if nesterov:
                     for _first, _ps in _rt.partition_first(self.state, _params, ['buf']):
-                        self._variant_0(group, _ps, _first, lr, momentum, dampening, weight_decay, nesterov)
+                        self._variant_0(group, _ps, _first, lr, momentum, dampening, weight_decay,
+                            nesterov)
                 else:
                     for _first, _ps in _rt.partition_first(self.state, _params, ['buf']):
-                        self._variant_1(group, _ps, _first, lr, momentum, dampening, weight_decay, nesterov)
+                        self._variant_1(group, _ps, _first, lr, momentum, dampening, weight_decay,
+                            nesterov)
             else:
                 _ps, _first = _params, {}
-                self._variant_2(group, _ps, _first, lr, momentum, dampening, weight_decay, nesterov)
+                self._variant_2(group, _ps, _first, lr, momentum, dampening, weight_decay,
+                    nesterov)
         return loss
 
     def _variant_0(self, group, _params, _first, lr, momentum, dampening, weight_decay, nesterov):
@@ -75,16 +80,19 @@ class SGD(torch.optim.Optimizer):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
             _st_buf = [_s['buf'] for _s in _states]
             _step = [_s.item() for _s in _steps]
-            _rt.triton_module(_TRITON).launch_0(_params, _grads, _step, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov)
+            _rt.triton_module(_TRITON).launch_0(_params, _grads, _step, _st_buf, _first, lr,
+                momentum, dampening, weight_decay, nesterov)
             return
         if _rt.backend_of(group) == 'compiled':
             for _s, _p in zip(_states, _params):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
             _st_buf = [_s['buf'] for _s in _states]
-            _rt.compiled(_all_0)(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov)
+            _rt.compiled(_all_0)(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening,
+                weight_decay, nesterov)
             return
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
-        _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params, alpha=weight_decay)
+        _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params,
+            alpha=weight_decay)
         _l_g = _t1
         # std/optim/sgd.nest:14: rule gd(lr = 1 - dampening, retain = momentum)
         if _first['buf']:
@@ -123,16 +131,19 @@ class SGD(torch.optim.Optimizer):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
             _st_buf = [_s['buf'] for _s in _states]
             _step = [_s.item() for _s in _steps]
-            _rt.triton_module(_TRITON).launch_1(_params, _grads, _step, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov)
+            _rt.triton_module(_TRITON).launch_1(_params, _grads, _step, _st_buf, _first, lr,
+                momentum, dampening, weight_decay, nesterov)
             return
         if _rt.backend_of(group) == 'compiled':
             for _s, _p in zip(_states, _params):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
             _st_buf = [_s['buf'] for _s in _states]
-            _rt.compiled(_all_1)(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov)
+            _rt.compiled(_all_1)(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening,
+                weight_decay, nesterov)
             return
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
-        _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params, alpha=weight_decay)
+        _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params,
+            alpha=weight_decay)
         _l_g = _t1
         # std/optim/sgd.nest:14: rule gd(lr = 1 - dampening, retain = momentum)
         if _first['buf']:
@@ -164,13 +175,16 @@ class SGD(torch.optim.Optimizer):
         torch._foreach_add_(_steps, 1)
         if _rt.use_triton(group, _params, _grads):
             _step = [_s.item() for _s in _steps]
-            _rt.triton_module(_TRITON).launch_2(_params, _grads, _step, _first, lr, momentum, dampening, weight_decay, nesterov)
+            _rt.triton_module(_TRITON).launch_2(_params, _grads, _step, _first, lr, momentum,
+                dampening, weight_decay, nesterov)
             return
         if _rt.backend_of(group) == 'compiled':
-            _rt.compiled(_all_2)(_params, _grads, _steps, _first, lr, momentum, dampening, weight_decay, nesterov)
+            _rt.compiled(_all_2)(_params, _grads, _steps, _first, lr, momentum, dampening,
+                weight_decay, nesterov)
             return
         # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
-        _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params, alpha=weight_decay)
+        _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params,
+            alpha=weight_decay)
         _l_g = _t1
         # std/optim/sgd.nest:22: W -= lr * g
         torch._foreach_add_(_params, _l_g, alpha=(-lr))
@@ -186,7 +200,8 @@ def _one_0(_p, _g, _c, _st_buf, _first, lr, momentum, dampening, weight_decay, n
     _p.copy_((_p - (lr * (_l_g + (momentum * _st_buf)))))
 
 
-def _all_0(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov):
+def _all_0(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay,
+        nesterov):
     for _p, _g, _c, _m0 in zip(_params, _grads, _steps, _st_buf):
         _one_0(_p, _g, _c, _m0, _first, lr, momentum, dampening, weight_decay, nesterov)
 
@@ -201,7 +216,8 @@ def _one_1(_p, _g, _c, _st_buf, _first, lr, momentum, dampening, weight_decay, n
     _p.copy_((_p - (lr * _st_buf)))
 
 
-def _all_1(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov):
+def _all_1(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay,
+        nesterov):
     for _p, _g, _c, _m0 in zip(_params, _grads, _steps, _st_buf):
         _one_1(_p, _g, _c, _m0, _first, lr, momentum, dampening, weight_decay, nesterov)
 
