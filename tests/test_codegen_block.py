@@ -242,3 +242,32 @@ def test_bad_values_in_a_block_are_errors_at_their_place(body, message):
     with pytest.raises(nestc.NestError) as info:
         _block(body)
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_generated_lines_break_inside_their_brackets():
+    from nestc.codegen.torch import fitted
+
+    line = "        y = torch.sigmoid(" + ", ".join(f"self.layer_{i}(x)" for i in range(8)) + ")"
+    lines = fitted(line)
+    assert all(len(ln) <= 99 for ln in lines) and len(lines) == 2
+    assert lines[1].startswith(" " * 12 + "self.layer_")
+    compile("\n".join(ln[8:] for ln in lines), "<fitted>", "exec")
+    # a def's arguments go 8 columns in (past its body); a line with no break stays whole
+    head = fitted("    def f(" + ", ".join(f"argument_{i}=1" for i in range(8)) + "):")
+    assert head[1].startswith(" " * 12 + "argument_")
+    long_name = "        " + "x" * 100
+    assert fitted(long_name) == [long_name]
+    # a spec line's comment: its place first, then the line
+    note = fitted("        # std/a.nest:3: let q = " + "x |> silu " * 10)
+    assert note[0] == "        # std/a.nest:3:" and note[1].startswith("        #     let q = ")
+
+
+def test_values_nothing_reads_are_not_computed():
+    from nestc.codegen.block import without_dead_stores
+
+    body = ["# a.nest:1: let y = 0 * q", "y = (0 * q)",
+            "# a.nest:2: let z = y + 1", "z = (y + 1)",
+            "# a.nest:3: let c = conv(x)", "c = self.c_conv1d(x, _state)",
+            "# a.nest:4: output q", "return q"]
+    # z reads y, but nothing reads z: both go, with their comments; a submodule's call stays
+    assert without_dead_stores(body) == body[4:]

@@ -71,6 +71,25 @@ def wrapped(head: str, args: list[str], indent: int, width: int = 99) -> list[st
     return lines + [line]
 
 
+def without_dead_stores(body: list[str]) -> list[str]:
+    """body less the assignments of values nothing reads that compute nothing else (no
+    submodule, memory or state: a spec's `let y = 0 * q` that only declares y before an `if`
+    rebinds it), and less the spec-line comments left above nothing."""
+    body = list(body)
+    while True:
+        code = [ln for ln in body if not ln.lstrip().startswith("#")]
+        dead = [i for i, ln in enumerate(body)
+                if (m := re.fullmatch(r"(\w+) = (.*)", ln))
+                and not re.search(r"\bself\.|\b_env\b|\b_state\b|\b_mem\.", m[2])
+                and not any(re.search(rf"\b{m[1]}\b", other) for other in code if other != ln)]
+        if not dead:
+            break
+        for i in reversed(dead):
+            del body[i]
+    return [ln for i, ln in enumerate(body)
+            if not (ln.startswith("#") and (i + 1 == len(body) or body[i + 1].startswith("#")))]
+
+
 def docstring(text: str, indent: int, width: int = 99) -> list[str]:
     """A docstring of spec text (names, values, a path), made safe: printable, no quotes or
     backslashes that could end it, wrapped at `width` columns."""
@@ -159,7 +178,7 @@ class _Class:
         out += ["        self.finish()", "", f"    def run(self, _env, {self.input}):",
                 '        _env = {"__state__": _env["__state__"], "__self__": self}',
                 '        _state = _env["__state__"]']
-        out += [f"        {ln}" if ln else "" for ln in self.body]
+        out += [f"        {ln}" if ln else "" for ln in without_dead_stores(self.body)]
         return "\n".join(fit for ln in out for fit in fitted(ln)) + "\n"
 
 

@@ -119,8 +119,6 @@ class SelfModifyingTitans(_Built):
         #     let alpha = sigmoid(mean(M_alpha(x), per = heads) + retain_bias)  # one retention per
         #     head
         alpha = torch.sigmoid((self.M_alpha.read(x, _env).unflatten(-1, (4, -1)).mean(-1) + 4.0))
-        # std/memory/self_modifying_titans.nest:94: let y = 0 * q
-        y = (0 * q)
         # std/memory/self_modifying_titans.nest:107:
         #     let theta = x |> linear(heads) |> sigmoid  # Titans' decay of the past surprise
         theta = torch.sigmoid(self.theta_linear(x))
