@@ -881,3 +881,155 @@ class TaskMLP(Memory):
         weights = self._update(state["W"], state["grad"])
         self.guard(*weights)
         return {"W": weights, "grad": None, "offset": 0}
+
+
+class PeriodicMemory(Memory):
+    """A memory with its own objective that learns once every `period` tokens, counted from
+    the start of the stream (a level slower than the tokens, PAPER.md sec. 4, with the level's
+    own objective instead of the task loss). Its weights W are frozen inside each period; at
+    the period's last token
+
+        g = sum over the period's tokens t of lr_t * grad L(W; k_t, v_t)   (all at W)
+        gd: W <- r W - g        momentum: S <- beta S - g, W <- r W + S
+
+    with r (`retain`) and beta constants. `kind` "matrix": per head, M(x) = x W (W: a x b);
+    "mlp" / "residual_mlp": per head, M(x) = act(x A) B (+ x). A read at the period's last
+    token sees the update (`read after write`) or not (`read before write`); every other
+    read sees the period's weights. `shared`: one set of weights for the batch, whose
+    gradients sum over its sequences. In-context state {"W": weights, "S": momentum or None,
+    "grad": the period's g so far or None, "offset": tokens into the period}."""
+
+    def __init__(self, name: str, where: str, *, kind: str, a: int, b: int, hidden: int,
+                 heads: int, act: str, period: int, objective: str, delta: float,
+                 retain: float, beta: float | None, read_before: bool, stopped: bool,
+                 shared: bool, flush: bool, init: str, backend: str = "chunked") -> None:
+        super().__init__(name, where)
+        self.kind, self.a, self.b, self.heads, self.period = kind, a, b, heads, period
+        self.act = ACTS[act]
+        self.objective, self.delta, self.retain, self.beta = objective, delta, retain, beta
+        self.read_before, self.stopped, self.shared, self.flush = read_before, stopped, \
+            shared, flush
+        self.backend = backend
+        if kind != "matrix":
+            self.A, self.B = _mlp_weights(heads, d=a, hidden=hidden)
+        elif init == "meta":
+            self.initial = nn.Parameter(torch.zeros(heads, a, b))
+        self.init = init
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, lr: Any = 1.0) -> dict[str, Any]:
+        """The per-token signals: keys and values by head, lr [B, T, H]."""
+        B, T, _ = k.shape
+        out = {"k": k.view(B, T, self.heads, self.a), "v": v.view(B, T, self.heads, self.b),
+               "lr": signal(lr, k, self.heads)}
+        return {n: x.detach() for n, x in out.items()} if self.stopped else out
+
+    # the memory as a function of its weights ----------------------------------------------
+
+    def _map(self, W: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        """x (N, H, n, a) read at weights W (batch dims (N, H), or (H,) when shared)."""
+        if self.kind == "matrix":
+            return x @ W[0]
+        return _mlp(x, W[0], W[1], self.act, self.kind == "residual_mlp")
+
+    def _loss(self, W: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor,
+              lr: torch.Tensor) -> torch.Tensor:
+        """sum over the tokens of lr_t L(W; k_t, v_t); k, v (N, H, n, .), lr (N, H, n)."""
+        y = self._map(W, k)
+        if self.objective == "l2":
+            per = 0.5 * (y - v).pow(2).sum(-1)
+        elif self.objective == "dot":
+            per = -(y * v).sum(-1)
+        else:  # huber: 1/2 x^2 within delta, delta (|x| - delta / 2) beyond
+            per = F.huber_loss(y, v, reduction="none", delta=self.delta).sum(-1)
+        return (lr * per).sum()
+
+    def _grad(self, W: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor,
+              lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The lr-weighted sum of the tokens' gradients at W, differentiable by the outer
+        level (torch.func.grad: it also runs without grad mode)."""
+        n = len(W)
+        return torch.func.grad(lambda *w: self._loss(w, k, v, lr),
+                               argnums=tuple(range(n)))(*W)
+
+    def _update(self, W: tuple[torch.Tensor, ...], S: Any, g: tuple[torch.Tensor, ...]
+                ) -> tuple[tuple[torch.Tensor, ...], Any]:
+        if self.beta is None:
+            return tuple(self.retain * w - gi for w, gi in zip(W, g)), None
+        S = tuple(-gi if s is None else self.beta * s - gi
+                  for s, gi in zip(S or (None,) * len(g), g))
+        return tuple(self.retain * w + s for w, s in zip(W, S)), S
+
+    # runs ---------------------------------------------------------------------------------
+
+    def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        w = env[self.env_key]
+        state = env["__state__"]
+        B, T, _ = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        given = state.given.get(self.state_key) or self._initial(B, acc, q.device)
+        qh = q.view(B, T, self.heads, self.a).transpose(1, 2).to(acc)  # (N, H, T, a)
+        w = {n: x.transpose(1, 2).to(acc) for n, x in w.items()}
+        run = self._reference if self.backend == "reference" else self._chunked
+        y, out = run(qh, w, given)
+        self.guard(*out["W"])
+        state.out[self.state_key] = out
+        return y.transpose(1, 2).reshape(B, T, self.heads * self.b).to(q.dtype)
+
+    def _initial(self, batch: int, dtype: torch.dtype, device: torch.device
+                 ) -> dict[str, Any]:
+        if self.kind != "matrix":
+            W: tuple[torch.Tensor, ...] = (self.A, self.B)
+        elif self.init == "meta":
+            W = (self.initial,)
+        else:
+            W = (torch.zeros(self.heads, self.a, self.b, dtype=dtype, device=device),)
+        W = tuple(w.to(dtype) if self.shared else w.to(dtype).expand(batch, *w.shape)
+                  for w in W)
+        return {"W": W, "S": None, "grad": None, "offset": 0}
+
+    def _reference(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
+        """The definition: token by token, each token's gradient at the period's weights
+        added to the period's sum, the rule applied at its last token."""
+        W, S, g, offset = given["W"], given["S"], given["grad"], given["offset"]
+        outs = []
+        for t in range(q.shape[2]):
+            if self.read_before:
+                outs.append(self._map(W, q[:, :, t:t + 1]))
+            gt = self._grad(W, w["k"][:, :, t:t + 1], w["v"][:, :, t:t + 1],
+                            w["lr"][:, :, t:t + 1])
+            g = gt if g is None else tuple(a + b for a, b in zip(g, gt))
+            offset += 1
+            if offset == self.period:
+                (W, S), g, offset = self._update(W, S, g), None, 0
+            if not self.read_before:
+                outs.append(self._map(W, q[:, :, t:t + 1]))
+        y = torch.cat(outs, 2) if outs else q.new_zeros(*q.shape[:-1], self.b)
+        return y, {"W": W, "S": S, "grad": g, "offset": offset}
+
+    def _chunked(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
+        """Period by period: the reads of a period's tokens at its weights in one product,
+        its gradients as one gradient of their summed, lr-weighted loss."""
+        W, S, g, offset = given["W"], given["S"], given["grad"], given["offset"]
+        T, outs, a = q.shape[2], [], 0
+        while a < T:
+            b = min(T, a + self.period - offset)
+            y = self._map(W, q[:, :, a:b])
+            gt = self._grad(W, w["k"][:, :, a:b], w["v"][:, :, a:b], w["lr"][:, :, a:b])
+            g = gt if g is None else tuple(x + z for x, z in zip(g, gt))
+            offset += b - a
+            if offset == self.period:
+                (W, S), g, offset = self._update(W, S, g), None, 0
+                if not self.read_before:  # the last token reads the update
+                    y = torch.cat([y[:, :, :-1], self._map(W, q[:, :, b - 1:b])], 2)
+            outs.append(y)
+            a = b
+        y = torch.cat(outs, 2) if outs else q.new_zeros(*q.shape[:-1], self.b)
+        return y, {"W": W, "S": S, "grad": g, "offset": offset}
+
+    def flushed(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A partial period updates now, and the next call starts a period."""
+        if state["offset"] == 0:
+            return state
+        W, S = self._update(state["W"], state["S"], state["grad"])
+        self.guard(*W)
+        return {"W": W, "S": S, "grad": None, "offset": 0}

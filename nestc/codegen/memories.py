@@ -23,6 +23,10 @@ def plan(scope: Any, s: ast.StmtMemory) -> Any:
     kind = structure[0] if structure else None
     if kind == "cache":
         return CachePlan(scope, s)
+    every = s.frequency is not None and s.frequency.unit == "token" and \
+        s.frequency.every is not None
+    if kind in ("matrix", "mlp", "residual_mlp") and every and not _is_task(s):
+        return PeriodicPlan(scope, s)
     if kind == "matrix":
         return LinearPlan(scope, s)
     if kind in ("mlp", "residual_mlp") and s.frequency is not None and \
@@ -645,4 +649,106 @@ class TaskPlan(Plan):
             text += "; one set of weights for the batch"
         if self.parent is not None:
             text += f"; starts each of {self.parent.attr}'s chunks from its weights"
+        return text
+
+
+class PeriodicPlan(Plan):
+    """A matrix or MLP memory with its own objective that learns once every N tokens: the
+    gradients of a period's tokens summed at its weights, the rule applied at its end."""
+
+    runtime = "PeriodicMemory"
+
+    def __init__(self, scope: Any, s: ast.StmtMemory) -> None:
+        super().__init__(s)
+        self.backend = True
+        assert s.frequency is not None and s.frequency.every is not None
+        kind, call = _call(s.structure) or ("", None)
+        assert call is not None
+        what = "a memory updated every N tokens"
+        if kind == "matrix":
+            self.a, self.b = (scope.size(x, "a matrix memory's size") for x in call.args)
+            hidden, act = 0, "gelu"
+        else:
+            self.a, hidden, _, act, _ = _mlp_structure(scope, s, f"an MLP as {what}")
+            self.b = self.a
+        self.kind, self.per_head = kind, s.per_head or kind == "matrix"
+        period = scope.size(s.frequency.every, "a period")
+        if s.frequency.chunk is not None:
+            raise unsupported(f"`in chunks of` on {what} (it runs period by period)", s.span)
+        exprs, choices = _clauses(s)
+        objective, self.key_expr, self.value_expr = _objective(
+            s, exprs, what, ("l2", "dot", "huber"))
+        objective_call = _call(exprs["objective"])
+        assert objective_call is not None
+        delta_e = {k.name: k.value for k in objective_call[1].kwargs}.get("delta")
+        delta = 1.0 if delta_e is None else scope.number(delta_e, "the huber `delta`")
+        if not delta > 0:
+            raise NestError(f"the huber `delta` of memory `{self.name}` must be positive, got "
+                            f"{delta}", delta_e.span if delta_e is not None else s.span,
+                            kind="value")
+        rule = _call(exprs.get("rule"))
+        if rule is None or rule[0] not in ("gd", "momentum"):
+            raise unsupported(f"{what} whose rule is not gd or momentum", s.span)
+        self.rule = rule[0]
+        self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
+        if "clip" in self.rule_kw:
+            raise unsupported(f"`clip` on {what}", self.rule_kw["clip"].span)
+        rates = {n: self._rate(scope, n) for n in ("retain", "beta")}
+        if self.rule == "momentum" and "beta" not in self.rule_kw:
+            raise NestError(f"the momentum rule of `{self.name}` needs `beta`", s.span,
+                            kind="value")
+        init = _call(s.init)
+        init_name = init[0] if init else "zeros"
+        if init_name not in (("zeros", "meta") if kind == "matrix" else ("meta",)):
+            raise unsupported(f"initial state `{init_name}` for {what}", s.span)
+        self.config = {"kind": kind, "a": self.a, "b": self.b, "hidden": hidden, "heads": 0,
+                       "act": act, "period": period, "objective": objective, "delta": delta,
+                       "retain": rates["retain"] if rates["retain"] is not None else 1.0,
+                       "beta": rates["beta"] if self.rule == "momentum" else None,
+                       "read_before": choices["read"] == "before write",
+                       "stopped": choices["backprop"] == "stopped",
+                       "shared": choices["state"] == "shared",
+                       "flush": choices["partial"] == "flush", "init": init_name}
+
+    def _rate(self, scope: Any, name: str) -> float | None:
+        """`retain` or `beta` of the rule: a number fixed by the hyperparameters."""
+        e = self.rule_kw.get(name)
+        if e is None:
+            return None
+        c = _constant(scope, e)
+        if c is None:
+            raise unsupported(f"a `{name}` that changes with the data on a memory updated "
+                              "every N tokens (it is one number)", e.span)
+        low = c >= 0 if name == "beta" else c > 0
+        if not (low and c <= 1):
+            where = "[0, 1]" if name == "beta" else "(0, 1]"
+            raise NestError(f"`{name}` of memory `{self.name}` is in {where}, got {c}", e.span,
+                            kind="value")
+        return c
+
+    def write(self, scope: Any) -> tuple[str, list[str]] | None:
+        k = scope.tensor(self.key_expr, self.name)
+        v = scope.tensor(self.value_expr, self.name)
+        heads = k.feat // self.a if k.feat % self.a == 0 else 0
+        if not heads or v.feat != heads * self.b or (not self.per_head and heads != 1):
+            raise NestError(f"memory `{self.name}` maps {self.a} features to {self.b}"
+                            f"{' per head' if self.per_head else ''}, but its keys have "
+                            f"{k.feat} and its values {v.feat}", self.span, kind="shape")
+        self.heads = self.config["heads"] = heads
+        return f"self.{self.attr}.write", [k.code, v.code,
+                                           f"lr={self.signal(scope, 'lr', 1.0)}"]
+
+    def read(self, scope: Any, q: Ten, span: Any) -> Ten:
+        return self.reader(q, span, self.heads * self.a, self.heads * self.b)
+
+    def describe(self) -> str:
+        c = self.config
+        structure = (f"matrix {c['a']} x {c['b']}" if c["kind"] == "matrix" else
+                     f"{'residual ' if c['kind'] == 'residual_mlp' else ''}MLP {c['a']} -> "
+                     f"{c['hidden']} -> {c['a']}")
+        text = (f"{structure} per head ({c['heads']} heads) learning by {self.rule} on "
+                f"{c['objective']} once every {c['period']} tokens: the period's gradients "
+                "summed at the weights its tokens read")
+        if c["shared"]:
+            text += "; one set of weights for the batch"
         return text

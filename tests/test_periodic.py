@@ -1,0 +1,202 @@
+"""Memories with their own objective that learn once every N tokens (nestc.memories.
+PeriodicMemory, docs/semantics.md): the chunked tier against the token loop, a period of one
+against the per-token memories, an update by hand, streaming with carry and flush, weights
+shared by the batch, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import spec  # noqa: E402
+
+import nestc  # noqa: E402
+from nestc.explain import explain  # noqa: E402
+
+TEMPLATE = spec("""
+    block B(dim, heads = 2, p = 4) {
+        input x : [T, dim]
+        let k = x |> linear(dim) |> l2norm(per = heads)
+        let v = x |> linear(dim)
+        let lr = 0.5 * sigmoid(linear(x, heads))
+        memory M : STRUCTURE per head = INIT every FREQUENCY {
+            CLAUSES
+            key k; value v
+            objective OBJECTIVE; rule RULE
+        }
+        output M(x) |> linear(dim)
+    }
+""")
+MATRIX, MLP = "matrix(dim / heads, dim / heads)", "mlp(dim / heads, hidden = 8, act = \"tanh\")"
+CASES = {
+    "matrix_gd": (MATRIX, "meta", "l2(M(k), v)", "gd(lr = lr)", ""),
+    "matrix_dot_retain": (MATRIX, "zeros", "dot(M(k), v)", "gd(lr = lr, retain = 0.9)", ""),
+    "matrix_huber_momentum": (MATRIX, "meta", "huber(M(k), v, delta = 0.2)",
+                              "momentum(lr = lr, beta = 0.5, retain = 0.95)", ""),
+    "mlp_gd_before": (MLP, "meta", "l2(M(k), v)", "gd(lr = lr, retain = 0.9)",
+                      "read before write"),
+    "residual_momentum": ("residual_mlp(dim / heads, hidden = 8)", "meta", "l2(M(k), v)",
+                          "momentum(lr = lr, beta = 0.5)", ""),
+    "mlp_shared_stopped": (MLP, "meta", "huber(M(k), v)", "gd(lr = 0.1)",
+                           "state shared; backprop stopped"),
+}
+
+
+def source(case, frequency="p tokens", rule=None, clauses=None):
+    structure, init, objective, case_rule, case_clauses = CASES[case]
+    rule = case_rule if rule is None else rule
+    clauses = case_clauses if clauses is None else clauses
+    return (TEMPLATE.replace("STRUCTURE", structure).replace("INIT", init)
+            .replace("OBJECTIVE", objective).replace("RULE", rule)
+            .replace("CLAUSES", clauses).replace("FREQUENCY", frequency))
+
+
+def build(case, backend="chunked", frequency="p tokens", rule=None, clauses=None, **hyper):
+    torch.manual_seed(0)
+    mod = nestc.loads(source(case, frequency, rule, clauses), "p.nest").build(
+        "B", dim=8, backend=backend, **hyper)
+    with torch.no_grad():  # a meta-learned matrix starts at zero: set it away from there
+        if hasattr(mod.M, "initial"):
+            mod.M.initial.normal_(0, 0.3)
+    return mod
+
+
+def close(a, b, tol=1e-4, atol=1e-6):
+    err = (a - b).abs().max().item()
+    assert err <= tol * a.abs().max().item() + atol, (err, a.abs().max().item())
+
+
+def leaves(state):
+    if isinstance(state, dict):
+        return [t for key in sorted(state) for t in leaves(state[key])]
+    if isinstance(state, (tuple, list)):
+        return [t for item in state for t in leaves(item)]
+    if state is None:
+        return []
+    return [state] if isinstance(state, torch.Tensor) else [torch.tensor(float(state))]
+
+
+def same_run(a, b, x, weights=lambda state: state):
+    """Equal outputs, states (those of b as `weights` finds them in its state) and parameter
+    gradients."""
+    ya, sa = a(x, return_state=True)
+    yb, sb = b(x, return_state=True)
+    close(ya, yb)
+    for u, w in zip(leaves(sa), leaves(weights(sb)), strict=True):
+        close(u, w)
+    ga = torch.autograd.grad(ya.pow(2).sum(), list(a.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(yb.pow(2).sum(), list(b.parameters()), allow_unused=True)
+    for u, w in zip(ga, gb, strict=True):
+        assert (u is None) == (w is None)
+        if u is not None:
+            close(u, w)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("T", [1, 4, 11])
+def test_the_chunked_tier_equals_the_token_loop(case, T):
+    same_run(build(case, "reference"), build(case), torch.randn(2, T, 8))
+
+
+@pytest.mark.parametrize("case", ["matrix_gd", "matrix_dot_retain", "residual_momentum",
+                                  "mlp_gd_before"])
+def test_a_period_of_one_token_is_the_memory_that_learns_every_token(case):
+    """`every 1 tokens` against `every token`: the delta rule, linear attention and Titans'
+    MLP memories, each built by its own code."""
+    every = build(case, p=1)
+    torch.manual_seed(0)
+    tokens = nestc.loads(source(case, "token"), "p.nest").build("B", dim=8)
+    tokens.load_state_dict(every.state_dict())
+    # the same weights, where each keeps them (and the same momentum)
+    same_run(every, tokens, torch.randn(2, 9, 8), lambda state: {"M": {
+        "W": state["M"] if case.startswith("matrix") else state["M"]["M"], "grad": None,
+        "offset": 0, "S": state["M"]["S"] if "momentum" in case else None}})
+
+
+def test_a_period_updates_once_by_its_summed_gradients():
+    mod = build("matrix_gd")
+    x = torch.randn(1, 6, 8)
+    y, state = mod(x, return_state=True)
+    H, d = 2, 4
+    heads = lambda t: t.view(1, 6, H, d).transpose(1, 2)  # noqa: E731
+    k = heads(torch.nn.functional.normalize(heads(mod.k_linear(x)).transpose(1, 2).reshape(
+        1, 6, 8).view(1, 6, H, d), dim=-1).reshape(1, 6, 8))
+    v, q = heads(mod.v_linear(x)), heads(x)
+    lr = (0.5 * torch.sigmoid(mod.lr_linear(x))).transpose(1, 2)  # (1, H, 6)
+    W0 = mod.M.initial.expand(1, -1, -1, -1)
+    # tokens 0..2 read W0; at token 3 the period's gradients, all at W0, make W1
+    g = torch.einsum("nht,nhta,nhtb->nhab", lr[..., :4], k[:, :, :4],
+                     k[:, :, :4] @ W0 - v[:, :, :4])
+    W1 = W0 - g
+    reads = torch.cat([q[:, :, :3] @ W0, q[:, :, 3:] @ W1], 2)
+    close(mod.out_linear(reads.transpose(1, 2).reshape(1, 6, 8)), y)
+    close(state["M"]["W"][0], W1)
+    assert state["M"]["offset"] == 2
+
+
+@pytest.mark.parametrize("case", ["matrix_huber_momentum", "mlp_gd_before"])
+def test_streaming_carries_a_period_into_the_next_call(case):
+    mod = build(case)
+    x = torch.randn(2, 13, 8)
+    whole, final = mod(x, return_state=True)
+    state, pieces = None, []
+    for a, b in [(0, 3), (3, 6), (6, 13)]:
+        y, state = mod(x[:, a:b], state=state, return_state=True)
+        pieces.append(y)
+    close(torch.cat(pieces, 1), whole)
+    for u, w in zip(leaves(final), leaves(state), strict=True):
+        close(u, w)
+
+
+def test_flush_applies_a_partial_period_at_the_end_of_a_call():
+    carry, flush = build("matrix_gd"), build("matrix_gd", clauses="partial chunk flush")
+    x = torch.randn(2, 6, 8)
+    y, flushed = flush(x, return_state=True)
+    y_carry, carried = carry(x, return_state=True)
+    close(y, y_carry)
+    assert carried["M"]["offset"] == 2 and flushed["M"]["offset"] == 0
+    close(flushed["M"]["W"][0], carried["M"]["W"][0] - carried["M"]["grad"][0])
+    later = flush(x[:, :5], state=flushed)
+    close(later, carry(x[:, :5], state=flushed))
+    assert (later - carry(x[:, :5], state=carried)).abs().max() > 1e-4
+
+
+def test_shared_weights_sum_the_batch_gradients():
+    shared = build("mlp_shared_stopped")
+    x = torch.randn(1, 9, 8).expand(2, -1, -1)
+    _, state = shared(x, return_state=True)
+    each = build("mlp_shared_stopped", rule="gd(lr = 0.2)", clauses="backprop stopped")
+    y_each, state_each = each(x, return_state=True)
+    close(shared(x), y_each)  # two equal sequences: a shared step is each one's, doubled
+    assert state["M"]["W"][0].shape == (2, 4, 8)
+    close(state["M"]["W"][0], state_each["M"]["W"][0][0])
+
+
+@pytest.mark.parametrize("change,message", [
+    ("gd(lr = lr, retain = sigmoid(x |> linear(2)))",
+     "a `retain` that changes with the data on a memory updated every N tokens"),
+    ("dgd(lr = lr)", "whose rule is not gd or momentum"),
+    ("gd(lr = lr, clip = 1)", "`clip` on a memory updated every N tokens"),
+])
+def test_what_a_periodic_memory_does_not_take(change, message):
+    text = source("matrix_gd").replace("gd(lr = lr)", change)
+    with pytest.raises(nestc.NestError, match=message) as err:
+        nestc.loads(text, "p.nest").build("B", dim=8)
+    assert err.value.unsupported and err.value.span.line in (6, 9)  # the memory or its rule
+    chunks = source("matrix_gd").replace("every p tokens", "every p tokens in chunks of 8")
+    with pytest.raises(nestc.NestError, match="`in chunks of` on a memory updated every N"):
+        nestc.loads(chunks, "p.nest").build("B", dim=8)
+
+
+def test_explain_says_how_often_it_learns():
+    text = explain(nestc.loads(source("matrix_huber_momentum"), "p.nest"), "B", dim=8)
+    text = text.replace("\n      ", " ")
+    assert ("matrix 4 x 4 per head (2 heads) learning by momentum on huber once every 4 "
+            "tokens: the period's gradients summed at the weights its tokens read") in text
+
+
+def test_a_module_with_one_moves_between_dtypes():
+    mod = build("residual_momentum").double()
+    y, state = mod(torch.randn(2, 7, 8, dtype=torch.float64), return_state=True)
+    assert y.dtype == torch.float64 and state["M"]["W"][0].dtype == torch.float64
