@@ -73,7 +73,7 @@ def test_a_model_nestc_does_not_build_gets_a_line_not_a_number(tmp_path, monkeyp
     assert [line for line in lines if line.startswith("| TransformerLM |")]
     assert not [line for line in lines if line.startswith("| SharedLM")]
     (note,) = [line for line in lines if line.startswith("SharedLM")]
-    assert "not measured" in note and "shared across the batch" in note
+    assert "not measured" in note and "`state shared` on a matrix memory" in note
     assert "shared.nest:5" in note
 
 
