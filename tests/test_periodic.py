@@ -200,3 +200,27 @@ def test_a_module_with_one_moves_between_dtypes():
     mod = build("residual_momentum").double()
     y, state = mod(torch.randn(2, 7, 8, dtype=torch.float64), return_state=True)
     assert y.dtype == torch.float64 and state["M"]["W"][0].dtype == torch.float64
+
+
+def test_torch_compile_runs_a_periodic_memory_and_windowed_attention():
+    prog = nestc.loads(spec("""
+        block C(dim) {
+            input x : [T, dim]
+            memory M : matrix(dim, dim) = meta every 3 tokens {
+                key x; value x; objective l2(M(x), x); rule momentum(lr = 0.1, beta = 0.5)
+            }
+            memory A : cache every token { key x; value x }
+            output M(x) + softmax_attention(x, A, window = 4)
+        }
+    """), "c.nest")
+    torch.manual_seed(0)
+    mod = prog.build("C", dim=8)
+    with torch.no_grad():
+        mod.M.initial.normal_()
+    x = torch.randn(2, 10, 8)
+    eager = mod(x)
+    compiled = torch.compile(mod)(x)
+    close(eager, compiled)
+    g_eager = torch.autograd.grad(eager.sum(), mod.M.initial)[0]
+    g_compiled = torch.autograd.grad(compiled.sum(), mod.M.initial)[0]
+    close(g_eager, g_compiled)
