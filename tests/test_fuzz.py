@@ -334,3 +334,53 @@ def test_files_that_are_not_clean_utf8(tmp_path, data):
             nestc.load(path)
         except NestError as err:
             assert_good_report(err)
+
+
+# --- mutated blocks and models, built and run: the compiler's errors too -----------------------
+
+BUILDS_PER_KIND = 5  # per file and kind of mutation (bounded: each builds and runs a module)
+SMALL = {"dim": 8, "vocab": 12, "depth": 1, "heads": 2}
+
+
+def build_and_run(text: str, filename: str) -> None:
+    """Load, build every block and model at small sizes and run it on a few tokens; fail on
+    anything but success or a good NestError."""
+    torch = pytest.importorskip("torch")
+    with time_limit(30):
+        try:
+            prog = nestc.loads(text, filename)
+        except NestError as err:
+            assert_good_report(err)
+            return
+        for name in prog.names:
+            try:
+                checked = prog.decl(name)
+                if checked.kind not in ("block", "model"):
+                    continue
+                mod = prog.build(name, **{h: v for h, v in SMALL.items() if h in checked.hypers})
+                x = torch.randint(0, 12, (1, 5)) if checked.kind == "model" else \
+                    torch.randn(1, 5, 8)
+                task = (lambda y, a, b: y.pow(2).sum()) if mod.tasks and \
+                    checked.kind == "block" else None
+                mod(x, task=task)
+            except NestError as err:
+                assert_good_report(err)
+
+
+@pytest.mark.parametrize("path", [p for p in spec_files()
+                                  if re.search(r"^(block|model) ", p.read_text(), re.M)],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_mutated_blocks_build_or_fail_with_a_report(path: Path):
+    text = path.read_text()
+    for kind in KINDS_OF_MUTATION:
+        rng = random.Random(f"{path.name}:{kind}:build")
+        cases = mutations(text, kind, rng)
+        rng.shuffle(cases)
+        for case in cases[:BUILDS_PER_KIND]:
+            try:
+                build_and_run(case, path.name)
+            except (AssertionError, CaseTimeout):
+                raise
+            except BaseException as err:  # noqa: BLE001 - report the input that broke it
+                raise AssertionError(f"{type(err).__name__}: {err}\ninput:\n{case[:2000]!r}") \
+                    from err
