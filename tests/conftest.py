@@ -33,3 +33,24 @@ def error_of() -> Callable[..., str]:
         return str(info.value)
 
     return run
+
+
+def close(a, b, tol: float = 1e-4, atol: float = 1e-7) -> None:
+    """Error relative to the largest entry, as fla's tests measure it (a gradient that is zero
+    on one tier is a few ulps off zero on the other: atol)."""
+    err = (a - b).abs().max().item()
+    assert err <= tol * a.abs().max().item() + atol, (err, a.abs().max().item())
+
+
+def leaves(state: object) -> list:
+    """The tensors of an in-context state (dicts, tuples and lists of tensors) in a fixed
+    order, its counters (a chunk's offset) as tensors; None (no momentum yet) left out."""
+    import torch
+
+    if isinstance(state, dict):
+        return [t for key in sorted(state) for t in leaves(state[key])]
+    if isinstance(state, (tuple, list)):
+        return [t for item in state for t in leaves(item)]
+    if state is None:
+        return []
+    return [state] if isinstance(state, torch.Tensor) else [torch.tensor(float(state))]

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import spec  # noqa: E402
+from conftest import close, leaves, spec  # noqa: E402
 
 import nestc  # noqa: E402
 from nestc.explain import explain  # noqa: E402
@@ -53,18 +53,6 @@ def build(text, name, clauses="", backend="chunked", **hyper):
     torch.manual_seed(0)
     return nestc.loads(text.replace("CLAUSES", clauses), "c.nest").build(
         name, backend=backend, **hyper)
-
-
-def close(a, b, tol=1e-5):
-    assert (a - b).abs().max().item() <= tol * (1 + a.abs().max().item())
-
-
-def leaves(state):
-    if isinstance(state, dict):
-        return [t for key in sorted(state) for t in leaves(state[key])]
-    if isinstance(state, (tuple, list)):
-        return [t for item in state for t in leaves(item)]
-    return [state] if isinstance(state, torch.Tensor) else [torch.tensor(float(state))]
 
 
 def same_states(a, b):

@@ -63,16 +63,18 @@ def assert_good_report(err: NestError) -> None:
         assert text.startswith(f"{err.span}: error: "), text
 
 
-def front_end(text: str, filename: str = "fuzz.nest") -> None:
-    """Load and check `text`; fail the test on anything but success or a good NestError."""
+def front_end(text: str, filename: str = "fuzz.nest") -> nestc.Program | None:
+    """Load and check `text`; fail the test on anything but success or a good NestError.
+    The program, where it loads."""
     with time_limit(CASE_LIMIT_S):
         try:
             prog = nestc.loads(text, filename)
         except NestError as err:
             assert_good_report(err)
-            return
+            return None
         for name in prog.names:
             prog.decl(name)
+        return prog
 
 
 def run_cases(cases: list[str]) -> None:
@@ -346,12 +348,10 @@ def build_and_run(text: str, filename: str) -> None:
     """Load, build every block and model at small sizes and run it on a few tokens; fail on
     anything but success or a good NestError."""
     torch = pytest.importorskip("torch")
+    prog = front_end(text, filename)
+    if prog is None:
+        return
     with time_limit(30):
-        try:
-            prog = nestc.loads(text, filename)
-        except NestError as err:
-            assert_good_report(err)
-            return
         for name in prog.names:
             try:
                 checked = prog.decl(name)

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import spec  # noqa: E402
+from conftest import close, leaves, spec  # noqa: E402
 
 import nestc  # noqa: E402
 
@@ -63,22 +63,6 @@ def pair(prog, name, **hyper):
             p.add_(0.1 * torch.randn_like(p))
     fast.load_state_dict(ref.state_dict())
     return ref, fast
-
-
-def close(a, b, tol=1e-4, atol=1e-7):
-    """Error relative to the largest entry, as fla's tests measure it (a gradient that is zero
-    on one tier is a few ulps off zero on the other: atol)."""
-    err = (a - b).abs().max().item()
-    assert err <= tol * a.abs().max().item() + atol, (err, a.abs().max().item())
-
-
-def leaves(state):
-    """The tensors of an in-context state (dicts and tuples of tensors, and counters)."""
-    if isinstance(state, dict):
-        return [t for key in sorted(state) for t in leaves(state[key])]
-    if isinstance(state, (tuple, list)):
-        return [t for item in state for t in leaves(item)]
-    return [state] if isinstance(state, torch.Tensor) else [torch.tensor(float(state))]
 
 
 def compare(ref, fast, x):

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import spec  # noqa: E402
+from conftest import close, leaves, spec  # noqa: E402
 
 import nestc  # noqa: E402
 from nestc.explain import explain  # noqa: E402
@@ -60,21 +60,6 @@ def build(case, backend="chunked", frequency="p tokens", rule=None, clauses=None
         if hasattr(mod.M, "initial"):
             mod.M.initial.normal_(0, 0.3)
     return mod
-
-
-def close(a, b, tol=1e-4, atol=1e-6):
-    err = (a - b).abs().max().item()
-    assert err <= tol * a.abs().max().item() + atol, (err, a.abs().max().item())
-
-
-def leaves(state):
-    if isinstance(state, dict):
-        return [t for key in sorted(state) for t in leaves(state[key])]
-    if isinstance(state, (tuple, list)):
-        return [t for item in state for t in leaves(item)]
-    if state is None:
-        return []
-    return [state] if isinstance(state, torch.Tensor) else [torch.tensor(float(state))]
 
 
 def same_run(a, b, x, weights=lambda state: state):

@@ -179,6 +179,18 @@ def _objective(s: ast.StmtMemory, exprs: dict[str, ast.Expr], what: str,
     return objective[0], read[1].args[0], target
 
 
+def _huber_delta(scope: Any, s: ast.StmtMemory, exprs: dict[str, ast.Expr]) -> float:
+    """The `delta` of a huber objective (1 where it names none): a positive number."""
+    call = _call(exprs["objective"])
+    assert call is not None
+    e = {k.name: k.value for k in call[1].kwargs}.get("delta")
+    delta = 1.0 if e is None else scope.number(e, "the huber `delta`")
+    if not delta > 0:
+        raise NestError(f"the huber `delta` of memory `{s.name}` must be positive, got {delta}",
+                        e.span if e is not None else s.span, kind="value")
+    return delta
+
+
 def _is_task(s: ast.StmtMemory) -> bool:
     objective = _call(_clauses(s, {})[0].get("objective"))
     return objective is not None and objective[0] == "task"
@@ -368,14 +380,7 @@ class MLPPlan(Plan):
         chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
         objective, self.key_expr, self.value_expr = _objective(
             s, exprs, "an MLP memory", ("l2", "dot", "huber"))
-        call = _call(exprs["objective"])
-        assert call is not None
-        delta_e = {k.name: k.value for k in call[1].kwargs}.get("delta")
-        delta = 1.0 if delta_e is None else scope.number(delta_e, "the huber `delta`")
-        if not delta > 0:
-            raise NestError(f"the huber `delta` of memory `{self.name}` must be positive, got "
-                            f"{delta}", delta_e.span if delta_e is not None else s.span,
-                            kind="value")
+        delta = _huber_delta(scope, s, exprs)
         rule = _call(exprs.get("rule"))
         if rule is None or rule[0] not in ("gd", "dgd", "momentum"):
             raise unsupported("an MLP memory whose rule is not gd, dgd or momentum", s.span)
@@ -678,14 +683,7 @@ class PeriodicPlan(Plan):
         exprs, choices = _clauses(s)
         objective, self.key_expr, self.value_expr = _objective(
             s, exprs, what, ("l2", "dot", "huber"))
-        objective_call = _call(exprs["objective"])
-        assert objective_call is not None
-        delta_e = {k.name: k.value for k in objective_call[1].kwargs}.get("delta")
-        delta = 1.0 if delta_e is None else scope.number(delta_e, "the huber `delta`")
-        if not delta > 0:
-            raise NestError(f"the huber `delta` of memory `{self.name}` must be positive, got "
-                            f"{delta}", delta_e.span if delta_e is not None else s.span,
-                            kind="value")
+        delta = _huber_delta(scope, s, exprs)
         rule = _call(exprs.get("rule"))
         if rule is None or rule[0] not in ("gd", "momentum"):
             raise unsupported(f"{what} whose rule is not gd or momentum", s.span)
