@@ -79,7 +79,8 @@ class Built(nn.Module):
 
     def forward(self, x: torch.Tensor, state: dict[str, Any] | None = None,
                 return_state: bool = False, targets: torch.Tensor | None = None,
-                task: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None) -> Any:
+                task: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None, *,
+                _env: Env | None = None) -> Any:
         """x: [B, T, dim] for a block, token ids [B, T] for a model; returns y ([B, T, dim]
         or logits), and the in-context state after the last token if return_state.
 
@@ -87,7 +88,10 @@ class Built(nn.Module):
         takes it from its `train` objective, with `targets` ([B, T] next tokens, -100 where
         none; default: x shifted by one, the last token without one); a block takes
         `task(y, start, stop)`, the loss summed over the tokens start..stop-1 whose outputs
-        are y."""
+        are y. `_env`: the run of an enclosing module, when it calls this one as a sub-block
+        (its generated code does, through __call__, so hooks on sub-blocks run)."""
+        if _env is not None:
+            return self.run(_env, x)
         if x.shape[1] == 0:  # an empty piece: nothing to compute, the state goes on as it was
             y = x.new_zeros(x.shape[0], 0, self.out_feat, dtype=torch.get_default_dtype()
                             if x.dtype in (torch.int64, torch.int32) else x.dtype)

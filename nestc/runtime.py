@@ -46,12 +46,19 @@ def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[tor
     backend = backend_of(group)
     if backend in ("generic", "compiled", "triton"):
         return False
-    ok = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES and not p.is_sparse
-             and not g.is_sparse and g.dtype == p.dtype and g.device == p.device
-             for p, g in zip(params, grads))
+    ok = all(plain(p, g) and p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES
+             and not p.is_sparse and not g.is_sparse and g.dtype == p.dtype
+             and g.device == p.device for p, g in zip(params, grads))
     if backend == "fused" and not ok:
-        raise RuntimeError("backend='fused' needs float tensors on CPU or CUDA with dense grads")
+        raise RuntimeError("backend='fused' needs plain float tensors on CPU or CUDA with dense "
+                           "grads")
     return ok
+
+
+def plain(p: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether a parameter and its gradient are ordinary tensors: a tensor subclass (FSDP's
+    DTensor shards) has no fused or Triton kernel; the generic code's foreach ops take it."""
+    return type(p) in (torch.Tensor, torch.nn.Parameter) and type(g) is torch.Tensor
 
 
 _CPU = torch.device("cpu")
@@ -92,7 +99,7 @@ def use_triton(group: dict[str, Any], params: list[torch.Tensor],
     if backend not in ("triton", "auto") or not _has_triton():
         return False
     # the kernel computes in float32 over flat memory: other tensors take the generic code
-    ok = all(p.is_contiguous() and g.is_contiguous() and not g.is_sparse and
+    ok = all(plain(p, g) and p.is_contiguous() and g.is_contiguous() and not g.is_sparse and
              p.dtype in TRITON_DTYPES and g.dtype == p.dtype for p, g in zip(params, grads))
     return ok and (backend == "triton" or all(p.device.type == "cuda" for p in params))
 

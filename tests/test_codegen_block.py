@@ -271,3 +271,21 @@ def test_values_nothing_reads_are_not_computed():
             "# a.nest:4: output q", "return q"]
     # z reads y, but nothing reads z: both go, with their comments; a submodule's call stays
     assert without_dead_stores(body) == body[4:]
+
+
+def test_sub_blocks_are_called_as_modules_so_their_hooks_run():
+    """A block called by another runs through nn.Module.__call__: forward hooks see its input
+    and output (FSDP's per-block sharding and a sub-block's own compile rely on the same)."""
+    prog = nestc.load("std/models/deltanet.nest")
+    torch.manual_seed(0)
+    model = prog.build("DeltaNetLM", vocab=12, dim=16, depth=2, heads=2)
+    seen = []
+    for name, child in model.named_children():
+        if isinstance(child, Built):
+            child.register_forward_hook(
+                lambda mod, args, out, name=name: seen.append((name, args[0].shape, out.shape)))
+    tokens = torch.randint(0, 12, (2, 7))
+    model(tokens)
+    assert [name for name, _, _ in seen] == ["r0_GatedDeltaNet", "r0_MLP",
+                                             "r1_GatedDeltaNet", "r1_MLP"]
+    assert all(x == y == (2, 7, 16) for _, x, y in seen)

@@ -347,3 +347,22 @@ def test_in_context_levels_learn_from_the_input_never_from_the_labels(tmp_path):
     for a, b, c in zip(state["CMS.c0_f"]["W"], state2["CMS.c0_f"]["W"], learned):
         assert torch.equal(a, b) and torch.equal(a, c.detach())
     assert not torch.equal(learned[0], model.CMS.c0_f.A)  # the level did learn in context
+
+
+@pytest.mark.parametrize("spec,name", [("std/models/hope.nest", "HopeLM"),
+                                       ("std/models/titans.nest", "TitansLM")])
+def test_fsdp_shards_every_block_and_trains_as_one_process(tmp_path, spec, name):
+    """FSDP2's fully_shard on each block (a sub-module the generated code calls through
+    __call__, so its hooks gather and free the block's weights) and on the root, with nestc's
+    SGD on the sharded parameters: two processes equal one on the whole batch."""
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", str(ROOT / "tests" / "fsdp_worker.py"),
+                          spec, name], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith("max parameter")]
+    assert float(line.split()[-1]) < 1e-5, line

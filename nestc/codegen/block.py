@@ -571,4 +571,6 @@ class _Scope:
         x = self.tensor(e.args[0], hint)
         sub = self.g.decl(checked, hyper, in_feat=x.feat)
         attr = self.add(decl.name, f"{sub.name}(backend)", cls=sub)
-        return Ten(f"self.{attr}.run(_env, {x.code})", sub.out_feat)
+        # through the module's __call__, so that hooks on it run (FSDP's per-block sharding,
+        # a sub-block's own torch.compile, forward hooks)
+        return Ten(f"self.{attr}({x.code}, _env=_env)", sub.out_feat)

@@ -182,9 +182,9 @@ class Hope(_Built):
         _env = {"__state__": _env["__state__"], "__self__": self}
         _state = _env["__state__"]
         # std/models/hope.nest:25: let h = x + SelfModifyingTitans(dim, heads = heads)(rmsnorm(x))
-        h = (x + self.SelfModifyingTitans.run(_env, self.h_rmsnorm(x)))
+        h = (x + self.SelfModifyingTitans(self.h_rmsnorm(x), _env=_env))
         # std/models/hope.nest:26: output h + CMSIndependent(dim, chunks = chunks)(rmsnorm(h))
-        return (h + self.CMSIndependent.run(_env, self.out_rmsnorm(h)))
+        return (h + self.CMSIndependent(self.out_rmsnorm(h), _env=_env))
 
 
 class HopeLM(_Built):
@@ -212,15 +212,15 @@ class HopeLM(_Built):
         h = self.h_embed(tokens)
         # std/models/hope.nest:40:
         #     repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
-        h_1 = self.r0_Hope.run(_env, h)
+        h_1 = self.r0_Hope(h, _env=_env)
         # std/models/hope.nest:40:
         #     repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
-        h_2 = self.r1_Hope.run(_env, h_1)
+        h_2 = self.r1_Hope(h_1, _env=_env)
         # std/models/hope.nest:40:
         #     repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
-        h_3 = self.r2_Hope.run(_env, h_2)
+        h_3 = self.r2_Hope(h_2, _env=_env)
         # std/models/hope.nest:40:
         #     repeat depth { h = Hope(dim, heads = heads, chunks = chunks)(h) }
-        h_4 = self.r3_Hope.run(_env, h_3)
+        h_4 = self.r3_Hope(h_3, _env=_env)
         # std/models/hope.nest:41: output logits = h |> rmsnorm |> linear(vocab)
         return self.out_linear(self.out_rmsnorm(h_4))
