@@ -209,3 +209,19 @@ def test_torch_compile_runs_a_periodic_memory_and_windowed_attention():
     g_eager = torch.autograd.grad(eager.sum(), mod.M.initial)[0]
     g_compiled = torch.autograd.grad(compiled.sum(), mod.M.initial)[0]
     close(g_eager, g_compiled)
+
+
+def test_the_benchmark_runs():
+    """benchmarks/levels.py at tiny sizes: a row per frequency."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "levels.py"
+    run = subprocess.run([sys.executable, str(script), "--T", "32", "--periods", "4",
+                          "--reps", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [ln.split("|")[1].strip() for ln in run.stdout.splitlines()
+            if ln.startswith("| every")]
+    assert rows == ["every token", "every 4 tokens"], run.stdout
