@@ -944,9 +944,20 @@ class PeriodicMemory(Memory):
         return (lr * per).sum()
 
     def _grad(self, W: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor,
-              lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+              lr: torch.Tensor, closed: bool = False) -> tuple[torch.Tensor, ...]:
         """The lr-weighted sum of the tokens' gradients at W, differentiable by the outer
-        level (torch.func.grad: it also runs without grad mode)."""
+        level: by torch.func.grad of the objective (the definition; it also runs without
+        grad mode), or, `closed` (the chunked tier), for a matrix as k^T (lr e), e the
+        objective's gradient at the reading k W."""
+        if closed and self.kind == "matrix":
+            if self.objective == "dot":
+                e = -v
+            else:
+                e = k @ W[0] - v
+                if self.objective == "huber":
+                    e = e.clamp(-self.delta, self.delta)
+            g = (k * lr[..., None]).transpose(-1, -2) @ e  # (N, H, a, b)
+            return (g.sum(0) if self.shared else g,)
         n = len(W)
         return torch.func.grad(lambda *w: self._loss(w, k, v, lr),
                                argnums=tuple(range(n)))(*W)
@@ -1014,7 +1025,8 @@ class PeriodicMemory(Memory):
         while a < T:
             b = min(T, a + self.period - offset)
             y = self._map(W, q[:, :, a:b])
-            gt = self._grad(W, w["k"][:, :, a:b], w["v"][:, :, a:b], w["lr"][:, :, a:b])
+            gt = self._grad(W, w["k"][:, :, a:b], w["v"][:, :, a:b], w["lr"][:, :, a:b],
+                            closed=True)
             g = gt if g is None else tuple(x + z for x, z in zip(g, gt))
             offset += b - a
             if offset == self.period:
