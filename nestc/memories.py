@@ -35,6 +35,7 @@ from torch import nn
 
 from nestc.layers import Stateful
 from nestc.ops.mlp_memory.reference import ACT_FNS, mlp_memory_chunk
+from nestc.ops.utils import float32_inside
 
 ACTS = ACT_FNS  # the activations an MLP memory takes, by name
 
@@ -242,6 +243,7 @@ class LinearMemory(Memory):
             out = {n: None if x is None else x.detach() for n, x in out.items()}
         return out
 
+    @float32_inside
     def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         w = env[self.env_key]
         state = env["__state__"]
@@ -456,6 +458,7 @@ class MLPMemory(Memory):
              for n, x in env[self.env_key].items()}
         return qh, w, given
 
+    @float32_inside
     def _run(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]
              ) -> tuple[torch.Tensor, dict[str, Any]]:
         run = self._reference if self.backend == "reference" else \
@@ -972,6 +975,7 @@ class PeriodicMemory(Memory):
 
     # runs ---------------------------------------------------------------------------------
 
+    @float32_inside
     def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         w = env[self.env_key]
         state = env["__state__"]

@@ -752,3 +752,31 @@ def test_clip_and_huber_delta_must_be_positive(clauses, message):
     with pytest.raises(nestc.NestError, match=message) as err:
         prog.build("Deep", dim=16)
     assert err.value.span is not None
+
+
+@pytest.mark.parametrize("path,name", [
+    ("std/models/hope.nest", "HopeLM"), ("std/models/titans.nest", "TitansLM"),
+    ("std/models/deltanet.nest", "DeltaNetLM"), ("std/models/transformer.nest", "TransformerLM"),
+    ("examples/slow_fast.nest", "SlowFastLM")])
+def test_models_train_under_autocast_with_memories_in_float32(path, name):
+    """torch.autocast (bfloat16 on the CPU): the layers compute in bfloat16, the memories'
+    recurrences in float32 as without it; forward and backward run and stay finite."""
+    from conftest import ROOT
+
+    torch.manual_seed(0)
+    model = nestc.load(ROOT / path if path.startswith("examples") else path).build(
+        name, vocab=16, dim=16, depth=1, heads=2)
+    tokens = torch.randint(0, 16, (2, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, state = model(tokens, return_state=True)
+    assert logits.dtype == torch.bfloat16
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    from nestc.memories import LinearMemory, MLPMemory, PeriodicMemory
+
+    memory_states = [t for path, sub in model.named_modules()
+                     if isinstance(sub, (LinearMemory, MLPMemory, PeriodicMemory))
+                     for t in leaves(state[path]) if t.dim() > 1]
+    assert all(t.dtype == torch.float32 for t in memory_states)
+    assert memory_states or name == "TransformerLM"  # its cache holds the layers' bfloat16
+    close(logits.float(), model(tokens), tol=0.05)

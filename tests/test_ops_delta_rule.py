@@ -172,6 +172,19 @@ def test_half_inputs_close_to_float32(op: str, dtype: torch.dtype) -> None:
                for t in x.values())
 
 
+@pytest.mark.parametrize("backend", ["chunked", "naive"])
+@pytest.mark.parametrize("op", OPS)
+def test_autocast_leaves_the_recurrence_in_float32(op: str, backend: str) -> None:
+    """Under torch.autocast the ops compute as without it (float32 sums; on the CPU autocast
+    would otherwise reach a triangular solve with no bfloat16 kernel)."""
+    x = {n: t.detach().to(torch.bfloat16) for n, t in make_inputs(op, 40, True).items()}
+    plain = run_ours(op, x, backend=backend, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = run_ours(op, x, backend=backend, chunk_size=16)
+    for a, b in zip(plain, cast, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_float64_gradcheck(op: str) -> None:
     """The chunked form's autograd against finite differences, at a tiny size (two chunks)."""

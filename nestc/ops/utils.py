@@ -3,16 +3,34 @@ a kernel that is differentiated again."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 # None picks "chunked" until a Triton back end exists
 BACKENDS = (None, "chunked", "naive", "triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def float32_inside(fn: F) -> F:
+    """fn run with autocast off on its first tensor's device: a recurrence accumulates in
+    float32 (or float64) whatever autocast would make of its matmuls (on the CPU it would also
+    reach a triangular solve that has no bfloat16 kernel)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if x is None or not torch.is_autocast_enabled(x.device.type):
+            return fn(*args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return run  # type: ignore[return-value]
 
 
 def _shape(x: torch.Tensor) -> str:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from nestc.ops.utils import accumulation_dtype
+from nestc.ops.utils import accumulation_dtype, float32_inside
 
 
+@float32_inside
 def naive_recurrent_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                beta: torch.Tensor, scale: float | None = None,
                                initial_state: torch.Tensor | None = None,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from nestc.ops.utils import accumulation_dtype, from_chunks, to_chunks
+from nestc.ops.utils import accumulation_dtype, float32_inside, from_chunks, to_chunks
 
 
+@float32_inside
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            beta: torch.Tensor, scale: float | None = None,
                            initial_state: torch.Tensor | None = None,

@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
+from nestc.ops.utils import float32_inside
+
 ACTS = ("gelu", "silu")  # the op's (and the Triton kernel's); the chunk function takes ACT_FNS
 ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
@@ -71,6 +73,7 @@ def _base(xM: torch.Tensor, xS: torch.Tensor | None, c: torch.Tensor | None,
     return y if xS is None or m is None else y + m * xS
 
 
+@float32_inside
 def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
                      retain: torch.Tensor | None, beta: torch.Tensor | None, A: torch.Tensor,
                      B: torch.Tensor, SA: torch.Tensor, SB: torch.Tensor, act: str,
