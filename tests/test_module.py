@@ -780,3 +780,30 @@ def test_models_train_under_autocast_with_memories_in_float32(path, name):
     assert all(t.dtype == torch.float32 for t in memory_states)
     assert memory_states or name == "TransformerLM"  # its cache holds the layers' bfloat16
     close(logits.float(), model(tokens), tol=0.05)
+
+
+@pytest.mark.parametrize("path,name", [("std/models/titans.nest", "TitansLM"),
+                                       ("examples/slow_fast.nest", "SlowFastLM")])
+def test_blocks_take_activation_checkpointing(path, name):
+    """torch's composable checkpoint on each block (hooks on a sub-block run, as it is
+    called as a module): the same outputs and gradients, recomputed in the backward."""
+    from conftest import ROOT
+    from torch.distributed._composable import checkpoint
+
+    prog = nestc.load(ROOT / path if path.startswith("examples") else path)
+    torch.manual_seed(0)
+    plain = prog.build(name, vocab=16, dim=16, depth=2, heads=2)
+    saved = prog.build(name, vocab=16, dim=16, depth=2, heads=2)
+    saved.load_state_dict(plain.state_dict())
+    for child in saved.children():
+        if isinstance(child, nestc.module.Built):
+            checkpoint(child)
+    tokens = torch.randint(0, 16, (2, 20))
+    a, b = plain(tokens), saved(tokens)
+    close(a, b)
+    a.pow(2).sum().backward()
+    b.pow(2).sum().backward()
+    for p, q in zip(plain.parameters(), saved.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            close(p.grad, q.grad)
