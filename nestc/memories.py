@@ -893,23 +893,26 @@ class PeriodicMemory(Memory):
     the period's last token
 
         g = sum over the period's tokens t of lr_t * grad L(W; k_t, v_t)   (all at W)
-        gd: W <- r W - g        momentum: S <- beta S - g, W <- r W + S
+        gd: W <- R W - g        momentum: S <- Bt S - g, W <- R W + S
 
-    with r (`retain`) and beta constants. `kind` "matrix": per head, M(x) = x W (W: a x b);
-    "mlp" / "residual_mlp": per head, M(x) = act(x A) B (+ x). A read at the period's last
-    token sees the update (`read after write`) or not (`read before write`); every other
-    read sees the period's weights. `shared`: one set of weights for the batch, whose
-    gradients sum over its sequences. In-context state {"W": weights, "S": momentum or None,
-    "grad": the period's g so far or None, "offset": tokens into the period}."""
+    with R and Bt the products of the period's retentions r_t and momentum factors beta_t
+    (what the per-token rule would apply to W and S over those tokens). `kind` "matrix": per
+    head, M(x) = x W (W: a x b); "mlp" / "residual_mlp": per head, M(x) = act(x A) B (+ x). A
+    read at the period's last token sees the update (`read after write`) or not (`read before
+    write`); every other read sees the period's weights. `shared`: one set of weights for the
+    batch, whose gradients sum over its sequences (its retentions and momentum factors are
+    numbers). In-context state {"W": weights, "S":
+    momentum or None, "grad": the period's g so far or None, "R", "Bt": the period's
+    products so far or None, "offset": tokens into the period}."""
 
     def __init__(self, name: str, where: str, *, kind: str, a: int, b: int, hidden: int,
                  heads: int, act: str, period: int, objective: str, delta: float,
-                 retain: float, beta: float | None, read_before: bool, stopped: bool,
-                 shared: bool, flush: bool, init: str, backend: str = "chunked") -> None:
+                 momentum: bool, read_before: bool, stopped: bool, shared: bool, flush: bool,
+                 init: str, backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.kind, self.a, self.b, self.heads, self.period = kind, a, b, heads, period
         self.act = ACTS[act]
-        self.objective, self.delta, self.retain, self.beta = objective, delta, retain, beta
+        self.objective, self.delta, self.momentum = objective, delta, momentum
         self.read_before, self.stopped, self.shared, self.flush = read_before, stopped, \
             shared, flush
         self.backend = backend
@@ -919,12 +922,18 @@ class PeriodicMemory(Memory):
             self.initial = nn.Parameter(torch.zeros(heads, a, b))
         self.init = init
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, lr: Any = 1.0) -> dict[str, Any]:
-        """The per-token signals: keys and values by head, lr [B, T, H]."""
+    def write(self, k: torch.Tensor, v: torch.Tensor, lr: Any = 1.0, retain: Any = None,
+              beta: Any = None) -> dict[str, Any]:
+        """The per-token signals: keys and values by head, lr, retain and beta [B, T, H]
+        (retain and beta None where the rule has none)."""
         B, T, _ = k.shape
         out = {"k": k.view(B, T, self.heads, self.a), "v": v.view(B, T, self.heads, self.b),
-               "lr": signal(lr, k, self.heads)}
-        return {n: x.detach() for n, x in out.items()} if self.stopped else out
+               "lr": signal(lr, k, self.heads),
+               "retain": None if retain is None else signal(retain, k, self.heads),
+               "beta": None if beta is None else signal(beta, k, self.heads)}
+        if self.stopped:
+            out = {n: None if x is None else x.detach() for n, x in out.items()}
+        return out
 
     # the memory as a function of its weights ----------------------------------------------
 
@@ -965,13 +974,43 @@ class PeriodicMemory(Memory):
         return torch.func.grad(lambda *w: self._loss(w, k, v, lr),
                                argnums=tuple(range(n)))(*W)
 
-    def _update(self, W: tuple[torch.Tensor, ...], S: Any, g: tuple[torch.Tensor, ...]
-                ) -> tuple[tuple[torch.Tensor, ...], Any]:
-        if self.beta is None:
-            return tuple(self.retain * w - gi for w, gi in zip(W, g)), None
-        S = tuple(-gi if s is None else self.beta * s - gi
-                  for s, gi in zip(S or (None,) * len(g), g))
-        return tuple(self.retain * w + s for w, s in zip(W, S)), S
+    def _factor(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """A period's product of retentions or momentum factors (N, H, n) -> (N, H), or (H,)
+        when the weights are shared (a number then: every sequence has the same)."""
+        if x is None:
+            return None
+        prod = x.prod(-1)
+        return prod[0] if self.shared else prod
+
+    def _update(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The period's step, from its gradients and products so far; a period starts."""
+        W, S, g, R, Bt = state["W"], state["S"], state["grad"], state["R"], state["Bt"]
+        assert g is not None
+        def scale(f: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
+            return w if f is None else f[..., None, None] * w  # over each weight matrix
+
+        if self.momentum:
+            S = tuple(-gi if s is None else scale(Bt, s) - gi
+                      for s, gi in zip(S or (None,) * len(g), g))
+            W = tuple(scale(R, w) + s for w, s in zip(W, S))
+        else:
+            W = tuple(scale(R, w) - gi for w, gi in zip(W, g))
+        return {"W": W, "S": S, "grad": None, "R": None, "Bt": None, "offset": 0}
+
+    def _add(self, state: dict[str, Any], w: dict[str, Any], a: int, b: int,
+             closed: bool) -> dict[str, Any]:
+        """state with tokens a..b-1 of the signals w added to its period."""
+        gt = self._grad(state["W"], w["k"][:, :, a:b], w["v"][:, :, a:b], w["lr"][:, :, a:b],
+                        closed)
+        g = state["grad"]
+
+        def times(old: Any, name: str) -> Any:
+            f = self._factor(None if w[name] is None else w[name][:, :, a:b])
+            return f if old is None else old if f is None else old * f
+
+        return {**state, "grad": gt if g is None else tuple(x + z for x, z in zip(g, gt)),
+                "R": times(state["R"], "retain"), "Bt": times(state["Bt"], "beta"),
+                "offset": state["offset"] + b - a}
 
     # runs ---------------------------------------------------------------------------------
 
@@ -983,7 +1022,7 @@ class PeriodicMemory(Memory):
         acc = torch.promote_types(q.dtype, torch.float32)
         given = state.given.get(self.state_key) or self._initial(B, acc, q.device)
         qh = q.view(B, T, self.heads, self.a).transpose(1, 2).to(acc)  # (N, H, T, a)
-        w = {n: x.transpose(1, 2).to(acc) for n, x in w.items()}
+        w = {n: None if x is None else x.transpose(1, 2).to(acc) for n, x in w.items()}
         run = self._reference if self.backend == "reference" else self._chunked
         y, out = run(qh, w, given)
         self.guard(*out["W"])
@@ -1000,52 +1039,44 @@ class PeriodicMemory(Memory):
             W = (torch.zeros(self.heads, self.a, self.b, dtype=dtype, device=device),)
         W = tuple(w.to(dtype) if self.shared else w.to(dtype).expand(batch, *w.shape)
                   for w in W)
-        return {"W": W, "S": None, "grad": None, "offset": 0}
+        return {"W": W, "S": None, "grad": None, "R": None, "Bt": None, "offset": 0}
 
     def _reference(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
         """The definition: token by token, each token's gradient at the period's weights
         added to the period's sum, the rule applied at its last token."""
-        W, S, g, offset = given["W"], given["S"], given["grad"], given["offset"]
-        outs = []
+        state, outs = given, []
         for t in range(q.shape[2]):
             if self.read_before:
-                outs.append(self._map(W, q[:, :, t:t + 1]))
-            gt = self._grad(W, w["k"][:, :, t:t + 1], w["v"][:, :, t:t + 1],
-                            w["lr"][:, :, t:t + 1])
-            g = gt if g is None else tuple(a + b for a, b in zip(g, gt))
-            offset += 1
-            if offset == self.period:
-                (W, S), g, offset = self._update(W, S, g), None, 0
+                outs.append(self._map(state["W"], q[:, :, t:t + 1]))
+            state = self._add(state, w, t, t + 1, closed=False)
+            if state["offset"] == self.period:
+                state = self._update(state)
             if not self.read_before:
-                outs.append(self._map(W, q[:, :, t:t + 1]))
+                outs.append(self._map(state["W"], q[:, :, t:t + 1]))
         y = torch.cat(outs, 2) if outs else q.new_zeros(*q.shape[:-1], self.b)
-        return y, {"W": W, "S": S, "grad": g, "offset": offset}
+        return y, state
 
     def _chunked(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
         """Period by period: the reads of a period's tokens at its weights in one product,
         its gradients as one gradient of their summed, lr-weighted loss."""
-        W, S, g, offset = given["W"], given["S"], given["grad"], given["offset"]
-        T, outs, a = q.shape[2], [], 0
+        state, T, outs, a = given, q.shape[2], [], 0
         while a < T:
-            b = min(T, a + self.period - offset)
-            y = self._map(W, q[:, :, a:b])
-            gt = self._grad(W, w["k"][:, :, a:b], w["v"][:, :, a:b], w["lr"][:, :, a:b],
-                            closed=True)
-            g = gt if g is None else tuple(x + z for x, z in zip(g, gt))
-            offset += b - a
-            if offset == self.period:
-                (W, S), g, offset = self._update(W, S, g), None, 0
+            b = min(T, a + self.period - state["offset"])
+            y = self._map(state["W"], q[:, :, a:b])
+            state = self._add(state, w, a, b, closed=True)
+            if state["offset"] == self.period:
+                state = self._update(state)
                 if not self.read_before:  # the last token reads the update
-                    y = torch.cat([y[:, :, :-1], self._map(W, q[:, :, b - 1:b])], 2)
+                    y = torch.cat([y[:, :, :-1], self._map(state["W"], q[:, :, b - 1:b])], 2)
             outs.append(y)
             a = b
         y = torch.cat(outs, 2) if outs else q.new_zeros(*q.shape[:-1], self.b)
-        return y, {"W": W, "S": S, "grad": g, "offset": offset}
+        return y, state
 
     def flushed(self, state: dict[str, Any]) -> dict[str, Any]:
         """A partial period updates now, and the next call starts a period."""
         if state["offset"] == 0:
             return state
-        W, S = self._update(state["W"], state["S"], state["grad"])
-        self.guard(*W)
-        return {"W": W, "S": S, "grad": None, "offset": 0}
+        out = self._update(state)
+        self.guard(*out["W"])
+        return out

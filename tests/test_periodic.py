@@ -20,6 +20,7 @@ TEMPLATE = spec("""
         let k = x |> linear(dim) |> l2norm(per = heads)
         let v = x |> linear(dim)
         let lr = 0.5 * sigmoid(linear(x, heads))
+        let keep = sigmoid(linear(x, heads) + 2)
         memory M : STRUCTURE per head = INIT every FREQUENCY {
             CLAUSES
             key k; value v
@@ -40,6 +41,13 @@ CASES = {
                           "momentum(lr = lr, beta = 0.5)", ""),
     "mlp_shared_stopped": (MLP, "meta", "huber(M(k), v)", "gd(lr = 0.1)",
                            "state shared; backprop stopped"),
+    # retentions and momentum factors that change per token and head: a period takes their
+    # products
+    "matrix_retain_signal": (MATRIX, "meta", "l2(M(k), v)", "gd(lr = lr, retain = keep)", ""),
+    "mlp_momentum_signals": (MLP, "meta", "l2(M(k), v)",
+                             "momentum(lr = lr, beta = keep, retain = keep)", ""),
+    "shared_momentum": (MATRIX, "meta", "dot(M(k), v)",
+                        "momentum(lr = lr, beta = 0.5, retain = 0.9)", "state shared"),
 }
 
 
@@ -85,7 +93,8 @@ def test_the_chunked_tier_equals_the_token_loop(case, T):
 
 
 @pytest.mark.parametrize("case", ["matrix_gd", "matrix_dot_retain", "residual_momentum",
-                                  "mlp_gd_before"])
+                                  "mlp_gd_before", "matrix_retain_signal",
+                                  "mlp_momentum_signals"])
 def test_a_period_of_one_token_is_the_memory_that_learns_every_token(case):
     """`every 1 tokens` against `every token`: the delta rule, linear attention and Titans'
     MLP memories, each built by its own code."""
@@ -96,7 +105,8 @@ def test_a_period_of_one_token_is_the_memory_that_learns_every_token(case):
     # the same weights, where each keeps them (and the same momentum)
     same_run(every, tokens, torch.randn(2, 9, 8), lambda state: {"M": {
         "W": state["M"] if case.startswith("matrix") else state["M"]["M"], "grad": None,
-        "offset": 0, "S": state["M"]["S"] if "momentum" in case else None}})
+        "R": None, "Bt": None, "offset": 0,
+        "S": state["M"]["S"] if "momentum" in case else None}})
 
 
 def test_a_period_updates_once_by_its_summed_gradients():
@@ -158,17 +168,37 @@ def test_shared_weights_sum_the_batch_gradients():
     close(state["M"]["W"][0], state_each["M"]["W"][0][0])
 
 
+def test_a_period_decays_by_the_product_of_its_retentions():
+    mod = build("matrix_retain_signal")
+    x = torch.randn(1, 4, 8)
+    _, state = mod(x, return_state=True)
+    H = 2
+    heads = lambda t: t.view(1, 4, H, -1).transpose(1, 2)  # noqa: E731
+    k = torch.nn.functional.normalize(heads(mod.k_linear(x)), dim=-1)
+    v = heads(mod.v_linear(x))
+    lr = heads(0.5 * torch.sigmoid(mod.lr_linear(x)))[..., 0]  # (1, H, 4)
+    keep = heads(torch.sigmoid(mod.keep_linear(x) + 2))[..., 0]
+    W0 = mod.M.initial.expand(1, -1, -1, -1)
+    g = torch.einsum("nht,nhta,nhtb->nhab", lr, k, k @ W0 - v)
+    close(state["M"]["W"][0], keep.prod(-1)[..., None, None] * W0 - g)
+    # three tokens in: the products so far are in the state, and the fourth completes them
+    _, carried = mod(x[:, :3], return_state=True)
+    close(carried["M"]["R"], keep[..., :3].prod(-1))
+    _, later = mod(x[:, 3:], state=carried, return_state=True)
+    close(later["M"]["W"][0], state["M"]["W"][0])
+
+
 @pytest.mark.parametrize("change,message", [
-    ("gd(lr = lr, retain = sigmoid(x |> linear(2)))",
-     "a `retain` that changes with the data on a memory updated every N tokens"),
     ("dgd(lr = lr)", "whose rule is not gd or momentum"),
+    ("gd(lr = lr, retain = keep); state shared",
+     "a `retain` that changes with the data on a memory shared by the batch"),
     ("gd(lr = lr, clip = 1)", "`clip` on a memory updated every N tokens"),
 ])
 def test_what_a_periodic_memory_does_not_take(change, message):
     text = source("matrix_gd").replace("gd(lr = lr)", change)
     with pytest.raises(nestc.NestError, match=message) as err:
         nestc.loads(text, "p.nest").build("B", dim=8)
-    assert err.value.unsupported and err.value.span.line in (6, 9)  # the memory or its rule
+    assert err.value.unsupported and err.value.span.line in (7, 10)  # the memory or its rule
     chunks = source("matrix_gd").replace("every p tokens", "every p tokens in chunks of 8")
     with pytest.raises(nestc.NestError, match="`in chunks of` on a memory updated every N"):
         nestc.loads(chunks, "p.nest").build("B", dim=8)

@@ -691,38 +691,25 @@ class PeriodicPlan(Plan):
         self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
         if "clip" in self.rule_kw:
             raise unsupported(f"`clip` on {what}", self.rule_kw["clip"].span)
-        rates = {n: self._rate(scope, n) for n in ("retain", "beta")}
         if self.rule == "momentum" and "beta" not in self.rule_kw:
             raise NestError(f"the momentum rule of `{self.name}` needs `beta`", s.span,
                             kind="value")
+        for n in ("retain", "beta"):
+            e = self.rule_kw.get(n)
+            if choices["state"] == "shared" and e is not None and _constant(scope, e) is None:
+                raise unsupported(f"a `{n}` that changes with the data on a memory shared by "
+                                  "the batch (its one state takes one per token)", e.span)
         init = _call(s.init)
         init_name = init[0] if init else "zeros"
         if init_name not in (("zeros", "meta") if kind == "matrix" else ("meta",)):
             raise unsupported(f"initial state `{init_name}` for {what}", s.span)
         self.config = {"kind": kind, "a": self.a, "b": self.b, "hidden": hidden, "heads": 0,
                        "act": act, "period": period, "objective": objective, "delta": delta,
-                       "retain": rates["retain"] if rates["retain"] is not None else 1.0,
-                       "beta": rates["beta"] if self.rule == "momentum" else None,
+                       "momentum": self.rule == "momentum",
                        "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped",
                        "shared": choices["state"] == "shared",
                        "flush": choices["partial"] == "flush", "init": init_name}
-
-    def _rate(self, scope: Any, name: str) -> float | None:
-        """`retain` or `beta` of the rule: a number fixed by the hyperparameters."""
-        e = self.rule_kw.get(name)
-        if e is None:
-            return None
-        c = _constant(scope, e)
-        if c is None:
-            raise unsupported(f"a `{name}` that changes with the data on a memory updated "
-                              "every N tokens (it is one number)", e.span)
-        low = c >= 0 if name == "beta" else c > 0
-        if not (low and c <= 1):
-            where = "[0, 1]" if name == "beta" else "(0, 1]"
-            raise NestError(f"`{name}` of memory `{self.name}` is in {where}, got {c}", e.span,
-                            kind="value")
-        return c
 
     def write(self, scope: Any) -> tuple[str, list[str]] | None:
         k = scope.tensor(self.key_expr, self.name)
@@ -733,8 +720,12 @@ class PeriodicPlan(Plan):
                             f"{' per head' if self.per_head else ''}, but its keys have "
                             f"{k.feat} and its values {v.feat}", self.span, kind="shape")
         self.heads = self.config["heads"] = heads
-        return f"self.{self.attr}.write", [k.code, v.code,
-                                           f"lr={self.signal(scope, 'lr', 1.0)}"]
+        signals = {n: self.signal(scope, n, default) for n, default in
+                   (("lr", 1.0), ("retain", None), ("beta", None))}
+        if not self.config["momentum"]:
+            signals["beta"] = None
+        return f"self.{self.attr}.write", [k.code, v.code] + [
+            f"{n}={code}" for n, code in signals.items() if code is not None]
 
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.heads * self.a, self.heads * self.b)
