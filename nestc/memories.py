@@ -120,27 +120,28 @@ class CacheMemory(Memory):
     def attend(self, q: torch.Tensor, heads: int, rope: bool, env: dict[str, Any],
                window: int | None = None) -> torch.Tensor:
         """Causal attention of q over every key so far (those of earlier calls first), or
-        over the last `window` of them (the query's own included). With rope, queries and
-        keys are rotated by their positions in the whole stream. The state is (keys, values)
-        as attention saw them (rotated), or, for a cache that keeps only its last keys,
-        (keys, values, tokens seen)."""
+        over the last `window` of them (the query's own included), in `heads` heads. With
+        rope, queries and keys are rotated by their positions in the whole stream. The state
+        is the keys and values as written ([B, L, features]: each read splits and rotates
+        them its own way), and for a cache that keeps only its last keys the count of tokens
+        seen: (keys, values) or (keys, values, tokens)."""
         k, v = env[self.env_key]
         state = env["__state__"]
-        B, T, _ = q.shape
-        split = lambda x: x.view(B, x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
-        q, k, v = split(q), split(k), split(v)  # (B, heads, T, d)
         past = state.given.get(self.state_key)
-        kept = 0 if past is None else past[0].shape[2]
+        kept = 0 if past is None else past[0].shape[1]
         start = past[2] if past is not None and len(past) == 3 else kept  # the stream's
-        if rope:
-            q, k = rotary(q, start), rotary(k, start)
         if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
         if self.keep is None:
             state.out[self.state_key] = (k, v)
         else:
-            first = k.shape[2] - min(self.keep, k.shape[2])
-            state.out[self.state_key] = (k[:, :, first:], v[:, :, first:], start + T)
+            first = k.shape[1] - min(self.keep, k.shape[1])
+            state.out[self.state_key] = (k[:, first:], v[:, first:], start + q.shape[1])
+        B, T, _ = q.shape
+        split = lambda x: x.view(B, x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)  # (B, heads, T or L, d)
+        if rope:  # the kept keys sit at positions start - kept .. start - 1
+            q, k = rotary(q, start), rotary(k, start - kept)
         o = causal_attention(q, k, v, window, blocked=self.backend != "reference")
         return o.transpose(1, 2).reshape(B, T, -1)
 

@@ -83,7 +83,7 @@ def test_windowed_attention_streams_keeping_only_the_last_keys(backend):
         y, state = mod(x[:, a:b], state=state, return_state=True)
         pieces.append(y)
         keys, values, seen = state["C"]
-        assert keys.shape[2] == min(4, b) and values.shape[2] == min(4, b) and seen == b
+        assert keys.shape == values.shape == (2, min(4, b), 8) and seen == b
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-5, atol=1e-6)
     for u, w in zip(final["C"][:2], state["C"][:2], strict=True):
         torch.testing.assert_close(u, w)
@@ -105,12 +105,35 @@ def test_a_cache_read_with_and_without_a_window_keeps_every_key():
     """), "b.nest")
     mod = prog.build("B", dim=4)
     _, state = mod(torch.randn(1, 9, 4), return_state=True)
-    assert len(state["C"]) == 2 and state["C"][0].shape[2] == 9
+    assert len(state["C"]) == 2 and state["C"][0].shape == (1, 9, 4)
     text = explain(prog, "B", dim=4).replace("\n      ", " ")
     assert "over every token so far and over the last 3 tokens\n" in text
     assert "keeps the last" not in text
     windowed = explain(PROG, "A", dim=8, window=5)
     assert "keeps the last 4 keys for the next call" in windowed.replace("\n      ", " ")
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_reads_of_one_cache_in_their_own_heads_and_rotation_stream(backend):
+    """The cache keeps keys and values as written; each read splits and rotates them its own
+    way, so reads that differ in heads, rope and window stream as one pass."""
+    prog = nestc.loads(spec("""
+        block B(dim) {
+            input x : [T, dim]
+            let k = x |> linear(dim)
+            memory C : cache every token { key k; value x }
+            output softmax_attention(x, C, heads = 2, window = 5) +
+                   softmax_attention(k, C, heads = 4, rope = false) +
+                   softmax_attention(x, C, heads = 1)
+        }
+    """), "b.nest")
+    torch.manual_seed(0)
+    mod = prog.build("B", dim=8, backend=backend)
+    x = torch.randn(2, 20, 8)
+    whole = mod(x)
+    first, state = mod(x[:, :7], return_state=True)
+    torch.testing.assert_close(torch.cat([first, mod(x[:, 7:], state=state)], 1), whole,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_a_window_is_a_whole_number_of_tokens():

@@ -207,5 +207,6 @@ def test_a_memory_that_does_not_compile_is_explained_with_its_line() -> None:
     prog = nestc.loads(MEMORY.replace("CLAUSES", "state shared; objective l2(M(x), x); "
                                                  "rule gd(lr = lr)"), "shared.nest")
     text = explain(prog, "Mem")
-    assert ("not compiled: shared.nest:4:5: `state shared` on a matrix memory (only memories "
-            "with `objective task` are built shared) is not supported") in text
+    assert ("not compiled: shared.nest:4:5: `state shared` on a matrix memory that learns "
+            "every token (it is built for memories that learn every N tokens or from the task "
+            "loss) is not supported") in text.replace("\n      ", " ")

@@ -80,6 +80,7 @@ def without_dead_stores(body: list[str]) -> list[str]:
         code = [ln for ln in body if not ln.lstrip().startswith("#")]
         dead = [i for i, ln in enumerate(body)
                 if (m := re.fullmatch(r"(\w+) = (.*)", ln))
+                and (i + 1 == len(body) or not body[i + 1].startswith(" "))  # one line
                 and not re.search(r"\bself\.|\b_env\b|\b_state\b|\b_mem\.", m[2])
                 and not any(re.search(rf"\b{m[1]}\b", other) for other in code if other != ln)]
         if not dead:

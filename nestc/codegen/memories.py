@@ -294,8 +294,9 @@ class LinearPlan(Plan):
         self.a, self.b = (scope.size(x, "a matrix memory's size") for x in call.args)
         exprs, choices = _clauses(s)
         if choices["state"] != "per sample":
-            raise unsupported("`state shared` on a matrix memory (only memories with "
-                              "`objective task` are built shared)", s.span)
+            raise unsupported("`state shared` on a matrix memory that learns every token "
+                              "(it is built for memories that learn every N tokens or from "
+                              "the task loss)", s.span)
         freq = s.frequency
         if freq is None or freq.unit != "token" or freq.every is not None:
             raise unsupported("a matrix memory updated other than `every token`", s.span)
@@ -374,8 +375,9 @@ class MLPPlan(Plan):
         self.lets: dict[str, ast.Expr] = {}
         exprs, choices = _clauses(s, self.lets)
         if choices["state"] != "per sample":
-            raise unsupported("`state shared` on an MLP memory with its own objective "
-                              "(only memories with `objective task` are built shared)", s.span)
+            raise unsupported("`state shared` on an MLP memory that learns every token "
+                              "(it is built for memories that learn every N tokens or from "
+                              "the task loss)", s.span)
         assert s.frequency is not None
         chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
         objective, self.key_expr, self.value_expr = _objective(
@@ -735,7 +737,8 @@ class PeriodicPlan(Plan):
         structure = (f"matrix {c['a']} x {c['b']}" if c["kind"] == "matrix" else
                      f"{'residual ' if c['kind'] == 'residual_mlp' else ''}MLP {c['a']} -> "
                      f"{c['hidden']} -> {c['a']}")
-        text = (f"{structure} per head ({c['heads']} heads) learning by {self.rule} on "
+        heads = f" per head ({c['heads']} heads)" if self.per_head and c["heads"] > 1 else ""
+        text = (f"{structure}{heads} learning by {self.rule} on "
                 f"{c['objective']} once every {c['period']} tokens: the period's gradients "
                 "summed at the weights its tokens read")
         if c["shared"]:

@@ -620,9 +620,9 @@ def _breaks(code: str) -> list[tuple[int, int, int]]:
             depth += 1
         elif t.string in ")]}":
             depth -= 1
-        elif depth and t.string == "," and i + 1 < len(tokens):
+        elif depth > 0 and t.string == "," and i + 1 < len(tokens):
             out.append((t.end[1], tokens[i + 1].start[1], depth))
-        elif depth and t.string in _BINARY and i and (
+        elif depth > 0 and t.string in _BINARY and i and (
                 tokens[i - 1].type in (tokenize.NAME, tokenize.NUMBER, tokenize.STRING)
                 or tokens[i - 1].string in ")]}"):  # binary, not unary
             out.append((tokens[i - 1].end[1], t.start[1], depth))
