@@ -115,16 +115,38 @@ def test_muon_matches_torch_on_cuda():
     ("std/memory/deltanet.nest", "GatedDeltaNet", {"dim": 64}),
     ("std/memory/titans.nest", "Titans", {"dim": 64, "chunk": 16}),
     ("std/models/transformer.nest", "TransformerLM", {"dim": 64, "depth": 2, "vocab": 50}),
+    # a memory every 16 tokens and sliding-window attention (period by period, blocked)
+    ("examples/slow_fast.nest", "SlowFastLM", {"dim": 64, "depth": 1, "vocab": 50,
+                                               "period": 16, "window": 32}),
 ])
 def test_blocks_on_cuda_equal_cpu(spec, name, hyper):
-    prog = nestc.load(spec)
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    prog = nestc.load(root / spec if spec.startswith("examples") else spec)
     torch.manual_seed(0)
     cpu = prog.build(name, **hyper)
     gpu = prog.build(name, **hyper).cuda()
     gpu.load_state_dict(cpu.state_dict())
-    x = torch.randint(0, 50, (2, 100)) if name == "TransformerLM" else torch.randn(2, 100, 64)
+    x = torch.randint(0, 50, (2, 100)) if name.endswith("LM") else torch.randn(2, 100, 64)
     y, state = gpu(x.cuda(), return_state=True)
     torch.testing.assert_close(y.cpu(), cpu(x), rtol=1e-4, atol=1e-4)
     y.float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in gpu.parameters()
                if p.requires_grad and p.grad is not None)
+
+
+@pytest.mark.parametrize("spec,name", [("std/models/deltanet.nest", "DeltaNetLM"),
+                                       ("std/models/hope.nest", "HopeLM")])
+def test_models_train_under_cuda_autocast(spec, name):
+    """bfloat16 autocast on the GPU: the memories' recurrences stay float32 (nestc.ops'
+    float32_inside), forward and backward run and stay finite."""
+    torch.manual_seed(0)
+    model = nestc.load(spec).build(name, vocab=50, dim=64, depth=1, heads=2).cuda()
+    tokens = torch.randint(0, 50, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(tokens)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None or p.grad.isfinite().all() for p in model.parameters())
