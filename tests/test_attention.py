@@ -138,9 +138,17 @@ def test_reads_of_one_cache_in_their_own_heads_and_rotation_stream(backend):
 
 def test_a_window_is_a_whole_number_of_tokens():
     with pytest.raises(nestc.NestError, match="an attention window must be a whole number of "
-                                              "at least 1, got 0") as err:
-        PROG.build("A", dim=8, window=0)
+                                              "at least 0, got -1") as err:
+        PROG.build("A", dim=8, window=-1)
     assert "a.nest:6:60" in str(err.value)  # at the window's value
+    # 0: no window
+    torch.manual_seed(0)
+    none = PROG.build("A", dim=8, window=0)
+    wide = PROG.build("A", dim=8, window=1000)
+    wide.load_state_dict(none.state_dict())
+    x = torch.randn(1, 9, 8)
+    torch.testing.assert_close(none(x), wide(x))
+    assert len(none(x, return_state=True)[1]["C"]) == 2  # every key kept
 
 
 def test_the_benchmark_runs():

@@ -98,7 +98,8 @@ def _attention(scope: Any, e: ast.ExprCall, kw: dict[str, Any], hint: str) -> Te
                         f"keys of {cache.key.feat} and values of {cache.value.feat} features",
                         e.span, kind="shape",
                         hint="queries and keys have the same width; each splits into heads")
-    window = scope.size_kw(e, "window", 0, "an attention window") or None
+    # 0 (the default): every token so far
+    window = scope.size_kw(e, "window", 0, "an attention window", minimum=0) or None
     cache.windows.append(window)
     args = f"{q.code}, {heads}, {rope}, _env" + (f", window={window}" if window else "")
     return Ten(f"self.{cache.attr}.attend({args})", cache.value.feat)
