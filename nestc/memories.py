@@ -221,7 +221,8 @@ class LinearMemory(Memory):
 
     def __init__(self, name: str, where: str, *, a: int, b: int, heads: int, chunk: int,
                  objective: str, rule: str, gated: bool, recurrence: str, read_before: bool,
-                 stopped: bool, init: str, backend: str = "chunked") -> None:
+                 stopped: bool, init: str, shared: bool = False,
+                 backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.a, self.b, self.heads, self.chunk = a, b, heads, chunk
         self.objective, self.rule, self.gated = objective, rule, gated
@@ -229,7 +230,9 @@ class LinearMemory(Memory):
         # "linear_attention", as the compiler selected it (nestc.codegen.memories.recurrence)
         self.recurrence = recurrence
         self.read_before, self.stopped, self.init = read_before, stopped, init
-        self.backend = backend
+        # `state shared`: one state [H, a, b] for the batch, written by every sequence's token
+        # t at once (their updates at the same state, summed)
+        self.shared, self.backend = shared, backend
         if init == "meta":
             self.initial = nn.Parameter(torch.zeros(heads, a, b))
 
@@ -252,7 +255,7 @@ class LinearMemory(Memory):
         q = q.view(B, T, self.heads, self.a)
         S0 = state.given.get(self.state_key)
         if S0 is None and self.init == "meta":
-            S0 = self.initial.expand(B, -1, -1, -1)
+            S0 = self.initial if self.shared else self.initial.expand(B, -1, -1, -1)
         run = self._reference if self.backend == "reference" else self._chunked
         o, S = run(q, w, S0)
         self.guard(S)
@@ -260,37 +263,45 @@ class LinearMemory(Memory):
         return o.reshape(B, T, self.heads * self.b)
 
     def _reference(self, q: torch.Tensor, w: dict[str, Any], S0: Any) -> Any:
-        """The definition: token by token, the rule applied to the objective's gradient."""
+        """The definition: token by token, the rule applied to the objective's gradient (each
+        sequence's, scaled by its lr; a shared state takes their sum, and its retention, a
+        number, once)."""
         k, v, lr, retain = w["k"], w["v"], w["lr"], w["retain"]
         B, T, H, _ = k.shape
         acc = torch.promote_types(q.dtype, torch.float32)
-        S = (q.new_zeros(B, H, self.a, self.b, dtype=acc) if S0 is None else S0.to(acc))
+        shape = (H, self.a, self.b) if self.shared else (B, H, self.a, self.b)
+        S = q.new_zeros(shape, dtype=acc) if S0 is None else S0.to(acc)
+        state = "hav" if self.shared else "nhav"
+        read = lambda x, S: torch.einsum(f"nha,{state}->nhv", x, S)  # noqa: E731
 
-        def loss(S: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
-            pred = torch.einsum("nha,nhav->nhv", kt, S)
-            if self.objective == "l2":
-                return 0.5 * ((pred - vt) ** 2).sum()
-            return -(pred * vt).sum()
+        def loss(S: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, eta: torch.Tensor
+                 ) -> torch.Tensor:
+            pred = read(kt, S)
+            per = 0.5 * ((pred - vt) ** 2).sum(-1) if self.objective == "l2" else \
+                -(pred * vt).sum(-1)
+            return (eta * per).sum()  # the sum over the batch, each sequence's scaled
 
         grad = torch.func.grad(loss)
         outs = []
         for t in range(T):
             kt, vt = k[:, t].to(acc), v[:, t].to(acc)
-            eta = lr[:, t].to(acc)[..., None, None]  # (B, H, 1, 1)
+            eta = lr[:, t].to(acc)  # (B, H)
             r = None if retain is None else retain[:, t].to(acc)[..., None, None]
+            if r is not None and self.shared:
+                r = r[0]  # one number (the compiler checks it)
             if self.read_before:
-                outs.append(torch.einsum("nha,nhav->nhv", q[:, t].to(acc), S))
+                outs.append(read(q[:, t].to(acc), S))
             if self.gated:  # DGD, gated: retention first, then the gradient at that state
                 S = S if r is None else r * S
-                S = S - eta * grad(S, kt, vt)
+                S = S - grad(S, kt, vt, eta)
             elif self.rule == "dgd":  # literal: S (r I - eta k k^T) - eta grad, in x S form
-                kk = torch.einsum("nha,nhc->nhac", kt, kt)
-                decay = (1.0 if r is None else r) * S - eta * (kk @ S)
-                S = decay - eta * grad(S, kt, vt)
+                kk = torch.einsum(f"nha,nhc,nh->{state[:-1]}c", kt, kt, eta)
+                decay = (1.0 if r is None else r) * S - kk @ S
+                S = decay - grad(S, kt, vt, eta)
             else:  # gd: the gradient at the state before retention
-                S = (S if r is None else r * S) - eta * grad(S, kt, vt)
+                S = (S if r is None else r * S) - grad(S, kt, vt, eta)
             if not self.read_before:
-                outs.append(torch.einsum("nha,nhav->nhv", q[:, t].to(acc), S))
+                outs.append(read(q[:, t].to(acc), S))
         o = torch.stack(outs, 1) if outs else q.new_zeros(B, 0, H, self.b, dtype=acc)
         return o.to(q.dtype), S
 
@@ -308,8 +319,13 @@ class LinearMemory(Memory):
             q = F.pad(q, (0, 0, 0, 0, 0, 1))
         T = q.shape[1]
         C = min(self.chunk, max(T, 1))  # exact for any chunk: a short piece needs no padding
-        delta, gated, Cd = chunk_delta_rule, chunk_gated_delta_rule, C
-        if self.backend == "triton" and q.dtype != torch.float64:  # the kernels: float32 inside
+        delta: Callable[..., Any] = chunk_delta_rule
+        gated: Callable[..., Any] = chunk_gated_delta_rule
+        linear: Callable[..., Any] = chunk_linear_attention
+        Cd = C
+        if self.shared:  # the chunked ops over the batch's tokens time-major, B at a time
+            delta, gated, linear, C, Cd = _shared(q.shape[0], C)
+        elif self.backend == "triton" and q.dtype != torch.float64:  # float32 inside
             from nestc.ops.delta_rule.triton import MAX_K, triton_delta_rule
             from nestc.ops.gated_delta_rule.triton import triton_gated_delta_rule
 
@@ -320,7 +336,7 @@ class LinearMemory(Memory):
         S: torch.Tensor | None
         if self.recurrence == "linear_attention":
             g = None if retain is None else _log(retain)
-            o, S = chunk_linear_attention(q, k, v, lr, g, S0, C)
+            o, S = linear(q, k, v, lr, g, S0, C)
         elif self.recurrence == "delta_rule":
             assert retain is None, f"{self.where}: the delta rule has no retention"
             o, S = delta(q, k, v, lr, 1.0, S0, True, Cd)
@@ -342,6 +358,43 @@ class LinearMemory(Memory):
 
 def _log(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min(1e-30).log()  # a factor of 0 forgets all: exp(-69) per token is 0 here
+
+
+def _shared(batch: int, chunk: int) -> tuple[Any, Any, Any, int, int]:
+    """The chunked ops for a state shared by `batch` sequences: each call's [B, T, ...]
+    inputs laid out as one sequence of T * B tokens, time-major, that write B at a time
+    (`group`): keys, values and rates as they are, the log retention only at a time step's
+    first token (a shared state decays once per step), the state [H, a, b] as one sequence's;
+    the output laid back. Chunks of `chunk` time steps, at most 256 tokens (whole steps)."""
+    from nestc.ops.delta_rule.chunk import chunk_delta_rule
+    from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+    from nestc.ops.linear_attention.chunk import chunk_linear_attention
+
+    size = max(1, min(chunk, 256 // batch)) * batch
+
+    def flat(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.transpose(0, 1).reshape(1, -1, *x.shape[2:])
+
+    def once(g: Any) -> Any:  # [B, T, H] -> only the first sequence's, the rest 0
+        return None if g is None else g * (torch.arange(batch, device=g.device) == 0).to(
+            g.dtype)[:, None, None]
+
+    def wrap(op: Callable[..., Any], g_at: int | None, state_at: int) -> Callable[..., Any]:
+        """op taking (q, k, v, ..., the log retention at g_at, ..., the initial state at
+        state_at, ..., the chunk size last), as LinearMemory._chunked calls it."""
+        def run(*args: Any) -> Any:
+            B, T = args[0].shape[:2]
+            laid = [flat(once(a) if i == g_at else a) for i, a in enumerate(args[:state_at])]
+            S0 = args[state_at]
+            o, S = op(*laid, None if S0 is None else S0[None], *args[state_at + 1:-1], size,
+                      group=batch)
+            return o.view(T, B, *o.shape[2:]).transpose(0, 1), S[0]
+        return run
+
+    return (wrap(chunk_delta_rule, None, 5), wrap(chunk_gated_delta_rule, 3, 6),
+            wrap(chunk_linear_attention, 4, 5), size, size)
 
 
 class MLPMemory(Memory):

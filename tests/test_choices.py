@@ -249,3 +249,88 @@ def test_explain_shows_what_a_partial_chunk_does():
     assert "partial chunk  carry        (default)" in text
     shared = explain(nestc.loads(CMS.replace("CLAUSES", "state shared"), "c.nest"), "LM")
     assert "one set of weights for the batch" in shared
+
+
+# matrix memories that learn every token, shared by the batch -------------------------------
+
+SHARED = spec("""
+    block Mem(dim, heads = 2, chunk = 4, rate = 1.0) {
+        input x : [T, dim]
+        let k = x |> linear(dim) |> l2norm(per = heads)
+        let v = x |> linear(dim)
+        let q = x |> linear(dim) |> l2norm(per = heads)
+        let lr = rate * sigmoid(linear(x, heads))
+        memory M : matrix(dim / heads, dim / heads) per head = INIT every token in chunks of chunk {
+            CLAUSES
+        }
+        output M(q) |> linear(dim)
+    }
+""")
+SHARED_MODES = {
+    "gd": ("zeros", "objective l2(M(k), v); rule gd(lr = lr)"),
+    "gd_retain": ("meta", "objective l2(M(k), v); rule gd(lr = lr, retain = 0.9)"),
+    "dgd_literal": ("meta", "objective l2(M(k), v); rule dgd(lr = 0.5 * lr, retain = 0.9); "
+                            "dgd literal"),
+    "before": ("meta", "read before write; objective l2(M(k), v); "
+                       "rule dgd(lr = lr, retain = 0.8)"),
+    "dot": ("zeros", "objective dot(M(k), v); rule gd(lr = 0.5, retain = 0.9)"),
+}
+
+
+def shared_memory(mode, backend="chunked", shared=True, **hyper):
+    init, clauses = SHARED_MODES[mode]
+    text = SHARED.replace("INIT", init).replace(
+        "CLAUSES", ("state shared; " if shared else "") + clauses)
+    torch.manual_seed(0)
+    mod = nestc.loads(text, "s.nest").build("Mem", dim=16, backend=backend, **hyper)
+    if init == "meta":
+        with torch.no_grad():
+            mod.M.initial.normal_(0, 0.3)
+    return mod
+
+
+@pytest.mark.parametrize("mode", SHARED_MODES)
+@pytest.mark.parametrize("T", [1, 11])
+def test_a_shared_matrix_memory_chunked_equals_its_token_loop(mode, T):
+    """The chunked ops over the batch's tokens time-major, B writes at a time at one state,
+    against the token loop that sums every sequence's update at each token."""
+    ref, fast = shared_memory(mode, "reference"), shared_memory(mode)
+    x = torch.randn(3, T, 16)
+    ya, sa = ref(x, return_state=True)
+    yb, sb = fast(x, return_state=True)
+    close(ya, yb)
+    assert sa["M"].shape == (2, 8, 8)
+    close(sa["M"], sb["M"])
+    ga = torch.autograd.grad(ya.pow(2).sum(), list(ref.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(yb.pow(2).sum(), list(fast.parameters()), allow_unused=True)
+    for u, w in zip(ga, gb, strict=True):
+        # a parameter no path reaches (T = 1, read before the write) has no gradient on one
+        # tier and zeros on the other
+        if u is not None or w is not None:
+            close(torch.zeros_like(w) if u is None else u, torch.zeros_like(u) if w is None
+                  else w)
+
+
+def test_a_shared_matrix_memory_is_one_state_for_the_batch():
+    # B equal sequences write B times the update of one: per sample with B times the rate
+    x = torch.randn(1, 9, 16).expand(4, -1, -1)
+    shared = shared_memory("gd", rate=0.25)
+    each = shared_memory("gd", shared=False, rate=1.0)
+    close(shared(x), each(x))
+    # a batch wider than a chunk's 256 tokens allow (chunks of whole time steps), streamed
+    wide = torch.randn(40, 13, 16)
+    ref = shared_memory("gd_retain", "reference")
+    whole, final = shared_memory("gd_retain")(wide, return_state=True)
+    close(ref(wide), whole)
+    pieces, state = stream(shared_memory("gd_retain"), wide, [5])
+    close(pieces, whole)
+    close(state["M"], final["M"])
+
+
+def test_a_shared_matrix_memory_takes_a_retention_that_is_a_number():
+    text = SHARED.replace("INIT", "zeros").replace(
+        "CLAUSES", "state shared; objective l2(M(k), v); rule gd(lr = lr, retain = lr)")
+    with pytest.raises(nestc.NestError, match="a `retain` that changes with the data on a "
+                                              "memory shared by the batch") as err:
+        nestc.loads(text, "s.nest").build("Mem", dim=16)
+    assert err.value.unsupported and err.value.span.line == 8

@@ -204,9 +204,8 @@ def test_a_blocks_memories_show_what_they_compile_to() -> None:
 
 
 def test_a_memory_that_does_not_compile_is_explained_with_its_line() -> None:
-    prog = nestc.loads(MEMORY.replace("CLAUSES", "state shared; objective l2(M(x), x); "
-                                                 "rule gd(lr = lr)"), "shared.nest")
+    prog = nestc.loads(MEMORY.replace("CLAUSES", "objective huber(M(x), x); "
+                                                 "rule gd(lr = lr)"), "huber.nest")
     text = explain(prog, "Mem")
-    assert ("not compiled: shared.nest:4:5: `state shared` on a matrix memory that learns "
-            "every token (it is built for memories that learn every N tokens or from the task "
-            "loss) is not supported") in text.replace("\n      ", " ")
+    assert ("not compiled: huber.nest:4:5: a matrix memory whose objective is not l2(...) or "
+            "dot(...) is not supported") in text.replace("\n      ", " ")

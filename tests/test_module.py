@@ -237,11 +237,11 @@ def test_transformer_lm_learns_to_copy():
 
 
 def test_unsupported_memories_and_shape_errors_name_the_spec():
-    shared = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
-        "CLAUSES", "state shared; objective l2(M(k), v); rule gd(lr = lr)"), "shared.nest")
+    huber = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
+        "CLAUSES", "objective huber(M(k), v); rule gd(lr = lr)"), "huber.nest")
     with pytest.raises(nestc.NestError) as info:
-        shared.build("Mem", dim=16)
-    assert info.value.unsupported and "shared.nest:8:5" in str(info.value)
+        huber.build("Mem", dim=16)
+    assert info.value.unsupported and "huber.nest:8:5" in str(info.value)
     bad = nestc.loads(spec("""
         block B(dim) {
             input x : [T, dim]

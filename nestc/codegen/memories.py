@@ -293,10 +293,6 @@ class LinearPlan(Plan):
         _, call = structure
         self.a, self.b = (scope.size(x, "a matrix memory's size") for x in call.args)
         exprs, choices = _clauses(s)
-        if choices["state"] != "per sample":
-            raise unsupported("`state shared` on a matrix memory that learns every token "
-                              "(it is built for memories that learn every N tokens or from "
-                              "the task loss)", s.span)
         freq = s.frequency
         if freq is None or freq.unit != "token" or freq.every is not None:
             raise unsupported("a matrix memory updated other than `every token`", s.span)
@@ -315,11 +311,17 @@ class LinearPlan(Plan):
         init_name = init[0] if init else "zeros"
         if init_name not in ("zeros", "meta"):
             raise unsupported(f"initial state `{init_name}` for a matrix memory", s.span)
+        shared = choices["state"] == "shared"
+        retain_e = self.rule_kw.get("retain")
+        if shared and retain_e is not None and _constant(scope, retain_e) is None:
+            raise unsupported("a `retain` that changes with the data on a memory shared by the "
+                              "batch (its one state takes one per token)", retain_e.span)
         self.config = {"a": self.a, "b": self.b, "heads": 0, "chunk": chunk,
                        "objective": objective, "rule": rule[0],
                        "gated": rule[0] == "dgd" and not literal_dgd, "recurrence": "",
                        "read_before": choices["read"] == "before write",
-                       "stopped": choices["backprop"] == "stopped", "init": init_name}
+                       "stopped": choices["backprop"] == "stopped", "init": init_name,
+                       "shared": shared}
 
     def write(self, scope: Any) -> tuple[str, list[str]] | None:
         k = scope.tensor(self.key_expr, self.name)
@@ -343,9 +345,12 @@ class LinearPlan(Plan):
     def describe(self) -> str:
         c = self.config
         rec = c["recurrence"]
-        kernels = "" if rec == "linear_attention" else "; Triton kernels with backend='triton'"
+        kernels = "" if rec == "linear_attention" or c["shared"] else \
+            "; Triton kernels with backend='triton'"
+        shared = ("; one state for the batch, written by every sequence's token at once "
+                  "(the chunked op, B tokens a step)") if c["shared"] else ""
         return (f"{RECURRENCES[rec]} (nestc.ops.{rec}), {c['heads']} heads of {c['a']} x "
-                f"{c['b']}, in chunks of {c['chunk']}{kernels}")
+                f"{c['b']}, in chunks of {c['chunk']}{kernels}{shared}")
 
 
 def recurrence(objective: str, rule: str, gated: bool, retain: bool) -> str:
@@ -376,8 +381,8 @@ class MLPPlan(Plan):
         exprs, choices = _clauses(s, self.lets)
         if choices["state"] != "per sample":
             raise unsupported("`state shared` on an MLP memory that learns every token "
-                              "(it is built for memories that learn every N tokens or from "
-                              "the task loss)", s.span)
+                              "(it is built for matrix memories, memories that learn every N "
+                              "tokens and those that learn from the task loss)", s.span)
         assert s.frequency is not None
         chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
         objective, self.key_expr, self.value_expr = _objective(

@@ -112,6 +112,16 @@ def make_callable(module_name: str, fn: Callable[..., Any]) -> None:
     sys.modules[module_name].__class__ = CallableModule
 
 
+def time_masks(size: int, group: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(earlier, upto), (size, size) bool, for a chunk whose tokens come `group` at a time
+    (one time step of a state shared by `group` sequences, ordered time-major): token j is
+    earlier than token i when its time step is, and up to i when not later. With group 1
+    they are the strict and the inclusive lower triangle."""
+    step = torch.arange(size, device=device) // group
+    return step[:, None] > step[None], step[:, None] >= step[None]
+
+
 def to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, T, H, D) -> (N, B*H, C, D) in `dtype`, T zero-padded up to N*C (a zero key, value,
     beta and log retention leave the state as it is, so padding needs no mask)."""

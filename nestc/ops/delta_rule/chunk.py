@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from nestc.ops.utils import accumulation_dtype, float32_inside, from_chunks, to_chunks
+from nestc.ops.utils import accumulation_dtype, float32_inside, from_chunks, time_masks, to_chunks
 
 
 @float32_inside
 def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                      scale: float | None = None, initial_state: torch.Tensor | None = None,
-                     output_final_state: bool = True, chunk_size: int = 64,
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same arguments and results as `naive_recurrent_delta_rule`, plus the chunk size C."""
+                     output_final_state: bool = True, chunk_size: int = 64, *,
+                     group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same arguments and results as `naive_recurrent_delta_rule`, plus the chunk size C.
+    `group`: the tokens come `group` at a time, each group one write of all its tokens at
+    the same state (a state shared by `group` sequences, ordered time-major; C a multiple of
+    group); 1 is the delta rule."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype, acc = q.dtype, accumulation_dtype(q)
@@ -32,7 +35,9 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     # the chunk's writes are U = u - W S (S: the state entering it), with u = M V, W = M K and
     # M = (I + strict_tril(diag(beta) K K^T))^{-1} diag(beta), the UT transform (batched
     # triangular solves cost per matrix more than per column on CPU: solve for M, then matmul)
-    A = ((beta * k) @ kt).tril_(-1)  # (N, BH, C, C)
+    earlier, upto = time_masks(q.shape[-2], group, q.device)
+    A = ((beta * k) @ kt)  # (N, BH, C, C)
+    A = A.tril_(-1) if group == 1 else A * earlier
     eye = torch.eye(A.shape[-1], dtype=acc, device=A.device).expand_as(A)
     M = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
     M = M * beta.transpose(-1, -2)  # (N, BH, C, C)
@@ -49,7 +54,9 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     # o = scale (Q S + tril(Q K^T) U): the entering state, plus the causal part of the chunk's
     # own writes (tril keeps the diagonal: a token reads its own write); scale folded into alpha
     q, k = q.flatten(0, 1), k.flatten(0, 1)  # (N*BH, C, K)
-    o = torch.baddbmm(q @ torch.stack(states).flatten(0, 1), (q @ k.transpose(-1, -2)).tril_(),
+    qk = q @ k.transpose(-1, -2)
+    qk = qk.tril_() if group == 1 else qk * upto
+    o = torch.baddbmm(q @ torch.stack(states).flatten(0, 1), qk,
                       torch.stack(writes).flatten(0, 1), beta=scale, alpha=scale)  # (N*BH, C, V)
     final = S.view(B, H, K, V) if output_final_state else None
     return from_chunks(o, B, T, H).to(dtype), final

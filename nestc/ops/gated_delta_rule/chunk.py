@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from nestc.ops.utils import accumulation_dtype, float32_inside, from_chunks, to_chunks
+from nestc.ops.utils import accumulation_dtype, float32_inside, from_chunks, time_masks, to_chunks
 
 
 @float32_inside
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            beta: torch.Tensor, scale: float | None = None,
                            initial_state: torch.Tensor | None = None,
-                           output_final_state: bool = True, chunk_size: int = 64,
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same arguments and results as `naive_recurrent_gated_delta_rule`, plus the chunk size."""
+                           output_final_state: bool = True, chunk_size: int = 64, *,
+                           group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same arguments and results as `naive_recurrent_gated_delta_rule`, plus the chunk size.
+    `group`: the tokens come `group` at a time, each group one write of all its tokens at the
+    same state (chunk_delta_rule; g is then nonzero only at a group's first token)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype, acc = q.dtype, accumulation_dtype(q)
@@ -33,14 +35,16 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     G = to_chunks(g[..., None], chunk_size, acc).cumsum(-2)  # (N, BH, C, 1)
     eG = G.exp()  # decay from the chunk's start to each token
     C = q.shape[-2]
-    future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    earlier, upto = time_masks(C, group, q.device)
+    future = ~upto
     # decay[t, s] = exp(G_t - G_s) for s <= t, 0 above the diagonal (masked before exp)
     decay = (G - G.transpose(-1, -2)).masked_fill(future, float("-inf")).exp()  # (N, BH, C, C)
     kt = k.transpose(-1, -2)  # (N, BH, K, C)
 
     # the chunk's writes are U = u - W S (S: the state entering it), with u = M V,
     # W = M diag(e^G) K and M = (I + strict_tril(diag(beta) (K K^T * decay)))^{-1} diag(beta)
-    A = ((beta * k) @ kt * decay).tril_(-1)  # (N, BH, C, C)
+    A = ((beta * k) @ kt * decay)  # (N, BH, C, C)
+    A = A.tril_(-1) if group == 1 else A * earlier
     eye = torch.eye(A.shape[-1], dtype=acc, device=A.device).expand_as(A)
     M = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
     M = M * beta.transpose(-1, -2)  # (N, BH, C, C)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from nestc.ops.utils import accumulation_dtype, float32_inside, from_chunks, to_chunks
+from nestc.ops.utils import accumulation_dtype, float32_inside, from_chunks, time_masks, to_chunks
 
 
 @float32_inside
 def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            beta: torch.Tensor, g: torch.Tensor | None = None,
                            initial_state: torch.Tensor | None = None, chunk_size: int = 64,
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           *, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H] (g: log retention, None = 0);
-    initial_state: [B, H, K, V]. Returns o [B, T, H, V] and the final state (float32)."""
+    initial_state: [B, H, K, V]. Returns o [B, T, H, V] and the final state (float32).
+    `group`: the tokens come `group` at a time, as in chunk_delta_rule."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype, acc = q.dtype, accumulation_dtype(q)
@@ -33,7 +34,7 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          else to_chunks(g[..., None], chunk_size, acc).cumsum(-2))  # (N, BH, C, 1)
     # exp(G_t - G_s) for s <= t, else 0 (the mask before exp keeps it finite)
     diff = G - G.transpose(-1, -2)  # (N, BH, C, C)
-    causal = torch.ones(diff.shape[-2:], dtype=torch.bool, device=q.device).tril_()
+    causal = time_masks(diff.shape[-1], group, q.device)[1]
     decay = torch.where(causal, diff, float("-inf")).exp()
     intra = ((q @ k.transpose(-1, -2)) * decay) @ (beta * v)  # (N, BH, C, V)
     last = G[..., -1:, :]  # (N, BH, 1, 1)
