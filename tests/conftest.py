@@ -54,3 +54,15 @@ def leaves(state: object) -> list:
     if state is None:
         return []
     return [state] if isinstance(state, torch.Tensor) else [torch.tensor(float(state))]
+
+
+def run_benchmark(name: str, *args: str) -> str:
+    """benchmarks/<name> run with args (tiny sizes) in a fresh process: its stdout, after
+    checking that it exits 0."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run.stdout

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import spec  # noqa: E402
+from conftest import run_benchmark, spec  # noqa: E402
 
 import nestc  # noqa: E402
 from nestc.explain import explain  # noqa: E402
@@ -153,14 +153,7 @@ def test_a_window_is_a_whole_number_of_tokens():
 
 def test_the_benchmark_runs():
     """benchmarks/attention.py at tiny sizes: its table, one row per T, window and pass."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
-    run = subprocess.run([sys.executable, str(script), "--T", "64", "--window", "8",
-                          "--reps", "1", "--threads", "1"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    rows = [ln for ln in run.stdout.splitlines() if ln.startswith("| 64 | 8 |")]
-    assert [r.split("|")[3].strip() for r in rows] == ["fwd", "fwd+bwd"], run.stdout
+    out = run_benchmark("attention.py", "--T", "64", "--window", "8", "--reps", "1",
+                        "--threads", "1")
+    rows = [ln for ln in out.splitlines() if ln.startswith("| 64 | 8 |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["fwd", "fwd+bwd"], out

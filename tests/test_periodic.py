@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import close, leaves, spec  # noqa: E402
+from conftest import close, leaves, run_benchmark, spec  # noqa: E402
 
 import nestc  # noqa: E402
 from nestc.explain import explain  # noqa: E402
@@ -243,15 +243,7 @@ def test_torch_compile_runs_a_periodic_memory_and_windowed_attention():
 
 def test_the_benchmark_runs():
     """benchmarks/levels.py at tiny sizes: a row per frequency."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "levels.py"
-    run = subprocess.run([sys.executable, str(script), "--T", "32", "--periods", "4",
-                          "--reps", "1", "--threads", "1"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    rows = [ln.split("|")[1].strip() for ln in run.stdout.splitlines()
-            if ln.startswith("| every")]
-    assert rows == ["every token", "every 4 tokens"], run.stdout
+    out = run_benchmark("levels.py", "--T", "32", "--periods", "4", "--reps", "1",
+                        "--threads", "1")
+    rows = [ln.split("|")[1].strip() for ln in out.splitlines() if ln.startswith("| every")]
+    assert rows == ["every token", "every 4 tokens"], out
