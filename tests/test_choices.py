@@ -1,7 +1,8 @@
 """The semantic choices about chunks and batches (docs/semantics.md): `partial chunk carry`
 (the default: a chunk that a call ends inside goes on in the next call) against `partial chunk
 flush` (it ends with the call), on Titans-style MLP memories and on task-loss (CMS) levels; and
-`state shared` (one set of weights for the batch) on task-loss levels."""
+`state shared` (one state for the batch) on task-loss levels and on matrix memories that learn
+every token."""
 
 from __future__ import annotations
 
