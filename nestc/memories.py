@@ -89,6 +89,18 @@ def _mlp(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, act: Callable[..., t
     return y + x if residual else y
 
 
+def objective_loss(y: torch.Tensor, v: torch.Tensor, objective: str, delta: float = 1.0
+                   ) -> torch.Tensor:
+    """Each token's loss of reading y against value v, summed over the features (the last
+    dim): l2 is 1/2 |y - v|^2, dot -<y, v>, huber 1/2 x^2 within delta of v and
+    delta (|x| - delta / 2) beyond."""
+    if objective == "l2":
+        return 0.5 * (y - v).pow(2).sum(-1)
+    if objective == "dot":
+        return -(y * v).sum(-1)
+    return F.huber_loss(y, v, reduction="none", delta=delta).sum(-1)
+
+
 def _mlp_weights(*batch: int, d: int, hidden: int) -> tuple[nn.Parameter, nn.Parameter]:
     """Meta-learned initial weights A (d, hidden) and B (hidden, d), at nn.Linear's scale."""
     return (nn.Parameter(torch.empty(*batch, d, hidden).uniform_(-d ** -0.5, d ** -0.5)),
@@ -276,10 +288,8 @@ class LinearMemory(Memory):
 
         def loss(S: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, eta: torch.Tensor
                  ) -> torch.Tensor:
-            pred = read(kt, S)
-            per = 0.5 * ((pred - vt) ** 2).sum(-1) if self.objective == "l2" else \
-                -(pred * vt).sum(-1)
-            return (eta * per).sum()  # the sum over the batch, each sequence's scaled
+            # the sum over the batch, each sequence's scaled
+            return (eta * objective_loss(read(kt, S), vt, self.objective)).sum()
 
         grad = torch.func.grad(loss)
         outs = []
@@ -468,10 +478,8 @@ class MLPMemory(Memory):
 
     def _loss(self, A: torch.Tensor, B: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> torch.Tensor:
-        y = _mlp(k, A, B, self.act, self.residual)
-        if self.objective == "huber":  # 1/2 x^2 within delta, delta (|x| - delta / 2) beyond
-            return F.huber_loss(y, v, reduction="sum", delta=self.delta)
-        return 0.5 * ((y - v) ** 2).sum() if self.objective == "l2" else -(y * v).sum()
+        return objective_loss(_mlp(k, A, B, self.act, self.residual), v, self.objective,
+                              self.delta).sum()
 
     def _grads(self, A: torch.Tensor, B: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1000,14 +1008,7 @@ class PeriodicMemory(Memory):
     def _loss(self, W: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor,
               lr: torch.Tensor) -> torch.Tensor:
         """sum over the tokens of lr_t L(W; k_t, v_t); k, v (N, H, n, .), lr (N, H, n)."""
-        y = self._map(W, k)
-        if self.objective == "l2":
-            per = 0.5 * (y - v).pow(2).sum(-1)
-        elif self.objective == "dot":
-            per = -(y * v).sum(-1)
-        else:  # huber: 1/2 x^2 within delta, delta (|x| - delta / 2) beyond
-            per = F.huber_loss(y, v, reduction="none", delta=self.delta).sum(-1)
-        return (lr * per).sum()
+        return (lr * objective_loss(self._map(W, k), v, self.objective, self.delta)).sum()
 
     def _grad(self, W: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor,
               lr: torch.Tensor, closed: bool = False) -> tuple[torch.Tensor, ...]:

@@ -29,15 +29,16 @@ def assert_tidy(source: str) -> None:
     assert imported <= used, imported - used
 
 
-def optimizer_decls():
+def decls(*kinds: str):
+    """(path, name) of every stdlib and example declaration of these kinds."""
     for path in SPECS:
         prog = nestc.load(path)
         for name in prog.names:
-            if prog.decl(name).kind == "optimizer":
+            if prog.decl(name).kind in kinds:
                 yield pytest.param(path, name, id=f"{path.relative_to(ROOT)}:{name}")
 
 
-@pytest.mark.parametrize(("path", "name"), list(optimizer_decls()))
+@pytest.mark.parametrize(("path", "name"), list(decls("optimizer")))
 def test_every_optimizer_compiles_and_steps(path, name):
     torch = pytest.importorskip("torch")
     prog = nestc.load(path)
@@ -64,15 +65,7 @@ def test_optimizers_example_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def module_decls():
-    for path in SPECS:
-        prog = nestc.load(path)
-        for name in prog.names:
-            if prog.decl(name).kind in ("block", "model"):
-                yield pytest.param(path, name, id=f"{path.relative_to(ROOT)}:{name}")
-
-
-@pytest.mark.parametrize(("path", "name"), list(module_decls()))
+@pytest.mark.parametrize(("path", "name"), list(decls("block", "model")))
 def test_every_block_and_model_compiles_and_runs(path, name):
     torch = pytest.importorskip("torch")
     prog = nestc.load(path)
