@@ -35,9 +35,10 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     # the chunk's writes are U = u - W S (S: the state entering it), with u = M V, W = M K and
     # M = (I + strict_tril(diag(beta) K K^T))^{-1} diag(beta), the UT transform (batched
     # triangular solves cost per matrix more than per column on CPU: solve for M, then matmul)
-    earlier, upto = time_masks(q.shape[-2], group, q.device)
+    # token j reaches token i's write when it comes earlier (in time steps, for group > 1)
+    masks = time_masks(q.shape[-2], group, q.device) if group > 1 else None
     A = ((beta * k) @ kt)  # (N, BH, C, C)
-    A = A.tril_(-1) if group == 1 else A * earlier
+    A = A.tril_(-1) if masks is None else A * masks[0]
     eye = torch.eye(A.shape[-1], dtype=acc, device=A.device).expand_as(A)
     M = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
     M = M * beta.transpose(-1, -2)  # (N, BH, C, C)
@@ -55,7 +56,7 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     # own writes (tril keeps the diagonal: a token reads its own write); scale folded into alpha
     q, k = q.flatten(0, 1), k.flatten(0, 1)  # (N*BH, C, K)
     qk = q @ k.transpose(-1, -2)
-    qk = qk.tril_() if group == 1 else qk * upto
+    qk = qk.tril_() if masks is None else qk * masks[1]
     o = torch.baddbmm(q @ torch.stack(states).flatten(0, 1), qk,
                       torch.stack(writes).flatten(0, 1), beta=scale, alpha=scale)  # (N*BH, C, V)
     final = S.view(B, H, K, V) if output_final_state else None
