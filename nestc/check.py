@@ -133,6 +133,20 @@ class _Scope:
     def __init__(self, parent: _Scope | None = None) -> None:
         self.parent = parent
         self.names: dict[str, str] = {}  # name -> what it is: hyper, param, input, let, memory, ...
+        # memories declared further down this body: a read M(x) above the declaration sees
+        # M at the start of its chunk (docs/semantics.md, "Reads above a declaration")
+        self.ahead: set[str] = set()
+
+    def later_memory(self, name: str) -> bool:
+        """Whether `name` is a memory declared further down this body or an enclosing one."""
+        s: _Scope | None = self
+        while s is not None:
+            if name in s.names:
+                return False
+            if name in s.ahead:
+                return True
+            s = s.parent
+        return False
 
     def lookup(self, name: str) -> str | None:
         s: _Scope | None = self
@@ -192,8 +206,12 @@ class BodyChecker:
                             " or declare it as a `block`")
 
     def block(self, stmts: tuple[ast.Stmt, ...], scope: _Scope) -> None:
+        if self.decl.kind != "optimizer":
+            scope.ahead = {s.name for s in stmts if isinstance(s, ast.StmtMemory)}
         for s in stmts:
             self.stmt(s, scope)
+            if isinstance(s, ast.StmtMemory):
+                scope.ahead.discard(s.name)
 
     def define(self, scope: _Scope, name: str, what: str, span: Span) -> None:
         prev = scope.lookup(name)
@@ -454,6 +472,10 @@ class BodyChecker:
         """Check names and calls in e; return its constant value or UNKNOWN."""
         if isinstance(e, ast.ExprName):
             if scope.lookup(e.name) is None and e.name not in BUILTINS and e.name not in self.decls:
+                if scope.later_memory(e.name):
+                    raise NestError(f"memory `{e.name}` is declared further down: above its "
+                                    "declaration it can only be read, as "
+                                    f"`{e.name}(x)`", e.span, kind="name")
                 raise self.unknown_name(e.name, e.span, scope)
         elif isinstance(e, ast.ExprCall):
             self.call(e, scope)
@@ -500,6 +522,11 @@ class BodyChecker:
             if local in ("hyper", "input", "chain"):
                 raise NestError(f"`{name}` is not a function", e.func.span, kind="type")
             return  # reading a memory M(k) or applying a module value
+        if scope.later_memory(name):  # a read at the start of M's chunk
+            if len(e.args) != 1 or e.kwargs:
+                raise NestError(f"memory `{name}` is read with one argument", e.span,
+                                kind="value")
+            return
         if name in self.decls:
             self.decl_call(e, self.decls[name])
             return

@@ -177,6 +177,11 @@ def _level(graph: nx.MultiDiGraph, n: str, tokens: int, steps: int) -> list[str]
     reads = _sources(graph, n, ("read",))
     if reads:
         rows.append(("reads", ", ".join(reads)))
+    ahead = sorted({v for _, v, d in graph.out_edges(n, data=True)
+                    if "at chunk start" in (d.get("label") or "")})
+    if ahead:
+        rows.append(("read early", "above its declaration, at the start of each chunk, by "
+                     + ", ".join(ahead)))
     trainers = [u for u, _, d in graph.in_edges(n, data=True) if d["kind"] == "backprop"]
     if trainers:
         rows.append(("trained by", ", ".join(trainers) + " (task gradient)"))

@@ -418,7 +418,7 @@ class MLPMemory(Memory):
                  residual: bool, act: str, read_before: bool, stopped: bool, chunk: int,
                  objective: str, delta: float, momentum: bool, clip: float | None,
                  signals: tuple[str, ...], generated: bool, has_source: bool,
-                 flush: bool = False, backend: str = "chunked") -> None:
+                 flush: bool = False, starts: bool = False, backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.d, self.hidden, self.heads, self.residual = d, hidden, heads, residual
         self.act, self.act_name = ACTS[act], act
@@ -426,6 +426,9 @@ class MLPMemory(Memory):
         self.objective, self.delta, self.momentum, self.clip = objective, delta, momentum, clip
         self.signals, self.generated, self.backend = signals, generated, backend
         self.flush = flush  # `partial chunk flush`: every call ends its chunk
+        # read above its declaration (read_start): the module runs in pieces that end where
+        # its chunks do (nestc.module.Built.forward)
+        self.starts = starts
         self.value_source = has_source and backend == "triton"
         self.A, self.B = _mlp_weights(heads, d=d, hidden=hidden)
         self.siblings: tuple[_Siblings, int] | None = None  # set by run_as_one
@@ -498,6 +501,19 @@ class MLPMemory(Memory):
             return group.read(i, q, env)
         return self._read_alone(q, env)
 
+    def read_start(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        """M(q) at the weights the chunk began with, for every token of this piece (a read
+        above the memory's declaration: the module runs pieces within one chunk each)."""
+        given = env["__state__"].given.get(self.state_key)
+        Bn, T, _ = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        if given is None:
+            A, B = (p.to(acc).expand(Bn, *p.shape) for p in (self.A, self.B))
+        else:
+            assert given["offset"] + T <= self.chunk, (self.name, given["offset"], T)
+            A, B = given["M"] if given["offset"] == 0 else given["start"]
+        return self._read_all(A, B, q.to(acc)).to(q.dtype)
+
     def _read_alone(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         qh, w, given = self._inputs(q, env)
         y, out = self._run(qh, w, given)
@@ -541,7 +557,7 @@ class MLPMemory(Memory):
         return (self.d, self.hidden, self.heads, self.residual, self.act_name,
                 self.read_before, self.stopped, self.chunk, self.objective, self.delta,
                 self.momentum, self.clip, self.backend, self.signals, self.generated,
-                self.value_source)
+                self.value_source, self.starts)
 
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
         """Whether the triton tier runs this read through nestc.ops.mlp_memory's kernel (_fused):

@@ -57,6 +57,8 @@ class Built(nn.Module):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.decl_name, self.kind, self.backend = name, kind, backend
         self.tasks: list[Any] = []  # its task-loss memories, at any depth (set by finish)
+        # its memories read above their declarations, at chunk starts, at any depth (finish)
+        self.starts: list[Any] = []
         self.flushing: list[Any] = []  # its memories under `partial chunk flush` (finish)
 
     def finish(self) -> None:
@@ -72,6 +74,8 @@ class Built(nn.Module):
             if isinstance(sub, layers.Stateful):
                 sub.state_key = path
         self.tasks = [m for m in self.modules() if isinstance(m, memories.TaskMLP)]
+        self.starts = [m for m in self.modules() if isinstance(m, memories.MLPMemory)
+                       and m.starts]
         self.flushing = [m for m in self.modules() if isinstance(m, memories.Memory) and m.flush]
 
     def run(self, env: Env, x: torch.Tensor) -> torch.Tensor:
@@ -97,11 +101,11 @@ class Built(nn.Module):
                             if x.dtype in (torch.int64, torch.int32) else x.dtype)
             return (y, dict(state or {})) if return_state else y
         tasks = self.tasks
-        if not tasks:
+        if not tasks and not self.starts:
             ctx = State(state)
             y, out = self.run({"__state__": ctx}, x), ctx.out
         else:
-            if task is None:
+            if task is None and tasks:
                 task = self.task_loss(x, targets)
             y, out = self.forward_in_chunks(x, state, task, tasks)
         if not return_state:
@@ -133,9 +137,10 @@ class Built(nn.Module):
         return loss
 
     def forward_in_chunks(self, x: torch.Tensor, state: dict[str, Any] | None,
-                          task: Callable[..., torch.Tensor], tasks: list[Any]
+                          task: Callable[..., torch.Tensor] | None, tasks: list[Any]
                           ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Run piece by piece, a piece ending wherever a task-loss memory's chunk does; after
+        """Run piece by piece, a piece ending wherever a task-loss memory's chunk does, or
+        that of a memory read above its declaration (which reads the chunk's first state); after
         each, hand every such memory the gradient of the piece's task loss with respect to
         the weights as this piece used them (local: what came in from earlier pieces is held
         fixed); the memory sums them over its chunk and updates when the chunk is full
@@ -159,15 +164,19 @@ class Built(nn.Module):
         while start < T:
             # each level's tokens into its chunk (chunks count from the stream's start, or
             # from the call's under `partial chunk flush`)
-            into = {m.state_key: (given.get(m.state_key) or {}).get("offset", 0) for m in tasks}
-            stop = min(T, start + min(m.chunk - into[m.state_key] for m in tasks))
+            into = {m.state_key: (given.get(m.state_key) or {}).get("offset", 0)
+                    for m in (*tasks, *self.starts)}
+            stop = min(T, start + min(m.chunk - into[m.state_key]
+                                      for m in (*tasks, *self.starts)))
             ctx = State(given)
-            with torch.enable_grad():
+            # grad mode for the levels' gradients (none without task-loss memories)
+            with torch.set_grad_enabled(outer or bool(tasks)):
                 y = self.run({"__state__": ctx}, x[:, start:stop])
                 for key, (mem, _, used) in ctx.task.items():
                     entry = pending.setdefault(key, [mem, used, start])
                     assert all(a is b for a, b in zip(entry[1], used)), key
                 if ctx.task:
+                    assert task is not None
                     loss = task(y, start, stop)
                     for first in {entry[2] for entry in pending.values()}:
                         losses[first] = losses[first] + loss if first in losses else loss

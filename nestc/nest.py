@@ -88,9 +88,11 @@ class Value:
     refs: frozenset[tuple[str, str]] = frozenset()
     deps: frozenset[str] = frozenset()
     module: tuple[ast.Decl, ast.ExprCall, Frame] | None = None  # `Hope(dim)` before it is applied
+    starts: frozenset[str] = frozenset()  # memories read above their declarations: at chunk start
 
     def __or__(self, other: Value) -> Value:
-        return Value(self.refs | other.refs, self.deps | other.deps, self.module or other.module)
+        return Value(self.refs | other.refs, self.deps | other.deps, self.module or other.module,
+                     self.starts | other.starts)
 
     def as_kind(self, kind: str) -> Value:
         return replace(self, refs=frozenset((n, kind) for n, _ in self.refs))
@@ -121,6 +123,8 @@ class Frame:
     inputs: list[Value] = field(default_factory=list)
     output: Value = NOTHING
     alias: str | None = None  # the level an optimizer-as-rule's `param` stands for
+    # memories declared further down the bodies being walked, with the frame declaring them
+    ahead: dict[str, tuple[ast.StmtMemory, Frame]] = field(default_factory=dict)
 
     def child(self, **changes: Any) -> Frame:
         return replace(self, scope=self.scope.new_child(), **changes)
@@ -144,6 +148,7 @@ class _Builder:
         self.train: str | None = None
         self.rule_levels: set[str] = set()  # levels of an optimizer expanded as a rule
         self.keyless: set[str] = set()  # memories without a key: they learn from their inputs
+        self.early: dict[int, str] = {}  # memories read above their declarations: their nodes
 
     # nodes and edges
     def node(self, nid: str, kind: str, frame: Frame, span: Span | None, **attrs: Any) -> str:
@@ -177,7 +182,8 @@ class _Builder:
     def connect(self, value: Value, target: str, label: str | None = None) -> None:
         """Edges from what value reads into target; a level target records same-time deps."""
         for src, kind in sorted(value.refs):
-            self.edge(src, target, kind, label)
+            at = "at chunk start" if src in value.starts else None
+            self.edge(src, target, kind, ", ".join(x for x in (label, at) if x) or None)
         if target in self.deps:
             self.deps[target] |= value.deps - {target}
         elif target in self.sig_deps:
@@ -218,8 +224,13 @@ class _Builder:
         return self.g
 
     def body(self, stmts: tuple[ast.Stmt, ...], frame: Frame) -> None:
+        later = {s.name: (s, frame) for s in stmts if isinstance(s, ast.StmtMemory)}
+        if later:
+            frame.ahead = {**frame.ahead, **later}
         for s in stmts:
             self.stmt(s, frame)
+            if isinstance(s, ast.StmtMemory) and s.name in later:
+                frame.ahead = {k: v for k, v in frame.ahead.items() if k != s.name}
 
     def stmt(self, s: ast.Stmt, frame: Frame) -> None:
         if isinstance(s, ast.StmtParam):
@@ -343,6 +354,26 @@ class _Builder:
         _rebind(frame.scope, s.target, ("node", new))
 
     def memory(self, s: ast.StmtMemory, frame: Frame) -> None:
+        nid = self.early.pop(id(s), None) or self.memory_node(s, frame)
+        frame.scope[s.name] = ("node", nid)
+        self.init_edges(s.init, nid, frame)
+        self.level_body(s.body, nid, frame, s.name)
+        if nid in self.updates:
+            self.g.nodes[nid]["rule"] = "; ".join(self.updates.pop(nid))
+        if self.g.nodes[nid]["unit"] != "never":  # only the outer level writes a `never`
+            self.written.add(nid)                  # memory, between steps
+
+    def read_ahead(self, s: ast.StmtMemory, frame: Frame) -> Value:
+        """A read of memory s above its declaration: its state at the start of the chunk,
+        written before this time step (no same-time dependency)."""
+        nid = self.early.get(id(s))
+        if nid is None:
+            nid = self.early[id(s)] = self.memory_node(s, frame)
+        self.g.nodes[nid]["start_reads"] = True
+        return Value(frozenset({(nid, "read")}), starts=frozenset({nid}))
+
+    def memory_node(self, s: ast.StmtMemory, frame: Frame) -> str:
+        """The level node of memory s (its clauses' edges come with its declaration)."""
         nid = self.node_id(s.name, frame)
         f = s.frequency
         unit, period, chunk = self.frequency(f, frame)
@@ -363,16 +394,10 @@ class _Builder:
                          init=self.init_text(s.init),
                          structure=structure, per_head=s.per_head, choices=choices,
                          explicit=tuple(explicit))
-        frame.scope[s.name] = ("node", nid)
         if not any(isinstance(b, ast.Clause) and b.kind == "key" for b in s.body) and \
                 structure not in ("cache", "cache()"):
             self.keyless.add(nid)
-        self.init_edges(s.init, nid, frame)
-        self.level_body(s.body, nid, frame, s.name)
-        if nid in self.updates:
-            self.g.nodes[nid]["rule"] = "; ".join(self.updates.pop(nid))
-        if unit != "never":  # only the outer level writes a `never` memory, between steps
-            self.written.add(nid)
+        return nid
 
     def frequency(self, f: ast.Frequency | None, frame: Frame) -> tuple[str, int | None, int | None]:
         if f is None:
@@ -518,6 +543,9 @@ class _Builder:
     def call(self, e: ast.ExprCall, frame: Frame, ctx: str) -> Value:
         name = qualified_name(e.func)
         bound = frame.scope.get(name) if name else None
+        if name is not None and bound is None and name in frame.ahead:
+            return self.read_ahead(*frame.ahead[name]) | \
+                _union([self.expr(a, frame, ctx) for a in e.args])
         if name is not None and bound is None:
             decl = frame.decls.get(name)
             if decl is not None and decl.kind != "optimizer":

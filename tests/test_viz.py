@@ -383,9 +383,9 @@ def test_group_weights_one_box_per_block() -> None:
     smt = w.nodes["Hope.SelfModifyingTitans.*"]
     members = [n for n, a in g.nodes(data=True)
                if a["kind"] == "param" and n.startswith("Hope.SelfModifyingTitans.")]
-    assert smt["kind"] == "param" and smt["count"] == len(members) == 14
+    assert smt["kind"] == "param" and smt["count"] == len(members) == 8
     assert smt["members"] == members and smt["repeat"] == 4 and smt["frequency"] == "every step"
-    assert smt["structure"] == "linear ×8 · conv1d ×5 · rmsnorm"
+    assert smt["structure"] == "linear ×4 · conv1d ×3 · rmsnorm"
     assert w.nodes["Hope.*"]["members"] == ["Hope.h.rmsnorm", "Hope.output.rmsnorm"]
     assert w.nodes["*"]["members"] == ["h.embed", "logits.rmsnorm", "logits.linear"]
     assert w.nodes["*"]["label"] == "HopeLM"
@@ -451,10 +451,11 @@ def test_levels_layout_reads_well() -> None:
         assert box.x - box.w / 2 > 0 and box.x + box.w / 2 < lay.width
         for text, size, bold in box.lines:
             assert text_width(text, size, bold) <= box.w - 8, (box.id, text)
-    assert lay.boxes["Hope.SelfModifyingTitans.*"].lines[0][0] == "Hope.SMT: 14 weights  ×4"
+    assert lay.boxes["Hope.SelfModifyingTitans.*"].lines[0][0] == "Hope.SMT: 8 weights  ×4"
     y = {n: b.y for n, b in lay.boxes.items()}
     smt = "Hope.SelfModifyingTitans."
-    assert y["tokens"] > y[smt + "M_k"] > y[smt + "M_memory"] > y["Hope.CMSIndependent.f[16]"] \
+    # M_memory reads k, v, eta and alpha of M_k's (...) chunk-start states: parallel with them
+    assert y["tokens"] > y[smt + "M_k"] == y[smt + "M_memory"] > y["Hope.CMSIndependent.f[16]"] \
         > y["Hope.CMSIndependent.f[256]"] > y[smt + "*"] > y["train"]
     assert y["AdamW.m"] == y["AdamW.v"] == y["*"]  # level 3: the weights and Adam's states
     assert [b.label for b in lay.bands] == ["every token", "every 16 tokens", "every 256 tokens",

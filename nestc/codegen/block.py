@@ -202,6 +202,7 @@ class Generator:
         if cls.out is None:
             raise NestError(f"{checked.kind} `{checked.name}` has no output",
                             checked.decl.name_span, kind="value")
+        scope.settle()
         cls.body += [cls.out_line, f"return {cls.out.code}"]
         scope.run_siblings_as_one()
         cls.name = "_CLASS_"
@@ -282,6 +283,10 @@ class _Scope:
         self.writes: dict[Any, int] = {}
         self.reads: dict[Any, list[tuple[int, Ten]]] = {}
         self.writing: Any = None  # the memory whose write is being generated
+        # memories declared further down the bodies being generated (with the prefix of
+        # theirs), and those of them already read above their declarations (by statement)
+        self.ahead: dict[str, tuple[ast.StmtMemory, str]] = {}
+        self.early: dict[int, Any] = {}
 
     def add(self, hint: str, code: str = "", plan: Any = None, cls: Any = None) -> str:
         """A submodule under a spec-derived name, unique in this declaration."""
@@ -315,8 +320,14 @@ class _Scope:
     # statements ----------------------------------------------------------------------------
 
     def stmts(self, body: tuple[ast.Stmt, ...], in_feat: int | None) -> None:
+        outer = self.ahead
+        self.ahead = {**outer, **{s.name: (s, self.prefix) for s in body
+                                  if isinstance(s, ast.StmtMemory)}}
         for s in body:
             self.stmt(s, in_feat)
+            if isinstance(s, ast.StmtMemory):
+                self.ahead.pop(s.name, None)
+        self.ahead = outer
 
     def stmt(self, s: ast.Stmt, in_feat: int | None) -> None:
         start = len(self.cls.body)
@@ -412,18 +423,38 @@ class _Scope:
         self.emit(f"{var} = {v.code}")
         self.tens[name] = Ten(var, v.feat, v.tokens)
 
-    def memory(self, s: ast.StmtMemory) -> None:
+    def planned(self, s: ast.StmtMemory) -> Any:
+        """The plan of memory s, its submodule added (once: a read above its declaration
+        plans it there)."""
         from nestc.codegen.memories import plan
 
-        mem = plan(self, s)
+        mem = self.early.get(id(s))
+        if mem is None:
+            mem = plan(self, s)
+            mem.attr = self.add(s.name, plan=mem)
+        return mem
+
+    def memory(self, s: ast.StmtMemory) -> None:
+        mem = self.planned(s)
+        self.early.pop(id(s), None)
         self.mems[s.name] = mem
-        mem.attr = self.add(s.name, plan=mem)
         self.writing = mem
         write = mem.write(self)
         self.writing = None
         self.writes[mem] = len(self.cls.body)
         if write is not None:
             self.cls.body += wrapped(f"_env[{mem.attr!r}] = {write[0]}", write[1], 8)
+
+    def settle(self) -> None:
+        """Memories that nothing reads after their writes (those read only above their
+        declarations, at chunk starts) still learn: each is run with its keys as queries,
+        for its state, the read discarded."""
+        for mem in self.writes:
+            key = getattr(mem, "keys", None)
+            if key is not None and not self.reads.get(mem):
+                self.emit(f"# memory `{mem.name}` learns, read by nothing after its writes")
+                self.reads[mem] = [(len(self.cls.body), key)]
+                self.emit(mem.read(self, key, mem.span).code)
 
     def run_siblings_as_one(self) -> None:
         """MLP memories that can run as one (nestc.memories._Siblings): the same structure,
@@ -535,6 +566,15 @@ class _Scope:
         if not isinstance(e.func, ast.ExprName):
             raise unsupported("calling this expression", e.span)
         name = e.func.name
+        if name not in self.mems and name in self.ahead:  # a read at the start of its chunk
+            s, prefix = self.ahead[name]
+            outer, self.prefix = self.prefix, prefix
+            mem = self.early[id(s)] = self.planned(s)
+            self.prefix = outer
+            if len(e.args) != 1:
+                raise NestError(f"memory `{name}` is read with one argument", e.span,
+                                kind="value")
+            return mem.read_start(self, self.tensor(e.args[0], hint), e.span)
         if name in self.mems:
             mem = self.mems[name]
             if len(e.args) != 1:

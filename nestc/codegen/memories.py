@@ -75,6 +75,12 @@ class Plan:
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         raise unsupported(f"reading memory `{self.name}` like a function", span)
 
+    def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
+        """A read above the declaration: the memory at the start of the chunk."""
+        raise unsupported(f"reading memory `{self.name}` above its declaration (built for MLP "
+                          "memories that learn every token, in chunks: they read at the "
+                          "start of the chunk)", span)
+
     def reader(self, q: Ten, span: Any, width: int, out: int) -> Ten:
         """The Ten of a read M(q): this memory's `read` of q, which has `width` features."""
         if q.feat != width:
@@ -331,6 +337,7 @@ class LinearPlan(Plan):
                             f"its keys have {k.feat} features and its values {v.feat}",
                             self.span, kind="shape")
         self.heads = self.config["heads"] = k.feat // self.a
+        self.keys = k  # (a read with them runs the memory when nothing else reads it)
         args = [k.code, v.code, f"lr={self.signal(scope, 'lr', 1.0)}"]
         retain = self.signal(scope, "retain", None)
         if retain is not None:
@@ -408,7 +415,8 @@ class MLPPlan(Plan):
                        "objective": objective, "delta": delta,
                        "momentum": rule[0] == "momentum", "clip": None, "signals": (),
                        "generated": False, "has_source": False,
-                       "flush": choices["partial"] == "flush"}
+                       "flush": choices["partial"] == "flush", "starts": False}
+        self.start_read: tuple[int, Any] | None = None  # (width, where) of reads above it
 
     def write(self, scope: Any) -> tuple[str, list[str]] | None:
         if self._reads_self(self.key_expr):
@@ -436,6 +444,11 @@ class MLPPlan(Plan):
                             f"{k.feat} and its values {v.feat}", self.span, kind="shape")
         H, d, c = self.heads, self.d, self.config
         c["heads"] = H
+        self.keys = k  # (a read with them runs the memory when nothing else reads it)
+        if self.start_read is not None and self.start_read[0] != k.feat:
+            raise NestError(f"memory `{self.name}` is read above its declaration with "
+                            f"{self.start_read[0]} features, but its keys have {k.feat}",
+                            self.start_read[1], kind="shape")
         signals = {n: self.signal(scope, n, default)
                    for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
         clip = self.rule_kw.get("clip")
@@ -472,6 +485,21 @@ class MLPPlan(Plan):
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.heads * self.d, self.heads * self.d)
 
+    def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
+        """M(q) at the weights of the chunk's start: its heads are not known yet (its keys
+        give them), so the width is checked against its keys at the write."""
+        if q.feat % self.d or (not self.per_head and q.feat != self.d):
+            raise NestError(f"memory `{self.name}` reads {self.d} features"
+                            f"{' per head' if self.per_head else ''}, got {q.feat}", span,
+                            kind="shape")
+        if self.start_read is None:
+            self.start_read = (q.feat, span)
+        elif self.start_read[0] != q.feat:
+            raise NestError(f"memory `{self.name}` is read with {q.feat} features here and "
+                            f"{self.start_read[0]} above", span, kind="shape")
+        self.config["starts"] = True
+        return Ten(f"self.{self.attr}.read_start({q.code}, _env)", q.feat)
+
     def describe(self) -> str:
         c = self.config
         rule = "momentum with beta 0 (gd)" if self.rule == "momentum" and not c["momentum"] \
@@ -484,6 +512,9 @@ class MLPPlan(Plan):
                 f"of a chunk of {c['chunk']} at its first weights (nestc.ops.mlp_memory{kernel})")
         if c["generated"]:
             text += "; values it generates itself"
+        if c["starts"]:
+            text += "; read above its declaration at each chunk's first weights (the block " \
+                "runs in pieces that end at its chunks)"
         if self.group:
             text += f"; runs as one with {', '.join(self.group)} (heads stacked)"
         return text
@@ -727,6 +758,7 @@ class PeriodicPlan(Plan):
                             f"{' per head' if self.per_head else ''}, but its keys have "
                             f"{k.feat} and its values {v.feat}", self.span, kind="shape")
         self.heads = self.config["heads"] = heads
+        self.keys = k  # (a read with them runs the memory when nothing else reads it)
         signals = {n: self.signal(scope, n, default) for n, default in
                    (("lr", 1.0), ("retain", None), ("beta", None))}
         if not self.config["momentum"]:

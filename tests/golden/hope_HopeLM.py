@@ -21,40 +21,34 @@ class SelfModifyingTitans(_Built):
         super().__init__('SelfModifyingTitans', 'block', backend)
         self.q_linear = nn.Linear(128, 128, bias=False)
         self.q_conv1d = _layers.CausalConv1d(128, 4)
-        self.k0_linear = nn.Linear(128, 128, bias=False)
-        self.k0_conv1d = _layers.CausalConv1d(128, 4)
-        self.v0_linear = nn.Linear(128, 128, bias=False)
-        self.v0_conv1d = _layers.CausalConv1d(128, 4)
-        self.eta0_linear = nn.Linear(128, 4, bias=False)
-        self.alpha0_linear = nn.Linear(128, 4, bias=False)
         self.M_k = _mem.MLPMemory(
             'M_k', 'std/memory/self_modifying_titans.nest:55:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
             delta=1.0, momentum=False, clip=1.0, signals=('lr', 'retain'), generated=True,
-            has_source=True, flush=False, backend=backend)
+            has_source=True, flush=False, starts=True, backend=backend)
+        self.k_conv1d = _layers.CausalConv1d(128, 4)
         self.M_v = _mem.MLPMemory(
             'M_v', 'std/memory/self_modifying_titans.nest:63:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
             delta=1.0, momentum=False, clip=1.0, signals=('lr', 'retain'), generated=True,
-            has_source=True, flush=False, backend=backend)
+            has_source=True, flush=False, starts=True, backend=backend)
+        self.v_conv1d = _layers.CausalConv1d(128, 4)
         self.M_eta = _mem.MLPMemory(
             'M_eta', 'std/memory/self_modifying_titans.nest:71:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
             delta=1.0, momentum=False, clip=1.0, signals=('lr', 'retain'), generated=True,
-            has_source=True, flush=False, backend=backend)
+            has_source=True, flush=False, starts=True, backend=backend)
         self.M_alpha = _mem.MLPMemory(
             'M_alpha', 'std/memory/self_modifying_titans.nest:79:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
             delta=1.0, momentum=False, clip=1.0, signals=('lr', 'retain'), generated=True,
-            has_source=True, flush=False, backend=backend)
-        self.k_conv1d = _layers.CausalConv1d(128, 4)
-        self.v_conv1d = _layers.CausalConv1d(128, 4)
+            has_source=True, flush=False, starts=True, backend=backend)
         self.theta_linear = nn.Linear(128, 4, bias=False)
         self.M_memory = _mem.MLPMemory(
-            'M_memory', 'std/memory/self_modifying_titans.nest:108:9', d=32, hidden=64, heads=4,
+            'M_memory', 'std/memory/self_modifying_titans.nest:102:9', d=32, hidden=64, heads=4,
             residual=False, act='gelu', read_before=False, stopped=False, chunk=64, objective='l2',
             delta=1.0, momentum=True, clip=1.0, signals=('lr', 'retain', 'beta'), generated=False,
-            has_source=False, flush=False, backend=backend)
+            has_source=False, flush=False, starts=False, backend=backend)
         self.gate_linear = nn.Linear(128, 128, bias=False)
         self.out_rmsnorm = nn.RMSNorm(128, eps=1e-06)
         self.out_linear = nn.Linear(128, 128, bias=False)
@@ -68,69 +62,67 @@ class SelfModifyingTitans(_Built):
         #     let q = x |> linear(dim) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
         q = _layers.l2norm(F.silu(self.q_conv1d(self.q_linear(x), _state)), 4, 1e-06)
         # std/memory/self_modifying_titans.nest:50:
-        #     let k0 = x |> linear(dim) |> conv1d(window = 4) |> l2norm(per = heads)
-        k0 = _layers.l2norm(self.k0_conv1d(self.k0_linear(x), _state), 4, 1e-06)
-        # std/memory/self_modifying_titans.nest:51: let v0 = x |> linear(dim) |> conv1d(window = 4)
-        v0 = self.v0_conv1d(self.v0_linear(x), _state)
+        #     let k = M_k(x) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
+        k = _layers.l2norm(F.silu(self.k_conv1d(self.M_k.read_start(x, _env), _state)), 4, 1e-06)
+        # std/memory/self_modifying_titans.nest:51: let v = M_v(x) |> conv1d(window = 4) |> silu
+        v = F.silu(self.v_conv1d(self.M_v.read_start(x, _env), _state))
         # std/memory/self_modifying_titans.nest:52:
-        #     let eta0 = 0.1 * softplus(linear(x, heads))  # small positive learning rate
-        eta0 = (0.1 * _layers.softplus(self.eta0_linear(x), 1.0))
+        #     let eta = memory_lr * softplus(mean(M_eta(x), per = heads))  # one learning rate per
+        #     head
+        eta = (0.3
+            * _layers.softplus(self.M_eta.read_start(x, _env).unflatten(-1, (4, -1)).mean(-1),
+            1.0))
         # std/memory/self_modifying_titans.nest:53:
-        #     let alpha0 = sigmoid(linear(x, heads) + retain_bias)  # retention in (0, 1), near
-        #     0.98 at first
-        alpha0 = torch.sigmoid((self.alpha0_linear(x) + 4.0))
+        #     let alpha = sigmoid(mean(M_alpha(x), per = heads) + retain_bias)  # one retention per
+        #     head
+        alpha = torch.sigmoid((self.M_alpha.read_start(x, _env).unflatten(-1, (4, -1)).mean(-1)
+            + 4.0))
         # std/memory/self_modifying_titans.nest:55:
         #     memory M_k : residual_mlp(dim / heads) per head = meta every token in chunks of chunk
         #     {
         def _M_k_value_1(_read, _a, _b, _tile=1):
-            return torch.detach(_read(_mem.tiled(v0[:, _a:_b], _tile)))
-        _env['M_k'] = self.M_k.write(k0, value=_M_k_value_1, vs=v0, lr=(1.0 * eta0), retain=alpha0)
+            return torch.detach(_read(_mem.tiled(v[:, _a:_b], _tile)))
+        _env['M_k'] = self.M_k.write(k, value=_M_k_value_1, vs=v, lr=(1.0 * eta), retain=alpha)
         # std/memory/self_modifying_titans.nest:63:
         #     memory M_v : residual_mlp(dim / heads) per head = meta every token in chunks of chunk
         #     {
         def _M_v_value_2(_read, _a, _b, _tile=1):
-            return torch.detach(_read(_mem.tiled(v0[:, _a:_b], _tile)))
-        _env['M_v'] = self.M_v.write(k0, value=_M_v_value_2, vs=v0, lr=(1.0 * eta0), retain=alpha0)
+            return torch.detach(_read(_mem.tiled(v[:, _a:_b], _tile)))
+        _env['M_v'] = self.M_v.write(k, value=_M_v_value_2, vs=v, lr=(1.0 * eta), retain=alpha)
         # std/memory/self_modifying_titans.nest:71:
         #     memory M_eta : residual_mlp(dim / heads) per head = meta every token in chunks of
         #     chunk {
         def _M_eta_value_3(_read, _a, _b, _tile=1):
-            return torch.detach(_read(_mem.tiled(v0[:, _a:_b], _tile)))
+            return torch.detach(_read(_mem.tiled(v[:, _a:_b], _tile)))
         _env['M_eta'] = self.M_eta.write(
-            k0, value=_M_eta_value_3, vs=v0, lr=(1.0 * eta0), retain=alpha0)
+            k, value=_M_eta_value_3, vs=v, lr=(1.0 * eta), retain=alpha)
         # std/memory/self_modifying_titans.nest:79:
         #     memory M_alpha : residual_mlp(dim / heads) per head = meta every token in chunks of
         #     chunk {
         def _M_alpha_value_4(_read, _a, _b, _tile=1):
-            return torch.detach(_read(_mem.tiled(v0[:, _a:_b], _tile)))
+            return torch.detach(_read(_mem.tiled(v[:, _a:_b], _tile)))
         _env['M_alpha'] = self.M_alpha.write(
-            k0, value=_M_alpha_value_4, vs=v0, lr=(1.0 * eta0), retain=alpha0)
-        # std/memory/self_modifying_titans.nest:89:
-        #     let k = M_k(x) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
-        k = _layers.l2norm(F.silu(self.k_conv1d(self.M_k.read(x, _env), _state)), 4, 1e-06)
-        # std/memory/self_modifying_titans.nest:90: let v = M_v(x) |> conv1d(window = 4) |> silu
-        v = F.silu(self.v_conv1d(self.M_v.read(x, _env), _state))
-        # std/memory/self_modifying_titans.nest:91:
-        #     let eta = memory_lr * softplus(mean(M_eta(x), per = heads))  # one learning rate per
-        #     head
-        eta = (0.3
-            * _layers.softplus(self.M_eta.read(x, _env).unflatten(-1, (4, -1)).mean(-1), 1.0))
-        # std/memory/self_modifying_titans.nest:92:
-        #     let alpha = sigmoid(mean(M_alpha(x), per = heads) + retain_bias)  # one retention per
-        #     head
-        alpha = torch.sigmoid((self.M_alpha.read(x, _env).unflatten(-1, (4, -1)).mean(-1) + 4.0))
-        # std/memory/self_modifying_titans.nest:107:
+            k, value=_M_alpha_value_4, vs=v, lr=(1.0 * eta), retain=alpha)
+        # std/memory/self_modifying_titans.nest:101:
         #     let theta = x |> linear(heads) |> sigmoid  # Titans' decay of the past surprise
         theta = torch.sigmoid(self.theta_linear(x))
-        # std/memory/self_modifying_titans.nest:108:
+        # std/memory/self_modifying_titans.nest:102:
         #     memory M_memory : mlp(dim / heads, hidden = hidden * dim / heads) per head = meta
         _env['M_memory'] = self.M_memory.write(k, v=v, lr=eta, retain=alpha, beta=theta)
-        # std/memory/self_modifying_titans.nest:114: y = M_memory(q)
+        # std/memory/self_modifying_titans.nest:108: y = M_memory(q)
         y_1 = self.M_memory.read(q, _env)
-        # std/memory/self_modifying_titans.nest:116:
+        # std/memory/self_modifying_titans.nest:110:
         #     let gate = x |> linear(dim) |> sigmoid  # output gate, as in Titans
         gate = torch.sigmoid(self.gate_linear(x))
-        # std/memory/self_modifying_titans.nest:117: output (rmsnorm(y) * gate) |> linear(dim)
+        # memory `M_k` learns, read by nothing after its writes
+        self.M_k.read(k, _env)
+        # memory `M_v` learns, read by nothing after its writes
+        self.M_v.read(k, _env)
+        # memory `M_eta` learns, read by nothing after its writes
+        self.M_eta.read(k, _env)
+        # memory `M_alpha` learns, read by nothing after its writes
+        self.M_alpha.read(k, _env)
+        # std/memory/self_modifying_titans.nest:111: output (rmsnorm(y) * gate) |> linear(dim)
         return self.out_linear((self.out_rmsnorm(y_1) * gate))
 
 

@@ -1,0 +1,232 @@
+"""Reads above a memory's declaration: the memory as it was when the chunk began.
+
+A block whose signals read memories declared further down (self-modifying Titans' projection
+memories, which learn from their own reads) runs in pieces within one chunk each. These tests
+hold both tiers to a token loop written here from docs/semantics.md alone, check streaming,
+the front end (graph, explain, errors) and memories that nothing reads after their writes."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import close, leaves, spec  # noqa: E402
+
+import nestc  # noqa: E402
+from nestc.explain import explain  # noqa: E402
+
+AHEAD = nestc.loads(spec("""
+    block Ahead(dim = 8, heads = 2, chunk = 4) {
+        input x : [T, dim]
+        let k = M(x) |> l2norm(per = heads)
+        let eta = 0.5 * sigmoid(mean(N(x), per = heads))
+        let v = x |> linear(dim)
+        memory M : residual_mlp(dim / heads) per head = meta every token in chunks of chunk {
+            key k; value v
+            objective l2(M(k), v)
+            rule gd(lr = eta)
+        }
+        memory N : mlp(dim / heads) per head = meta every token in chunks of chunk {
+            read before write
+            key k; value v
+            objective l2(N(k), v)
+            rule gd(lr = eta, retain = 0.9)
+        }
+        output M(x) + N(x)
+    }
+"""), "ahead.nest")
+
+
+def token_loop(mod, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple]]:
+    """The definition, token by token: at each chunk's first token every memory's weights are
+    noted; k and eta read M and N at those; each token's gradient is taken at them too; M is
+    read after its write, N before."""
+    H, C = 2, 4
+    B, T, dim = x.shape
+    d = dim // H
+    M, N = mod.M, mod.N
+
+    def mlp(mem, W, z):  # z [B, H, d] at W = (A [B, H, d, h], B [B, H, h, d])
+        y = mem.act(torch.einsum("bhd,bhdk->bhk", z, W[0]))
+        y = torch.einsum("bhk,bhkd->bhd", y, W[1])
+        return y + z if mem.residual else y
+
+    Wm = tuple(p.expand(B, *p.shape) for p in (M.A, M.B))
+    Wn = tuple(p.expand(B, *p.shape) for p in (N.A, N.B))
+    v_all = mod.v_linear(x).view(B, T, H, d)
+    ys = []
+    for t in range(T):
+        if t % C == 0:
+            Wm0, Wn0 = Wm, Wn
+        xt = x[:, t].view(B, H, d)
+        k = torch.nn.functional.normalize(mlp(M, Wm0, xt), dim=-1, eps=1e-6)
+        eta = 0.5 * torch.sigmoid(mlp(N, Wn0, xt).mean(-1))[..., None, None]  # [B, H, 1, 1]
+        v = v_all[:, t]
+        # gradients at the chunk's first weights, differentiable in them, k and v (the
+        # outer level differentiates through them)
+        gm, gn = _at(M, Wm0, k, v, mlp), _at(N, Wn0, k, v, mlp)
+        read_n = mlp(N, Wn, xt)
+        Wm = tuple(w - eta * g for w, g in zip(Wm, gm))
+        Wn = tuple(0.9 * w - eta * g for w, g in zip(Wn, gn))
+        ys.append((mlp(M, Wm, xt) + read_n).reshape(B, dim))
+    return torch.stack(ys, 1), {"M": Wm, "N": Wn}
+
+
+def _at(mem, W, k, v, mlp):
+    """The l2 gradient at W as a differentiable function of W, k and v."""
+    def loss(A, Bw):
+        return 0.5 * (mlp(mem, (A, Bw), k) - v).pow(2).sum()
+    return torch.func.grad(loss, argnums=(0, 1))(*W)
+
+
+def built(backend: str):
+    torch.manual_seed(0)
+    mod = AHEAD.build("Ahead", backend=backend)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return mod
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("T", [3, 4, 11])
+def test_reads_above_a_declaration_equal_the_token_loop(backend, T):
+    mod = built(backend)
+    x = torch.randn(2, T, 8, requires_grad=True)
+    y, state = mod(x, return_state=True)
+    want, weights = token_loop(mod, x)
+    close(y, want)
+    for name in ("M", "N"):
+        for a, b in zip(state[name]["M"], weights[name]):
+            close(a, b)
+    # the outer level's gradients run through every chunk's first weights
+    g = torch.randn_like(y)
+    got = torch.autograd.grad((y * g).sum(), [x, *mod.parameters()])
+    ref = torch.autograd.grad((want * g).sum(), [x, *mod.parameters()])
+    for a, b in zip(got, ref, strict=True):
+        close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_reads_above_a_declaration_stream(backend):
+    mod = built(backend)
+    x = torch.randn(2, 13, 8)
+    whole, end = mod(x, return_state=True)
+    state, pieces = None, []
+    for a, b in [(0, 3), (3, 9), (9, 10), (10, 13)]:  # cuts inside chunks, and on a boundary
+        y, state = mod(x[:, a:b], state=state, return_state=True)
+        pieces.append(y)
+    close(torch.cat(pieces, 1), whole)
+    for a, b in zip(leaves(state), leaves(end), strict=True):
+        close(a, b)
+
+
+def test_the_graph_and_explain_show_a_read_at_the_chunks_start():
+    g = AHEAD.graph("Ahead")
+    assert g.nodes["M"]["start_reads"] and g.nodes["N"]["start_reads"]
+    labels = {(u, v): d.get("label") for u, v, d in g.edges(data=True)}
+    assert labels["M", "k"] == "at chunk start" and labels["N", "eta"] == "at chunk start"
+    # the output reads both after their writes: no label
+    assert labels["M", "output"] is None
+    text = explain(AHEAD, "Ahead")
+    assert "k       signal  <- M (at chunk start), x" in text
+    assert "read early     above its declaration, at the start of each chunk, by k" in text
+    assert "read above its declaration at each chunk's first weights" in text
+
+
+def test_a_block_of_the_memories_runs_in_pieces_that_end_at_their_chunks():
+    mod = built("chunked")
+    seen = []
+    original = mod.run
+
+    def run(env, x):
+        seen.append(x.shape[1])
+        return original(env, x)
+
+    mod.run = run
+    mod(torch.randn(1, 11, 8))
+    assert seen == [4, 4, 3]
+    _, state = mod(torch.randn(1, 6, 8), return_state=True)
+    seen.clear()
+    mod(torch.randn(1, 7, 8), state=state)  # 6 tokens in: the chunk ends after 2 more
+    assert seen == [2, 4, 1]
+
+
+WRITE_ONLY = spec("""
+    block W(dim = 8) {
+        input x : [T, dim]
+        let v = x |> linear(dim)
+        memory M : STRUCTURE = meta every token in chunks of 4 {
+            key x; value v; objective l2(M(x), v); rule gd(lr = 0.5)
+        }
+        output READ
+    }
+""")
+
+
+@pytest.mark.parametrize("structure", ["mlp(dim)", "matrix(dim, dim)"])
+def test_a_memory_that_nothing_reads_still_learns(structure):
+    """Its returned state is the one a read would have left (it used to be missing)."""
+    def build(read):
+        text = WRITE_ONLY.replace("STRUCTURE", structure).replace("READ", read)
+        torch.manual_seed(0)
+        return nestc.loads(text, "w.nest").build("W")
+
+    silent, reading = build("v"), build("v + 0 * M(x)")
+    silent.load_state_dict(reading.state_dict())
+    x = torch.randn(2, 6, 8)
+    _, a = silent(x, return_state=True)
+    _, b = reading(x, return_state=True)
+    assert a.keys() == b.keys() == {"M"}
+    for p, q in zip(leaves(a), leaves(b), strict=True):
+        close(p, q)
+
+
+def test_reads_above_a_declaration_are_refused_where_not_built(error_of):
+    matrix = spec("""
+        block B(dim = 8) {
+            input x : [T, dim]
+            let k = M(x)
+            memory M : matrix(dim, dim) = zeros every token { key k; value x;
+                objective l2(M(k), x); rule gd(lr = 0.5) }
+            output M(x)
+        }
+    """)
+    with pytest.raises(nestc.NestError) as info:
+        nestc.loads(matrix, "m.nest").build("B")
+    err = str(info.value)
+    assert "m.nest:3:13" in err and "above its declaration" in err and "MLP memories" in err
+    bare = error_of("""
+        block B(dim = 8) {
+            input x : [T, dim]
+            let k = M
+            memory M : mlp(dim) = meta every token { key x; value x;
+                objective l2(M(x), x); rule gd(lr = 0.5) }
+            output k
+        }
+    """)
+    assert "t.nest:3:13" in bare and "declared further down" in bare and "`M(x)`" in bare
+    inner = error_of("""
+        block B(dim = 8, on = true) {
+            input x : [T, dim]
+            let k = M(x)
+            if on {
+                memory M : mlp(dim) = meta every token { key x; value x;
+                    objective l2(M(x), x); rule gd(lr = 0.5) }
+            }
+            output k
+        }
+    """)
+    assert "t.nest:3:13" in inner and "unknown name `M`" in inner
+    wide = spec("""
+        block B(dim = 8) {
+            input x : [T, dim]
+            let k = M(x) |> linear(4)
+            memory M : mlp(4) per head = meta every token { key k; value k;
+                objective l2(M(k), k); rule gd(lr = 0.5) }
+            output M(x |> linear(8))
+        }
+    """)
+    with pytest.raises(nestc.NestError, match="w.nest:3:13.*8 features, but its keys have 4"):
+        nestc.loads(wide, "w.nest").build("B")
