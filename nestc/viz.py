@@ -35,6 +35,8 @@ EDGE_STYLE: dict[str, tuple[str, str | None, str]] = {
     "generation": ("#8e44ad", "2 3", "makes another level's context"),
     "backprop": ("#c0392b", "9 3 2 3", "trained through the task gradient"),
 }
+# A read above the memory's declaration (its state at the chunk's start): a dashed read.
+START_DASH = "5 3"
 # Node kinds: fill, stroke, legend words.
 NODE_STYLE: dict[str, tuple[str, str, str]] = {
     "memory": ("#e3eefa", "#2c6fbb", "memory"),
@@ -110,16 +112,23 @@ def _merge_labels(labels: list[str | None]) -> str | None:
 
 
 def _add_merged(g: nx.MultiDiGraph, u: str, v: str, kind: str, labels: list[str | None],
-                via: set[str]) -> None:
-    """One edge u -> v of kind, its labels and the signals it stands for merged in."""
+                via: set[str], start: bool = False) -> None:
+    """One edge u -> v of kind, its labels and the signals it stands for merged in; `start`
+    while every path it stands for reads u at the start of a chunk."""
     if u == v:
         return
     for d in (g.get_edge_data(u, v) or {}).values():
         if d["kind"] == kind:
             d["label"] = _merge_labels([d.get("label"), *labels])
             d["via"] = sorted(set(d["via"]) | via)
+            d["start"] = d.get("start", False) and start
             return
-    g.add_edge(u, v, kind=kind, label=_merge_labels(labels), via=sorted(via))
+    g.add_edge(u, v, kind=kind, label=_merge_labels(labels), via=sorted(via), start=start)
+
+
+def _at_start(d: dict[str, Any]) -> bool:
+    """Whether a nest-graph edge is a read of a memory above its declaration."""
+    return d["kind"] == "read" and "at chunk start" in (d.get("label") or "")
 
 
 def collapse_signals(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
@@ -139,12 +148,13 @@ def collapse_signals(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
         if a["kind"] in LEVEL_KINDS:
             out.add_node(n, **a)
     inputs = [n for n in graph.nodes if kind[n] == "input"]
-    found: dict[tuple[str, str, str], tuple[list[str | None], set[str]]] = {}
+    found: dict[tuple[str, str, str], tuple[list[str | None], set[str], list[bool]]] = {}
     for u in [*(n for n in graph.nodes if kind[n] in LEVEL_KINDS), *inputs]:
         for _, first, d in graph.out_edges(u, data=True):
             if kind[first] in LEVEL_KINDS:
-                labels, via = found.setdefault((u, first, d["kind"]), ([], set()))
+                labels, via, starts = found.setdefault((u, first, d["kind"]), ([], set(), []))
                 labels.append(d.get("label"))
+                starts.append(_at_start(d))
                 continue
             # every level the signal `first` reaches through signals only
             seen, stack = {first}, [first]
@@ -152,8 +162,10 @@ def collapse_signals(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
                 s = stack.pop()
                 for _, x, d2 in graph.out_edges(s, data=True):
                     if kind[x] in LEVEL_KINDS:
-                        labels, via = found.setdefault((u, x, d["kind"]), ([], set()))
+                        labels, via, starts = found.setdefault((u, x, d["kind"]),
+                                                               ([], set(), []))
                         labels.append(d2.get("label") or d.get("label"))
+                        starts.append(_at_start(d))
                         via |= seen
                     elif x not in seen:
                         seen.add(x)
@@ -165,8 +177,8 @@ def collapse_signals(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
         if len(feeding) > 1:
             a.update(label=merged, shape=None, inputs=feeding, span=None)
         out.add_node(merged, **a)
-    for (u, v, k), (labels, via) in found.items():
-        _add_merged(out, merged if u in feeding else u, v, k, labels, via)
+    for (u, v, k), (labels, via, starts) in found.items():
+        _add_merged(out, merged if u in feeding else u, v, k, labels, via, all(starts))
     return out
 
 
@@ -226,7 +238,7 @@ def group_weights(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
             out.add_node(n, **a)
     for u, v, d in graph.edges(data=True):
         _add_merged(out, rename.get(u, u), rename.get(v, v), d["kind"], [d.get("label")],
-                    set(d.get("via", ())))
+                    set(d.get("via", ())), bool(d.get("start")))
     for n, a in out.nodes(data=True):
         if a["kind"] in LEVEL_KINDS and a.get("parallel"):
             a["parallel"] = sorted({rename.get(m, m) for m in a["parallel"]} - {n})
@@ -289,6 +301,7 @@ class Edge:
     points: list[tuple[float, float]]  # the start, then (control, control, end) per cubic piece
     label_at: tuple[float, float] | None = None
     faint: bool = False  # drawn thin and light: a parameter's state read (the levels view)
+    start: bool = False  # dashed: a read of the state the chunk started with
 
     def segments(self) -> list[tuple[tuple[float, float], ...]]:
         p = self.points
@@ -518,6 +531,10 @@ def layout(graph: nx.MultiDiGraph) -> Layout:
         legend = _legend_items(graph, faint=any(
             d["kind"] == "read" and graph.nodes[u]["kind"] == "param"
             for u, _, d in graph.edges(data=True)))
+    if any(d.get("start") or _at_start(d) for _, _, d in graph.edges(data=True)):
+        legend.insert(sum(typ == "edge" for _, typ, _ in legend),
+                      ("start", "edge", "read at the start of each chunk (above the memory's "
+                                        "declaration)"))
     y = legend_y + _legend_height(legend_w, legend) + 10
     # bands from the slowest (top) down to the fastest (bottom)
     bands: list[Band] = []
@@ -784,7 +801,8 @@ def _route(graph: nx.MultiDiGraph, boxes: dict[str, Box], rows: list[list[str]],
                                               for m in group):
                 label = None  # one word on the trunk for the bundle (`meta`)
         faint = bundle and d["kind"] == "read" and graph.nodes[u]["kind"] == "param"
-        edges.append(Edge(u, v, d["kind"], label, points, faint=faint))
+        edges.append(Edge(u, v, d["kind"], label, points, faint=faint,
+                          start=bool(d.get("start")) or _at_start(d)))
     if bundle:  # a word said once per target: `objective` on one of the edges into train
         said: dict[tuple[str, str, str], Edge] = {}
         for e in sorted(edges, key=lambda e: abs(e.points[-1][1] - e.points[0][1])):
@@ -962,7 +980,10 @@ def _legend_items(graph: nx.MultiDiGraph | None = None,
 
 
 def _edge_look(kind: str) -> tuple[str, str | None]:
-    """Colour and dash pattern of an edge kind, or of the light `faint` reads."""
+    """Colour and dash pattern of an edge kind, of the light `faint` reads, or of the reads
+    at a chunk's start (`start`)."""
+    if kind == "start":
+        return EDGE_STYLE["read"][0], START_DASH
     return (FAINT, None) if kind == "faint" else EDGE_STYLE[kind][:2]
 
 
@@ -1042,6 +1063,7 @@ def to_svg(lay: Layout) -> str:
         d = f"M{_f(p[0][0])},{_f(p[0][1])}" + "".join(
             f" C{_f(a[0])},{_f(a[1])} {_f(b[0])},{_f(b[1])} {_f(c[0])},{_f(c[1])}"
             for a, b, c in zip(p[1::3], p[2::3], p[3::3]))
+        dash = START_DASH if e.start else dash
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         width = "1.8" if e.kind in ("generation", "backprop") else "1.4"
         marker = e.kind
@@ -1072,9 +1094,10 @@ def _svg_legend(lay: Layout) -> list[str]:
             if typ == "edge":
                 color, dash = _edge_look(kind)
                 dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+                marker = "read" if kind == "start" else kind
                 out.append(f'<line x1="{_f(x)}" y1="{_f(y)}" x2="{_f(x + 26)}" y2="{_f(y)}" '
                            f'stroke="{color}" stroke-width="1.8"{dash_attr} '
-                           f'marker-end="url(#arrow-{kind})"/>')
+                           f'marker-end="url(#arrow-{marker})"/>')
                 tx = x + 34
             else:
                 fill, stroke, _ = NODE_STYLE[kind]
@@ -1189,6 +1212,8 @@ def to_dot(graph: nx.MultiDiGraph, lay: Layout) -> str:
     for u, v, d in graph.edges(data=True):
         color, dash, _ = EDGE_STYLE[d["kind"]]
         style = "solid" if dash is None else ("dotted" if d["kind"] == "generation" else "dashed")
+        if d.get("start") or _at_start(d):
+            style = "dashed"
         attrs = [f'color="{color}"', f"style={style}", f"tooltip={_dq(d['kind'])}"]
         if d.get("label"):
             attrs.append(f"label={_dq(d['label'])}")
@@ -1252,6 +1277,7 @@ def to_mermaid(graph: nx.MultiDiGraph, lay: Layout) -> str:
         label = f'|"{_mq(d["label"])}"|' if d.get("label") else ""
         out.append(f"  {ids[u]} {arrow}{label} {ids[v]}")
         color, dash, _ = EDGE_STYLE[d["kind"]]
+        dash = START_DASH if d.get("start") or _at_start(d) else dash
         style = f"stroke:{color}" + (f",stroke-dasharray:{dash}" if dash else "")
         styles.append(f"  linkStyle {link} {style}")
         link += 1
@@ -1322,7 +1348,8 @@ def to_png(lay: Layout, dpi: int = 150) -> bytes:
         if e.faint:
             color, lw = FAINT, 1.1
         ax.add_patch(FancyArrowPatch(path=path, arrowstyle="-|>", mutation_scale=10, color=color,
-                                     lw=lw, linestyle=dashes(e.kind), alpha=0.85, zorder=1,
+                                     lw=lw, linestyle=dashes("start" if e.start else e.kind),
+                                     alpha=0.85, zorder=1,
                                      shrinkA=0, shrinkB=0))
     for box in lay.boxes.values():
         fill, stroke, _ = NODE_STYLE[box.kind]

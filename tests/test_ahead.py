@@ -230,3 +230,20 @@ def test_reads_above_a_declaration_are_refused_where_not_built(error_of):
     """)
     with pytest.raises(nestc.NestError, match="w.nest:3:13.*8 features, but its keys have 4"):
         nestc.loads(wide, "w.nest").build("B")
+
+
+def test_pictures_draw_reads_at_a_chunks_start_dashed():
+    from nestc.viz import START_DASH, render, view
+
+    g = AHEAD.graph("Ahead")
+    levels = view(g, "levels")
+    starts = {(u, v) for u, v, d in levels.edges(data=True) if d.get("start")}
+    assert ("M", "N") in starts and ("N", "M") in starts  # k and eta, read at chunk starts
+    svg = render(g, "svg", "levels")
+    assert f'stroke-dasharray="{START_DASH}"' in svg
+    assert "read at the start of each chunk" in svg
+    dot = render(g, "dot", "full")
+    assert '"M" -> "k" [color="#4d4d4d", style=dashed' in dot
+    assert '"M" -> "output" [color="#4d4d4d", style=solid' in dot
+    titans = render(nestc.load("std/memory/titans.nest").graph("Titans", dim=8), "svg", "levels")
+    assert "read at the start of each chunk" not in titans
