@@ -902,7 +902,9 @@ class TaskMLP(Memory):
 
         The gradient is local to the piece: the driver differentiates a view of the weights
         made for this piece, so what reaches the piece's loss through earlier pieces (a
-        sequence memory's state, a faster level's updates) is held fixed. The exception is a
+        sequence memory's state, a faster level's updates) is held fixed. A piece that a call
+        ended inside goes on with the same view (the state's "piece"), so feeding a sequence
+        in calls cut anywhere computes what one pass does. The exception is a
         parent (`nested`): it is differentiated through everything its weights reach over its
         whole chunk, the faster level's updates included, which is how it learns that
         level's initial state."""
@@ -922,6 +924,9 @@ class TaskMLP(Memory):
         # still differentiated with respect to them: they become leaves, kept for the chunk
         base = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in base)
         used = base if self.nested else tuple(w.view_as(w) for w in base)
+        piece = (given or {}).get("piece")  # a piece that the last call ended inside
+        if piece is not None and not self.nested and all(w.requires_grad for w in piece):
+            used = piece
         state.task[self.state_key] = (self, base, used)
         return used  # type: ignore[return-value]
 

@@ -166,8 +166,8 @@ class Built(nn.Module):
             # from the call's under `partial chunk flush`)
             into = {m.state_key: (given.get(m.state_key) or {}).get("offset", 0)
                     for m in (*tasks, *self.starts)}
-            stop = min(T, start + min(m.chunk - into[m.state_key]
-                                      for m in (*tasks, *self.starts)))
+            natural = start + min(m.chunk - into[m.state_key] for m in (*tasks, *self.starts))
+            stop = min(T, natural)
             ctx = State(given)
             # grad mode for the levels' gradients (none without task-loss memories)
             with torch.set_grad_enabled(outer or bool(tasks)):
@@ -206,6 +206,13 @@ class Built(nn.Module):
                         del pending[key]
             for first in [f for f in losses if all(e[2] != f for e in pending.values())]:
                 del losses[first]
+            if stop < natural:
+                # the call ends inside a piece: the next call goes on with the weights this
+                # piece used (the same tensors), so that the piece's gradient reaches what
+                # this part of it wrote (a sequence memory's state) as in one pass
+                for key, (mem, _, used) in ctx.task.items():
+                    if key in ctx.out and not mem.nested:
+                        ctx.out[key] = {**ctx.out[key], "piece": used}
             given = {**given, **ctx.out}
             outs.append(y)
             start = stop

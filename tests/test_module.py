@@ -807,3 +807,29 @@ def test_blocks_take_activation_checkpointing(path, name):
         assert (p.grad is None) == (q.grad is None)
         if p.grad is not None:
             close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("cuts", [(5, 17), (1, 2, 3, 11)])
+def test_hope_lm_fed_in_calls_cut_inside_its_levels_chunks_equals_one_pass(cuts):
+    """A CMS level's gradient is local to its piece (docs/semantics.md), and a piece that a
+    call ends inside goes on in the next call with the weights it used, so a second layer's
+    memories, written by the first part of the piece, carry the level's gradient as in one
+    pass: outputs, states and the outer level's gradients."""
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
+    x = torch.randint(0, 20, (2, 23))
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    whole, final = model(x, return_state=True)
+    state, pieces = None, []
+    for a, b in zip((0, *cuts), (*cuts, 23)):
+        y, state = model(x[:, a:b], state=state, return_state=True, targets=targets[:, a:b])
+        pieces.append(y)
+    streamed = torch.cat(pieces, 1)
+    close(streamed, whole)
+    for a, b in zip(leaves(final), leaves(state), strict=True):
+        close(a, b)
+    w = torch.randn_like(whole)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad((whole * w).sum(), params),
+                    torch.autograd.grad((streamed * w).sum(), params), strict=True):
+        close(a, b)
