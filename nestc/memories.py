@@ -233,10 +233,14 @@ class LinearMemory(Memory):
 
     def __init__(self, name: str, where: str, *, a: int, b: int, heads: int, chunk: int,
                  objective: str, rule: str, gated: bool, recurrence: str, read_before: bool,
-                 stopped: bool, init: str, shared: bool = False,
+                 stopped: bool, init: str, shared: bool = False, starts: bool = False,
                  backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.a, self.b, self.heads, self.chunk = a, b, heads, chunk
+        # read above its declaration (read_start): its state is then {"S": the state,
+        # "start": the state its chunk started with (None at a chunk's start), "offset":
+        # tokens into the chunk}, and the module runs in pieces that end at its chunks
+        self.starts = starts
         self.objective, self.rule, self.gated = objective, rule, gated
         # what the chunked and triton tiers run: "delta_rule", "gated_delta_rule" or
         # "linear_attention", as the compiler selected it (nestc.codegen.memories.recurrence)
@@ -259,20 +263,53 @@ class LinearMemory(Memory):
             out = {n: None if x is None else x.detach() for n, x in out.items()}
         return out
 
+    def _given(self, env: dict[str, Any], batch: int) -> Any:
+        """The state before this piece (None: zeros), and that of its chunk's start."""
+        S0 = env["__state__"].given.get(self.state_key)
+        if self.starts and S0 is not None:
+            S0, start = S0["S"], S0["start"]
+        else:
+            start = None
+        if S0 is None and self.init == "meta":
+            S0 = self.initial if self.shared else self.initial.expand(batch, -1, -1, -1)
+        return S0, S0 if start is None else start
+
     @float32_inside
     def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         w = env[self.env_key]
         state = env["__state__"]
         B, T, _ = q.shape
         q = q.view(B, T, self.heads, self.a)
-        S0 = state.given.get(self.state_key)
-        if S0 is None and self.init == "meta":
-            S0 = self.initial if self.shared else self.initial.expand(B, -1, -1, -1)
+        S0, start = self._given(env, B)
         run = self._reference if self.backend == "reference" else self._chunked
         o, S = run(q, w, S0)
         self.guard(S)
+        if self.starts:  # a piece of the driver's, within one chunk
+            given = state.given.get(self.state_key)
+            offset = (0 if given is None else given["offset"]) + T
+            assert offset <= self.chunk, (self.name, offset)
+            if start is None:  # the zero state
+                start = torch.zeros_like(S)
+            S = {"S": S, "start": None if offset == self.chunk else start,
+                 "offset": offset % self.chunk}
         state.out[self.state_key] = S
         return o.reshape(B, T, self.heads * self.b)
+
+    def read_start(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        """q S at the state its chunk started with, for every token of this piece (a read
+        above the memory's declaration: the module runs pieces within one chunk each)."""
+        B, T, _ = q.shape
+        _, start = self._given(env, B)
+        if start is None:  # zeros
+            return q.new_zeros(B, T, self.heads * self.b)
+        qh = q.view(B, T, self.heads, self.a)
+        o = torch.einsum("bthk,hkv->bthv" if self.shared else "bthk,bhkv->bthv", qh,
+                         start.to(q.dtype))
+        return o.reshape(B, T, self.heads * self.b)
+
+    def flushed(self, state: Any) -> Any:
+        """The next call starts a chunk (a memory read at its chunks' starts)."""
+        return {**state, "start": None, "offset": 0} if isinstance(state, dict) else state
 
     def _reference(self, q: torch.Tensor, w: dict[str, Any], S0: Any) -> Any:
         """The definition: token by token, the rule applied to the objective's gradient (each

@@ -74,8 +74,8 @@ class Built(nn.Module):
             if isinstance(sub, layers.Stateful):
                 sub.state_key = path
         self.tasks = [m for m in self.modules() if isinstance(m, memories.TaskMLP)]
-        self.starts = [m for m in self.modules() if isinstance(m, memories.MLPMemory)
-                       and m.starts]
+        self.starts = [m for m in self.modules() if isinstance(m, memories.Memory)
+                       and getattr(m, "starts", False)]
         self.flushing = [m for m in self.modules() if isinstance(m, memories.Memory) and m.flush]
 
     def run(self, env: Env, x: torch.Tensor) -> torch.Tensor:

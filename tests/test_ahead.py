@@ -184,19 +184,20 @@ def test_a_memory_that_nothing_reads_still_learns(structure):
 
 
 def test_reads_above_a_declaration_are_refused_where_not_built(error_of):
-    matrix = spec("""
+    periodic = spec("""
         block B(dim = 8) {
             input x : [T, dim]
             let k = M(x)
-            memory M : matrix(dim, dim) = zeros every token { key k; value x;
+            memory M : mlp(dim) = meta every 4 tokens { key k; value x;
                 objective l2(M(k), x); rule gd(lr = 0.5) }
             output M(x)
         }
     """)
     with pytest.raises(nestc.NestError) as info:
-        nestc.loads(matrix, "m.nest").build("B")
+        nestc.loads(periodic, "m.nest").build("B")
     err = str(info.value)
-    assert "m.nest:3:13" in err and "above its declaration" in err and "MLP memories" in err
+    assert "m.nest:3:13" in err and "above its declaration" in err and \
+        "matrix and MLP memories that learn every token" in err
     bare = error_of("""
         block B(dim = 8) {
             input x : [T, dim]
@@ -247,3 +248,83 @@ def test_pictures_draw_reads_at_a_chunks_start_dashed():
     assert '"M" -> "output" [color="#4d4d4d", style=solid' in dot
     titans = render(nestc.load("std/memory/titans.nest").graph("Titans", dim=8), "svg", "levels")
     assert "read at the start of each chunk" not in titans
+
+
+MATRIX = spec("""
+    block Mat(dim = 8, heads = 2, chunk = 4) {
+        input x : [T, dim]
+        let k = M(x) |> l2norm(per = heads)
+        let beta = sigmoid(mean(M(x), per = heads))
+        memory M : matrix(dim / heads, dim / heads) per head = INIT every token in chunks of chunk {
+            STATE
+            key k; value x
+            objective l2(M(k), x)
+            rule gd(lr = beta)
+        }
+        output M(x) + k
+    }
+""")
+
+
+def matrix_loop(mod, x: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule token by token, its key and rate read at each chunk's first state:
+    S_t = S_{t-1} - beta_t k_t^T (k_t S_{t-1} - x_t), summed over the batch when shared."""
+    H, C = 2, 4
+    B, T, dim = x.shape
+    d = dim // H
+    init = getattr(mod.M, "initial", None)
+    S = torch.zeros(H, d, d) if init is None else init
+    if not shared:
+        S = S.expand(B, H, d, d)
+    read = "bhk,hkv->bhv" if shared else "bhk,bhkv->bhv"
+    ys = []
+    for t in range(T):
+        if t % C == 0:
+            S0 = S
+        xt = x[:, t].view(B, H, d)
+        at_start = torch.einsum(read, xt, S0)
+        k = torch.nn.functional.normalize(at_start, dim=-1, eps=1e-6)
+        beta = torch.sigmoid(at_start.mean(-1))[..., None, None]  # [B, H, 1, 1]
+        err = torch.einsum(read, k, S) - xt
+        step = beta * k[..., :, None] * err[..., None, :]
+        S = S - (step.sum(0) if shared else step)
+        ys.append((torch.einsum(read, xt, S) + k).reshape(B, dim))
+    return torch.stack(ys, 1), S
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("init", ["zeros", "meta"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_matrix_memory_read_above_its_declaration_equals_the_token_loop(backend, init,
+                                                                           shared):
+    text = MATRIX.replace("INIT", init).replace("STATE", "state shared" if shared else "")
+    torch.manual_seed(0)
+    mod = nestc.loads(text, "mat.nest").build("Mat", backend=backend)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 11, 8, requires_grad=True)
+    y, state = mod(x, return_state=True)
+    want, S = matrix_loop(mod, x, shared)
+    close(y, want)
+    close(state["M"]["S"], S)
+    assert state["M"]["offset"] == 3
+    g = torch.randn_like(y)
+    params = [x, *mod.parameters()]
+    for a, b in zip(torch.autograd.grad((y * g).sum(), params),
+                    torch.autograd.grad((want * g).sum(), params), strict=True):
+        close(a, b)
+    streamed, state2 = [], None
+    for a, b in [(0, 3), (3, 9), (9, 11)]:
+        part, state2 = mod(x[:, a:b], state=state2, return_state=True)
+        streamed.append(part)
+    close(torch.cat(streamed, 1), y)
+    for a, b in zip(leaves(state2), leaves(state), strict=True):
+        close(a, b)
+
+
+def test_a_matrix_memory_read_above_its_declaration_needs_its_chunk_written():
+    text = MATRIX.replace("INIT", "zeros").replace("STATE", "").replace(
+        " in chunks of chunk", "")
+    with pytest.raises(nestc.NestError, match=r"mat.nest:3:13.*has no chunk size"):
+        nestc.loads(text, "mat.nest").build("Mat")

@@ -77,8 +77,8 @@ class Plan:
 
     def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
         """A read above the declaration: the memory at the start of the chunk."""
-        raise unsupported(f"reading memory `{self.name}` above its declaration (built for MLP "
-                          "memories that learn every token, in chunks: they read at the "
+        raise unsupported(f"reading memory `{self.name}` above its declaration (built for "
+                          "matrix and MLP memories that learn every token: they read at the "
                           "start of the chunk)", span)
 
     def reader(self, q: Ten, span: Any, width: int, out: int) -> Ten:
@@ -113,6 +113,29 @@ class Plan:
                             f"is one per head ({heads}) or one per token",
                             e.span if e is not None else self.span, kind="shape")
         return value.code
+
+
+def _note_start_read(plan: Any, q: Ten, span: Any, width: int) -> None:
+    """A read above plan's declaration, of `width` features per head: its heads are not
+    known before its keys, so every such read must agree, and the keys with them."""
+    if q.feat % width or (not plan.per_head and q.feat != width):
+        raise NestError(f"memory `{plan.name}` reads {width} features"
+                        f"{' per head' if plan.per_head else ''}, got {q.feat}", span,
+                        kind="shape")
+    if plan.start_read is None:
+        plan.start_read = (q.feat, span)
+    elif plan.start_read[0] != q.feat:
+        raise NestError(f"memory `{plan.name}` is read with {q.feat} features here and "
+                        f"{plan.start_read[0]} above", span, kind="shape")
+    plan.config["starts"] = True
+
+
+def _check_start_width(plan: Any, k: Ten) -> None:
+    """At the write: the keys' width against that of the reads above the declaration."""
+    if plan.start_read is not None and plan.start_read[0] != k.feat:
+        raise NestError(f"memory `{plan.name}` is read above its declaration with "
+                        f"{plan.start_read[0]} features, but its keys have {k.feat}",
+                        plan.start_read[1], kind="shape")
 
 
 def _constant(scope: Any, e: ast.Expr) -> float | None:
@@ -327,7 +350,9 @@ class LinearPlan(Plan):
                        "gated": rule[0] == "dgd" and not literal_dgd, "recurrence": "",
                        "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped", "init": init_name,
-                       "shared": shared}
+                       "shared": shared, "starts": False}
+        self.per_head, self.explicit_chunk = s.per_head, freq.chunk is not None
+        self.start_read: tuple[int, Any] | None = None  # (width, where) of reads above it
 
     def write(self, scope: Any) -> tuple[str, list[str]] | None:
         k = scope.tensor(self.key_expr, self.name)
@@ -338,6 +363,7 @@ class LinearPlan(Plan):
                             self.span, kind="shape")
         self.heads = self.config["heads"] = k.feat // self.a
         self.keys = k  # (a read with them runs the memory when nothing else reads it)
+        _check_start_width(self, k)
         args = [k.code, v.code, f"lr={self.signal(scope, 'lr', 1.0)}"]
         retain = self.signal(scope, "retain", None)
         if retain is not None:
@@ -349,6 +375,16 @@ class LinearPlan(Plan):
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.heads * self.a, self.heads * self.b)
 
+    def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
+        """q S at the state of the chunk's start (its heads come with its keys: checked at
+        the write). The chunk is then part of what it computes, so it must be written."""
+        if not self.explicit_chunk:
+            raise NestError(f"memory `{self.name}` is read above its declaration, at the start "
+                            "of its chunk, but has no chunk size", span, kind="frequency",
+                            hint="write `every token in chunks of C`: C tokens read one state")
+        _note_start_read(self, q, span, self.a)
+        return Ten(f"self.{self.attr}.read_start({q.code}, _env)", q.feat // self.a * self.b)
+
     def describe(self) -> str:
         c = self.config
         rec = c["recurrence"]
@@ -356,8 +392,10 @@ class LinearPlan(Plan):
             "; Triton kernels with backend='triton'"
         shared = ("; one state for the batch, written by every sequence's token at once "
                   "(the chunked op, B tokens a step)") if c["shared"] else ""
+        starts = ("; read above its declaration at each chunk's first state (the block runs "
+                  "in pieces that end at its chunks)") if c["starts"] else ""
         return (f"{RECURRENCES[rec]} (nestc.ops.{rec}), {c['heads']} heads of {c['a']} x "
-                f"{c['b']}, in chunks of {c['chunk']}{kernels}{shared}")
+                f"{c['b']}, in chunks of {c['chunk']}{kernels}{shared}{starts}")
 
 
 def recurrence(objective: str, rule: str, gated: bool, retain: bool) -> str:
@@ -445,10 +483,7 @@ class MLPPlan(Plan):
         H, d, c = self.heads, self.d, self.config
         c["heads"] = H
         self.keys = k  # (a read with them runs the memory when nothing else reads it)
-        if self.start_read is not None and self.start_read[0] != k.feat:
-            raise NestError(f"memory `{self.name}` is read above its declaration with "
-                            f"{self.start_read[0]} features, but its keys have {k.feat}",
-                            self.start_read[1], kind="shape")
+        _check_start_width(self, k)
         signals = {n: self.signal(scope, n, default)
                    for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
         clip = self.rule_kw.get("clip")
@@ -488,16 +523,7 @@ class MLPPlan(Plan):
     def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
         """M(q) at the weights of the chunk's start: its heads are not known yet (its keys
         give them), so the width is checked against its keys at the write."""
-        if q.feat % self.d or (not self.per_head and q.feat != self.d):
-            raise NestError(f"memory `{self.name}` reads {self.d} features"
-                            f"{' per head' if self.per_head else ''}, got {q.feat}", span,
-                            kind="shape")
-        if self.start_read is None:
-            self.start_read = (q.feat, span)
-        elif self.start_read[0] != q.feat:
-            raise NestError(f"memory `{self.name}` is read with {q.feat} features here and "
-                            f"{self.start_read[0]} above", span, kind="shape")
-        self.config["starts"] = True
+        _note_start_read(self, q, span, self.d)
         return Ten(f"self.{self.attr}.read_start({q.code}, _env)", q.feat)
 
     def describe(self) -> str:
