@@ -757,7 +757,7 @@ def test_clip_and_huber_delta_must_be_positive(clauses, message):
 @pytest.mark.parametrize("path,name", [
     ("std/models/hope.nest", "HopeLM"), ("std/models/titans.nest", "TitansLM"),
     ("std/models/deltanet.nest", "DeltaNetLM"), ("std/models/transformer.nest", "TransformerLM"),
-    ("examples/slow_fast.nest", "SlowFastLM")])
+    ("examples/slow_fast.nest", "SlowFastLM"), ("examples/self_ref.nest", "SelfRefLM")])
 def test_models_train_under_autocast_with_memories_in_float32(path, name):
     """torch.autocast (bfloat16 on the CPU): the layers compute in bfloat16, the memories'
     recurrences in float32 as without it; forward and backward run and stay finite."""
@@ -783,7 +783,8 @@ def test_models_train_under_autocast_with_memories_in_float32(path, name):
 
 
 @pytest.mark.parametrize("path,name", [("std/models/titans.nest", "TitansLM"),
-                                       ("examples/slow_fast.nest", "SlowFastLM")])
+                                       ("examples/slow_fast.nest", "SlowFastLM"),
+                                       ("examples/self_ref.nest", "SelfRefLM")])
 def test_blocks_take_activation_checkpointing(path, name):
     """torch's composable checkpoint on each block (hooks on a sub-block run, as it is
     called as a module): the same outputs and gradients, recomputed in the backward."""
