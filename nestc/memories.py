@@ -1028,9 +1028,11 @@ class PeriodicMemory(Memory):
     def __init__(self, name: str, where: str, *, kind: str, a: int, b: int, hidden: int,
                  heads: int, act: str, period: int, objective: str, delta: float,
                  momentum: bool, read_before: bool, stopped: bool, shared: bool, flush: bool,
-                 init: str, backend: str = "chunked") -> None:
+                 init: str, starts: bool = False, backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.kind, self.a, self.b, self.heads, self.period = kind, a, b, heads, period
+        # read above its declaration (read_start): the module's pieces end at its periods
+        self.starts, self.chunk = starts, period
         self.act = ACTS[act]
         self.objective, self.delta, self.momentum = objective, delta, momentum
         self.read_before, self.stopped, self.shared, self.flush = read_before, stopped, \
@@ -1140,6 +1142,16 @@ class PeriodicMemory(Memory):
         y, out = run(qh, w, given)
         self.guard(*out["W"])
         state.out[self.state_key] = out
+        return y.transpose(1, 2).reshape(B, T, self.heads * self.b).to(q.dtype)
+
+    def read_start(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+        """M(q) at the period's weights, for every token of this piece (a read above the
+        declaration; the module runs pieces within one period each)."""
+        B, T, _ = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        given = env["__state__"].given.get(self.state_key) or self._initial(B, acc, q.device)
+        qh = q.view(B, T, self.heads, self.a).transpose(1, 2).to(acc)  # (N, H, T, a)
+        y = self._map(tuple(w.to(acc) for w in given["W"]), qh)
         return y.transpose(1, 2).reshape(B, T, self.heads * self.b).to(q.dtype)
 
     def _initial(self, batch: int, dtype: torch.dtype, device: torch.device

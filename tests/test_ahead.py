@@ -184,20 +184,19 @@ def test_a_memory_that_nothing_reads_still_learns(structure):
 
 
 def test_reads_above_a_declaration_are_refused_where_not_built(error_of):
-    periodic = spec("""
+    cache = spec("""
         block B(dim = 8) {
             input x : [T, dim]
-            let k = M(x)
-            memory M : mlp(dim) = meta every 4 tokens { key k; value x;
-                objective l2(M(k), x); rule gd(lr = 0.5) }
-            output M(x)
+            let k = C(x)
+            memory C : cache every token { key x; value x }
+            output softmax_attention(k, C)
         }
     """)
     with pytest.raises(nestc.NestError) as info:
-        nestc.loads(periodic, "m.nest").build("B")
+        nestc.loads(cache, "m.nest").build("B")
     err = str(info.value)
     assert "m.nest:3:13" in err and "above its declaration" in err and \
-        "matrix and MLP memories that learn every token" in err
+        "built for memories with weights" in err
     bare = error_of("""
         block B(dim = 8) {
             input x : [T, dim]
@@ -328,3 +327,89 @@ def test_a_matrix_memory_read_above_its_declaration_needs_its_chunk_written():
         " in chunks of chunk", "")
     with pytest.raises(nestc.NestError, match=r"mat.nest:3:13.*has no chunk size"):
         nestc.loads(text, "mat.nest").build("Mat")
+
+
+PERIODIC = spec("""
+    block Slow(dim = 8, heads = 2, period = 4) {
+        input x : [T, dim]
+        let k = M(x) |> l2norm(per = heads)
+        let beta = sigmoid(mean(M(x), per = heads))
+        memory M : matrix(dim / heads, dim / heads) per head = meta every period tokens {
+            key k; value x
+            objective l2(M(k), x)
+            rule gd(lr = beta)
+        }
+        output M(x) + k
+    }
+""")
+
+
+def periodic_loop(mod, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights frozen for a period of 4; k and beta read them; the period's gradients summed
+    at them and applied at its last token, which reads the update (read after write)."""
+    H, P = 2, 4
+    B, T, dim = x.shape
+    d = dim // H
+    W = mod.M.initial.expand(B, H, d, d)
+    g = torch.zeros_like(W)
+    ys = []
+    for t in range(T):
+        xt = x[:, t].view(B, H, d)
+        at_start = torch.einsum("bhk,bhkv->bhv", xt, W)
+        k = torch.nn.functional.normalize(at_start, dim=-1, eps=1e-6)
+        beta = torch.sigmoid(at_start.mean(-1))[..., None, None]
+        err = torch.einsum("bhk,bhkv->bhv", k, W) - xt
+        g = g + beta * k[..., :, None] * err[..., None, :]
+        if (t + 1) % P == 0:
+            W, g = W - g, torch.zeros_like(g)
+        ys.append((torch.einsum("bhk,bhkv->bhv", xt, W) + k).reshape(B, dim))
+    return torch.stack(ys, 1), W
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_a_periodic_memory_read_above_its_declaration_equals_the_token_loop(backend):
+    torch.manual_seed(0)
+    mod = nestc.loads(PERIODIC, "slow.nest").build("Slow", backend=backend)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 11, 8, requires_grad=True)
+    y, state = mod(x, return_state=True)
+    want, W = periodic_loop(mod, x)
+    close(y, want)
+    close(state["M"]["W"][0], W)
+    g = torch.randn_like(y)
+    params = [x, *mod.parameters()]
+    for a, b in zip(torch.autograd.grad((y * g).sum(), params),
+                    torch.autograd.grad((want * g).sum(), params), strict=True):
+        close(a, b)
+    streamed, carried = [], None
+    for a, b in [(0, 3), (3, 9), (9, 11)]:
+        part, carried = mod(x[:, a:b], state=carried, return_state=True)
+        streamed.append(part)
+    close(torch.cat(streamed, 1), y)
+
+
+def test_memories_whose_weights_hold_for_a_chunk_read_above_as_below():
+    """A memory that never learns in context, or a CMS level (its weights change only at its
+    chunk's end), reads above its declaration what it reads below it."""
+    below = spec("""
+        model L(vocab = 16, dim = 8) {
+            input tokens : [T] int
+            let h = embed(tokens, vocab, dim)
+            memory S : mlp(dim) = meta never
+            memory F : mlp(dim) = meta every 4 tokens { objective task; rule gd(lr = 0.1) }
+            let y = S(h) + F(h)
+            output logits = y |> linear(vocab)
+            train every step { objective cross_entropy(logits, next(tokens)); rule gd(lr = 0.1) }
+        }
+    """)
+    lines = below.splitlines()
+    above = "\n".join([*lines[:3], lines[5], *lines[3:5], *lines[6:]])
+    assert "let y" in above.splitlines()[3]
+    tokens = torch.randint(0, 16, (2, 11))
+    outs = []
+    for text in (below, above):
+        torch.manual_seed(0)
+        outs.append(nestc.loads(text, "l.nest").build("L")(tokens))
+    close(outs[0], outs[1])

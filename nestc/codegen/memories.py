@@ -78,8 +78,8 @@ class Plan:
     def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
         """A read above the declaration: the memory at the start of the chunk."""
         raise unsupported(f"reading memory `{self.name}` above its declaration (built for "
-                          "matrix and MLP memories that learn every token: they read at the "
-                          "start of the chunk)", span)
+                          "memories with weights: they read the state of the chunk's start)",
+                          span)
 
     def reader(self, q: Ten, span: Any, width: int, out: int) -> Ten:
         """The Ten of a read M(q): this memory's `read` of q, which has `width` features."""
@@ -294,6 +294,10 @@ class StaticPlan(Plan):
 
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.feat, self.feat)
+
+    def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
+        """A read above the declaration is its read: the weights it never changes in context."""
+        return self.read(scope, q, span)
 
     def describe(self) -> str:
         c = self.config
@@ -709,6 +713,10 @@ class TaskPlan(Plan):
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.feat, self.feat)
 
+    def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
+        """A read above the declaration is its read: the weights of its chunk, which change only at the chunk's end."""
+        return self.read(scope, q, span)
+
     def describe(self) -> str:
         c = self.config
         text = (f"{'residual ' if c['residual'] else ''}MLP {_widths(c)} learning from the "
@@ -773,7 +781,9 @@ class PeriodicPlan(Plan):
                        "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped",
                        "shared": choices["state"] == "shared",
-                       "flush": choices["partial"] == "flush", "init": init_name}
+                       "flush": choices["partial"] == "flush", "init": init_name,
+                       "starts": False}
+        self.start_read: tuple[int, Any] | None = None  # (width, where) of reads above it
 
     def write(self, scope: Any) -> tuple[str, list[str]] | None:
         k = scope.tensor(self.key_expr, self.name)
@@ -785,6 +795,7 @@ class PeriodicPlan(Plan):
                             f"{k.feat} and its values {v.feat}", self.span, kind="shape")
         self.heads = self.config["heads"] = heads
         self.keys = k  # (a read with them runs the memory when nothing else reads it)
+        _check_start_width(self, k)
         signals = {n: self.signal(scope, n, default) for n, default in
                    (("lr", 1.0), ("retain", None), ("beta", None))}
         if not self.config["momentum"]:
@@ -794,6 +805,11 @@ class PeriodicPlan(Plan):
 
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
         return self.reader(q, span, self.heads * self.a, self.heads * self.b)
+
+    def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
+        """M(q) at the weights of the period (they change only at its end)."""
+        _note_start_read(self, q, span, self.a)
+        return Ten(f"self.{self.attr}.read_start({q.code}, _env)", q.feat // self.a * self.b)
 
     def describe(self) -> str:
         c = self.config
