@@ -80,19 +80,39 @@ def _at(mem, W, k, v, mlp):
     return torch.func.grad(loss, argnums=(0, 1))(*W)
 
 
-def built(backend: str):
+def built(prog, name: str, backend: str):
+    """The module, its weights moved away from their initialization (seed 0)."""
     torch.manual_seed(0)
-    mod = AHEAD.build("Ahead", backend=backend)
+    mod = prog.build(name, backend=backend)
     with torch.no_grad():
         for p in mod.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return mod
 
 
+def same_gradients(mod, x, y, want) -> None:
+    """The input's and every weight's gradients of one loss of y and of want: the outer
+    level's gradients run through every chunk's first state."""
+    g = torch.randn_like(y)
+    params = [x, *mod.parameters()]
+    for a, b in zip(torch.autograd.grad((y * g).sum(), params),
+                    torch.autograd.grad((want * g).sum(), params), strict=True):
+        close(a, b)
+
+
+def streamed(mod, x, cuts=(3, 9)):
+    """The outputs and the final state of x fed in calls cut at `cuts`."""
+    state, pieces = None, []
+    for a, b in zip((0, *cuts), (*cuts, x.shape[1])):
+        y, state = mod(x[:, a:b], state=state, return_state=True)
+        pieces.append(y)
+    return torch.cat(pieces, 1), state
+
+
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 @pytest.mark.parametrize("T", [3, 4, 11])
 def test_reads_above_a_declaration_equal_the_token_loop(backend, T):
-    mod = built(backend)
+    mod = built(AHEAD, "Ahead", backend)
     x = torch.randn(2, T, 8, requires_grad=True)
     y, state = mod(x, return_state=True)
     want, weights = token_loop(mod, x)
@@ -100,24 +120,16 @@ def test_reads_above_a_declaration_equal_the_token_loop(backend, T):
     for name in ("M", "N"):
         for a, b in zip(state[name]["M"], weights[name]):
             close(a, b)
-    # the outer level's gradients run through every chunk's first weights
-    g = torch.randn_like(y)
-    got = torch.autograd.grad((y * g).sum(), [x, *mod.parameters()])
-    ref = torch.autograd.grad((want * g).sum(), [x, *mod.parameters()])
-    for a, b in zip(got, ref, strict=True):
-        close(a, b)
+    same_gradients(mod, x, y, want)
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_reads_above_a_declaration_stream(backend):
-    mod = built(backend)
+    mod = built(AHEAD, "Ahead", backend)
     x = torch.randn(2, 13, 8)
     whole, end = mod(x, return_state=True)
-    state, pieces = None, []
-    for a, b in [(0, 3), (3, 9), (9, 10), (10, 13)]:  # cuts inside chunks, and on a boundary
-        y, state = mod(x[:, a:b], state=state, return_state=True)
-        pieces.append(y)
-    close(torch.cat(pieces, 1), whole)
+    pieces, state = streamed(mod, x, (3, 9, 10))  # cuts inside chunks, and on a boundary
+    close(pieces, whole)
     for a, b in zip(leaves(state), leaves(end), strict=True):
         close(a, b)
 
@@ -136,7 +148,7 @@ def test_the_graph_and_explain_show_a_read_at_the_chunks_start():
 
 
 def test_a_block_of_the_memories_runs_in_pieces_that_end_at_their_chunks():
-    mod = built("chunked")
+    mod = built(AHEAD, "Ahead", "chunked")
     seen = []
     original = mod.run
 
@@ -297,28 +309,17 @@ def matrix_loop(mod, x: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch
 def test_a_matrix_memory_read_above_its_declaration_equals_the_token_loop(backend, init,
                                                                            shared):
     text = MATRIX.replace("INIT", init).replace("STATE", "state shared" if shared else "")
-    torch.manual_seed(0)
-    mod = nestc.loads(text, "mat.nest").build("Mat", backend=backend)
-    with torch.no_grad():
-        for p in mod.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    mod = built(nestc.loads(text, "mat.nest"), "Mat", backend)
     x = torch.randn(2, 11, 8, requires_grad=True)
     y, state = mod(x, return_state=True)
     want, S = matrix_loop(mod, x, shared)
     close(y, want)
     close(state["M"]["S"], S)
     assert state["M"]["offset"] == 3
-    g = torch.randn_like(y)
-    params = [x, *mod.parameters()]
-    for a, b in zip(torch.autograd.grad((y * g).sum(), params),
-                    torch.autograd.grad((want * g).sum(), params), strict=True):
-        close(a, b)
-    streamed, state2 = [], None
-    for a, b in [(0, 3), (3, 9), (9, 11)]:
-        part, state2 = mod(x[:, a:b], state=state2, return_state=True)
-        streamed.append(part)
-    close(torch.cat(streamed, 1), y)
-    for a, b in zip(leaves(state2), leaves(state), strict=True):
+    same_gradients(mod, x, y, want)
+    pieces, carried = streamed(mod, x)
+    close(pieces, y)
+    for a, b in zip(leaves(carried), leaves(state), strict=True):
         close(a, b)
 
 
@@ -368,26 +369,17 @@ def periodic_loop(mod, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_a_periodic_memory_read_above_its_declaration_equals_the_token_loop(backend):
-    torch.manual_seed(0)
-    mod = nestc.loads(PERIODIC, "slow.nest").build("Slow", backend=backend)
-    with torch.no_grad():
-        for p in mod.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    mod = built(nestc.loads(PERIODIC, "slow.nest"), "Slow", backend)
     x = torch.randn(2, 11, 8, requires_grad=True)
     y, state = mod(x, return_state=True)
     want, W = periodic_loop(mod, x)
     close(y, want)
     close(state["M"]["W"][0], W)
-    g = torch.randn_like(y)
-    params = [x, *mod.parameters()]
-    for a, b in zip(torch.autograd.grad((y * g).sum(), params),
-                    torch.autograd.grad((want * g).sum(), params), strict=True):
+    same_gradients(mod, x, y, want)
+    pieces, carried = streamed(mod, x)
+    close(pieces, y)
+    for a, b in zip(leaves(carried), leaves(state), strict=True):
         close(a, b)
-    streamed, carried = [], None
-    for a, b in [(0, 3), (3, 9), (9, 11)]:
-        part, carried = mod(x[:, a:b], state=carried, return_state=True)
-        streamed.append(part)
-    close(torch.cat(streamed, 1), y)
 
 
 def test_memories_whose_weights_hold_for_a_chunk_read_above_as_below():
