@@ -455,7 +455,8 @@ class MLPMemory(Memory):
                  residual: bool, act: str, read_before: bool, stopped: bool, chunk: int,
                  objective: str, delta: float, momentum: bool, clip: float | None,
                  signals: tuple[str, ...], generated: bool, has_source: bool,
-                 flush: bool = False, starts: bool = False, backend: str = "chunked") -> None:
+                 flush: bool = False, starts: bool = False, shared: bool = False,
+                 backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.d, self.hidden, self.heads, self.residual = d, hidden, heads, residual
         self.act, self.act_name = ACTS[act], act
@@ -466,6 +467,10 @@ class MLPMemory(Memory):
         # read above its declaration (read_start): the module runs in pieces that end where
         # its chunks do (nestc.module.Built.forward)
         self.starts = starts
+        # `state shared`: one set of weights (H, d, h) for the batch, written by every
+        # sequence's token t at once (their updates at the same weights, summed; retention
+        # and momentum factors are numbers, applied once a step)
+        self.shared = shared
         self.value_source = has_source and backend == "triton"
         self.A, self.B = _mlp_weights(heads, d=d, hidden=hidden)
         self.siblings: tuple[_Siblings, int] | None = None  # set by run_as_one
@@ -545,11 +550,19 @@ class MLPMemory(Memory):
         Bn, T, _ = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)
         if given is None:
-            A, B = (p.to(acc).expand(Bn, *p.shape) for p in (self.A, self.B))
+            A, B = self.A.to(acc), self.B.to(acc)
         else:
             assert given["offset"] + T <= self.chunk, (self.name, given["offset"], T)
             A, B = given["M"] if given["offset"] == 0 else given["start"]
+        A, B = self._batched((A, B), Bn)
         return self._read_all(A, B, q.to(acc)).to(q.dtype)
+
+    @staticmethod
+    def _batched(weights: tuple[torch.Tensor, torch.Tensor], batch: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B with a batch dim (shared ones, or the meta-learned, expanded to it)."""
+        A, B = (w.expand(batch, *w.shape) if w.dim() == 3 else w for w in weights)
+        return A, B
 
     def _read_alone(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         qh, w, given = self._inputs(q, env)
@@ -565,7 +578,8 @@ class MLPMemory(Memory):
         acc = torch.promote_types(q.dtype, torch.float32)
         given = env["__state__"].given.get(self.state_key)
         if given is None:
-            A, B = (p.to(acc).expand(Bn, *p.shape) for p in (self.A, self.B))
+            A, B = (p.to(acc) if self.shared else p.to(acc).expand(Bn, *p.shape)
+                    for p in (self.A, self.B))
             given = {"M": (A, B), "S": (torch.zeros_like(A), torch.zeros_like(B)),
                      "start": (A, B), "offset": 0}
         qh = q.view(Bn, T, self.heads, self.d).transpose(1, 2).to(acc)  # (N, H, T, d)
@@ -594,14 +608,14 @@ class MLPMemory(Memory):
         return (self.d, self.hidden, self.heads, self.residual, self.act_name,
                 self.read_before, self.stopped, self.chunk, self.objective, self.delta,
                 self.momentum, self.clip, self.backend, self.signals, self.generated,
-                self.value_source, self.starts)
+                self.value_source, self.starts, self.shared)
 
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
         """Whether the triton tier runs this read through nestc.ops.mlp_memory's kernel (_fused):
         an MLP or residual MLP (gelu or silu) learning by l2 given values or its own reading of
         a block tensor under stop_grad, in float32 or a 16-bit type, at sizes whose kernels
         fit in a GPU's shared memory (`mlp_kernel_fits`)."""
-        if self.backend != "triton" or self.objective != "l2" or \
+        if self.backend != "triton" or self.objective != "l2" or self.shared or \
                 not ("v" in w or "vs" in w) or self.act_name not in ("gelu", "silu"):
             return False
         from nestc.ops.mlp_memory.triton import mlp_kernel_fits
@@ -678,12 +692,17 @@ class MLPMemory(Memory):
             lr = w["lr"][:, :, t, None, None]  # (N, H, 1, 1), like each weight's batch dims
             retain, beta = (None if x is None else x[:, :, t, None, None]
                             for x in (w["retain"], w["beta"]))
-            gA, gB = self._grads(A0, B0, w["k"][:, :, t:t + 1], self._values(w, (A0, B0), t, t + 1))
+            if self.shared:  # one number a step (the compiler checks it)
+                retain, beta = (None if x is None else x[0] for x in (retain, beta))
+            at = self._batched((A0, B0), q.shape[0])
+            gA, gB = self._grads(*at, w["k"][:, :, t:t + 1], self._values(w, at, t, t + 1))
             gA, gB = gA[:, :, 0], gB[:, :, 0]
             if self.clip is not None:  # the gradient's norm, at most clip
                 lr = lr * self._clipped(gA.pow(2).sum((-2, -1)) + gB.pow(2).sum((-2, -1))
                                         )[..., None, None]
             uA, uB = -lr * gA, -lr * gB
+            if self.shared:  # every sequence's update, at the same weights
+                uA, uB = uA.sum(0), uB.sum(0)
             if self.read_before:
                 outs.append(self._read_one(A, B, q[:, :, t]))
             if self.momentum:
@@ -712,19 +731,37 @@ class MLPMemory(Memory):
         x A_t is thus c_t x A + m_t x S_A + sum_s W[t, s] (x . k_s) delta_s: attention-like
         products over the chunk's tokens, and likewise for B."""
         (A, B), (SA, SB), (A0, B0) = given["M"], given["S"], given["start"]
-        offset, T = given["offset"], q.shape[2]
+        offset, (N, H, T, _) = given["offset"], q.shape
+        if self.shared:  # one sequence of N tokens a step, time-major (mlp_memory_chunk)
+            A, B, SA, SB, A0, B0 = (x[None] for x in (A, B, SA, SB, A0, B0))
+
+        def lay(x: Any) -> Any:
+            """(N, H, n, ...) -> (1, H, n * N, ...), token t of sequence b at t * N + b."""
+            if x is None or not self.shared:
+                return x
+            return x.movedim(0, 2).reshape(1, H, -1, *x.shape[3:])
+
+        def step(x: Any) -> Any:  # a retention or momentum factor: one a step when shared
+            return x[:1] if x is not None and self.shared else x
+
         outs = []
         for i, (a, b) in enumerate(self._segments(T, offset)):
             if i > 0 or offset == 0:
                 A0, B0 = A, B
             lr, retain, beta = self._factors(w, a, b)
+            values = self._values(w, self._batched((A0[0], B0[0]), N) if self.shared else
+                                  (A0, B0), a, b)
             y, A, B, SA, SB = mlp_memory_chunk(
-                q[:, :, a:b], w["k"][:, :, a:b], self._values(w, (A0, B0), a, b), lr, retain,
-                beta if self.momentum else None, A, B, SA, SB, self.act_name, self.clip,
+                lay(q[:, :, a:b]), lay(w["k"][:, :, a:b]), lay(values), lay(lr), step(retain),
+                step(beta) if self.momentum else None, A, B, SA, SB, self.act_name, self.clip,
                 self.read_before, grad_at=(A0, B0), residual=self.residual,
-                objective=self.objective, huber_delta=self.delta)
+                objective=self.objective, huber_delta=self.delta, group=N if self.shared else 1)
+            if self.shared:
+                y = y.view(H, b - a, N, -1).movedim(2, 0)
             outs.append(y)
         y = torch.cat(outs, 2) if outs else q.new_zeros(q.shape)
+        if self.shared:
+            A, B, SA, SB, A0, B0 = (x[0] for x in (A, B, SA, SB, A0, B0))
         return y, {"M": (A, B), "S": (SA, SB), "start": (A0, B0),
                    "offset": (offset + T) % self.chunk}
 
@@ -886,7 +923,7 @@ def run_as_one(module: nn.Module, names: list[str], same_values: bool) -> None:
         m = module._modules[n]
         assert isinstance(m, MLPMemory), n
         mems.append(m)
-    if mems[0].backend == "reference":
+    if mems[0].backend == "reference" or mems[0].shared:  # (shared weights have no batch dim)
         return
     parts: dict[Any, list[int]] = {}
     for i, m in enumerate(mems):

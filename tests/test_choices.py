@@ -335,3 +335,91 @@ def test_a_shared_matrix_memory_takes_a_retention_that_is_a_number():
                                               "memory shared by the batch") as err:
         nestc.loads(text, "s.nest").build("Mem", dim=16)
     assert err.value.unsupported and err.value.span.line == 8
+
+
+# MLP memories that learn every token, shared by the batch ---------------------------------
+
+SHARED_MLP = spec("""
+    block Mem(dim, heads = 2, rate = 1.0) {
+        input x : [T, dim]
+        let k = x |> linear(dim) |> l2norm(per = heads)
+        let v = x |> linear(dim)
+        let lr = rate * sigmoid(linear(x, heads))
+        memory M : STRUCTURE per head = meta every token in chunks of 4 {
+            CLAUSES
+        }
+        output M(k) |> linear(dim)
+    }
+""")
+SHARED_MLP_MODES = {
+    "gd": ("mlp(dim / heads)", "key k; value v; objective l2(M(k), v); rule gd(lr = lr)"),
+    "momentum": ("residual_mlp(dim / heads)",
+                 "read before write; key k; value v; objective l2(M(k), v); "
+                 "rule momentum(lr = lr, beta = 0.9, retain = 0.95)"),
+    "generated": ("residual_mlp(dim / heads)",
+                  "let t = stop_grad(M(v)); key k; value t; objective l2(M(k), t); "
+                  "rule momentum(lr = lr, beta = 0.5, retain = 0.9, clip = 0.5)"),
+}
+
+
+def shared_mlp(mode, backend="chunked", shared=True, **hyper):
+    structure, clauses = SHARED_MLP_MODES[mode]
+    text = SHARED_MLP.replace("STRUCTURE", structure).replace(
+        "CLAUSES", ("state shared; " if shared else "") + clauses)
+    torch.manual_seed(0)
+    mod = nestc.loads(text, "s.nest").build("Mem", dim=16, backend=backend, **hyper)
+    with torch.no_grad():
+        mod.M.A.normal_(0, 0.5)
+        mod.M.B.normal_(0, 0.5)
+    return mod
+
+
+@pytest.mark.parametrize("mode", SHARED_MLP_MODES)
+@pytest.mark.parametrize("T", [1, 11])
+def test_a_shared_mlp_memory_chunked_equals_its_token_loop(mode, T):
+    """The chunk's sums over the batch's tokens time-major, a whole time step at once,
+    against the token loop that sums every sequence's update at each token: outputs, the
+    one state, gradients; streamed."""
+    ref, fast = shared_mlp(mode, "reference"), shared_mlp(mode)
+    x = torch.randn(3, T, 16)
+    ya, sa = ref(x, return_state=True)
+    yb, sb = fast(x, return_state=True)
+    close(ya, yb)
+    assert sa["M"]["M"][0].shape == (2, 8, 8)
+    same_states(sa, sb)
+    params = list(ref.parameters())
+    ga = torch.autograd.grad(ya.pow(2).sum(), params, allow_unused=True)
+    gb = torch.autograd.grad(yb.pow(2).sum(), list(fast.parameters()), allow_unused=True)
+    for u, w in zip(ga, gb, strict=True):
+        # a parameter no path reaches (T = 1, read before the write) has no gradient on one
+        # tier and zeros on the other
+        if u is not None or w is not None:
+            close(torch.zeros_like(w) if u is None else u, torch.zeros_like(u) if w is None
+                  else w)
+    if T > 1:
+        pieces, state = stream(fast, x, [3, 6])
+        close(pieces, yb)
+        same_states(state, sb)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("mode", SHARED_MLP_MODES)
+def test_a_shared_mlp_memory_is_one_state_for_the_batch(backend, mode):
+    """B equal sequences write B times the update of one: per sample with B times the rate
+    (their gradients, clipped each, at the same weights); one sequence is per sample."""
+    x = torch.randn(1, 9, 16)
+    shared = shared_mlp(mode, backend, rate=0.25)
+    each = shared_mlp(mode, backend, shared=False, rate=1.0)
+    close(shared(x.expand(4, -1, -1)), each(x.expand(4, -1, -1)))
+    close(shared_mlp(mode, backend)(x), shared_mlp(mode, backend, shared=False)(x))
+
+
+def test_a_shared_mlp_memory_takes_factors_that_are_numbers():
+    structure, _ = SHARED_MLP_MODES["momentum"]
+    text = SHARED_MLP.replace("STRUCTURE", structure).replace(
+        "CLAUSES", "state shared; key k; value v; objective l2(M(k), v); "
+                   "rule momentum(lr = lr, beta = lr, retain = 0.9)")
+    with pytest.raises(nestc.NestError, match="a `beta` that changes with the data on a "
+                                              "memory shared by the batch") as err:
+        nestc.loads(text, "s.nest").build("Mem", dim=16)
+    assert err.value.unsupported and err.value.span.line == 7

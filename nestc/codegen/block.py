@@ -464,7 +464,8 @@ class _Scope:
 
         groups: dict[Any, list[MLPPlan]] = {}
         for mem in self.writes:
-            if isinstance(mem, MLPPlan) and len(self.reads.get(mem, [])) == 1:
+            if isinstance(mem, MLPPlan) and len(self.reads.get(mem, [])) == 1 and \
+                    not mem.config["shared"]:
                 q = self.reads[mem][0][1]
                 groups.setdefault((mem.sibling_key(), id(q)), []).append(mem)
         for members in groups.values():

@@ -428,10 +428,6 @@ class MLPPlan(Plan):
                                                           "an in-context MLP memory")
         self.lets: dict[str, ast.Expr] = {}
         exprs, choices = _clauses(s, self.lets)
-        if choices["state"] != "per sample":
-            raise unsupported("`state shared` on an MLP memory that learns every token "
-                              "(it is built for matrix memories, memories that learn every N "
-                              "tokens and those that learn from the task loss)", s.span)
         assert s.frequency is not None
         chunk = scope.size(s.frequency.chunk, "a chunk") if s.frequency.chunk else 1
         objective, self.key_expr, self.value_expr = _objective(
@@ -444,6 +440,12 @@ class MLPPlan(Plan):
             raise unsupported("literal DGD for an MLP memory", s.span)
         self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
         self.rule = rule[0]
+        shared = choices["state"] == "shared"
+        for name in ("retain", "beta"):
+            e = self.rule_kw.get(name)
+            if shared and e is not None and _constant(scope, e) is None:
+                raise unsupported(f"a `{name}` that changes with the data on a memory shared "
+                                  "by the batch (its one state takes one per token)", e.span)
         init = _call(s.init)
         if init is None or init[0] != "meta":
             raise unsupported("an in-context MLP memory whose initial state is not `meta`",
@@ -457,7 +459,8 @@ class MLPPlan(Plan):
                        "objective": objective, "delta": delta,
                        "momentum": rule[0] == "momentum", "clip": None, "signals": (),
                        "generated": False, "has_source": False,
-                       "flush": choices["partial"] == "flush", "starts": False}
+                       "flush": choices["partial"] == "flush", "starts": False,
+                       "shared": shared}
         self.start_read: tuple[int, Any] | None = None  # (width, where) of reads above it
 
     def write(self, scope: Any) -> tuple[str, list[str]] | None:
@@ -545,6 +548,9 @@ class MLPPlan(Plan):
         if c["starts"]:
             text += "; read above its declaration at each chunk's first weights (the block " \
                 "runs in pieces that end at its chunks)"
+        if c["shared"]:
+            text += "; one set of weights for the batch, written by every sequence's token " \
+                "at once"
         if self.group:
             text += f"; runs as one with {', '.join(self.group)} (heads stacked)"
         return text

@@ -80,7 +80,7 @@ def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
                      clip: float | None, read_before: bool, *,
                      grad_at: tuple[torch.Tensor, torch.Tensor] | None = None,
                      residual: bool = False, objective: str = "l2", huber_delta: float = 1.0,
-                     v_self: torch.Tensor | None = None
+                     v_self: torch.Tensor | None = None, group: int = 1
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
     """One chunk of n tokens: q, k, v (N, H, n, d), lr, retain, beta (N, H, n) or None, the
@@ -92,7 +92,12 @@ def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
     first weights; default A, B); `residual` for M(x) = x + act(x A) B; the objective "l2",
     "dot" (-M(k) . v) or "huber" (with huber_delta); `v_self` (N, H, n, d), inputs the memory
     reads at those weights, under stop-gradient, to add to the values (a self-generated
-    target)."""
+    target).
+
+    `group` > 1: one state shared by `group` sequences (`state shared`). The tokens come
+    time-major, `group` per time step (n = steps * group), all writing at once: a token reads
+    the writes of every token of its step and the steps before (or before its own step, with
+    read_before), and retain and beta, (N, H, steps), apply once per step."""
     n = k.shape[-2]
     A0, B0 = (A, B) if grad_at is None else grad_at
     if v_self is not None:  # stop-gradient: nothing flows back to v_self, A0 or B0
@@ -108,24 +113,43 @@ def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
     if clip is not None:  # |dA|^2 = |k|^2 |delta|^2, |dB|^2 = |h|^2 |e|^2
         sq = k.pow(2).sum(-1) * delta.pow(2).sum(-1) + hk.pow(2).sum(-1) * e.pow(2).sum(-1)
         lr = lr * (clip * torch.rsqrt(sq.clamp_min(clip ** 2)))
-    ones = torch.ones(n, n, dtype=k.dtype, device=k.device).tril_()
+    steps = n // group
+    ones = torch.ones(steps, steps, dtype=k.dtype, device=k.device).tril_()
     run_r, D_r = _decays(retain) if retain is not None else (None, ones)
     if beta is not None:  # S_t = beta_t S_{t-1} + u_t, W_t = r_t W_{t-1} + S_t
         run_b, D_b = _decays(beta)
         mix, m = D_r @ D_b, D_r @ run_b[..., None]  # (N, H, n, n), (N, H, n, 1)
     else:  # W_t = r_t W_{t-1} + u_t
         mix, m = D_r, None
-    c = run_r[..., None] if run_r is not None else None  # (N, H, n, 1)
-    mix = mix * -lr[..., None, :]  # (N, H, n, n): W[t, s]
-    # the weights each token reads: after its write (row t), or before it (row t - 1)
+    c = run_r[..., None] if run_r is not None else None  # (N, H, steps, 1)
+
+    def pad(x: torch.Tensor, first: float) -> torch.Tensor:
+        """Row t -> row t - 1: the weights before a step's write."""
+        return torch.cat([torch.full_like(x[..., :1, :], first), x[..., :-1, :]], -2)
+
+    def tokens(x: torch.Tensor, cols: bool = False) -> torch.Tensor:
+        """A step's rows (and columns) for each of its tokens."""
+        if group == 1:
+            return x
+        x = x.repeat_interleave(group, -2)
+        return x.repeat_interleave(group, -1) if cols else x
+
+    def each(x: torch.Tensor | None, first: float | None = None) -> torch.Tensor | None:
+        """tokens() of a factor that may be absent, padded first when `first` is given."""
+        return None if x is None else tokens(x if first is None else pad(x, first))
+
+    # the weights each token reads: after its step's write (row t), or before it (row t - 1)
+    scale = -lr[..., None, :]
+    mix_t = mix
+    mix = tokens(mix_t, True) * scale  # (N, H, n, n): W[t, s]
+    c_t, m_t = c, m
+    c, m = each(c_t), each(m_t)
     if read_before:
-        def pad(x: torch.Tensor, first: float) -> torch.Tensor:
-            return torch.cat([torch.full_like(x[..., :1, :], first), x[..., :-1, :]], -2)
-        mix_r = pad(mix, 0.0)
-        c_r = pad(c, 1.0) if c is not None else None
-        m_r = pad(m, 0.0) if m is not None else None
+        mix_r, c_r, m_r = tokens(pad(mix_t, 0.0), True) * scale, each(c_t, 1.0), each(m_t, 0.0)
     else:
         mix_r, c_r, m_r = mix, c, m
+    if beta is not None and group > 1:
+        D_b, run_b = tokens(D_b, True), run_b.repeat_interleave(group, -1)
     zq = _base(q @ A, q @ SA if m_r is not None else None, c_r, m_r) + \
         (mix_r * (q @ k.transpose(-1, -2))) @ delta
     hq = act_fn(act, zq)
