@@ -522,7 +522,9 @@ class BodyChecker:
             if local in ("hyper", "input", "chain"):
                 raise NestError(f"`{name}` is not a function", e.func.span, kind="type")
             return  # reading a memory M(k) or applying a module value
-        if scope.later_memory(name):  # a read at the start of M's chunk
+        if scope.later_memory(name) and name not in BUILTINS and name not in self.decls:
+            # a read at the start of M's chunk (a builtin or declaration of the name is called,
+            # as it was before the memory was declared)
             if len(e.args) != 1 or e.kwargs:
                 raise NestError(f"memory `{name}` is read with one argument", e.span,
                                 kind="value")

@@ -227,6 +227,8 @@ class StaticMLP(Memory):
         y = self.net(x)
         return y + x if self.residual else y
 
+    read_start = read  # above its declaration: the same weights
+
 
 class LinearMemory(Memory):
     """A matrix memory per head, S: [B, H, a, b], read as M(x) = x S (x: [.., a])."""
@@ -234,13 +236,15 @@ class LinearMemory(Memory):
     def __init__(self, name: str, where: str, *, a: int, b: int, heads: int, chunk: int,
                  objective: str, rule: str, gated: bool, recurrence: str, read_before: bool,
                  stopped: bool, init: str, shared: bool = False, starts: bool = False,
-                 backend: str = "chunked") -> None:
+                 flush: bool = False, backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.a, self.b, self.heads, self.chunk = a, b, heads, chunk
         # read above its declaration (read_start): its state is then {"S": the state,
         # "start": the state its chunk started with (None at a chunk's start), "offset":
         # tokens into the chunk}, and the module runs in pieces that end at its chunks
-        self.starts = starts
+        # `partial chunk flush`: a call's last partial chunk ends with it (it matters only
+        # for the reads at its chunks' starts: the recurrence itself has no chunks)
+        self.starts, self.flush = starts, flush
         self.objective, self.rule, self.gated = objective, rule, gated
         # what the chunked and triton tiers run: "delta_rule", "gated_delta_rule" or
         # "linear_attention", as the compiler selected it (nestc.codegen.memories.recurrence)
@@ -295,6 +299,7 @@ class LinearMemory(Memory):
         state.out[self.state_key] = S
         return o.reshape(B, T, self.heads * self.b)
 
+    @float32_inside
     def read_start(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         """q S at the state its chunk started with, for every token of this piece (a read
         above the memory's declaration: the module runs pieces within one chunk each)."""
@@ -543,6 +548,7 @@ class MLPMemory(Memory):
             return group.read(i, q, env)
         return self._read_alone(q, env)
 
+    @float32_inside
     def read_start(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         """M(q) at the weights the chunk began with, for every token of this piece (a read
         above the memory's declaration: the module runs pieces within one chunk each)."""
@@ -1008,6 +1014,8 @@ class TaskMLP(Memory):
         A, B = self.weights(env, x.shape[0])
         return _mlp(x, A, B, self.act, self.residual)
 
+    read_start = read  # above its declaration: its chunk's weights, as below it
+
     def learn(self, state: Any, weights: tuple[torch.Tensor, ...], grads: Any,
               tokens: int) -> None:
         """After `tokens` more tokens with these weights: the state for what follows. `grads`
@@ -1181,6 +1189,7 @@ class PeriodicMemory(Memory):
         state.out[self.state_key] = out
         return y.transpose(1, 2).reshape(B, T, self.heads * self.b).to(q.dtype)
 
+    @float32_inside
     def read_start(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         """M(q) at the period's weights, for every token of this piece (a read above the
         declaration; the module runs pieces within one period each)."""

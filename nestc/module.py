@@ -166,8 +166,12 @@ class Built(nn.Module):
             # from the call's under `partial chunk flush`)
             into = {m.state_key: (given.get(m.state_key) or {}).get("offset", 0)
                     for m in (*tasks, *self.starts)}
-            natural = start + min(m.chunk - into[m.state_key] for m in (*tasks, *self.starts))
-            stop = min(T, natural)
+            stop = min(T, start + min(m.chunk - into[m.state_key]
+                                      for m in (*tasks, *self.starts)))
+            # where the task-loss levels' piece ends: a piece cut before it (by the call's
+            # end, or by a memory read at its chunks' starts) goes on in the next one
+            levels = start + min((m.chunk - into[m.state_key] for m in tasks), default=T)
+            cut = stop < levels
             ctx = State(given)
             # grad mode for the levels' gradients (none without task-loss memories)
             with torch.set_grad_enabled(outer or bool(tasks)):
@@ -192,7 +196,8 @@ class Built(nn.Module):
                     weights = [w for key in keys for w in pending[key][1]]
                     # the outer level's backward, or a parent's summed loss, may still need
                     # this graph: keep it
-                    keep = outer or through or len(pending) > len(keys)
+                    # (or the levels' piece goes on)
+                    keep = outer or through or len(pending) > len(keys) or cut
                     gs = torch.autograd.grad(losses[first], weights, allow_unused=True,
                                              create_graph=through, retain_graph=keep)
                     for i, key in enumerate(keys):
@@ -206,10 +211,10 @@ class Built(nn.Module):
                         del pending[key]
             for first in [f for f in losses if all(e[2] != f for e in pending.values())]:
                 del losses[first]
-            if stop < natural:
-                # the call ends inside a piece: the next call goes on with the weights this
-                # piece used (the same tensors), so that the piece's gradient reaches what
-                # this part of it wrote (a sequence memory's state) as in one pass
+            if cut:
+                # the levels' piece goes on (in this call, or the next) with the weights this
+                # part used (the same tensors), so that its gradient reaches what this part
+                # wrote (a sequence memory's state) as if the piece were one
                 for key, (mem, _, used) in ctx.task.items():
                     if key in ctx.out and not mem.nested:
                         ctx.out[key] = {**ctx.out[key], "piece": used}

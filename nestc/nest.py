@@ -543,7 +543,8 @@ class _Builder:
     def call(self, e: ast.ExprCall, frame: Frame, ctx: str) -> Value:
         name = qualified_name(e.func)
         bound = frame.scope.get(name) if name else None
-        if name is not None and bound is None and name in frame.ahead:
+        if name is not None and bound is None and name in frame.ahead and \
+                name not in BUILTINS and name not in frame.decls:
             return self.read_ahead(*frame.ahead[name]) | \
                 _union([self.expr(a, frame, ctx) for a in e.args])
         if name is not None and bound is None:

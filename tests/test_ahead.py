@@ -405,3 +405,155 @@ def test_memories_whose_weights_hold_for_a_chunk_read_above_as_below():
         torch.manual_seed(0)
         outs.append(nestc.loads(text, "l.nest").build("L")(tokens))
     close(outs[0], outs[1])
+
+
+# the scope of a read above: bodies, passes of repeat and chain, the declaration's values ---
+
+REPEATED = spec("""
+    block B(dim = 8, chunk = 4) {
+        input x : [T, dim]
+        let h = x
+        repeat 2 {
+            let k = M(h)
+            memory M : mlp(dim) = meta every token in chunks of chunk {
+                key k; value h
+                objective l2(M(k), h); rule gd(lr = 0.1)
+            }
+            h = h + M(h)
+        }
+        output h
+    }
+""")
+UNROLLED = spec("""
+    block B(dim = 8, chunk = 4) {
+        input x : [T, dim]
+        let h = x
+        let k = M0(h)
+        memory M0 : mlp(dim) = meta every token in chunks of chunk {
+            key k; value h
+            objective l2(M0(k), h); rule gd(lr = 0.1)
+        }
+        h = h + M0(h)
+        let k2 = M1(h)
+        memory M1 : mlp(dim) = meta every token in chunks of chunk {
+            key k2; value h
+            objective l2(M1(k2), h); rule gd(lr = 0.1)
+        }
+        h = h + M1(h)
+        output h
+    }
+""")
+
+
+def test_each_pass_of_a_repeat_reads_its_own_memory_at_its_chunks_start():
+    """The second pass's read above is of the second pass's memory (it once read the first
+    pass's, after its writes)."""
+    torch.manual_seed(0)
+    repeated = nestc.loads(REPEATED, "r.nest").build("B")
+    unrolled = nestc.loads(UNROLLED, "u.nest").build("B")
+    assert [m.name for m in repeated.starts] == ["M", "M"]
+    unrolled.load_state_dict(dict(zip(unrolled.state_dict(), repeated.state_dict().values())))
+    x = torch.randn(2, 11, 8)
+    close(repeated(x), unrolled(x))
+
+
+def test_a_read_above_reads_the_memory_the_checker_means():
+    """A memory of the name declared in an earlier branch is not the one read above the
+    outer declaration; a builtin of the name stays the builtin."""
+    shadowed = nestc.loads(spec("""
+        block B(dim = 8, on = true) {
+            input x : [T, dim]
+            if on {
+                memory M : mlp(dim) = meta every token in chunks of 4 { key x; value x
+                    objective l2(M(x), x); rule gd(lr = 0.1) }
+                let z = M(x)
+            }
+            let k = M(x)
+            memory M : mlp(dim) = meta every token in chunks of 4 { key k; value x
+                objective l2(M(k), x); rule gd(lr = 0.1) }
+            output M(x) + k
+        }
+    """), "s.nest")
+    source = shadowed.source("B")
+    assert "z = self.M.read(x, _env)" in source and "k = self.M_1.read_start(x, _env)" in source
+    builtin = nestc.loads(spec("""
+        block B(dim = 8) {
+            input x : [T, dim]
+            let y = sigmoid(x)
+            memory sigmoid : mlp(dim) = meta every token in chunks of 4 { key x; value x
+                objective l2(sigmoid(x), x); rule gd(lr = 0.1) }
+            output y + sigmoid(x)
+        }
+    """), "b.nest")
+    assert "y = torch.sigmoid(x)" in builtin.source("B")
+
+
+def test_a_memory_read_above_is_built_from_its_declarations_values():
+    rebound = nestc.loads(spec("""
+        block B(dim = 8, w = 8) {
+            input x : [T, dim]
+            let c = 2
+            let k = M(x)
+            c = 4
+            chain w in [2, 4] { let u = M(x) }
+            memory M : mlp(dim, hidden = w) = meta every token in chunks of c {
+                key k; value x
+                objective l2(M(k), x); rule gd(lr = 0.1)
+            }
+            output M(x)
+        }
+    """), "r.nest").build("B")
+    assert (rebound.M.chunk, rebound.M.hidden) == (4, 8)
+    # a nested CMS level read above, its parent declared between the read and it
+    nested = nestc.loads(spec("""
+        block B(dim = 8) {
+            input x : [T, dim]
+            let y = F(x)
+            memory S : mlp(dim) = meta every 8 tokens { objective task; rule gd(lr = 0.1) }
+            memory F : mlp(dim) = S every 4 tokens { objective task; rule gd(lr = 0.1) }
+            output y + F(x)
+        }
+    """), "n.nest").build("B")
+    x = torch.randn(2, 10, 8)
+    assert nested(x, task=lambda y, a, b: y.pow(2).sum()).shape == x.shape
+
+
+def test_a_matrix_memory_read_above_flushes_its_chunk_at_a_calls_end():
+    text = MATRIX.replace("INIT", "meta").replace("STATE", "partial chunk flush")
+    mod = built(nestc.loads(text, "mat.nest"), "Mat", "chunked")
+    assert mod.flushing == [mod.M]
+    _, state = mod(torch.randn(1, 3, 8), return_state=True)
+    assert state["M"]["offset"] == 0 and state["M"]["start"] is None
+
+
+def test_memories_read_at_their_chunks_starts_leave_cms_levels_as_they_were():
+    """Their chunks cut the input into more pieces, but a CMS level's gradient stays that of
+    its own piece: `0 * P(h)` with P in chunks of 2 equals `0 * h`."""
+    text = spec("""
+        model L(vocab = 16, dim = 8) {
+            input tokens : [T] int
+            let h = embed(tokens, vocab, dim) * 0.3
+            let z = ZERO
+            memory F : mlp(dim) = meta every 8 tokens { objective task; rule gd(lr = 0.5) }
+            let y = h + F(h) + z
+            memory N : mlp(dim) = meta every token in chunks of 8 {
+                key y; value y
+                objective l2(N(y), y); rule gd(lr = 0.2)
+            }
+            memory P : mlp(dim) = meta every token in chunks of 2 {
+                key h; value h
+                objective l2(P(h), h); rule gd(lr = 0.05)
+            }
+            output logits = (y + N(y)) |> linear(vocab)
+            train every step { objective cross_entropy(logits, next(tokens)); rule gd(lr = 0.1) }
+        }
+    """)
+    plain, cut = (nestc.loads(text.replace("ZERO", z), "l.nest").build("L")
+                  for z in ("0 * h", "0 * P(h)"))
+    cut.load_state_dict(plain.state_dict())
+    assert cut.starts == [cut.P]
+    tokens = torch.randint(0, 16, (2, 16))
+    (ya, sa), (yb, sb) = plain(tokens, return_state=True), cut(tokens, return_state=True)
+    close(ya, yb)
+    for a, b in zip(sa["F"]["W"], sb["F"]["W"], strict=True):
+        close(a, b)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nestc import __version__, ast
+from nestc.builtins import BUILTINS
 from nestc.check import Checked
 from nestc.codegen.torch import class_name, comment, fitted, literal, py_name, spec_comment
 from nestc.errors import NestError
@@ -131,6 +132,16 @@ class _Sub:
     code: str = ""
     plan: Any = None
     cls: Any = None  # a sub-block's _Class
+
+
+@dataclass(eq=False)
+class _Ahead:
+    """A memory read above its declaration: its submodule, reserved at the first such read
+    (its plan comes with the declaration, in the declaration's scope), and each read's query,
+    place and code, checked against the plan then."""
+
+    sub: _Sub
+    reads: list[tuple[Ten, Any, Ten]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -286,7 +297,7 @@ class _Scope:
         # memories declared further down the bodies being generated (with the prefix of
         # theirs), and those of them already read above their declarations (by statement)
         self.ahead: dict[str, tuple[ast.StmtMemory, str]] = {}
-        self.early: dict[int, Any] = {}
+        self.early: dict[int, _Ahead] = {}
 
     def add(self, hint: str, code: str = "", plan: Any = None, cls: Any = None) -> str:
         """A submodule under a spec-derived name, unique in this declaration."""
@@ -320,14 +331,18 @@ class _Scope:
     # statements ----------------------------------------------------------------------------
 
     def stmts(self, body: tuple[ast.Stmt, ...], in_feat: int | None) -> None:
-        outer = self.ahead
+        # names are local to their body, as the checker has them: a memory declared in a body
+        # (one pass of a repeat or chain, a branch) is not seen after it, and one declared
+        # further down shadows an outer one of its name until its declaration
+        outer, mems = self.ahead, self.mems
         self.ahead = {**outer, **{s.name: (s, self.prefix) for s in body
                                   if isinstance(s, ast.StmtMemory)}}
+        self.mems = dict(mems)
         for s in body:
             self.stmt(s, in_feat)
             if isinstance(s, ast.StmtMemory):
                 self.ahead.pop(s.name, None)
-        self.ahead = outer
+        self.ahead, self.mems = outer, mems
 
     def stmt(self, s: ast.Stmt, in_feat: int | None) -> None:
         start = len(self.cls.body)
@@ -423,20 +438,19 @@ class _Scope:
         self.emit(f"{var} = {v.code}")
         self.tens[name] = Ten(var, v.feat, v.tokens)
 
-    def planned(self, s: ast.StmtMemory) -> Any:
-        """The plan of memory s, its submodule added (once: a read above its declaration
-        plans it there)."""
+    def memory(self, s: ast.StmtMemory) -> None:
         from nestc.codegen.memories import plan
 
-        mem = self.early.get(id(s))
-        if mem is None:
-            mem = plan(self, s)
+        mem = plan(self, s)
+        early = self.early.pop(id(s), None)
+        if early is None:
             mem.attr = self.add(s.name, plan=mem)
-        return mem
-
-    def memory(self, s: ast.StmtMemory) -> None:
-        mem = self.planned(s)
-        self.early.pop(id(s), None)
+        else:  # read above: the reads' code names the reserved submodule; check them now
+            mem.attr, early.sub.plan = early.sub.attr, mem
+            for q, span, emitted in early.reads:
+                if mem.read_start(self, q, span).feat != emitted.feat:
+                    raise NestError(f"the sizes of memory `{s.name}` change between this read "
+                                    "and its declaration", span, kind="shape")
         self.mems[s.name] = mem
         self.writing = mem
         write = mem.write(self)
@@ -567,15 +581,8 @@ class _Scope:
         if not isinstance(e.func, ast.ExprName):
             raise unsupported("calling this expression", e.span)
         name = e.func.name
-        if name not in self.mems and name in self.ahead:  # a read at the start of its chunk
-            s, prefix = self.ahead[name]
-            outer, self.prefix = self.prefix, prefix
-            mem = self.early[id(s)] = self.planned(s)
-            self.prefix = outer
-            if len(e.args) != 1:
-                raise NestError(f"memory `{name}` is read with one argument", e.span,
-                                kind="value")
-            return mem.read_start(self, self.tensor(e.args[0], hint), e.span)
+        if name in self.ahead and name not in BUILTINS and name not in self.checked.scope:
+            return self.read_ahead(e, hint)
         if name in self.mems:
             mem = self.mems[name]
             if len(e.args) != 1:
@@ -592,6 +599,41 @@ class _Scope:
             raise NestError(f"block `{name}` is called as {name}(hyperparameters)(x)", e.span,
                             kind="value")
         return compile_call(self, e, hint)
+
+    def read_ahead(self, e: ast.ExprCall, hint: str) -> Ten:
+        """M(q) above M's declaration: a read at the start of M's chunk. The plan waits for
+        the declaration (its sizes and chunk are evaluated there); the read's width comes
+        from the structure's sizes as they are here, checked against the plan then."""
+        from nestc.codegen.memories import _call, unsupported_read_start
+
+        assert isinstance(e.func, ast.ExprName)
+        s, prefix = self.ahead[e.func.name]
+        if len(e.args) != 1:
+            raise NestError(f"memory `{s.name}` is read with one argument", e.span, kind="value")
+        q = self.tensor(e.args[0], hint)
+        structure = _call(s.structure)
+        kind = structure[0] if structure else None
+        if kind not in ("matrix", "mlp", "residual_mlp"):
+            raise unsupported_read_start(s.name, e.span)
+        if q.tokens:
+            raise NestError(f"memory `{s.name}` reads features, not token ids", e.span,
+                            kind="shape")
+        out = q.feat
+        if kind == "matrix" and structure is not None:
+            a, b = (self.size(x, "a matrix memory's size") for x in structure[1].args[:2])
+            if q.feat % a:
+                raise NestError(f"memory `{s.name}` reads {a} features per head, got {q.feat}",
+                                e.span, kind="shape")
+            out = q.feat // a * b
+        early = self.early.get(id(s))
+        if early is None:
+            outer, self.prefix = self.prefix, prefix
+            self.add(s.name)  # reserved here, in the order of first use
+            self.prefix = outer
+            early = self.early[id(s)] = _Ahead(self.cls.subs[-1])
+        emitted = Ten(f"self.{early.sub.attr}.read_start({q.code}, _env)", out)
+        early.reads.append((q, e.span, emitted))
+        return emitted
 
     def subblock(self, e: ast.ExprCall, hint: str) -> Ten:
         assert isinstance(e.func, ast.ExprCall)

@@ -77,9 +77,7 @@ class Plan:
 
     def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
         """A read above the declaration: the memory at the start of the chunk."""
-        raise unsupported(f"reading memory `{self.name}` above its declaration (built for "
-                          "memories with weights: they read the state of the chunk's start)",
-                          span)
+        raise unsupported_read_start(self.name, span)
 
     def reader(self, q: Ten, span: Any, width: int, out: int) -> Ten:
         """The Ten of a read M(q): this memory's `read` of q, which has `width` features."""
@@ -113,6 +111,11 @@ class Plan:
                             f"is one per head ({heads}) or one per token",
                             e.span if e is not None else self.span, kind="shape")
         return value.code
+
+
+def unsupported_read_start(name: str, span: Any) -> NestError:
+    return unsupported(f"reading memory `{name}` above its declaration (built for memories "
+                       "with weights: they read the state of the chunk's start)", span)
 
 
 def _note_start_read(plan: Any, q: Ten, span: Any, width: int) -> None:
@@ -354,7 +357,8 @@ class LinearPlan(Plan):
                        "gated": rule[0] == "dgd" and not literal_dgd, "recurrence": "",
                        "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped", "init": init_name,
-                       "shared": shared, "starts": False}
+                       "shared": shared, "starts": False,
+                       "flush": choices["partial"] == "flush"}
         self.per_head, self.explicit_chunk = s.per_head, freq.chunk is not None
         self.start_read: tuple[int, Any] | None = None  # (width, where) of reads above it
 
@@ -720,7 +724,8 @@ class TaskPlan(Plan):
         return self.reader(q, span, self.feat, self.feat)
 
     def read_start(self, scope: Any, q: Ten, span: Any) -> Ten:
-        """A read above the declaration is its read: the weights of its chunk, which change only at the chunk's end."""
+        """A read above the declaration is its read: the weights of its chunk, which change
+        only at the chunk's end."""
         return self.read(scope, q, span)
 
     def describe(self) -> str:
