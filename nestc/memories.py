@@ -619,14 +619,15 @@ class MLPMemory(Memory):
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
         """Whether the triton tier runs this read through nestc.ops.mlp_memory's kernel (_fused):
         an MLP or residual MLP (gelu or silu) learning by l2 given values or its own reading of
-        a block tensor under stop_grad, in float32 or a 16-bit type, at sizes whose kernels
-        fit in a GPU's shared memory (`mlp_kernel_fits`)."""
+        a block tensor under stop_grad, in float32 or a 16-bit type, in chunks of 16, 32 or 64,
+        at sizes whose kernels fit in a GPU's shared memory (`mlp_kernel_fits`); not shared
+        by the batch."""
         if self.backend != "triton" or self.objective != "l2" or self.shared or \
                 not ("v" in w or "vs" in w) or self.act_name not in ("gelu", "silu"):
             return False
-        from nestc.ops.mlp_memory.triton import mlp_kernel_fits
+        from nestc.ops.mlp_memory.triton import CHUNKS, mlp_kernel_fits
 
-        return (q.dtype != torch.float64
+        return (q.dtype != torch.float64 and self.chunk in CHUNKS
                 and mlp_kernel_fits(self.d, self.hidden, self.chunk, q.dtype)
                 and q.shape[2] > 0)
 

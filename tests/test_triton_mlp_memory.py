@@ -847,6 +847,23 @@ def test_a_kernel_too_big_for_the_gpu_falls_back_to_pytorch(
         assert_close(name, ours[name], ref[name], 1e-6)
 
 
+def test_an_mlp_memory_in_chunks_the_kernel_does_not_take_runs_on_the_chunked_tier() -> None:
+    """Chunks of 4 (the kernel takes 16, 32 or 64): backend="triton" builds and runs the
+    chunked tier's computation, no kernel launched (it raised a bare ValueError before)."""
+    import nestc
+
+    text = ("block B(dim = 8) {\n    input x : [T, dim]\n"
+            "    memory M : mlp(dim) = meta every token in chunks of 4 {\n"
+            "        key x; value x; objective l2(M(x), x); rule gd(lr = 0.5) }\n"
+            "    output M(x)\n}\n")
+    x = torch.randn(2, 11, 8)
+    outs = []
+    for backend in ("triton", "chunked"):
+        torch.manual_seed(0)
+        outs.append(nestc.loads(text, "b.nest").build("B", backend=backend)(x))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_the_compiler_picks_the_kernel_only_where_it_fits() -> None:
     """mlp_kernel_fits against what benchmarks/triton_resources.py measured on sm_90: the
     stdlib TitansLM's memory (d 32, h 64, chunk 16) fits; so does the Titans block's default
