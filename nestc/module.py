@@ -170,8 +170,9 @@ class Built(nn.Module):
                                       for m in (*tasks, *self.starts)))
             # where the task-loss levels' piece ends: a piece cut before it (by the call's
             # end, or by a memory read at its chunks' starts) goes on in the next one
-            levels = start + min((m.chunk - into[m.state_key] for m in tasks), default=T)
-            cut = stop < levels
+            # (no min(..., default=): torch.compile breaks its graph there)
+            cut = bool(tasks) and stop < start + min([m.chunk - into[m.state_key]
+                                                      for m in tasks] or [0])
             ctx = State(given)
             # grad mode for the levels' gradients (none without task-loss memories)
             with torch.set_grad_enabled(outer or bool(tasks)):

@@ -834,3 +834,27 @@ def test_hope_lm_fed_in_calls_cut_inside_its_levels_chunks_equals_one_pass(cuts)
     for a, b in zip(torch.autograd.grad((whole * w).sum(), params),
                     torch.autograd.grad((streamed * w).sum(), params), strict=True):
         close(a, b)
+
+
+@pytest.mark.parametrize("clauses,message", [
+    ("key x * 2.0; value x; objective l2(M(x), x)",
+     r"b.nest:4:13: error: the `key` of memory `M` is `x \* 2.0`, but its objective reads `M\(x\)`"),
+    ("key x; value 2 * x; objective l2(M(x), x)",
+     r"b.nest:4:22: error: the `value` of memory `M` is `2 \* x`, but its objective compares "
+     r"`M\(x\)` with `x`")])
+def test_key_and_value_clauses_must_say_what_the_objective_learns(clauses, message):
+    """The objective's key and value are what the memory learns; a clause that says another
+    was silently ignored."""
+    text = spec(f"""
+        block B(dim = 8) {{
+            input x : [T, dim]
+            memory M : mlp(dim) = meta every token in chunks of 4 {{
+                {clauses}; rule gd(lr = 0.1)
+            }}
+            output M(x)
+        }}
+    """)
+    with pytest.raises(nestc.NestError, match=message):
+        nestc.loads(text, "b.nest").build("B")
+    same = text.replace("x * 2.0", "x").replace("2 * x", "x")
+    assert nestc.loads(same, "b.nest").build("B")(torch.randn(1, 3, 8)).shape == (1, 3, 8)

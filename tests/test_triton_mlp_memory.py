@@ -215,12 +215,12 @@ def test_self_modifying_titans_maps_onto_the_op(monkeypatch: pytest.MonkeyPatch)
     group; the main memory learns given values. With the op's PyTorch reference in the
     kernel's place (so no kernel runs here), the block equals the chunked tier and the
     token-by-token definition. The block runs in pieces that end at the projection memories'
-    chunks of 16 (they are read at each chunk's start) and where the calls are cut; the main
-    memory learns in chunks of 8, so a piece may start inside one of its chunks (the op gets
+    chunks of 32 (they are read at each chunk's start) and where the calls are cut; the main
+    memory learns in chunks of 16, so a piece may start inside one of its chunks (the op gets
     that chunk's first weights and the offset) and run past its end (the op stops there, the
     rest runs on the chunked tier). T = 37 ends in a partial chunk; the cuts give pieces of
     one token, pieces ending at a chunk's end and starting at its start, and pieces that start
-    inside a chunk of the main memory and run past it (3..12, 10..16, 17..32)."""
+    inside a chunk of the main memory and run past it (12..20, 10..29, 17..32)."""
     import nestc
     from nestc.ops.mlp_memory import triton as kernels
     from nestc.ops.mlp_memory.reference import chunk_mlp_memory
@@ -235,16 +235,16 @@ def test_self_modifying_titans_maps_onto_the_op(monkeypatch: pytest.MonkeyPatch)
     T = 37
     x0 = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(3))
     for cuts in ((), (10, 29), (3, 12, 20), (1, 2, 16, 17, 33)):
-        ends = sorted({*cuts, *range(16, T, 16), T})
-        # per piece: the main memory (chunks of 8) and the group (16), at their offsets
-        want = [(group, a % (16 if group else 8)) for a in [0, *ends[:-1]]
+        ends = sorted({*cuts, *range(32, T, 32), T})
+        # per piece: the main memory (chunks of 16) and the group (32), at their offsets
+        want = [(group, a % (32 if group else 16)) for a in [0, *ends[:-1]]
                 for group in (False, True)]
         got = {}
         calls.clear()
         for backend in ("triton", "chunked", "reference"):
             torch.manual_seed(0)
-            block = prog.build("SelfModifyingTitans", dim=32, heads=2, memory_chunk=8,
-                               backend=backend)
+            block = prog.build("SelfModifyingTitans", dim=32, heads=2, chunk=32,
+                               memory_chunk=16, backend=backend)
             got[backend] = block_results(block, x0, cuts)
         assert sorted(calls) == sorted(want), calls
         assert got["triton"].keys() == got["chunked"].keys() == got["reference"].keys()

@@ -441,6 +441,7 @@ class _Scope:
     def memory(self, s: ast.StmtMemory) -> None:
         from nestc.codegen.memories import plan
 
+        self.ahead.pop(s.name, None)  # declared: its own clauses read it as it is
         mem = plan(self, s)
         early = self.early.pop(id(s), None)
         if early is None:

@@ -29,7 +29,7 @@ class GatedDeltaNet(_Built):
         self.M = _mem.LinearMemory(
             'M', 'std/memory/deltanet.nest:35:5', a=16, b=16, heads=4, chunk=64, objective='l2',
             rule='dgd', gated=True, recurrence='gated_delta_rule', read_before=False,
-            stopped=False, init='zeros', shared=False, starts=False, backend=backend)
+            stopped=False, init='zeros', shared=False, starts=False, flush=False, backend=backend)
         self.out_linear = nn.Linear(64, 64, bias=False)
         self.finish()
 
