@@ -10,7 +10,7 @@ from nestc import ast
 from nestc.builtins import BUILTINS
 from nestc.errors import NestError, did_you_mean
 from nestc.hyper import UNKNOWN, const_eval, infer_type, python_type, show_value, type_words
-from nestc.source import Span
+from nestc.source import Span, span_text
 
 MAX_CHAIN_CHECKS = 16
 CLAUSE_EXPR = ("key", "value", "query", "objective", "rule")
@@ -370,6 +370,7 @@ class BodyChecker:
         if explicit and has_rule:
             raise NestError(f"memory `{s.name}` has both an objective/rule and an explicit update",
                             s.name_span, kind="value", hint="keep one of the two forms")
+        _clauses_agree(s)
 
     def clauses(self, body: tuple[ast.Stmt, ...], what: str, span: Span, need_rule: bool) -> None:
         seen: dict[str, ast.Clause] = {}
@@ -586,6 +587,31 @@ class BodyChecker:
             if p.default is None and p.name not in given:
                 raise NestError(f"`{d.name}` needs a value for `{p.name}`", e.span, kind="value",
                                 hint=f"pass `{p.name} = ...`: it has no default")
+
+
+def _clauses_agree(s: ast.StmtMemory) -> None:
+    """A memory learns what its objective says, `l2(M(k), v)`: k -> v. Its `key` and `value`
+    clauses, where it has them, must say the same (spaces aside); another was ignored."""
+    clauses = {b.kind: b.value for b in s.body if isinstance(b, ast.Clause)}
+    objective = clauses.get("objective")
+    if not (isinstance(objective, ast.ExprCall) and isinstance(objective.func, ast.ExprName)
+            and objective.func.name in ("l2", "dot", "huber") and len(objective.args) == 2):
+        return
+    read, target = objective.args
+    if not (isinstance(read, ast.ExprCall) and isinstance(read.func, ast.ExprName)
+            and read.func.name == s.name and len(read.args) == 1):
+        return
+    key = read.args[0]
+    for kind, said in (("key", key), ("value", target)):
+        given = clauses.get(kind)
+        if isinstance(given, ast.Expr) and \
+                "".join(span_text(given.span).split()) != "".join(span_text(said.span).split()):
+            how = "reads" if kind == "key" else "compares"
+            tail = "" if kind == "key" else f" with `{span_text(target.span)}`"
+            raise NestError(f"the `{kind}` of memory `{s.name}` is `{span_text(given.span)}`, "
+                            f"but its objective {how} `{s.name}({span_text(key.span)})`{tail}",
+                            given.span, kind="value",
+                            hint="make them the same expression (the objective's is learned)")
 
 
 def _chain_values(values: Any) -> list[Any]:

@@ -18,7 +18,6 @@ parallel and share a level index.
 
 from __future__ import annotations
 
-import re
 from collections import ChainMap
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,7 +28,7 @@ from nestc import ast
 from nestc.builtins import BUILTINS
 from nestc.check import CHOICES, Checked, hypers_of, qualified_name
 from nestc.hyper import UNKNOWN, const_eval
-from nestc.source import Span
+from nestc.source import Span, span_text
 
 LEVEL_KINDS = ("param", "memory", "train")
 DATA_KINDS = ("input", "signal")
@@ -37,20 +36,6 @@ EDGE_KINDS = ("flow", "read", "init", "generation", "backprop")
 UNIT_RANK = {"token": 0, "step": 1, "never": 1}  # `never` memories learn only in the outer level
 ATTENTION = "softmax_attention"
 INIT_BUILTINS = {"zeros", "zeros_like", "ones_like", "meta", "identity"}
-
-
-def span_text(span: Span | None) -> str:
-    """The source text of a span on one line, whitespace collapsed and comments dropped."""
-    if span is None:
-        return ""
-    lines = span.source.lines
-    if span.line == span.end_line:
-        parts = [lines[span.line - 1][span.col - 1: span.end_col - 1]]
-    else:
-        parts = [lines[span.line - 1][span.col - 1:], *lines[span.line: span.end_line - 1],
-                 lines[span.end_line - 1][: span.end_col - 1]]
-        parts = [re.sub(r"#[^\"]*$", "", p) for p in parts]
-    return " ".join(" ".join(parts).split())
 
 
 def frequency_text(unit: str, period: int | None) -> str:

@@ -74,3 +74,17 @@ class Span:
 def point(source: Source, line: int, col: int, width: int = 1) -> Span:
     """A span of `width` characters on one line."""
     return Span(source, line, col, line, col + width)
+
+
+def span_text(span: Span | None) -> str:
+    """The source text of a span on one line, whitespace collapsed and comments dropped."""
+    if span is None:
+        return ""
+    lines = span.source.lines
+    if span.line == span.end_line:
+        parts = [lines[span.line - 1][span.col - 1: span.end_col - 1]]
+    else:
+        parts = [lines[span.line - 1][span.col - 1:], *lines[span.line: span.end_line - 1],
+                 lines[span.end_line - 1][: span.end_col - 1]]
+        parts = [re.sub(r"#[^\"]*$", "", p) for p in parts]
+    return " ".join(" ".join(parts).split())

@@ -16,7 +16,6 @@ from nestc.codegen.block import ACTS, MATH, Ten, operand, unsupported
 from nestc.codegen.torch import literal
 from nestc.errors import NestError
 from nestc.hyper import UNKNOWN, const_eval
-from nestc.nest import span_text
 
 
 def plan(scope: Any, s: ast.StmtMemory) -> Any:
@@ -209,23 +208,7 @@ def _objective(s: ast.StmtMemory, exprs: dict[str, ast.Expr], what: str,
     if read is None or read[0] != s.name or len(read[1].args) != 1:
         raise NestError(f"the objective of `{s.name}` compares {s.name}(key) with a value",
                         pred.span, kind="value")
-    key = read[1].args[0]
-    # the objective says what the memory learns; `key` and `value` clauses must say the same
-    for clause, said in (("key", key), ("value", target)):
-        given = exprs.get(clause)
-        if given is not None and _text(given) != _text(said):
-            raise NestError(f"the `{clause}` of memory `{s.name}` is `{span_text(given.span)}`, "
-                            f"but its objective {'reads' if clause == 'key' else 'compares'} "
-                            f"`{s.name}({span_text(key.span)})` "
-                            f"{'' if clause == 'key' else f'with `{span_text(target.span)}`'}"
-                            .rstrip(), given.span, kind="value",
-                            hint="make them the same expression (the objective's is learned)")
-    return objective[0], key, target
-
-
-def _text(e: ast.Expr) -> str:
-    """An expression's source text without its spaces (to compare two of them)."""
-    return "".join(span_text(e.span).split())
+    return objective[0], read[1].args[0], target
 
 
 def _huber_delta(scope: Any, s: ast.StmtMemory, exprs: dict[str, ast.Expr]) -> float:
