@@ -370,7 +370,8 @@ class BodyChecker:
         if explicit and has_rule:
             raise NestError(f"memory `{s.name}` has both an objective/rule and an explicit update",
                             s.name_span, kind="value", hint="keep one of the two forms")
-        _clauses_agree(s)
+        if self.decl.kind != "optimizer":  # (an optimizer's lowering says more: its own)
+            _clauses_agree(s)
 
     def clauses(self, body: tuple[ast.Stmt, ...], what: str, span: Span, need_rule: bool) -> None:
         seen: dict[str, ast.Clause] = {}
