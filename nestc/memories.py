@@ -307,10 +307,11 @@ class LinearMemory(Memory):
         _, start = self._given(env, B)
         if start is None:  # zeros
             return q.new_zeros(B, T, self.heads * self.b)
-        qh = q.view(B, T, self.heads, self.a)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        qh = q.view(B, T, self.heads, self.a).to(acc)
         o = torch.einsum("bthk,hkv->bthv" if self.shared else "bthk,bhkv->bthv", qh,
-                         start.to(q.dtype))
-        return o.reshape(B, T, self.heads * self.b)
+                         start.to(acc))
+        return o.reshape(B, T, self.heads * self.b).to(q.dtype)
 
     def flushed(self, state: Any) -> Any:
         """The next call starts a chunk (a memory read at its chunks' starts)."""
@@ -985,7 +986,8 @@ class TaskMLP(Memory):
         made for this piece, so what reaches the piece's loss through earlier pieces (a
         sequence memory's state, a faster level's updates) is held fixed. A piece that a call
         ended inside goes on with the same view (the state's "piece"), so feeding a sequence
-        in calls cut anywhere computes what one pass does. The exception is a
+        in calls cut anywhere computes what one pass does (in grad mode: a detached state
+        holds no graph to go on with). The exception is a
         parent (`nested`): it is differentiated through everything its weights reach over its
         whole chunk, the faster level's updates included, which is how it learns that
         level's initial state."""
