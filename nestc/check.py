@@ -135,18 +135,18 @@ class _Scope:
         self.names: dict[str, str] = {}  # name -> what it is: hyper, param, input, let, memory, ...
         # memories declared further down this body: a read M(x) above the declaration sees
         # M at the start of its chunk (docs/semantics.md, "Reads above a declaration")
-        self.ahead: set[str] = set()
+        self.ahead: dict[str, ast.StmtMemory] = {}
 
-    def later_memory(self, name: str) -> bool:
-        """Whether `name` is a memory declared further down this body or an enclosing one."""
+    def later_memory(self, name: str) -> ast.StmtMemory | None:
+        """The memory `name` declared further down this body or an enclosing one, if any."""
         s: _Scope | None = self
         while s is not None:
             if name in s.names:
-                return False
+                return None
             if name in s.ahead:
-                return True
+                return s.ahead[name]
             s = s.parent
-        return False
+        return None
 
     def lookup(self, name: str) -> str | None:
         s: _Scope | None = self
@@ -207,11 +207,11 @@ class BodyChecker:
 
     def block(self, stmts: tuple[ast.Stmt, ...], scope: _Scope) -> None:
         if self.decl.kind != "optimizer":
-            scope.ahead = {s.name for s in stmts if isinstance(s, ast.StmtMemory)}
+            scope.ahead = {s.name: s for s in stmts if isinstance(s, ast.StmtMemory)}
         for s in stmts:
             self.stmt(s, scope)
             if isinstance(s, ast.StmtMemory):
-                scope.ahead.discard(s.name)
+                scope.ahead.pop(s.name, None)
 
     def define(self, scope: _Scope, name: str, what: str, span: Span) -> None:
         prev = scope.lookup(name)
@@ -474,10 +474,14 @@ class BodyChecker:
         """Check names and calls in e; return its constant value or UNKNOWN."""
         if isinstance(e, ast.ExprName):
             if scope.lookup(e.name) is None and e.name not in BUILTINS and e.name not in self.decls:
-                if scope.later_memory(e.name):
-                    raise NestError(f"memory `{e.name}` is declared further down: above its "
-                                    "declaration it can only be read, as "
-                                    f"`{e.name}(x)`", e.span, kind="name")
+                later = scope.later_memory(e.name)
+                if later is not None:
+                    cache = later.structure is not None and \
+                        span_text(later.structure.span).startswith("cache")
+                    raise NestError(f"memory `{e.name}` is declared further down: " + (
+                        "a cache cannot be used above its declaration" if cache else
+                        f"above its declaration it can only be read, as `{e.name}(x)`"),
+                        e.span, kind="name", notes=(("declared here", later.name_span),))
                 raise self.unknown_name(e.name, e.span, scope)
         elif isinstance(e, ast.ExprCall):
             self.call(e, scope)
@@ -524,7 +528,8 @@ class BodyChecker:
             if local in ("hyper", "input", "chain"):
                 raise NestError(f"`{name}` is not a function", e.func.span, kind="type")
             return  # reading a memory M(k) or applying a module value
-        if scope.later_memory(name) and name not in BUILTINS and name not in self.decls:
+        if scope.later_memory(name) is not None and name not in BUILTINS and \
+                name not in self.decls:
             # a read at the start of M's chunk (a builtin or declaration of the name is called,
             # as it was before the memory was declared)
             if len(e.args) != 1 or e.kwargs:

@@ -219,6 +219,17 @@ def test_reads_above_a_declaration_are_refused_where_not_built(error_of):
         }
     """)
     assert "t.nest:3:13" in bare and "declared further down" in bare and "`M(x)`" in bare
+    assert "t.nest:4:12: note: declared here" in bare
+    cache_bare = error_of("""
+        block B(dim = 8) {
+            input x : [T, dim]
+            let y = softmax_attention(x, C)
+            memory C : cache every token { key x; value x }
+            output y
+        }
+    """)
+    assert "t.nest:3:34" in cache_bare and "a cache cannot be used above its declaration" in \
+        cache_bare
     inner = error_of("""
         block B(dim = 8, on = true) {
             input x : [T, dim]
