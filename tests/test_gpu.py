@@ -118,6 +118,9 @@ def test_muon_matches_torch_on_cuda():
     # a memory every 16 tokens and sliding-window attention (period by period, blocked)
     ("examples/slow_fast.nest", "SlowFastLM", {"dim": 64, "depth": 1, "vocab": 50,
                                                "period": 16, "window": 32}),
+    # memories read above their declarations, at each chunk's start (pieces of 16 tokens)
+    ("std/memory/self_modifying_titans.nest", "SelfModifyingTitans", {"dim": 64}),
+    ("examples/self_ref.nest", "SelfRefLM", {"dim": 64, "depth": 1, "vocab": 50}),
 ])
 def test_blocks_on_cuda_equal_cpu(spec, name, hyper):
     from pathlib import Path
