@@ -268,15 +268,15 @@ class LinearMemory(Memory):
         return out
 
     def _given(self, env: dict[str, Any], batch: int) -> Any:
-        """The state before this piece (None: zeros), and that of its chunk's start."""
+        """The state before this piece (None: zeros), that of its chunk's start, and the
+        piece's offset into its chunk (0 unless read above its declaration)."""
         S0 = env["__state__"].given.get(self.state_key)
+        start, offset = None, 0
         if self.starts and S0 is not None:
-            S0, start = S0["S"], S0["start"]
-        else:
-            start = None
+            S0, start, offset = S0["S"], S0["start"], S0["offset"]
         if S0 is None and self.init == "meta":
             S0 = self.initial if self.shared else self.initial.expand(batch, -1, -1, -1)
-        return S0, S0 if start is None else start
+        return S0, S0 if start is None else start, offset
 
     @float32_inside
     def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
@@ -284,13 +284,12 @@ class LinearMemory(Memory):
         state = env["__state__"]
         B, T, _ = q.shape
         q = q.view(B, T, self.heads, self.a)
-        S0, start = self._given(env, B)
+        S0, start, offset = self._given(env, B)
         run = self._reference if self.backend == "reference" else self._chunked
         o, S = run(q, w, S0)
         self.guard(S)
         if self.starts:  # a piece of the driver's, within one chunk
-            given = state.given.get(self.state_key)
-            offset = (0 if given is None else given["offset"]) + T
+            offset += T
             assert offset <= self.chunk, (self.name, offset)
             if start is None:  # the zero state
                 start = torch.zeros_like(S)
@@ -304,7 +303,7 @@ class LinearMemory(Memory):
         """q S at the state its chunk started with, for every token of this piece (a read
         above the memory's declaration: the module runs pieces within one chunk each)."""
         B, T, _ = q.shape
-        _, start = self._given(env, B)
+        _, start, _ = self._given(env, B)
         if start is None:  # zeros
             return q.new_zeros(B, T, self.heads * self.b)
         acc = torch.promote_types(q.dtype, torch.float32)

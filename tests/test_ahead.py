@@ -100,13 +100,16 @@ def same_gradients(mod, x, y, want) -> None:
         close(a, b)
 
 
-def streamed(mod, x, cuts=(3, 9)):
-    """The outputs and the final state of x fed in calls cut at `cuts`."""
+def streams_as_one(mod, x, whole, end, cuts=(3, 9)) -> None:
+    """x fed in calls cut at `cuts` gives the outputs `whole` and final state `end` of one
+    pass."""
     state, pieces = None, []
     for a, b in zip((0, *cuts), (*cuts, x.shape[1])):
         y, state = mod(x[:, a:b], state=state, return_state=True)
         pieces.append(y)
-    return torch.cat(pieces, 1), state
+    close(torch.cat(pieces, 1), whole)
+    for a, b in zip(leaves(state), leaves(end), strict=True):
+        close(a, b)
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
@@ -128,10 +131,7 @@ def test_reads_above_a_declaration_stream(backend):
     mod = built(AHEAD, "Ahead", backend)
     x = torch.randn(2, 13, 8)
     whole, end = mod(x, return_state=True)
-    pieces, state = streamed(mod, x, (3, 9, 10))  # cuts inside chunks, and on a boundary
-    close(pieces, whole)
-    for a, b in zip(leaves(state), leaves(end), strict=True):
-        close(a, b)
+    streams_as_one(mod, x, whole, end, (3, 9, 10))  # cuts inside chunks, and on a boundary
 
 
 def test_the_graph_and_explain_show_a_read_at_the_chunks_start():
@@ -328,10 +328,7 @@ def test_a_matrix_memory_read_above_its_declaration_equals_the_token_loop(backen
     close(state["M"]["S"], S)
     assert state["M"]["offset"] == 3
     same_gradients(mod, x, y, want)
-    pieces, carried = streamed(mod, x)
-    close(pieces, y)
-    for a, b in zip(leaves(carried), leaves(state), strict=True):
-        close(a, b)
+    streams_as_one(mod, x, y, state)
 
 
 def test_a_matrix_memory_read_above_its_declaration_needs_its_chunk_written():
@@ -387,10 +384,7 @@ def test_a_periodic_memory_read_above_its_declaration_equals_the_token_loop(back
     close(y, want)
     close(state["M"]["W"][0], W)
     same_gradients(mod, x, y, want)
-    pieces, carried = streamed(mod, x)
-    close(pieces, y)
-    for a, b in zip(leaves(carried), leaves(state), strict=True):
-        close(a, b)
+    streams_as_one(mod, x, y, state)
 
 
 def test_memories_whose_weights_hold_for_a_chunk_read_above_as_below():
