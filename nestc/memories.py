@@ -985,8 +985,8 @@ class TaskMLP(Memory):
         made for this piece, so what reaches the piece's loss through earlier pieces (a
         sequence memory's state, a faster level's updates) is held fixed. A piece that a call
         ended inside goes on with the same view (the state's "piece"), so feeding a sequence
-        in calls cut anywhere computes what one pass does (in grad mode: a detached state
-        holds no graph to go on with). The exception is a
+        in calls cut anywhere computes what one pass does (given the state as returned: a
+        state the caller detached holds no graph to go on with). The exception is a
         parent (`nested`): it is differentiated through everything its weights reach over its
         whole chunk, the faster level's updates included, which is how it learns that
         level's initial state."""

@@ -105,9 +105,19 @@ class Built(nn.Module):
             ctx = State(state)
             y, out = self.run({"__state__": ctx}, x), ctx.out
         else:
-            if task is None and tasks:
-                task = self.task_loss(x, targets)
-            y, out = self.forward_in_chunks(x, state, task, tasks)
+            if tasks and torch.is_inference_mode_enabled():
+                # the levels' gradients need autograd, which inference mode switches off even
+                # inside enable_grad: run outside it, as evaluation, on ordinary copies of
+                # inference tensors
+                with torch.inference_mode(False), torch.no_grad():
+                    x, targets, state = (_ordinary(t) for t in (x, targets, state))
+                    if task is None:
+                        task = self.task_loss(x, targets)
+                    y, out = self.forward_in_chunks(x, state, task, tasks)
+            else:
+                if task is None and tasks:
+                    task = self.task_loss(x, targets)
+                y, out = self.forward_in_chunks(x, state, task, tasks)
         if not return_state:
             return y
         for m in self.flushing:  # a chunk that this call ends inside ends with it
@@ -150,6 +160,13 @@ class Built(nn.Module):
         reached (the child's reads and updates)."""
         given = dict(state or {})
         outer = torch.is_grad_enabled()
+        if outer and any(isinstance(entry, dict) and entry.get("evaluation")
+                         for entry in given.values()):
+            # a piece begun without grad mode: the outer level does not differentiate
+            # through the evaluation's graph (the piece starts again here, from the values)
+            given = {key: {k: v for k, v in entry.items() if k not in ("piece", "evaluation")}
+                     if isinstance(entry, dict) else entry
+                     for key, entry in detached(given).items()}
         # the levels' gradients are differentiable (second order) for the outer level unless
         # every level stops backprop; also without grad mode when a parent's gradient runs
         # through a faster level's updates (CMSNested): evaluation computes what training
@@ -162,6 +179,12 @@ class Built(nn.Module):
         losses: dict[int, torch.Tensor] = {}
         outs, start, T = [], 0, x.shape[1]
         while start < T:
+            if not outer and (start == 0 or not through) and not any(
+                    isinstance(entry, dict) and "piece" in entry for entry in given.values()):
+                # evaluation, a piece starting: what came in is held fixed (the gradients
+                # are local to their piece; a parent's runs back no further than the call),
+                # so no graph need reach behind it
+                given = detached(given)
             # each level's tokens into its chunk (chunks count from the stream's start, or
             # from the call's under `partial chunk flush`)
             into = {m.state_key: (given.get(m.state_key) or {}).get("offset", 0)
@@ -223,9 +246,31 @@ class Built(nn.Module):
             outs.append(y)
             start = stop
         y = torch.cat(outs, 1)
-        if not outer:  # what evaluation returns holds no graph
-            y, given = y.detach(), detached(given)
+        if not outer:  # what evaluation returns holds no graph...
+            y = y.detach()
+            going_on = [key for key, entry in given.items()
+                        if isinstance(entry, dict) and "piece" in entry]
+            if going_on:
+                # ...but for the levels' piece that the call ended inside: the next call goes
+                # on with it through what this part wrote, as one pass would (the graph
+                # reaches back to the piece's start: at most a chunk of the fastest level)
+                for key in going_on:
+                    given[key] = {**given[key], "evaluation": True}
+            else:
+                given = detached(given)
         return y, given
+
+
+def _ordinary(tree: Any) -> Any:
+    """A tensor, or an in-context state, with every inference tensor (made under
+    torch.inference_mode, which autograd refuses) copied into an ordinary one."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone() if tree.is_inference() else tree
+    if isinstance(tree, dict):
+        return {k: _ordinary(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_ordinary(v) for v in tree)
+    return tree
 
 
 def detached(tree: Any) -> Any:

@@ -836,6 +836,76 @@ def test_hope_lm_fed_in_calls_cut_inside_its_levels_chunks_equals_one_pass(cuts)
         close(a, b)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("cuts", [(5, 17), tuple(range(1, 23))])
+def test_hope_lm_evaluated_in_calls_cut_inside_its_levels_chunks_equals_one_pass(mode, cuts):
+    """Without grad mode (and under inference mode, which autograd refuses outright: the
+    levels' gradients run outside it) a call that ends inside the levels' piece returns a
+    state that goes on with the piece's graph, so generating token by token computes what one
+    pass does; a call that ends where the piece does returns no graph."""
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
+    x = torch.randint(0, 20, (2, 23))
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    with getattr(torch, mode)():
+        whole, final = model(x, return_state=True)
+        state, pieces = None, []
+        for a, b in zip((0, *cuts), (*cuts, 23)):
+            y, state = model(x[:, a:b], state=state, return_state=True, targets=targets[:, a:b])
+            pieces.append(y)
+        _, ended = model(x[:, :8], return_state=True)
+    assert not whole.requires_grad
+    close(torch.cat(pieces, 1), whole)
+    for a, b in zip(leaves(final), leaves(state), strict=True):
+        close(a, b)
+    assert not any(t.requires_grad for t in leaves(ended))
+
+
+def test_an_evaluated_states_graph_reaches_back_no_further_than_its_piece():
+    """Calls that all end inside the levels' pieces (1 token, then 4 at a time, chunks of 4):
+    the graph the state carries stays that of one piece, not of the stream so far."""
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
+    x = torch.randint(0, 20, (2, 41))
+
+    def nodes(state):
+        seen, todo = set(), [t.grad_fn for t in leaves(state) if t.grad_fn is not None]
+        while todo:
+            f = todo.pop()
+            if f is not None and f not in seen:
+                seen.add(f)
+                todo.extend(g for g, _ in f.next_functions)
+        return len(seen)
+
+    sizes, state = [], None
+    with torch.no_grad():
+        for a, b in zip((0, *range(1, 41, 4)), range(1, 42, 4)):
+            _, state = model(x[:, a:b], state=state, return_state=True)
+            sizes.append(nodes(state))
+    assert 0 < max(sizes[1:]) <= 1.1 * min(sizes[1:]), sizes
+
+
+def test_training_from_a_state_evaluated_inside_a_piece_does_not_reach_the_evaluation():
+    """The graph an evaluation's state carries for its piece is not the outer level's: a call
+    in grad mode starts from its values, so its gradients are those of the detached state."""
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
+    x = torch.randint(0, 20, (2, 13))
+    with torch.no_grad():
+        _, state = model(x[:, :6], return_state=True)
+    assert any(t.requires_grad for t in leaves(state))
+    plain = {key: {k: v for k, v in entry.items() if k not in ("piece", "evaluation")}
+             if isinstance(entry, dict) else entry
+             for key, entry in nestc.module.detached(state).items()}
+    params = list(model.parameters())
+    grads = [torch.autograd.grad(model(x[:, 6:], state=s).pow(2).sum(), params,
+                                 allow_unused=True) for s in (state, plain)]
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            close(a, b)
+
+
 @pytest.mark.parametrize("clauses,message", [
     ("key x * 2.0; value x; objective l2(M(x), x)",
      r"b.nest:4:13: error: the `key` of memory `M` is `x \* 2.0`, but its objective reads `M\(x\)`"),
