@@ -52,6 +52,7 @@ def main(spec: str, name: str) -> None:
     err = max((full[k] - v).abs().max().item() for k, v in ref.state_dict().items())
     if rank == 0:
         print(f"max parameter difference {err:.3g}")
+    dist.barrier()  # no rank tears gloo down while another still uses it (as nestc.train's Ranks)
     dist.destroy_process_group()
 
 
