@@ -354,5 +354,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def script() -> None:
+    """The `nestc` command: main's exit status. A process of a torchrun launch leaves without
+    tearing the interpreter down (its files are closed by then): a process group's threads
+    made that abort ("terminate called without an active exception") now and then on a
+    loaded machine, after training had finished and the group was destroyed."""
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()
