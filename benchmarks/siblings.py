@@ -6,8 +6,11 @@ Prints a Markdown table: aten operations per step (counted with a TorchDispatchM
 included, each a dispatch on the host, most a kernel launch on a GPU), the median wall time
 of a step, and the ratio of the two. HopeLM's step is its forward (which takes its CMS levels'
 gradients piece by piece) and the backward of next-token cross-entropy.
+With --settle it compares, instead, the memories that nothing reads after their writes (the
+projection memories) run for their states alone (MLPMemory.settle, no read computed) against
+the same memories reading their keys, the reads discarded (what the generated code did before).
 Usage: python benchmarks/siblings.py [--dim 64] [--depth 2] [--batch 2] [--T 128] [--reps 5]
-[--warmup 2] [--threads N] [--device cpu] [--quick]
+[--warmup 2] [--threads N] [--device cpu] [--quick] [--settle]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from memory import median_seconds  # benchmarks/memory.py: this script's folder 
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nestc
-from nestc.memories import run_each_alone
+from nestc.memories import MLPMemory, run_each_alone
 
 
 class _Count(TorchDispatchMode):
@@ -64,6 +67,18 @@ def block_step(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return call
 
 
+def reading_keys(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of module whose MLP memories that only learn read their keys for their states
+    (and drop the reads) instead of settling."""
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        if isinstance(m, MLPMemory):
+            def settle(env: dict[str, Any], m: MLPMemory = m) -> None:
+                m.read(env[m.env_key]["k"].flatten(2), env)
+            m.settle = settle  # type: ignore[method-assign]
+    return module
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +91,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs")
+    ap.add_argument("--settle", action="store_true",
+                    help="the state-only run of memories nothing reads, against reading keys")
     args = ap.parse_args()
     if args.quick:
         args.dim, args.depth, args.batch, args.T, args.reps, args.warmup = 16, 1, 1, 24, 1, 1
@@ -98,15 +115,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.2f}, {where}; B={args.batch}, T={args.T}, float32, chunked "
           f"tier, median of {args.reps}\n")
-    print("| what | memories | aten ops / step | ms / step | as one / alone |")
+    tags = ("states only", "reading keys") if args.settle else ("as one", "alone")
+    print(f"| what | memories | aten ops / step | ms / step | {tags[0]} / {tags[1]} |")
     print("| --- | --- | ---: | ---: | ---: |")
     for what, make, module, inputs in rows:
-        calls = [make(module, inputs), make(run_each_alone(copy.deepcopy(module)), inputs)]
+        other = reading_keys(module) if args.settle else run_each_alone(copy.deepcopy(module))
+        calls = [make(module, inputs), make(other, inputs)]
         ops = [ops_per_call(call) for call in calls]
         # a full collection after every call, untimed (as benchmarks/memory.py does)
         fused, single = median_seconds(calls, args.reps, args.warmup, between=gc.collect)
-        print(f"| {what} | as one | {ops[0]:,} | {fused * 1e3:,.1f} | {fused / single:.2f} |")
-        print(f"| {what} | alone | {ops[1]:,} | {single * 1e3:,.1f} | 1.00 |", flush=True)
+        print(f"| {what} | {tags[0]} | {ops[0]:,} | {fused * 1e3:,.1f} | "
+              f"{fused / single:.2f} |")
+        print(f"| {what} | {tags[1]} | {ops[1]:,} | {single * 1e3:,.1f} | 1.00 |", flush=True)
 
 
 if __name__ == "__main__":

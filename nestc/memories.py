@@ -545,7 +545,9 @@ class MLPMemory(Memory):
         # traced by torch.compile, alone: _Split's note to _Stack would break the graph
         if self.siblings is not None and not torch.compiler.is_compiling():
             group, i = self.siblings
-            return group.read(i, q, env)
+            y = group.read(i, q, env)
+            assert y is not None
+            return y
         return self._read_alone(q, env)
 
     @float32_inside
@@ -570,34 +572,55 @@ class MLPMemory(Memory):
         A, B = (w.expand(batch, *w.shape) if w.dim() == 3 else w for w in weights)
         return A, B
 
+    def settle(self, env: dict[str, Any]) -> None:
+        """Learn from this run's writes without a read (nothing reads the memory after them,
+        only above its declaration): the state after them, no read computed."""
+        if self.siblings is not None and not torch.compiler.is_compiling():
+            group, i = self.siblings
+            group.read(i, None, env)
+        else:
+            self._settle_alone(env)
+
+    def _settle_alone(self, env: dict[str, Any]) -> None:
+        _, w, given = self._inputs(None, env)
+        self._store(env, self._run(None, w, given)[1])
+
     def _read_alone(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
         qh, w, given = self._inputs(q, env)
         y, out = self._run(qh, w, given)
         self._store(env, out)
+        assert y is not None
         return y.transpose(1, 2).reshape(*q.shape[:2], -1).to(q.dtype)
 
-    def _inputs(self, q: torch.Tensor, env: dict[str, Any]
-                ) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
-        """A read's query (N, H, T, d), write signals (N, H, T, ...) and the state before it,
-        in float32 at least."""
-        Bn, T, _ = q.shape
-        acc = torch.promote_types(q.dtype, torch.float32)
+    def _inputs(self, q: torch.Tensor | None, env: dict[str, Any]
+                ) -> tuple[torch.Tensor | None, dict[str, Any], dict[str, Any]]:
+        """A read's query (N, H, T, d) (None without one), write signals (N, H, T, ...) and
+        the state before it, in float32 at least."""
+        Bn, T = env[self.env_key]["k"].shape[:2]
+        acc = torch.promote_types(env[self.env_key]["k"].dtype if q is None else q.dtype,
+                                  torch.float32)
         given = env["__state__"].given.get(self.state_key)
         if given is None:
             A, B = (p.to(acc) if self.shared else p.to(acc).expand(Bn, *p.shape)
                     for p in (self.A, self.B))
             given = {"M": (A, B), "S": (torch.zeros_like(A), torch.zeros_like(B)),
                      "start": (A, B), "offset": 0}
-        qh = q.view(Bn, T, self.heads, self.d).transpose(1, 2).to(acc)  # (N, H, T, d)
+        qh = None if q is None else \
+            q.view(Bn, T, self.heads, self.d).transpose(1, 2).to(acc)  # (N, H, T, d)
         w = {n: x.transpose(1, 2).to(acc) if isinstance(x, torch.Tensor) else x
              for n, x in env[self.env_key].items()}
         return qh, w, given
 
     @float32_inside
-    def _run(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]
-             ) -> tuple[torch.Tensor, dict[str, Any]]:
-        run = self._reference if self.backend == "reference" else \
-            self._fused if self._fusable(q, w, given) else self._chunked
+    def _run(self, q: torch.Tensor | None, w: dict[str, Any], given: dict[str, Any]
+             ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """The reads of q (None: none, the state only) and the state after them."""
+        # (the kernel reads: without a query it reads the keys, and drops that)
+        query: torch.Tensor = w["k"] if q is None else q
+        if self.backend != "reference" and self._fusable(query, w, given):
+            y, out = self._fused(query, w, given)
+            return (None if q is None else y), out
+        run = self._reference if self.backend == "reference" else self._chunked
         return run(q, w, given)
 
     def _store(self, env: dict[str, Any], out: dict[str, Any]) -> None:
@@ -688,10 +711,11 @@ class MLPMemory(Memory):
             return None if x is None else x[:, :, a:b]
         return cut(w["lr"]), cut(w["retain"]), cut(w["beta"])
 
-    def _reference(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
+    def _reference(self, q: torch.Tensor | None, w: dict[str, Any], given: dict[str, Any]
+                   ) -> Any:
         """The definition: token by token; every gradient of a chunk at its starting state."""
         (A, B), (SA, SB), (A0, B0) = given["M"], given["S"], given["start"]
-        offset, T = given["offset"], q.shape[2]
+        offset, T = given["offset"], w["k"].shape[2]
         outs = []
         for t in range(T):
             if (offset + t) % self.chunk == 0:
@@ -701,7 +725,7 @@ class MLPMemory(Memory):
                             for x in (w["retain"], w["beta"]))
             if self.shared:  # one number a step (the compiler checks it)
                 retain, beta = (None if x is None else x[0] for x in (retain, beta))
-            at = self._batched((A0, B0), q.shape[0])
+            at = self._batched((A0, B0), w["k"].shape[0])
             gA, gB = self._grads(*at, w["k"][:, :, t:t + 1], self._values(w, at, t, t + 1))
             gA, gB = gA[:, :, 0], gB[:, :, 0]
             if self.clip is not None:  # the gradient's norm, at most clip
@@ -710,16 +734,16 @@ class MLPMemory(Memory):
             uA, uB = -lr * gA, -lr * gB
             if self.shared:  # every sequence's update, at the same weights
                 uA, uB = uA.sum(0), uB.sum(0)
-            if self.read_before:
+            if self.read_before and q is not None:
                 outs.append(self._read_one(A, B, q[:, :, t]))
             if self.momentum:
                 SA, SB = beta * SA + uA, beta * SB + uB
                 uA, uB = SA, SB
             r = 1.0 if retain is None else retain
             A, B = r * A + uA, r * B + uB
-            if not self.read_before:
+            if not self.read_before and q is not None:
                 outs.append(self._read_one(A, B, q[:, :, t]))
-        y = torch.stack(outs, 2) if outs else q.new_zeros(q.shape)
+        y = None if q is None else torch.stack(outs, 2) if outs else q.new_zeros(q.shape)
         return y, {"M": (A, B), "S": (SA, SB), "start": (A0, B0),
                    "offset": (offset + T) % self.chunk}
 
@@ -727,7 +751,8 @@ class MLPMemory(Memory):
         """x (N, H, d) read at weights (N, H, d, h) and (N, H, h, d)."""
         return _mlp(x[..., None, :], A, B, self.act, self.residual)[..., 0, :]
 
-    def _chunked(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> Any:
+    def _chunked(self, q: torch.Tensor | None, w: dict[str, Any], given: dict[str, Any]
+                 ) -> Any:
         """Chunk by chunk, without forming any token's weights (docs/semantics.md).
 
         For one token, the gradient of an l2, dot or huber objective of M(k) = act(k A) B (+ k) is a
@@ -738,7 +763,7 @@ class MLPMemory(Memory):
         x A_t is thus c_t x A + m_t x S_A + sum_s W[t, s] (x . k_s) delta_s: attention-like
         products over the chunk's tokens, and likewise for B."""
         (A, B), (SA, SB), (A0, B0) = given["M"], given["S"], given["start"]
-        offset, (N, H, T, _) = given["offset"], q.shape
+        offset, (N, H, T, _) = given["offset"], w["k"].shape
         if self.shared:  # one sequence of N tokens a step, time-major (mlp_memory_chunk)
             A, B, SA, SB, A0, B0 = (x[None] for x in (A, B, SA, SB, A0, B0))
 
@@ -759,14 +784,13 @@ class MLPMemory(Memory):
             values = self._values(w, self._batched((A0[0], B0[0]), N) if self.shared else
                                   (A0, B0), a, b)
             y, A, B, SA, SB = mlp_memory_chunk(
-                lay(q[:, :, a:b]), lay(w["k"][:, :, a:b]), lay(values), lay(lr), step(retain),
-                step(beta) if self.momentum else None, A, B, SA, SB, self.act_name, self.clip,
-                self.read_before, grad_at=(A0, B0), residual=self.residual,
+                None if q is None else lay(q[:, :, a:b]), lay(w["k"][:, :, a:b]), lay(values),
+                lay(lr), step(retain), step(beta) if self.momentum else None, A, B, SA, SB,
+                self.act_name, self.clip, self.read_before, grad_at=(A0, B0), residual=self.residual,
                 objective=self.objective, huber_delta=self.delta, group=N if self.shared else 1)
-            if self.shared:
-                y = y.view(H, b - a, N, -1).movedim(2, 0)
-            outs.append(y)
-        y = torch.cat(outs, 2) if outs else q.new_zeros(q.shape)
+            if y is not None:
+                outs.append(y.view(H, b - a, N, -1).movedim(2, 0) if self.shared else y)
+        y = None if q is None else torch.cat(outs, 2) if outs else q.new_zeros(q.shape)
         if self.shared:
             A, B, SA, SB, A0, B0 = (x[0] for x in (A, B, SA, SB, A0, B0))
         return y, {"M": (A, B), "S": (SA, SB), "start": (A0, B0),
@@ -791,16 +815,21 @@ class _Siblings:
         self.names, self.key = names, key  # the memories' submodule names
         self.same_values = same_values  # self-generated, by one expression of one tensor
 
-    def read(self, i: int, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
+    def read(self, i: int, q: torch.Tensor | None, env: dict[str, Any]) -> torch.Tensor | None:
+        """Memory i's read of q, or None without a query (MLPMemory.settle: the states only)."""
         ys = env.get(self.key)
         if ys is None:
             ys = env[self.key] = self._run(q, env)
         return ys[i]
 
-    def _run(self, q: torch.Tensor, env: dict[str, Any]) -> list[torch.Tensor]:
+    def _run(self, q: torch.Tensor | None, env: dict[str, Any]) -> list[Any]:
         mems: list[MLPMemory] = [env["__self__"]._modules[n] for n in self.names]
         parts = [m._inputs(q, env) for m in mems]
         if len({given["offset"] for _, _, given in parts}) > 1:  # states not run together
+            if q is None:
+                for m in mems:
+                    m._settle_alone(env)
+                return [None] * len(mems)
             return [m._read_alone(q, env) for m in mems]
         record = _Record(len(mems))
 
@@ -824,11 +853,15 @@ class _Siblings:
         given["start"] = given["M"] if offset == 0 else \
             tuple(stack(list(ts)) for ts in zip(*(g["start"] for g in givens)))
         given["offset"] = offset
-        y, out = mems[0]._run(stack([qh for qh, _, _ in parts], "read"), w, given)
+        queries = [qh for qh, _, _ in parts if qh is not None]
+        y, out = mems[0]._run(None if q is None else stack(queries, "read"), w, given)
+        if y is None:  # no reads: _Split's are empty
+            A = out["M"][0]
+            y = A.new_zeros(A.shape[0], A.shape[1], 0, mems[0].d)
         names = [(n, j) for n in ("M", "S", "start") for j in range(2)]
-        pieces = _Split.apply(record, len(mems), y.to(q.dtype),
+        pieces = _Split.apply(record, len(mems), y if q is None else y.to(q.dtype),
                               *(out[n][j] for n, j in names))
-        ys = list(pieces[:len(mems)])
+        ys = list(pieces[:len(mems)]) if q is not None else [None] * len(mems)
         for i, m in enumerate(mems):
             got = {(n, j): pieces[(k + 1) * len(mems) + i] for k, (n, j) in enumerate(names)}
             m._store(env, {"M": (got["M", 0], got["M", 1]), "S": (got["S", 0], got["S", 1]),

@@ -177,13 +177,15 @@ WRITE_ONLY = spec("""
 """)
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
 @pytest.mark.parametrize("structure", ["mlp(dim)", "matrix(dim, dim)"])
-def test_a_memory_that_nothing_reads_still_learns(structure):
-    """Its returned state is the one a read would have left (it used to be missing)."""
+def test_a_memory_that_nothing_reads_still_learns(structure, backend):
+    """Its returned state is the one a read would have left (it used to be missing); an MLP
+    memory computes no read for it (settle)."""
     def build(read):
         text = WRITE_ONLY.replace("STRUCTURE", structure).replace("READ", read)
         torch.manual_seed(0)
-        return nestc.loads(text, "w.nest").build("W")
+        return nestc.loads(text, "w.nest").build("W", backend=backend)
 
     silent, reading = build("v"), build("v + 0 * M(x)")
     silent.load_state_dict(reading.state_dict())
@@ -193,6 +195,46 @@ def test_a_memory_that_nothing_reads_still_learns(structure):
     assert a.keys() == b.keys() == {"M"}
     for p, q in zip(leaves(a), leaves(b), strict=True):
         close(p, q)
+    source = nestc.loads(WRITE_ONLY.replace("STRUCTURE", structure).replace("READ", "v"),
+                         "w.nest").source("W")
+    assert ("self.M.settle(_env)" in source) == structure.startswith("mlp")
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("read_before", [False, True])
+@pytest.mark.parametrize("rule", ["gd", "retain", "momentum", "clip"])
+def test_an_mlp_memory_chunk_without_a_query_leaves_the_state_of_one_with(rule, read_before,
+                                                                          group):
+    """nestc.ops' chunk step with q=None (a memory nothing reads after its writes) computes
+    no read, and the same weights and momenta, with the same gradients."""
+    from nestc.ops.mlp_memory.reference import mlp_memory_chunk
+
+    torch.manual_seed(0)
+    N, H, n, d, h = 2 if group == 1 else 1, 2, 6, 4, 8
+    steps = n // group
+    q, k, v = (torch.randn(N, H, n, d) for _ in range(3))
+    lr = torch.rand(N, H, n)
+    retain = 0.8 + 0.2 * torch.rand(N, H, steps) if rule in ("retain", "momentum") else None
+    beta = 0.9 * torch.rand(N, H, steps) if rule == "momentum" else None
+    A, B = torch.randn(N, H, d, h), torch.randn(N, H, h, d)
+    SA, SB = torch.randn_like(A), torch.randn_like(B)
+    ins = [t.requires_grad_() for t in (k, v, lr, A, B, SA, SB)]
+    clip = 0.5 if rule == "clip" else None
+
+    def run(query):
+        return mlp_memory_chunk(query, k, v, lr, retain, beta, A, B, SA, SB, "gelu", clip,
+                                read_before, residual=True, group=group)
+
+    y, *state = run(q)
+    none, *alone = run(None)
+    assert y is not None and none is None
+    w = [torch.randn_like(t) for t in state]
+    for a, b in zip(state, alone, strict=True):
+        close(a, b)
+    for a, b in zip(torch.autograd.grad(sum((s * u).sum() for s, u in zip(state, w)), ins),
+                    torch.autograd.grad(sum((s * u).sum() for s, u in zip(alone, w)), ins),
+                    strict=True):
+        close(a, b)
 
 
 def test_reads_above_a_declaration_are_refused_where_not_built(error_of):

@@ -104,6 +104,33 @@ def test_siblings_compute_what_each_computes_alone(paper, beta):
         assert smt.M_v.A.grad is None and smt.M_k.A.grad is not None
 
 
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_projection_memories_learn_without_computing_a_read(backend):
+    """Nothing reads the projection memories after their writes (only above, at chunk
+    starts): they run for their states alone (MLPMemory.settle, as one on the chunked tier),
+    which equal, with their gradients, those a read of their keys leaves (what ran before)."""
+    torch.manual_seed(0)
+    smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4, memory_chunk=8,
+                    momentum_beta=0.5, backend=backend)
+    source = SMT.source("SelfModifyingTitans", dim=16)
+    for name in ("M_k", "M_v", "M_eta", "M_alpha"):
+        assert f"self.{name}.settle(_env)" in source and f"self.{name}.read(" not in source
+    reading = copy.deepcopy(smt)
+    for m in reading.modules():
+        if isinstance(m, MLPMemory):
+            def settle(env, m=m):
+                k = env[m.env_key]["k"]
+                m.read(k.flatten(2), env)
+            m.settle = settle
+    x = torch.randn(2, 11, 16)
+
+    def run(mod):
+        y, state = mod(x, return_state=True)
+        return [y, *leaves(state)], y.pow(2).sum() + sum(t.pow(2).sum() for t in leaves(state))
+
+    same_run(smt, reading, run)
+
+
 def test_hope_lm_runs_as_one_through_the_cms_levels_second_order():
     # the CMS levels' gradients are differentiated by the outer level: a second backward
     # through the stacked memories
@@ -327,17 +354,18 @@ def test_reads_and_states_are_tensors_of_their_own():
         state["M_v"]["M"][0].mul_(0.5)
         _, again = smt(x, state=state, return_state=True)
     assert all(t.is_contiguous() for t in leaves(again["M_k"]))
+    # (nothing reads SMT's projection memories after their writes: a block that does)
+    mod = nestc.loads(spec(BODY.replace("READS", "output M1(x) + M2(x)").replace("CHUNK", "4")),
+                      "b.nest").build("B", dim=8)
     reads = []
-    group = smt.M_k.siblings[0]
+    group = mod.M1.siblings[0]
     run = group._run
-    group._run = lambda q, env: reads.extend(run(q, env)) or reads[-4:]
+    group._run = lambda q, env: reads.extend(run(q, env)) or reads[-2:]
     try:
-        smt(x)
+        mod(x[..., :8])
     finally:
         group._run = run
-    # four reads in each of the three pieces (9 tokens, chunks of 4: the block reads the
-    # memories at each chunk's start, so it runs chunk by chunk)
-    assert len(reads) == 12 and all(r.is_contiguous() for r in reads)
+    assert len(reads) == 2 and all(r.is_contiguous() for r in reads)
     reads[0].mul_(2)  # no error: not a view
 
 

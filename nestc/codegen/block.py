@@ -293,6 +293,7 @@ class _Scope:
         # query (run_siblings_as_one)
         self.writes: dict[Any, int] = {}
         self.reads: dict[Any, list[tuple[int, Ten]]] = {}
+        self.settled: set[Any] = set()  # memories run for their state alone (settle)
         self.writing: Any = None  # the memory whose write is being generated
         # memories declared further down the bodies being generated (with the prefix of
         # theirs), and those of them already read above their declarations (by statement)
@@ -462,14 +463,15 @@ class _Scope:
 
     def settle(self) -> None:
         """Memories that nothing reads after their writes (those read only above their
-        declarations, at chunk starts) still learn: each is run with its keys as queries,
-        for its state, the read discarded."""
+        declarations, at chunk starts) still learn: each is run for its state alone (an MLP
+        memory computes no read; the others read their keys, the read discarded)."""
         for mem in self.writes:
             key = getattr(mem, "keys", None)
             if key is not None and not self.reads.get(mem):
                 self.emit(f"# memory `{mem.name}` learns, read by nothing after its writes")
                 self.reads[mem] = [(len(self.cls.body), key)]
-                self.emit(mem.read(self, key, mem.span).code)
+                self.settled.add(mem)
+                self.emit(mem.settle(self, key))
 
     def run_siblings_as_one(self) -> None:
         """MLP memories that can run as one (nestc.memories._Siblings): the same structure,
@@ -482,7 +484,9 @@ class _Scope:
             if isinstance(mem, MLPPlan) and len(self.reads.get(mem, [])) == 1 and \
                     not mem.config["shared"]:
                 q = self.reads[mem][0][1]
-                groups.setdefault((mem.sibling_key(), id(q)), []).append(mem)
+                # (memories that only learn run together, apart from those read)
+                groups.setdefault((mem.sibling_key(), id(q), mem in self.settled),
+                                  []).append(mem)
         for members in groups.values():
             if len(members) < 2 or max(self.writes[m] for m in members) >= \
                     min(self.reads[m][0][0] for m in members):

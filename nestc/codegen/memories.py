@@ -79,6 +79,11 @@ class Plan:
         """A read above the declaration: the memory at the start of the chunk."""
         raise unsupported_read_start(self.name, span)
 
+    def settle(self, scope: Any, keys: Ten) -> str:
+        """The code that runs a memory nothing reads after its writes, for its state: a read of
+        its keys, discarded."""
+        return self.read(scope, keys, self.span).code
+
     def reader(self, q: Ten, span: Any, width: int, out: int) -> Ten:
         """The Ten of a read M(q): this memory's `read` of q, which has `width` features."""
         if q.feat != width:
@@ -536,6 +541,9 @@ class MLPPlan(Plan):
         give them), so the width is checked against its keys at the write."""
         _note_start_read(self, q, span, self.d)
         return Ten(f"self.{self.attr}.read_start({q.code}, _env)", q.feat)
+
+    def settle(self, scope: Any, keys: Ten) -> str:
+        return f"self.{self.attr}.settle(_env)"  # the state alone, no read computed
 
     def describe(self) -> str:
         c = self.config

@@ -115,13 +115,13 @@ class SelfModifyingTitans(_Built):
         #     let gate = x |> linear(dim) |> sigmoid  # output gate, as in Titans
         gate = torch.sigmoid(self.gate_linear(x))
         # memory `M_k` learns, read by nothing after its writes
-        self.M_k.read(k, _env)
+        self.M_k.settle(_env)
         # memory `M_v` learns, read by nothing after its writes
-        self.M_v.read(k, _env)
+        self.M_v.settle(_env)
         # memory `M_eta` learns, read by nothing after its writes
-        self.M_eta.read(k, _env)
+        self.M_eta.settle(_env)
         # memory `M_alpha` learns, read by nothing after its writes
-        self.M_alpha.read(k, _env)
+        self.M_alpha.settle(_env)
         # std/memory/self_modifying_titans.nest:111: output (rmsnorm(y) * gate) |> linear(dim)
         return self.out_linear((self.out_rmsnorm(y_1) * gate))
 

@@ -74,18 +74,19 @@ def _base(xM: torch.Tensor, xS: torch.Tensor | None, c: torch.Tensor | None,
 
 
 @float32_inside
-def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+def mlp_memory_chunk(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
                      retain: torch.Tensor | None, beta: torch.Tensor | None, A: torch.Tensor,
                      B: torch.Tensor, SA: torch.Tensor, SB: torch.Tensor, act: str,
                      clip: float | None, read_before: bool, *,
                      grad_at: tuple[torch.Tensor, torch.Tensor] | None = None,
                      residual: bool = False, objective: str = "l2", huber_delta: float = 1.0,
                      v_self: torch.Tensor | None = None, group: int = 1
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
     """One chunk of n tokens: q, k, v (N, H, n, d), lr, retain, beta (N, H, n) or None, the
     weights A (N, H, d, h), B (N, H, h, d) and momenta SA, SB (like them) before its first
-    token -> the reads y (N, H, n, d) and the weights and momenta after its last token.
+    token -> the reads y (N, H, n, d) and the weights and momenta after its last token. q None:
+    no reads (y None), only the state (a memory that nothing reads after its writes).
 
     This is MLPMemory's chunked tier (nestc/memories.py), which also passes: `grad_at`, the
     weights the gradients are taken at when the piece starts inside a chunk (the chunk's
@@ -140,25 +141,20 @@ def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
 
     # the weights each token reads: after its step's write (row t), or before it (row t - 1)
     scale = -lr[..., None, :]
-    mix_t = mix
-    mix = tokens(mix_t, True) * scale  # (N, H, n, n): W[t, s]
-    c_t, m_t = c, m
-    c, m = each(c_t), each(m_t)
-    if read_before:
-        mix_r, c_r, m_r = tokens(pad(mix_t, 0.0), True) * scale, each(c_t, 1.0), each(m_t, 0.0)
-    else:
-        mix_r, c_r, m_r = mix, c, m
-    if beta is not None and group > 1:
-        D_b, run_b = tokens(D_b, True), run_b.repeat_interleave(group, -1)
-    zq = _base(q @ A, q @ SA if m_r is not None else None, c_r, m_r) + \
-        (mix_r * (q @ k.transpose(-1, -2))) @ delta
-    hq = act_fn(act, zq)
-    y = _base(hq @ B, hq @ SB if m_r is not None else None, c_r, m_r) + \
-        (mix_r * (hq @ hk.transpose(-1, -2))) @ e
-    if residual:
-        y = y + q
-    # the state after the chunk's last token: its row of the same sums
-    last = mix[..., -1, :, None]  # (N, H, n, 1)
+    y = None
+    if q is not None:
+        mix_r, c_r, m_r = (tokens(pad(mix, 0.0), True) * scale, each(c, 1.0), each(m, 0.0)) \
+            if read_before else (tokens(mix, True) * scale, each(c), each(m))
+        zq = _base(q @ A, q @ SA if m_r is not None else None, c_r, m_r) + \
+            (mix_r * (q @ k.transpose(-1, -2))) @ delta
+        hq = act_fn(act, zq)
+        y = _base(hq @ B, hq @ SB if m_r is not None else None, c_r, m_r) + \
+            (mix_r * (hq @ hk.transpose(-1, -2))) @ e
+        if residual:
+            y = y + q
+    # the state after the chunk's last token: its row of the same sums (the last step's
+    # tokens, each weighted as in that row)
+    last = (tokens(mix[..., -1:, :], True) * scale)[..., -1, :, None]  # (N, H, n, 1)
     A_new = (k * last).transpose(-1, -2) @ delta
     B_new = (hk * last).transpose(-1, -2) @ e
     if c is not None:
@@ -168,6 +164,8 @@ def mlp_memory_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
     if beta is not None:
         assert m is not None
         A_new, B_new = A_new + m[..., -1:, :] * SA, B_new + m[..., -1:, :] * SB
+        if group > 1:
+            D_b, run_b = tokens(D_b[..., -1:, :], True), run_b.repeat_interleave(group, -1)
         keep = run_b[..., -1, None, None]
         last_b = (D_b[..., -1, :] * -lr)[..., None]
         SA = keep * SA + (k * last_b).transpose(-1, -2) @ delta
@@ -211,6 +209,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
                                            lr[:, :, a:b], cut[0], cut[1], A, B, SA, SB, act,
                                            clip, read_before, v_self=cut[2],
                                            grad_at=point)
+        assert y is not None  # (a query is given)
         ys.append(y)
     y = torch.cat(ys, 2) if ys else q.new_zeros(q.shape)
     return y.to(dtype), (A, B, SA, SB)

@@ -768,8 +768,10 @@ def _chunk_vjp(cut: list[torch.Tensor | None], start: tuple[torch.Tensor, ...],
         retain = next(it) if use_r else None
         beta = next(it) if use_b else None
         point = (next(it), next(it)) if grad_at is not None else None
-        return mlp_memory_chunk(q, k, v, lr, retain, beta, A, B, SA, SB, *options,
-                                v_self=v_self, grad_at=point)
+        y, *state = mlp_memory_chunk(q, k, v, lr, retain, beta, A, B, SA, SB, *options,
+                                     v_self=v_self, grad_at=point)
+        assert y is not None  # (a query is given)
+        return (y, *state)
 
     wrt = [*cut[:4], *start, *(x for x in cut[4:] if x is not None), *(grad_at or ())]
     vjp = torch.func.vjp(chunk_fn, *wrt)[1]
