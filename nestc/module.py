@@ -14,6 +14,7 @@ feeding it whole. docs/semantics.md defines what every memory computes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,8 @@ class Built(nn.Module):
         are y. `_env`: the run of an enclosing module, when it calls this one as a sub-block
         (its generated code does, through __call__, so hooks on sub-blocks run)."""
         if _env is not None:
+            if self.tasks and torch.compiler.is_compiling():  # (see _eager_in_chunks)
+                return _eager_run(self, _env, x)
             return self.run(_env, x)
         if x.shape[1] == 0:  # an empty piece: nothing to compute, the state goes on as it was
             y = x.new_zeros(x.shape[0], 0, self.out_feat, dtype=torch.get_default_dtype()
@@ -117,7 +120,9 @@ class Built(nn.Module):
             else:
                 if task is None and tasks:
                     task = self.task_loss(x, targets)
-                y, out = self.forward_in_chunks(x, state, task, tasks)
+                run = _eager_in_chunks if tasks and torch.compiler.is_compiling() else \
+                    Built.forward_in_chunks
+                y, out = run(self, x, state, task, tasks)
         if not return_state:
             return y
         for m in self.flushing:  # a chunk that this call ends inside ends with it
@@ -259,6 +264,39 @@ class Built(nn.Module):
             else:
                 given = detached(given)
         return y, given
+
+
+@torch.compiler.disable
+def _eager_in_chunks(module: Built, x: torch.Tensor, state: dict[str, Any] | None,
+                     task: Callable[..., torch.Tensor] | None, tasks: list[Any]
+                     ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """forward_in_chunks outside torch.compile's graphs, for a module with task-loss memories:
+    their gradients (torch.autograd.grad of each piece's loss with respect to weights the piece
+    makes) would find no path through a compiled graph, which takes those weights in as
+    intermediates, and come back as zeros (the levels would not learn); and the outer level's
+    backward through them is a double backward, which compiled graphs do not take."""
+    _warn_eager(module.decl_name)
+    return module.forward_in_chunks(x, state, task, tasks)
+
+
+@torch.compiler.disable
+def _eager_run(module: Built, env: Env, x: torch.Tensor) -> torch.Tensor:
+    """A sub-block with task-loss memories, compiled on its own, runs eagerly: the weights its
+    memories read are made inside its run, so the enclosing driver's gradients with respect
+    to them would find no path through a compiled graph (_eager_in_chunks)."""
+    _warn_eager(module.decl_name)
+    return module.run(env, x)
+
+
+_warned_eager: set[str] = set()
+
+
+def _warn_eager(name: str) -> None:
+    if name not in _warned_eager:
+        _warned_eager.add(name)
+        warnings.warn(f"nestc: torch.compile runs `{name}` eagerly: its memories that learn from "
+                      "the task loss take gradients inside its forward, which a compiled graph "
+                      "cannot give them (docs/semantics.md)", stacklevel=3)
 
 
 def _ordinary(tree: Any) -> Any:
