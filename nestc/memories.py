@@ -1072,6 +1072,23 @@ class TaskMLP(Memory):
         self.guard(*weights)
         state.out[self.state_key] = {"W": weights, "grad": grads, "offset": offset}
 
+    def learn_late(self, state: Any, grads: tuple[Any, ...]) -> None:
+        """The gradient of the token before this call (its target, this call's first token,
+        came late), taken at the weights it read: added to its chunk's gradient so far, or,
+        where that token ended its chunk (offset 0: the update has landed), to the update,
+        which is linear in it: W <- r W - lr (G + g) = (r W - lr G) - lr g."""
+        given = state.given[self.state_key]
+        grads = tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, given["W"]))
+        if given["offset"] == 0:
+            weights = tuple(w - self.lr * g for w, g in zip(given["W"], grads))
+            self.guard(*weights)
+            state.out[self.state_key] = {**given, "W": weights}
+        else:
+            pending = given.get("grad")
+            if pending is not None:
+                grads = tuple(p + g for p, g in zip(pending, grads))
+            state.out[self.state_key] = {**given, "grad": grads}
+
     def _update(self, weights: tuple[torch.Tensor, ...], grads: Any) -> tuple[torch.Tensor, ...]:
         assert grads is not None, self.state_key
         return tuple(self.retain * w - self.lr * g for w, g in zip(weights, grads))

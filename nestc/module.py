@@ -25,6 +25,10 @@ from nestc import layers, memories
 from nestc.check import Checked
 from nestc.errors import NestError
 
+# the in-context state's entry for a call's last output whose target, the next token, the next
+# call brings (not a submodule's path: those have no spaces)
+NEXT = "next token"
+
 # "triton": the delta-rule memories and Titans' MLP memory through nestc.ops' Triton kernels,
 # the rest as "chunked"
 BACKENDS = ("reference", "chunked", "triton")
@@ -104,6 +108,11 @@ class Built(nn.Module):
                             if x.dtype in (torch.int64, torch.int32) else x.dtype)
             return (y, dict(state or {})) if return_state else y
         tasks = self.tasks
+        # the last token's task loss waits for its target, the next call's first token (a
+        # model's next-token loss with the targets it implies; not for levels whose calls end
+        # their chunks, or nested ones, which differentiate within a call)
+        defer = task is None and targets is None and bool(tasks) and \
+            not any(m.nested or m.flush for m in tasks)
         if not tasks and not self.starts:
             ctx = State(state)
             y, out = self.run({"__state__": ctx}, x), ctx.out
@@ -116,13 +125,13 @@ class Built(nn.Module):
                     x, targets, state = (_ordinary(t) for t in (x, targets, state))
                     if task is None:
                         task = self.task_loss(x, targets)
-                    y, out = self.forward_in_chunks(x, state, task, tasks)
+                    y, out = self.forward_in_chunks(x, state, task, tasks, defer)
             else:
                 if task is None and tasks:
                     task = self.task_loss(x, targets)
                 run = _eager_in_chunks if tasks and torch.compiler.is_compiling() else \
                     Built.forward_in_chunks
-                y, out = run(self, x, state, task, tasks)
+                y, out = run(self, x, state, task, tasks, defer)
         if not return_state:
             return y
         for m in self.flushing:  # a chunk that this call ends inside ends with it
@@ -145,15 +154,13 @@ class Built(nn.Module):
             targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
 
         def loss(y: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(
-                y.flatten(0, 1), targets[:, start:stop].flatten(), ignore_index=-100,
-                reduction="sum")
+            return _next_token_loss(y, targets[:, start:stop])
 
         return loss
 
     def forward_in_chunks(self, x: torch.Tensor, state: dict[str, Any] | None,
-                          task: Callable[..., torch.Tensor] | None, tasks: list[Any]
-                          ) -> tuple[torch.Tensor, dict[str, Any]]:
+                          task: Callable[..., torch.Tensor] | None, tasks: list[Any],
+                          defer: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
         """Run piece by piece, a piece ending wherever a task-loss memory's chunk does, or
         that of a memory read above its declaration (which reads the chunk's first state); after
         each, hand every such memory the gradient of the piece's task loss with respect to
@@ -178,6 +185,9 @@ class Built(nn.Module):
         # computes. Other levels' gradients are local to their piece (TaskMLP.weights), so
         # no gradient runs through another's.
         through = any(not m.stopped for m in tasks) and (outer or any(m.nested for m in tasks))
+        waiting = given.pop(NEXT, None)
+        if waiting is not None:  # the last call's last token, now that its target is here
+            given = self._score_waiting(waiting, x[:, 0], given, through)
         # per memory read and not yet differentiated: [memory, weights, first piece];
         # per first piece: the task loss summed from it on
         pending: dict[str, list[Any]] = {}
@@ -223,12 +233,11 @@ class Built(nn.Module):
                 grads: dict[str, tuple[Any, ...]] = {}
                 for first, keys in due.items():
                     weights = [w for key in keys for w in pending[key][1]]
-                    # the outer level's backward, or a parent's summed loss, may still need
-                    # this graph: keep it
-                    # (or the levels' piece goes on)
-                    keep = outer or through or len(pending) > len(keys) or cut
+                    # the graph is kept: the outer level's backward, a parent's summed loss,
+                    # the levels' piece going on, the last token's waiting loss, or another
+                    # call given the same state may need it (it goes when nothing refers to it)
                     gs = torch.autograd.grad(losses[first], weights, allow_unused=True,
-                                             create_graph=through, retain_graph=keep)
+                                             create_graph=through, retain_graph=True)
                     for i, key in enumerate(keys):
                         grads[key] = gs[2 * i: 2 * i + 2]
                 for key, (mem, base, _) in ctx.task.items():
@@ -248,13 +257,17 @@ class Built(nn.Module):
                     if key in ctx.out and not mem.nested:
                         ctx.out[key] = {**ctx.out[key], "piece": used}
             given = {**given, **ctx.out}
-            outs.append(y)
+            outs.append(y if outer else y.detach())  # (evaluation holds no graph it need not)
             start = stop
+        if defer:  # the last token's loss, with the weights each level read for it
+            with torch.enable_grad():  # (a view made without grad mode has no graph)
+                given[NEXT] = {"y": y[:, -1:],
+                               "used": {key: used for key, (_, _, used) in ctx.task.items()}}
         y = torch.cat(outs, 1)
         if not outer:  # what evaluation returns holds no graph...
             y = y.detach()
             going_on = [key for key, entry in given.items()
-                        if isinstance(entry, dict) and "piece" in entry]
+                        if isinstance(entry, dict) and ("piece" in entry or key == NEXT)]
             if going_on:
                 # ...but for the levels' piece that the call ended inside: the next call goes
                 # on with it through what this part wrote, as one pass would (the graph
@@ -265,18 +278,50 @@ class Built(nn.Module):
                 given = detached(given)
         return y, given
 
+    def _score_waiting(self, waiting: dict[str, Any], target: torch.Tensor,
+                       given: dict[str, Any], through: bool) -> dict[str, Any]:
+        """The last call's last output scored against its target, this call's first token:
+        each level it read gets that loss's gradient with respect to the weights it read then
+        (TaskMLP.learn_late). Without its graph (a state the caller detached, or one from an
+        evaluation given to a call in grad mode) the loss cannot be differentiated: its
+        chunk goes without it."""
+        tasks = {m.state_key: m for m in self.tasks}
+        used = {key: ws for key, ws in waiting["used"].items() if key in tasks}
+        ctx = State(given)
+        with torch.set_grad_enabled(True):
+            weights = [w for ws in used.values() for w in ws]
+            if waiting["y"].requires_grad and all(w.requires_grad for w in weights):
+                loss = _next_token_loss(waiting["y"], target[:, None])
+                gs = iter(torch.autograd.grad(loss, weights, allow_unused=True,
+                                              create_graph=through, retain_graph=True))
+            else:
+                gs = iter(torch.zeros_like(w) for w in weights)
+            for key, ws in used.items():
+                g = tuple(next(gs) for _ in ws)
+                if tasks[key].stopped:
+                    g = tuple(None if t is None else t.detach() for t in g)
+                tasks[key].learn_late(ctx, g)
+        return {**given, **ctx.out}
+
+
+def _next_token_loss(y: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A model's task loss (cross_entropy(<output>, next(<input>))) summed over tokens whose
+    targets are not -100."""
+    return torch.nn.functional.cross_entropy(y.flatten(0, 1), targets.flatten(),
+                                             ignore_index=-100, reduction="sum")
+
 
 @torch.compiler.disable
 def _eager_in_chunks(module: Built, x: torch.Tensor, state: dict[str, Any] | None,
-                     task: Callable[..., torch.Tensor] | None, tasks: list[Any]
-                     ) -> tuple[torch.Tensor, dict[str, Any]]:
+                     task: Callable[..., torch.Tensor] | None, tasks: list[Any],
+                     defer: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """forward_in_chunks outside torch.compile's graphs, for a module with task-loss memories:
     their gradients (torch.autograd.grad of each piece's loss with respect to weights the piece
     makes) would find no path through a compiled graph, which takes those weights in as
     intermediates, and come back as zeros (the levels would not learn); and the outer level's
     backward through them is a double backward, which compiled graphs do not take."""
     _warn_eager(module.decl_name)
-    return module.forward_in_chunks(x, state, task, tasks)
+    return module.forward_in_chunks(x, state, task, tasks, defer)
 
 
 @torch.compiler.disable

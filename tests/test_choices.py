@@ -153,7 +153,7 @@ def test_a_cms_level_carries_by_default_and_streams_as_one_pass():
     carry = build(CMS, "LM")
     x = torch.randint(0, 20, (2, 13))
     targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
-    whole, final = carry(x, return_state=True)
+    whole, final = carry(x, return_state=True, targets=targets)
     pieces, state = stream(carry, x, [3, 6], targets=targets)
     close(pieces, whole)
     same_states(final, state)
@@ -174,13 +174,13 @@ def test_a_shared_cms_level_sums_the_batch_gradients():
     # different sequences: every sequence reads the weights the whole batch made (tokens 4
     # to 7 read those of the first chunk's step)
     x = torch.randint(0, 20, (3, 9))
-    y, state = shared(x, return_state=True)
+    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    y, state = shared(x, return_state=True, targets=targets)
     for i in range(3):
         alone = shared(x[i:i + 1, 4:8], state={"Level.f": state_at(shared, x, 4)})
         close(y[i:i + 1, 4:8], alone)
     assert (y[:1, 4:8] - shared(x[:1])[:, 4:8]).abs().max() > 1e-4
     # a shared level streams as one pass too, and trains its initial weights
-    targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
     pieces, streamed = stream(shared, x, [2, 7], targets=targets)
     close(pieces, y)
     same_states(state, streamed)

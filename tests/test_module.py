@@ -307,7 +307,7 @@ def test_cms_streaming_with_targets_equals_one_pass_and_learns_through_updates(t
     model = cms_lm(tmp_path)
     x = torch.randint(0, 20, (2, 19))
     targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
-    whole, final = model(x, return_state=True)
+    whole, final = model(x, return_state=True, targets=targets)
     state, pieces = None, []
     for a, b in [(0, 3), (3, 9), (9, 19)]:
         y, state = model(x[:, a:b], state=state, return_state=True, targets=targets[:, a:b])
@@ -820,7 +820,7 @@ def test_hope_lm_fed_in_calls_cut_inside_its_levels_chunks_equals_one_pass(cuts)
     model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
     x = torch.randint(0, 20, (2, 23))
     targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
-    whole, final = model(x, return_state=True)
+    whole, final = model(x, return_state=True, targets=targets)
     state, pieces = None, []
     for a, b in zip((0, *cuts), (*cuts, 23)):
         y, state = model(x[:, a:b], state=state, return_state=True, targets=targets[:, a:b])
@@ -836,6 +836,40 @@ def test_hope_lm_fed_in_calls_cut_inside_its_levels_chunks_equals_one_pass(cuts)
         close(a, b)
 
 
+@pytest.mark.parametrize("mode", ["enable_grad", "no_grad"])
+@pytest.mark.parametrize("cuts", [(4, 8, 16), (5, 17), tuple(range(1, 23))])
+def test_hope_lm_fed_in_calls_without_targets_equals_one_pass(mode, cuts):
+    """Without targets a model's levels learn from next(tokens): a call's last token has its
+    target in the next call, so its loss waits there (the state's "next token"), and its
+    gradient joins its chunk's, or the update that chunk already made: fed in calls cut
+    anywhere, token by token too (generation), the levels learn what one pass learns.
+    Before, every call's last token went without a loss: token by token, none had one."""
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
+    x = torch.randint(0, 20, (2, 23))
+    with getattr(torch, mode)():
+        whole, final = model(x, return_state=True)
+        state, pieces, lost = None, [], None
+        for a, b in zip((0, *cuts), (*cuts, 23)):
+            if lost is None and a >= 4:  # a stream that drops the waiting loss, from here
+                lost = model(x[:, a:], state={k: v for k, v in state.items()
+                                              if k != nestc.module.NEXT})
+            y, state = model(x[:, a:b], state=state, return_state=True)
+            pieces.append(y)
+    streamed = torch.cat(pieces, 1)
+    close(streamed, whole)
+    assert nestc.module.NEXT in state and nestc.module.NEXT in final
+    for a, b in zip(leaves(final), leaves(state), strict=True):
+        close(a, b)
+    assert (lost - whole[:, -lost.shape[1]:]).abs().max() > 1e-4
+    if mode == "enable_grad":
+        w = torch.randn_like(whole)
+        params = list(model.parameters())
+        for a, b in zip(torch.autograd.grad((whole * w).sum(), params),
+                        torch.autograd.grad((streamed * w).sum(), params), strict=True):
+            close(a, b)
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("cuts", [(5, 17), tuple(range(1, 23))])
 def test_hope_lm_evaluated_in_calls_cut_inside_its_levels_chunks_equals_one_pass(mode, cuts):
@@ -848,12 +882,12 @@ def test_hope_lm_evaluated_in_calls_cut_inside_its_levels_chunks_equals_one_pass
     x = torch.randint(0, 20, (2, 23))
     targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
     with getattr(torch, mode)():
-        whole, final = model(x, return_state=True)
+        whole, final = model(x, return_state=True, targets=targets)
         state, pieces = None, []
         for a, b in zip((0, *cuts), (*cuts, 23)):
             y, state = model(x[:, a:b], state=state, return_state=True, targets=targets[:, a:b])
             pieces.append(y)
-        _, ended = model(x[:, :8], return_state=True)
+        _, ended = model(x[:, :8], return_state=True, targets=targets[:, :8])
     assert not whole.requires_grad
     close(torch.cat(pieces, 1), whole)
     for a, b in zip(leaves(final), leaves(state), strict=True):
@@ -883,6 +917,23 @@ def test_an_evaluated_states_graph_reaches_back_no_further_than_its_piece():
             _, state = model(x[:, a:b], state=state, return_state=True)
             sizes.append(nodes(state))
     assert 0 < max(sizes[1:]) <= 1.1 * min(sizes[1:]), sizes
+
+
+def test_an_evaluated_state_inside_a_piece_continues_more_than_once():
+    """Sampling several continuations of one prompt: each call given the same evaluated state
+    (its piece's graph, its last token's waiting loss) computes the same."""
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
+    x = torch.randint(0, 20, (2, 11))
+    with torch.no_grad():
+        _, state = model(x[:, :6], return_state=True)
+        first = model(x[:, 6:], state=state)
+        other = model(x[:, 6:].flip(1), state=state)
+        again = model(x[:, 6:], state=state)
+        whole = model(x)
+    close(first, again)
+    close(first, whole[:, 6:])
+    assert (other - first).abs().max() > 1e-3
 
 
 def test_training_from_a_state_evaluated_inside_a_piece_does_not_reach_the_evaluation():
