@@ -139,6 +139,38 @@ class Built(nn.Module):
                 out[m.state_key] = m.flushed(out[m.state_key])
         return y, out
 
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, state: dict[str, Any] | None = None,
+                 generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A model's continuation of `prompt` ([B, P] token ids): `tokens` more, each drawn
+        from its logits / temperature (the top_k largest, if given; temperature 0: the
+        largest), fed back one at a time with the in-context state. Its levels learn in
+        context from the prompt and from what it writes, as one pass over the whole would
+        (docs/semantics.md). `state`: the in-context state before the prompt. Returns
+        ([B, P + tokens] ids, the state after them; the last token is not fed)."""
+        if self.kind != "model" or prompt.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"generate: `{self.decl_name}` is a {self.kind}; generate takes a "
+                             "model and token ids")
+        if prompt.shape[1] == 0:
+            raise ValueError("generate: the prompt needs at least one token")
+        out, x = [prompt], prompt
+        for _ in range(tokens):
+            logits, state = self(x, state=state, return_state=True)
+            last = logits[:, -1].float()
+            if temperature == 0:
+                x = last.argmax(-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k is not None:
+                    kth = last.topk(min(top_k, last.shape[-1]), -1).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                x = torch.multinomial(last.softmax(-1), 1, generator=generator)
+            x = x.to(prompt.dtype)
+            out.append(x)
+        return torch.cat(out, 1), dict(state or {})
+
     def task_loss(self, x: torch.Tensor, targets: torch.Tensor | None
                   ) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
         if self.objective_where is not None:

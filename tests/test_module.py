@@ -936,6 +936,31 @@ def test_an_evaluated_state_inside_a_piece_continues_more_than_once():
     assert (other - first).abs().max() > 1e-3
 
 
+def test_generate_writes_what_one_pass_over_its_text_predicts():
+    """Greedy generation, one token a call with the state: each token is the largest logit of
+    one pass over the text before it (the levels learning from the prompt and from what the
+    model wrote, as that pass does); sampling is seeded; a block is refused."""
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
+    prompt = torch.randint(0, 20, (2, 5))
+    text, state = model.generate(prompt, 11, temperature=0)
+    assert text.shape == (2, 16) and (text[:, :5] == prompt).all()
+    with torch.no_grad():
+        logits = model(text[:, :-1])[:, 4:]
+    chosen = logits.gather(-1, text[:, 5:, None])[..., 0]
+    assert (chosen >= logits.max(-1).values - 1e-5).all()
+    # the state is the one a pass over the text but its last token leaves
+    with torch.no_grad():
+        _, want = model(text[:, :-1], return_state=True)
+    for a, b in zip(leaves(want), leaves(state), strict=True):
+        close(a, b)
+    draw = [model.generate(prompt, 4, top_k=3, generator=torch.Generator().manual_seed(1))[0]
+            for _ in range(2)]
+    assert (draw[0] == draw[1]).all()
+    with pytest.raises(ValueError, match="takes a model"):
+        nestc.load("std/memory/cms.nest").build("CMS", dim=8).generate(prompt, 1)
+
+
 def test_training_from_a_state_evaluated_inside_a_piece_does_not_reach_the_evaluation():
     """The graph an evaluation's state carries for its piece is not the outer level's: a call
     in grad mode starts from its values, so its gradients are those of the detached state."""
