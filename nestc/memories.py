@@ -1072,6 +1072,13 @@ class TaskMLP(Memory):
         self.guard(*weights)
         state.out[self.state_key] = {"W": weights, "grad": grads, "offset": offset}
 
+    @property
+    def defers(self) -> bool:
+        """Whether a call's last token's loss waits for the next call (nestc.module.NEXT):
+        not for levels whose chunks a call ends (`partial chunk flush`) or nested ones (a
+        parent differentiates within a call; its child is reset to it)."""
+        return not (self.flush or self.nested or self.parent is not None)
+
     def learn_late(self, state: Any, grads: tuple[Any, ...]) -> None:
         """The gradient of the token before this call (its target, this call's first token,
         came late), taken at the weights it read: added to its chunk's gradient so far, or,

@@ -109,13 +109,11 @@ class Built(nn.Module):
             return (y, dict(state or {})) if return_state else y
         tasks = self.tasks
         # the last token's task loss waits for its target, the next call's first token (a
-        # model's next-token loss with the targets it implies; not for levels whose calls end
-        # their chunks, or nested ones, which differentiate within a call)
-        defer = task is None and targets is None and bool(tasks) and \
-            not any(m.nested or m.flush for m in tasks)
+        # model's next-token loss with the targets it implies; TaskMLP.defers)
+        defer = task is None and targets is None and any(m.defers for m in tasks)
         if not tasks and not self.starts:
             ctx = State(state)
-            y, out = self.run({"__state__": ctx}, x), ctx.out
+            y, out = self.run({"__state__": ctx}, x), self.flushed(ctx.out)
         else:
             if tasks and torch.is_inference_mode_enabled():
                 # the levels' gradients need autograd, which inference mode switches off even
@@ -132,12 +130,7 @@ class Built(nn.Module):
                 run = _eager_in_chunks if tasks and torch.compiler.is_compiling() else \
                     Built.forward_in_chunks
                 y, out = run(self, x, state, task, tasks, defer)
-        if not return_state:
-            return y
-        for m in self.flushing:  # a chunk that this call ends inside ends with it
-            if m.state_key in out:
-                out[m.state_key] = m.flushed(out[m.state_key])
-        return y, out
+        return (y, out) if return_state else y
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, tokens: int, *, temperature: float = 1.0,
@@ -153,8 +146,9 @@ class Built(nn.Module):
         if self.kind != "model" or prompt.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"generate: `{self.decl_name}` is a {self.kind}; generate takes a "
                              "model and token ids")
-        if prompt.shape[1] == 0:
-            raise ValueError("generate: the prompt needs at least one token")
+        if prompt.shape[1] == 0 or tokens < 1:
+            raise ValueError("generate: the prompt needs at least one token, and it writes at "
+                             f"least one (got {prompt.shape[1]} and {tokens})")
         out, x = [prompt], prompt
         for _ in range(tokens):
             logits, state = self(x, state=state, return_state=True)
@@ -170,6 +164,14 @@ class Built(nn.Module):
             x = x.to(prompt.dtype)
             out.append(x)
         return torch.cat(out, 1), dict(state or {})
+
+    def flushed(self, out: dict[str, Any]) -> dict[str, Any]:
+        """The state a call returns: every memory under `partial chunk flush` ends the chunk
+        the call ends inside (a flushed chunk never goes on: its "piece" goes too)."""
+        for m in self.flushing:
+            if m.state_key in out:
+                out[m.state_key] = m.flushed(out[m.state_key])
+        return out
 
     def task_loss(self, x: torch.Tensor, targets: torch.Tensor | None
                   ) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
@@ -204,10 +206,13 @@ class Built(nn.Module):
         reached (the child's reads and updates)."""
         given = dict(state or {})
         outer = torch.is_grad_enabled()
-        if outer and any(isinstance(entry, dict) and entry.get("evaluation")
-                         for entry in given.values()):
+        marks = [entry["evaluation"] for entry in given.values()
+                 if isinstance(entry, dict) and "evaluation" in entry]
+        if marks and (outer or any(mark != self._versions() for mark in marks)):
             # a piece begun without grad mode: the outer level does not differentiate
-            # through the evaluation's graph (the piece starts again here, from the values)
+            # through the evaluation's graph, nor can anything once the parameters it saved
+            # changed in place (an optimizer step): the piece starts again here, from the
+            # values (the waiting token's loss goes without a gradient)
             given = {key: {k: v for k, v in entry.items() if k not in ("piece", "evaluation")}
                      if isinstance(entry, dict) else entry
                      for key, entry in detached(given).items()}
@@ -217,6 +222,10 @@ class Built(nn.Module):
         # computes. Other levels' gradients are local to their piece (TaskMLP.weights), so
         # no gradient runs through another's.
         through = any(not m.stopped for m in tasks) and (outer or any(m.nested for m in tasks))
+        # a graph that came in with the state (a piece going on, a waiting loss): the call
+        # that goes on from it may not be the only one
+        inherited = any(isinstance(entry, dict) and ("piece" in entry or key == NEXT)
+                        for key, entry in given.items())
         waiting = given.pop(NEXT, None)
         if waiting is not None:  # the last call's last token, now that its target is here
             given = self._score_waiting(waiting, x[:, 0], given, through)
@@ -265,11 +274,13 @@ class Built(nn.Module):
                 grads: dict[str, tuple[Any, ...]] = {}
                 for first, keys in due.items():
                     weights = [w for key in keys for w in pending[key][1]]
-                    # the graph is kept: the outer level's backward, a parent's summed loss,
-                    # the levels' piece going on, the last token's waiting loss, or another
-                    # call given the same state may need it (it goes when nothing refers to it)
+                    # the outer level's backward, a parent's summed loss, the levels' piece
+                    # going on, the last token's waiting loss, or another call given the same
+                    # state may still need this graph: keep it
+                    keep = outer or through or len(pending) > len(keys) or cut or \
+                        (defer and stop == T) or (start == 0 and inherited)
                     gs = torch.autograd.grad(losses[first], weights, allow_unused=True,
-                                             create_graph=through, retain_graph=True)
+                                             create_graph=through, retain_graph=keep)
                     for i, key in enumerate(keys):
                         grads[key] = gs[2 * i: 2 * i + 2]
                 for key, (mem, base, _) in ctx.task.items():
@@ -291,10 +302,13 @@ class Built(nn.Module):
             given = {**given, **ctx.out}
             outs.append(y if outer else y.detach())  # (evaluation holds no graph it need not)
             start = stop
+        given = self.flushed(given)
         if defer:  # the last token's loss, with the weights each level read for it
-            with torch.enable_grad():  # (a view made without grad mode has no graph)
-                given[NEXT] = {"y": y[:, -1:],
-                               "used": {key: used for key, (_, _, used) in ctx.task.items()}}
+            with torch.enable_grad():  # (a view made without grad mode has no graph; a
+                # clone holds no more of the piece's outputs than that token's)
+                given[NEXT] = {"y": y[:, -1:].clone(),
+                               "used": {key: used for key, (mem, _, used) in ctx.task.items()
+                                        if mem.defers}}
         y = torch.cat(outs, 1)
         if not outer:  # what evaluation returns holds no graph...
             y = y.detach()
@@ -305,10 +319,14 @@ class Built(nn.Module):
                 # on with it through what this part wrote, as one pass would (the graph
                 # reaches back to the piece's start: at most a chunk of the fastest level)
                 for key in going_on:
-                    given[key] = {**given[key], "evaluation": True}
+                    given[key] = {**given[key], "evaluation": self._versions()}
             else:
                 given = detached(given)
         return y, given
+
+    def _versions(self) -> int:
+        """The parameters' version counters summed: it grows whenever one changes in place."""
+        return sum(p._version for p in self.parameters())
 
     def _score_waiting(self, waiting: dict[str, Any], target: torch.Tensor,
                        given: dict[str, Any], through: bool) -> dict[str, Any]:
@@ -339,7 +357,7 @@ class Built(nn.Module):
 def _next_token_loss(y: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """A model's task loss (cross_entropy(<output>, next(<input>))) summed over tokens whose
     targets are not -100."""
-    return torch.nn.functional.cross_entropy(y.flatten(0, 1), targets.flatten(),
+    return torch.nn.functional.cross_entropy(y.flatten(0, 1), targets.flatten().long(),
                                              ignore_index=-100, reduction="sum")
 
 

@@ -149,6 +149,21 @@ def test_a_cms_level_that_flushes_updates_at_the_end_of_a_call():
     close(pieces, carry(x))
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_an_evaluation_with_a_flushing_level_returns_plain_values(mode):
+    """A flushed level's chunk ends with the call, so no piece goes on: the state an
+    evaluation returns holds no graph, and ordinary tensors under inference mode (the flush
+    ran after both before). The old state held the graph of the rest of the model, without
+    the mark that stops a call in grad mode from differentiating through it."""
+    flush = build(CMS, "LM", "partial chunk flush")
+    x = torch.randint(0, 20, (2, 9))
+    with getattr(torch, mode)():
+        _, state = flush(x[:, :6], return_state=True)
+    assert not any(t.requires_grad or t.is_inference() for t in leaves(state))
+    assert nestc.module.NEXT not in state  # (its last token's loss does not wait)
+    close(flush(x[:, 6:], state=state), flush(x[:, 6:], state=nestc.module.detached(state)))
+
+
 def test_a_cms_level_carries_by_default_and_streams_as_one_pass():
     carry = build(CMS, "LM")
     x = torch.randint(0, 20, (2, 13))

@@ -859,6 +859,8 @@ def test_hope_lm_fed_in_calls_without_targets_equals_one_pass(mode, cuts):
     streamed = torch.cat(pieces, 1)
     close(streamed, whole)
     assert nestc.module.NEXT in state and nestc.module.NEXT in final
+    waiting = state[nestc.module.NEXT]["y"]  # that token's logits alone, not its piece's
+    assert waiting.untyped_storage().nbytes() == waiting.numel() * waiting.element_size()
     for a, b in zip(leaves(final), leaves(state), strict=True):
         close(a, b)
     assert (lost - whole[:, -lost.shape[1]:]).abs().max() > 1e-4
@@ -959,6 +961,28 @@ def test_generate_writes_what_one_pass_over_its_text_predicts():
     assert (draw[0] == draw[1]).all()
     with pytest.raises(ValueError, match="takes a model"):
         nestc.load("std/memory/cms.nest").build("CMS", dim=8).generate(prompt, 1)
+    with pytest.raises(ValueError, match="at least one"):
+        model.generate(prompt, 0)
+    close(model.generate(prompt.int(), 3, temperature=0)[0].long(), text[:, :8])
+
+
+def test_an_evaluated_state_goes_on_after_an_optimizer_step_from_its_values():
+    """Online learning: evaluate, train a step, go on from the evaluated state. The graph it
+    kept saved the parameters the step changed in place, so the call starts from its
+    values, as from a detached state (before, autograd raised)."""
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
+    x = torch.randint(0, 20, (2, 12))
+    with torch.no_grad():
+        _, state = model(x[:, :6], return_state=True)
+    plain = {key: {k: v for k, v in entry.items() if k not in ("piece", "evaluation")}
+             if isinstance(entry, dict) else entry
+             for key, entry in nestc.module.detached(state).items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        close(model(x[:, 6:], state=state), model(x[:, 6:], state=plain))
 
 
 def test_training_from_a_state_evaluated_inside_a_piece_does_not_reach_the_evaluation():

@@ -51,7 +51,7 @@ register_load_state_dict_pre_hook register_module register_parameter
 register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
 set_extra_state set_submodule share_memory state_dict to to_empty train training type xpu
 zero_grad decl_name kind backend objective objective_where out_feat tasks run finish
-task_loss forward_in_chunks flushing
+task_loss forward_in_chunks flushing flushed generate
 """
 MODULE_ATTRS = frozenset(_MODULE_ATTRS.split())
 
