@@ -1035,6 +1035,10 @@ class TaskMLP(Memory):
         base = given["W"] if given is not None else (self.A, self.B)
         if not self.shared and base[0].dim() == 2:  # per sample, from shared weights
             base = tuple(w.expand(batch, -1, -1) for w in base)
+        if given is None:
+            # a copy, not the parameters (or a view of them): the state keeps it past this
+            # block's forward, after which FSDP frees the unsharded parameters' storage
+            base = tuple(w.clone() for w in base)
         # without the outer level's graph (evaluation, or a state passed in), the task loss is
         # still differentiated with respect to them: they become leaves, kept for the chunk
         base = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in base)

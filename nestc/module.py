@@ -111,6 +111,13 @@ class Built(nn.Module):
         # the last token's task loss waits for its target, the next call's first token (a
         # model's next-token loss with the targets it implies; TaskMLP.defers)
         defer = task is None and targets is None and any(m.defers for m in tasks)
+        if tasks and _sharded(self):
+            raise NestError(f"`{self.decl_name}` has memories that learn from the task loss, "
+                            "whose gradients are taken inside its forward; FSDP's fully_shard "
+                            "reshards the parameters when such a backward ends, so sharding "
+                            "this model is not supported yet", None, kind="value",
+                            hint="train it data parallel with DDP (nestc train under torchrun)",
+                            unsupported=True)
         if not tasks and not self.starts:
             ctx = State(state)
             y, out = self.run({"__state__": ctx}, x), self.flushed(ctx.out)
@@ -392,6 +399,11 @@ def _warn_eager(name: str) -> None:
         warnings.warn(f"nestc: torch.compile runs `{name}` eagerly: its memories that learn from "
                       "the task loss take gradients inside its forward, which a compiled graph "
                       "cannot give them (docs/semantics.md)", stacklevel=3)
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 (fully_shard) sharded any of module's parameters (DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in module.parameters())
 
 
 def _ordinary(tree: Any) -> Any:

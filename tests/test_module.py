@@ -648,6 +648,18 @@ def test_task_memories_learn_in_context_without_grad_mode(tmp_path):
     assert not y.requires_grad and state["CMS.c0_f"]["offset"] == 1
 
 
+def test_a_levels_state_is_its_own_not_a_view_of_its_parameters(tmp_path):
+    """A chunk not yet full keeps the weights it started from: a copy of the meta-learned
+    ones, not a view that an optimizer step (or FSDP freeing the storage) would change."""
+    model = cms_lm(tmp_path, chunks=[4], lr=0.5)
+    _, state = model(torch.randint(0, 20, (2, 3)), return_state=True)
+    A = state["CMS.c0_f"]["W"][0]
+    before = A.detach().clone()
+    with torch.no_grad():
+        model.CMS.c0_f.A.add_(1.0)
+    close(A, before)
+
+
 def test_a_slow_levels_gradient_is_local_to_each_piece(tmp_path):
     # the slow level (chunk 4) sums, over the two pieces of its chunk, each piece's gradient
     # with what came in from earlier pieces (here the fast level's updated weights) held fixed

@@ -354,7 +354,11 @@ def test_in_context_levels_learn_from_the_input_never_from_the_labels(tmp_path):
 def test_fsdp_shards_every_block_and_trains_as_one_process(tmp_path, spec, name):
     """FSDP2's fully_shard on each block (a sub-module the generated code calls through
     __call__, so its hooks gather and free the block's weights) and on the root, with nestc's
-    SGD on the sharded parameters: two processes equal one on the whole batch."""
+    SGD on the sharded parameters: two processes equal one on the whole batch. A model with
+    task-loss levels (HopeLM) is refused with a NestError: their gradients are taken inside
+    the forward, after which FSDP reshards the parameters (once a level's chunk was full,
+    the next piece met sharded weights or freed storage: a RuntimeError or a segfault; this
+    test passed before only because its 12 tokens never filled a chunk of 16)."""
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 (fully_shard)")
@@ -363,6 +367,9 @@ def test_fsdp_shards_every_block_and_trains_as_one_process(tmp_path, spec, name)
                           "--nproc_per_node", "2", str(ROOT / "tests" / "fsdp_worker.py"),
                           spec, name], capture_output=True, text=True, env=env, timeout=300,
                          cwd=tmp_path)
+    if name == "HopeLM":
+        assert run.returncode != 0 and "sharding this model is not supported yet" in run.stderr
+        return
     assert run.returncode == 0, run.stderr[-3000:]
     (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith("max parameter")]
     assert float(line.split()[-1]) < 1e-5, line
