@@ -822,6 +822,22 @@ def test_blocks_take_activation_checkpointing(path, name):
             close(p.grad, q.grad)
 
 
+def same_outer_gradients(model, whole, streamed):
+    """The outer level's gradients of one weighted sum of both outputs are the same."""
+    w = torch.randn_like(whole)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad((whole * w).sum(), params),
+                    torch.autograd.grad((streamed * w).sum(), params), strict=True):
+        close(a, b)
+
+
+def values_of(state):
+    """A state's values: detached, with no piece going on and no evaluation's mark."""
+    return {key: {k: v for k, v in entry.items() if k not in ("piece", "evaluation")}
+            if isinstance(entry, dict) else entry
+            for key, entry in nestc.module.detached(state).items()}
+
+
 @pytest.mark.parametrize("cuts", [(5, 17), (1, 2, 3, 11)])
 def test_hope_lm_fed_in_calls_cut_inside_its_levels_chunks_equals_one_pass(cuts):
     """A CMS level's gradient is local to its piece (docs/semantics.md), and a piece that a
@@ -841,11 +857,7 @@ def test_hope_lm_fed_in_calls_cut_inside_its_levels_chunks_equals_one_pass(cuts)
     close(streamed, whole)
     for a, b in zip(leaves(final), leaves(state), strict=True):
         close(a, b)
-    w = torch.randn_like(whole)
-    params = list(model.parameters())
-    for a, b in zip(torch.autograd.grad((whole * w).sum(), params),
-                    torch.autograd.grad((streamed * w).sum(), params), strict=True):
-        close(a, b)
+    same_outer_gradients(model, whole, streamed)
 
 
 @pytest.mark.parametrize("mode", ["enable_grad", "no_grad"])
@@ -877,11 +889,7 @@ def test_hope_lm_fed_in_calls_without_targets_equals_one_pass(mode, cuts):
         close(a, b)
     assert (lost - whole[:, -lost.shape[1]:]).abs().max() > 1e-4
     if mode == "enable_grad":
-        w = torch.randn_like(whole)
-        params = list(model.parameters())
-        for a, b in zip(torch.autograd.grad((whole * w).sum(), params),
-                        torch.autograd.grad((streamed * w).sum(), params), strict=True):
-            close(a, b)
+        same_outer_gradients(model, whole, streamed)
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
@@ -987,9 +995,7 @@ def test_an_evaluated_state_goes_on_after_an_optimizer_step_from_its_values():
     x = torch.randint(0, 20, (2, 12))
     with torch.no_grad():
         _, state = model(x[:, :6], return_state=True)
-    plain = {key: {k: v for k, v in entry.items() if k not in ("piece", "evaluation")}
-             if isinstance(entry, dict) else entry
-             for key, entry in nestc.module.detached(state).items()}
+    plain = values_of(state)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(x).pow(2).mean().backward()
     opt.step()
@@ -1006,9 +1012,7 @@ def test_training_from_a_state_evaluated_inside_a_piece_does_not_reach_the_evalu
     with torch.no_grad():
         _, state = model(x[:, :6], return_state=True)
     assert any(t.requires_grad for t in leaves(state))
-    plain = {key: {k: v for k, v in entry.items() if k not in ("piece", "evaluation")}
-             if isinstance(entry, dict) else entry
-             for key, entry in nestc.module.detached(state).items()}
+    plain = values_of(state)
     params = list(model.parameters())
     grads = [torch.autograd.grad(model(x[:, 6:], state=s).pow(2).sum(), params,
                                  allow_unused=True) for s in (state, plain)]
