@@ -419,11 +419,13 @@ def _ordinary(tree: Any) -> Any:
 
 
 def detached(tree: Any) -> Any:
-    """An in-context state (dicts, tuples and lists of tensors) with every tensor detached."""
+    """An in-context state (dicts, tuples and lists of tensors) with every tensor detached,
+    without a waiting token (NEXT: its loss needs the graph; without it that token's share
+    is left out, as it would be anyway)."""
     if isinstance(tree, torch.Tensor):
         return tree.detach()
     if isinstance(tree, dict):
-        return {k: detached(v) for k, v in tree.items()}
+        return {k: detached(v) for k, v in tree.items() if k != NEXT}
     if isinstance(tree, (tuple, list)):
         return type(tree)(detached(v) for v in tree)
     return tree

@@ -885,6 +885,8 @@ def test_hope_lm_fed_in_calls_without_targets_equals_one_pass(mode, cuts):
     assert nestc.module.NEXT in state and nestc.module.NEXT in final
     waiting = state[nestc.module.NEXT]["y"]  # that token's logits alone, not its piece's
     assert waiting.untyped_storage().nbytes() == waiting.numel() * waiting.element_size()
+    # a detached state (what nestc.train keeps and checkpoints) has no use for it
+    assert nestc.module.NEXT not in nestc.module.detached(state)
     for a, b in zip(leaves(final), leaves(state), strict=True):
         close(a, b)
     assert (lost - whole[:, -lost.shape[1]:]).abs().max() > 1e-4
