@@ -231,8 +231,7 @@ class Built(nn.Module):
         through = any(not m.stopped for m in tasks) and (outer or any(m.nested for m in tasks))
         # a graph that came in with the state (a piece going on, a waiting loss): the call
         # that goes on from it may not be the only one
-        inherited = any(isinstance(entry, dict) and ("piece" in entry or key == NEXT)
-                        for key, entry in given.items())
+        inherited = bool(_going_on(given))
         waiting = given.pop(NEXT, None)
         if waiting is not None:  # the last call's last token, now that its target is here
             given = self._score_waiting(waiting, x[:, 0], given, through)
@@ -319,8 +318,7 @@ class Built(nn.Module):
         y = torch.cat(outs, 1)
         if not outer:  # what evaluation returns holds no graph...
             y = y.detach()
-            going_on = [key for key, entry in given.items()
-                        if isinstance(entry, dict) and ("piece" in entry or key == NEXT)]
+            going_on = _going_on(given)
             if going_on:
                 # ...but for the levels' piece that the call ended inside: the next call goes
                 # on with it through what this part wrote, as one pass would (the graph
@@ -359,6 +357,13 @@ class Built(nn.Module):
                     g = tuple(None if t is None else t.detach() for t in g)
                 tasks[key].learn_late(ctx, g)
         return {**given, **ctx.out}
+
+
+def _going_on(state: dict[str, Any]) -> list[str]:
+    """The entries of a state that hold a graph the next call goes on with: a levels' piece
+    that the call ended inside, and the last token's waiting loss."""
+    return [key for key, entry in state.items()
+            if isinstance(entry, dict) and ("piece" in entry or key == NEXT)]
 
 
 def _next_token_loss(y: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

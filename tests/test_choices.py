@@ -293,12 +293,16 @@ SHARED_MODES = {
 }
 
 
+def built_mem(text, clauses, shared, backend, **hyper):
+    """Block `Mem` of a template with its clauses (`state shared` first where asked), seeded."""
+    text = text.replace("CLAUSES", ("state shared; " if shared else "") + clauses)
+    torch.manual_seed(0)
+    return nestc.loads(text, "s.nest").build("Mem", dim=16, backend=backend, **hyper)
+
+
 def shared_memory(mode, backend="chunked", shared=True, **hyper):
     init, clauses = SHARED_MODES[mode]
-    text = SHARED.replace("INIT", init).replace(
-        "CLAUSES", ("state shared; " if shared else "") + clauses)
-    torch.manual_seed(0)
-    mod = nestc.loads(text, "s.nest").build("Mem", dim=16, backend=backend, **hyper)
+    mod = built_mem(SHARED.replace("INIT", init), clauses, shared, backend, **hyper)
     if init == "meta":
         with torch.no_grad():
             mod.M.initial.normal_(0, 0.3)
@@ -379,10 +383,8 @@ SHARED_MLP_MODES = {
 
 def shared_mlp(mode, backend="chunked", shared=True, **hyper):
     structure, clauses = SHARED_MLP_MODES[mode]
-    text = SHARED_MLP.replace("STRUCTURE", structure).replace(
-        "CLAUSES", ("state shared; " if shared else "") + clauses)
-    torch.manual_seed(0)
-    mod = nestc.loads(text, "s.nest").build("Mem", dim=16, backend=backend, **hyper)
+    mod = built_mem(SHARED_MLP.replace("STRUCTURE", structure), clauses, shared, backend,
+                    **hyper)
     with torch.no_grad():
         mod.M.A.normal_(0, 0.5)
         mod.M.B.normal_(0, 0.5)

@@ -1028,7 +1028,7 @@ def test_training_from_a_state_evaluated_inside_a_piece_does_not_reach_the_evalu
 def test_torch_compile_runs_task_loss_levels_eagerly_and_right(whole):
     """Task-loss levels take gradients inside the forward with respect to weights their run
     makes: through a compiled graph those came back as zeros, so the levels silently did not
-    learn (a 2-layer HopeLM's logits 0.014 off). torch.compile of the model, or of its blocks
+    learn (a 1-layer HopeLM's logits 0.014 off). torch.compile of the model, or of its blocks
     one by one, now runs them eagerly, with a warning, and equals eager."""
     torch.manual_seed(0)
     model = HOPE.build("HopeLM", vocab=20, dim=16, depth=1, heads=2, chunks=[4, 8])
