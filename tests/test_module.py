@@ -1073,3 +1073,18 @@ def test_key_and_value_clauses_must_say_what_the_objective_learns(clauses, messa
         nestc.loads(text, "b.nest").build("B")
     same = text.replace("x * 2.0", "x").replace("2 * x", "x")
     assert nestc.loads(same, "b.nest").build("B")(torch.randn(1, 3, 8)).shape == (1, 3, 8)
+
+
+def test_torch_compile_keeps_each_model_apart():
+    """Each generated class has a `forward` of its own (the same code): torch.compile keeps
+    at most recompile_limit graphs per code object, so with one shared `forward` the ninth
+    model compiled in a process ran eagerly. With a limit of 1, two models compile."""
+    torch._dynamo.reset()
+    titans = nestc.load("std/models/titans.nest")
+    models = [titans.build("TitansLM", vocab=20, dim=dim, depth=1, heads=2) for dim in (8, 16)]
+    assert type(models[0]).forward.__code__ is not type(models[1]).forward.__code__
+    assert type(models[0]).forward.__doc__ == nestc.module.Built.forward.__doc__
+    x = torch.randint(0, 20, (1, 3))
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for model in models:
+            close(torch.compile(model, backend="eager")(x), model(x))
