@@ -82,6 +82,12 @@ def tiled(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if n == 1 else x.repeat(*[1] * (x.dim() - 1), n)
 
 
+def clipped(sq: torch.Tensor, clip: float) -> torch.Tensor:
+    """The factor that scales a gradient of squared norm sq to norm at most clip:
+    clip / max(norm, clip), with no square root at 0."""
+    return clip * torch.rsqrt(sq.clamp_min(clip ** 2))
+
+
 def _mlp(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, act: Callable[..., torch.Tensor],
          residual: bool) -> torch.Tensor:
     """act(x A) B, plus x for a residual MLP; batch dims of x and the weights broadcast."""
@@ -236,7 +242,8 @@ class LinearMemory(Memory):
     def __init__(self, name: str, where: str, *, a: int, b: int, heads: int, chunk: int,
                  objective: str, rule: str, gated: bool, recurrence: str, read_before: bool,
                  stopped: bool, init: str, shared: bool = False, starts: bool = False,
-                 flush: bool = False, backend: str = "chunked") -> None:
+                 flush: bool = False, delta: float = 1.0, clip: float | None = None,
+                 backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.a, self.b, self.heads, self.chunk = a, b, heads, chunk
         # read above its declaration (read_start): its state is then {"S": the state,
@@ -246,8 +253,11 @@ class LinearMemory(Memory):
         # for the reads at its chunks' starts: the recurrence itself has no chunks)
         self.starts, self.flush = starts, flush
         self.objective, self.rule, self.gated = objective, rule, gated
-        # what the chunked and triton tiers run: "delta_rule", "gated_delta_rule" or
-        # "linear_attention", as the compiler selected it (nestc.codegen.memories.recurrence)
+        # huber's delta; clip: each token's gradient (each sequence's) scaled to norm at most it
+        self.delta, self.clip = delta, clip
+        # what the chunked and triton tiers run: "delta_rule", "gated_delta_rule",
+        # "linear_attention", or (huber, clip) "token_loop", the reference tier's, as the
+        # compiler selected it (nestc.codegen.memories.recurrence)
         self.recurrence = recurrence
         self.read_before, self.stopped, self.init = read_before, stopped, init
         # `state shared`: one state [H, a, b] for the batch, written by every sequence's token
@@ -318,8 +328,8 @@ class LinearMemory(Memory):
 
     def _reference(self, q: torch.Tensor, w: dict[str, Any], S0: Any) -> Any:
         """The definition: token by token, the rule applied to the objective's gradient (each
-        sequence's, scaled by its lr; a shared state takes their sum, and its retention, a
-        number, once)."""
+        sequence's, clipped to norm at most `clip` per head where the rule says so, scaled by
+        its lr; a shared state takes their sum, and its retention, a number, once)."""
         k, v, lr, retain = w["k"], w["v"], w["lr"], w["retain"]
         B, T, H, _ = k.shape
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -328,12 +338,21 @@ class LinearMemory(Memory):
         state = "hav" if self.shared else "nhav"
         read = lambda x, S: torch.einsum(f"nha,{state}->nhv", x, S)  # noqa: E731
 
-        def loss(S: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, eta: torch.Tensor
-                 ) -> torch.Tensor:
-            # the sum over the batch, each sequence's scaled
-            return (eta * objective_loss(read(kt, S), vt, self.objective)).sum()
+        def loss(P: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+            # every sequence's token's loss at its own state P [B, H, a, b]
+            return objective_loss(torch.einsum("nha,nhav->nhv", kt, P), vt, self.objective,
+                                  self.delta).sum()
 
-        grad = torch.func.grad(loss)
+        each = torch.func.grad(loss)
+
+        def grad(S: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, eta: torch.Tensor
+                 ) -> torch.Tensor:
+            g = each(S.expand(B, *S.shape) if self.shared else S, kt, vt)
+            if self.clip is not None:
+                eta = eta * clipped(g.pow(2).sum((-2, -1)), self.clip)
+            g = eta[..., None, None] * g
+            return g.sum(0) if self.shared else g
+
         outs = []
         for t in range(T):
             kt, vt = k[:, t].to(acc), v[:, t].to(acc)
@@ -364,6 +383,8 @@ class LinearMemory(Memory):
         from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
         from nestc.ops.linear_attention.chunk import chunk_linear_attention
 
+        if self.recurrence == "token_loop":  # no chunk-parallel form (huber, clip)
+            return self._reference(q, w, S0)
         k, v, lr, retain = w["k"], w["v"], w["lr"], w["retain"]
         if self.read_before:  # the state before token t = the state after a shifted write
             k, v, lr = (F.pad(x, (0, 0) * (x.ndim - 2) + (1, 0)) for x in (k, v, lr))
@@ -729,8 +750,8 @@ class MLPMemory(Memory):
             gA, gB = self._grads(*at, w["k"][:, :, t:t + 1], self._values(w, at, t, t + 1))
             gA, gB = gA[:, :, 0], gB[:, :, 0]
             if self.clip is not None:  # the gradient's norm, at most clip
-                lr = lr * self._clipped(gA.pow(2).sum((-2, -1)) + gB.pow(2).sum((-2, -1))
-                                        )[..., None, None]
+                lr = lr * clipped(gA.pow(2).sum((-2, -1)) + gB.pow(2).sum((-2, -1)),
+                                  self.clip)[..., None, None]
             uA, uB = -lr * gA, -lr * gB
             if self.shared:  # every sequence's update, at the same weights
                 uA, uB = uA.sum(0), uB.sum(0)
@@ -795,12 +816,6 @@ class MLPMemory(Memory):
             A, B, SA, SB, A0, B0 = (x[0] for x in (A, B, SA, SB, A0, B0))
         return y, {"M": (A, B), "S": (SA, SB), "start": (A0, B0),
                    "offset": (offset + T) % self.chunk}
-
-    def _clipped(self, sq: torch.Tensor) -> torch.Tensor:
-        """The factor that scales a gradient of squared norm sq to norm at most clip:
-        clip / max(norm, clip), with no square root at 0."""
-        assert self.clip is not None
-        return self.clip * torch.rsqrt(sq.clamp_min(self.clip ** 2))
 
 
 class _Siblings:

@@ -45,7 +45,7 @@ block Shared(dim, heads = 4) {
     let k = x |> linear(dim) |> l2norm(per = heads)
     memory M : matrix(dim / heads, dim / heads) per head = zeros every token {
         read before write
-        objective huber(M(k), x); rule gd(lr = 0.5)
+        objective l2(M(k), x); rule momentum(lr = 0.5, beta = 0.9)
     }
     output M(k)
 }
@@ -73,7 +73,7 @@ def test_a_model_nestc_does_not_build_gets_a_line_not_a_number(tmp_path, monkeyp
     assert [line for line in lines if line.startswith("| TransformerLM |")]
     assert not [line for line in lines if line.startswith("| SharedLM")]
     (note,) = [line for line in lines if line.startswith("SharedLM")]
-    assert "not measured" in note and "whose objective is not l2(...) or dot(...)" in note
+    assert "not measured" in note and "whose rule is not gd or dgd" in note
     assert "shared.nest:5" in note
 
 

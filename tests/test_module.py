@@ -87,6 +87,122 @@ def test_linear_memories_chunked_equal_reference(mode, T):
     compare(ref, fast, torch.randn(2, T, 16))
 
 
+# a huber objective or a clip makes each token's update a non-linear function of the state:
+# every tier runs the token loop (docs/semantics.md, matrix memories)
+NONLINEAR = {
+    "huber": ("zeros", "objective huber(M(k), v, delta = 0.05); rule gd(lr = lr, retain = keep)"),
+    "huber_before": ("meta", "read before write; objective huber(M(k), v, delta = 0.05); "
+                     "rule dgd(lr = lr, retain = keep)"),
+    "clip_literal": ("meta", "dgd literal; objective l2(M(k), v); "
+                     "rule dgd(lr = 0.5 * lr, retain = keep, clip = 0.05)"),
+    "clip_dot": ("zeros", "objective dot(M(k), v); rule gd(lr = 0.5, clip = 0.05)"),
+    "shared": ("zeros", "state shared; objective huber(M(k), v, delta = 0.05); "
+               "rule gd(lr = lr, retain = 0.9, clip = 0.05)"),
+}
+
+
+def nonlinear(case, init=None, clauses=None):
+    init, clauses = NONLINEAR[case] if clauses is None else (init, clauses)
+    return nestc.loads(TEMPLATE.replace("INIT", init).replace("CLAUSES", clauses), "n.nest")
+
+
+def token_loop(mem, q, w, S):
+    """The matrix memory's update written out by hand (no torch.func): for token t, the
+    read y = S^T k, e = dL/dy (y - v, -v, or y - v clamped to [-delta, delta]), each
+    sequence's gradient k e^T of norm |k| |e| scaled by clip / max(norm, clip), times lr;
+    a shared state takes their sum (and its retention once)."""
+    B, T = q.shape[:2]
+    outs = []
+    for t in range(T):
+        kt, vt, eta = w["k"][:, t], w["v"][:, t], w["lr"][:, t]
+        r = 1.0 if w["retain"] is None else w["retain"][:, t, :, None, None]
+        if mem.shared and w["retain"] is not None:
+            r = r[0]
+        if mem.read_before:
+            outs.append(torch.einsum("nha,nhab->nhb", q[:, t], S.expand(B, *S.shape[-3:])))
+        old = S
+        if mem.gated:  # the gradient at the retained state
+            S = old = r * S
+        y = torch.einsum("nha,nhab->nhb", kt, old.expand(B, *old.shape[-3:]))
+        e = {"l2": y - vt, "dot": -vt,
+             "huber": (y - vt).clamp(-mem.delta, mem.delta)}[mem.objective]
+        scale = eta
+        if mem.clip is not None:
+            norm = kt.norm(dim=-1) * e.norm(dim=-1)
+            scale = eta * mem.clip / norm.clamp_min(mem.clip)
+        U = scale[..., None, None] * kt[..., :, None] * e[..., None, :]
+        if mem.shared:
+            U = U.sum(0)
+        if mem.gated:
+            S = S - U
+        elif mem.rule == "dgd":  # literal: (r I - lr k k^T) S - lr grad
+            kk = torch.einsum("nha,nhc,nh->nhac", kt, kt, eta)
+            S = r * S - (kk.sum(0) if mem.shared else kk) @ S - U
+        else:
+            S = r * S - U
+        if not mem.read_before:
+            outs.append(torch.einsum("nha,nhab->nhb", q[:, t], S.expand(B, *S.shape[-3:])))
+    return torch.stack(outs, 1), S
+
+
+@pytest.mark.parametrize("case", NONLINEAR)
+@pytest.mark.parametrize("tier", ["_reference", "_chunked"])
+def test_huber_and_clip_matrix_memories_equal_a_token_loop_by_hand(case, tier):
+    mem = nonlinear(case).build("Mem", dim=16).M
+    assert mem.recurrence == "token_loop"
+    torch.manual_seed(1)
+    B, T, H = 3, 9, 2
+    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, 8), dim=-1) for _ in "qk")
+    v, lr = torch.randn(B, T, H, 8), torch.rand(B, T, H)
+    retain = None if "retain" not in NONLINEAR[case][1] else \
+        torch.full((B, T, H), 0.9) if mem.shared else 0.5 + 0.5 * torch.rand(B, T, H)
+    S0 = torch.randn(H, 8, 8) if mem.shared else torch.randn(B, H, 8, 8)
+    inputs = [x.requires_grad_() for x in (q, k, v, lr, S0)]
+    w = {"k": k, "v": v, "lr": lr, "retain": retain}
+    got = getattr(mem, tier)(q, w, S0)
+    want = token_loop(mem, q, w, S0)
+    for a, b in zip(got, want, strict=True):
+        close(a, b)
+    for a, b in zip(torch.autograd.grad(sum((x * x.detach().sin()).sum() for x in got), inputs),
+                    torch.autograd.grad(sum((x * x.detach().sin()).sum() for x in want), inputs),
+                    strict=True):
+        close(a, b)
+    # what huber and clip change matters here: without them the state is another
+    plain = nonlinear(case).build("Mem", dim=16).M
+    plain.objective = "l2" if plain.objective == "huber" else plain.objective
+    plain.clip = None
+    assert (token_loop(plain, q, w, S0)[1] - want[1]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("case", NONLINEAR)
+def test_huber_and_clip_matrix_memories_agree_on_every_tier_and_stream(case):
+    ref, fast = pair(nonlinear(case), "Mem", dim=16)
+    compare(ref, fast, torch.randn(2, 13, 16))
+    torch.manual_seed(0)
+    mod = nonlinear(case).build("Mem", backend="triton", dim=16)  # the token loop too
+    x = torch.randn(2, 13, 16)
+    whole, final = mod(x, return_state=True)
+    state, pieces = None, []
+    for a, b in [(0, 5), (5, 6), (6, 13)]:
+        y, state = mod(x[:, a:b], state=state, return_state=True)
+        pieces.append(y)
+    close(torch.cat(pieces, 1), whole)
+    for a, b in zip(leaves(final), leaves(state), strict=True):
+        close(a, b)
+
+
+def test_huber_with_a_wide_delta_and_a_loose_clip_are_the_delta_rule():
+    """Huber is l2 within delta, and a clip above every gradient's norm does nothing: the
+    token loop then equals the gated delta rule's chunked op."""
+    ref, fast = pair(nonlinear(None, "zeros", "objective huber(M(k), v, delta = 1e6); "
+                                     "rule gd(lr = lr, retain = keep, clip = 1e6)"), "Mem",
+                     dim=16)
+    plain = variant("gd_retain").build("Mem", dim=16)
+    plain.load_state_dict(fast.state_dict())
+    assert fast.M.recurrence == "token_loop" and plain.M.recurrence == "gated_delta_rule"
+    compare(fast, plain, torch.randn(2, 21, 16))
+
+
 @pytest.mark.parametrize("prog,name", [(DELTANET, "DeltaNet"), (DELTANET, "GatedDeltaNet"),
                                        (LINEAR, "LinearAttention"), (TRANSFORMER, "Attention"),
                                        (TRANSFORMER, "MLP"), (TITANS, "Titans")])
@@ -237,11 +353,11 @@ def test_transformer_lm_learns_to_copy():
 
 
 def test_unsupported_memories_and_shape_errors_name_the_spec():
-    huber = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
-        "CLAUSES", "objective huber(M(k), v); rule gd(lr = lr)"), "huber.nest")
+    momentum = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
+        "CLAUSES", "objective l2(M(k), v); rule momentum(lr = lr, beta = 0.9)"), "m.nest")
     with pytest.raises(nestc.NestError) as info:
-        huber.build("Mem", dim=16)
-    assert info.value.unsupported and "huber.nest:8:5" in str(info.value)
+        momentum.build("Mem", dim=16)
+    assert info.value.unsupported and "m.nest:8:5" in str(info.value)
     bad = nestc.loads(spec("""
         block B(dim) {
             input x : [T, dim]
@@ -707,19 +823,25 @@ def test_clip_bounds_each_tokens_update():
     assert (A - A0).flatten(2).norm(dim=-1).max() <= 6 * 0.5 * 1e-3 + 1e-6
 
 
-def test_clip_is_refused_where_it_is_not_built():
-    prog = nestc.loads("""
+def test_clip_is_refused_where_it_is_not_built_and_must_be_positive():
+    text = """
     block B(dim) {
         input x : [T, dim]
-        memory M : matrix(dim, dim) = zeros every token {
-            key x; value x; objective l2(M(x), x); rule gd(lr = 0.1, clip = 1.0)
+        memory M : matrix(dim, dim) = zeros EVERY {
+            key x; value x; objective l2(M(x), x); rule gd(lr = 0.1, clip = CLIP)
         }
         output M(x)
     }
-    """, "c.nest")
+    """
+    periodic = nestc.loads(text.replace("EVERY", "every 4 tokens").replace("CLIP", "1.0"),
+                           "c.nest")
     with pytest.raises(nestc.NestError, match="clip") as err:
-        prog.build("B", dim=4)
+        periodic.build("B", dim=4)
     assert err.value.unsupported
+    zero = nestc.loads(text.replace("EVERY", "every token").replace("CLIP", "0"), "c.nest")
+    with pytest.raises(nestc.NestError, match=r"c.nest:5:77: error: `clip` of memory `M` must be "
+                                              r"positive, got 0"):
+        zero.build("B", dim=4)
 
 
 def test_a_level_with_backprop_stopped_trains_first_order():

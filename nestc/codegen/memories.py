@@ -228,6 +228,18 @@ def _huber_delta(scope: Any, s: ast.StmtMemory, exprs: dict[str, ast.Expr]) -> f
     return delta
 
 
+def _clip(scope: Any, plan: Any) -> float | None:
+    """The `clip` of a memory's rule (None where it names none): a positive number."""
+    e = plan.rule_kw.get("clip")
+    if e is None:
+        return None
+    clip = scope.number(e, f"`clip` of memory `{plan.name}`")
+    if not clip > 0:
+        raise NestError(f"`clip` of memory `{plan.name}` must be positive, got {clip}", e.span,
+                        kind="value")
+    return clip
+
+
 def _is_task(s: ast.StmtMemory) -> bool:
     objective = _call(_clauses(s, {})[0].get("objective"))
     return objective is not None and objective[0] == "task"
@@ -338,13 +350,14 @@ class LinearPlan(Plan):
         if freq is None or freq.unit != "token" or freq.every is not None:
             raise unsupported("a matrix memory updated other than `every token`", s.span)
         chunk = scope.size(freq.chunk, "a chunk") if freq.chunk is not None else 64
-        objective, self.key_expr, self.value_expr = _objective(s, exprs, "a matrix memory")
+        objective, self.key_expr, self.value_expr = _objective(
+            s, exprs, "a matrix memory", ("l2", "dot", "huber"))
+        delta = _huber_delta(scope, s, exprs)
         rule = _call(exprs.get("rule"))
         if rule is None or rule[0] not in ("gd", "dgd"):
             raise unsupported("a matrix memory whose rule is not gd or dgd", s.span)
         self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
-        if "clip" in self.rule_kw:
-            raise unsupported("`clip` on a matrix memory", self.rule_kw["clip"].span)
+        clip = _clip(scope, self)
         literal_dgd = rule[0] == "dgd" and choices["dgd"] == "literal"
         if literal_dgd and objective == "dot":
             raise unsupported("literal DGD with a dot objective", s.span)
@@ -358,7 +371,7 @@ class LinearPlan(Plan):
             raise unsupported("a `retain` that changes with the data on a memory shared by the "
                               "batch (its one state takes one per token)", retain_e.span)
         self.config = {"a": self.a, "b": self.b, "heads": 0, "chunk": chunk,
-                       "objective": objective, "rule": rule[0],
+                       "objective": objective, "delta": delta, "clip": clip, "rule": rule[0],
                        "gated": rule[0] == "dgd" and not literal_dgd, "recurrence": "",
                        "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped", "init": init_name,
@@ -382,7 +395,8 @@ class LinearPlan(Plan):
         if retain is not None:
             args.append(f"retain={retain}")
         c = self.config
-        c["recurrence"] = recurrence(c["objective"], c["rule"], c["gated"], retain is not None)
+        c["recurrence"] = recurrence(c["objective"], c["rule"], c["gated"], retain is not None,
+                                     c["clip"] is not None)
         return f"self.{self.attr}.write", args
 
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
@@ -403,20 +417,29 @@ class LinearPlan(Plan):
         rec = c["recurrence"]
         kernels = "" if rec == "linear_attention" or c["shared"] else \
             "; Triton kernels with backend='triton'"
-        shared = ("; one state for the batch, written by every sequence's token at once "
-                  "(the chunked op, B tokens a step)") if c["shared"] else ""
+        shared = "; one state for the batch, written by every sequence's token at once" \
+            if c["shared"] else ""
         starts = ("; read above its declaration at each chunk's first state (the block runs "
                   "in pieces that end at its chunks)") if c["starts"] else ""
+        if rec == "token_loop":
+            return (f"the token loop on every tier (huber or clip: no chunk-parallel form), "
+                    f"{c['heads']} heads of {c['a']} x {c['b']}{shared}{starts}")
+        shared += " (the chunked op, B tokens a step)" if c["shared"] else ""
         return (f"{RECURRENCES[rec]} (nestc.ops.{rec}), {c['heads']} heads of {c['a']} x "
                 f"{c['b']}, in chunks of {c['chunk']}{kernels}{shared}{starts}")
 
 
-def recurrence(objective: str, rule: str, gated: bool, retain: bool) -> str:
+def recurrence(objective: str, rule: str, gated: bool, retain: bool, clip: bool = False
+               ) -> str:
     """Instruction selection for a matrix memory: the recurrence (an op of nestc.ops) that
     its objective and rule amount to, token for token (docs/semantics.md, "Chunks"). `dot`
     is linear attention (retention its decay); `l2` with `gd` and no retention, or with gated
     `dgd` and none, the delta rule; any other `l2` memory the gated delta rule (the runtime
-    rescales lr and values for `gd` with retention and for literal `dgd`)."""
+    rescales lr and values for `gd` with retention and for literal `dgd`). A `huber`
+    objective or a `clip` makes each token's update a non-linear function of the state,
+    which no chunk-parallel form computes exactly: the token loop (the reference tier's)."""
+    if objective == "huber" or clip:
+        return "token_loop"
     if objective == "dot":
         return "linear_attention"
     if not retain and (rule == "gd" or gated):
@@ -502,12 +525,7 @@ class MLPPlan(Plan):
         _check_start_width(self, k)
         signals = {n: self.signal(scope, n, default)
                    for n, default in (("lr", 1.0), ("retain", None), ("beta", None))}
-        clip = self.rule_kw.get("clip")
-        if clip is not None:
-            c["clip"] = scope.number(clip, f"`clip` of memory `{self.name}`")
-            if not c["clip"] > 0:
-                raise NestError(f"`clip` of memory `{self.name}` must be positive, got "
-                                f"{c['clip']}", clip.span, kind="value")
+        c["clip"] = _clip(scope, self)
         if c["momentum"] and signals["beta"] is None:
             raise NestError(f"the momentum rule of `{self.name}` needs `beta`", self.span,
                             kind="value")
