@@ -392,6 +392,15 @@ class BodyChecker:
                 raise NestError(f"{what} has no learning rule", span, kind="value",
                                 hint="add `objective ...; rule ...`, an update such as "
                                 "`m = beta * m + g`, or `never`")
+        rule = seen.get("rule")
+        if "dgd" in seen and rule is not None:
+            func = rule.value.func if isinstance(rule.value, ast.ExprCall) else rule.value
+            name = qualified_name(func) if isinstance(func, ast.Expr) else None
+            if name != "dgd":  # (the choice would say nothing: it was ignored)
+                raise NestError(f"`dgd {seen['dgd'].value}` says how the `dgd` rule resolves, "
+                                f"but the rule of {what} is `{name}`", seen["dgd"].span,
+                                kind="value", hint="write `rule dgd(lr = ..., retain = ...)`, "
+                                "or remove the choice", notes=(("the rule", rule.span),))
 
     def frequency(self, f: ast.Frequency, owner: str, scope: _Scope) -> None:
         kind = self.decl.kind

@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
 
 from nestc.layers import Stateful
+from nestc.ops.mlp_memory.dgd import mlp_dgd_chunk
 from nestc.ops.mlp_memory.reference import ACT_FNS, mlp_memory_chunk
 from nestc.ops.utils import float32_inside
 
@@ -482,9 +483,12 @@ class MLPMemory(Memory):
                  objective: str, delta: float, momentum: bool, clip: float | None,
                  signals: tuple[str, ...], generated: bool, has_source: bool,
                  flush: bool = False, starts: bool = False, shared: bool = False,
-                 backend: str = "chunked") -> None:
+                 literal: bool = False, backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.d, self.hidden, self.heads, self.residual = d, hidden, heads, residual
+        # `dgd literal`: each layer's weights also lose lr x its input's outer product with
+        # itself, every token (nestc/ops/mlp_memory/dgd.py)
+        self.literal = literal
         self.act, self.act_name = ACTS[act], act
         self.read_before, self.stopped, self.chunk = read_before, stopped, chunk
         self.objective, self.delta, self.momentum, self.clip = objective, delta, momentum, clip
@@ -658,7 +662,7 @@ class MLPMemory(Memory):
         return (self.d, self.hidden, self.heads, self.residual, self.act_name,
                 self.read_before, self.stopped, self.chunk, self.objective, self.delta,
                 self.momentum, self.clip, self.backend, self.signals, self.generated,
-                self.value_source, self.starts, self.shared)
+                self.value_source, self.starts, self.shared, self.literal)
 
     def _fusable(self, q: torch.Tensor, w: dict[str, Any], given: dict[str, Any]) -> bool:
         """Whether the triton tier runs this read through nestc.ops.mlp_memory's kernel (_fused):
@@ -667,7 +671,8 @@ class MLPMemory(Memory):
         at sizes whose kernels fit in a GPU's shared memory (`mlp_kernel_fits`); not shared
         by the batch."""
         if self.backend != "triton" or self.objective != "l2" or self.shared or \
-                not ("v" in w or "vs" in w) or self.act_name not in ("gelu", "silu"):
+                self.literal or not ("v" in w or "vs" in w) or \
+                self.act_name not in ("gelu", "silu"):
             return False
         from nestc.ops.mlp_memory.triton import CHUNKS, mlp_kernel_fits
 
@@ -749,6 +754,7 @@ class MLPMemory(Memory):
             at = self._batched((A0, B0), w["k"].shape[0])
             gA, gB = self._grads(*at, w["k"][:, :, t:t + 1], self._values(w, at, t, t + 1))
             gA, gB = gA[:, :, 0], gB[:, :, 0]
+            eta = lr
             if self.clip is not None:  # the gradient's norm, at most clip
                 lr = lr * clipped(gA.pow(2).sum((-2, -1)) + gB.pow(2).sum((-2, -1)),
                                   self.clip)[..., None, None]
@@ -761,7 +767,14 @@ class MLPMemory(Memory):
                 SA, SB = beta * SA + uA, beta * SB + uB
                 uA, uB = SA, SB
             r = 1.0 if retain is None else retain
-            A, B = r * A + uA, r * B + uB
+            if self.literal:  # DGD: (r I - lr x x^T) W, x each layer's input (at the chunk's
+                # first weights, as the gradients), minus lr times the gradient
+                kt = w["k"][:, :, t]
+                hk = self.act(kt[..., None, :] @ at[0])[..., 0, :]
+                A = r * A - eta * (kt[..., :, None] * kt[..., None, :]) @ A + uA
+                B = r * B - eta * (hk[..., :, None] * hk[..., None, :]) @ B + uB
+            else:
+                A, B = r * A + uA, r * B + uB
             if not self.read_before and q is not None:
                 outs.append(self._read_one(A, B, q[:, :, t]))
         y = None if q is None else torch.stack(outs, 2) if outs else q.new_zeros(q.shape)
@@ -804,6 +817,14 @@ class MLPMemory(Memory):
             lr, retain, beta = self._factors(w, a, b)
             values = self._values(w, self._batched((A0[0], B0[0]), N) if self.shared else
                                   (A0, B0), a, b)
+            if self.literal:  # (not shared, no momentum: the compiler checks)
+                y, A, B = mlp_dgd_chunk(
+                    None if q is None else q[:, :, a:b], w["k"][:, :, a:b], values, lr, retain,
+                    A, B, self.act_name, self.clip, self.read_before, grad_at=(A0, B0),
+                    residual=self.residual, objective=self.objective, huber_delta=self.delta)
+                if y is not None:
+                    outs.append(y)
+                continue
             y, A, B, SA, SB = mlp_memory_chunk(
                 None if q is None else lay(q[:, :, a:b]), lay(w["k"][:, :, a:b]), lay(values),
                 lay(lr), step(retain), step(beta) if self.momentum else None, A, B, SA, SB,

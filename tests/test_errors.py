@@ -984,6 +984,25 @@ CASES = [
         """
         block Mem(dim = 8) {
             input x : [T, dim]
+            memory M : mlp(dim) = meta every token { dgd literal; objective l2(M(x), x); rule gd }
+            output M(x)
+        }
+        """,
+        """
+        t.nest:3:46: error: `dgd literal` says how the `dgd` rule resolves, but the rule of memory `M` is `gd`
+           3 |     memory M : mlp(dim) = meta every token { dgd literal; objective l2(M(x), x); rule gd }
+             |                                              ^~~~~~~~~~~
+        t.nest:3:82: note: the rule
+           3 |     memory M : mlp(dim) = meta every token { dgd literal; objective l2(M(x), x); rule gd }
+             |                                                                                  ^~~~~~~
+          hint: write `rule dgd(lr = ..., retain = ...)`, or remove the choice
+        """,
+        id="dgd_choice_without_the_dgd_rule",
+    ),
+    pytest.param(
+        """
+        block Mem(dim = 8) {
+            input x : [T, dim]
             key x
             output x
         }

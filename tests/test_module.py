@@ -254,6 +254,13 @@ MLP_CASES = {
     "clip_momentum_before": ("residual_mlp(dim / heads, hidden = 8)",
                              "read before write; objective l2(M(k), v); "
                              "rule momentum(lr = lr, beta = keep, retain = keep, clip = 0.1)"),
+    # the paper's DGD: each layer's weights also lose lr x its input's outer product
+    "dgd_literal": ("residual_mlp(dim / heads, hidden = 8)",
+                    "dgd literal; objective l2(M(k), v); rule dgd(lr = lr, retain = keep)"),
+    "dgd_literal_huber_clip_before": ("mlp(dim / heads, hidden = 8, act = \"tanh\")",
+                                      "dgd literal; read before write; "
+                                      "objective huber(M(k), v, delta = 0.3); "
+                                      "rule dgd(lr = lr, clip = 0.1)"),
 }
 
 
@@ -283,6 +290,58 @@ def test_mlp_memories_stream_in_pieces_that_end_inside_chunks(case):
     close(torch.cat(pieces, 1), whole)
     for a, b in zip(leaves(final), leaves(state), strict=True):
         close(a, b)
+
+
+@pytest.mark.parametrize("case", ["dgd_literal", "dgd_literal_huber_clip_before"])
+@pytest.mark.parametrize("tier", ["_reference", "_chunked"])
+def test_literal_dgd_mlp_memory_is_the_papers_update_per_layer(case, tier):
+    """`dgd literal` on an MLP memory, written out by hand from docs/semantics.md: token t
+    of a chunk that began at weights (A0, B0) does A <- (r I - lr k k^T) A - lr gA and
+    B <- (r I - lr h h^T) B - lr gB, with h = act(k A0) and (gA, gB) the objective's
+    gradient at (A0, B0) (autograd here), scaled to norm at most clip."""
+    mem = mlp_variant(case).build("Deep", dim=16).M
+    torch.manual_seed(1)
+    N, H, T, d, h = 2, 2, 7, 8, 8
+    q, k = (torch.nn.functional.normalize(torch.randn(N, H, T, d), dim=-1) for _ in "qk")
+    v, lr = torch.randn(N, H, T, d), 0.5 * torch.rand(N, H, T)
+    keep = 0.8 + 0.2 * torch.rand(N, H, T)
+    A, B = 0.5 * torch.randn(N, H, d, h), 0.5 * torch.randn(N, H, h, d)
+    retain = keep if "retain" in MLP_CASES[case][1] else None
+    w = {"k": k, "v": v, "lr": lr, "retain": retain, "beta": None}
+    given = {"M": (A, B), "S": (torch.zeros_like(A), torch.zeros_like(B)), "start": (A, B),
+             "offset": 0}
+    y, out = getattr(mem, tier)(q, w, given)
+
+    def read(x, A, B):  # one token's x (N, H, d)
+        return (mem.act(x[..., None, :] @ A) @ B)[..., 0, :] + (x if mem.residual else 0)
+
+    outs, (Ai, Bi) = [], (A, B)
+    for t in range(T):
+        if t % mem.chunk == 0:
+            A0, B0 = Ai, Bi
+        if mem.read_before:
+            outs.append(read(q[:, :, t], Ai, Bi))
+        P, Q = A0.clone().requires_grad_(), B0.clone().requires_grad_()
+        e = read(k[:, :, t], P, Q) - v[:, :, t]
+        loss = 0.5 * e.pow(2) if mem.objective == "l2" else \
+            torch.nn.functional.huber_loss(e, torch.zeros_like(e), reduction="none",
+                                           delta=mem.delta)
+        gA, gB = torch.autograd.grad(loss.sum(), (P, Q))
+        f = torch.ones(N, H) if mem.clip is None else \
+            (mem.clip / (gA.pow(2).sum((-2, -1)) + gB.pow(2).sum((-2, -1))).sqrt()).clamp(max=1)
+        eta = lr[:, :, t, None, None]
+        r = 1.0 if retain is None else retain[:, :, t, None, None]
+        kt = k[:, :, t]
+        ht = mem.act(kt[..., None, :] @ A0)[..., 0, :]
+        f = f[..., None, None]
+        Ai = r * Ai - eta * (kt[..., :, None] * kt[..., None, :]) @ Ai - eta * f * gA
+        Bi = r * Bi - eta * (ht[..., :, None] * ht[..., None, :]) @ Bi - eta * f * gB
+        if not mem.read_before:
+            outs.append(read(q[:, :, t], Ai, Bi))
+    close(y, torch.stack(outs, 2))
+    close(out["M"][0], Ai)
+    close(out["M"][1], Bi)
+    assert out["offset"] == T % mem.chunk
 
 
 def test_stopped_backprop_keeps_gradients_off_the_writes():

@@ -468,11 +468,12 @@ class MLPPlan(Plan):
         rule = _call(exprs.get("rule"))
         if rule is None or rule[0] not in ("gd", "dgd", "momentum"):
             raise unsupported("an MLP memory whose rule is not gd, dgd or momentum", s.span)
-        if rule[0] == "dgd" and choices["dgd"] == "literal":
-            raise unsupported("literal DGD for an MLP memory", s.span)
         self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
         self.rule = rule[0]
         shared = choices["state"] == "shared"
+        literal = rule[0] == "dgd" and choices["dgd"] == "literal"
+        if literal and shared:
+            raise unsupported("literal DGD for an MLP memory shared by the batch", s.span)
         for name in ("retain", "beta"):
             e = self.rule_kw.get(name)
             if shared and e is not None and _constant(scope, e) is None:
@@ -489,7 +490,8 @@ class MLPPlan(Plan):
                        "act": act, "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped", "chunk": chunk,
                        "objective": objective, "delta": delta,
-                       "momentum": rule[0] == "momentum", "clip": None, "signals": (),
+                       "momentum": rule[0] == "momentum", "literal": literal, "clip": None,
+                       "signals": (),
                        "generated": False, "has_source": False,
                        "flush": choices["partial"] == "flush", "starts": False,
                        "shared": shared}
@@ -566,13 +568,15 @@ class MLPPlan(Plan):
     def describe(self) -> str:
         c = self.config
         rule = "momentum with beta 0 (gd)" if self.rule == "momentum" and not c["momentum"] \
-            else self.rule
+            else "literal dgd" if c["literal"] else self.rule
         # what MLPMemory._fusable asks of the memory itself (sizes and dtypes aside)
-        fused = c["objective"] == "l2" and c["act"] in ("gelu", "silu")
+        fused = c["objective"] == "l2" and c["act"] in ("gelu", "silu") and not c["literal"]
         kernel = "; a fused Triton kernel with backend='triton'" if fused else ""
+        op = "nestc.ops.mlp_memory.dgd: the gated delta rule per layer" if c["literal"] else \
+            "nestc.ops.mlp_memory"
         text = (f"{'residual ' if c['residual'] else ''}MLP {_widths(c)} per head "
                 f"({c['heads']} heads) learning by {rule} on {c['objective']}, every gradient "
-                f"of a chunk of {c['chunk']} at its first weights (nestc.ops.mlp_memory{kernel})")
+                f"of a chunk of {c['chunk']} at its first weights ({op}{kernel})")
         if c["generated"]:
             text += "; values it generates itself"
         if c["starts"]:

@@ -24,31 +24,36 @@ class SelfModifyingTitans(_Built):
         self.M_k = _mem.MLPMemory(
             'M_k', 'std/memory/self_modifying_titans.nest:55:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
-            delta=1.0, momentum=False, clip=1.0, signals=('lr', 'retain'), generated=True,
-            has_source=True, flush=False, starts=True, shared=False, backend=backend)
+            delta=1.0, momentum=False, literal=False, clip=1.0, signals=('lr', 'retain'),
+            generated=True, has_source=True, flush=False, starts=True, shared=False,
+            backend=backend)
         self.k_conv1d = _layers.CausalConv1d(128, 4)
         self.M_v = _mem.MLPMemory(
             'M_v', 'std/memory/self_modifying_titans.nest:63:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
-            delta=1.0, momentum=False, clip=1.0, signals=('lr', 'retain'), generated=True,
-            has_source=True, flush=False, starts=True, shared=False, backend=backend)
+            delta=1.0, momentum=False, literal=False, clip=1.0, signals=('lr', 'retain'),
+            generated=True, has_source=True, flush=False, starts=True, shared=False,
+            backend=backend)
         self.v_conv1d = _layers.CausalConv1d(128, 4)
         self.M_eta = _mem.MLPMemory(
             'M_eta', 'std/memory/self_modifying_titans.nest:71:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
-            delta=1.0, momentum=False, clip=1.0, signals=('lr', 'retain'), generated=True,
-            has_source=True, flush=False, starts=True, shared=False, backend=backend)
+            delta=1.0, momentum=False, literal=False, clip=1.0, signals=('lr', 'retain'),
+            generated=True, has_source=True, flush=False, starts=True, shared=False,
+            backend=backend)
         self.M_alpha = _mem.MLPMemory(
             'M_alpha', 'std/memory/self_modifying_titans.nest:79:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
-            delta=1.0, momentum=False, clip=1.0, signals=('lr', 'retain'), generated=True,
-            has_source=True, flush=False, starts=True, shared=False, backend=backend)
+            delta=1.0, momentum=False, literal=False, clip=1.0, signals=('lr', 'retain'),
+            generated=True, has_source=True, flush=False, starts=True, shared=False,
+            backend=backend)
         self.theta_linear = nn.Linear(128, 4, bias=False)
         self.M_memory = _mem.MLPMemory(
             'M_memory', 'std/memory/self_modifying_titans.nest:102:9', d=32, hidden=64, heads=4,
             residual=False, act='gelu', read_before=False, stopped=False, chunk=64, objective='l2',
-            delta=1.0, momentum=True, clip=1.0, signals=('lr', 'retain', 'beta'), generated=False,
-            has_source=False, flush=False, starts=False, shared=False, backend=backend)
+            delta=1.0, momentum=True, literal=False, clip=1.0, signals=('lr', 'retain', 'beta'),
+            generated=False, has_source=False, flush=False, starts=False, shared=False,
+            backend=backend)
         self.gate_linear = nn.Linear(128, 128, bias=False)
         self.out_rmsnorm = nn.RMSNorm(128, eps=1e-06)
         self.out_linear = nn.Linear(128, 128, bias=False)

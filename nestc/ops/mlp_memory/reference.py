@@ -73,6 +73,34 @@ def _base(xM: torch.Tensor, xS: torch.Tensor | None, c: torch.Tensor | None,
     return y if xS is None or m is None else y + m * xS
 
 
+def chunk_gradients(k: torch.Tensor, v: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor],
+                    act: str, clip: float | None, residual: bool = False,
+                    objective: str = "l2", huber_delta: float = 1.0,
+                    v_self: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Every token's gradient of a chunk, at the weights `at` = (A0, B0) (its first), as the
+    outer products they are: dL/dA = k^T delta, dL/dB = hk^T e. Returns hk = act(k A0) and
+    e = dL/dM(k), (N, H, n, d), delta = (e B0^T) * act'(k A0) (N, H, n, h), and the factors
+    (N, H, n) that scale each token's gradient to norm at most `clip` (None without one).
+    `v_self`: inputs whose readings at `at`, under stop-gradient, add to the values."""
+    A0, B0 = at
+    if v_self is not None:  # stop-gradient: nothing flows back to v_self, A0 or B0
+        v = v + (act_fn(act, v_self @ A0) @ B0 + (v_self if residual else 0)).detach()
+    z = k @ A0  # (N, H, n, h)
+    hk = act_fn(act, z)
+    if objective == "dot":  # dL/dM(k)
+        e = -v
+    else:
+        yk = hk @ B0 + k if residual else hk @ B0
+        e = yk - v if objective == "l2" else (yk - v).clamp(-huber_delta, huber_delta)
+    delta = (e @ B0.transpose(-1, -2)) * act_grad(act, z)  # (N, H, n, h)
+    if clip is None:
+        return hk, e, delta, None
+    # |dA|^2 = |k|^2 |delta|^2, |dB|^2 = |h|^2 |e|^2
+    sq = k.pow(2).sum(-1) * delta.pow(2).sum(-1) + hk.pow(2).sum(-1) * e.pow(2).sum(-1)
+    return hk, e, delta, clip * torch.rsqrt(sq.clamp_min(clip ** 2))
+
+
 @float32_inside
 def mlp_memory_chunk(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
                      retain: torch.Tensor | None, beta: torch.Tensor | None, A: torch.Tensor,
@@ -100,20 +128,10 @@ def mlp_memory_chunk(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, l
     the writes of every token of its step and the steps before (or before its own step, with
     read_before), and retain and beta, (N, H, steps), apply once per step."""
     n = k.shape[-2]
-    A0, B0 = (A, B) if grad_at is None else grad_at
-    if v_self is not None:  # stop-gradient: nothing flows back to v_self, A0 or B0
-        v = v + (act_fn(act, v_self @ A0) @ B0 + (v_self if residual else 0)).detach()
-    z = k @ A0  # (N, H, n, h): the chunk's gradients, at its first weights
-    hk = act_fn(act, z)
-    if objective == "dot":  # dL/dM(k)
-        e = -v
-    else:
-        yk = hk @ B0 + k if residual else hk @ B0
-        e = yk - v if objective == "l2" else (yk - v).clamp(-huber_delta, huber_delta)
-    delta = (e @ B0.transpose(-1, -2)) * act_grad(act, z)  # (N, H, n, h)
-    if clip is not None:  # |dA|^2 = |k|^2 |delta|^2, |dB|^2 = |h|^2 |e|^2
-        sq = k.pow(2).sum(-1) * delta.pow(2).sum(-1) + hk.pow(2).sum(-1) * e.pow(2).sum(-1)
-        lr = lr * (clip * torch.rsqrt(sq.clamp_min(clip ** 2)))
+    hk, e, delta, f = chunk_gradients(k, v, (A, B) if grad_at is None else grad_at, act,
+                                      clip, residual, objective, huber_delta, v_self)
+    if f is not None:
+        lr = lr * f
     steps = n // group
     ones = torch.ones(steps, steps, dtype=k.dtype, device=k.device).tril_()
     run_r, D_r = _decays(retain) if retain is not None else (None, ones)
