@@ -9,9 +9,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import close, leaves, spec  # noqa: E402
+from conftest import close, leaves, run_benchmark, spec  # noqa: E402
 
 import nestc  # noqa: E402
+from nestc.memories import MLPMemory  # noqa: E402
 
 DELTANET = nestc.load("std/memory/deltanet.nest")
 LINEAR = nestc.load("std/memory/linear_attention.nest")
@@ -342,6 +343,21 @@ def test_literal_dgd_mlp_memory_is_the_papers_update_per_layer(case, tier):
     close(out["M"][0], Ai)
     close(out["M"][1], Bi)
     assert out["offset"] == T % mem.chunk
+
+
+def test_the_dgd_benchmark_runs_and_writes_the_variant(tmp_path):
+    """benchmarks/smt_dgd.py at tiny sizes: a row per rule, and the variant it writes has
+    self-modifying Titans' four projection memories, and only those, under `dgd literal`."""
+    out = run_benchmark("smt_dgd.py", "--dim", "16", "--batch", "2", "--T", "8", "--reps", "1",
+                        "--warmup", "0", "--threads", "1", "--write", str(tmp_path))
+    rows = [ln.split("|")[1].strip() for ln in out.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| ---")]
+    assert rows == ["projection memories' rule", "gd (stdlib)", "dgd literal"], out
+    model = nestc.load(str(tmp_path / "hope_dgd.nest")).build("HopeLM", vocab=20, dim=16,
+                                                                depth=1, heads=2)
+    literal = sorted(name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                     if isinstance(m, MLPMemory) and m.literal)
+    assert literal == ["M_alpha", "M_eta", "M_k", "M_v"]
 
 
 def test_stopped_backprop_keeps_gradients_off_the_writes():
@@ -965,7 +981,7 @@ def test_models_train_under_autocast_with_memories_in_float32(path, name):
     assert logits.dtype == torch.bfloat16
     torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
-    from nestc.memories import LinearMemory, MLPMemory, PeriodicMemory
+    from nestc.memories import LinearMemory, PeriodicMemory
 
     memory_states = [t for path, sub in model.named_modules()
                      if isinstance(sub, (LinearMemory, MLPMemory, PeriodicMemory))
