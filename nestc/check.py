@@ -3,6 +3,7 @@ frequencies and shapes where the hyperparameters fix them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from nestc.hyper import UNKNOWN, const_eval, infer_type, python_type, show_value
 from nestc.source import Span, span_text
 
 MAX_CHAIN_CHECKS = 16
+MAX_BODY_PATHS = 64  # ways through a memory body's `if`s that the checker checks
 CLAUSE_EXPR = ("key", "value", "query", "objective", "rule")
 CHOICES = {  # clause -> (default, allowed values)
     "read": ("after write", ("before write", "after write")),
@@ -352,9 +354,22 @@ class BodyChecker:
         inner = _Scope(scope)
         self.block(s.body, inner)
         self.owner.pop()
+        # every way the body's `if`s can go (their conditions, hyperparameters, may be set
+        # at build) must make a memory
+        paths = body_paths(s.body, lambda cond: None)
+        if len(paths) > MAX_BODY_PATHS:
+            raise NestError(f"memory `{s.name}`'s `if`s make more than {MAX_BODY_PATHS} "
+                            "bodies to check", s.name_span, kind="value",
+                            hint="declare the memory in each branch of one `if` instead")
+        for body in paths:
+            self.memory_body(s, body)
+
+    def memory_body(self, s: ast.StmtMemory, body: tuple[ast.Stmt, ...]) -> None:
+        """One way through memory s's body (its `if`s resolved): a learning rule, or an
+        explicit update, or neither for a cache or a memory that never learns."""
         never = s.frequency is not None and s.frequency.unit == "never"
-        explicit = any(isinstance(b, ast.StmtUpdate) and b.target == s.name for b in s.body)
-        has_rule = any(isinstance(b, ast.Clause) and b.kind in ("rule", "objective") for b in s.body)
+        explicit = any(isinstance(b, ast.StmtUpdate) and b.target == s.name for b in body)
+        has_rule = any(isinstance(b, ast.Clause) and b.kind in ("rule", "objective") for b in body)
         is_cache = isinstance(s.structure, ast.ExprName) and s.structure.name == "cache" or (
             isinstance(s.structure, ast.ExprCall) and isinstance(s.structure.func, ast.ExprName)
             and s.structure.func.name == "cache")
@@ -364,14 +379,14 @@ class BodyChecker:
                             s.frequency.span,
                             kind="frequency", hint="remove `never`, or its objective and rule")
         if not never and not explicit and not is_cache:
-            self.clauses(s.body, f"memory `{s.name}`", s.name_span, need_rule=True)
+            self.clauses(body, f"memory `{s.name}`", s.name_span, need_rule=True)
         elif has_rule:
-            self.clauses(s.body, f"memory `{s.name}`", s.name_span, need_rule=False)
+            self.clauses(body, f"memory `{s.name}`", s.name_span, need_rule=False)
         if explicit and has_rule:
             raise NestError(f"memory `{s.name}` has both an objective/rule and an explicit update",
                             s.name_span, kind="value", hint="keep one of the two forms")
         if self.decl.kind != "optimizer":  # (an optimizer's lowering says more: its own)
-            _clauses_agree(s)
+            _clauses_agree(s, body)
 
     def clauses(self, body: tuple[ast.Stmt, ...], what: str, span: Span, need_rule: bool) -> None:
         seen: dict[str, ast.Clause] = {}
@@ -604,10 +619,27 @@ class BodyChecker:
                                 hint=f"pass `{p.name} = ...`: it has no default")
 
 
-def _clauses_agree(s: ast.StmtMemory) -> None:
+def body_paths(body: tuple[ast.Stmt, ...], decide: Callable[[ast.Expr], bool | None]
+               ) -> list[tuple[ast.Stmt, ...]]:
+    """The statements of a memory's body along each way its `if`s can go: decide(condition)
+    is True or False where its value is known, None where it is not (both ways). At most
+    MAX_BODY_PATHS + 1 of them (more: too many to check)."""
+    paths: list[tuple[ast.Stmt, ...]] = [()]
+    for b in body:
+        if not isinstance(b, ast.StmtIf):
+            paths = [p + (b,) for p in paths]
+            continue
+        way = decide(b.cond)
+        branches = [b.then, b.orelse] if way is None else [b.then if way else b.orelse]
+        ways = [q for branch in branches for q in body_paths(branch, decide)]
+        paths = [p + q for p in paths for q in ways][:MAX_BODY_PATHS + 1]
+    return paths
+
+
+def _clauses_agree(s: ast.StmtMemory, body: tuple[ast.Stmt, ...]) -> None:
     """A memory learns what its objective says, `l2(M(k), v)`: k -> v. Its `key` and `value`
     clauses, where it has them, must say the same (spaces aside); another was ignored."""
-    clauses = {b.kind: b.value for b in s.body if isinstance(b, ast.Clause)}
+    clauses = {b.kind: b.value for b in body if isinstance(b, ast.Clause)}
     objective = clauses.get("objective")
     if not (isinstance(objective, ast.ExprCall) and isinstance(objective.func, ast.ExprName)
             and objective.func.name in ("l2", "dot", "huber") and len(objective.args) == 2):

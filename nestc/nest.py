@@ -26,7 +26,7 @@ import networkx as nx
 
 from nestc import ast
 from nestc.builtins import BUILTINS
-from nestc.check import CHOICES, Checked, hypers_of, qualified_name
+from nestc.check import CHOICES, Checked, body_paths, hypers_of, qualified_name
 from nestc.hyper import UNKNOWN, const_eval
 from nestc.source import Span, span_text
 
@@ -362,25 +362,29 @@ class _Builder:
         nid = self.node_id(s.name, frame)
         f = s.frequency
         unit, period, chunk = self.frequency(f, frame)
+        # the body as its `if`s go at these hyperparameters (each way, where one is unknown)
+        bodies = body_paths(s.body, lambda cond: _known(const_eval(cond, frame.env)))
         explicit: list[str] = []
-        choices: dict[str, str] = {}
-        for b in s.body:
-            if isinstance(b, ast.Clause) and isinstance(b.value, str):
-                choices[b.kind] = b.value
-                explicit.append(b.kind)
-        choices = {k: choices.get(k, default) for k, (default, _) in CHOICES.items()}
+        said: dict[str, list[str]] = {}
+        for body in bodies:
+            for b in body:
+                if isinstance(b, ast.Clause) and isinstance(b.value, str):
+                    said.setdefault(b.kind, []).append(b.value)
+                    explicit.append(b.kind)
+        choices = {k: " or ".join(dict.fromkeys(said[k])) if k in said else default
+                   for k, (default, _) in CHOICES.items()}
         structure = span_text(s.structure.span) if s.structure is not None else None
         if structure in ("cache", "cache()"):
             rule_text: str | None = "append (key, value) to the cache"
         else:
-            rule_text = _clause_text(s.body, "rule")
+            rule_text = _texts(bodies, "rule")
         nid = self.level(self.fresh_id(nid), "memory", frame, s.span, unit, period, chunk,
-                         objective=_clause_text(s.body, "objective"), rule=rule_text,
+                         objective=_texts(bodies, "objective"), rule=rule_text,
                          init=self.init_text(s.init),
                          structure=structure, per_head=s.per_head, choices=choices,
-                         explicit=tuple(explicit))
-        if not any(isinstance(b, ast.Clause) and b.kind == "key" for b in s.body) and \
-                structure not in ("cache", "cache()"):
+                         explicit=tuple(dict.fromkeys(explicit)))
+        if not any(isinstance(b, ast.Clause) and b.kind == "key" for body in bodies
+                   for b in body) and structure not in ("cache", "cache()"):
             self.keyless.add(nid)
         return nid
 
@@ -450,7 +454,11 @@ class _Builder:
         """A memory's or the train level's body: clauses become edges into the level."""
         inner = frame.child()
         for b in stmts:
-            if not isinstance(b, ast.Clause):
+            if isinstance(b, ast.StmtIf):  # (in a memory's body: clauses, at a hyperparameter)
+                way = _known(const_eval(b.cond, inner.env))
+                for branch in [b.then, b.orelse] if way is None else [b.then if way else b.orelse]:
+                    self.level_body(branch, nid, inner, ctx)
+            elif not isinstance(b, ast.Clause):
                 self.stmt(b, inner)
             elif b.kind == "rule" and not isinstance(b.value, str):
                 self.rule(b.value, nid, inner)
@@ -645,6 +653,17 @@ class _Builder:
         for n in nodes:
             g.nodes[n]["parallel"] = [m for m in nodes if m != n
                                       and g.nodes[m]["level"] == g.nodes[n]["level"]]
+
+
+def _known(value: Any) -> bool | None:
+    """A condition's value, None where it is not known."""
+    return None if value is UNKNOWN else bool(value)
+
+
+def _texts(bodies: list[tuple[ast.Stmt, ...]], kind: str) -> str | None:
+    """The source text of the bodies' `kind` clauses, "a or b" where they differ."""
+    texts = [t for t in (_clause_text(body, kind) for body in bodies) if t is not None]
+    return " or ".join(dict.fromkeys(texts)) or None
 
 
 def _clause_text(body: tuple[ast.Stmt, ...], kind: str) -> str | None:

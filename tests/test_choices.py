@@ -440,3 +440,71 @@ def test_a_shared_mlp_memory_takes_factors_that_are_numbers():
                                               "memory shared by the batch") as err:
         nestc.loads(text, "s.nest").build("Mem", dim=16)
     assert err.value.unsupported and err.value.span.line == 7
+
+
+def switched(hyper, clauses):
+    return spec(f"""
+        block B(dim = 8{hyper}) {{
+            input x : [T, dim]
+            let k = x |> linear(dim) |> l2norm
+            memory M : mlp(dim, hidden = 8) = meta every token in chunks of 4 {{
+                key k; value x
+                {clauses}
+            }}
+            output M(x)
+        }}
+    """)
+
+
+SWITCHED = switched(", literal = false, robust = false", """
+                if robust { objective huber(M(k), x, delta = 0.5) } else { objective l2(M(k), x) }
+                if literal {
+                    dgd literal
+                    rule dgd(lr = 0.3, retain = 0.9)
+                } else {
+                    rule gd(lr = 0.3, retain = 0.9)
+                }""")
+
+
+@pytest.mark.parametrize("literal", [False, True])
+@pytest.mark.parametrize("robust", [False, True])
+def test_an_if_in_a_memory_body_switches_its_clauses_by_a_hyperparameter(literal, robust):
+    """`if` on a hyperparameter inside a memory's body: the build takes the branch its value
+    picks, and is the memory written with that branch's clauses alone."""
+    objective = "huber(M(k), x, delta = 0.5)" if robust else "l2(M(k), x)"
+    rule = "dgd literal; rule dgd(lr = 0.3, retain = 0.9)" if literal else \
+        "rule gd(lr = 0.3, retain = 0.9)"
+    plain = switched("", f"objective {objective}; {rule}")
+    x = torch.randn(2, 9, 8)
+    built = build(SWITCHED, "B", literal=literal, robust=robust)
+    want = build(plain, "B")
+    assert built.M.literal == literal and built.M.objective == ("huber" if robust else "l2")
+    assert torch.equal(built(x), want(x))
+    text = explain(nestc.loads(SWITCHED, "c.nest"), "B", literal=literal, robust=robust)
+    assert f"objective      {objective}\n" in text
+    assert ("dgd            literal" if literal else "dgd            gated        (default)") \
+        in text
+
+
+@pytest.mark.parametrize("body,message", [
+    ("if on { rule gd(lr = 0.1) }",  # off: no rule
+     "memory `M` has an objective but no rule"),
+    ("rule gd(lr = 0.1); if on { rule gd(lr = 0.2) }",
+     "memory `M` has two `rule` clauses"),
+    ("if on { dgd literal }; rule gd(lr = 0.1)",
+     "`dgd literal` says how the `dgd` rule resolves, but the rule of memory `M` is `gd`")])
+def test_every_way_through_a_memory_bodys_ifs_is_checked(body, message):
+    """The checker does not know the hyperparameters a build will give: each way through the
+    `if`s must make a memory."""
+    text = spec(f"""
+        block B(dim = 8, on = true) {{
+            input x : [T, dim]
+            memory M : mlp(dim) = meta every token {{
+                key x; value x; objective l2(M(x), x)
+                {body}
+            }}
+            output M(x)
+        }}
+    """)
+    with pytest.raises(nestc.NestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        nestc.loads(text, "c.nest")

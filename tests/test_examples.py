@@ -93,3 +93,14 @@ def test_every_benchmark_model_builds_and_runs(path):
         if prog.decl(name).kind == "model":
             logits = prog.build(name, vocab=12, dim=8)(torch.randint(0, 12, (1, 5)))
             assert logits.shape == (1, 5, 12) and logits.isfinite().all(), name
+
+
+@pytest.mark.parametrize("doc", ["docs/language.md", "docs/optimizers.md"])
+def test_every_nest_example_in_the_docs_checks(doc):
+    """The docs' ```nest blocks load (parse, resolve, check): what they show is the language."""
+    import re
+
+    blocks = re.findall(r"```nest\n(.*?)```", (ROOT / doc).read_text(), re.S)
+    assert blocks
+    for i, text in enumerate(blocks):
+        nestc.loads(text, f"{doc} block {i + 1}")

@@ -345,19 +345,22 @@ def test_literal_dgd_mlp_memory_is_the_papers_update_per_layer(case, tier):
     assert out["offset"] == T % mem.chunk
 
 
-def test_the_dgd_benchmark_runs_and_writes_the_variant(tmp_path):
-    """benchmarks/smt_dgd.py at tiny sizes: a row per rule, and the variant it writes has
-    self-modifying Titans' four projection memories, and only those, under `dgd literal`."""
+def test_paper_dgd_switches_hopes_projection_memories_and_its_benchmark_runs():
+    """HopeLM's `paper_dgd` (an `if` in each projection memory's body) puts self-modifying
+    Titans' four projection memories, and only those, under `dgd literal`; the default keeps
+    them on gd with retention. benchmarks/smt_dgd.py times both at tiny sizes."""
+    hope = nestc.load("std/models/hope.nest")
+    for on in (False, True):
+        model = hope.build("HopeLM", vocab=20, dim=16, depth=1, heads=2, paper_dgd=on)
+        literal = sorted(name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, MLPMemory) and m.literal)
+        assert literal == (["M_alpha", "M_eta", "M_k", "M_v"] if on else [])
     out = run_benchmark("smt_dgd.py", "--dim", "16", "--batch", "2", "--T", "8", "--reps", "1",
-                        "--warmup", "0", "--threads", "1", "--write", str(tmp_path))
+                        "--warmup", "0", "--threads", "1")
     rows = [ln.split("|")[1].strip() for ln in out.splitlines()
             if ln.startswith("| ") and not ln.startswith("| ---")]
-    assert rows == ["projection memories' rule", "gd (stdlib)", "dgd literal"], out
-    model = nestc.load(str(tmp_path / "hope_dgd.nest")).build("HopeLM", vocab=20, dim=16,
-                                                                depth=1, heads=2)
-    literal = sorted(name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                     if isinstance(m, MLPMemory) and m.literal)
-    assert literal == ["M_alpha", "M_eta", "M_k", "M_v"]
+    assert rows == ["projection memories' rule", "gd with retention (default)",
+                    "dgd literal (paper_dgd)"], out
 
 
 def test_stopped_backprop_keeps_gradients_off_the_writes():

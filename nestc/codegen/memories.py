@@ -8,10 +8,11 @@ nestc/memories.py says what each runtime memory computes; docs/semantics.md defi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from nestc import ast
-from nestc.check import CHOICES
+from nestc.check import CHOICES, body_paths
 from nestc.codegen.block import ACTS, MATH, Ten, operand, unsupported
 from nestc.codegen.torch import literal
 from nestc.errors import NestError
@@ -19,6 +20,9 @@ from nestc.hyper import UNKNOWN, const_eval
 
 
 def plan(scope: Any, s: ast.StmtMemory) -> Any:
+    """The plan of memory s, its body's `if`s resolved at the hyperparameters."""
+    (body,) = body_paths(s.body, lambda cond: bool(scope.const(cond)))
+    s = dataclasses.replace(s, body=body)
     structure = _call(s.structure)
     kind = structure[0] if structure else None
     if kind == "cache":

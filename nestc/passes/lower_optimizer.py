@@ -364,7 +364,9 @@ class _Lowerer:
         updates = [b for b in s.body if isinstance(b, ast.StmtUpdate)]
         for b in s.body:
             if not isinstance(b, (ast.StmtUpdate, ast.Clause)):
-                raise self.unsupported(f"`{type(b).__name__}` in a memory body", b.span)
+                what = {ast.StmtIf: "an `if`", ast.StmtLet: "a `let`",
+                        ast.StmtMemory: "a memory"}.get(type(b), "this statement")
+                raise self.unsupported(f"{what} in a memory body", b.span)
         if len(updates) > 1:
             raise self.unsupported("more than one update of a memory", updates[1].span)
         if mlp and updates:
