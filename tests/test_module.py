@@ -81,6 +81,24 @@ def compare(ref, fast, x):
         close(zero if p.grad is None else p.grad, zero if q.grad is None else q.grad)
 
 
+def streams_as_one(mod, x, cuts, targets=None):
+    """mod fed x whole, and in pieces that end at `cuts`, each given the state the one before
+    returned (and its share of the targets): equal outputs and final states. Returns the
+    pieces' outputs joined."""
+    given = {} if targets is None else {"targets": targets}
+    whole, final = mod(x, return_state=True, **given)
+    state, pieces = None, []
+    for a, b in zip((0, *cuts), (*cuts, x.shape[1])):
+        given = {} if targets is None else {"targets": targets[:, a:b]}
+        y, state = mod(x[:, a:b], state=state, return_state=True, **given)
+        pieces.append(y)
+    streamed = torch.cat(pieces, 1)
+    close(streamed, whole)
+    for u, v in zip(leaves(final), leaves(state), strict=True):
+        close(u, v)
+    return streamed
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("T", [1, 16, 37])
 def test_linear_memories_chunked_equal_reference(mode, T):
@@ -181,15 +199,7 @@ def test_huber_and_clip_matrix_memories_agree_on_every_tier_and_stream(case):
     compare(ref, fast, torch.randn(2, 13, 16))
     torch.manual_seed(0)
     mod = nonlinear(case).build("Mem", backend="triton", dim=16)  # the token loop too
-    x = torch.randn(2, 13, 16)
-    whole, final = mod(x, return_state=True)
-    state, pieces = None, []
-    for a, b in [(0, 5), (5, 6), (6, 13)]:
-        y, state = mod(x[:, a:b], state=state, return_state=True)
-        pieces.append(y)
-    close(torch.cat(pieces, 1), whole)
-    for a, b in zip(leaves(final), leaves(state), strict=True):
-        close(a, b)
+    streams_as_one(mod, torch.randn(2, 13, 16), (5, 6))
 
 
 def test_huber_with_a_wide_delta_and_a_loose_clip_are_the_delta_rule():
@@ -282,15 +292,7 @@ def test_mlp_memories_chunked_equal_reference(case, T):
 def test_mlp_memories_stream_in_pieces_that_end_inside_chunks(case):
     torch.manual_seed(0)
     mod = mlp_variant(case).build("Deep", backend="chunked", dim=16)
-    x = torch.randn(2, 19, 16)
-    whole, final = mod(x, return_state=True)
-    state, pieces = None, []
-    for a, b in [(0, 3), (3, 10), (10, 19)]:
-        y, state = mod(x[:, a:b], state=state, return_state=True)
-        pieces.append(y)
-    close(torch.cat(pieces, 1), whole)
-    for a, b in zip(leaves(final), leaves(state), strict=True):
-        close(a, b)
+    streams_as_one(mod, torch.randn(2, 19, 16), (3, 10))
 
 
 @pytest.mark.parametrize("case", ["dgd_literal", "dgd_literal_huber_clip_before"])
@@ -389,14 +391,7 @@ def test_streaming_in_pieces_equals_one_pass(prog, name, hyper, backend):
     torch.manual_seed(0)
     mod = prog.build(name, backend=backend, **hyper)
     x = (torch.randint(0, 11, (2, 29)) if name == "TransformerLM" else torch.randn(2, 29, 16))
-    whole, final = mod(x, return_state=True)
-    state, pieces = None, []
-    for a, b in [(0, 5), (5, 6), (6, 23), (23, 29)]:
-        y, state = mod(x[:, a:b], state=state, return_state=True)
-        pieces.append(y)
-    close(torch.cat(pieces, 1), whole)
-    for a, b in zip(leaves(final), leaves(state), strict=True):
-        close(a, b)
+    streams_as_one(mod, x, (5, 6, 23))
 
 
 def test_state_dict_keys_are_the_same_on_every_backend_and_copies_are_independent():
@@ -501,14 +496,8 @@ def test_cms_streaming_with_targets_equals_one_pass_and_learns_through_updates(t
     model = cms_lm(tmp_path)
     x = torch.randint(0, 20, (2, 19))
     targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
-    whole, final = model(x, return_state=True, targets=targets)
-    state, pieces = None, []
-    for a, b in [(0, 3), (3, 9), (9, 19)]:
-        y, state = model(x[:, a:b], state=state, return_state=True, targets=targets[:, a:b])
-        pieces.append(y)
-    close(torch.cat(pieces, 1), whole)
-    for a, b in zip(leaves(final), leaves(state), strict=True):
-        close(a, b)
+    streams_as_one(model, x, (3, 9), targets)
+    whole = model(x, targets=targets)
     twin = copy.deepcopy(model)  # a copy learns in context with its own levels
     assert [id(m) for m in twin.tasks] == [id(twin.CMS.c0_f), id(twin.CMS.c1_f)]
     whole.sum().backward()  # the outer level trains the initial weights through the updates
@@ -1048,15 +1037,8 @@ def test_hope_lm_fed_in_calls_cut_inside_its_levels_chunks_equals_one_pass(cuts)
     model = HOPE.build("HopeLM", vocab=20, dim=16, depth=2, heads=2, chunks=[4, 8])
     x = torch.randint(0, 20, (2, 23))
     targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
-    whole, final = model(x, return_state=True, targets=targets)
-    state, pieces = None, []
-    for a, b in zip((0, *cuts), (*cuts, 23)):
-        y, state = model(x[:, a:b], state=state, return_state=True, targets=targets[:, a:b])
-        pieces.append(y)
-    streamed = torch.cat(pieces, 1)
-    close(streamed, whole)
-    for a, b in zip(leaves(final), leaves(state), strict=True):
-        close(a, b)
+    whole = model(x, targets=targets)
+    streamed = streams_as_one(model, x, cuts, targets)
     same_outer_gradients(model, whole, streamed)
 
 
