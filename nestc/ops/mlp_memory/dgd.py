@@ -13,9 +13,9 @@ by f_t to norm at most `clip`:
 
 (in x A form: the paper's M (alpha I - eta k k^T) is A^T's). Each is the gated delta rule
 S_t = r_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T with beta_t = eta_t / r_t and
-values -r_t f_t delta_t (and -r_t f_t e_t), so both run on nestc.ops' chunked gated delta
-rule; its reads are the memory's: q_t A_t, then act(q_t A_t) B_t. As there, a retention
-below 1e-6 is taken as 1e-6 (it divides by r).
+values -r_t f_t delta_t (and -r_t f_t e_t), so each chunk of each layer is one chunk of
+nestc.ops' chunked gated delta rule (its `chunk_writes`); its reads are the memory's: q_t A_t,
+then act(q_t A_t) B_t. As there, a retention below 1e-6 is taken as 1e-6 (it divides by r).
 """
 
 from __future__ import annotations
@@ -23,26 +23,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+from nestc.ops.gated_delta_rule.chunk import chunk_writes
 from nestc.ops.mlp_memory.reference import act_fn, chunk_gradients
 from nestc.ops.utils import float32_inside
 
 
-def _layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_r: torch.Tensor,
+def _layer(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, log_r: torch.Tensor,
            beta: torch.Tensor, S: torch.Tensor, read_before: bool
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's tokens (N, H, n, .): S_t = r_t (I - beta_t k_t k_t^T) S_{t-1} +
-    beta_t k_t v_t^T from S (N, H, K, V), and the reads q_t S_t (q_t S_{t-1} with
-    read_before: the writes shifted one token later, a write of nothing first)."""
-    n = q.shape[2]
+           ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One layer's tokens (N, H, n, .) as one chunk of the gated delta rule: S_t =
+    r_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T from S (N, H, K, V), and the reads
+    q_t S_t (q_t S_{t-1} with read_before: the writes shifted one token later, a write of
+    nothing first; none without q)."""
+    n = k.shape[2]
     if read_before:
         k, v = (F.pad(x, (0, 0, 1, 0)) for x in (k, v))
         log_r, beta = (F.pad(x, (1, 0)) for x in (log_r, beta))
-        q = F.pad(q, (0, 0, 0, 1))
-    q, k, v, log_r, beta = (x.transpose(1, 2) for x in (q, k, v, log_r, beta))
-    o, S_new = chunk_gated_delta_rule(q, k, v, log_r, beta, 1.0, S, True, min(64, max(n, 1)))
-    assert S_new is not None
-    o = o.transpose(1, 2)
+        q = None if q is None else F.pad(q, (0, 0, 0, 1))
+    G = log_r.cumsum(-1)[..., None]  # (N, H, n, 1)
+    eG, decay, u, w = chunk_writes(k, v, G, beta[..., None])
+    U = u - w @ S  # the chunk's writes
+    S_new = eG[..., -1:, :] * S + (k * (G[..., -1:, :] - G).exp()).transpose(-1, -2) @ U
+    if q is None:
+        return None, S_new
+    o = (q * eG) @ S + ((q @ k.transpose(-1, -2)) * decay) @ U
     return (o[:, :, :n] if read_before else o), S_new
 
 
@@ -63,9 +67,9 @@ def mlp_dgd_chunk(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, lr: 
     r = torch.ones_like(lr) if retain is None else retain.clamp_min(1e-6)
     beta, log_r = lr / r, r.log()
     scale = (-r if f is None else -r * f)[..., None]
-    zq, A = _layer(k if q is None else q, k, scale * delta, log_r, beta, A, read_before)
-    y, B = _layer(hk if q is None else act_fn(act, zq), hk, scale * e, log_r, beta, B,
+    zq, A = _layer(q, k, scale * delta, log_r, beta, A, read_before)
+    y, B = _layer(None if zq is None else act_fn(act, zq), hk, scale * e, log_r, beta, B,
                   read_before)
-    if q is None:
+    if q is None or y is None:
         return None, A, B
     return (y + q if residual else y), A, B
