@@ -46,12 +46,15 @@ def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[tor
     backend = backend_of(group)
     if backend in ("generic", "compiled", "triton"):
         return False
+    # (torch's fused kernels walk a parameter and its gradient as if laid out alike: a
+    # transposed parameter with a contiguous gradient got a wrong update)
     ok = all(plain(p, g) and p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES
              and not p.is_sparse and not g.is_sparse and g.dtype == p.dtype
-             and g.device == p.device for p, g in zip(params, grads))
+             and g.device == p.device and g.stride() == p.stride()
+             for p, g in zip(params, grads))
     if backend == "fused" and not ok:
         raise RuntimeError("backend='fused' needs plain float tensors on CPU or CUDA with dense "
-                           "grads")
+                           "grads laid out as their parameters")
     return ok
 
 
