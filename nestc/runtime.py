@@ -75,6 +75,10 @@ def steps(group: dict[str, Any], states: list[dict[str, Any]], params: list[torc
     on_device = fused or backend_of(group) == "compiled"
     out = []
     for p, s in zip(params, states):
+        if p.is_complex():  # (g * g is not |g|^2: Adam's second moment went negative)
+            raise ValueError("nestc optimizers take real parameters, got a complex one of shape "
+                             f"{tuple(p.shape)}: torch.optim updates it as pairs of reals, which "
+                             "nestc does not yet (torch.view_as_real gives that view)")
         want = p.device if on_device else _CPU
         step = s.get("step")
         if step is None:

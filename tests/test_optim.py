@@ -250,6 +250,17 @@ def test_a_grad_laid_out_unlike_its_parameter_takes_the_generic_code(transposed)
         assert torch.allclose(ours, theirs, atol=1e-6), (name, (ours - theirs).abs().max())
 
 
+def test_complex_parameters_are_refused():
+    """torch.optim updates a complex parameter as pairs of reals; nestc's generated code took
+    it as complex numbers (Adam's g * g is not |g|^2: its second moment went negative, 0.044
+    off torch after 5 steps). It says so instead."""
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    p.grad = torch.randn_like(p)
+    for spec, name in [("std/optim/adam.nest", "Adam"), ("std/optim/sgd.nest", "SGD")]:
+        with pytest.raises(ValueError, match="take real parameters, got a complex one"):
+            nestc.load(spec).build(name, [p], lr=0.1).step()
+
+
 def test_bad_hyperparameters_are_nest_errors():
     prog = nestc.load("std/optim/adam.nest")
     with pytest.raises(nestc.NestError, match="has no hyperparameter `lrr`"):
