@@ -36,7 +36,7 @@ from torch import nn
 from nestc.layers import Stateful
 from nestc.ops.mlp_memory.dgd import mlp_dgd_chunk
 from nestc.ops.mlp_memory.reference import ACT_FNS, mlp_memory_chunk
-from nestc.ops.utils import float32_inside
+from nestc.ops.utils import float32_inside, upto
 
 ACTS = ACT_FNS  # the activations an MLP memory takes, by name
 
@@ -183,7 +183,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_band(T, L, L - T, window, q))
     outs = []
     for a in range(0, T, block):
-        b = min(T, a + block)
+        b = upto(a + block, T)
         lo, hi = max(0, L - T + a - window + 1), L - T + b  # the keys the block's queries see
         outs.append(F.scaled_dot_product_attention(
             q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi],
@@ -726,7 +726,7 @@ class MLPMemory(Memory):
         bounds, t = [], 0
         first = (self.chunk - offset) % self.chunk or self.chunk
         while t < T:
-            end = min(T, t + (first if t == 0 else self.chunk))
+            end = upto(t + (first if t == 0 else self.chunk), T)
             bounds.append((t, end))
             t = end
         return bounds
@@ -1331,7 +1331,7 @@ class PeriodicMemory(Memory):
         its gradients as one gradient of their summed, lr-weighted loss."""
         state, T, outs, a = given, q.shape[2], [], 0
         while a < T:
-            b = min(T, a + self.period - state["offset"])
+            b = upto(a + self.period - state["offset"], T)
             y = self._map(state["W"], q[:, :, a:b])
             state = self._add(state, w, a, b, closed=True)
             if state["offset"] == self.period:

@@ -25,6 +25,7 @@ from torch import nn
 from nestc import layers, memories
 from nestc.check import Checked
 from nestc.errors import NestError
+from nestc.ops.utils import upto
 
 # the in-context state's entry for a call's last output whose target, the next token, the next
 # call brings (not a submodule's path: those have no spaces)
@@ -267,8 +268,8 @@ class Built(nn.Module):
             # from the call's under `partial chunk flush`)
             into = {m.state_key: (given.get(m.state_key) or {}).get("offset", 0)
                     for m in (*tasks, *self.starts)}
-            stop = min(T, start + min(m.chunk - into[m.state_key]
-                                      for m in (*tasks, *self.starts)))
+            stop = upto(start + min(m.chunk - into[m.state_key]
+                                    for m in (*tasks, *self.starts)), T)
             # where the task-loss levels' piece ends: a piece cut before it (by the call's
             # end, or by a memory read at its chunks' starts) goes on in the next one
             # (no min(..., default=): torch.compile breaks its graph there)

@@ -1270,3 +1270,20 @@ def test_torch_compile_keeps_each_model_apart():
     with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
         for model in models:
             close(torch.compile(model, backend="eager")(x), model(x))
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="inductor needs g++")
+def test_torch_compile_takes_a_second_length():
+    """Inductor (torch.compile's default) compiles a second length with a symbolic T: chunk
+    bounds written min(T, t + C) made shapes of Min(T, ...), and inductor failed on them
+    ("Exponent must be non-negative") for every MLP memory (Titans, TitansLM, self-modifying
+    Titans). The bounds are now a number or T (nestc.ops.utils.upto). Streaming too."""
+    torch.manual_seed(0)
+    titans = TITANS.build("Titans", dim=8, heads=2, chunk=4)
+    compiled = torch.compile(titans)
+    for T in (10, 7):
+        x = torch.randn(2, T, 8)
+        close(compiled(x), titans(x))
+    x = torch.randn(2, 9, 8)
+    y, state = compiled(x[:, :3], return_state=True)
+    close(torch.cat([y, compiled(x[:, 3:], state=state)], 1), titans(x))

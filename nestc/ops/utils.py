@@ -112,6 +112,13 @@ def make_callable(module_name: str, fn: Callable[..., Any]) -> None:
     sys.modules[module_name].__class__ = CallableModule
 
 
+def upto(end: int, T: int) -> int:
+    """min(end, T) for a length T that torch.compile may hold as a symbol: a comparison (a
+    guard on it) leaves a number or T itself, where a Min(T, ...) in the shapes after it made
+    inductor fail ("Exponent must be non-negative") once a second length was compiled."""
+    return end if end < T else T
+
+
 def time_masks(size: int, group: int, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(earlier, upto), (size, size) bool, for a chunk whose tokens come `group` at a time

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-from nestc.ops.utils import float32_inside
+from nestc.ops.utils import float32_inside, upto
 
 ACTS = ("gelu", "silu")  # the op's (and the Triton kernel's); the chunk function takes ACT_FNS
 ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -217,7 +217,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
     firsts = range(0, T, chunk) if offset == 0 or T == 0 else \
         [0, *range(chunk - offset, T, chunk)]
     for a in firsts:
-        b = min(T, a + chunk - (offset if a == 0 else 0))
+        b = upto(a + chunk - (offset if a == 0 else 0), T)
         cut = [None if x is None else x[:, :, a:b] for x in (retain, beta, v_self)]
         if starts is not None:
             starts.append((A, B, SA, SB))
