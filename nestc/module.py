@@ -84,6 +84,8 @@ class Built(nn.Module):
         self.starts = [m for m in self.modules() if isinstance(m, memories.Memory)
                        and getattr(m, "starts", False)]
         self.flushing = [m for m in self.modules() if isinstance(m, memories.Memory) and m.flush]
+        # every in-context state this module keeps, by its key
+        self.stateful = {m.state_key: m for m in self.modules() if isinstance(m, layers.Stateful)}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every generated class gets its own copy of `forward` (the same code in a code
@@ -120,6 +122,11 @@ class Built(nn.Module):
             if self.tasks and torch.compiler.is_compiling():  # (see _eager_in_chunks)
                 return _eager_run(self, _env, x)
             return self.run(_env, x)
+        if state:
+            self._check_state(state, x.shape[0])
+        if targets is not None and targets.shape != x.shape[:2]:
+            raise ValueError(f"`{self.decl_name}`: targets must have the tokens' shape "
+                             f"{list(x.shape[:2])}, got {list(targets.shape)}")
         if x.shape[1] == 0:  # an empty piece: nothing to compute, the state goes on as it was
             y = x.new_zeros(x.shape[0], 0, self.out_feat, dtype=torch.get_default_dtype()
                             if x.dtype in (torch.int64, torch.int32) else x.dtype)
@@ -346,6 +353,25 @@ class Built(nn.Module):
                 given = detached(given)
         return y, given
 
+    def _check_state(self, state: dict[str, Any], batch: int) -> None:
+        """A state passed in is this module's (another module's entries were ignored), for a
+        batch of this size (else an error about targets the caller never gave, or a shape
+        deep inside a memory): a ValueError that says which."""
+        unknown = [key for key in state if key not in self.stateful and key != NEXT]
+        if unknown:
+            raise ValueError(f"`{self.decl_name}`: the state has entries for submodules it does "
+                             f"not have ({', '.join(map(repr, unknown[:3]))}"
+                             f"{', ...' if len(unknown) > 3 else ''}); its own are "
+                             f"{', '.join(map(repr, list(self.stateful)[:3]))}"
+                             f"{', ...' if len(self.stateful) > 3 else ''}")
+        for key, entry in state.items():
+            if getattr(self.stateful.get(key), "shared", False):
+                continue  # one state for the batch: no batch dim
+            first = next(iter(_tensors(entry)), None)
+            if first is not None and first.dim() > 0 and first.shape[0] != batch:
+                raise ValueError(f"`{self.decl_name}`: the state is of a batch of "
+                                 f"{first.shape[0]} sequences ({key!r}), the input of {batch}")
+
     def _versions(self) -> int:
         """The parameters' version counters summed: it grows whenever one changes in place."""
         return sum(p._version for p in self.parameters())
@@ -374,6 +400,15 @@ class Built(nn.Module):
                     g = tuple(None if t is None else t.detach() for t in g)
                 tasks[key].learn_late(ctx, g)
         return {**given, **ctx.out}
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors of an in-context state entry, in order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree \
+        if isinstance(tree, (tuple, list)) else ()
+    return [t for item in items for t in _tensors(item)]
 
 
 def _going_on(state: dict[str, Any]) -> list[str]:

@@ -1287,3 +1287,23 @@ def test_torch_compile_takes_a_second_length():
     x = torch.randn(2, 9, 8)
     y, state = compiled(x[:, :3], return_state=True)
     close(torch.cat([y, compiled(x[:, 3:], state=state)], 1), titans(x))
+
+
+def test_a_state_or_targets_that_do_not_fit_the_call_are_value_errors():
+    """Another module's state was ignored without a word; a state of another batch size, or
+    targets of another shape, failed deep inside (an error about targets the caller never
+    gave, "batch_size (0)")."""
+    torch.manual_seed(0)
+    model = HOPE.build("HopeLM", vocab=11, dim=8, depth=1, heads=2, chunks=[2, 4])
+    x = torch.randint(0, 11, (2, 5))
+    _, state = model(x, return_state=True)
+    with pytest.raises(ValueError, match=r"the state is of a batch of 2 sequences .*, the input "
+                                         r"of 3"):
+        model(torch.randint(0, 11, (3, 5)), state=state)
+    with pytest.raises(ValueError, match=r"targets must have the tokens' shape \[2, 5\], got "
+                                         r"\[2, 4\]"):
+        model(x, targets=x[:, :4])
+    with pytest.raises(ValueError, match="the state has entries for submodules it does not "
+                                         "have \\('M'\\)"):
+        model(x, state={"M": torch.zeros(2, 2, 4, 4)})
+    model(x, state=state)  # its own state, of its batch
