@@ -200,6 +200,16 @@ class StmtIf:
 
 
 @dataclass(frozen=True)
+class StmtRequire:
+    """A condition on a declaration's hyperparameters, checked wherever they are bound, with
+    the message its error says (None: the condition's text)."""
+
+    cond: Expr
+    message: str | None
+    span: Span
+
+
+@dataclass(frozen=True)
 class StmtTrain:
     """The outer training level of a model: its frequency and clauses."""
 
@@ -234,7 +244,7 @@ class Clause:
 
 
 Stmt = (StmtParam | StmtInput | StmtLet | StmtUpdate | StmtOutput | StmtRepeat | StmtChain
-        | StmtIf | StmtTrain | StmtMemory | Clause)
+        | StmtIf | StmtTrain | StmtMemory | StmtRequire | Clause)
 
 
 # --- declarations and files --------------------------------------------------------------------

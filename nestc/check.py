@@ -80,7 +80,11 @@ class Checked:
             h = self.hypers[name]
             raise NestError(f"`{name}` of `{self.name}` must be {type_words(h.type)}, "
                             f"got {show_value(values[name])}", h.span, kind="type") from None
-        return {n: getattr(validated, f"h{i}") for i, n in enumerate(self.hypers)}
+        bound = {n: getattr(validated, f"h{i}") for i, n in enumerate(self.hypers)}
+        for s in self.decl.body:
+            if isinstance(s, ast.StmtRequire):
+                unmet(self.decl, s, bound)
+        return bound
 
 
 def hypers_of(decl: ast.Decl) -> dict[str, Hyper]:
@@ -295,6 +299,8 @@ class BodyChecker:
             self.clauses(s.body, "the train level", s.span, need_rule=True)
         elif isinstance(s, ast.StmtMemory):
             self.memory(s, scope)
+        elif isinstance(s, ast.StmtRequire):
+            self.require(s, scope)
         elif isinstance(s, ast.Clause):
             if not self.owner:
                 raise NestError(f"`{s.kind}` belongs inside a memory or train body", s.span,
@@ -310,6 +316,19 @@ class BodyChecker:
                 self.expr(s.value, scope)
         else:  # pragma: no cover - the parser makes no other statements
             raise AssertionError(f"unchecked statement {type(s).__name__}")
+
+    def require(self, s: ast.StmtRequire, scope: _Scope) -> None:
+        """A condition on the hyperparameters alone, at the top of the body; the defaults must
+        meet it (every binding is checked against it: Checked.bind)."""
+        if scope is not self.root or self.owner:
+            raise NestError("`require` belongs at the top of a declaration's body", s.span,
+                            kind="value", hint="it states what the hyperparameters must meet")
+        self.expr(s.cond, scope)
+        for e in _names_in(s.cond):
+            if self.root.names.get(e.name) != "hyper":
+                raise NestError(f"a `require` tests hyperparameters only; `{e.name}` is not one",
+                                e.span, kind="value")
+        unmet(self.decl, s, self.env)
 
     def update(self, s: ast.StmtUpdate, scope: _Scope) -> None:
         what = scope.lookup(s.target)
@@ -617,6 +636,36 @@ class BodyChecker:
             if p.default is None and p.name not in given:
                 raise NestError(f"`{d.name}` needs a value for `{p.name}`", e.span, kind="value",
                                 hint=f"pass `{p.name} = ...`: it has no default")
+
+
+def unmet(decl: ast.Decl, s: ast.StmtRequire, values: dict[str, Any]) -> None:
+    """A NestError at `require` s when the hyperparameters `values` do not meet it (nothing
+    where its value is not known: a required hyperparameter not yet given)."""
+    ok = const_eval(s.cond, values)
+    if ok is UNKNOWN or ok:
+        return
+    names = dict.fromkeys(e.name for e in _names_in(s.cond))
+    given = ", ".join(f"{n} = {show_value(values[n])}" for n in names if n in values)
+    said = s.message or f"it requires {span_text(s.cond.span)}"
+    raise NestError(f"{decl.kind} `{decl.name}`: {said}", s.span, kind="value",
+                    hint=f"got {given}" if given else None)
+
+
+def _names_in(e: ast.Expr) -> list[ast.ExprName]:
+    """The names an expression reads (a call's function aside)."""
+    if isinstance(e, ast.ExprName):
+        return [e]
+    if isinstance(e, ast.ExprCall):
+        parts: list[Any] = [*e.args, *(k.value for k in e.kwargs)]
+    else:
+        parts = [getattr(e, f) for f in getattr(e, "__dataclass_fields__", ())]
+    out: list[ast.ExprName] = []
+    for p in parts:
+        for x in p if isinstance(p, tuple) else (p,):
+            if isinstance(x, (ast.ExprName, ast.ExprCall, ast.ExprBinary, ast.ExprUnary,
+                              ast.ExprIndex, ast.ExprCond, ast.ExprTuple, ast.ExprList)):
+                out += _names_in(x)
+    return out
 
 
 def body_paths(body: tuple[ast.Stmt, ...], decide: Callable[[ast.Expr], bool | None]

@@ -117,6 +117,10 @@ def render_explain(graph: nx.MultiDiGraph, span: Any, tokens: int, steps: int) -
         lines += [f"    {k:<{width}} = {_value(v)}" for k, v in hyper.items()]
     else:
         lines.append("  no hyperparameters")
+    requires = g.get("requires") or []
+    if requires:
+        lines.append("  requires (met)")
+        lines += [f"    {r}" for r in requires]
     order = levels(graph)
     uses_tokens = any(graph.nodes[n]["unit"] == "token" for n in order)
     uses_steps = any(graph.nodes[n]["unit"] != "token" for n in order)

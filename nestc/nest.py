@@ -123,8 +123,10 @@ class _Builder:
         self.program = program
         self.top = checked
         self.values = checked.bind(hyper)
+        requires = [" ".join(span_text(s.cond.span).split()) for s in checked.decl.body
+                    if isinstance(s, ast.StmtRequire)]
         self.g = nx.MultiDiGraph(name=checked.name, kind=checked.kind, hyper=dict(self.values),
-                                 file=checked.decl.span.file)
+                                 requires=requires, file=checked.decl.span.file)
         self.written: set[str] = set()  # levels whose update at this time step already happened
         self.sig_deps: dict[str, frozenset[str]] = {}
         self.deps: dict[str, set[str]] = {}
@@ -278,7 +280,7 @@ class _Builder:
                 self.train_level(s, frame)
         elif isinstance(s, ast.StmtMemory):
             self.memory(s, frame)
-        # a clause outside a memory or train body was rejected by the checker
+        # a `require` is no level nor signal; a clause outside a memory or train body was rejected by the checker
 
     def param(self, s: ast.StmtParam, frame: Frame) -> None:
         for name in s.names:

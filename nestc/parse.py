@@ -73,7 +73,7 @@ def describe_expected(expected: set[str]) -> str:
     if names >= _STMT_START:
         parts.append("a statement")
         names -= _STMT_START | {"VALUE", "QUERY", "OBJECTIVE", "RULE", "READ", "BACKPROP",
-                                "STATE", "PARTIAL", "DGD", "IF", "NAME", "SEMICOLON"}
+                                "STATE", "PARTIAL", "DGD", "IF", "NAME", "SEMICOLON", "REQUIRE"}
     if names >= {"NAME", "NUMBER", "LPAR"}:
         parts.append("an expression")
         names -= _EXPR_START
@@ -421,6 +421,11 @@ class _ToAst(Transformer_NonRecursive):
         if isinstance(orelse, ast.StmtIf):
             orelse = (orelse,)
         return ast.StmtIf(cond, then, orelse or (), self.s(meta))
+
+    def require_stmt(self, meta, ch):
+        cond, message = ch
+        return ast.StmtRequire(cond, None if message is None else _unescape(str(message)),
+                               self.s(meta))
 
     def train_stmt(self, meta, ch):
         return ast.StmtTrain(ch[0], ch[1], self.s(meta))

@@ -948,6 +948,57 @@ CASES = [
     ),
     pytest.param(
         """
+        block B(dim = 6, heads = 4) {
+            input x : [T, dim]
+            require dim % heads == 0, "heads divide dim"
+            output x
+        }
+        """,
+        """
+        t.nest:3:5: error: block `B`: heads divide dim
+           3 |     require dim % heads == 0, "heads divide dim"
+             |     ^~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+          hint: got dim = 6, heads = 4
+        """,
+        id="require_unmet_by_the_defaults",
+    ),
+    pytest.param(
+        """
+        block B(dim = 8) {
+            input x : [T, dim]
+            let h = dim / 2
+            require h > 2
+            output x
+        }
+        """,
+        """
+        t.nest:4:13: error: a `require` tests hyperparameters only; `h` is not one
+           4 |     require h > 2
+             |             ^
+        """,
+        id="require_of_a_let",
+    ),
+    pytest.param(
+        """
+        block B(dim = 8) {
+            input x : [T, dim]
+            memory M : mlp(dim) = meta every token {
+                require dim > 2
+                key x; value x; objective l2(M(x), x); rule gd(lr = 0.1)
+            }
+            output M(x)
+        }
+        """,
+        """
+        t.nest:4:9: error: `require` belongs at the top of a declaration's body
+           4 |         require dim > 2
+             |         ^~~~~~~~~~~~~~~
+          hint: it states what the hyperparameters must meet
+        """,
+        id="require_inside_a_memory",
+    ),
+    pytest.param(
+        """
         block Mem(dim = 8) {
             input x : [T, dim]
             memory M : matrix(dim, dim) = zeros every token { rule gd }

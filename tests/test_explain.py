@@ -16,13 +16,18 @@ def lines_of(text: str) -> list[str]:
 def test_adam_report() -> None:
     text = explain(nestc.load("std/optim/adam.nest"), "Adam")
     lines = lines_of(text)
-    assert lines[:8] == [
+    assert lines[:13] == [
         "optimizer Adam  (std/optim/adam.nest:8:1)",
         "  hyperparameters",
         "    lr           = 0.001",
         "    betas        = (0.9, 0.999)",
         "    eps          = 1e-08",
         "    weight_decay = 0.0",
+        "  requires (met)",
+        "    lr >= 0",
+        "    eps >= 0",
+        "    0 <= betas[0] and betas[0] < 1 and 0 <= betas[1] and betas[1] < 1",
+        "    weight_decay >= 0",
         "",
         "3 levels, fastest first (updates counted over 1000 steps)",
     ]
@@ -140,7 +145,7 @@ def test_cli_explain(capsys) -> None:
     assert main(["explain", "std/optim/adam.nest", "--name", "AdamW", "--steps", "5",
                  "--set", "lr=0.5"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("optimizer AdamW  (std/optim/adam.nest:17:1)\n")
+    assert out.startswith("optimizer AdamW  (std/optim/adam.nest:22:1)\n")
     assert "    lr           = 0.5\n" in out
     assert "    updates        5 over 5 steps\n" in out
 
@@ -213,3 +218,9 @@ def test_a_memory_that_does_not_compile_is_explained_with_its_line() -> None:
     text = explain(prog, "Mem")
     assert ("not compiled: momentum.nest:4:5: a matrix memory whose rule is not gd or dgd is "
             "not supported") in text.replace("\n      ", " ")
+
+
+def test_explain_lists_what_the_hyperparameters_must_meet() -> None:
+    text = explain(nestc.load("std/optim/sgd.nest"), "SGD")
+    assert "  requires (met)\n    lr >= 0\n" in text
+    assert "    not nesterov or (momentum > 0 and dampening == 0)\n" in text

@@ -114,7 +114,7 @@ def test_adam_levels() -> None:
     assert m["explicit"] == ()
     assert w["rule"] == "W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)"
     assert w["objective"] is None
-    assert m["span"].line == 12 and m["span"].file == "std/optim/adam.nest"
+    assert m["span"].line == 17 and m["span"].file == "std/optim/adam.nest"
 
 
 def test_adam_edges() -> None:
@@ -256,7 +256,8 @@ model Mlp(dim = 8) {
 
 def test_hope_levels_fastest_first(hope: nx.MultiDiGraph) -> None:
     assert hope.graph == {"name": "HopeLM", "kind": "model", "file": "sketch.nest",
-                          "hyper": {"vocab": 256, "dim": 128, "depth": 4, "chunks": [16, 256]}}
+                          "hyper": {"vocab": 256, "dim": 128, "depth": 4, "chunks": [16, 256]},
+                          "requires": []}
     memories = [n for n in levels(hope) if hope.nodes[n]["kind"] == "memory"]
     assert memories == ["Hope.Mk", "Hope.M", "Hope.C[16]", "Hope.C[256]", "AdamW.m", "AdamW.v"]
     level = {n: hope.nodes[n]["level"] for n in levels(hope)}

@@ -261,6 +261,26 @@ def test_complex_parameters_are_refused():
             nestc.load(spec).build(name, [p], lr=0.1).step()
 
 
+@pytest.mark.parametrize("spec,name,cls,kw", [
+    ("std/optim/adam.nest", "Adam", torch.optim.Adam, {"lr": -0.1}),
+    ("std/optim/adam.nest", "Adam", torch.optim.Adam, {"betas": (1.0, 0.999)}),
+    ("std/optim/adam.nest", "AdamW", torch.optim.AdamW, {"eps": -1e-8}),
+    ("std/optim/adam.nest", "AdamW", torch.optim.AdamW, {"weight_decay": -0.1}),
+    ("std/optim/sgd.nest", "SGD", torch.optim.SGD, {"lr": 0.1, "nesterov": True}),
+    ("std/optim/sgd.nest", "SGD", torch.optim.SGD,
+     {"lr": 0.1, "momentum": 0.9, "dampening": 0.5, "nesterov": True}),
+    ("std/optim/sgd.nest", "SGD", torch.optim.SGD, {"lr": 0.1, "momentum": -0.9}),
+    ("std/optim/muon.nest", "Muon", torch.optim.Muon, {"adjust_lr_fn": "match_rms_adam"}),
+])
+def test_values_torch_refuses_are_nest_errors_at_their_require(spec, name, cls, kw):
+    """The stdlib optimizers `require` what torch.optim checks: a negative lr, a beta of 1,
+    Nesterov without momentum, a misspelt adjust_lr_fn ran (into NaN, or as "original")."""
+    with pytest.raises(ValueError):
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], **kw)
+    with pytest.raises(nestc.NestError, match=rf"{spec}:\d+:5: error: optimizer `{name}`: "):
+        nestc.load(spec).build(name, [torch.nn.Parameter(torch.zeros(2, 2))], **kw)
+
+
 def test_bad_hyperparameters_are_nest_errors():
     prog = nestc.load("std/optim/adam.nest")
     with pytest.raises(nestc.NestError, match="has no hyperparameter `lrr`"):

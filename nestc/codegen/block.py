@@ -394,6 +394,8 @@ class _Scope:
             self.memory(s)
         elif isinstance(s, ast.StmtTrain):
             self.train(s)
+        elif isinstance(s, ast.StmtRequire):
+            pass  # met: Checked.bind checked it against these hyperparameters
         else:
             raise unsupported(f"`{type(s).__name__}` in a {self.checked.kind}", s.span)
 

@@ -265,6 +265,8 @@ class _Lowerer:
         mems, stmts = list(mems), list(stmts)
         while todo:
             s = todo.pop(0)
+            if isinstance(s, ast.StmtRequire):
+                continue  # met: Checked.bind checked it against the hyperparameters
             if isinstance(s, ast.StmtParam):
                 names[s.names[0]] = "param"
             elif isinstance(s, ast.StmtLet):

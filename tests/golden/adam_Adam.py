@@ -75,21 +75,21 @@ class Adam(torch.optim.Optimizer):
                 weight_decay)
             return
         _step = [_s.item() for _s in _steps]
-        # std/optim/adam.nest:11:
+        # std/optim/adam.nest:16:
         #     let g = grad(W) + weight_decay * W  # L2 penalty folded into the gradient
         _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params,
             alpha=weight_decay)
         _l_g = _t1
-        # std/optim/adam.nest:12:
+        # std/optim/adam.nest:17:
         #     memory m = zeros_like(W) every step { objective l2(m, g);     rule gd(lr = 1 -
         #     betas[0]) }
         torch._foreach_lerp_(_st_m, _l_g, (1 - betas[0]))
-        # std/optim/adam.nest:13:
+        # std/optim/adam.nest:18:
         #     memory v = zeros_like(W) every step { objective l2(v, g * g); rule gd(lr = 1 -
         #     betas[1]) }
         torch._foreach_mul_(_st_v, (1 - (1 - betas[1])))
         torch._foreach_addcmul_(_st_v, _l_g, _l_g, value=(1 - betas[1]))
-        # std/optim/adam.nest:14: W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
+        # std/optim/adam.nest:19: W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
         _t2 = torch._foreach_sqrt(_st_v)
         torch._foreach_div_(_t2, [_S.sqrt((1 - (betas[1] ** _c))) for _c in _step])
         torch._foreach_add_(_t2, eps)
@@ -99,18 +99,18 @@ class Adam(torch.optim.Optimizer):
 
 def _one_0(_p, _g, _c, _st_m, _st_v, _first, lr, betas, eps, weight_decay):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
-    # std/optim/adam.nest:11:
+    # std/optim/adam.nest:16:
     #     let g = grad(W) + weight_decay * W  # L2 penalty folded into the gradient
     _l_g = (_g + (weight_decay * _p))
-    # std/optim/adam.nest:12:
+    # std/optim/adam.nest:17:
     #     memory m = zeros_like(W) every step { objective l2(m, g);     rule gd(lr = 1 - betas[0])
     #     }
     _st_m.copy_(torch.lerp(_st_m, _l_g, (1 - betas[0])))
-    # std/optim/adam.nest:13:
+    # std/optim/adam.nest:18:
     #     memory v = zeros_like(W) every step { objective l2(v, g * g); rule gd(lr = 1 - betas[1])
     #     }
     _st_v.copy_(torch.lerp(_st_v, (_l_g * _l_g), (1 - betas[1])))
-    # std/optim/adam.nest:14: W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
+    # std/optim/adam.nest:19: W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
     _p.copy_((_p
         - ((lr * (_st_m / (1 - betas[0] ** _c)))
         / (torch.sqrt(torch.as_tensor((_st_v / (1 - betas[1] ** _c)))) + eps))))

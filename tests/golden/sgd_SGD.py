@@ -90,11 +90,11 @@ class SGD(torch.optim.Optimizer):
             _rt.compiled(_all_0)(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening,
                 weight_decay, nesterov)
             return
-        # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
+        # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
         _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params,
             alpha=weight_decay)
         _l_g = _t1
-        # std/optim/sgd.nest:14: rule gd(lr = 1 - dampening, retain = momentum)
+        # std/optim/sgd.nest:19: rule gd(lr = 1 - dampening, retain = momentum)
         if _first['buf']:
             _st_buf = [_x.clone() for _x in _l_g]
             for _s, _x in zip(_states, _st_buf):
@@ -102,7 +102,7 @@ class SGD(torch.optim.Optimizer):
         else:
             torch._foreach_mul_(_st_buf, momentum)
             torch._foreach_add_(_st_buf, _l_g, alpha=(1 - dampening))
-        # std/optim/sgd.nest:17: W -= lr * (g + momentum * buf)
+        # std/optim/sgd.nest:22: W -= lr * (g + momentum * buf)
         _t2 = _l_g if momentum == 0 else torch._foreach_add(_l_g, _st_buf, alpha=momentum)
         torch._foreach_add_(_params, _t2, alpha=(-lr))
 
@@ -141,11 +141,11 @@ class SGD(torch.optim.Optimizer):
             _rt.compiled(_all_1)(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening,
                 weight_decay, nesterov)
             return
-        # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
+        # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
         _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params,
             alpha=weight_decay)
         _l_g = _t1
-        # std/optim/sgd.nest:14: rule gd(lr = 1 - dampening, retain = momentum)
+        # std/optim/sgd.nest:19: rule gd(lr = 1 - dampening, retain = momentum)
         if _first['buf']:
             _st_buf = [_x.clone() for _x in _l_g]
             for _s, _x in zip(_states, _st_buf):
@@ -153,7 +153,7 @@ class SGD(torch.optim.Optimizer):
         else:
             torch._foreach_mul_(_st_buf, momentum)
             torch._foreach_add_(_st_buf, _l_g, alpha=(1 - dampening))
-        # std/optim/sgd.nest:19: W -= lr * buf
+        # std/optim/sgd.nest:24: W -= lr * buf
         torch._foreach_add_(_params, _st_buf, alpha=(-lr))
 
     def _variant_2(self, group, _params, _first, lr, momentum, dampening, weight_decay, nesterov):
@@ -182,21 +182,21 @@ class SGD(torch.optim.Optimizer):
             _rt.compiled(_all_2)(_params, _grads, _steps, _first, lr, momentum, dampening,
                 weight_decay, nesterov)
             return
-        # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
+        # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
         _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params,
             alpha=weight_decay)
         _l_g = _t1
-        # std/optim/sgd.nest:22: W -= lr * g
+        # std/optim/sgd.nest:27: W -= lr * g
         torch._foreach_add_(_params, _l_g, alpha=(-lr))
 
 
 def _one_0(_p, _g, _c, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
-    # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
+    # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
     _l_g = (_g + (weight_decay * _p))
-    # std/optim/sgd.nest:14: rule gd(lr = 1 - dampening, retain = momentum)
+    # std/optim/sgd.nest:19: rule gd(lr = 1 - dampening, retain = momentum)
     _st_buf.copy_((_l_g if _first['buf'] else ((momentum * _st_buf) + ((1 - dampening) * _l_g))))
-    # std/optim/sgd.nest:17: W -= lr * (g + momentum * buf)
+    # std/optim/sgd.nest:22: W -= lr * (g + momentum * buf)
     _p.copy_((_p - (lr * (_l_g + (momentum * _st_buf)))))
 
 
@@ -208,11 +208,11 @@ def _all_0(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, we
 
 def _one_1(_p, _g, _c, _st_buf, _first, lr, momentum, dampening, weight_decay, nesterov):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
-    # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
+    # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
     _l_g = (_g + (weight_decay * _p))
-    # std/optim/sgd.nest:14: rule gd(lr = 1 - dampening, retain = momentum)
+    # std/optim/sgd.nest:19: rule gd(lr = 1 - dampening, retain = momentum)
     _st_buf.copy_((_l_g if _first['buf'] else ((momentum * _st_buf) + ((1 - dampening) * _l_g))))
-    # std/optim/sgd.nest:19: W -= lr * buf
+    # std/optim/sgd.nest:24: W -= lr * buf
     _p.copy_((_p - (lr * _st_buf)))
 
 
@@ -224,9 +224,9 @@ def _all_1(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, we
 
 def _one_2(_p, _g, _c, _first, lr, momentum, dampening, weight_decay, nesterov):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
-    # std/optim/sgd.nest:10: let g = grad(W) + weight_decay * W
+    # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
     _l_g = (_g + (weight_decay * _p))
-    # std/optim/sgd.nest:22: W -= lr * g
+    # std/optim/sgd.nest:27: W -= lr * g
     _p.copy_((_p - (lr * _l_g)))
 
 
