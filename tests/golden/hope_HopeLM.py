@@ -22,34 +22,34 @@ class SelfModifyingTitans(_Built):
         self.q_linear = nn.Linear(128, 128, bias=False)
         self.q_conv1d = _layers.CausalConv1d(128, 4)
         self.M_k = _mem.MLPMemory(
-            'M_k', 'std/memory/self_modifying_titans.nest:59:5', d=32, hidden=32, heads=4,
+            'M_k', 'std/memory/self_modifying_titans.nest:60:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
             delta=1.0, momentum=False, literal=False, clip=1.0, signals=('lr', 'retain'),
             generated=True, has_source=True, flush=False, starts=True, shared=False,
             backend=backend)
         self.k_conv1d = _layers.CausalConv1d(128, 4)
         self.M_v = _mem.MLPMemory(
-            'M_v', 'std/memory/self_modifying_titans.nest:68:5', d=32, hidden=32, heads=4,
+            'M_v', 'std/memory/self_modifying_titans.nest:69:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
             delta=1.0, momentum=False, literal=False, clip=1.0, signals=('lr', 'retain'),
             generated=True, has_source=True, flush=False, starts=True, shared=False,
             backend=backend)
         self.v_conv1d = _layers.CausalConv1d(128, 4)
         self.M_eta = _mem.MLPMemory(
-            'M_eta', 'std/memory/self_modifying_titans.nest:77:5', d=32, hidden=32, heads=4,
+            'M_eta', 'std/memory/self_modifying_titans.nest:78:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
             delta=1.0, momentum=False, literal=False, clip=1.0, signals=('lr', 'retain'),
             generated=True, has_source=True, flush=False, starts=True, shared=False,
             backend=backend)
         self.M_alpha = _mem.MLPMemory(
-            'M_alpha', 'std/memory/self_modifying_titans.nest:86:5', d=32, hidden=32, heads=4,
+            'M_alpha', 'std/memory/self_modifying_titans.nest:87:5', d=32, hidden=32, heads=4,
             residual=True, act='silu', read_before=True, stopped=False, chunk=16, objective='l2',
             delta=1.0, momentum=False, literal=False, clip=1.0, signals=('lr', 'retain'),
             generated=True, has_source=True, flush=False, starts=True, shared=False,
             backend=backend)
         self.theta_linear = nn.Linear(128, 4, bias=False)
         self.M_memory = _mem.MLPMemory(
-            'M_memory', 'std/memory/self_modifying_titans.nest:111:9', d=32, hidden=64, heads=4,
+            'M_memory', 'std/memory/self_modifying_titans.nest:112:9', d=32, hidden=64, heads=4,
             residual=False, act='gelu', read_before=False, stopped=False, chunk=64, objective='l2',
             delta=1.0, momentum=True, literal=False, clip=1.0, signals=('lr', 'retain', 'beta'),
             generated=False, has_source=False, flush=False, starts=False, shared=False,
@@ -63,60 +63,60 @@ class SelfModifyingTitans(_Built):
     def run(self, _env, x):
         _env = {"__state__": _env["__state__"], "__self__": self}
         _state = _env["__state__"]
-        # std/memory/self_modifying_titans.nest:51:
+        # std/memory/self_modifying_titans.nest:52:
         #     let q = x |> linear(dim) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
         q = _layers.l2norm(F.silu(self.q_conv1d(self.q_linear(x), _state)), 4, 1e-06)
-        # std/memory/self_modifying_titans.nest:54:
+        # std/memory/self_modifying_titans.nest:55:
         #     let k = M_k(x) |> conv1d(window = 4) |> silu |> l2norm(per = heads)
         k = _layers.l2norm(F.silu(self.k_conv1d(self.M_k.read_start(x, _env), _state)), 4, 1e-06)
-        # std/memory/self_modifying_titans.nest:55: let v = M_v(x) |> conv1d(window = 4) |> silu
+        # std/memory/self_modifying_titans.nest:56: let v = M_v(x) |> conv1d(window = 4) |> silu
         v = F.silu(self.v_conv1d(self.M_v.read_start(x, _env), _state))
-        # std/memory/self_modifying_titans.nest:56:
+        # std/memory/self_modifying_titans.nest:57:
         #     let eta = memory_lr * softplus(mean(M_eta(x), per = heads))  # one learning rate per
         #     head
         eta = (0.3
             * _layers.softplus(self.M_eta.read_start(x, _env).unflatten(-1, (4, -1)).mean(-1),
             1.0))
-        # std/memory/self_modifying_titans.nest:57:
+        # std/memory/self_modifying_titans.nest:58:
         #     let alpha = sigmoid(mean(M_alpha(x), per = heads) + retain_bias)  # one retention per
         #     head
         alpha = torch.sigmoid((self.M_alpha.read_start(x, _env).unflatten(-1, (4, -1)).mean(-1)
             + 4.0))
-        # std/memory/self_modifying_titans.nest:59:
+        # std/memory/self_modifying_titans.nest:60:
         #     memory M_k : residual_mlp(dim / heads) per head = meta every token in chunks of chunk
         #     {
         def _M_k_value_1(_read, _a, _b, _tile=1):
             return torch.detach(_read(_mem.tiled(v[:, _a:_b], _tile)))
         _env['M_k'] = self.M_k.write(k, value=_M_k_value_1, vs=v, lr=(1.0 * eta), retain=alpha)
-        # std/memory/self_modifying_titans.nest:68:
+        # std/memory/self_modifying_titans.nest:69:
         #     memory M_v : residual_mlp(dim / heads) per head = meta every token in chunks of chunk
         #     {
         def _M_v_value_2(_read, _a, _b, _tile=1):
             return torch.detach(_read(_mem.tiled(v[:, _a:_b], _tile)))
         _env['M_v'] = self.M_v.write(k, value=_M_v_value_2, vs=v, lr=(1.0 * eta), retain=alpha)
-        # std/memory/self_modifying_titans.nest:77:
+        # std/memory/self_modifying_titans.nest:78:
         #     memory M_eta : residual_mlp(dim / heads) per head = meta every token in chunks of
         #     chunk {
         def _M_eta_value_3(_read, _a, _b, _tile=1):
             return torch.detach(_read(_mem.tiled(v[:, _a:_b], _tile)))
         _env['M_eta'] = self.M_eta.write(
             k, value=_M_eta_value_3, vs=v, lr=(1.0 * eta), retain=alpha)
-        # std/memory/self_modifying_titans.nest:86:
+        # std/memory/self_modifying_titans.nest:87:
         #     memory M_alpha : residual_mlp(dim / heads) per head = meta every token in chunks of
         #     chunk {
         def _M_alpha_value_4(_read, _a, _b, _tile=1):
             return torch.detach(_read(_mem.tiled(v[:, _a:_b], _tile)))
         _env['M_alpha'] = self.M_alpha.write(
             k, value=_M_alpha_value_4, vs=v, lr=(1.0 * eta), retain=alpha)
-        # std/memory/self_modifying_titans.nest:110:
+        # std/memory/self_modifying_titans.nest:111:
         #     let theta = x |> linear(heads) |> sigmoid  # Titans' decay of the past surprise
         theta = torch.sigmoid(self.theta_linear(x))
-        # std/memory/self_modifying_titans.nest:111:
+        # std/memory/self_modifying_titans.nest:112:
         #     memory M_memory : mlp(dim / heads, hidden = hidden * dim / heads) per head = meta
         _env['M_memory'] = self.M_memory.write(k, v=v, lr=eta, retain=alpha, beta=theta)
-        # std/memory/self_modifying_titans.nest:117: y = M_memory(q)
+        # std/memory/self_modifying_titans.nest:118: y = M_memory(q)
         y_1 = self.M_memory.read(q, _env)
-        # std/memory/self_modifying_titans.nest:119:
+        # std/memory/self_modifying_titans.nest:120:
         #     let gate = x |> linear(dim) |> sigmoid  # output gate, as in Titans
         gate = torch.sigmoid(self.gate_linear(x))
         # memory `M_k` learns, read by nothing after its writes
@@ -127,7 +127,7 @@ class SelfModifyingTitans(_Built):
         self.M_eta.settle(_env)
         # memory `M_alpha` learns, read by nothing after its writes
         self.M_alpha.settle(_env)
-        # std/memory/self_modifying_titans.nest:120: output (rmsnorm(y) * gate) |> linear(dim)
+        # std/memory/self_modifying_titans.nest:121: output (rmsnorm(y) * gate) |> linear(dim)
         return self.out_linear((self.out_rmsnorm(y_1) * gate))
 
 

@@ -13,24 +13,6 @@ import torch
 from nestc.ops.utils import accumulation_dtype, float32_inside, from_chunks, time_masks, to_chunks
 
 
-def chunk_writes(k: torch.Tensor, v: torch.Tensor, G: torch.Tensor, beta: torch.Tensor,
-                 group: int = 1) -> tuple[torch.Tensor, ...]:
-    """Inside each chunk (any leading dims; k (.., C, K), v (.., C, V), G the running sum of
-    the log retention and beta (.., C, 1)): e^G, the decay matrix and the factors of the
-    chunk's writes U = u - w S, S the state entering it (u = M V, w = M diag(e^G) K and
-    M = (I + strict_tril(diag(beta) (K K^T * decay)))^{-1} diag(beta))."""
-    eG = G.exp()  # decay from the chunk's start to each token
-    earlier, upto = time_masks(k.shape[-2], group, k.device)
-    # decay[t, s] = exp(G_t - G_s) for s <= t, 0 above the diagonal (masked before exp)
-    decay = (G - G.transpose(-1, -2)).masked_fill(~upto, float("-inf")).exp()  # (.., C, C)
-    A = ((beta * k) @ k.transpose(-1, -2) * decay)  # (.., C, C)
-    A = A.tril_(-1) if group == 1 else A * earlier
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
-    M = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
-    M = M * beta.transpose(-1, -2)  # (.., C, C)
-    return eG, decay, M @ v, M @ (k * eG)
-
-
 @float32_inside
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            beta: torch.Tensor, scale: float | None = None,
@@ -51,7 +33,22 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     q, k, v = (to_chunks(x, chunk_size, acc) for x in (q, k, v))  # (N, BH, C, K|V)
     beta = to_chunks(beta[..., None], chunk_size, acc)  # (N, BH, C, 1)
     G = to_chunks(g[..., None], chunk_size, acc).cumsum(-2)  # (N, BH, C, 1)
-    eG, decay, u, w = chunk_writes(k, v, G, beta, group)
+    eG = G.exp()  # decay from the chunk's start to each token
+    C = q.shape[-2]
+    earlier, upto = time_masks(C, group, q.device)
+    future = ~upto
+    # decay[t, s] = exp(G_t - G_s) for s <= t, 0 above the diagonal (masked before exp)
+    decay = (G - G.transpose(-1, -2)).masked_fill(future, float("-inf")).exp()  # (N, BH, C, C)
+    kt = k.transpose(-1, -2)  # (N, BH, K, C)
+
+    # the chunk's writes are U = u - W S (S: the state entering it), with u = M V,
+    # W = M diag(e^G) K and M = (I + strict_tril(diag(beta) (K K^T * decay)))^{-1} diag(beta)
+    A = ((beta * k) @ kt * decay)  # (N, BH, C, C)
+    A = A.tril_(-1) if group == 1 else A * earlier
+    eye = torch.eye(A.shape[-1], dtype=acc, device=A.device).expand_as(A)
+    M = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+    M = M * beta.transpose(-1, -2)  # (N, BH, C, C)
+    u, w = M @ v, M @ (k * eG)  # (N, BH, C, V), (N, BH, C, K)
 
     # the state hand-off: S <- e^{G_C} S + K_d^T U, K_d the keys decayed to the chunk's end
     G_end = G[:, :, -1:]  # (N, BH, 1, 1)
