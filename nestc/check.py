@@ -324,10 +324,7 @@ class BodyChecker:
             raise NestError("`require` belongs at the top of a declaration's body", s.span,
                             kind="value", hint="it states what the hyperparameters must meet")
         self.expr(s.cond, scope)
-        for e in _names_in(s.cond):
-            if self.root.names.get(e.name) != "hyper":
-                raise NestError(f"a `require` tests hyperparameters only; `{e.name}` is not one",
-                                e.span, kind="value")
+        self.of_hypers(s.cond, "a `require`")
         unmet(self.decl, s, self.env)
 
     def update(self, s: ast.StmtUpdate, scope: _Scope) -> None:
@@ -375,6 +372,7 @@ class BodyChecker:
         self.owner.pop()
         # every way the body's `if`s can go (their conditions, hyperparameters, may be set
         # at build) must make a memory
+        self.hyper_only(s.body, "an `if` in a memory's body")
         paths = body_paths(s.body, lambda cond: None)
         if len(paths) > MAX_BODY_PATHS:
             raise NestError(f"memory `{s.name}`'s `if`s make more than {MAX_BODY_PATHS} "
@@ -382,6 +380,20 @@ class BodyChecker:
                             hint="declare the memory in each branch of one `if` instead")
         for body in paths:
             self.memory_body(s, body)
+
+    def hyper_only(self, body: tuple[ast.Stmt, ...], what: str) -> None:
+        """The conditions of the `if`s in body read hyperparameters only (what the build
+        decides, and explain shows, by their values)."""
+        for b in body:
+            if isinstance(b, ast.StmtIf):
+                self.of_hypers(b.cond, what)
+                self.hyper_only(b.then + b.orelse, what)
+
+    def of_hypers(self, e: ast.Expr, what: str) -> None:
+        for name in _names_in(e):
+            if self.root.names.get(name.name) != "hyper":
+                raise NestError(f"{what} tests hyperparameters only; `{name.name}` is not one",
+                                name.span, kind="value")
 
     def memory_body(self, s: ast.StmtMemory, body: tuple[ast.Stmt, ...]) -> None:
         """One way through memory s's body (its `if`s resolved): a learning rule, or an

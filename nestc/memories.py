@@ -36,7 +36,7 @@ from torch import nn
 from nestc.layers import Stateful
 from nestc.ops.mlp_memory.dgd import mlp_dgd_chunk
 from nestc.ops.mlp_memory.reference import ACT_FNS, mlp_memory_chunk
-from nestc.ops.utils import float32_inside, upto
+from nestc.ops.utils import clipped, float32_inside, upto
 
 ACTS = ACT_FNS  # the activations an MLP memory takes, by name
 
@@ -81,12 +81,6 @@ def signal(x: Any, like: torch.Tensor, heads: int) -> torch.Tensor:
 def tiled(x: torch.Tensor, n: int) -> torch.Tensor:
     """x repeated n times along its last dim (a generated value evaluated for n memories)."""
     return x if n == 1 else x.repeat(*[1] * (x.dim() - 1), n)
-
-
-def clipped(sq: torch.Tensor, clip: float) -> torch.Tensor:
-    """The factor that scales a gradient of squared norm sq to norm at most clip:
-    clip / max(norm, clip), with no square root at 0."""
-    return clip * torch.rsqrt(sq.clamp_min(clip ** 2))
 
 
 def _mlp(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, act: Callable[..., torch.Tensor],
@@ -384,9 +378,11 @@ class LinearMemory(Memory):
         from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
         from nestc.ops.linear_attention.chunk import chunk_linear_attention
 
-        if self.recurrence == "token_loop":  # no chunk-parallel form (huber, clip)
+        if self.recurrence == "token_loop":  # no chunk-parallel form (huber, clip on l2)
             return self._reference(q, w, S0)
         k, v, lr, retain = w["k"], w["v"], w["lr"], w["retain"]
+        if self.clip is not None:  # dot: a gradient -k v^T of norm |k| |v|, whatever the state
+            lr = lr * clipped(k.pow(2).sum(-1) * v.pow(2).sum(-1), self.clip)
         if self.read_before:  # the state before token t = the state after a shifted write
             k, v, lr = (F.pad(x, (0, 0) * (x.ndim - 2) + (1, 0)) for x in (k, v, lr))
             retain = None if retain is None else F.pad(retain, (0, 0, 1, 0), value=1.0)

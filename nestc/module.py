@@ -67,6 +67,7 @@ class Built(nn.Module):
         # its memories read above their declarations, at chunk starts, at any depth (finish)
         self.starts: list[Any] = []
         self.flushing: list[Any] = []  # its memories under `partial chunk flush` (finish)
+        self.stateful: dict[str, Any] = {}  # its stateful submodules by state key (finish)
 
     def finish(self) -> None:
         """Once the submodules are constructed: every memory learns where its writes sit in
@@ -84,8 +85,12 @@ class Built(nn.Module):
         self.starts = [m for m in self.modules() if isinstance(m, memories.Memory)
                        and getattr(m, "starts", False)]
         self.flushing = [m for m in self.modules() if isinstance(m, memories.Memory) and m.flush]
-        # every in-context state this module keeps, by its key
-        self.stateful = {m.state_key: m for m in self.modules() if isinstance(m, layers.Stateful)}
+        # every in-context state this module and its sub-blocks keep, by its key (the full
+        # path from this module: a sub-block's own finish ran first, with shorter paths)
+        for sub in self.modules():
+            if isinstance(sub, Built):
+                sub.stateful = {m.state_key: m for m in sub.modules()
+                                if isinstance(m, layers.Stateful)}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every generated class gets its own copy of `forward` (the same code in a code

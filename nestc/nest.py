@@ -280,7 +280,8 @@ class _Builder:
                 self.train_level(s, frame)
         elif isinstance(s, ast.StmtMemory):
             self.memory(s, frame)
-        # a `require` is no level nor signal; a clause outside a memory or train body was rejected by the checker
+        # a `require` is no level nor signal; a clause outside a memory or train body was
+        # rejected by the checker
 
     def param(self, s: ast.StmtParam, frame: Frame) -> None:
         for name in s.names:

@@ -50,12 +50,16 @@ def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[tor
     # transposed parameter with a contiguous gradient got a wrong update)
     ok = all(plain(p, g) and p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES
              and not p.is_sparse and not g.is_sparse and g.dtype == p.dtype
-             and g.device == p.device and g.stride() == p.stride()
-             for p, g in zip(params, grads))
+             and g.device == p.device and same_layout(p, g) for p, g in zip(params, grads))
     if backend == "fused" and not ok:
         raise RuntimeError("backend='fused' needs plain float tensors on CPU or CUDA with dense "
                            "grads laid out as their parameters")
     return ok
+
+
+def same_layout(p: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether g is laid out in memory as p is (a dim of size 1 has any stride)."""
+    return all(a == b for a, b, n in zip(p.stride(), g.stride(), p.shape) if n > 1)
 
 
 def plain(p: torch.Tensor, g: torch.Tensor) -> bool:

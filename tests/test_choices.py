@@ -492,7 +492,9 @@ def test_an_if_in_a_memory_body_switches_its_clauses_by_a_hyperparameter(literal
     ("rule gd(lr = 0.1); if on { rule gd(lr = 0.2) }",
      "memory `M` has two `rule` clauses"),
     ("if on { dgd literal }; rule gd(lr = 0.1)",
-     "`dgd literal` says how the `dgd` rule resolves, but the rule of memory `M` is `gd`")])
+     "`dgd literal` says how the `dgd` rule resolves, but the rule of memory `M` is `gd`"),
+    ("let big = dim > 4; if big { rule gd(lr = 0.1) } else { rule gd(lr = 0.2) }",
+     "an `if` in a memory's body tests hyperparameters only; `big` is not one")])
 def test_every_way_through_a_memory_bodys_ifs_is_checked(body, message):
     """The checker does not know the hyperparameters a build will give: each way through the
     `if`s must make a memory."""
@@ -508,3 +510,18 @@ def test_every_way_through_a_memory_bodys_ifs_is_checked(body, message):
     """)
     with pytest.raises(nestc.NestError, match=message.replace("(", r"\(").replace(")", r"\)")):
         nestc.loads(text, "c.nest")
+
+
+def test_ifs_in_a_memory_body_nest_and_chain():
+    """else-if chains and an `if` inside a branch take the way the values pick."""
+    text = switched(", a = true, b = true", """
+                if a {
+                    if b { rule gd(lr = 0.1) } else { rule gd(lr = 0.2, retain = 0.5) }
+                } else if b { dgd literal; rule dgd(lr = 0.3) }
+                else { rule dgd(lr = 0.4) }
+                objective l2(M(k), x)""")
+    picked = {(a, b): build(text, "B", a=a, b=b).M for a in (True, False) for b in (True, False)}
+    assert [picked[True, True].literal, picked[False, True].literal] == [False, True]
+    assert picked[True, False].signals == ("lr", "retain") and picked[True, True].signals == (
+        "lr",)
+    assert not picked[False, False].literal

@@ -168,7 +168,7 @@ def token_loop(mem, q, w, S):
 @pytest.mark.parametrize("tier", ["_reference", "_chunked"])
 def test_huber_and_clip_matrix_memories_equal_a_token_loop_by_hand(case, tier):
     mem = nonlinear(case).build("Mem", dim=16).M
-    assert mem.recurrence == "token_loop"
+    assert mem.recurrence == ("linear_attention" if case == "clip_dot" else "token_loop")
     torch.manual_seed(1)
     B, T, H = 3, 9, 2
     q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, 8), dim=-1) for _ in "qk")
@@ -1328,3 +1328,19 @@ def test_a_state_or_targets_that_do_not_fit_the_call_are_value_errors():
                                          "have \\('M'\\)"):
         model(x, state={"M": torch.zeros(2, 2, 4, 4)})
     model(x, state=state)  # its own state, of its batch
+    # a sub-block called alone goes on from the state it returned (its keys are full paths)
+    block, h = model.r0_Hope.SelfModifyingTitans, torch.randn(2, 5, 8)
+    _, state = block(h, return_state=True)
+    block(h, state=state)
+    # a memory shared by the batch has no batch dim to check
+    shared = nestc.loads(spec("""
+        block S(dim = 8) {
+            input x : [T, dim]
+            memory M : matrix(dim, dim) = zeros every token {
+                state shared; key x; value x; objective l2(M(x), x); rule gd(lr = 0.1)
+            }
+            output M(x)
+        }
+    """), "s.nest").build("S")
+    _, state = shared(torch.randn(2, 3, 8), return_state=True)  # [1, 8, 8]: no batch dim
+    shared(torch.randn(4, 3, 8), state=state)

@@ -248,6 +248,11 @@ def test_a_grad_laid_out_unlike_its_parameter_takes_the_generic_code(transposed)
                 p.grad = grad.clone()
                 opt.step()
         assert torch.allclose(ours, theirs, atol=1e-6), (name, (ours - theirs).abs().max())
+    # a dim of size 1 has any stride: autograd gives this (1, 8) weight a grad of strides (1, 1)
+    row = torch.nn.Parameter(torch.randn(1, 8))
+    (row.t() * 2).sum().backward()
+    assert row.grad.stride() != row.stride()
+    nestc.load("std/optim/adam.nest").build("Adam", [row], lr=0.1, backend="fused").step()
 
 
 def test_complex_parameters_are_refused():

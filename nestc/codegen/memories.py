@@ -440,9 +440,10 @@ def recurrence(objective: str, rule: str, gated: bool, retain: bool, clip: bool 
     is linear attention (retention its decay); `l2` with `gd` and no retention, or with gated
     `dgd` and none, the delta rule; any other `l2` memory the gated delta rule (the runtime
     rescales lr and values for `gd` with retention and for literal `dgd`). A `huber`
-    objective or a `clip` makes each token's update a non-linear function of the state,
-    which no chunk-parallel form computes exactly: the token loop (the reference tier's)."""
-    if objective == "huber" or clip:
+    objective, or a `clip` on `l2`, makes each token's update a non-linear function of the
+    state, which no chunk-parallel form computes exactly: the token loop (the reference
+    tier's). (With `dot` a gradient -k v^T does not depend on the state: clip scales lr.)"""
+    if objective == "huber" or (clip and objective != "dot"):
         return "token_loop"
     if objective == "dot":
         return "linear_attention"

@@ -112,6 +112,12 @@ def make_callable(module_name: str, fn: Callable[..., Any]) -> None:
     sys.modules[module_name].__class__ = CallableModule
 
 
+def clipped(sq: torch.Tensor, clip: float) -> torch.Tensor:
+    """The factor that scales a gradient of squared norm sq to norm at most clip:
+    clip / max(norm, clip), with no square root at 0."""
+    return clip * torch.rsqrt(sq.clamp_min(clip ** 2))
+
+
 def upto(end: int, T: int) -> int:
     """min(end, T) for a length T that torch.compile may hold as a symbol: a comparison (a
     guard on it) leaves a number or T itself, where a Min(T, ...) in the shapes after it made

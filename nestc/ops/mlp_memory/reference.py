@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-from nestc.ops.utils import float32_inside, upto
+from nestc.ops.utils import clipped, float32_inside, upto
 
 ACTS = ("gelu", "silu")  # the op's (and the Triton kernel's); the chunk function takes ACT_FNS
 ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -98,7 +98,7 @@ def chunk_gradients(k: torch.Tensor, v: torch.Tensor, at: tuple[torch.Tensor, to
         return hk, e, delta, None
     # |dA|^2 = |k|^2 |delta|^2, |dB|^2 = |h|^2 |e|^2
     sq = k.pow(2).sum(-1) * delta.pow(2).sum(-1) + hk.pow(2).sum(-1) * e.pow(2).sum(-1)
-    return hk, e, delta, clip * torch.rsqrt(sq.clamp_min(clip ** 2))
+    return hk, e, delta, clipped(sq, clip)
 
 
 @float32_inside
