@@ -525,3 +525,35 @@ def test_ifs_in_a_memory_body_nest_and_chain():
     assert picked[True, False].signals == ("lr", "retain") and picked[True, True].signals == (
         "lr",)
     assert not picked[False, False].literal
+
+
+def test_require_is_checked_wherever_hyperparameters_are_bound():
+    """At load for the defaults (a required hyperparameter is checked once given), at build,
+    at explain's --set, and where a block calls another with its arguments."""
+    text = spec("""
+        block Heads(dim, heads = 4) {
+            require dim % heads == 0, "heads divide dim"
+            input x : [T, dim]
+            output x
+        }
+        block Outer(dim = 8, inner = 6) {
+            input x : [T, dim]
+            output Heads(inner)(linear(x, inner))
+        }
+    """)
+    prog = nestc.loads(text, "r.nest")  # `dim` has no default: nothing to check yet
+    assert prog.build("Heads", dim=8)(torch.randn(1, 2, 8)).shape == (1, 2, 8)
+    for attempt in (lambda: prog.build("Heads", dim=6), lambda: explain(prog, "Heads", dim=6),
+                    lambda: prog.build("Outer")):
+        with pytest.raises(nestc.NestError, match=r"r.nest:2:5: error: block `Heads`: heads "
+                                                  r"divide dim"):
+            attempt()
+    assert prog.build("Outer", inner=4)(torch.randn(1, 2, 8)).shape == (1, 2, 4)
+
+
+def test_too_many_ifs_in_a_memory_body_are_an_error_not_a_hang():
+    ifs = "\n".join(f"if f{i} {{ read before write }}" for i in range(7))
+    text = switched("".join(f", f{i} = false" for i in range(7)),
+                    ifs + "\nobjective l2(M(k), x); rule gd(lr = 0.1)")
+    with pytest.raises(nestc.NestError, match="`if`s make more than 64 bodies to check"):
+        nestc.loads(text, "c.nest")
