@@ -374,3 +374,14 @@ def test_bfloat16_inputs_run_as_one():
     smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4).to(torch.bfloat16)
     x = torch.randn(2, 9, 16, dtype=torch.bfloat16)
     same_run(smt, alone(smt), lambda m: ([m(x).float()], m(x).float().pow(2).sum()))
+
+
+def test_projection_memories_under_the_papers_dgd_run_as_one_as_alone():
+    """paper_dgd: the four projection memories learn by `dgd literal`, still as one group,
+    each computing what it computes alone (outputs and every parameter's gradient)."""
+    torch.manual_seed(0)
+    smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4, memory_chunk=8,
+                    paper_dgd=True)
+    assert groups(smt) == [["M_alpha", "M_eta", "M_k", "M_v"]]
+    assert all(smt._modules[n].literal for n in ("M_k", "M_v", "M_eta", "M_alpha"))
+    outputs_as_one_equal_alone(smt, 11, 16)
