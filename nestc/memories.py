@@ -251,7 +251,7 @@ class LinearMemory(Memory):
         # huber's delta; clip: each token's gradient (each sequence's) scaled to norm at most it
         self.delta, self.clip = delta, clip
         # what the chunked and triton tiers run: "delta_rule", "gated_delta_rule",
-        # "linear_attention", or (huber, clip) "token_loop", the reference tier's, as the
+        # "linear_attention", or (huber, clip on l2) "token_loop", the reference tier's, as the
         # compiler selected it (nestc.codegen.memories.recurrence)
         self.recurrence = recurrence
         self.read_before, self.stopped, self.init = read_before, stopped, init

@@ -197,7 +197,7 @@ def test_a_blocks_memories_show_what_they_compile_to() -> None:
              "objective dot(M(x), x); rule gd(lr = lr)":
                  "linear attention (nestc.ops.linear_attention)",
              "objective huber(M(x), x); rule gd(lr = lr)":
-                 "the token loop on every tier (huber or clip: no chunk-parallel form)"}
+                 "the token loop on every tier (huber, or clip on l2: no chunk-parallel form)"}
     for clauses, words in cases.items():
         text = explain(nestc.loads(MEMORY.replace("CLAUSES", clauses), "m.nest"), "Mem")
         tail = text.split("compiled: 1 memory (`nestc compile` prints the source)\n")[1]

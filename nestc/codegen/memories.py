@@ -426,8 +426,8 @@ class LinearPlan(Plan):
         starts = ("; read above its declaration at each chunk's first state (the block runs "
                   "in pieces that end at its chunks)") if c["starts"] else ""
         if rec == "token_loop":
-            return (f"the token loop on every tier (huber or clip: no chunk-parallel form), "
-                    f"{c['heads']} heads of {c['a']} x {c['b']}{shared}{starts}")
+            return ("the token loop on every tier (huber, or clip on l2: no chunk-parallel "
+                    f"form), {c['heads']} heads of {c['a']} x {c['b']}{shared}{starts}")
         shared += " (the chunked op, B tokens a step)" if c["shared"] else ""
         return (f"{RECURRENCES[rec]} (nestc.ops.{rec}), {c['heads']} heads of {c['a']} x "
                 f"{c['b']}, in chunks of {c['chunk']}{kernels}{shared}{starts}")
@@ -577,8 +577,8 @@ class MLPPlan(Plan):
         # what MLPMemory._fusable asks of the memory itself (sizes and dtypes aside)
         fused = c["objective"] == "l2" and c["act"] in ("gelu", "silu") and not c["literal"]
         kernel = "; a fused Triton kernel with backend='triton'" if fused else ""
-        op = "nestc.ops.mlp_memory.dgd: the gated delta rule per layer" if c["literal"] else \
-            "nestc.ops.mlp_memory"
+        op = "nestc.ops.mlp_memory.dgd: a triangular solve per chunk and layer" \
+            if c["literal"] else "nestc.ops.mlp_memory"
         text = (f"{'residual ' if c['residual'] else ''}MLP {_widths(c)} per head "
                 f"({c['heads']} heads) learning by {rule} on {c['objective']}, every gradient "
                 f"of a chunk of {c['chunk']} at its first weights ({op}{kernel})")
