@@ -92,7 +92,8 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     # learning rules
     _b("gd", 0, 0, "lr retain clip", "rule",
        "state <- retain * state - lr * grad(objective)"),
-    _b("dgd", 0, 0, "lr retain clip", "rule", "delta gradient descent (PAPER.md sec. 2)"),
+    _b("dgd", 0, 0, "lr retain beta clip", "rule",
+       "delta gradient descent (PAPER.md sec. 2); beta: Titans' momentum on its gradient"),
     _b("momentum", 0, 0, "lr beta retain clip", "rule",
        "Titans: S <- beta S - lr grad; M <- retain M + S"),
 ]}

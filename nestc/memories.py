@@ -813,11 +813,12 @@ class MLPMemory(Memory):
             lr, retain, beta = self._factors(w, a, b)
             values = self._values(w, self._batched((A0[0], B0[0]), N) if self.shared else
                                   (A0, B0), a, b)
-            if self.literal:  # (not shared, no momentum: the compiler checks)
-                y, A, B = mlp_dgd_chunk(
+            if self.literal:  # (not shared: the compiler checks)
+                y, A, B, SA, SB = mlp_dgd_chunk(
                     None if q is None else q[:, :, a:b], w["k"][:, :, a:b], values, lr, retain,
-                    A, B, self.act_name, self.clip, self.read_before, grad_at=(A0, B0),
-                    residual=self.residual, objective=self.objective, huber_delta=self.delta)
+                    beta if self.momentum else None, A, B, SA, SB, self.act_name, self.clip,
+                    self.read_before, grad_at=(A0, B0), residual=self.residual,
+                    objective=self.objective, huber_delta=self.delta)
                 if y is not None:
                     outs.append(y)
                 continue

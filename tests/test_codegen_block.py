@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import spec
 from torch import nn
 
 import nestc
@@ -289,3 +290,26 @@ def test_sub_blocks_are_called_as_modules_so_their_hooks_run():
     assert [name for name, _, _ in seen] == ["r0_GatedDeltaNet", "r0_MLP",
                                              "r1_GatedDeltaNet", "r1_MLP"]
     assert all(x == y == (2, 7, 16) for _, x, y in seen)
+
+
+def test_a_statement_over_several_lines_is_quoted_whole_above_its_code():
+    """The spec comment above generated code holds all of a statement's lines (each but the
+    last without its comment), and a memory's declaration up to the `{` of its body."""
+    text = spec("""
+        block B(dim = 4) {
+            input x : [T, dim]
+            let y = x +  # a comment that is not code
+                2 * x
+            memory M : matrix(dim, dim) = zeros
+                       every token {
+                key y; value x
+                objective l2(M(y), x); rule gd(lr = 0.1)
+            }
+            output M(y)
+        }
+    """)
+    source = nestc.loads(text, "b.nest").source("B")
+    flat = " ".join(line.strip().lstrip("#").strip() for line in source.splitlines())
+    assert "b.nest:3: let y = x + 2 * x" in flat
+    assert "b.nest:5: memory M : matrix(dim, dim) = zeros every token {" in flat
+    assert "a comment that is not code" not in source and "key y; value x" not in source

@@ -272,6 +272,14 @@ MLP_CASES = {
                                       "dgd literal; read before write; "
                                       "objective huber(M(k), v, delta = 0.3); "
                                       "rule dgd(lr = lr, clip = 0.1)"),
+    # with Titans' momentum on the gradient term: P <- beta P - lr g, W <- DGD's factor W + P
+    "dgd_literal_momentum": ("residual_mlp(dim / heads, hidden = 8)",
+                             "dgd literal; objective l2(M(k), v); "
+                             "rule dgd(lr = lr, retain = keep, beta = 0.5 + 0.4 * keep)"),
+    "dgd_literal_momentum_clip_before": ("mlp(dim / heads, hidden = 8, act = \"tanh\")",
+                                         "dgd literal; read before write; "
+                                         "objective l2(M(k), v); "
+                                         "rule dgd(lr = lr, beta = keep, clip = 0.1)"),
 }
 
 
@@ -295,13 +303,15 @@ def test_mlp_memories_stream_in_pieces_that_end_inside_chunks(case):
     streams_as_one(mod, torch.randn(2, 19, 16), (3, 10))
 
 
-@pytest.mark.parametrize("case", ["dgd_literal", "dgd_literal_huber_clip_before"])
+@pytest.mark.parametrize("case", ["dgd_literal", "dgd_literal_huber_clip_before",
+                                  "dgd_literal_momentum", "dgd_literal_momentum_clip_before"])
 @pytest.mark.parametrize("tier", ["_reference", "_chunked"])
 def test_literal_dgd_mlp_memory_is_the_papers_update_per_layer(case, tier):
     """`dgd literal` on an MLP memory, written out by hand from docs/semantics.md: token t
     of a chunk that began at weights (A0, B0) does A <- (r I - lr k k^T) A - lr gA and
     B <- (r I - lr h h^T) B - lr gB, with h = act(k A0) and (gA, gB) the objective's
-    gradient at (A0, B0) (autograd here), scaled to norm at most clip."""
+    gradient at (A0, B0) (autograd here), scaled to norm at most clip. With momentum
+    (`beta`), the momenta P <- beta P - lr g take the place of - lr g."""
     mem = mlp_variant(case).build("Deep", dim=16).M
     torch.manual_seed(1)
     N, H, T, d, h = 2, 2, 7, 8, 8
@@ -310,9 +320,11 @@ def test_literal_dgd_mlp_memory_is_the_papers_update_per_layer(case, tier):
     keep = 0.8 + 0.2 * torch.rand(N, H, T)
     A, B = 0.5 * torch.randn(N, H, d, h), 0.5 * torch.randn(N, H, h, d)
     retain = keep if "retain" in MLP_CASES[case][1] else None
-    w = {"k": k, "v": v, "lr": lr, "retain": retain, "beta": None}
-    given = {"M": (A, B), "S": (torch.zeros_like(A), torch.zeros_like(B)), "start": (A, B),
-             "offset": 0}
+    beta = torch.rand(N, H, T) if mem.momentum else None
+    S = [0.1 * torch.randn(N, H, d, h), 0.1 * torch.randn(N, H, h, d)] if mem.momentum else \
+        [torch.zeros(N, H, d, h), torch.zeros(N, H, h, d)]
+    w = {"k": k, "v": v, "lr": lr, "retain": retain, "beta": beta}
+    given = {"M": (A, B), "S": tuple(S), "start": (A, B), "offset": 0}
     y, out = getattr(mem, tier)(q, w, given)
 
     def read(x, A, B):  # one token's x (N, H, d)
@@ -337,23 +349,33 @@ def test_literal_dgd_mlp_memory_is_the_papers_update_per_layer(case, tier):
         kt = k[:, :, t]
         ht = mem.act(kt[..., None, :] @ A0)[..., 0, :]
         f = f[..., None, None]
-        Ai = r * Ai - eta * (kt[..., :, None] * kt[..., None, :]) @ Ai - eta * f * gA
-        Bi = r * Bi - eta * (ht[..., :, None] * ht[..., None, :]) @ Bi - eta * f * gB
+        if beta is None:
+            step = (-eta * f * gA, -eta * f * gB)
+        else:
+            S = [beta[:, :, t, None, None] * m - eta * f * g for m, g in zip(S, (gA, gB))]
+            step = (S[0], S[1])
+        Ai = r * Ai - eta * (kt[..., :, None] * kt[..., None, :]) @ Ai + step[0]
+        Bi = r * Bi - eta * (ht[..., :, None] * ht[..., None, :]) @ Bi + step[1]
         if not mem.read_before:
             outs.append(read(q[:, :, t], Ai, Bi))
     close(y, torch.stack(outs, 2))
     close(out["M"][0], Ai)
     close(out["M"][1], Bi)
+    if beta is not None:
+        close(out["S"][0], S[0])
+        close(out["S"][1], S[1])
     assert out["offset"] == T % mem.chunk
 
 
 @pytest.mark.parametrize("scale", ["1e-2", "1e-5", "3e-6"])
-def test_literal_dgd_retention_gradient_is_float32_accurate_when_it_is_small(scale):
+@pytest.mark.parametrize("case", ["dgd_literal", "dgd_literal_momentum_clip_before"])
+def test_literal_dgd_retention_gradient_is_float32_accurate_when_it_is_small(case, scale):
     """The retention's gradient of a forgetful DGD memory (retain ~ 1e-5) is itself tiny:
     taken through differences of running sums of log r, float32 rounding of terms of size 1
     left it 3 to 27% off the reference (exact in float64); as sums of their own terms the
-    chunked tier is as close to float64 as the reference tier is."""
-    structure, clauses = MLP_CASES["dgd_literal"]
+    chunked tier is as close to float64 as the reference tier is. Likewise a momentum that
+    forgets almost all (beta ~ 1e-5)."""
+    structure, clauses = MLP_CASES[case]
     text = MLP_TEMPLATE.replace("STRUCTURE", structure).replace("CLAUSES", clauses).replace(
         "let keep = x |> linear(1) |> sigmoid", f"let keep = {scale} * sigmoid(linear(x, 1))")
     prog = nestc.loads(text, "m.nest")
@@ -452,6 +474,11 @@ def test_unsupported_memories_and_shape_errors_name_the_spec():
     with pytest.raises(nestc.NestError) as info:
         momentum.build("Mem", dim=16)
     assert info.value.unsupported and "m.nest:8:5" in str(info.value)
+    dgd_momentum = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
+        "CLAUSES", "objective l2(M(k), v); rule dgd(lr = lr, beta = 0.9)"), "m.nest")
+    with pytest.raises(nestc.NestError, match="momentum .`beta`. on a matrix memory") as info:
+        dgd_momentum.build("Mem", dim=16)
+    assert info.value.unsupported and "m.nest:9:" in str(info.value)
     bad = nestc.loads(spec("""
         block B(dim) {
             input x : [T, dim]

@@ -361,6 +361,9 @@ class LinearPlan(Plan):
         if rule is None or rule[0] not in ("gd", "dgd"):
             raise unsupported("a matrix memory whose rule is not gd or dgd", s.span)
         self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
+        if "beta" in self.rule_kw:
+            raise unsupported("momentum (`beta`) on a matrix memory that learns every token",
+                              self.rule_kw["beta"].span)
         clip = _clip(scope, self)
         literal_dgd = rule[0] == "dgd" and choices["dgd"] == "literal"
         if literal_dgd and objective == "dot":
@@ -495,7 +498,9 @@ class MLPPlan(Plan):
                        "act": act, "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped", "chunk": chunk,
                        "objective": objective, "delta": delta,
-                       "momentum": rule[0] == "momentum", "literal": literal, "clip": None,
+                       # dgd(beta = ...): Titans' momentum on the gradient term
+                       "momentum": rule[0] == "momentum" or "beta" in self.rule_kw,
+                       "literal": literal, "clip": None,
                        "signals": (),
                        "generated": False, "has_source": False,
                        "flush": choices["partial"] == "flush", "starts": False,
@@ -537,7 +542,7 @@ class MLPPlan(Plan):
             raise NestError(f"the momentum rule of `{self.name}` needs `beta`", self.span,
                             kind="value")
         if c["momentum"] and _constant(scope, self.rule_kw["beta"]) == 0:
-            c["momentum"], signals["beta"] = False, None  # S_t = u_t: plain gd
+            c["momentum"], signals["beta"] = False, None  # S_t = u_t: no momentum
         c["signals"] = tuple(n for n, f in signals.items() if f is not None)
         args = [k.code]
         if generated:
@@ -574,6 +579,8 @@ class MLPPlan(Plan):
         c = self.config
         rule = "momentum with beta 0 (gd)" if self.rule == "momentum" and not c["momentum"] \
             else "literal dgd" if c["literal"] else self.rule
+        if self.rule == "dgd" and c["momentum"]:
+            rule += " with momentum"
         # what MLPMemory._fusable asks of the memory itself (sizes and dtypes aside)
         fused = c["objective"] == "l2" and c["act"] in ("gelu", "silu") and not c["literal"]
         kernel = "; a fused Triton kernel with backend='triton'" if fused else ""

@@ -560,9 +560,34 @@ def _scaled(e: ir.E) -> tuple[ir.E | None, ir.E]:
     return None, e
 
 
-def source_line(span) -> str:
-    text = span.source.line(span.line).strip()
-    return f"{span.file}:{span.line}: {text}"
+def source_line(span, lines: int = 4) -> str:
+    """`file:line: text` of the statement at span: all its lines (at most `lines`, then
+    `...`), each but the last without its comment; a memory's up to the `{` of its body."""
+    memory = span.source.line(span.line).lstrip().startswith("memory ")
+    text: list[str] = []
+    for n in range(span.line, span.end_line + 1):
+        if len(text) == lines:
+            text.append("...")
+            break
+        line = span.source.line(n).strip()
+        if n < span.end_line:
+            line = _code_of(line)
+            if memory and "{" in line:
+                text.append(line[:line.index("{") + 1])
+                break
+        text.append(line)
+    return f"{span.file}:{span.line}: {' '.join(t for t in text if t)}"
+
+
+def _code_of(line: str) -> str:
+    """A spec line without its comment (a # outside a string)."""
+    quoted = False
+    for i, ch in enumerate(line):
+        if ch == '"' and (i == 0 or line[i - 1] != "\\"):
+            quoted = not quoted
+        elif ch == "#" and not quoted:
+            return line[:i].rstrip()
+    return line
 
 
 def fitted(line: str, width: int = 99) -> list[str]:

@@ -95,11 +95,13 @@ class Muon(torch.optim.Optimizer):
             momentum) if nesterov else _st_momentum_buffer)
         # std/optim/muon.nest:33:
         #     let o = newton_schulz(u, steps = ns_steps, eps = eps, coefficients = ns_coefficients,
+        #     dtype = ns_dtype)
         _l_o = [_rt.newton_schulz(_x, ns_steps, eps,
             (ns_coefficients[0], ns_coefficients[1], ns_coefficients[2]), ns_dtype,
             'std/optim/muon.nest:33:9') for _x in _l_u]
         # std/optim/muon.nest:36:
-        #     let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W)))
+        #     let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W))) else
+        #     if adjust_lr_fn == "match_rms_adamw" then 0.2 * sqrt(max(rows(W), cols(W))) else 1.0
         # std/optim/muon.nest:39: W -= lr * weight_decay * W  # decoupled decay, before the step
         torch._foreach_mul_(_params, (1 - (lr * weight_decay)))
         # std/optim/muon.nest:40: W -= lr * scale * o
@@ -160,7 +162,9 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_addcmul_(_st_exp_avg_sq, _l_g, _l_g, value=(1 - adamw_betas[1]))
         # std/optim/muon.nest:49: W -= adamw_lr * adamw_weight_decay * W
         torch._foreach_mul_(_params, (1 - (adamw_lr * adamw_weight_decay)))
-        # std/optim/muon.nest:50: W -= adamw_lr * debias(exp_avg, adamw_betas[0])
+        # std/optim/muon.nest:50:
+        #     W -= adamw_lr * debias(exp_avg, adamw_betas[0]) / (sqrt(debias(exp_avg_sq,
+        #     adamw_betas[1])) + adamw_eps)
         _t1 = torch._foreach_sqrt(_st_exp_avg_sq)
         torch._foreach_div_(_t1, [_S.sqrt((1 - (adamw_betas[1] ** _c))) for _c in _step])
         torch._foreach_add_(_t1, adamw_eps)
@@ -179,11 +183,13 @@ def _one_0(_p, _g, _c, _st_momentum_buffer, _first, lr, weight_decay, momentum, 
     _l_u = (torch.lerp(_g, _st_momentum_buffer, momentum) if nesterov else _st_momentum_buffer)
     # std/optim/muon.nest:33:
     #     let o = newton_schulz(u, steps = ns_steps, eps = eps, coefficients = ns_coefficients,
+    #     dtype = ns_dtype)
     _l_o = _rt.newton_schulz(_l_u, ns_steps, eps,
         (ns_coefficients[0], ns_coefficients[1], ns_coefficients[2]), ns_dtype,
         'std/optim/muon.nest:33:9')
     # std/optim/muon.nest:36:
-    #     let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W)))
+    #     let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W))) else if
+    #     adjust_lr_fn == "match_rms_adamw" then 0.2 * sqrt(max(rows(W), cols(W))) else 1.0
     _l_scale = (torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(1),
         torch.as_tensor((_rt.rows(_p)
         / _rt.cols(_p)))))) if (adjust_lr_fn == 'original') else ((0.2
@@ -222,7 +228,9 @@ def _one_1(_p, _g, _c, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, mo
     _st_exp_avg_sq.copy_(torch.lerp(_st_exp_avg_sq, (_l_g * _l_g), (1 - adamw_betas[1])))
     # std/optim/muon.nest:49: W -= adamw_lr * adamw_weight_decay * W
     _p.copy_((_p * (1 - (adamw_lr * adamw_weight_decay))))
-    # std/optim/muon.nest:50: W -= adamw_lr * debias(exp_avg, adamw_betas[0])
+    # std/optim/muon.nest:50:
+    #     W -= adamw_lr * debias(exp_avg, adamw_betas[0]) / (sqrt(debias(exp_avg_sq,
+    #     adamw_betas[1])) + adamw_eps)
     _p.copy_((_p
         - ((adamw_lr * (_st_exp_avg / (1 - adamw_betas[0] ** _c)))
         / (torch.sqrt(torch.as_tensor((_st_exp_avg_sq / (1 - adamw_betas[1] ** _c))))
