@@ -1,14 +1,16 @@
 """Self-modifying Titans with the paper's DGD on its four projection memories (HopeLM's
 `paper_dgd = true`: `dgd literal`, each layer's weights also lose lr times its input's outer
-product, every token) against the stdlib's default (gd with retention), in HopeLM.
+product, every token), without and with momentum (`momentum_beta`), against the stdlib's
+default (gd with retention), in HopeLM.
 
-Both models start from the same weights (the hyperparameter changes only the rule). Prints a
+All models start from the same weights (the hyperparameters change only the rule). Prints a
 Markdown table: the median wall time of a training step (forward, which takes the CMS levels'
 gradients piece by piece, and the backward of next-token cross-entropy) of each, interleaved in
-one process, and their ratio.
+one process, and their ratio to the default's.
 Usage: python benchmarks/smt_dgd.py [--dim 64] [--depth 1] [--heads 2] [--batch 32] [--T 64]
-[--reps 5] [--warmup 2] [--threads N]
-To train either: nestc train std/models/hope.nest HopeLM ... -p paper_dgd=true.
+[--beta 0.9] [--reps 5] [--warmup 2] [--threads N]
+To train one: nestc train std/models/hope.nest HopeLM ... -p paper_dgd=true
+[-p momentum_beta=0.9].
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--T", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=0.9, help="momentum_beta of the third")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
@@ -39,11 +42,14 @@ def main() -> None:
     hyper = {"vocab": 256, "dim": args.dim, "depth": args.depth, "heads": args.heads}
     torch.manual_seed(0)
     base = prog.build("HopeLM", **hyper)
-    dgd = prog.build("HopeLM", paper_dgd=True, **hyper)
-    dgd.load_state_dict(base.state_dict())
+    models = [base, prog.build("HopeLM", paper_dgd=True, **hyper),
+              prog.build("HopeLM", paper_dgd=True, momentum_beta=args.beta, **hyper)]
+    for model in models[1:]:
+        model.load_state_dict(base.state_dict())
     tokens = torch.randint(0, 256, (args.batch, args.T + 1))
-    names = ["gd with retention (default)", "dgd literal (paper_dgd)"]
-    times = median_seconds([lm_step(base, tokens), lm_step(dgd, tokens)], args.reps,
+    names = ["gd with retention (default)", "dgd literal (paper_dgd)",
+             f"dgd literal with momentum {args.beta:g} (momentum_beta)"]
+    times = median_seconds([lm_step(model, tokens) for model in models], args.reps,
                            args.warmup)
     print(f"HopeLM dim {args.dim}, depth {args.depth}, {args.heads} heads, B {args.batch}, "
           f"T {args.T}, {torch.get_num_threads()} threads\n")

@@ -393,7 +393,8 @@ def test_literal_dgd_retention_gradient_is_float32_accurate_when_it_is_small(cas
 def test_paper_dgd_switches_hopes_projection_memories_and_its_benchmark_runs():
     """HopeLM's `paper_dgd` (an `if` in each projection memory's body) puts self-modifying
     Titans' four projection memories, and only those, under `dgd literal`; the default keeps
-    them on gd with retention. benchmarks/smt_dgd.py times both at tiny sizes."""
+    them on gd with retention. benchmarks/smt_dgd.py times them (and DGD with momentum) at
+    tiny sizes."""
     hope = nestc.load("std/models/hope.nest")
     for on in (False, True):
         model = hope.build("HopeLM", vocab=20, dim=16, depth=1, heads=2, paper_dgd=on)
@@ -405,7 +406,8 @@ def test_paper_dgd_switches_hopes_projection_memories_and_its_benchmark_runs():
     rows = [ln.split("|")[1].strip() for ln in out.splitlines()
             if ln.startswith("| ") and not ln.startswith("| ---")]
     assert rows == ["projection memories' rule", "gd with retention (default)",
-                    "dgd literal (paper_dgd)"], out
+                    "dgd literal (paper_dgd)", "dgd literal with momentum 0.9 (momentum_beta)"], \
+        out
 
 
 def test_stopped_backprop_keeps_gradients_off_the_writes():

@@ -376,12 +376,16 @@ def test_bfloat16_inputs_run_as_one():
     same_run(smt, alone(smt), lambda m: ([m(x).float()], m(x).float().pow(2).sum()))
 
 
-def test_projection_memories_under_the_papers_dgd_run_as_one_as_alone():
-    """paper_dgd: the four projection memories learn by `dgd literal`, still as one group,
-    each computing what it computes alone (outputs and every parameter's gradient)."""
+@pytest.mark.parametrize("beta", [0.0, 0.8])
+def test_projection_memories_under_the_papers_dgd_run_as_one_as_alone(beta):
+    """paper_dgd: the four projection memories learn by `dgd literal` (with momentum when
+    momentum_beta > 0), still as one group, each computing what it computes alone (outputs
+    and every parameter's gradient)."""
     torch.manual_seed(0)
     smt = SMT.build("SelfModifyingTitans", dim=16, heads=2, chunk=4, memory_chunk=8,
-                    paper_dgd=True)
+                    paper_dgd=True, momentum_beta=beta)
     assert groups(smt) == [["M_alpha", "M_eta", "M_k", "M_v"]]
-    assert all(smt._modules[n].literal for n in ("M_k", "M_v", "M_eta", "M_alpha"))
+    names = ("M_k", "M_v", "M_eta", "M_alpha")
+    assert all(smt._modules[n].literal and smt._modules[n].momentum == (beta > 0)
+               for n in names)
     outputs_as_one_equal_alone(smt, 11, 16)

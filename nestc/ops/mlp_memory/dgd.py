@@ -35,76 +35,104 @@ forgets all).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from nestc.ops.mlp_memory.reference import act_fn, chunk_gradients
 from nestc.ops.utils import float32_inside, time_masks
 
 
-def _log_decays(log_r: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """For a chunk's log retentions (N, H, m): the sums of log r_j over s < j <= t and over
-    s < j < t, (N, H, m, m) (zero where empty), and over j <= t and j < t, (N, H, m, 1).
-    Each is a sum of its own terms, not a difference of running sums, whose gradient cancels
-    terms of size 1: that left the retention's gradient with float32's rounding of them (18%
-    of it at retentions near 3e-6, where it is itself that small)."""
+def _log_decays(log_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a chunk's log retentions (N, H, m): the sums of log r_j over s < j <= t, (N, H, m,
+    m) (zero where empty), and over j <= t, (N, H, m, 1). Each is a sum of its own terms, not
+    a difference of running sums, whose gradient cancels terms of size 1: that left the
+    retention's gradient with float32's rounding of them (18% of it at retentions near 3e-6,
+    where it is itself that small)."""
     i = torch.arange(log_r.shape[-1], device=log_r.device)
     t, s, j = i[:, None, None], i[None, :, None], i[None, None, :]
-
-    def pairs(mask: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("tsj,nhj->nhts", mask.to(log_r.dtype), log_r)
-
-    def ends(mask: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("tj,nhj->nht", mask.to(log_r.dtype), log_r)[..., None]
-
-    return (pairs((s < j) & (j <= t)), pairs((s < j) & (j < t)), ends(i[None] <= i[:, None]),
-            ends(i[None] < i[:, None]))
+    spans = torch.einsum("tsj,nhj->nhts", ((s < j) & (j <= t)).to(log_r.dtype), log_r)
+    ends = torch.einsum("tj,nhj->nht", (i[None] <= i[:, None]).to(log_r.dtype), log_r)
+    return spans, ends[..., None]
 
 
-def _layer(q: torch.Tensor | None, k: torch.Tensor, x: torch.Tensor, log_r: torch.Tensor,
-           eta: torch.Tensor, S: torch.Tensor, read_before: bool,
-           momentum: tuple[torch.Tensor, torch.Tensor] | None = None
-           ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+def _before(x: torch.Tensor, first: float) -> torch.Tensor:
+    """Row t -> row t - 1 (the weights before token t's write), `first` in row 0."""
+    return torch.cat([torch.full_like(x[..., :1, :], first), x[..., :-1, :]], -2)
+
+
+class _Decays(NamedTuple):
+    """A chunk's decay weights, the same for both layers (N, H, m, m) and (N, H, m, 1): what
+    the state at token t keeps of token s's write, Dr[t, s] = e^{G_t - G_s}, and of the state
+    entering the chunk, c_t = e^{G_t}; with momentum, what it keeps of the momentum entering
+    the chunk, gam_t, and of token s's gradient part beyond Dr[t, s], E[t, s]; the momentum's
+    own, Db[t, s] = prod_{s < j <= t} beta_j and b_t = prod_{j <= t} beta_j."""
+
+    Dr: torch.Tensor
+    c: torch.Tensor
+    E: torch.Tensor | None
+    gam: torch.Tensor | None
+    Db: torch.Tensor | None
+    b: torch.Tensor | None
+
+    def before(self) -> _Decays:
+        """The same at token t - 1 (row 0: the state entering the chunk, no writes)."""
+        return _Decays(_before(self.Dr, 0.0), _before(self.c, 1.0),
+                       None if self.E is None else _before(self.E, 0.0),
+                       None if self.gam is None else _before(self.gam, 0.0), self.Db, self.b)
+
+
+def _decays(log_r: torch.Tensor, log_b: torch.Tensor | None) -> _Decays:
+    """The decay weights of a chunk's log retentions and log momentum factors (N, H, m)."""
+    upto = time_masks(log_r.shape[-1], 1, log_r.device)[1]
+    spans, ends = _log_decays(log_r)
+    Dr = spans.masked_fill(~upto, float("-inf")).exp()
+    if log_b is None:
+        return _Decays(Dr, ends.exp(), None, None, None, None)
+    spans_b, ends_b = _log_decays(log_b)
+    Db = spans_b.masked_fill(~upto, float("-inf")).exp()
+    b = ends_b.exp()
+    # E[t, s] = sum_{s < j <= t} e^{G_t - G_j} Db[j, s]; gam_t = sum_{j <= t} e^{G_t - G_j} b_j
+    E = Dr @ Db.tril(-1)
+    return _Decays(Dr, ends.exp(), E, Dr @ b, Db, b)
+
+
+def _layer(q: torch.Tensor | None, k: torch.Tensor, x: torch.Tensor, eta: torch.Tensor,
+           S: torch.Tensor, P: torch.Tensor | None, after: _Decays, before: _Decays,
+           read_before: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """One layer's tokens (N, H, n, .) as one chunk: S_t = r_t S_{t-1} - eta_t k_t k_t^T
-    S_{t-1} + k_t x_t^T from S (N, H, K, V), or with `momentum` = (log beta (N, H, n), P the
-    momentum (N, H, K, V)), P_t = beta_t P_{t-1} + k_t x_t^T and S_t = r_t S_{t-1} - eta_t
-    k_t k_t^T S_{t-1} + P_t. Returns the reads q_t S_t (q_t S_{t-1} with read_before; none
-    without q), the state after the chunk and the momentum after it (None without)."""
-    earlier, upto = time_masks(k.shape[2], 1, k.device)
-    # G_t - G_s, G_{t-1} - G_s, G_t and G_{t-1}, G the running sum of log r
-    span, span_before, G, G_before = _log_decays(log_r)
-    Dr = span.masked_fill(~upto, float("-inf")).exp()  # e^{G_t - G_s}, s <= t
-    Dr_b = span_before.masked_fill(~earlier, float("-inf")).exp()  # e^{G_{t-1} - G_s}, s < t
+    S_{t-1} + k_t x_t^T from S (N, H, K, V), or with the momentum P (N, H, K, V), P_t =
+    beta_t P_{t-1} + k_t x_t^T and S_t = r_t S_{t-1} - eta_t k_t k_t^T S_{t-1} + P_t (the
+    decays `after` each token's write and `before` it, _decays). Returns the reads q_t S_t
+    (q_t S_{t-1} with read_before; none without q), the state after the chunk and the
+    momentum after it (None without)."""
     kt = k.transpose(-1, -2)
     kk = k @ kt
-    # the solve's L[t, s] = eta_t e^{G_{t-1} - G_s} (k_t . k_s), s < t
-    L = eta[..., None] * kk * Dr_b
-    rhs = x - (eta[..., None] * G_before.exp()) * (k @ S)
-    if momentum is not None:
-        log_b, P = momentum
-        span_b, _, G_b, _ = _log_decays(log_b)
-        Db = span_b.masked_fill(~upto, float("-inf")).exp()  # prod_{s < j <= t} beta_j
-        Db_strict = Db.masked_fill(~earlier, 0.0)
-        b = G_b.exp()  # prod_{j <= t} beta_j, (N, H, n, 1)
-        # x_s's share in S_t beyond e^{G_t - G_s}: E[t, s] = sum_{s < j <= t} e^{G_t - G_j}
-        # Db[j, s]; P's share gam_t = sum_{j <= t} e^{G_t - G_j} b_j; and both at t - 1
-        E, E_b = Dr @ Db_strict, Dr_b @ Db_strict
-        gam, gam_b = Dr @ b, Dr_b @ b
-        rhs = rhs - eta[..., None] * (gam_b * (k @ P) + (kk * E_b) @ x)
-    U = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # the writes
-    S_new = G[..., -1:, :].exp() * S + (k * Dr[..., -1, :, None]).transpose(-1, -2) @ U
+    # the writes u_t = x_t - eta_t S_{t-1}^T k_t: one unit lower-triangular solve, its
+    # L[t, s] = eta_t e^{G_{t-1} - G_s} (k_t . k_s), s < t
+    L = eta[..., None] * kk * before.Dr
+    rhs = x - (eta[..., None] * before.c) * (k @ S)
+    if P is not None:
+        assert before.gam is not None and before.E is not None
+        rhs = rhs - eta[..., None] * (before.gam * (k @ P) + (kk * before.E) @ x)
+    U = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
+    S_new = after.c[..., -1:, :] * S + (k * after.Dr[..., -1, :, None]).transpose(-1, -2) @ U
     P_new = None
-    if momentum is not None:
-        S_new = S_new + gam[..., -1:, :] * P + (k * E[..., -1, :, None]).transpose(-1, -2) @ x
-        P_new = b[..., -1:, :] * P + (k * Db[..., -1, :, None]).transpose(-1, -2) @ x
+    if P is not None:
+        assert after.gam is not None and after.E is not None and after.Db is not None and \
+            after.b is not None
+        S_new = S_new + after.gam[..., -1:, :] * P + \
+            (k * after.E[..., -1, :, None]).transpose(-1, -2) @ x
+        P_new = after.b[..., -1:, :] * P + (k * after.Db[..., -1, :, None]).transpose(-1, -2) @ x
     if q is None:
         return None, S_new, P_new
-    # the weights each token reads: after its write (row t), or before it (row t - 1)
-    decay, c = (Dr_b, G_before) if read_before else (Dr, G)
+    # the weights each token reads: after its write, or before it
+    w = before if read_before else after
     qk = q @ kt
-    o = (q * c.exp()) @ S + (qk * decay) @ U
-    if momentum is not None:
-        e, g = (E_b, gam_b) if read_before else (E, gam)
-        o = o + g * (q @ P) + (qk * e) @ x
+    o = (q * w.c) @ S + (qk * w.Dr) @ U
+    if P is not None:
+        assert w.gam is not None and w.E is not None
+        o = o + w.gam * (q @ P) + (qk * w.E) @ x
     return o, S_new, P_new
 
 
@@ -125,12 +153,13 @@ def mlp_dgd_chunk(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, lr: 
     hk, e, delta, f = chunk_gradients(k, v, (A, B) if grad_at is None else grad_at, act,
                                       clip, residual, objective, huber_delta)
     log_r = torch.zeros_like(lr) if retain is None else retain.clamp_min(1e-30).log()
-    log_b = None if beta is None else beta.clamp_min(1e-30).log()
+    after = _decays(log_r, None if beta is None else beta.clamp_min(1e-30).log())
+    before = after.before()
     step = (-lr if f is None else -lr * f)[..., None]
-    zq, A, PA = _layer(q, k, step * delta, log_r, lr, A, read_before,
-                       None if log_b is None else (log_b, SA))
-    y, B, PB = _layer(None if zq is None else act_fn(act, zq), hk, step * e, log_r, lr, B,
-                      read_before, None if log_b is None else (log_b, SB))
+    moms = (None, None) if beta is None else (SA, SB)
+    zq, A, PA = _layer(q, k, step * delta, lr, A, moms[0], after, before, read_before)
+    y, B, PB = _layer(None if zq is None else act_fn(act, zq), hk, step * e, lr, B, moms[1],
+                      after, before, read_before)
     if PA is not None and PB is not None:
         SA, SB = PA, PB
     if q is None or y is None:
