@@ -65,8 +65,7 @@ class Checked:
                             self.decl.name_span, kind="name",
                             hint=did_you_mean(unknown[0], self.hypers)
                             or f"its hyperparameters are {', '.join(self.hypers) or 'none'}")
-        values = {n: h.default for n, h in self.hypers.items() if not h.required}
-        values.update(overrides)
+        values = bound_defaults(self.decl, overrides)
         missing = [n for n in self.hypers if n not in values]
         if missing:
             h = self.hypers[missing[0]]
@@ -85,6 +84,26 @@ class Checked:
             if isinstance(s, ast.StmtRequire):
                 unmet(self.decl, s, bound)
         return bound
+
+
+def bound_defaults(decl: ast.Decl, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` and the defaults of the other hyperparameters, each computed from the values
+    of the earlier ones as bound (`hidden = 4 * heads` follows a given `heads`). One that
+    cannot be computed from them (a given value of the wrong type, which validation then
+    names) is the declared default."""
+    out: dict[str, Any] = {}
+    declared = {n: h.default for n, h in hypers_of(decl).items() if not h.required}
+    for p in decl.params:
+        if p.name in values:
+            out[p.name] = values[p.name]
+        elif p.name in declared:
+            try:
+                v = const_eval(p.default, out) if p.default is not None else UNKNOWN
+            except NestError:
+                v = UNKNOWN
+            out[p.name] = declared[p.name] if v is UNKNOWN else v
+    out.update(values)
+    return out
 
 
 def hypers_of(decl: ast.Decl) -> dict[str, Hyper]:

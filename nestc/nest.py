@@ -26,7 +26,7 @@ import networkx as nx
 
 from nestc import ast
 from nestc.builtins import BUILTINS
-from nestc.check import CHOICES, Checked, body_paths, hypers_of, qualified_name
+from nestc.check import CHOICES, Checked, body_paths, bound_defaults, qualified_name
 from nestc.hyper import UNKNOWN, const_eval
 from nestc.source import Span, span_text
 
@@ -708,9 +708,7 @@ def _shown(e: ast.Expr, env: dict[str, Any]) -> str:
 
 def _defaults(decl: ast.Decl, values: dict[str, Any]) -> dict[str, Any]:
     """Hyperparameter values of a declaration the checker has not seen (defaults + values)."""
-    out = {n: h.default for n, h in hypers_of(decl).items() if not h.required}
-    out.update(values)
-    return out
+    return bound_defaults(decl, values)
 
 
 def build_graph(program: Any, checked: Checked, hyper: dict[str, Any]) -> nx.MultiDiGraph:

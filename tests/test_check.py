@@ -63,6 +63,35 @@ def test_defaults_and_inferred_types():
         decl.bind({"sizes": ["a"]})
 
 
+def test_a_default_follows_the_earlier_hyperparameters_as_bound():
+    """`hidden = 4 * heads` is 4 times the `heads` a build, a call or `--set` gives, not the
+    default's: it was the default's (a silent wrong width)."""
+    decl = checked("""
+        block B(heads = 2, hidden = 4 * heads, wide = hidden > 8) {
+            input x : [T, 4]
+            output x |> linear(hidden)
+        }
+    """, "B")
+    assert decl.bind({}) == {"heads": 2, "hidden": 8, "wide": False}
+    assert decl.bind({"heads": 3}) == {"heads": 3, "hidden": 12, "wide": True}
+    assert decl.bind({"heads": 3, "hidden": 5}) == {"heads": 3, "hidden": 5, "wide": False}
+    with pytest.raises(NestError, match="`heads` of `B` must be"):  # its own error, not hidden's
+        decl.bind({"heads": "x"})
+    prog = nestc.loads(spec("""
+        block B(heads = 2, hidden = 4 * heads) {
+            input x : [T, 4]
+            output x |> linear(hidden)
+        }
+        block C(dim = 4) {
+            input x : [T, dim]
+            output B(heads = 3)(x)
+        }
+    """), "c.nest")
+    assert prog.build("B", heads=3).out_linear.out_features == 12
+    assert prog.build("C").B.out_linear.out_features == 12
+    assert "B.output.linear" in prog.graph("C").nodes
+
+
 def test_required_hyperparameter():
     decl = checked(block("", "dim"), "B")
     assert decl.hypers["dim"].required
