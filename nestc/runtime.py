@@ -37,8 +37,130 @@ def backend_of(group: dict[str, Any]) -> str:
 
 
 @functools.cache
-def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+def compiled(fn: Callable[..., Any], count: int = 0) -> Callable[..., Any]:
+    """fn compiled for lists of `count` tensors, in a code object of its own: torch.compile
+    keeps at most 8 graphs per code object (torch._dynamo.config.recompile_limit) and guards
+    each on the lists' lengths, so with one for all counts the ninth raised
+    FailOnRecompileLimitHit (fullgraph=True)."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                             fn.__defaults__, fn.__closure__)
+    return torch.compile(own, dynamic=True, fullgraph=True)
+
+
+# torch.optim options whose value here changes nothing: a key that a param group (or a
+# torch.optim checkpoint) sets to another value asks for what a compiled optimizer without
+# that hyperparameter does not do (`maximize`, `amsgrad`, ...), so it is refused
+_ANY = object()
+NEUTRAL_OPTIONS: dict[str, Any] = {
+    "maximize": False, "amsgrad": False, "differentiable": False, "nesterov": False,
+    "momentum": 0, "dampening": 0, "weight_decay": 0, "decoupled_weight_decay": False,
+    "foreach": _ANY, "fused": _ANY, "capturable": _ANY}
+
+
+@functools.cache
+def torch_options() -> frozenset[str]:
+    """The keyword arguments of torch.optim's optimizers (the keys of their param groups)."""
+    import inspect
+
+    names: set[str] = set()
+    for cls in vars(torch.optim).values():
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and \
+                cls is not torch.optim.Optimizer:
+            names |= set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    return frozenset(names)
+
+
+def _foreign_options(opt: torch.optim.Optimizer, group: dict[str, Any]) -> str | None:
+    """The first key of a param group that torch.optim knows, that is not a hyperparameter of
+    the compiled optimizer, with a value that asks for something it does not do."""
+    own = set(getattr(opt, "HYPERPARAMETERS", ())) | {"params", "backend"}
+    neutral = {**NEUTRAL_OPTIONS, **getattr(opt, "TORCH_OPTIONS", {})}
+    for key, value in group.items():
+        if key in own or key not in torch_options():
+            continue
+        want = neutral.get(key)
+        if key not in neutral or (want is not _ANY and not _same(value, want)):
+            return key
+    return None
+
+
+def _same(value: Any, want: Any) -> bool:
+    try:
+        return bool(value == want) and type(value) is not str
+    except (RuntimeError, TypeError):  # (a tensor of several values)
+        return False
+
+
+def param_group(opt: torch.optim.Optimizer, group: dict[str, Any]) -> dict[str, Any]:
+    """A param group as a compiled optimizer takes it (its add_param_group): a hyperparameter
+    given as None (torch.optim's word for its default: Muon's adjust_lr_fn) takes the
+    optimizer's default; a torch.optim option it does not have, set to a value that would
+    change the update (`maximize=True`, `amsgrad=True`), is a ValueError, not ignored; and
+    where the declaration is known (built by nestc), the group's hyperparameters are
+    validated and its `require`s checked, as build's are (a tensor's value, such as a tensor
+    lr, is not checked)."""
+    name = type(opt).__name__
+    if not isinstance(group, dict):
+        return group  # (torch's own error)
+    group = _nones(opt, group)
+    key = _foreign_options(opt, group)
+    if key is not None:
+        have = ", ".join(getattr(opt, "HYPERPARAMETERS", ())) or "none"
+        raise ValueError(f"{name}: the param group sets `{key}` = {group[key]!r}, which torch.optim "
+                         f"knows but this optimizer does not have (its hyperparameters: {have})")
+    _validate(opt, {**opt.defaults, **group})
+    return group
+
+
+def _nones(opt: torch.optim.Optimizer, group: dict[str, Any]) -> dict[str, Any]:
+    """The group with None, torch.optim's word for its default (Muon's adjust_lr_fn), in place
+    of a hyperparameter's value replaced by the optimizer's own default."""
+    own = getattr(opt, "HYPERPARAMETERS", ())
+    if not any(group.get(k, 0) is None and k in opt.defaults for k in own):
+        return group
+    return {k: opt.defaults[k] if v is None and k in own and k in opt.defaults else v
+            for k, v in group.items()}
+
+
+def _validate(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None:
+    """A group's hyperparameters bound as build binds them (NestError), where the compiled
+    optimizer's declaration is known; a tensor's value is not checked."""
+    checked = getattr(type(opt), "_nest_checked", None)
+    if checked is not None:
+        checked.bind({k: v for k, v in group.items()
+                      if k in checked.hypers and not isinstance(v, torch.Tensor)})
+
+
+def from_torch(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict for a compiled optimizer's load_state_dict: torch.optim's names of the
+    states it keeps (TORCH_STATE: `exp_avg` -> Adam's `m`) renamed to its memories, so a
+    torch.optim checkpoint goes on as it would in torch. Its groups are taken as new groups
+    are (param_group): a hyperparameter they lack, or give as None, is the optimizer's own
+    value; an option it does not have, set to a value that would change the update, is a
+    ValueError; and the hyperparameters are validated."""
+    # (a hyperparameter that torch.optim does not have, such as Muon's ns_dtype, takes the
+    # optimizer's own value)
+    groups = [_nones(opt, {**{k: opt.defaults[k] for k in getattr(opt, "HYPERPARAMETERS", ())
+                               if k in opt.defaults}, **g})
+              for g in state_dict.get("param_groups", ())]
+    for group in groups:
+        key = _foreign_options(opt, group)
+        if key is not None:
+            raise ValueError(f"{type(opt).__name__}: the state dict's param group sets `{key}` "
+                             f"= {group[key]!r}, which this optimizer does not do")
+        _validate(opt, group)
+    state_dict = {**state_dict, "param_groups": groups}
+    names = getattr(opt, "TORCH_STATE", {})
+    if not names:
+        return state_dict
+    state = {}
+    for pid, s in state_dict.get("state", {}).items():
+        s = dict(s)
+        for theirs, ours in names.items():
+            if theirs in s and ours not in s:
+                s[ours] = s.pop(theirs)
+        state[pid] = s
+    return {**state_dict, "state": state}
 
 
 def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
@@ -337,7 +459,9 @@ def optimizer_class(checked: Checked) -> type[torch.optim.Optimizer]:
     from nestc.compile import generate
 
     # from the declaration itself: it may come from another file than the program's
-    return _exec(generate(checked), class_name(checked.name))
+    cls = _exec(generate(checked), class_name(checked.name))
+    cls._nest_checked = checked  # (param_group checks its groups against it)
+    return cls
 
 
 def build_optimizer(checked: Checked, params: Any = None, *args: Any,

@@ -305,6 +305,93 @@ def test_compiled_backend_matches_torch():
         assert max_diff(ref, got) <= 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile needs g++")
+def test_compiled_backend_takes_any_number_of_tensor_counts():
+    """One compiled function per variant and tensor count, each in a code object of its own:
+    with one for all, the (recompile limit + 1)-th count raised FailOnRecompileLimitHit."""
+    import torch._dynamo
+
+    prog = nestc.load("std/optim/sgd.nest")
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for n in (1, 2, 3):
+            ps = [torch.nn.Parameter(torch.ones(3)) for _ in range(n)]
+            opt = prog.build("SGD", ps, lr=0.5, backend="compiled")
+            for p in ps:
+                p.grad = torch.ones(3)
+            opt.step()
+            assert all(torch.equal(p.detach(), torch.full((3,), 0.5)) for p in ps)
+
+
+def torch_run(cls, params, kw, steps, start=0):
+    """`steps` steps of grads seeded by their index, from step `start`."""
+    opt = cls(params, **kw)
+    for i in range(start, start + steps):
+        for j, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * i + j))
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize(("spec", "name", "cls", "kw"), [
+    ("std/optim/adam.nest", "Adam", torch.optim.Adam, {"lr": 0.01}),
+    ("std/optim/adam.nest", "AdamW", torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
+    ("std/optim/sgd.nest", "SGD", torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    ("std/optim/muon.nest", "Muon", torch.optim.Muon, {"lr": 0.1}),
+], ids=["Adam", "AdamW", "SGD", "Muon"])
+def test_a_torch_optim_checkpoint_goes_on_as_in_torch(spec, name, cls, kw):
+    """torch.optim's state names (exp_avg, exp_avg_sq, momentum_buffer) are renamed to the
+    memories its recognized kernel keeps, a group value of None (Muon's adjust_lr_fn) is the
+    optimizer's default and a hyperparameter torch lacks (Muon's ns_dtype) its own value:
+    5 steps in torch, then 5 more in each, equal. (The moments used to restart at zero under
+    a kept step count, silently.)"""
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(6, 3)), torch.nn.Parameter(torch.randn(4, 5))]
+    opt = torch_run(cls, ref, kw, 5)
+    got = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    mine = nestc.load(spec).build(name, got, **kw)
+    mine.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for i in range(5, 10):
+        for j, (p, q) in enumerate(zip(ref, got)):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * i + j))
+            q.grad = p.grad.clone()
+        opt.step()
+        mine.step()
+    for p, q in zip(ref, got):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+
+
+def test_param_group_options_the_optimizer_lacks_are_refused_not_ignored():
+    """A param group (or a torch.optim checkpoint) that sets a torch.optim option the compiled
+    optimizer does not have, to a value that changes the update, is a ValueError: Adam with
+    `maximize=True` used to descend, SGD's too, `amsgrad=True` ran plain Adam. The option at
+    its neutral value, torch's own keys (foreach) and a user's (a name) are taken; a group's
+    hyperparameters are validated and required as build's are."""
+    adam, sgd = nestc.load("std/optim/adam.nest"), nestc.load("std/optim/sgd.nest")
+    p = torch.nn.Parameter(torch.randn(3))
+    for prog, name, option in ((adam, "Adam", {"maximize": True}),
+                               (adam, "Adam", {"amsgrad": True}),
+                               (sgd, "SGD", {"maximize": True}),
+                               (adam, "Adam", {"momentum": 0.9})):
+        with pytest.raises(ValueError, match=f"sets `{next(iter(option))}`"):
+            prog.build(name, [{"params": [p], **option}])
+        opt = prog.build(name, [p])
+        with pytest.raises(ValueError, match=f"sets `{next(iter(option))}`"):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], **option})
+    opt = adam.build("Adam", [{"params": [p], "maximize": False, "amsgrad": False,
+                               "foreach": True, "name": "head"}])
+    assert opt.param_groups[0]["name"] == "head"
+    with pytest.raises(nestc.NestError, match="learning rate is at least 0"):
+        adam.build("Adam", [{"params": [p], "lr": -1.0}])
+    with pytest.raises(nestc.NestError, match="`eps` of `Adam` must be"):
+        adam.build("Adam", [{"params": [p], "eps": "small"}])
+    adam.build("Adam", [{"params": [p], "lr": torch.tensor(0.01)}])  # a tensor lr, as torch's
+    state = torch_run(torch.optim.Adam, [torch.nn.Parameter(torch.randn(3))],
+                      {"amsgrad": True}, 2).state_dict()
+    with pytest.raises(ValueError, match="sets `amsgrad` = True"):
+        adam.build("Adam", [torch.nn.Parameter(torch.randn(3))]).load_state_dict(state)
+
+
 SLOW_MOMENTUM = """
 optimizer SlowMomentum(lr: float = 1e-2, beta: float = 0.9, period: int = 10) {
     param W

@@ -691,6 +691,24 @@ def _kernel_call(choice: KernelChoice, emit: _Variant) -> list[str]:
     return lines
 
 
+def _torch_names(opt: ir.Optimizer) -> tuple[dict[str, str], dict[str, object]]:
+    """torch.optim's names of the memories that the variants' recognized kernels keep
+    (`exp_avg` -> `m`), where every variant agrees, and the options of torch.optim that those
+    kernels compute (Adam's `decoupled_weight_decay`)."""
+    names: dict[str, str] = {}
+    options: dict[str, object] = {}
+    clash: set[str] = set()
+    for v in opt.variants:
+        if v.kernel is None:
+            continue
+        for theirs, ours in v.kernel.states:
+            if names.setdefault(theirs, ours) != ours:
+                clash.add(theirs)
+        if v.kernel.kernel in ("adam", "adamw"):
+            options["decoupled_weight_decay"] = v.kernel.kernel == "adamw"
+    return {k: n for k, n in names.items() if k not in clash}, options
+
+
 def generate_optimizer(opt: ir.Optimizer) -> str:
     hyper = {h.name: py_name(h.name) for h in opt.hypers}
     cls = class_name(opt.name)
@@ -726,11 +744,23 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     w("")
     w(f"    HYPERPARAMETERS = {tuple(h.name for h in opt.hypers)!r}")
     w(f"    MEMORIES = {tuple(sorted({m.name for v in opt.variants for m in v.memories}))!r}")
+    torch_state, torch_options = _torch_names(opt)
+    if torch_state:
+        w("    # torch.optim's names of the states its recognized kernel keeps (load_state_dict")
+        w("    # takes a torch.optim checkpoint), and its options that mean this optimizer")
+        w(f"    TORCH_STATE = {torch_state!r}")
+        w(f"    TORCH_OPTIONS = {torch_options!r}")
     w("")
     w(f"    def __init__(self, params, {sig}{', ' if sig else ''}*, backend=\"auto\"):")
     w("        defaults = {" + ", ".join(f"{h.name!r}: {hyper[h.name]}" for h in opt.hypers)
       + (", " if opt.hypers else "") + "'backend': _rt.check_backend(backend)}")
     w("        super().__init__(params, defaults)")
+    w("")
+    w("    def add_param_group(self, param_group):")
+    w("        super().add_param_group(_rt.param_group(self, param_group))")
+    w("")
+    w("    def load_state_dict(self, state_dict):")
+    w("        super().load_state_dict(_rt.from_torch(self, state_dict))")
     w("")
     w("    @torch.no_grad()")
     w("    def step(self, closure=None):")
@@ -983,7 +1013,7 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str,
         b(f"    _st_{name} = [_s[{name!r}] for _s in _states]")
     lists = ", ".join(["_params", "_grads", "_steps",
                        *(n for m in v.memories for n in state_lists(m))])
-    b(f"    _rt.compiled(_all_{i})({lists}, _first{', ' if args else ''}{args})")
+    b(f"    _rt.compiled(_all_{i}, len(_params))({lists}, _first{', ' if args else ''}{args})")
     b("    return")
     if uses_numbers(v):
         b("_step = [_s.item() for _s in _steps]")

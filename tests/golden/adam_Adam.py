@@ -16,12 +16,22 @@ class Adam(torch.optim.Optimizer):
 
     HYPERPARAMETERS = ('lr', 'betas', 'eps', 'weight_decay')
     MEMORIES = ('m', 'v')
+    # torch.optim's names of the states its recognized kernel keeps (load_state_dict
+    # takes a torch.optim checkpoint), and its options that mean this optimizer
+    TORCH_STATE = {'exp_avg': 'm', 'exp_avg_sq': 'v'}
+    TORCH_OPTIONS = {'decoupled_weight_decay': False}
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, *,
             backend="auto"):
         defaults = {'lr': lr, 'betas': betas, 'eps': eps, 'weight_decay': weight_decay,
             'backend': _rt.check_backend(backend)}
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(_rt.param_group(self, param_group))
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(_rt.from_torch(self, state_dict))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,8 +81,8 @@ class Adam(torch.optim.Optimizer):
                 betas, eps, weight_decay)
             return
         if _rt.backend_of(group) == 'compiled':
-            _rt.compiled(_all_0)(_params, _grads, _steps, _st_m, _st_v, _first, lr, betas, eps,
-                weight_decay)
+            _rt.compiled(_all_0, len(_params))(_params, _grads, _steps, _st_m, _st_v, _first, lr,
+                betas, eps, weight_decay)
             return
         _step = [_s.item() for _s in _steps]
         # std/optim/adam.nest:16:

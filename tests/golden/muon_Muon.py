@@ -19,6 +19,10 @@ class Muon(torch.optim.Optimizer):
         'ns_steps', 'adjust_lr_fn', 'ns_dtype', 'adamw_lr', 'adamw_betas', 'adamw_eps',
         'adamw_weight_decay')
     MEMORIES = ('exp_avg', 'exp_avg_sq', 'momentum_buffer')
+    # torch.optim's names of the states its recognized kernel keeps (load_state_dict
+    # takes a torch.optim checkpoint), and its options that mean this optimizer
+    TORCH_STATE = {'exp_avg': 'exp_avg', 'exp_avg_sq': 'exp_avg_sq'}
+    TORCH_OPTIONS = {'decoupled_weight_decay': True}
 
     def __init__(self, params, lr=0.001, weight_decay=0.1, momentum=0.95, nesterov=True,
             ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5,
@@ -30,6 +34,12 @@ class Muon(torch.optim.Optimizer):
             'adamw_lr': adamw_lr, 'adamw_betas': adamw_betas, 'adamw_eps': adamw_eps,
             'adamw_weight_decay': adamw_weight_decay, 'backend': _rt.check_backend(backend)}
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(_rt.param_group(self, param_group))
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(_rt.from_torch(self, state_dict))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -81,9 +91,9 @@ class Muon(torch.optim.Optimizer):
         _rt.no_kernel(group)
         torch._foreach_add_(_steps, 1)
         if _rt.backend_of(group) == 'compiled':
-            _rt.compiled(_all_0)(_params, _grads, _steps, _st_momentum_buffer, _first, lr,
-                weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
-                ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+            _rt.compiled(_all_0, len(_params))(_params, _grads, _steps, _st_momentum_buffer,
+                _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps,
+                adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
             return
         _step = [_s.item() for _s in _steps]
         # std/optim/muon.nest:30: rule gd(lr = 1 - momentum)
@@ -148,9 +158,10 @@ class Muon(torch.optim.Optimizer):
                 adamw_weight_decay)
             return
         if _rt.backend_of(group) == 'compiled':
-            _rt.compiled(_all_1)(_params, _grads, _steps, _st_exp_avg, _st_exp_avg_sq, _first, lr,
-                weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
-                ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+            _rt.compiled(_all_1, len(_params))(_params, _grads, _steps, _st_exp_avg,
+                _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps,
+                ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps,
+                adamw_weight_decay)
             return
         _step = [_s.item() for _s in _steps]
         # std/optim/muon.nest:42: let g = grad(W)

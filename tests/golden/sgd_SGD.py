@@ -17,6 +17,10 @@ class SGD(torch.optim.Optimizer):
 
     HYPERPARAMETERS = ('lr', 'momentum', 'dampening', 'weight_decay', 'nesterov')
     MEMORIES = ('buf',)
+    # torch.optim's names of the states its recognized kernel keeps (load_state_dict
+    # takes a torch.optim checkpoint), and its options that mean this optimizer
+    TORCH_STATE = {'momentum_buffer': 'buf'}
+    TORCH_OPTIONS = {}
 
     def __init__(self, params, lr=0.001, momentum=0.0, dampening=0.0, weight_decay=0.0,
             nesterov=False, *, backend="auto"):
@@ -24,6 +28,12 @@ class SGD(torch.optim.Optimizer):
             'weight_decay': weight_decay, 'nesterov': nesterov,
             'backend': _rt.check_backend(backend)}
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(_rt.param_group(self, param_group))
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(_rt.from_torch(self, state_dict))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -87,8 +97,8 @@ class SGD(torch.optim.Optimizer):
             for _s, _p in zip(_states, _params):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
             _st_buf = [_s['buf'] for _s in _states]
-            _rt.compiled(_all_0)(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening,
-                weight_decay, nesterov)
+            _rt.compiled(_all_0, len(_params))(_params, _grads, _steps, _st_buf, _first, lr,
+                momentum, dampening, weight_decay, nesterov)
             return
         # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
         _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params,
@@ -138,8 +148,8 @@ class SGD(torch.optim.Optimizer):
             for _s, _p in zip(_states, _params):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
             _st_buf = [_s['buf'] for _s in _states]
-            _rt.compiled(_all_1)(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening,
-                weight_decay, nesterov)
+            _rt.compiled(_all_1, len(_params))(_params, _grads, _steps, _st_buf, _first, lr,
+                momentum, dampening, weight_decay, nesterov)
             return
         # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
         _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params,
@@ -179,8 +189,8 @@ class SGD(torch.optim.Optimizer):
                 dampening, weight_decay, nesterov)
             return
         if _rt.backend_of(group) == 'compiled':
-            _rt.compiled(_all_2)(_params, _grads, _steps, _first, lr, momentum, dampening,
-                weight_decay, nesterov)
+            _rt.compiled(_all_2, len(_params))(_params, _grads, _steps, _first, lr, momentum,
+                dampening, weight_decay, nesterov)
             return
         # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
         _t1 = _grads if weight_decay == 0 else torch._foreach_add(_grads, _params,
