@@ -216,3 +216,39 @@ def show_value(v: Any) -> str:
     if v is None:
         return "None"
     return repr(v)
+
+
+def python_expr(expr: ast.Expr, name: Any) -> str | None:
+    """A Python expression computing what const_eval computes for a default (hyperparameter
+    names through `name`, `/` through nestc.runtime's `nest_div`, as generated optimizers
+    import it: `_rt`), or None for a form it does not write."""
+    def go(e: ast.Expr) -> str | None:
+        if isinstance(e, (ast.ExprNumber, ast.ExprBool, ast.ExprString)):
+            return repr(e.value)
+        if isinstance(e, ast.ExprName):
+            return name(e.name)
+        if isinstance(e, (ast.ExprTuple, ast.ExprList)):
+            items = [go(i) for i in e.items]
+            if any(i is None for i in items):
+                return None
+            inner = ", ".join(i for i in items if i is not None)
+            return f"({inner}{',' if len(items) == 1 else ''})" if isinstance(e, ast.ExprTuple) \
+                else f"[{inner}]"
+        if isinstance(e, ast.ExprUnary):
+            x = go(e.operand)
+            return None if x is None else f"({e.op} {x})" if e.op == "not" else f"({e.op}{x})"
+        if isinstance(e, ast.ExprBinary):
+            a, b = go(e.left), go(e.right)
+            if a is None or b is None or e.op == "@":
+                return None
+            return f"_rt.nest_div({a}, {b})" if e.op == "/" else f"({a} {e.op} {b})"
+        if isinstance(e, ast.ExprIndex) and len(e.index) == 1:
+            base, i = go(e.base), go(e.index[0])
+            return None if base is None or i is None else f"{base}[{i}]"
+        if isinstance(e, ast.ExprCond):
+            c, t, f = go(e.cond), go(e.then), go(e.orelse)
+            return None if None in (c, t, f) else f"({t} if {c} else {f})"
+        return None
+
+    return go(expr)
+

@@ -147,6 +147,7 @@ class HyperInfo:
     name: str
     default: Any
     required: bool
+    formula: Any = None  # a default that reads earlier hyperparameters: its ast.Expr
 
 
 @dataclass

@@ -47,6 +47,13 @@ def compiled(fn: Callable[..., Any], count: int = 0) -> Callable[..., Any]:
     return torch.compile(own, dynamic=True, fullgraph=True)
 
 
+def nest_div(a: Any, b: Any) -> Any:
+    """a / b as a spec's constant arithmetic divides: an int where ints divide evenly."""
+    q = a / b
+    exact = isinstance(a, int) and isinstance(b, int) and not isinstance(a, bool) and a % b == 0
+    return int(q) if exact else q
+
+
 # torch.optim options whose value here changes nothing: a key that a param group (or a
 # torch.optim checkpoint) sets to another value asks for what a compiled optimizer without
 # that hyperparameter does not do (`maximize`, `amsgrad`, ...), so it is refused

@@ -87,3 +87,30 @@ def test_comment_lines_cannot_break_out():
     src = nestc.loads(spec, "c.nest").source("C")
     assert "\r" not in src
     ast.parse(src)
+
+
+def test_a_compiled_optimizer_computes_defaults_that_read_earlier_hyperparameters(tmp_path):
+    """`scale = lr / k` in a generated optimizer's signature is None, computed in __init__
+    from the values given, as build computes it (with the spec's division: 4 / 2 is the int
+    2); it was the declared default's number whatever lr and k were given."""
+    import importlib.util
+
+    import torch
+
+    prog = nestc.loads("""
+optimizer O(lr = 0.1, k = 2, scale = lr / k, half = k / 2, big = k > 1 and not false) {
+    param W
+    W -= (if big then scale else half) * grad(W)
+}
+""", "o.nest")
+    path = tmp_path / "o_gen.py"
+    path.write_text(prog.source("O"))
+    spec = importlib.util.spec_from_file_location("o_gen", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    p = torch.nn.Parameter(torch.ones(2))
+    for kw in ({}, {"lr": 0.4, "k": 4}, {"k": 1}, {"k": 4, "scale": 3.0}):
+        got = module.O([p], **kw).defaults
+        assert got == prog.build("O", [p], **kw).defaults, kw
+    assert module.O([p], lr=0.4, k=4).defaults["half"] == 2
+    assert type(module.O([p], lr=0.4, k=4).defaults["half"]) is int

@@ -255,7 +255,9 @@ class _Lowerer:
                             self.hypers["backend"].span, kind="name", hint="choose another name")
         names = {n: "hyper" for n in self.hypers}
         tree = self.block(list(self.decl.body), names, [], [], ())
-        hypers = [ir.HyperInfo(n, h.default, h.required) for n, h in self.hypers.items()]
+        hypers = [ir.HyperInfo(p.name, self.hypers[p.name].default, self.hypers[p.name].required,
+                               _formula(p.default))
+                  for p in self.decl.params]
         return ir.Optimizer(self.decl.name, self.decl.span.file, self.decl.span.line, self.param,
                             hypers, self.variants, tree)
 
@@ -613,3 +615,10 @@ def _walk(stmts):
 def lower_optimizer(checked: Checked) -> ir.Optimizer:
     assert checked.kind == "optimizer", checked.name
     return _Lowerer(checked).lower()
+
+
+
+def _formula(default: ast.Expr | None) -> ast.Expr | None:
+    """A default that reads earlier hyperparameters (`hidden = 4 * heads`), which a generated
+    optimizer computes from the values it is given; None for a constant one."""
+    return default if default is not None and const_eval(default, {}) is UNKNOWN else None
