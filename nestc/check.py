@@ -55,8 +55,9 @@ class Checked:
     def kind(self) -> str:
         return self.decl.kind
 
-    def bind(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        """Defaults updated by overrides, validated; NestError names the bad hyperparameter."""
+    def bind(self, overrides: dict[str, Any], call: Span | None = None) -> dict[str, Any]:
+        """Defaults updated by overrides, validated; NestError names the bad hyperparameter
+        (an unmet `require` is reported at `call`, when the values are a call's)."""
         from pydantic import ValidationError
 
         unknown = [k for k in overrides if k not in self.hypers]
@@ -82,26 +83,25 @@ class Checked:
         bound = {n: getattr(validated, f"h{i}") for i, n in enumerate(self.hypers)}
         for s in self.decl.body:
             if isinstance(s, ast.StmtRequire):
-                unmet(self.decl, s, bound)
+                unmet(self.decl, s, bound, call)
         return bound
 
 
 def bound_defaults(decl: ast.Decl, values: dict[str, Any]) -> dict[str, Any]:
     """`values` and the defaults of the other hyperparameters, each computed from the values
-    of the earlier ones as bound (`hidden = 4 * heads` follows a given `heads`). One that
-    cannot be computed from them (a given value of the wrong type, which validation then
-    names) is the declared default."""
+    of the earlier ones as bound (`hidden = 4 * heads` follows a given `heads`; UNKNOWN
+    where they are). One that cannot be computed from them (a given value of the wrong type,
+    which validation then names) is the declared default."""
     out: dict[str, Any] = {}
     declared = {n: h.default for n, h in hypers_of(decl).items() if not h.required}
     for p in decl.params:
         if p.name in values:
             out[p.name] = values[p.name]
-        elif p.name in declared:
+        elif p.name in declared and p.default is not None:
             try:
-                v = const_eval(p.default, out) if p.default is not None else UNKNOWN
+                out[p.name] = const_eval(p.default, out)  # (UNKNOWN from an unknown value)
             except NestError:
-                v = UNKNOWN
-            out[p.name] = declared[p.name] if v is UNKNOWN else v
+                out[p.name] = declared[p.name]
     out.update(values)
     return out
 
@@ -202,6 +202,9 @@ class BodyChecker:
         self.updated_params: set[str] = set()
         self.owner: list[str] = []  # enclosing memory or "train"
         self.calls: list[tuple[ast.Decl, Span]] = []  # declarations called, for cycle checks
+        # the `if`s around the statement or expression being checked, (condition, branch):
+        # a call's `require`s are checked at the defaults only where those take its branch
+        self.conds: list[tuple[ast.Expr, bool]] = []
 
     # errors
     def unknown_name(self, name: str, span: Span, scope: _Scope) -> NestError:
@@ -305,8 +308,10 @@ class BodyChecker:
             self.env[s.var] = saved
         elif isinstance(s, ast.StmtIf):
             self.expr(s.cond, scope)
-            self.block(s.then, _Scope(scope))
-            self.block(s.orelse, _Scope(scope))
+            for branch, way in ((s.then, True), (s.orelse, False)):
+                self.conds.append((s.cond, way))
+                self.block(branch, _Scope(scope))
+                self.conds.pop()
         elif isinstance(s, ast.StmtTrain):
             if kind != "model":
                 raise NestError(f"`train` belongs in a model; `{self.decl.name}` is {_a(kind)}",
@@ -573,8 +578,10 @@ class BodyChecker:
             self.expr(e.operand, scope)
         elif isinstance(e, ast.ExprCond):
             self.expr(e.cond, scope)
-            self.expr(e.then, scope)
-            self.expr(e.orelse, scope)
+            for branch, way in ((e.then, True), (e.orelse, False)):
+                self.conds.append((e.cond, way))
+                self.expr(branch, scope)
+                self.conds.pop()
         elif isinstance(e, (ast.ExprTuple, ast.ExprList)):
             for i in e.items:
                 self.expr(i, scope)
@@ -667,19 +674,42 @@ class BodyChecker:
             if p.default is None and p.name not in given:
                 raise NestError(f"`{d.name}` needs a value for `{p.name}`", e.span, kind="value",
                                 hint=f"pass `{p.name} = ...`: it has no default")
+        self.call_requires(e, d, args)
+
+    def call_requires(self, e: ast.ExprCall, d: ast.Decl, args: tuple[ast.Expr, ...]) -> None:
+        """The callee's `require`s, met by the arguments at this declaration's defaults (where
+        those are known and take the call's branches); else an error at the call."""
+        if not any(isinstance(s, ast.StmtRequire) for s in d.body):
+            return
+        for cond, way in self.conds:
+            taken = const_eval(cond, self.env)
+            if taken is UNKNOWN or bool(taken) != way:
+                return
+        given = {p.name: const_eval(a, self.env) for p, a in zip(d.params, args)}
+        given |= {kw.name: const_eval(kw.value, self.env) for kw in e.kwargs}
+        values = bound_defaults(d, given)
+        for s in d.body:
+            if isinstance(s, ast.StmtRequire):
+                unmet(d, s, values, call=e.span)
 
 
-def unmet(decl: ast.Decl, s: ast.StmtRequire, values: dict[str, Any]) -> None:
+def unmet(decl: ast.Decl, s: ast.StmtRequire, values: dict[str, Any],
+          call: Span | None = None) -> None:
     """A NestError at `require` s when the hyperparameters `values` do not meet it (nothing
-    where its value is not known: a required hyperparameter not yet given)."""
+    where its value is not known: a required hyperparameter not yet given); at `call`, with
+    a note at the `require`, for the values a call gives."""
     ok = const_eval(s.cond, values)
     if ok is UNKNOWN or ok:
         return
     names = dict.fromkeys(e.name for e in _names_in(s.cond))
     given = ", ".join(f"{n} = {show_value(values[n])}" for n in names if n in values)
     said = s.message or f"it requires {span_text(s.cond.span)}"
-    raise NestError(f"{decl.kind} `{decl.name}`: {said}", s.span, kind="value",
-                    hint=f"got {given}" if given else None)
+    hint = f"got {given}" if given else None
+    if call is not None:
+        raise NestError(f"this call of {decl.kind} `{decl.name}` does not meet its requirement: "
+                        f"{said}", call, kind="value", hint=hint,
+                        notes=(("required here", s.span),))
+    raise NestError(f"{decl.kind} `{decl.name}`: {said}", s.span, kind="value", hint=hint)
 
 
 def _names_in(e: ast.Expr) -> list[ast.ExprName]:

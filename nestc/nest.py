@@ -483,7 +483,8 @@ class _Builder:
             values[kw.name] = const_eval(kw.value, frame.env)
         values = {k: v for k, v in values.items() if v is not UNKNOWN}
         checked = self.checked_of(decl)
-        env = checked.bind(values) if checked is not None else _defaults(decl, values)
+        env = checked.bind(values, call.span) if checked is not None else \
+            _defaults(decl, values)
         base = f"{frame.prefix}{decl.name}" if alias is None or alias == self.train else \
             f"{alias}.{decl.name}"
         prefix = self.fresh_prefix(base) + "."

@@ -173,6 +173,7 @@ def outer_level(program: Any, checked: Any, hyper: dict[str, Any]) -> Outer:
                                 kind="value", hint="numbers, or arithmetic on the model's "
                                 "hyperparameters")
             kwargs[key] = value
+    optimizer.bind(kwargs, call=call.span)  # (its requires, reported at the rule)
     return Outer(optimizer, kwargs, func.span)
 
 

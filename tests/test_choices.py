@@ -529,26 +529,48 @@ def test_ifs_in_a_memory_body_nest_and_chain():
 
 def test_require_is_checked_wherever_hyperparameters_are_bound():
     """At load for the defaults (a required hyperparameter is checked once given), at build,
-    at explain's --set, and where a block calls another with its arguments."""
+    at explain's --set, and where a block calls another with its arguments: at load for the
+    caller's defaults (where they take the call's branch), else when the caller is bound,
+    reported at the call with a note at the `require`."""
     text = spec("""
         block Heads(dim, heads = 4) {
             require dim % heads == 0, "heads divide dim"
             input x : [T, dim]
             output x
         }
-        block Outer(dim = 8, inner = 6) {
+        block Outer(dim = 8, inner = 4) {
             input x : [T, dim]
             output Heads(inner)(linear(x, inner))
+        }
+        block Switched(dim = 8, inner = 6, on = false) {
+            input x : [T, dim]
+            let y = x
+            if on { y = Heads(inner)(linear(x, inner)) }
+            output y
+        }
+        block Picked(dim = 8) {  # (loads: the call is in the branch its defaults do not take)
+            input x : [T, dim]
+            output if dim > 100 then Heads(dim, heads = 7)(x) else x
         }
     """)
     prog = nestc.loads(text, "r.nest")  # `dim` has no default: nothing to check yet
     assert prog.build("Heads", dim=8)(torch.randn(1, 2, 8)).shape == (1, 2, 8)
-    for attempt in (lambda: prog.build("Heads", dim=6), lambda: explain(prog, "Heads", dim=6),
-                    lambda: prog.build("Outer")):
+    for attempt in (lambda: prog.build("Heads", dim=6), lambda: explain(prog, "Heads", dim=6)):
         with pytest.raises(nestc.NestError, match=r"r.nest:2:5: error: block `Heads`: heads "
                                                   r"divide dim"):
             attempt()
-    assert prog.build("Outer", inner=4)(torch.randn(1, 2, 8)).shape == (1, 2, 4)
+    assert prog.build("Outer")(torch.randn(1, 2, 8)).shape == (1, 2, 4)
+    at_call = r"r.nest:{}: error: this call of block `Heads` does not meet its requirement: " \
+        r"heads divide dim(.|\n)*r.nest:2:5: note: required here(.|\n)*got dim = 6, heads = 4"
+    for attempt, where in ((lambda: prog.build("Outer", inner=6), "8:12"),
+                           (lambda: explain(prog, "Outer", inner=6), "8:12"),
+                           (lambda: prog.graph("Outer", inner=6), "8:12"),
+                           (lambda: prog.build("Switched", on=True), "13:17")):
+        with pytest.raises(nestc.NestError, match=at_call.format(where)):
+            attempt()
+    assert prog.build("Switched")(torch.randn(1, 2, 8)).shape == (1, 2, 8)  # branch not taken
+    with pytest.raises(nestc.NestError, match=at_call.format("8:12")):
+        nestc.loads(text.replace("inner = 4", "inner = 6"), "r.nest")
 
 
 def test_too_many_ifs_in_a_memory_body_are_an_error_not_a_hang():

@@ -204,9 +204,9 @@ class Generator:
         self.texts: dict[str, str] = {}  # class source with its name blanked -> class name
         self.names: set[str] = set()
 
-    def decl(self, checked: Checked, hyper: dict[str, Any], in_feat: int | None = None
-             ) -> _Class:
-        values = checked.bind(hyper)
+    def decl(self, checked: Checked, hyper: dict[str, Any], in_feat: int | None = None,
+             call: Any = None) -> _Class:
+        values = checked.bind(hyper, call)
         cls = _Class(checked, values)
         scope = _Scope(self, checked, cls, dict(values))
         scope.stmts(checked.decl.body, in_feat)
@@ -660,7 +660,7 @@ class _Scope:
         if len(e.args) != 1 or e.kwargs:
             raise NestError(f"block `{decl.name}` takes one input", e.span, kind="value")
         x = self.tensor(e.args[0], hint)
-        sub = self.g.decl(checked, hyper, in_feat=x.feat)
+        sub = self.g.decl(checked, hyper, in_feat=x.feat, call=head.span)
         attr = self.add(decl.name, f"{sub.name}(backend)", cls=sub)
         # through the module's __call__, so that hooks on it run (FSDP's per-block sharding,
         # a sub-block's own torch.compile, forward hooks)
