@@ -35,7 +35,7 @@ from torch import nn
 
 from nestc.layers import Stateful
 from nestc.ops.mlp_memory.dgd import mlp_dgd_chunk
-from nestc.ops.mlp_memory.reference import ACT_FNS, mlp_memory_chunk
+from nestc.ops.mlp_memory.reference import ACT_FNS, chunk_gradients, mlp_memory_chunk
 from nestc.ops.utils import clipped, float32_inside, upto
 
 ACTS = ACT_FNS  # the activations an MLP memory takes, by name
@@ -1169,12 +1169,16 @@ class PeriodicMemory(Memory):
     def __init__(self, name: str, where: str, *, kind: str, a: int, b: int, hidden: int,
                  heads: int, act: str, period: int, objective: str, delta: float,
                  momentum: bool, read_before: bool, stopped: bool, shared: bool, flush: bool,
-                 init: str, starts: bool = False, backend: str = "chunked") -> None:
+                 init: str, starts: bool = False, clip: float | None = None,
+                 backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.kind, self.a, self.b, self.heads, self.period = kind, a, b, heads, period
         # read above its declaration (read_start): the module's pieces end at its periods
         self.starts, self.chunk = starts, period
-        self.act = ACTS[act]
+        self.act, self.act_name = ACTS[act], act
+        # each token's gradient (each sequence's, when shared) scaled to norm at most clip
+        # before it joins the period's sum
+        self.clip = clip
         self.objective, self.delta, self.momentum = objective, delta, momentum
         self.read_before, self.stopped, self.shared, self.flush = read_before, stopped, \
             shared, flush
@@ -1217,6 +1221,8 @@ class PeriodicMemory(Memory):
         level: by torch.func.grad of the objective (the definition; it also runs without
         grad mode), or, `closed` (the chunked tier), for a matrix as k^T (lr e), e the
         objective's gradient at the reading k W."""
+        if self.clip is not None and not closed:
+            return self._clipped_grad(W, k, v, lr)
         if closed and self.kind == "matrix":
             if self.objective == "dot":
                 e = -v
@@ -1224,11 +1230,31 @@ class PeriodicMemory(Memory):
                 e = k @ W[0] - v
                 if self.objective == "huber":
                     e = e.clamp(-self.delta, self.delta)
+            if self.clip is not None:  # |k^T e| = |k| |e|
+                lr = lr * clipped(k.pow(2).sum(-1) * e.pow(2).sum(-1), self.clip)
             g = (k * lr[..., None]).transpose(-1, -2) @ e  # (N, H, a, b)
             return (g.sum(0) if self.shared else g,)
+        if self.clip is not None:  # an MLP's: the pair of outer products' (chunk_gradients)
+            f = chunk_gradients(k, v, (W[0], W[1]), self.act_name, self.clip,
+                                self.kind == "residual_mlp", self.objective, self.delta)[3]
+            assert f is not None
+            lr = lr * f
         n = len(W)
         return torch.func.grad(lambda *w: self._loss(w, k, v, lr),
                                argnums=tuple(range(n)))(*W)
+
+    def _clipped_grad(self, W: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor,
+                      lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The reference tier's, one token: its gradient at W (each sequence's, W expanded
+        over them when shared) by torch.func.grad, scaled to norm at most clip, times lr."""
+        assert k.shape[2] == 1, "the reference tier adds one token at a time"
+        N = k.shape[0]
+        Wx = tuple(w.expand(N, *w.shape) for w in W) if self.shared else W
+        g = torch.func.grad(lambda *w: self._loss(w, k, v, torch.ones_like(lr)),
+                            argnums=tuple(range(len(W))))(*Wx)
+        f = clipped(sum(gi.pow(2).sum((-2, -1)) for gi in g), self.clip) * lr[..., 0]
+        g = tuple(gi * f[..., None, None] for gi in g)
+        return tuple(gi.sum(0) for gi in g) if self.shared else g
 
     def _factor(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """A period's product of retentions or momentum factors (N, H, n) -> (N, H), or (H,)

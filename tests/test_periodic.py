@@ -48,6 +48,16 @@ CASES = {
                              "momentum(lr = lr, beta = keep, retain = keep)", ""),
     "shared_momentum": (MATRIX, "meta", "dot(M(k), v)",
                         "momentum(lr = lr, beta = 0.5, retain = 0.9)", "state shared"),
+    # each token's gradient scaled to norm at most clip (small enough to act here): the
+    # reference tier takes its norm from autograd's gradient, the chunked tier in closed form
+    "matrix_clip": (MATRIX, "meta", "l2(M(k), v)", "gd(lr = lr, retain = keep, clip = 0.05)",
+                    ""),
+    "matrix_huber_clip_shared": (MATRIX, "meta", "huber(M(k), v, delta = 0.2)",
+                                 "momentum(lr = lr, beta = 0.5, clip = 0.05)", "state shared"),
+    "mlp_clip_before": (MLP, "meta", "l2(M(k), v)",
+                        "momentum(lr = lr, beta = keep, clip = 0.05)", "read before write"),
+    "residual_clip_shared": ("residual_mlp(dim / heads, hidden = 8)", "meta", "dot(M(k), v)",
+                             "gd(lr = 0.1, clip = 0.05)", "state shared"),
 }
 
 
@@ -107,6 +117,22 @@ def test_a_period_of_one_token_is_the_memory_that_learns_every_token(case):
         "W": state["M"] if case.startswith("matrix") else state["M"]["M"], "grad": None,
         "R": None, "Bt": None, "offset": 0,
         "S": state["M"]["S"] if "momentum" in case else None}})
+
+
+@pytest.mark.parametrize("case", ["matrix_clip", "mlp_clip_before"])
+def test_clip_scales_each_tokens_gradient_before_the_period_sums_them(case):
+    """A period of one token with clip is the memory that learns every token with that clip
+    (its own code); a loose clip changes nothing."""
+    every = build(case, p=1)
+    torch.manual_seed(0)
+    tokens = nestc.loads(source(case, "token"), "p.nest").build("B", dim=8)
+    tokens.load_state_dict(every.state_dict())
+    x = torch.randn(2, 9, 8)
+    close(every(x), tokens(x))
+    loose = build(case, rule=CASES[case][3].replace("clip = 0.05", "clip = 1e6"))
+    none = build(case, rule=CASES[case][3].replace(", clip = 0.05", ""))
+    close(loose(x), none(x))
+    assert (build(case)(x) - none(x)).abs().max() > 1e-3  # (it acts here)
 
 
 def test_a_period_updates_once_by_its_summed_gradients():
@@ -192,7 +218,6 @@ def test_a_period_decays_by_the_product_of_its_retentions():
     ("dgd(lr = lr)", "whose rule is not gd or momentum"),
     ("gd(lr = lr, retain = keep); state shared",
      "a `retain` that changes with the data on a memory shared by the batch"),
-    ("gd(lr = lr, clip = 1)", "`clip` on a memory updated every N tokens"),
 ])
 def test_what_a_periodic_memory_does_not_take(change, message):
     text = source("matrix_gd").replace("gd(lr = lr)", change)

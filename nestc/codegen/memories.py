@@ -814,8 +814,6 @@ class PeriodicPlan(Plan):
             raise unsupported(f"{what} whose rule is not gd or momentum", s.span)
         self.rule = rule[0]
         self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
-        if "clip" in self.rule_kw:
-            raise unsupported(f"`clip` on {what}", self.rule_kw["clip"].span)
         if self.rule == "momentum" and "beta" not in self.rule_kw:
             raise NestError(f"the momentum rule of `{self.name}` needs `beta`", s.span,
                             kind="value")
@@ -830,7 +828,7 @@ class PeriodicPlan(Plan):
             raise unsupported(f"initial state `{init_name}` for {what}", s.span)
         self.config = {"kind": kind, "a": self.a, "b": self.b, "hidden": hidden, "heads": 0,
                        "act": act, "period": period, "objective": objective, "delta": delta,
-                       "momentum": self.rule == "momentum",
+                       "clip": _clip(scope, self), "momentum": self.rule == "momentum",
                        "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped",
                        "shared": choices["state"] == "shared",
@@ -873,6 +871,8 @@ class PeriodicPlan(Plan):
         text = (f"{structure}{heads} learning by {self.rule} on "
                 f"{c['objective']} once every {c['period']} tokens: the period's gradients "
                 "summed at the weights its tokens read")
+        if c["clip"] is not None:
+            text += f", each token's scaled to norm at most {c['clip']:g}"
         if c["shared"]:
             text += "; one set of weights for the batch"
         return text
