@@ -155,9 +155,11 @@ def pydantic_model(decl: ast.Decl, hypers: dict[str, Hyper]) -> Any:
 
 
 class _Scope:
-    def __init__(self, parent: _Scope | None = None) -> None:
+    def __init__(self, parent: _Scope | None = None, body: str | None = None) -> None:
         self.parent = parent
+        self.body = body  # "if", "repeat" or "chain" for the bodies of those statements
         self.names: dict[str, str] = {}  # name -> what it is: hyper, param, input, let, memory, ...
+        self.spans: dict[str, Span] = {}  # where each was defined
         # memories declared further down this body: a read M(x) above the declaration sees
         # M at the start of its chunk (docs/semantics.md, "Reads above a declaration")
         self.ahead: dict[str, ast.StmtMemory] = {}
@@ -170,6 +172,15 @@ class _Scope:
                 return None
             if name in s.ahead:
                 return s.ahead[name]
+            s = s.parent
+        return None
+
+    def outer(self, name: str) -> tuple[str, Span | None] | None:
+        """What `name` is in an enclosing scope and where it was defined (None if nowhere)."""
+        s = self.parent
+        while s is not None:
+            if name in s.names:
+                return s.names[name], s.spans.get(name)
             s = s.parent
         return None
 
@@ -224,10 +235,15 @@ class BodyChecker:
                     raise NestError(f"optimizer `{self.decl.name}` never updates `{p}`",
                                     self.decl.name_span, kind="value",
                                     hint=f"add an update such as `{p} -= lr * grad({p})`")
-        if kind in ("block", "model") and not any(isinstance(s, ast.StmtOutput)
-                                                   for s in _walk(self.decl.body)):
+        outputs = [s for s in _walk(self.decl.body) if isinstance(s, ast.StmtOutput)]
+        if kind in ("block", "model") and not outputs:
             raise NestError(f"{kind} `{self.decl.name}` has no `output`", self.decl.name_span,
                             kind="value", hint="say what it returns: `output expr`")
+        if len(outputs) > 1:  # (the compiled module returned the last one only)
+            raise NestError(f"{kind} `{self.decl.name}` has a second `output`", outputs[1].span,
+                            kind="value", notes=(("the first", outputs[0].span),),
+                            hint="a block or model has one output: combine them into one "
+                            "expression")
         if kind == "model" and not any(isinstance(s, ast.StmtTrain) for s in self.decl.body):
             raise NestError(f"model `{self.decl.name}` has no `train` level", self.decl.name_span,
                             kind="value", hint="add `train every step { objective ...; rule ... }`,"
@@ -248,7 +264,17 @@ class BodyChecker:
                             kind="name", hint="choose another name")
         if prev is not None and name in scope.names and what in ("memory", "param", "input"):
             raise NestError(f"`{name}` is already defined", span, kind="name")
+        outer = scope.outer(name) if name not in scope.names else None
+        if what == "let" and scope.body is not None and outer is not None:
+            # the compiled code had such a `let` change the outer name past the body, where
+            # the checker (and the docs) keep it local: neither is what was meant
+            raise NestError(f"`let {name}` in this `{scope.body}` body would make a new `{name}` "
+                            f"there, hiding the {outer[0]} `{name}` outside it", span,
+                            kind="name", notes=(("defined here", outer[1]),) if outer[1] else (),
+                            hint=f"write `{name} = ...` to change that `{name}`, or choose "
+                            "another name")
         scope.names[name] = what
+        scope.spans[name] = span
 
     def stmt(self, s: ast.Stmt, scope: _Scope) -> None:
         kind = self.decl.kind
@@ -293,7 +319,7 @@ class BodyChecker:
             if n is not UNKNOWN and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
                 raise NestError(f"`repeat` needs a whole number of times, got {show_value(n)}",
                                 s.count.span, kind="value")
-            self.block(s.body, _Scope(scope))
+            self.block(s.body, _Scope(scope, "repeat"))
         elif isinstance(s, ast.StmtChain):
             values = self.expr(s.values, scope)
             if values is not UNKNOWN and not isinstance(values, (list, tuple)):
@@ -301,7 +327,7 @@ class BodyChecker:
                                 kind="type")
             saved = self.env.get(s.var, UNKNOWN)
             for v in _chain_values(values):
-                inner = _Scope(scope)  # each value builds its own levels
+                inner = _Scope(scope, "chain")  # each value builds its own levels
                 inner.names[s.var] = "chain"
                 self.env[s.var] = v
                 self.block(s.body, inner)
@@ -310,7 +336,7 @@ class BodyChecker:
             self.expr(s.cond, scope)
             for branch, way in ((s.then, True), (s.orelse, False)):
                 self.conds.append((s.cond, way))
-                self.block(branch, _Scope(scope))
+                self.block(branch, _Scope(scope, "if"))
                 self.conds.pop()
         elif isinstance(s, ast.StmtTrain):
             if kind != "model":
@@ -433,6 +459,21 @@ class BodyChecker:
             raise NestError(f"memory `{s.name}` never updates but has a learning rule",
                             s.frequency.span,
                             kind="frequency", hint="remove `never`, or its objective and rule")
+        if is_cache:  # (clauses besides key and value, and an initial state, were ignored)
+            extra = next((b for b in body if isinstance(b, ast.Clause)  # (choices aside)
+                          and b.kind not in ("key", "value") and not isinstance(b.value, str)),
+                         None)
+            if extra is not None or explicit:
+                where = extra.span if extra is not None else s.name_span
+                what = f"`{extra.kind}`" if extra is not None else "an update"
+                raise NestError(f"cache `{s.name}` takes only `key` and `value`, not {what}: it "
+                                "keeps every token's key and value, which attention reads", where,
+                                kind="value", hint="remove the rest, or make the memory "
+                                "learn: matrix(...) or mlp(...)")
+            if s.init is not None and not (isinstance(s.init, ast.ExprName)
+                                           and s.init.name == "zeros"):
+                raise NestError(f"cache `{s.name}` starts empty: it takes no initial state",
+                                s.init.span, kind="value", hint="remove `= ...`")
         if not never and not explicit and not is_cache:
             self.clauses(body, f"memory `{s.name}`", s.name_span, need_rule=True)
         elif has_rule:
@@ -606,9 +647,14 @@ class BodyChecker:
         name = e.func.name
         local = scope.lookup(name)
         if local is not None:
-            if local in ("hyper", "input", "chain"):
-                raise NestError(f"`{name}` is not a function", e.func.span, kind="type")
-            return  # reading a memory M(k) or applying a module value
+            if local in ("hyper", "input", "chain", "let", "param"):
+                # (a `let` of a builtin's name was passed over: the builtin was called)
+                what = {"hyper": "a hyperparameter", "input": "an input", "chain": "a chain "
+                        "variable", "let": "a `let`", "param": "a parameter"}[local]
+                raise NestError(f"`{name}` is {what} here, not a function", e.func.span,
+                                kind="type", hint=f"`{name}` is a builtin: name the {local} "
+                                "otherwise" if name in BUILTINS else None)
+            return  # reading a memory M(k)
         if scope.later_memory(name) is not None and name not in BUILTINS and \
                 name not in self.decls:
             # a read at the start of M's chunk (a builtin or declaration of the name is called,
@@ -691,6 +737,21 @@ class BodyChecker:
         for s in d.body:
             if isinstance(s, ast.StmtRequire):
                 unmet(d, s, values, call=e.span)
+
+
+def next_token_objective(decl: ast.Decl, e: Any) -> bool:
+    """Whether e is cross_entropy(<the output>, next(<the input>)) of the model decl: the one
+    task objective built (other outputs and targets were taken as these, silently)."""
+    outputs = [s.name for s in _walk(decl.body) if isinstance(s, ast.StmtOutput)]
+    inputs = [s.name for s in decl.body if isinstance(s, ast.StmtInput)]
+
+    def named(x: Any, names: list[Any]) -> bool:
+        return isinstance(x, ast.ExprName) and x.name in names
+
+    return (isinstance(e, ast.ExprCall) and named(e.func, ["cross_entropy"])
+            and len(e.args) == 2 and not e.kwargs and named(e.args[0], outputs)
+            and isinstance(e.args[1], ast.ExprCall) and named(e.args[1].func, ["next"])
+            and len(e.args[1].args) == 1 and named(e.args[1].args[0], inputs))
 
 
 def unmet(decl: ast.Decl, s: ast.StmtRequire, values: dict[str, Any],

@@ -125,7 +125,7 @@ def outer_level(program: Any, checked: Any, hyper: dict[str, Any]) -> Outer:
     """The `train` clause of a model: its rule resolved to an optimizer declaration (through the
     model's scope, imports included) with the rule's arguments evaluated over the model's
     hyperparameters; NestError at the clause when it is not one nestc train can run."""
-    from nestc.check import qualified_name
+    from nestc.check import next_token_objective, qualified_name
     from nestc.hyper import UNKNOWN, const_eval
 
     decl = checked.decl
@@ -144,9 +144,10 @@ def outer_level(program: Any, checked: Any, hyper: dict[str, Any]) -> Outer:
     clauses = {c.kind: c for c in level.body if isinstance(c, ast.Clause)}
     # the checker saw to both clauses
     objective, rule = clauses["objective"], clauses["rule"]
-    if not _is_call(objective.value, "cross_entropy"):
-        raise NestError("nestc train runs the objective cross_entropy(<logits>, next(<tokens>))",
-                        objective.span, kind="value", hint="the task supplies the targets")
+    if not next_token_objective(decl, objective.value):
+        raise NestError("nestc train runs the objective cross_entropy(<logits>, next(<tokens>)), "
+                        "with the model's output and input", objective.span, kind="value",
+                        hint="the task supplies the targets: the next tokens of the input")
     call = rule.value
     assert not isinstance(call, str), rule  # a rule clause holds an expression
     func = call.func if isinstance(call, ast.ExprCall) else call

@@ -177,7 +177,8 @@ def test_optimizer_as_a_learning_rule():
 
 
 def test_hyperparameter_is_not_a_function():
-    assert error(block("    let y = dim(x)")).message == "`dim` is not a function"
+    assert error(block("    let y = dim(x)")).message == "`dim` is a hyperparameter here, not a " \
+        "function"
 
 
 def test_memory_updated_inside_another_memory():
@@ -286,3 +287,103 @@ def test_long_and_nested_chains_check_fast():
 def test_empty_chain_body_is_still_checked():
     err = error(block("    chain c in [] { let y = nothere }"))
     assert err.message == "unknown name `nothere`"
+
+
+# --- silent mistakes a bug hunt found: now errors at load -----------------------------------
+
+
+@pytest.mark.parametrize(("body", "where"), [
+    ("    let h = x\n    if flag { let h = x * 5 }", "`let h` in this `if` body"),
+    ("    let h = x\n    if flag { h = x } else { let h = x * 5 }", "`let h` in this `if` body"),
+    ("    let h = x\n    repeat 2 { let h = h * 3 }", "`let h` in this `repeat` body"),
+    ("    let h = x\n    chain c in [2, 3] { let h = x * c }", "`let h` in this `chain` body"),
+])
+def test_a_let_in_a_body_may_not_hide_an_outer_name(body, where):
+    """The checker (and the docs) keep a body's `let` local; the compiled code rebound the
+    outer name past the body (a block returned 5 x for x, an optimizer stepped 5 times too
+    far). Hiding an outer name is now an error at the `let`, with a note at the outer one."""
+    err = error(block(body, "dim = 8, flag = true"))
+    assert where in err.message and err.span.line in (4, 5)
+    assert err.diagnostics[0].notes[0][1].line == 3
+    assert "write `h = ...`" in err.hint
+    optimizer = """
+        optimizer O(lr = 1.0, flag = true) {
+            param W
+            let g = grad(W)
+            if flag { let g = grad(W) * 5 }
+            W -= lr * g
+        }
+    """
+    assert "`let g` in this `if` body" in error(optimizer).message
+    # a name of the body's own, or an update of the outer one, is fine
+    nestc.loads(spec(block("    let h = x\n    if flag { let z = x * 5\n h = z }",
+                           "dim = 8, flag = true")), "t.nest")
+
+
+def test_a_block_has_one_output():
+    """A second output was dropped (the module returned the last)."""
+    err = error("""
+        block B(dim = 4) {
+            input x : [T, dim]
+            output x * 2
+            output x * 3
+        }
+    """)
+    assert err.message == "block `B` has a second `output`" and err.span.line == 4
+    assert err.diagnostics[0].notes[0][1].line == 3
+
+
+def test_a_cache_takes_only_a_key_and_a_value():
+    """An objective, a rule or an initial state on a cache was ignored (explain listed them)."""
+    for clauses, init, word in (("key k; value x; objective l2(C(k), x)", "", "objective"),
+                                ("key k; value x; rule gd(lr = 0.5)", "", "rule"),
+                                ("key k; value x", " = meta", "initial state")):
+        err = error(f"""
+            block B(dim = 8) {{
+                input x : [T, dim]
+                let k = x |> linear(dim)
+                memory C : cache{init} every token {{ {clauses} }}
+                output softmax_attention(k, C)
+            }}
+        """)
+        assert err.span.line == 4 and (word in err.message or word in err.hint or
+                                       "takes no initial state" in err.message), err
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "linear"])
+def test_a_let_is_not_called_as_the_builtin_of_its_name(name):
+    """`let sigmoid = ...; sigmoid(x)` called the builtin, the let passed over."""
+    err = error(block(f"    let {name} = x * 0\n    let y = x |> {name}(8)"
+                      if name == "linear" else f"    let {name} = x * 0\n    let y = {name}(x)"))
+    assert err.message == f"`{name}` is a `let` here, not a function" and err.span.line == 4
+    assert "is a builtin" in err.hint
+
+
+def test_nestc_train_trains_the_objective_the_model_names():
+    """`cross_entropy(logits, tokens)` (no next) and an objective on another name than the
+    output were trained as next-token prediction of the output."""
+    from nestc.check import next_token_objective
+
+    prog = nestc.loads(spec("""
+        model L(vocab = 12, dim = 8) {
+            input tokens : [T] int
+            output logits = embed(tokens, vocab, dim) |> linear(vocab)
+            train every step { objective cross_entropy(logits, next(tokens)); rule gd(lr = 1) }
+        }
+    """), "l.nest")
+    decl = prog.decl("L").decl
+    objective = next(s for s in decl.body if hasattr(s, "frequency") and s.frequency
+                     and s.frequency.unit == "step").body[0].value
+    assert next_token_objective(decl, objective)
+    for text in ("cross_entropy(logits, tokens)", "cross_entropy(tokens, next(tokens))",
+                 "cross_entropy(logits, next(logits))", "l2(logits, next(tokens))"):
+        other = nestc.loads(spec(f"""
+            model L(vocab = 12, dim = 8) {{
+                input tokens : [T] int
+                output logits = embed(tokens, vocab, dim) |> linear(vocab)
+                train every step {{ objective {text}; rule gd(lr = 1) }}
+            }}
+        """), "l.nest").decl("L").decl
+        value = next(s for s in other.body if hasattr(s, "frequency") and s.frequency
+                     and s.frequency.unit == "step").body[0].value
+        assert not next_token_objective(other, value), text

@@ -244,7 +244,8 @@ NOT_TRAINABLE = spec("""
     (["m.nest", "Slow"], "m.nest:10:11: error: nestc train runs `train every step`: one outer "
                          "update per batch\n"),
     (["m.nest", "Other"], "m.nest:15:24: error: nestc train runs the objective "
-                          "cross_entropy(<logits>, next(<tokens>))\n"),
+                          "cross_entropy(<logits>, next(<tokens>)), with the model's output and "
+                          "input\n"),
     ([LM, "TransformerLM", "--backend", "fast"], "error: backend must be one of "),
     ([LM, "TransformerLM", "--backend", "triton", "--device", "cpu"], "error: --backend triton "
      "runs Triton kernels, which need a CUDA device; this run is on cpu\n"),

@@ -28,7 +28,7 @@ from typing import Any
 
 from nestc import __version__, ast
 from nestc.builtins import BUILTINS
-from nestc.check import Checked
+from nestc.check import Checked, next_token_objective
 from nestc.codegen.torch import class_name, comment, fitted, literal, py_name, spec_comment
 from nestc.errors import NestError
 from nestc.hyper import UNKNOWN, const_eval
@@ -404,12 +404,7 @@ class _Scope:
         cross_entropy(<output>, next(<input>)) is the form built so far."""
         for c in s.body:
             if isinstance(c, ast.Clause) and c.kind == "objective":
-                e = c.value
-                ok = (isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName)
-                      and e.func.name == "cross_entropy" and len(e.args) == 2
-                      and isinstance(e.args[1], ast.ExprCall)
-                      and isinstance(e.args[1].func, ast.ExprName)
-                      and e.args[1].func.name == "next")
+                ok = next_token_objective(self.checked.decl, c.value)
                 self.cls.objective = "next_token" if ok else None
                 self.cls.objective_where = None if ok else str(c.span)
 
