@@ -81,9 +81,14 @@ class Checked:
             raise NestError(f"`{name}` of `{self.name}` must be {type_words(h.type)}, "
                             f"got {show_value(values[name])}", h.span, kind="type") from None
         bound = {n: getattr(validated, f"h{i}") for i, n in enumerate(self.hypers)}
+        nan = next((n for n, v in bound.items() if isinstance(v, float) and v != v), None)
+        if nan is not None:  # (a NaN meets no require and fails none: it went through)
+            raise NestError(f"`{nan}` of `{self.name}` is NaN", self.hypers[nan].span,
+                            kind="value")
         for s in self.decl.body:
             if isinstance(s, ast.StmtRequire):
                 unmet(self.decl, s, bound, call)
+        counts(self.decl.body, dict(bound))
         return bound
 
 
@@ -319,6 +324,9 @@ class BodyChecker:
             if n is not UNKNOWN and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
                 raise NestError(f"`repeat` needs a whole number of times, got {show_value(n)}",
                                 s.count.span, kind="value")
+            if n is not UNKNOWN and n > MAX_REPEAT:
+                raise NestError(f"`repeat` {n} times is more than nestc builds (at most "
+                                f"{MAX_REPEAT} copies)", s.count.span, kind="value")
             self.block(s.body, _Scope(scope, "repeat"))
         elif isinstance(s, ast.StmtChain):
             values = self.expr(s.values, scope)
@@ -613,8 +621,18 @@ class BodyChecker:
             if not self.imported(e, scope):
                 self.expr(e.base, scope)
         elif isinstance(e, ast.ExprBinary):
-            self.expr(e.left, scope)
-            self.expr(e.right, scope)
+            sides = (self.expr(e.left, scope), self.expr(e.right, scope))
+            if e.op in ("/", "%") and sides[0] is UNKNOWN and sides[1] == 0 and \
+                    not isinstance(sides[1], bool):  # (two constants: const_eval says it)
+                raise NestError("division by zero", e.right.span, kind="value")
+            if e.op not in ("and", "or", "==", "!=") and UNKNOWN in sides:
+                # a tensor with a constant that is not a number (const_eval checks two
+                # constants): it passed the checker and failed in the compiled code
+                odd = next((v for v in sides if v is not UNKNOWN and
+                            (isinstance(v, (str, list, tuple)) or v is None)), UNKNOWN)
+                if odd is not UNKNOWN:
+                    raise NestError(f"`{e.op}` needs numbers or tensors, got "
+                                    f"{show_value(odd)}", e.span, kind="type")
         elif isinstance(e, ast.ExprUnary):
             self.expr(e.operand, scope)
         elif isinstance(e, ast.ExprCond):
@@ -737,6 +755,44 @@ class BodyChecker:
         for s in d.body:
             if isinstance(s, ast.StmtRequire):
                 unmet(d, s, values, call=e.span)
+
+
+MAX_REPEAT = 1024  # copies a `repeat` makes (each is built: a huge count hung the build)
+
+
+def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any]) -> None:
+    """The update periods, chunk sizes and `repeat` counts of a body, at bound values: a
+    positive whole number each (NestError at it), a repeat at most MAX_REPEAT. The checker
+    sees the defaults' at load; a build, a call or `--set` (a period of 0 divided by zero in
+    explain, a negative one printed "every -2 tokens") binds others."""
+    def whole(e: ast.Expr | None, what: str, low: int = 1) -> Any:
+        if e is None:
+            return None
+        v = const_eval(e, env)
+        if v is not UNKNOWN and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise NestError(f"{what} must be a {'positive ' if low else ''}whole number, got "
+                            f"{show_value(v)}", e.span, kind="frequency" if low else "value")
+        return v
+
+    for s in body:
+        freq = getattr(s, "frequency", None)
+        if isinstance(freq, ast.Frequency):
+            whole(freq.every, "the update period")
+            whole(freq.chunk, "the chunk size")
+        if isinstance(s, ast.StmtRepeat):
+            n = whole(s.count, "`repeat`'s count", low=0)
+            if n is not UNKNOWN and n > MAX_REPEAT:
+                raise NestError(f"`repeat` {n} times is more than nestc builds (at most "
+                                f"{MAX_REPEAT} copies)", s.count.span, kind="value")
+            counts(s.body, env)
+        elif isinstance(s, ast.StmtChain):
+            values = const_eval(s.values, env)
+            for v in values if isinstance(values, (list, tuple)) else ():
+                counts(s.body, {**env, s.var: v})
+        elif isinstance(s, ast.StmtIf):
+            counts(s.then + s.orelse, env)
+        elif isinstance(s, (ast.StmtMemory, ast.StmtTrain)):
+            counts(s.body, env)
 
 
 def next_token_objective(decl: ast.Decl, e: Any) -> bool:

@@ -93,6 +93,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     prog = _load(args.file)
     name = _decl_name(prog, args.name)
+    for flag, value in (("--tokens", args.tokens), ("--steps", args.steps)):
+        if value is not None and value < 1:  # (-100 printed "updates -7 over -100 tokens")
+            raise NestError(f"{flag} counts updates over a positive number, got {value}",
+                            kind="value")
     print(explain(prog, name, tokens=args.tokens, steps=args.steps, **_hyper_args(args.set)))
     return 0
 
@@ -345,6 +349,18 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # a file to read or write: a directory, a missing folder, ...
+        if DEBUG:
+            raise
+        print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}",
+              file=sys.stderr)
+        return 1
+    except RecursionError:
+        if DEBUG:
+            raise
+        print("error: the declarations call one another too deeply for nestc (more than about "
+              "a hundred levels); build the deep part with `repeat`", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 - a compiler bug must still not dump a traceback
         if DEBUG:
             raise

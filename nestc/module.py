@@ -51,6 +51,7 @@ class Built(nn.Module):
     """One block or model. A generated subclass constructs its submodules in `__init__`
     (then calls `finish`) and computes its output from its input in `run(env, x)`."""
 
+    in_feat: int | None = None  # the input's width, 0 for token ids (None: not checked)
     out_feat = 0  # the width of the output (the vocabulary of a model's logits)
     # a model's task loss, for its memories that learn from it: "next_token" is
     # cross_entropy(<output>, next(<input>)), the form built so far; where its objective is
@@ -127,6 +128,7 @@ class Built(nn.Module):
             if self.tasks and torch.compiler.is_compiling():  # (see _eager_in_chunks)
                 return _eager_run(self, _env, x)
             return self.run(_env, x)
+        self._check_input(x)
         if state:
             self._check_state(state, x.shape[0])
         if targets is not None and targets.shape != x.shape[:2]:
@@ -182,9 +184,15 @@ class Built(nn.Module):
         if self.kind != "model" or prompt.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"generate: `{self.decl_name}` is a {self.kind}; generate takes a "
                              "model and token ids")
+        if prompt.ndim != 2:
+            raise ValueError(f"generate: the prompt is [B, P] token ids, got shape "
+                             f"{list(prompt.shape)}")
         if prompt.shape[1] == 0 or tokens < 1:
             raise ValueError("generate: the prompt needs at least one token, and it writes at "
                              f"least one (got {prompt.shape[1]} and {tokens})")
+        if not temperature >= 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"generate: temperature is at least 0 and top_k at least 1 (or "
+                             f"None), got {temperature} and {top_k}")
         out, x = [prompt], prompt
         for _ in range(tokens):
             logits, state = self(x, state=state, return_state=True)
@@ -227,6 +235,28 @@ class Built(nn.Module):
             return _next_token_loss(y, targets[:, start:stop])
 
         return loss
+
+    def _check_input(self, x: Any) -> None:
+        """ValueError (TypeError for what is not a tensor) naming what the module takes, where
+        torch's own error about the first matmul or embedding said it less clearly."""
+        name = f"`{self.decl_name}`"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} takes a tensor, got {type(x).__name__}")
+        if self.in_feat == 0:
+            if x.ndim != 2 or x.dtype.is_floating_point or x.dtype.is_complex or \
+                    x.dtype == torch.bool:
+                raise ValueError(f"{name} takes token ids [B, T] (an integer tensor), got "
+                                 f"{x.dtype} of shape {list(x.shape)}")
+        elif self.in_feat is not None:
+            if x.ndim != 3 or x.shape[-1] != self.in_feat or not x.dtype.is_floating_point:
+                raise ValueError(f"{name} takes [B, T, {self.in_feat}] floats, got {x.dtype} "
+                                 f"of shape {list(x.shape)}")
+            weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+            if weight is not None and weight.dtype != x.dtype and \
+                    not torch.is_autocast_enabled(x.device.type):
+                raise ValueError(f"{name} has {weight.dtype} weights and got {x.dtype} input: "
+                                 "convert one to the other's dtype, or run it under "
+                                 "torch.autocast")
 
     def forward_in_chunks(self, x: torch.Tensor, state: dict[str, Any] | None,
                           task: Callable[..., torch.Tensor] | None, tasks: list[Any],

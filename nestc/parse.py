@@ -302,9 +302,18 @@ def _number(text: str) -> float | int:
     return float(text)
 
 
-def _unescape(text: str) -> str:
+ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+
+
+def _unescape(text: str, where: Span) -> str:
+    """A string literal's text; an escape other than \\" \\\\ \\n \\t is an error (it was dropped:
+    "a\\qb" read "aqb")."""
     body = text[1:-1]
-    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), body)
+    bad = next((m for m in re.finditer(r"\\(.)", body) if m.group(1) not in ESCAPES), None)
+    if bad is not None:
+        raise NestError(f"unknown escape `\\{bad.group(1)}` in a string", where, kind="syntax",
+                        hint='the escapes are \\" \\\\ \\n and \\t; write \\\\ for a backslash')
+    return re.sub(r"\\(.)", lambda m: ESCAPES[m.group(1)], body)
 
 
 def _index_args(args: tuple[Any, ...]) -> tuple[ast.Expr, ...]:
@@ -337,12 +346,14 @@ class _ToAst(Transformer_NonRecursive):
     def import_file(self, meta, ch):
         # `("as" NAME)?` is optional without a placeholder: the alias is absent, not None
         path, alias = ch[0], (ch[1] if len(ch) > 1 else None)
-        return ast.Import(_unescape(path), str(alias) if alias else None, None, self.s(meta),
+        return ast.Import(_unescape(path, _tok_span(self.source, path)),
+                          str(alias) if alias else None, None, self.s(meta),
                           _tok_span(self.source, path))
 
     def import_names(self, meta, ch):
         path, *names = ch
-        return ast.Import(_unescape(path), None, tuple(str(n) for n in names), self.s(meta),
+        return ast.Import(_unescape(path, _tok_span(self.source, path)), None,
+                          tuple(str(n) for n in names), self.s(meta),
                           _tok_span(self.source, path))
 
     def _word(self, meta, ch):
@@ -424,7 +435,8 @@ class _ToAst(Transformer_NonRecursive):
 
     def require_stmt(self, meta, ch):
         cond, message = ch
-        return ast.StmtRequire(cond, None if message is None else _unescape(str(message)),
+        return ast.StmtRequire(cond, None if message is None else
+                               _unescape(str(message), _tok_span(self.source, message)),
                                self.s(meta))
 
     def train_stmt(self, meta, ch):
@@ -504,7 +516,7 @@ class _ToAst(Transformer_NonRecursive):
         return ast.ExprNumber(value, text, self.s(meta))
 
     def string(self, meta, ch):
-        return ast.ExprString(_unescape(str(ch[0])), self.s(meta))
+        return ast.ExprString(_unescape(str(ch[0]), self.s(meta)), self.s(meta))
 
     def true(self, meta, ch):
         return ast.ExprBool(True, self.s(meta))

@@ -45,6 +45,8 @@ class Program:
         return [d.name for d in self.unit.module.decls]
 
     def decl(self, name: str) -> Checked:
+        if not isinstance(name, str):
+            raise TypeError(f"a declaration is named by a str, got {type(name).__name__}")
         d = self.unit.scope.get(name)
         if d is None:
             raise NestError(f"`{self.file}` declares no `{name}`", None, kind="name",
@@ -113,6 +115,9 @@ def load(path: str | Path) -> Program:
 
 def loads(text: str, filename: str = "<string>") -> Program:
     """Load a spec from text; relative imports resolve against filename's directory."""
+    if not isinstance(text, str) or not isinstance(filename, str):
+        raise TypeError(f"loads takes the spec's text and a file name as str, got "
+                        f"{type(text).__name__} and {type(filename).__name__}")
     loader = Loader()
     source = Source(filename, text)
     key = "std:" + filename[len(STD_PREFIX):] if filename.startswith(STD_PREFIX) else \

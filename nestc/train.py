@@ -302,6 +302,9 @@ class Run:
             raise NestError(f"--device {c.device}: {err}", kind="value") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise NestError(f"--device {c.device}: this torch sees no CUDA device", kind="value")
+        if self.device.type not in ("cpu", "cuda"):  # (meta: a raw error at the first .item())
+            raise NestError(f"--device {c.device}: nestc train runs on cpu or cuda",
+                            kind="value")
         if c.backend == "triton":
             check_triton(self.device)
         if task is None:

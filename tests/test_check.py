@@ -387,3 +387,19 @@ def test_nestc_train_trains_the_objective_the_model_names():
         value = next(s for s in other.body if hasattr(s, "frequency") and s.frequency
                      and s.frequency.unit == "step").body[0].value
         assert not next_token_objective(other, value), text
+
+
+def test_an_unknown_escape_in_a_string_is_an_error_not_dropped():
+    """"a\\qb" read "aqb"; the escapes are \\" \\\\ \\n and \\t."""
+    err = error('block B(dim = 8, act: str = "a\\qb") {\n    input x : [T, dim]\n    output x\n}\n')
+    assert err.message == "unknown escape `\\q` in a string" and (err.span.line, err.span.col) \
+        == (1, 29)
+    decl = checked('block B(dim = 8, s: str = "a\\"b\\\\c\\nd\\te") {\n    input x : [T, dim]\n'
+                   '    output x\n}\n', "B")
+    assert decl.hypers["s"].default == 'a"b\\c\nd\te'
+
+
+def test_a_division_by_a_constant_zero_is_an_error():
+    """`grad(W) / 0` passed the checker and raised a ZeroDivisionError at the first step."""
+    err = error(block("    let y = x / (2 - 2)"))
+    assert err.message == "division by zero" and (err.span.line, err.span.col) == (3, 18)

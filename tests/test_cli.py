@@ -209,3 +209,82 @@ def test_closed_pipe_is_not_an_error():
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.startswith("<!DOCTYPE html>")
     assert "internal error" not in out.stderr and "Traceback" not in out.stderr
+
+
+# --- from a bug hunt: user errors that exited 2 ("a bug in nestc") or hung ------------------
+
+
+def test_file_errors_and_deep_calls_exit_1_with_a_message(files, capsys):
+    (files / "d.svg").mkdir()
+    (files / "afile").write_text("")
+    for argv, word in ((["viz", "good.nest", "-o", "d.svg"], "Is a directory"),
+                       (["compile", "good.nest", "-o", "afile/x.py"], "Not a directory")):
+        rc, out, err = run(capsys, *argv)
+        assert rc == 1 and err.startswith("error: ") and word in err and "Traceback" not in err
+    blocks = [f"block B{i}(dim = 4) {{\n    input x : [T, dim]\n    output B{i + 1}(dim)(x)\n}}"
+              for i in range(150)] + ["block B150(dim = 4) {\n    input x : [T, dim]\n"
+                                      "    output x\n}"]
+    (files / "deep.nest").write_text("\n".join(blocks) + "\n")
+    rc, out, err = run(capsys, "explain", "deep.nest", "-n", "B0")
+    assert rc == 1 and "too deeply" in err
+
+
+@pytest.mark.parametrize(("text", "argv", "message"), [
+    ("block B(dim = 4, period = 4) {\n    input x : [T, dim]\n"
+     "    memory M : matrix(dim, dim) = zeros every period tokens {\n"
+     "        key x; value x; objective l2(M(x), x); rule gd(lr = 0.1)\n    }\n"
+     "    output M(x)\n}\n", ["--set", "period=0"],
+     "p.nest:3:47: error: the update period must be a positive whole number, got 0"),
+    ("block B(dim = 4, period = 4) {\n    input x : [T, dim]\n"
+     "    memory M : matrix(dim, dim) = zeros every period tokens {\n"
+     "        key x; value x; objective l2(M(x), x); rule gd(lr = 0.1)\n    }\n"
+     "    output M(x)\n}\n", ["--set", "period=-2"], "positive whole number, got -2"),
+    ("block B(dim = 4, n = 2) {\n    input x : [T, dim]\n    let h = x\n"
+     "    repeat n { h = h + 1 }\n    output h\n}\n", ["--set", "n=1000000000"],
+     "p.nest:4:12: error: `repeat` 1000000000 times is more than nestc builds"),
+])
+def test_bound_periods_and_repeat_counts_are_checked(files, capsys, text, argv, message):
+    """explain --set period=0 divided by zero (exit 2), -2 printed "every -2 tokens", a
+    repeat of 1e9 hung; every binding now checks them, as the checker does the defaults."""
+    (files / "p.nest").write_text(text)
+    rc, out, err = run(capsys, "explain", "p.nest", *argv)
+    assert rc == 1 and message in err and err.startswith("p.nest:"), err
+    rc, out, err = run(capsys, "check", "p.nest")
+    assert rc == 0
+
+
+def test_a_huge_repeat_is_an_error_at_load_not_a_hang(files, capsys):
+    (files / "r.nest").write_text("block B(dim = 4) {\n    input x : [T, dim]\n"
+                                  "    repeat 100000000 { }\n    output x\n}\n")
+    rc, out, err = run(capsys, "check", "r.nest")
+    assert rc == 1 and "`repeat` 100000000 times is more than nestc builds" in err
+
+
+@pytest.mark.parametrize(("expr", "word"), [("grad(W) * \"s\"", "\"s\""),
+                                            ("grad(W) + [2, 3]", "[2, 3]")])
+def test_arithmetic_of_a_tensor_with_a_string_or_a_list_is_a_type_error(files, capsys, expr,
+                                                                       word):
+    (files / "o.nest").write_text(f"optimizer O(lr = 0.1) {{\n    param W\n"
+                                  f"    W -= lr * ({expr})\n}}\n")
+    rc, out, err = run(capsys, "check", "o.nest")
+    assert rc == 1 and f"o.nest:3:16: error: `{expr.split()[1]}` needs numbers or tensors, " \
+        f"got {word}" in err
+
+
+@pytest.mark.parametrize("expr", ["exp(lr) * grad(W)", "log(lr) * grad(W)",
+                                  "debias(grad(W), 1.0)", "exp(rows(W)) * grad(W)"])
+def test_updates_the_kernel_matcher_cannot_lower_compile_to_generic_code(files, capsys, expr):
+    """sympy forms without a kernel argument (exp of a hyperparameter, a zoo) made explain
+    and compile exit 2; they are simply not a recognized kernel."""
+    (files / "o.nest").write_text(f"optimizer O(lr: float = 0.5) {{\n    param W\n"
+                                  f"    W -= {expr}\n}}\n")
+    for argv in (["explain", "o.nest"], ["compile", "o.nest", "-o", "o.py"]):
+        rc, out, err = run(capsys, *argv)
+        assert rc == 0, err
+    rc, out, err = run(capsys, "explain", "o.nest")
+    assert "kernel: none recognized" in out
+
+
+def test_explain_counts_over_a_positive_number_of_tokens_or_steps(files, capsys):
+    rc, out, err = run(capsys, "explain", "good.nest", "--tokens", "-100")
+    assert rc == 1 and err == "error: --tokens counts updates over a positive number, got -100\n"

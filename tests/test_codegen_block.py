@@ -313,3 +313,40 @@ def test_a_statement_over_several_lines_is_quoted_whole_above_its_code():
     assert "b.nest:3: let y = x + 2 * x" in flat
     assert "b.nest:5: memory M : matrix(dim, dim) = zeros every token {" in flat
     assert "a comment that is not code" not in source and "key y; value x" not in source
+
+
+def test_wrong_inputs_and_arguments_are_errors_that_say_what_is_taken():
+    """A bug hunt's raw errors: torch's matmul or embedding error for a wrong input width,
+    dtype or rank; a shape error for top_k=0; an IndexError for a 1-D prompt; AttributeErrors
+    for loads(None); NaN from an eps of -1 or a softplus beta of 0."""
+    block = nestc.load("std/memory/deltanet.nest").build("DeltaNet", dim=16)
+    for x, message in ((torch.randn(2, 5, 8), r"takes \[B, T, 16\] floats, got torch.float32 "
+                        r"of shape \[2, 5, 8\]"),
+                       (torch.randint(0, 3, (2, 5, 16)), "takes \\[B, T, 16\\] floats"),
+                       (torch.randn(2, 5, 16, dtype=torch.bfloat16),
+                        "has torch.float32 weights and got torch.bfloat16 input")):
+        with pytest.raises(ValueError, match=message):
+            block(x)
+    with pytest.raises(TypeError, match="takes a tensor, got list"):
+        block([1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (autocast takes any float input)
+        assert block(torch.randn(2, 5, 16, dtype=torch.bfloat16)).shape == (2, 5, 16)
+    lm = nestc.load("std/models/transformer.nest").build("TransformerLM", vocab=11, dim=16,
+                                                         depth=1)
+    with pytest.raises(ValueError, match=r"takes token ids \[B, T\] \(an integer tensor\)"):
+        lm(torch.randn(2, 5))
+    prompt = torch.randint(0, 11, (1, 3))
+    for kw, message in (({"top_k": 0}, "top_k at least 1"), ({"temperature": -1.0},
+                                                              "temperature is at least 0")):
+        with pytest.raises(ValueError, match=message):
+            lm.generate(prompt, 2, **kw)
+    with pytest.raises(ValueError, match=r"the prompt is \[B, P\] token ids, got shape \[3\]"):
+        lm.generate(prompt[0], 2)
+    with pytest.raises(TypeError, match="loads takes the spec's text and a file name as str"):
+        nestc.loads(None)
+    with pytest.raises(TypeError, match="a declaration is named by a str"):
+        nestc.load(HOPE).build(None)
+    for layer, message in (("layernorm(x, eps = -1)", "layernorm's `eps` must be above 0"),
+                           ("softplus(x, beta = 0)", "softplus's `beta` must be above 0")):
+        with pytest.raises(nestc.NestError, match=message):
+            _block(f"    output {layer}")

@@ -940,7 +940,7 @@ def test_clip_bounds_each_tokens_update():
     assert (A - A0).flatten(2).norm(dim=-1).max() <= 6 * 0.5 * 1e-3 + 1e-6
 
 
-def test_clip_is_refused_where_it_is_not_built_and_must_be_positive():
+def test_clip_must_be_positive_and_memories_every_n_tokens_take_it():
     text = """
     block B(dim) {
         input x : [T, dim]
@@ -952,9 +952,7 @@ def test_clip_is_refused_where_it_is_not_built_and_must_be_positive():
     """
     periodic = nestc.loads(text.replace("EVERY", "every 4 tokens").replace("CLIP", "1.0"),
                            "c.nest")
-    with pytest.raises(nestc.NestError, match="clip") as err:
-        periodic.build("B", dim=4)
-    assert err.value.unsupported
+    assert periodic.build("B", dim=4).M.clip == 1.0
     zero = nestc.loads(text.replace("EVERY", "every token").replace("CLIP", "0"), "c.nest")
     with pytest.raises(nestc.NestError, match=r"c.nest:5:77: error: `clip` of memory `M` must be "
                                               r"positive, got 0"):

@@ -421,3 +421,20 @@ def test_two_frequencies_follow_the_interpreter():
         torch.testing.assert_close(w.detach(), W)
         torch.testing.assert_close(opt.state[w]["slow"], st["slow"])
     assert st["slow"][0] != 0 and opt.state[w]["step"].item() == 7
+
+
+@pytest.mark.parametrize(("spec", "name", "kw", "message"), [
+    ("std/optim/muon.nest", "Muon", {"ns_steps": 10 ** 7}, "ns_steps is in \\[0, 100\\)"),
+    ("std/optim/muon.nest", "Muon", {"ns_steps": -1}, "ns_steps is in \\[0, 100\\)"),
+    ("std/optim/muon.nest", "Muon", {"ns_dtype": "int8"}, "ns_dtype is bfloat16"),
+    ("std/optim/m3.nest", "M3", {"slow_every": 0}, "update period must be a positive"),
+    ("std/optim/m3.nest", "M3EMA", {"ns_dtype": "int8"}, "ns_dtype is bfloat16"),
+    ("std/optim/nested.nest", "DeepMomentum", {"hidden": 0}, "at least one hidden unit"),
+    ("std/optim/nested.nest", "DeepMomentum", {"seed": 2 ** 70}, "seed is in"),
+    ("std/optim/adam.nest", "Adam", {"lr": float("nan")}, "`lr` of `Adam` is NaN"),
+])
+def test_values_that_failed_at_the_first_step_are_nest_errors_at_build(spec, name, kw, message):
+    """They were accepted, then raised a ValueError at the first step (nestc train exited 2),
+    or took 30 s a step (ns_steps 1e7), or a NaN learning rate trained to NaN."""
+    with pytest.raises(nestc.NestError, match=message):
+        nestc.load(spec).build(name, [torch.nn.Parameter(torch.randn(3, 3))], **kw)

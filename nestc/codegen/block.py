@@ -50,7 +50,7 @@ register_full_backward_pre_hook register_load_state_dict_post_hook
 register_load_state_dict_pre_hook register_module register_parameter
 register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
 set_extra_state set_submodule share_memory state_dict to to_empty train training type xpu
-zero_grad decl_name kind backend objective objective_where out_feat tasks run finish
+zero_grad decl_name kind backend objective objective_where in_feat out_feat tasks run finish
 task_loss forward_in_chunks flushing flushed generate
 """
 MODULE_ATTRS = frozenset(_MODULE_ATTRS.split())
@@ -156,6 +156,7 @@ class _Class:
     # memories that run as one (their names), and whether their values are generated alike
     groups: list[tuple[list[str], bool]] = field(default_factory=list)
     input: str = ""
+    in_feat: int | None = None  # the input's width; 0 for token ids
     out: Ten | None = None
     out_line: str = ""  # the output statement's line, as a comment
     objective: str | None = None  # a model's task loss: "next_token", the form built so far
@@ -172,7 +173,7 @@ class _Class:
         hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
         doc = f"{c.kind} {c.name}({hyper}), compiled from {span.file}:{span.line}."
         out = [f"class {self.name}(_Built):", *docstring(doc, 4), "",
-               f"    out_feat = {self.out_feat}"]
+               f"    in_feat = {self.in_feat}", f"    out_feat = {self.out_feat}"]
         if self.objective:
             out.append(f"    objective = {self.objective!r}")
         if self.objective_where:
@@ -414,6 +415,7 @@ class _Scope:
         var = self.cls.input = self.local(s.name)
         if s.shape.dtype == "int":
             self.tens[s.name] = Ten(var, 0, tokens=True)
+            self.cls.in_feat = 0
             return
         dims = s.shape.dims
         feat = self.size(dims[-1], f"the width of `{s.name}`") if len(dims) > 1 else in_feat
@@ -424,6 +426,7 @@ class _Scope:
             raise NestError(f"input `{s.name}` has {feat} features, but {in_feat} are passed "
                             "in", s.shape.span, kind="shape")
         self.tens[s.name] = Ten(var, int(feat))
+        self.cls.in_feat = int(feat)
 
     def bind(self, name: str, value: ast.Expr) -> None:
         v = self.value(value, name)
@@ -521,11 +524,17 @@ class _Scope:
             raise NestError(f"{what} must be a number, got {v!r}", e.span, kind="type")
         return float(v)
 
-    def number_kw(self, call: ast.ExprCall, name: str, default: float, what: str) -> float:
-        """number() of a keyword argument of call, or its default."""
+    def number_kw(self, call: ast.ExprCall, name: str, default: float, what: str,
+                  positive: bool = False) -> float:
+        """number() of a keyword argument of call, or its default; above 0 where `positive`
+        (an eps of -1 or a softplus beta of 0 made NaN or inf)."""
         for k in call.kwargs:
             if k.name == name:
-                return self.number(k.value, what)
+                v = self.number(k.value, what)
+                if positive and not v > 0:
+                    raise NestError(f"{what} must be above 0, got {v}", k.value.span,
+                                    kind="value")
+                return v
         return default
 
     def size_kw(self, call: ast.ExprCall, name: str, default: int, what: str,

@@ -28,11 +28,12 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
         return Ten(f"{MATH[name]}({x.code})", x.feat)
     if name == "softplus":
         x = scope.tensor(e.args[0], hint)
-        beta = scope.number_kw(e, "beta", 1.0, "softplus's `beta`")
+        beta = scope.number_kw(e, "beta", 1.0, "softplus's `beta`", positive=True)
         return Ten(f"_layers.softplus({x.code}, {literal(beta)})", x.feat)
     if name == "l2norm":
         x = scope.tensor(e.args[0], hint)
-        per, eps = scope.size_kw(e, "per", 1, "`per`"), scope.number_kw(e, "eps", 1e-6, "`eps`")
+        per = scope.size_kw(e, "per", 1, "`per`")
+        eps = scope.number_kw(e, "eps", 1e-6, "l2norm's `eps`", positive=True)
         if x.feat % per:
             raise NestError(f"l2norm per {per} slices of {x.feat} features", e.span,
                             kind="shape")
@@ -64,7 +65,8 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
         return Ten(f"self.{attr}({x.code}, _state)", x.feat)
     if name in ("rmsnorm", "layernorm"):
         x = scope.tensor(e.args[0], hint)
-        eps = scope.number_kw(e, "eps", 1e-6 if name == "rmsnorm" else 1e-5, "`eps`")
+        eps = scope.number_kw(e, "eps", 1e-6 if name == "rmsnorm" else 1e-5, f"{name}'s `eps`",
+                              positive=True)
         code = f"nn.{'RMSNorm' if name == 'rmsnorm' else 'LayerNorm'}({x.feat}, " \
             f"eps={literal(eps)})"
         attr = scope.add(f"{hint}_{name}", code)

@@ -14,6 +14,7 @@ class GatedDeltaNet(_Built):
     """block GatedDeltaNet(dim=64, heads=4, chunk=64, retain_bias=4.0), compiled from
     std/memory/deltanet.nest:28."""
 
+    in_feat = 64
     out_feat = 64
 
     def __init__(self, backend="chunked"):

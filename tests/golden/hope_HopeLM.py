@@ -15,6 +15,7 @@ class SelfModifyingTitans(_Built):
     memory_lr=0.3, clip=1.0, momentum_beta=0.0, paper_memory=False, hidden=2, paper_dgd=False),
     compiled from std/memory/self_modifying_titans.nest:50."""
 
+    in_feat = 128
     out_feat = 128
 
     def __init__(self, backend="chunked"):
@@ -136,6 +137,7 @@ class CMSIndependent(_Built):
     """block CMSIndependent(dim=128, chunks=[16, 256], hidden=4, lr=0.001), compiled from
     std/memory/cms.nest:24."""
 
+    in_feat = 128
     out_feat = 128
 
     def __init__(self, backend="chunked"):
@@ -167,6 +169,7 @@ class Hope(_Built):
     """block Hope(dim=128, heads=4, chunks=[16, 256], paper_dgd=False, momentum_beta=0.0), compiled
     from std/models/hope.nest:28."""
 
+    in_feat = 128
     out_feat = 128
 
     def __init__(self, backend="chunked"):
@@ -192,6 +195,7 @@ class HopeLM(_Built):
     """model HopeLM(vocab=256, dim=128, depth=4, heads=4, chunks=[16, 256], paper_dgd=False,
     momentum_beta=0.0), compiled from std/models/hope.nest:43."""
 
+    in_feat = 0
     out_feat = 256
     objective = 'next_token'
 

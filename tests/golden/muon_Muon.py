@@ -96,25 +96,25 @@ class Muon(torch.optim.Optimizer):
                 adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
             return
         _step = [_s.item() for _s in _steps]
-        # std/optim/muon.nest:30: rule gd(lr = 1 - momentum)
+        # std/optim/muon.nest:33: rule gd(lr = 1 - momentum)
         torch._foreach_lerp_(_st_momentum_buffer, _grads, (1 - momentum))
-        # std/optim/muon.nest:32:
+        # std/optim/muon.nest:35:
         #     let u = if nesterov then lerp(grad(W), momentum_buffer, momentum) else
         #     momentum_buffer
         _l_u = (torch._foreach_lerp(_grads, _st_momentum_buffer,
             momentum) if nesterov else _st_momentum_buffer)
-        # std/optim/muon.nest:33:
+        # std/optim/muon.nest:36:
         #     let o = newton_schulz(u, steps = ns_steps, eps = eps, coefficients = ns_coefficients,
         #     dtype = ns_dtype)
         _l_o = [_rt.newton_schulz(_x, ns_steps, eps,
             (ns_coefficients[0], ns_coefficients[1], ns_coefficients[2]), ns_dtype,
-            'std/optim/muon.nest:33:9') for _x in _l_u]
-        # std/optim/muon.nest:36:
+            'std/optim/muon.nest:36:9') for _x in _l_u]
+        # std/optim/muon.nest:39:
         #     let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W))) else
         #     if adjust_lr_fn == "match_rms_adamw" then 0.2 * sqrt(max(rows(W), cols(W))) else 1.0
-        # std/optim/muon.nest:39: W -= lr * weight_decay * W  # decoupled decay, before the step
+        # std/optim/muon.nest:42: W -= lr * weight_decay * W  # decoupled decay, before the step
         torch._foreach_mul_(_params, (1 - (lr * weight_decay)))
-        # std/optim/muon.nest:40: W -= lr * scale * o
+        # std/optim/muon.nest:43: W -= lr * scale * o
         for _x, _y, _a in zip(_params, _l_o,
             [(lr
             * ((_S.sqrt(_S.max(1,
@@ -164,16 +164,16 @@ class Muon(torch.optim.Optimizer):
                 adamw_weight_decay)
             return
         _step = [_s.item() for _s in _steps]
-        # std/optim/muon.nest:42: let g = grad(W)
+        # std/optim/muon.nest:45: let g = grad(W)
         _l_g = _grads
-        # std/optim/muon.nest:44: objective l2(exp_avg, g); rule gd(lr = 1 - adamw_betas[0])
+        # std/optim/muon.nest:47: objective l2(exp_avg, g); rule gd(lr = 1 - adamw_betas[0])
         torch._foreach_lerp_(_st_exp_avg, _l_g, (1 - adamw_betas[0]))
-        # std/optim/muon.nest:47: objective l2(exp_avg_sq, g * g); rule gd(lr = 1 - adamw_betas[1])
+        # std/optim/muon.nest:50: objective l2(exp_avg_sq, g * g); rule gd(lr = 1 - adamw_betas[1])
         torch._foreach_mul_(_st_exp_avg_sq, (1 - (1 - adamw_betas[1])))
         torch._foreach_addcmul_(_st_exp_avg_sq, _l_g, _l_g, value=(1 - adamw_betas[1]))
-        # std/optim/muon.nest:49: W -= adamw_lr * adamw_weight_decay * W
+        # std/optim/muon.nest:52: W -= adamw_lr * adamw_weight_decay * W
         torch._foreach_mul_(_params, (1 - (adamw_lr * adamw_weight_decay)))
-        # std/optim/muon.nest:50:
+        # std/optim/muon.nest:53:
         #     W -= adamw_lr * debias(exp_avg, adamw_betas[0]) / (sqrt(debias(exp_avg_sq,
         #     adamw_betas[1])) + adamw_eps)
         _t1 = torch._foreach_sqrt(_st_exp_avg_sq)
@@ -187,18 +187,18 @@ def _one_0(_p, _g, _c, _st_momentum_buffer, _first, lr, weight_decay, momentum, 
         ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps,
         adamw_weight_decay):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
-    # std/optim/muon.nest:30: rule gd(lr = 1 - momentum)
+    # std/optim/muon.nest:33: rule gd(lr = 1 - momentum)
     _st_momentum_buffer.copy_(torch.lerp(_st_momentum_buffer, _g, (1 - momentum)))
-    # std/optim/muon.nest:32:
+    # std/optim/muon.nest:35:
     #     let u = if nesterov then lerp(grad(W), momentum_buffer, momentum) else momentum_buffer
     _l_u = (torch.lerp(_g, _st_momentum_buffer, momentum) if nesterov else _st_momentum_buffer)
-    # std/optim/muon.nest:33:
+    # std/optim/muon.nest:36:
     #     let o = newton_schulz(u, steps = ns_steps, eps = eps, coefficients = ns_coefficients,
     #     dtype = ns_dtype)
     _l_o = _rt.newton_schulz(_l_u, ns_steps, eps,
         (ns_coefficients[0], ns_coefficients[1], ns_coefficients[2]), ns_dtype,
-        'std/optim/muon.nest:33:9')
-    # std/optim/muon.nest:36:
+        'std/optim/muon.nest:36:9')
+    # std/optim/muon.nest:39:
     #     let scale = if adjust_lr_fn == "original" then sqrt(max(1, rows(W) / cols(W))) else if
     #     adjust_lr_fn == "match_rms_adamw" then 0.2 * sqrt(max(rows(W), cols(W))) else 1.0
     _l_scale = (torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(1),
@@ -206,9 +206,9 @@ def _one_0(_p, _g, _c, _st_momentum_buffer, _first, lr, weight_decay, momentum, 
         / _rt.cols(_p)))))) if (adjust_lr_fn == 'original') else ((0.2
         * torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(_rt.rows(_p)),
         torch.as_tensor(_rt.cols(_p)))))) if (adjust_lr_fn == 'match_rms_adamw') else 1.0))
-    # std/optim/muon.nest:39: W -= lr * weight_decay * W  # decoupled decay, before the step
+    # std/optim/muon.nest:42: W -= lr * weight_decay * W  # decoupled decay, before the step
     _p.copy_((_p * (1 - (lr * weight_decay))))
-    # std/optim/muon.nest:40: W -= lr * scale * o
+    # std/optim/muon.nest:43: W -= lr * scale * o
     _p.copy_((_p
         - ((lr
         * (torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(1),
@@ -231,15 +231,15 @@ def _one_1(_p, _g, _c, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, mo
         ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps,
         adamw_weight_decay):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
-    # std/optim/muon.nest:42: let g = grad(W)
+    # std/optim/muon.nest:45: let g = grad(W)
     _l_g = _g
-    # std/optim/muon.nest:44: objective l2(exp_avg, g); rule gd(lr = 1 - adamw_betas[0])
+    # std/optim/muon.nest:47: objective l2(exp_avg, g); rule gd(lr = 1 - adamw_betas[0])
     _st_exp_avg.copy_(torch.lerp(_st_exp_avg, _l_g, (1 - adamw_betas[0])))
-    # std/optim/muon.nest:47: objective l2(exp_avg_sq, g * g); rule gd(lr = 1 - adamw_betas[1])
+    # std/optim/muon.nest:50: objective l2(exp_avg_sq, g * g); rule gd(lr = 1 - adamw_betas[1])
     _st_exp_avg_sq.copy_(torch.lerp(_st_exp_avg_sq, (_l_g * _l_g), (1 - adamw_betas[1])))
-    # std/optim/muon.nest:49: W -= adamw_lr * adamw_weight_decay * W
+    # std/optim/muon.nest:52: W -= adamw_lr * adamw_weight_decay * W
     _p.copy_((_p * (1 - (adamw_lr * adamw_weight_decay))))
-    # std/optim/muon.nest:50:
+    # std/optim/muon.nest:53:
     #     W -= adamw_lr * debias(exp_avg, adamw_betas[0]) / (sqrt(debias(exp_avg_sq,
     #     adamw_betas[1])) + adamw_eps)
     _p.copy_((_p
