@@ -237,7 +237,7 @@ def test_memories_that_differ_only_on_the_triton_tier_group_there_apart():
      "        key x; value t; objective l2(M(x), t); rule gd(lr = 0.1)\n    }\n    output M(x)",
      "b.nest:4:40: error: arithmetic of constants alone inside a memory"),
     ("    output rmsnorm(x, eps = \"small\")",
-     "b.nest:3:29: error: `eps` must be a number, got 'small'"),
+     "b.nest:3:29: error: rmsnorm's `eps` must be a number, got 'small'"),
 ])
 def test_bad_values_in_a_block_are_errors_at_their_place(body, message):
     with pytest.raises(nestc.NestError) as info:
