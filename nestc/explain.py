@@ -38,14 +38,16 @@ def explain(program: Any, name: str, /, tokens: int | None = None, steps: int | 
 
 
 def render_memories(program: Any, checked: Any, hyper: dict[str, Any]) -> str:
-    """What each memory of a block or model compiles to (by its path in the module), or why
-    it does not compile."""
+    """What each memory of a block or model compiles to (by its path in the module), or what
+    the compiler does not build yet (a mistake is the build's NestError)."""
     from nestc.codegen.block import memories_of
     from nestc.errors import NestError
 
     try:
         mems = memories_of(program, checked, hyper)
     except NestError as err:
+        if not err.unsupported:  # a mistake in the spec or its values: the build's error
+            raise  # (heads=0 gave a note and exit 0)
         where = f"{err.span}: " if err.span is not None else ""
         return f"not compiled: {where}{err.message}\n"
     lines = [f"compiled: {len(mems)} memor{'y' if len(mems) == 1 else 'ies'} "

@@ -224,3 +224,13 @@ def test_explain_lists_what_the_hyperparameters_must_meet() -> None:
     text = explain(nestc.load("std/optim/sgd.nest"), "SGD")
     assert "  requires (met)\n    lr >= 0\n" in text
     assert "    not nesterov or (momentum > 0 and dampening == 0)\n" in text
+
+
+def test_a_value_the_build_refuses_is_explains_error_too():
+    """heads=0 printed the levels and a `not compiled:` note, with exit 0; only what the
+    compiler does not build yet is a note."""
+    import pytest
+
+    with pytest.raises(nestc.NestError, match="`per` must be a whole number of at least 1, "
+                                              "got 0"):
+        explain(nestc.load("std/models/hope.nest"), "HopeLM", heads=0)
