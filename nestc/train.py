@@ -293,6 +293,9 @@ class Run:
             if value is not None and value < low:
                 flag = "--" + name.replace("_", "-")
                 raise NestError(f"{flag} must be at least {low}, got {value}", kind="value")
+        if c.lr is not None and not 0 <= c.lr < float("inf"):  # (inf trained to NaN, exit 0)
+            raise NestError(f"--lr must be a finite number of at least 0, got {c.lr}",
+                            kind="value")
         if c.threads:
             torch.set_num_threads(c.threads)
         try:

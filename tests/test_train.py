@@ -258,6 +258,10 @@ NOT_TRAINABLE = spec("""
     ([LM, "TransformerLM", "-k", "bogus=1"], "error: task `copy` has no knob `bogus`\n"),
     ([LM, "TransformerLM", "-k", "half=x +"], "error: -k half=x +: "),
     ([LM, "TransformerLM", "--resume"], "error: --resume: no checkpoint at `"),
+    ([LM, "TransformerLM", "--lr", "inf"], "error: --lr must be a finite number of at least 0, "
+                                           "got inf\n"),
+    ([LM, "TransformerLM", "--device", "meta"], "error: --device meta: nestc train runs on cpu "
+                                                "or cuda\n"),
 ])
 def test_errors_exit_1_with_a_message_and_no_traceback(tmp_path, monkeypatch, capsys, args,
                                                        message):
