@@ -160,11 +160,9 @@ def pydantic_model(decl: ast.Decl, hypers: dict[str, Hyper]) -> Any:
 
 
 class _Scope:
-    def __init__(self, parent: _Scope | None = None, body: str | None = None) -> None:
+    def __init__(self, parent: _Scope | None = None) -> None:
         self.parent = parent
-        self.body = body  # "if", "repeat" or "chain" for the bodies of those statements
         self.names: dict[str, str] = {}  # name -> what it is: hyper, param, input, let, memory, ...
-        self.spans: dict[str, Span] = {}  # where each was defined
         # memories declared further down this body: a read M(x) above the declaration sees
         # M at the start of its chunk (docs/semantics.md, "Reads above a declaration")
         self.ahead: dict[str, ast.StmtMemory] = {}
@@ -177,15 +175,6 @@ class _Scope:
                 return None
             if name in s.ahead:
                 return s.ahead[name]
-            s = s.parent
-        return None
-
-    def outer(self, name: str) -> tuple[str, Span | None] | None:
-        """What `name` is in an enclosing scope and where it was defined (None if nowhere)."""
-        s = self.parent
-        while s is not None:
-            if name in s.names:
-                return s.names[name], s.spans.get(name)
             s = s.parent
         return None
 
@@ -240,15 +229,16 @@ class BodyChecker:
                     raise NestError(f"optimizer `{self.decl.name}` never updates `{p}`",
                                     self.decl.name_span, kind="value",
                                     hint=f"add an update such as `{p} -= lr * grad({p})`")
-        outputs = [s for s in _walk(self.decl.body) if isinstance(s, ast.StmtOutput)]
-        if kind in ("block", "model") and not outputs:
+        if kind in ("block", "model") and not any(isinstance(s, ast.StmtOutput)
+                                                   for s in _walk(self.decl.body)):
             raise NestError(f"{kind} `{self.decl.name}` has no `output`", self.decl.name_span,
                             kind="value", hint="say what it returns: `output expr`")
+        outputs = _outputs_on_a_path(self.decl.body)
         if len(outputs) > 1:  # (the compiled module returned the last one only)
             raise NestError(f"{kind} `{self.decl.name}` has a second `output`", outputs[1].span,
                             kind="value", notes=(("the first", outputs[0].span),),
                             hint="a block or model has one output: combine them into one "
-                            "expression")
+                            "expression (one in each branch of an `if` is fine)")
         if kind == "model" and not any(isinstance(s, ast.StmtTrain) for s in self.decl.body):
             raise NestError(f"model `{self.decl.name}` has no `train` level", self.decl.name_span,
                             kind="value", hint="add `train every step { objective ...; rule ... }`,"
@@ -269,17 +259,7 @@ class BodyChecker:
                             kind="name", hint="choose another name")
         if prev is not None and name in scope.names and what in ("memory", "param", "input"):
             raise NestError(f"`{name}` is already defined", span, kind="name")
-        outer = scope.outer(name) if name not in scope.names else None
-        if what == "let" and scope.body is not None and outer is not None:
-            # the compiled code had such a `let` change the outer name past the body, where
-            # the checker (and the docs) keep it local: neither is what was meant
-            raise NestError(f"`let {name}` in this `{scope.body}` body would make a new `{name}` "
-                            f"there, hiding the {outer[0]} `{name}` outside it", span,
-                            kind="name", notes=(("defined here", outer[1]),) if outer[1] else (),
-                            hint=f"write `{name} = ...` to change that `{name}`, or choose "
-                            "another name")
         scope.names[name] = what
-        scope.spans[name] = span
 
     def stmt(self, s: ast.Stmt, scope: _Scope) -> None:
         kind = self.decl.kind
@@ -324,10 +304,13 @@ class BodyChecker:
             if n is not UNKNOWN and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
                 raise NestError(f"`repeat` needs a whole number of times, got {show_value(n)}",
                                 s.count.span, kind="value")
-            if n is not UNKNOWN and n > MAX_REPEAT:
+            if isinstance(n, int) and n > MAX_REPEAT:
                 raise NestError(f"`repeat` {n} times is more than nestc builds (at most "
                                 f"{MAX_REPEAT} copies)", s.count.span, kind="value")
-            self.block(s.body, _Scope(scope, "repeat"))
+            self.conds.append((ast.ExprBinary(">", s.count, ast.ExprNumber(0, "0", s.span),
+                                              s.span), True))  # (taken when it repeats)
+            self.block(s.body, _Scope(scope))
+            self.conds.pop()
         elif isinstance(s, ast.StmtChain):
             values = self.expr(s.values, scope)
             if values is not UNKNOWN and not isinstance(values, (list, tuple)):
@@ -335,7 +318,7 @@ class BodyChecker:
                                 kind="type")
             saved = self.env.get(s.var, UNKNOWN)
             for v in _chain_values(values):
-                inner = _Scope(scope, "chain")  # each value builds its own levels
+                inner = _Scope(scope)  # each value builds its own levels
                 inner.names[s.var] = "chain"
                 self.env[s.var] = v
                 self.block(s.body, inner)
@@ -344,7 +327,7 @@ class BodyChecker:
             self.expr(s.cond, scope)
             for branch, way in ((s.then, True), (s.orelse, False)):
                 self.conds.append((s.cond, way))
-                self.block(branch, _Scope(scope, "if"))
+                self.block(branch, _Scope(scope))
                 self.conds.pop()
         elif isinstance(s, ast.StmtTrain):
             if kind != "model":
@@ -543,8 +526,8 @@ class BodyChecker:
     def positive(self, e: ast.Expr, what: str, scope: _Scope) -> Any:
         # in the enclosing scope: `chain c in [...] { memory ... every c tokens }` is a constant
         v = self.expr(e, scope)
-        if v is UNKNOWN:
-            return v
+        if v is UNKNOWN or not self.taken():  # (`if p > 0 { ... every p tokens }`, p = 0)
+            return UNKNOWN
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise NestError(f"{what} must be a positive whole number, got {show_value(v)}",
                             e.span, kind="frequency")
@@ -623,7 +606,9 @@ class BodyChecker:
         elif isinstance(e, ast.ExprBinary):
             sides = (self.expr(e.left, scope), self.expr(e.right, scope))
             if e.op in ("/", "%") and sides[0] is UNKNOWN and sides[1] == 0 and \
-                    not isinstance(sides[1], bool):  # (two constants: const_eval says it)
+                    not isinstance(sides[1], bool) and self.taken():
+                # (two constants: const_eval says it; in a branch the defaults do not take,
+                # such as `if t != 0 { h = h / t }`, it is not an error)
                 raise NestError("division by zero", e.right.span, kind="value")
             if e.op not in ("and", "or", "==", "!=") and UNKNOWN in sides:
                 # a tensor with a constant that is not a number (const_eval checks two
@@ -740,15 +725,20 @@ class BodyChecker:
                                 hint=f"pass `{p.name} = ...`: it has no default")
         self.call_requires(e, d, args)
 
+    def taken(self) -> bool:
+        """Whether this declaration's defaults take every branch around the statement or
+        expression being checked (a `repeat` of 0 takes none)."""
+        for cond, way in self.conds:
+            value = const_eval(cond, self.env)
+            if value is UNKNOWN or bool(value) != way:
+                return False
+        return True
+
     def call_requires(self, e: ast.ExprCall, d: ast.Decl, args: tuple[ast.Expr, ...]) -> None:
         """The callee's `require`s, met by the arguments at this declaration's defaults (where
         those are known and take the call's branches); else an error at the call."""
-        if not any(isinstance(s, ast.StmtRequire) for s in d.body):
+        if not any(isinstance(s, ast.StmtRequire) for s in d.body) or not self.taken():
             return
-        for cond, way in self.conds:
-            taken = const_eval(cond, self.env)
-            if taken is UNKNOWN or bool(taken) != way:
-                return
         given = {p.name: const_eval(a, self.env) for p, a in zip(d.params, args)}
         given |= {kw.name: const_eval(kw.value, self.env) for kw in e.kwargs}
         values = bound_defaults(d, given)
@@ -790,7 +780,8 @@ def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any]) -> None:
             for v in values if isinstance(values, (list, tuple)) else ():
                 counts(s.body, {**env, s.var: v})
         elif isinstance(s, ast.StmtIf):
-            counts(s.then + s.orelse, env)
+            way = const_eval(s.cond, env)
+            counts(s.then + s.orelse if way is UNKNOWN else s.then if way else s.orelse, env)
         elif isinstance(s, (ast.StmtMemory, ast.StmtTrain)):
             counts(s.body, env)
 
@@ -798,7 +789,9 @@ def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any]) -> None:
 def next_token_objective(decl: ast.Decl, e: Any) -> bool:
     """Whether e is cross_entropy(<the output>, next(<the input>)) of the model decl: the one
     task objective built (other outputs and targets were taken as these, silently)."""
-    outputs = [s.name for s in _walk(decl.body) if isinstance(s, ast.StmtOutput)]
+    # the output's name, or the name it returns (`let logits = ...; output logits`)
+    outputs = [s.name if s.name else s.value.name if isinstance(s.value, ast.ExprName) else None
+               for s in _walk(decl.body) if isinstance(s, ast.StmtOutput)]
     inputs = [s.name for s in decl.body if isinstance(s, ast.StmtInput)]
 
     def named(x: Any, names: list[Any]) -> bool:
@@ -946,6 +939,22 @@ def check_calls(checked: list[Checked]) -> None:
 
     for c in checked:
         visit(c, [])
+
+
+def _outputs_on_a_path(stmts: tuple[ast.Stmt, ...]) -> list[ast.StmtOutput]:
+    """The outputs of the way through a body that has the most: one in each branch of an
+    `if` is one way each; one in a `repeat` or `chain` body counts twice (it repeats)."""
+    out: list[ast.StmtOutput] = []
+    for s in stmts:
+        if isinstance(s, ast.StmtOutput):
+            out.append(s)
+        elif isinstance(s, ast.StmtIf):
+            ways = _outputs_on_a_path(s.then), _outputs_on_a_path(s.orelse)
+            out += ways[0] if len(ways[0]) >= len(ways[1]) else ways[1]
+        elif isinstance(s, (ast.StmtRepeat, ast.StmtChain)):
+            inner = _outputs_on_a_path(s.body)
+            out += inner * 2 if inner else []
+    return out
 
 
 def _walk(stmts: tuple[ast.Stmt, ...]):

@@ -1247,7 +1247,7 @@ class PeriodicMemory(Memory):
                       lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The reference tier's, one token: its gradient at W (each sequence's, W expanded
         over them when shared) by torch.func.grad, scaled to norm at most clip, times lr."""
-        assert k.shape[2] == 1, "the reference tier adds one token at a time"
+        assert k.shape[2] == 1 and self.clip is not None, "one token at a time, with a clip"
         N = k.shape[0]
         Wx = tuple(w.expand(N, *w.shape) for w in W) if self.shared else W
         g = torch.func.grad(lambda *w: self._loss(w, k, v, torch.ones_like(lr)),

@@ -220,9 +220,9 @@ class Built(nn.Module):
     def task_loss(self, x: torch.Tensor, targets: torch.Tensor | None
                   ) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
         if self.objective_where is not None:
-            raise NestError(f"{self.objective_where}: a task loss other than cross_entropy("
-                            "<output>, next(<input>)) for memories with `objective task` is not "
-                            "supported by the block compiler yet", None, kind="value",
+            raise NestError("a task loss other than cross_entropy(<output>, next(<input>)) for "
+                            "memories with `objective task` is not supported by the block "
+                            "compiler yet", None, kind="value", file=self.objective_where,
                             hint="pass task=fn(y, start, stop) to forward", unsupported=True)
         if self.objective is None:
             raise NestError(f"`{self.decl_name}` has memories that learn from the task loss: "

@@ -355,16 +355,40 @@ class Run:
                                          self.model.parameters(), **kwargs)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, c.steps, c.warmup, c.schedule))
+        # this run's peak rates: the schedule's `lr`, and any other `*_lr` hyperparameter
+        # (Muon's and M3's `adamw_lr` for vectors), which LambdaLR does not scale but this
+        # run does (warmup 0 left the vectors moving)
+        self.peaks = [{k: v for k, v in g.items() if k == "initial_lr" or
+                       (k.endswith("_lr") and isinstance(v, (int, float)))}
+                      for g in self.optimizer.param_groups]
+        self.scale_rates()
         self.objective: nn.Module = Objective(self.model)
         if self.ranks.world > 1:
             # find_unused: some levels get no outer gradient in some models
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.objective = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=ids, find_unused_parameters=True)
+        if c.steps < self.task.phases:  # (the last phases were never trained nor evaluated)
+            raise NestError(f"--steps {c.steps} is fewer than task `{self.task.name}`'s "
+                            f"{self.task.phases} phases", kind="value",
+                            hint=f"train at least {self.task.phases} steps, or set fewer phases")
         self.data = torch.Generator().manual_seed(c.seed)
         held_out = torch.Generator().manual_seed(c.seed + EVAL_SEED)
         self.eval_set = [[self.task.sample(c.batch, held_out, phase, split=EVAL_SPLIT)
                           for _ in range(c.eval_batches)] for phase in range(self.task.phases)]
+
+    def scale_rates(self) -> None:
+        """Each group's rates at the schedule's step: `lr` (LambdaLR's own) and every other
+        `*_lr` hyperparameter by the same factor, from this run's peaks (a resumed run's too:
+        a new --lr applies from the step it resumes at)."""
+        factor = lr_factor(self.schedule.last_epoch, self.config.steps, self.config.warmup,
+                           self.config.schedule)
+        self.schedule.base_lrs = [peak["initial_lr"] for peak in self.peaks]
+        for group, peak in zip(self.optimizer.param_groups, self.peaks, strict=True):
+            for key, value in peak.items():
+                group[key] = value
+                group["lr" if key == "initial_lr" else key] = value * factor
+        self.schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # noqa: SLF001
 
     def phase_of(self, step: int) -> int:
         """The phase 0-based step `step` trains (the steps split evenly over the phases)."""
@@ -424,6 +448,7 @@ class Run:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 self.schedule.step()
+                self.scale_rates()
                 total = self.ranks.sum(loss.detach().double().reshape(1) / self.ranks.world)
                 elapsed = time.perf_counter() - tick
                 spent += elapsed
@@ -548,6 +573,7 @@ class Run:
         self.model.load_state_dict(data["model"])
         self.optimizer.load_state_dict(data["optimizer"])
         self.schedule.load_state_dict(data["schedule"])
+        self.scale_rates()  # (the checkpoint's rates: this run's --lr, at the step resumed)
         self.data.set_state(data["rng"]["data"])
         torch.set_rng_state(data["rng"]["torch"])
         self.metrics = list(data["metrics"])

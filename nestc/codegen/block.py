@@ -340,11 +340,22 @@ class _Scope:
         self.ahead = {**outer, **{s.name: (s, self.prefix) for s in body
                                   if isinstance(s, ast.StmtMemory)}}
         self.mems = dict(mems)
+        # and so is a `let`: past the body a name it took from outside is the outer one again
+        # (an update, `h = ...`, changes the outer one); it used to stay rebound
+        lets = {s.name for s in body if isinstance(s, ast.StmtLet)}
+        saved = {n: (self.tens.get(n), self.consts.get(n, UNKNOWN)) for n in lets}
         for s in body:
             self.stmt(s, in_feat)
             if isinstance(s, ast.StmtMemory):
                 self.ahead.pop(s.name, None)
         self.ahead, self.mems = outer, mems
+        for n, (ten, const) in saved.items():
+            self.tens.pop(n, None)
+            self.consts.pop(n, None)
+            if ten is not None:
+                self.tens[n] = ten
+            if const is not UNKNOWN:
+                self.consts[n] = const
 
     def stmt(self, s: ast.Stmt, in_feat: int | None) -> None:
         start = len(self.cls.body)

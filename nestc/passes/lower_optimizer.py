@@ -7,7 +7,9 @@ so each variant is straight-line code; `tree` records how a param group picks it
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
+from typing import Any
 
 from nestc import ast, ir
 from nestc.check import Checked, qualified_name
@@ -40,6 +42,7 @@ class _Lowerer:
         self.param = next(s.names[0] for s in _walk(self.decl.body) if isinstance(s, ast.StmtParam))
         self.variants: list[ir.Variant] = []
         self.sums: tuple[ir.Memory, list[tuple[str, ir.E]]] | None = None
+        self.fresh = 0  # lets renamed in a branch (scoped)
         self.numbers: dict[str, ir.E] = {}  # lets holding numbers: their expressions
         self.tensors: dict[str, ir.E] = {}  # lets holding tensors: their expressions
 
@@ -295,9 +298,10 @@ class _Lowerer:
                                     hint="such as `if nesterov { ... }` or `if ndim(W) < 2 { ... }`")
                 # the else branch sees the lets as they were here, not as the then branch left them
                 lets = dict(self.numbers), dict(self.tensors)
-                then = self.block(list(s.then) + todo, names, mems, stmts, (*conds, (cond, True)))
+                then = self.block(self.scoped(s.then, names) + todo, names, mems, stmts,
+                                  (*conds, (cond, True)))
                 self.numbers, self.tensors = lets
-                orelse = self.block(list(s.orelse) + todo, names, mems, stmts,
+                orelse = self.block(self.scoped(s.orelse, names) + todo, names, mems, stmts,
                                     (*conds, (cond, False)))
                 return Branch(cond, then, orelse)
             else:
@@ -308,6 +312,21 @@ class _Lowerer:
         stmts = [s for s in stmts if not (isinstance(s, ir.Assign) and s.late)] + late
         self.variants.append(ir.Variant(conds, mems, stmts))
         return Leaf(len(self.variants) - 1)
+
+    def scoped(self, body: tuple[ast.Stmt, ...], names: dict[str, str]) -> list[ast.Stmt]:
+        """A branch's statements with each `let` of a name from outside renamed, from it to
+        the branch's end: the branch runs on into the statements after the `if`, which see
+        the outer name (it used to stay rebound, so a step read the branch's value)."""
+        out: list[ast.Stmt] = []
+        renames: dict[str, str] = {}
+        for st in body:
+            st = _renamed(st, renames)
+            if isinstance(st, ast.StmtLet) and st.name in names:
+                self.fresh += 1
+                renames[st.name] = f"{st.name}__{self.fresh}"
+                st = dataclasses.replace(st, name=renames[st.name])
+            out.append(st)
+        return out
 
     def update(self, s: ast.StmtUpdate, names: dict[str, str]) -> ir.Assign:
         if s.index:
@@ -622,3 +641,30 @@ def _formula(default: ast.Expr | None) -> ast.Expr | None:
     """A default that reads earlier hyperparameters (`hidden = 4 * heads`), which a generated
     optimizer computes from the values it is given; None for a constant one."""
     return default if default is not None and const_eval(default, {}) is UNKNOWN else None
+
+
+
+def _renamed(node: Any, renames: dict[str, str]) -> Any:
+    """An AST node with the names in `renames` read (and updated) under their new names,
+    every nested expression and body included; in a body, a `let` of one of those names
+    ends its renaming there (past it the name is that let's)."""
+    if not renames:
+        return node
+    if isinstance(node, ast.ExprName):
+        return dataclasses.replace(node, name=renames.get(node.name, node.name))
+    if isinstance(node, tuple):
+        out = []
+        for x in node:
+            out.append(_renamed(x, renames))
+            if isinstance(x, ast.StmtLet) and x.name in renames:
+                renames = {k: v for k, v in renames.items() if k != x.name}
+        return tuple(out)
+    if not dataclasses.is_dataclass(node) or isinstance(node, (type, Span)):
+        return node
+    changes = {f.name: _renamed(getattr(node, f.name), renames)
+               for f in dataclasses.fields(node) if f.name not in ("span", "name_span")}
+    if isinstance(node, ast.StmtUpdate):
+        changes["target"] = renames.get(node.target, node.target)
+    if isinstance(node, ast.StmtLet):
+        changes["name"] = node.name  # (its own name: renamed by the caller, if it shadows)
+    return dataclasses.replace(node, **changes)
