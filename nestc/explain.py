@@ -237,10 +237,13 @@ def _updates(a: dict[str, Any], tokens: int, steps: int) -> str:
     if period is None:
         return "unknown (the period depends on data)"
     total, word = (tokens, "tokens") if unit == "token" else (steps, "steps")
-    count = total // period
-    text = f"{count} over {total} {word}"
     partial = (a.get("choices") or {}).get("partial", CHOICES["partial"][0])
-    if unit == "token" and period > 1 and total % period:
+    flush = unit == "token" and period > 1 and total % period and partial == "flush"
+    count = total // period + bool(flush)  # (a flush updates at the call's end too)
+    text = f"{count} over {total} {word}"
+    if flush:
+        text += f" (the last {total % period} update at the call's end: flush)"
+    elif unit == "token" and period > 1 and total % period:
         text += f" (the last {total % period} in a partial chunk: {partial})"
     chunk = a.get("chunk")
     if chunk:

@@ -86,6 +86,8 @@ def _foreign_options(opt: torch.optim.Optimizer, group: dict[str, Any]) -> str |
         if key in own or key not in torch_options():
             continue
         want = neutral.get(key)
+        if key == "decoupled_weight_decay" and not group.get("weight_decay"):
+            continue  # (the two are the same without weight decay)
         if key not in neutral or (want is not _ANY and not _same(value, want)):
             return key
     return None

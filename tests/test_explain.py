@@ -193,7 +193,8 @@ def test_a_blocks_memories_show_what_they_compile_to() -> None:
                  "the gated delta rule (nestc.ops.gated_delta_rule)",
              "objective l2(M(x), x); rule dgd(lr = lr)": "the delta rule (nestc.ops.delta_rule)",
              "dgd literal; objective l2(M(x), x); rule dgd(lr = lr)":
-                 "the gated delta rule (nestc.ops.gated_delta_rule)",
+                 "the gated delta rule (nestc.ops.gated_delta_rule) for literal dgd (lr and "
+                 "values rescaled)",
              "objective dot(M(x), x); rule gd(lr = lr)":
                  "linear attention (nestc.ops.linear_attention)",
              "objective huber(M(x), x); rule gd(lr = lr)":
@@ -234,3 +235,18 @@ def test_a_value_the_build_refuses_is_explains_error_too():
     with pytest.raises(nestc.NestError, match="`per` must be a whole number of at least 1, "
                                               "got 0"):
         explain(nestc.load("std/models/hope.nest"), "HopeLM", heads=0)
+
+
+def test_explain_promises_the_fused_kernel_only_where_the_build_uses_it():
+    """At chunk 8 the MLP memory runs the chunked tier on backend='triton' (the kernel takes
+    chunks of 16, 32 or 64), where explain said it ran a fused Triton kernel."""
+    from nestc.codegen.memories import FUSED_CHUNKS
+
+    titans = nestc.load("std/models/titans.nest")
+    assert "a fused Triton kernel" in explain(titans, "TitansLM")
+    assert "a fused Triton kernel" not in explain(titans, "TitansLM", chunk=8)
+    try:
+        from nestc.ops.mlp_memory.triton import CHUNKS
+    except ImportError:  # (without triton)
+        return
+    assert FUSED_CHUNKS == CHUNKS

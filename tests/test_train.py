@@ -378,3 +378,45 @@ def test_fsdp_shards_every_block_and_trains_as_one_process(tmp_path, spec, name)
     assert run.returncode == 0, run.stderr[-3000:]
     (line,) = [ln for ln in run.stdout.splitlines() if ln.startswith("max parameter")]
     assert float(line.split()[-1]) < 1e-5, line
+
+
+def test_a_resume_with_another_lr_trains_with_it_from_there(tmp_path):
+    """The checkpoint's optimizer and schedule brought back the old rates while summary.json
+    recorded the new --lr (a bug hunt's finding): the new one now applies from the step the
+    run resumes at."""
+    kw = {"hyper": TINY, "steps": 6, "batch": 4, "eval_every": 0, "quiet": True}
+    train(LM, "TransformerLM", "copy", out=str(tmp_path / "r"), stop_after=3, lr=1e-3, **kw)
+    rest = train(LM, "TransformerLM", "copy", out=str(tmp_path / "r"), resume=True, lr=1e-2,
+                 **kw)
+    assert [m["lr"] for m in rest["metrics"]] == [1e-3] * 3 + [1e-2] * 3
+
+
+def test_the_schedule_scales_every_learning_rate_of_the_rule(tmp_path):
+    """Muon's vectors step with `adamw_lr`, which LambdaLR does not scale: under warmup they
+    moved at the full rate from the first step. nestc train scales each `*_lr` by the same
+    factor: one step at warmup 4 (a factor of 1/4) is one step at a quarter of both rates."""
+    text = spec("""
+        from "std/optim/muon.nest" import Muon
+        model M(vocab = 12, dim = 8) {
+            input tokens : [T] int
+            output logits = embed(tokens, vocab, dim) |> rmsnorm |> linear(vocab)
+            train every step { objective cross_entropy(logits, next(tokens)); rule RULE }
+        }
+    """)
+    kw = {"steps": 1, "batch": 2, "eval_every": 0, "quiet": True}
+    models = []
+    for name, rule, warmup in (("warm", "Muon()", 4),
+                               ("quarter", "Muon(lr = 0.00025, adamw_lr = 0.000075)", 0)):
+        (tmp_path / f"{name}.nest").write_text(text.replace("RULE", rule))
+        train(str(tmp_path / f"{name}.nest"), "M", "copy", out=str(tmp_path / name),
+              warmup=warmup, **kw)
+        models.append(torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"])
+    for key in models[0]:
+        torch.testing.assert_close(models[0][key], models[1][key], rtol=0, atol=1e-7)
+
+
+def test_fewer_steps_than_a_tasks_phases_is_an_error(tmp_path, capsys):
+    """Phases past the steps were never trained nor evaluated, and the summary named them."""
+    rc, out, err = run(capsys, "train", LM, "TransformerLM", "--task", "continual", *TINY_ARGS,
+                       "--steps", "2", "--batch", "2", "-q", "--out", str(tmp_path))
+    assert rc == 1 and "--steps 2 is fewer than task `continual`'s 3 phases" in err

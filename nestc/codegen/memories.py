@@ -432,8 +432,11 @@ class LinearPlan(Plan):
             return ("the token loop on every tier (huber, or clip on l2: no chunk-parallel "
                     f"form), {c['heads']} heads of {c['a']} x {c['b']}{shared}{starts}")
         shared += " (the chunked op, B tokens a step)" if c["shared"] else ""
-        return (f"{RECURRENCES[rec]} (nestc.ops.{rec}), {c['heads']} heads of {c['a']} x "
-                f"{c['b']}, in chunks of {c['chunk']}{kernels}{shared}{starts}")
+        # literal DGD runs the gated delta rule's op with its lr and values rescaled
+        literal_dgd = " for literal dgd (lr and values rescaled)" \
+            if c["rule"] == "dgd" and not c["gated"] else ""
+        return (f"{RECURRENCES[rec]} (nestc.ops.{rec}){literal_dgd}, {c['heads']} heads of "
+                f"{c['a']} x {c['b']}, in chunks of {c['chunk']}{kernels}{shared}{starts}")
 
 
 def recurrence(objective: str, rule: str, gated: bool, retain: bool, clip: bool = False
@@ -453,6 +456,9 @@ def recurrence(objective: str, rule: str, gated: bool, retain: bool, clip: bool 
     if not retain and (rule == "gd" or gated):
         return "delta_rule"
     return "gated_delta_rule"
+
+
+FUSED_CHUNKS = (16, 32, 64)  # nestc.ops.mlp_memory.triton.CHUNKS (without importing triton)
 
 
 class MLPPlan(Plan):
@@ -581,9 +587,11 @@ class MLPPlan(Plan):
             else "literal dgd" if c["literal"] else self.rule
         if self.rule == "dgd" and c["momentum"]:
             rule += " with momentum"
-        # what MLPMemory._fusable asks of the memory itself (sizes and dtypes aside)
-        fused = c["objective"] == "l2" and c["act"] in ("gelu", "silu") and not c["literal"]
-        kernel = "; a fused Triton kernel with backend='triton'" if fused else ""
+        # what MLPMemory._fusable asks of the memory itself (dtypes aside)
+        fused = c["objective"] == "l2" and c["act"] in ("gelu", "silu") and not c["literal"] \
+            and not c["shared"] and c["chunk"] in FUSED_CHUNKS
+        kernel = "; a fused Triton kernel with backend='triton' (where its sizes fit the " \
+            "GPU)" if fused else ""
         op = "nestc.ops.mlp_memory.dgd: a triangular solve per chunk and layer" \
             if c["literal"] else "nestc.ops.mlp_memory"
         text = (f"{'residual ' if c['residual'] else ''}MLP {_widths(c)} per head "
