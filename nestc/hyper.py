@@ -251,4 +251,3 @@ def python_expr(expr: ast.Expr, name: Any) -> str | None:
         return None
 
     return go(expr)
-

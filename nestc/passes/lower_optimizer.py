@@ -636,12 +636,10 @@ def lower_optimizer(checked: Checked) -> ir.Optimizer:
     return _Lowerer(checked).lower()
 
 
-
 def _formula(default: ast.Expr | None) -> ast.Expr | None:
     """A default that reads earlier hyperparameters (`hidden = 4 * heads`), which a generated
     optimizer computes from the values it is given; None for a constant one."""
     return default if default is not None and const_eval(default, {}) is UNKNOWN else None
-
 
 
 def _renamed(node: Any, renames: dict[str, str]) -> Any:
