@@ -672,11 +672,14 @@ def _route(graph: nx.MultiDiGraph, boxes: dict[str, Box], rows: list[list[str]],
         a, b = boxes[u], boxes[v]
         direct = _curve([(a.x, _side_y(a, su)), (b.x, _side_y(b, sv))], ra == rb)
         lo, hi = sorted((ra, rb))
-        blocked = [k for k in range(lo + 1, hi)
-                   if not any(g[0] <= _x_at(direct, row_y[k]) <= g[1] for g in gaps[k])]
         lane = None
-        if len(blocked) > 1 and hi - lo > 3 and not bundle:
-            lane = "left" if (a.x + b.x) / 2 < (left + right) / 2 else "right"
+        if hi - lo > 3 and not bundle:  # (a lane when two rows between block it)
+            blocked = 0
+            for k in range(lo + 1, hi):
+                blocked += not _in_gaps(_x_at(direct, row_y[k]), gaps[k])
+                if blocked > 1:
+                    lane = "left" if (a.x + b.x) / 2 < (left + right) / 2 else "right"
+                    break
         plans.append((u, v, d, su, sv, lane))
     # bundles: lead is the member that goes furthest; every member starts at the lead's port
     lead = list(range(len(plans)))
@@ -885,6 +888,10 @@ def _curve(points: list[tuple[float, float]], same_row: bool) -> list[tuple[floa
     return out
 
 
+def _in_gaps(x: float, gaps: list[tuple[float, float]]) -> bool:
+    return any(g[0] <= x <= g[1] for g in gaps)
+
+
 def _x_at(points: list[tuple[float, float]], y: float) -> float:
     """The x where a one-piece curve that is monotonic in y crosses height y."""
     p = tuple(points[:4])
@@ -906,16 +913,41 @@ def _bezier(p: tuple[tuple[float, float], ...], t: float) -> tuple[float, float]
     return x, y
 
 
+CELL = 64.0  # the grid _place_labels files edge points in
+# _bezier's weights of the control points at t = j / 24, in its order of operations
+_DOT_WEIGHTS = [((1 - t) ** 3, 3 * (1 - t) * (1 - t) * t, 3 * (1 - t) * t * t, t ** 3)
+                for t in (j / 24 for j in range(25))]
+
+
 def _place_labels(edges: list[Edge], boxes: dict[str, Box], avoid_lines: bool = False) -> None:
     """Put each edge label near its target where it covers the fewest boxes and labels (and,
     with avoid_lines, the fewest other edges)."""
     taken: list[tuple[float, float, float, float]] = []
     rects = [(b.x - b.w / 2, b.y - b.h / 2, b.x + b.w / 2, b.y + b.h / 2) for b in boxes.values()]
-    dots: list[tuple[float, float, int]] = []  # points along every edge, with its index
-    if avoid_lines:
+    # 25 points along each piece of every edge count against a label over them. The pieces
+    # are filed by the cells of CELL px their control points' box covers (the curve stays in
+    # it), and a piece's points are computed when a label looks at its cells: computing them
+    # all took minutes on a chain of 300 levels (over half a million pieces, one label)
+    pieces: list[tuple[int, Any]] = []
+    cells: dict[tuple[int, int], list[int]] = {}
+    if avoid_lines and any(e.label for e in edges):
         for k, e in enumerate(edges):
             for seg in e.segments():
-                dots += [(*_bezier(seg, j / 24), k) for j in range(25)]
+                xs, ys = [p[0] for p in seg[:4]], [p[1] for p in seg[:4]]
+                for cx in range(int(min(xs) // CELL), int(max(xs) // CELL) + 1):
+                    for cy in range(int(min(ys) // CELL), int(max(ys) // CELL) + 1):
+                        cells.setdefault((cx, cy), []).append(len(pieces))
+                pieces.append((k, seg))
+    points: dict[int, list[tuple[float, float]]] = {}
+
+    def dots(i: int) -> list[tuple[float, float]]:
+        if i not in points:
+            (x0, y0), (x1, y1), (x2, y2), (x3, y3) = pieces[i][1][:4]
+            points[i] = [(w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3,  # (_bezier at j / 24)
+                          w0 * y0 + w1 * y1 + w2 * y2 + w3 * y3)
+                         for w0, w1, w2, w3 in _DOT_WEIGHTS]
+        return points[i]
+
     mine: set[int] = set()
 
     def overlap(r: tuple[float, float, float, float]) -> float:
@@ -925,18 +957,24 @@ def _place_labels(edges: list[Edge], boxes: dict[str, Box], avoid_lines: bool = 
             h = min(r[3], q[3]) - max(r[1], q[1])
             if w > 0 and h > 0:  # (words over words are worse than over a box, with lines)
                 total += w * h * (20 if avoid_lines and j >= len(rects) else 1)
-        for x, y, k in dots:
-            if k not in mine and r[0] <= x <= r[2] and r[1] <= y <= r[3]:
-                total += 40.0
+        near = {i for cx in range(int(r[0] // CELL), int(r[2] // CELL) + 1)
+                for cy in range(int(r[1] // CELL), int(r[3] // CELL) + 1)
+                for i in cells.get((cx, cy), ())}
+        for i in near:
+            if pieces[i][0] not in mine:
+                total += 40.0 * sum(r[0] <= x <= r[2] and r[1] <= y <= r[3] for x, y in dots(i))
         return total
 
     spots = (0.6, 0.45, 0.75, 0.3, 0.85) + ((0.15, 0.5, 0.68, 0.92) if avoid_lines else ())
+    ends: dict[Any, set[int]] = {}  # edges by their first and by their last point
+    for k, f in enumerate(edges):
+        ends.setdefault(("to", f.points[-1]), set()).add(k)
+        ends.setdefault(("from", f.points[0]), set()).add(k)
     for now, e in enumerate(edges):
         if not e.label:
             continue
         # the edges that share this one's arrowhead or trunk cover nothing of it
-        mine = {k for k, f in enumerate(edges)
-                if k == now or f.points[-1] == e.points[-1] or f.points[0] == e.points[0]}
+        mine = {now} | ends[("to", e.points[-1])] | ends[("from", e.points[0])]
         w = text_width(e.label, LABEL_SIZE) + 6
         h = LABEL_SIZE + 4
         best = None
