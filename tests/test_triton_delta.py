@@ -360,6 +360,13 @@ def check_custom_op_registration(op: str) -> None:
     torch.library.opcheck(kernels.delta_rule_fwd,
                           (x["q"], x["k"], x["v"], g, x["beta"], 0.25, x["initial_state"],
                            True, 16))
+    # the backward with a non-contiguous q (its fake kept q's strides; the op's gradients are
+    # contiguous: a bug hunt's)
+    plain = {n: None if t is None else t.detach() for n, t in x.items()}
+    q = plain["q"].transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(kernels.delta_rule_bwd,
+                          (q, plain["k"], plain["v"], plain.get("g"), plain["beta"], 0.25,
+                           plain["initial_state"], 16, torch.randn_like(plain["v"]), None))
 
 
 def check_double_backward(op: str) -> None:

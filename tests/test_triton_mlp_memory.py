@@ -409,7 +409,18 @@ def check_empty_sequence() -> None:
 
 
 def check_refusals() -> None:
+    from nestc.ops.mlp_memory import mlp_memory
+
     x = make_inputs(T=5)
+    plain = {n: None if t is None else t.detach() for n, t in x.items()}
+    args = (plain["q"], plain["k"], plain["v"], plain["lr"], plain["retain"], plain["beta"],
+            plain["A0"], plain["B0"])
+    for clip, backend in ((0.0, "chunked"), (-1.0, "chunked"), (1e-30, "triton")):
+        # (0 or 1e-30 made NaN on the kernel's padding rows, -1 an ascent on both tiers)
+        with pytest.raises(ValueError, match="clip"):
+            mlp_memory(*args, clip=clip, chunk=16, backend=backend)
+    with pytest.raises(ValueError, match="q must be a floating-point tensor, got torch.int64"):
+        mlp_memory(args[0].long(), *args[1:], chunk=16)  # (read back as truncated int64)
     with pytest.raises(ValueError, match="chunk must be one of"):
         run("triton", x, chunk=8)
     with pytest.raises(ValueError, match="float32; use the chunked back end"):
@@ -453,6 +464,19 @@ def check_custom_op_registration() -> None:
     G = [(t.detach() * 0.9).requires_grad_() for t in (x["A0"], x["B0"])]
     torch.library.opcheck(kernels.mlp_memory_fwd, (*x.values(), "silu", None, True, 16,
                                                    self_inputs(x).detach(), *G, 5))
+    # a bug hunt's: the backward without grad_at (its fake gave one tensor for both absent
+    # gradients: aliases), and a non-contiguous q (the fakes kept its strides; the op's
+    # outputs are contiguous)
+    plain = [t.detach() if t is not None else None for t in x.values()]
+    *_, sA, sB, sSA, sSB = kernels.mlp_memory_fwd(*plain, "gelu", None, False, 16)
+    q, k, v = plain[:3]
+    grads = [torch.randn_like(t) for t in (q, sA[..., 0, :, :], sB[..., 0, :, :],
+                                           sA[..., 0, :, :], sB[..., 0, :, :])]
+    torch.library.opcheck(kernels.mlp_memory_bwd, (*plain[:6], sA, sB, sSA, sSB, "gelu", None,
+                                                   False, 16, *grads))
+    strided = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    torch.library.opcheck(kernels.mlp_memory_fwd, (strided, *plain[1:], "gelu", None, False,
+                                                   16))
 
 
 def check_torch_compile_matches_eager() -> None:

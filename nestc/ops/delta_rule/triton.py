@@ -617,10 +617,11 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
       do: torch.Tensor, dht: torch.Tensor | None
       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                  torch.Tensor]:
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(g) if g is not None else _none((0,), q, q.dtype),
-            torch.empty_like(beta),
-            torch.empty_like(initial_state) if initial_state is not None
+    # contiguous, as the kernels' gradients are (empty_like kept an input's strides)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            g.new_empty(g.shape) if g is not None else _none((0,), q, q.dtype),
+            beta.new_empty(beta.shape),
+            initial_state.new_empty(initial_state.shape) if initial_state is not None
             else _none((0,), q, q.dtype))
 
 

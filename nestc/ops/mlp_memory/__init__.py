@@ -22,6 +22,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
            retain: torch.Tensor | None, beta: torch.Tensor | None, A0: torch.Tensor,
            B0: torch.Tensor, SA0: torch.Tensor | None, SB0: torch.Tensor | None, act: str,
            chunk: int, backend: str | None, v_self: torch.Tensor | None = None,
+           clip: float | None = None,
            grad_at: tuple[torch.Tensor, torch.Tensor] | None = None, offset: int = 0) -> None:
     """Raise ValueError naming the argument that does not fit the layout."""
     op = "mlp_memory"
@@ -46,6 +47,19 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
             raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(x.shape)}")
     if (SA0 is None) != (SB0 is None):
         raise ValueError(f"{op}: give both SA0 and SB0 or neither")
+    floats = {"q": q, "k": k, "v": v, "lr": lr, "retain": retain, "beta": beta, "A0": A0,
+              "B0": B0, "SA0": SA0, "SB0": SB0, "v_self": v_self}
+    for name, x in floats.items():  # (an integer q came back as truncated int64 reads)
+        if x is not None and not x.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{op}: {name} is on {x.device}, q on {q.device}")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or not clip > 0):
+        raise ValueError(f"{op}: clip must be a number above 0 or None, got {clip!r}")
+    if clip is not None and backend == "triton" and clip < 1e-18:
+        raise ValueError(f"{op}: clip {clip!r} is below 1e-18: its square underflows float32 "
+                         "in the triton kernel")
     if act not in ACTS:
         raise ValueError(f"{op}: act must be one of {ACTS}, got {act!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -105,8 +119,8 @@ def mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tens
         >>> y.shape, A.shape, SB.shape
         (torch.Size([1, 2, 5, 8]), torch.Size([1, 2, 8, 16]), torch.Size([1, 2, 16, 8]))
     """
-    _check(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, chunk, backend, v_self, grad_at,
-           offset)
+    _check(q, k, v, lr, retain, beta, A0, B0, SA0, SB0, act, chunk, backend, v_self, clip,
+           grad_at, offset)
     kw: dict[str, Any] = {"act": act, "clip": clip, "read_before": read_before, "chunk": chunk,
                           "v_self": v_self, "offset": offset,
                           "grad_at": None if grad_at is None else tuple(grad_at)}

@@ -820,7 +820,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
     f32 = torch.float32
     new = q.new_empty
     momenta = (N, H, NC) if beta is not None else (0,)
-    return (torch.empty_like(q), new((N, H, d, h), dtype=f32), new((N, H, h, d), dtype=f32),
+    return (new(q.shape), new((N, H, d, h), dtype=f32), new((N, H, h, d), dtype=f32),
             new((N, H, d, h), dtype=f32), new((N, H, h, d), dtype=f32),
             new((N, H, NC, d, h), dtype=f32), new((N, H, NC, h, d), dtype=f32),
             new((*momenta, d, h) if beta is not None else (0,), dtype=f32),
@@ -857,13 +857,19 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
       dSA: torch.Tensor, dSB: torch.Tensor, v_self: torch.Tensor | None = None,
       GA: torch.Tensor | None = None, GB: torch.Tensor | None = None, offset: int = 0
       ) -> tuple[torch.Tensor, ...]:
-    none = q.new_empty((0,), dtype=torch.float32)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lr),
-            torch.empty_like(retain) if retain is not None else q.new_empty((0,)),
-            torch.empty_like(beta) if beta is not None else q.new_empty((0,)),
-            torch.empty_like(dA), torch.empty_like(dB), torch.empty_like(dSA),
-            torch.empty_like(dSB), none if GA is None else torch.empty_like(dA),
-            none if GB is None else torch.empty_like(dB))
+    # contiguous, as the kernels' are (empty_like kept an input's strides), and a fresh
+    # empty tensor for each absent gradient (one object for both read as aliases)
+    def like(x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape)
+
+    def none() -> torch.Tensor:
+        return q.new_empty((0,), dtype=torch.float32)
+
+    return (like(q), like(k), like(v), like(lr),
+            like(retain) if retain is not None else q.new_empty((0,)),
+            like(beta) if beta is not None else q.new_empty((0,)),
+            like(dA), like(dB), like(dSA), like(dSB), none() if GA is None else like(dA),
+            none() if GB is None else like(dB))
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
