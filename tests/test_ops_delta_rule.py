@@ -278,3 +278,23 @@ print("ok")
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_an_empty_sequence_returns_a_copy_of_the_state_not_the_callers_tensor():
+    """At T = 0 the chunked tiers handed back the initial state itself (an in-place change of
+    the result changed the caller's input), where the triton tier returned a copy."""
+    from nestc.ops.linear_attention import chunk_linear_attention
+    from nestc.ops.mlp_memory import mlp_memory
+
+    q = torch.randn(1, 0, 1, 4)
+    v, beta, h0 = torch.randn(1, 0, 1, 4), torch.rand(1, 0, 1), torch.randn(1, 1, 4, 4)
+    states = [nestc.ops.delta_rule(q, q, v, beta, initial_state=h0)[1],
+              nestc.ops.gated_delta_rule(q, q, v, beta.log(), beta, initial_state=h0)[1],
+              chunk_linear_attention(q, q, v, beta, initial_state=h0)[1]]
+    for state in states:
+        torch.testing.assert_close(state, h0)
+        assert state.data_ptr() != h0.data_ptr()
+    x, A0, B0 = torch.randn(1, 1, 0, 4), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 8, 4)
+    _, (A, B, SA, SB) = mlp_memory(x, x, x, torch.rand(1, 1, 0), None, None, A0, B0,
+                                   A0.clone(), B0.clone(), chunk=4)
+    assert A.data_ptr() != A0.data_ptr() and B.data_ptr() != B0.data_ptr()

@@ -686,7 +686,7 @@ def delta_rule_with_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
     scale = K ** -0.5 if scale is None else float(scale)
     if T == 0:
         S0 = (q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None
-              else initial_state.float())
+              else initial_state.float().clone())  # (a copy, as the chunked tier's)
         return v.new_zeros(B, 0, H, V), (S0 if output_final_state else None)
     o, ht = delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state,
                            chunk_size)

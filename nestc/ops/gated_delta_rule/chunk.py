@@ -28,8 +28,9 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     scale = K ** -0.5 if scale is None else scale
     S0 = (q.new_zeros(B * H, K, V, dtype=acc) if initial_state is None
           else initial_state.to(acc).reshape(B * H, K, V))
-    if T == 0:
-        return v.new_zeros(B, 0, H, V), (S0.view(B, H, K, V) if output_final_state else None)
+    if T == 0:  # (a copy: not the caller's initial state itself)
+        return v.new_zeros(B, 0, H, V), (S0.view(B, H, K, V).clone() if output_final_state
+                                         else None)
     q, k, v = (to_chunks(x, chunk_size, acc) for x in (q, k, v))  # (N, BH, C, K|V)
     beta = to_chunks(beta[..., None], chunk_size, acc)  # (N, BH, C, 1)
     G = to_chunks(g[..., None], chunk_size, acc).cumsum(-2)  # (N, BH, C, 1)

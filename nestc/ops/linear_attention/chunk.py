@@ -26,8 +26,8 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dtype, acc = q.dtype, accumulation_dtype(q)
     S = (q.new_zeros(B * H, K, V, dtype=acc) if initial_state is None
          else initial_state.to(acc).reshape(B * H, K, V))
-    if T == 0:
-        return v.new_zeros(B, 0, H, V), S.view(B, H, K, V)
+    if T == 0:  # (a copy: not the caller's initial state itself)
+        return v.new_zeros(B, 0, H, V), S.view(B, H, K, V).clone()
     q, k, v = (to_chunks(x, chunk_size, acc) for x in (q, k, v))  # (N, BH, C, K|V)
     beta = to_chunks(beta[..., None], chunk_size, acc)  # (N, BH, C, 1); padding: beta 0
     G = (torch.zeros_like(beta) if g is None

@@ -230,4 +230,7 @@ def chunk_mlp_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torc
         assert y is not None  # (a query is given)
         ys.append(y)
     y = torch.cat(ys, 2) if ys else q.new_zeros(q.shape)
-    return y.to(dtype), (A, B, SA, SB)
+    # a state no token changed (T = 0, or momenta without beta) is a copy, as the triton
+    # tier's: not the caller's tensor itself
+    return y.to(dtype), tuple(s.clone() if s is s0 else s
+                              for s, s0 in zip((A, B, SA, SB), (A0, B0, SA0, SB0)))
