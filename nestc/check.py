@@ -304,9 +304,7 @@ class BodyChecker:
             if n is not UNKNOWN and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
                 raise NestError(f"`repeat` needs a whole number of times, got {show_value(n)}",
                                 s.count.span, kind="value")
-            if isinstance(n, int) and n > MAX_REPEAT:
-                raise NestError(f"`repeat` {n} times is more than nestc builds (at most "
-                                f"{MAX_REPEAT} copies)", s.count.span, kind="value")
+            _copies(n, s.count.span)
             self.conds.append((ast.ExprBinary(">", s.count, ast.ExprNumber(0, "0", s.span),
                                               s.span), True))  # (taken when it repeats)
             self.block(s.body, _Scope(scope))
@@ -517,11 +515,7 @@ class BodyChecker:
                             "memory that only the outer training level changes")
         every = self.positive(f.every, "the update period", scope) if f.every is not None else 1
         if f.chunk is not None:
-            chunk = self.positive(f.chunk, "the chunk size", scope)
-            if isinstance(every, int) and isinstance(chunk, int) and chunk % every:
-                raise NestError(f"chunks of {chunk} tokens never line up with an update every "
-                                f"{every} tokens", f.chunk.span, kind="frequency",
-                                hint=f"make the chunk a multiple of {every}")
+            _lined_up(every, self.positive(f.chunk, "the chunk size", scope), f.chunk.span)
 
     def positive(self, e: ast.Expr, what: str, scope: _Scope) -> Any:
         # in the enclosing scope: `chain c in [...] { memory ... every c tokens }` is a constant
@@ -767,13 +761,12 @@ def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any]) -> None:
     for s in body:
         freq = getattr(s, "frequency", None)
         if isinstance(freq, ast.Frequency):
-            whole(freq.every, "the update period")
-            whole(freq.chunk, "the chunk size")
+            every = whole(freq.every, "the update period")
+            chunk = whole(freq.chunk, "the chunk size")
+            if freq.chunk is not None:
+                _lined_up(1 if freq.every is None else every, chunk, freq.chunk.span)
         if isinstance(s, ast.StmtRepeat):
-            n = whole(s.count, "`repeat`'s count", low=0)
-            if n is not UNKNOWN and n > MAX_REPEAT:
-                raise NestError(f"`repeat` {n} times is more than nestc builds (at most "
-                                f"{MAX_REPEAT} copies)", s.count.span, kind="value")
+            _copies(whole(s.count, "`repeat`'s count", low=0), s.count.span)
             counts(s.body, env)
         elif isinstance(s, ast.StmtChain):
             values = const_eval(s.values, env)
@@ -784,6 +777,22 @@ def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any]) -> None:
             counts(s.then + s.orelse if way is UNKNOWN else s.then if way else s.orelse, env)
         elif isinstance(s, (ast.StmtMemory, ast.StmtTrain)):
             counts(s.body, env)
+
+
+def _copies(n: Any, span: Span) -> None:
+    """NestError for a `repeat` count above MAX_REPEAT (at load and at every binding)."""
+    if isinstance(n, int) and n > MAX_REPEAT:
+        raise NestError(f"`repeat` {n} times is more than nestc builds (at most {MAX_REPEAT} "
+                        "copies)", span, kind="value")
+
+
+def _lined_up(every: Any, chunk: Any, span: Span) -> None:
+    """NestError for chunks that are not a multiple of the update period (at load and at
+    every binding: a `--set` of either was not checked)."""
+    if isinstance(every, int) and isinstance(chunk, int) and chunk % every:
+        raise NestError(f"chunks of {chunk} tokens never line up with an update every {every} "
+                        "tokens", span, kind="frequency", hint=f"make the chunk a multiple of "
+                        f"{every}")
 
 
 def next_token_objective(decl: ast.Decl, e: Any) -> bool:

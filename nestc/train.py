@@ -178,11 +178,6 @@ def outer_level(program: Any, checked: Any, hyper: dict[str, Any]) -> Outer:
     return Outer(optimizer, kwargs, func.span)
 
 
-def _is_call(e: Any, name: str) -> bool:
-    return isinstance(e, ast.ExprCall) and isinstance(e.func, ast.ExprName) and \
-        e.func.name == name
-
-
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     """The learning rate of 0-based step `step` as a fraction of the peak: linear warmup over
     `warmup` steps, then constant or a cosine down to COSINE_FLOOR at the last step."""

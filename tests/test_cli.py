@@ -288,3 +288,14 @@ def test_updates_the_kernel_matcher_cannot_lower_compile_to_generic_code(files, 
 def test_explain_counts_over_a_positive_number_of_tokens_or_steps(files, capsys):
     rc, out, err = run(capsys, "explain", "good.nest", "--tokens", "-100")
     assert rc == 1 and err == "error: --tokens counts updates over a positive number, got -100\n"
+
+
+def test_chunks_that_do_not_line_up_with_a_bound_period_are_an_error(files, capsys):
+    """The checker saw it for the defaults only; `--set` of the chunk went through."""
+    (files / "c.nest").write_text(
+        "block B(dim = 4, c = 8) {\n    input x : [T, dim]\n"
+        "    memory M : matrix(dim, dim) = zeros every 2 tokens in chunks of c {\n"
+        "        key x; value x; objective l2(M(x), x); rule gd(lr = 0.1)\n    }\n"
+        "    output M(x)\n}\n")
+    rc, out, err = run(capsys, "explain", "c.nest", "--set", "c=5")
+    assert rc == 1 and "chunks of 5 tokens never line up with an update every 2 tokens" in err

@@ -663,6 +663,4 @@ def _renamed(node: Any, renames: dict[str, str]) -> Any:
                for f in dataclasses.fields(node) if f.name not in ("span", "name_span")}
     if isinstance(node, ast.StmtUpdate):
         changes["target"] = renames.get(node.target, node.target)
-    if isinstance(node, ast.StmtLet):
-        changes["name"] = node.name  # (its own name: renamed by the caller, if it shadows)
-    return dataclasses.replace(node, **changes)
+    return dataclasses.replace(node, **changes)  # (a let's own name: the caller renames it)
