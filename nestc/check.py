@@ -15,6 +15,7 @@ from nestc.source import Span, span_text
 
 MAX_CHAIN_CHECKS = 16
 MAX_BODY_PATHS = 64  # ways through a memory body's `if`s that the checker checks
+TRAIN = "<train>"  # the owner of a model's train clauses (no spec name: a memory may be `train`)
 CLAUSE_EXPR = ("key", "value", "query", "objective", "rule")
 CHOICES = {  # clause -> (default, allowed values)
     "read": ("after write", ("before write", "after write")),
@@ -205,7 +206,7 @@ class BodyChecker:
             self.root.names[n] = "hyper"
         self.param_names: list[str] = []
         self.updated_params: set[str] = set()
-        self.owner: list[str] = []  # enclosing memory or "train"
+        self.owner: list[str] = []  # enclosing memory, or TRAIN
         self.calls: list[tuple[ast.Decl, Span]] = []  # declarations called, for cycle checks
         # the `if`s around the statement or expression being checked, (condition, branch):
         # a call's `require`s are checked at the defaults only where those take its branch
@@ -331,8 +332,8 @@ class BodyChecker:
             if kind != "model":
                 raise NestError(f"`train` belongs in a model; `{self.decl.name}` is {_a(kind)}",
                                 s.span, kind="value", hint="declare it as `model`")
-            self.frequency(s.frequency, "train", scope)
-            self.owner.append("train")
+            self.frequency(s.frequency, TRAIN, scope)
+            self.owner.append(TRAIN)
             self.block(s.body, _Scope(scope))
             self.owner.pop()
             self.clauses(s.body, "the train level", s.span, need_rule=True)
@@ -344,7 +345,7 @@ class BodyChecker:
             if not self.owner:
                 raise NestError(f"`{s.kind}` belongs inside a memory or train body", s.span,
                                 kind="value")
-            if self.owner[-1] == "train" and s.kind not in ("objective", "rule"):
+            if self.owner[-1] == TRAIN and s.kind not in ("objective", "rule"):
                 raise NestError(f"`{s.kind}` is a memory clause: the train level has only an "
                                 "objective and a rule", s.span, kind="value")
             if isinstance(s.value, str):
@@ -504,12 +505,12 @@ class BodyChecker:
 
     def frequency(self, f: ast.Frequency, owner: str, scope: _Scope) -> None:
         kind = self.decl.kind
-        if f.unit == "token" and (kind == "optimizer" or owner == "train"):
+        if f.unit == "token" and (kind == "optimizer" or owner == TRAIN):
             where = "an optimizer's levels update" if kind == "optimizer" else \
                 "the train level updates"
             raise NestError(f"{where} in steps, not tokens", f.span, kind="frequency",
                             hint="write `every step` or `every N steps`")
-        if f.unit == "step" and kind != "optimizer" and owner != "train":
+        if f.unit == "step" and kind != "optimizer" and owner != TRAIN:
             raise NestError("a memory in a block learns in context, in tokens", f.span,
                             kind="frequency", hint="write `every N tokens`; use `never` for a "
                             "memory that only the outer training level changes")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nestc.env import DEBUG
-from nestc.errors import NestError
+from nestc.errors import NestError, StepDivisionError
 
 VIZ_FORMATS = ("svg", "html", "dot", "mermaid", "png")
 
@@ -337,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except NestError as err:
+        if DEBUG:
+            raise
+        print(err, file=sys.stderr)
+        return 1
+    except StepDivisionError as err:  # the spec's arithmetic, at run time
         if DEBUG:
             raise
         print(err, file=sys.stderr)

@@ -94,6 +94,12 @@ class NestError(Exception):
         return "\n".join(d.render() for d in self.diagnostics)
 
 
+class StepDivisionError(ZeroDivisionError):
+    """A generated optimizer's step divided a number by zero: a divisor of `step()` or of the
+    param's shape that the checker cannot see (nestc.runtime.division_error). The message names
+    the spec line; `nestc train` reports it as an error of the spec (exit 1)."""
+
+
 def nearest(name: str, known: Iterable[str], limit: int = 3) -> list[str]:
     """The known names closest to `name` by edit distance, best first."""
     import difflib

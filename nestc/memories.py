@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
 
 from nestc.layers import Stateful
+from nestc.ops.mlp_memory import MIN_KERNEL_CLIP
 from nestc.ops.mlp_memory.dgd import mlp_dgd_chunk
 from nestc.ops.mlp_memory.reference import ACT_FNS, chunk_gradients, mlp_memory_chunk
 from nestc.ops.utils import clipped, float32_inside, upto
@@ -665,10 +666,11 @@ class MLPMemory(Memory):
         an MLP or residual MLP (gelu or silu) learning by l2 given values or its own reading of
         a block tensor under stop_grad, in float32 or a 16-bit type, in chunks of 16, 32 or 64,
         at sizes whose kernels fit in a GPU's shared memory (`mlp_kernel_fits`); not shared
-        by the batch."""
+        by the batch; with no clip or one the kernel can square in float32."""
         if self.backend != "triton" or self.objective != "l2" or self.shared or \
                 self.literal or not ("v" in w or "vs" in w) or \
-                self.act_name not in ("gelu", "silu"):
+                self.act_name not in ("gelu", "silu") or \
+                (self.clip is not None and self.clip < MIN_KERNEL_CLIP):
             return False
         from nestc.ops.mlp_memory.triton import CHUNKS, mlp_kernel_fits
 

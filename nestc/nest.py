@@ -446,15 +446,19 @@ class _Builder:
 
     def train_level(self, s: ast.StmtTrain, frame: Frame) -> None:
         unit, period, _ = self.frequency(s.frequency, frame)
-        nid = self.level("train", "train", frame, s.span, unit, period, None,
+        # (a model's memory may be named `train`: its own node)
+        nid = self.level(self.fresh_id("train"), "train", frame, s.span, unit, period, None,
                          objective=_clause_text(s.body, "objective"),
                          rule=_clause_text(s.body, "rule"))
+        self.g.nodes[nid]["label"] = "train"
         self.train = nid
-        self.level_body(s.body, nid, frame, "train")
+        self.level_body(s.body, nid, frame, None)
         self.written.add(nid)
 
-    def level_body(self, stmts: tuple[ast.Stmt, ...], nid: str, frame: Frame, ctx: str) -> None:
-        """A memory's or the train level's body: clauses become edges into the level."""
+    def level_body(self, stmts: tuple[ast.Stmt, ...], nid: str, frame: Frame,
+                   ctx: str | None) -> None:
+        """A memory's (ctx: its name) or the train level's (None) body: clauses become edges
+        into the level."""
         inner = frame.child()
         for b in stmts:
             if isinstance(b, ast.StmtIf):  # (in a memory's body: clauses, at a hyperparameter)
@@ -466,7 +470,7 @@ class _Builder:
             elif b.kind == "rule" and not isinstance(b.value, str):
                 self.rule(b.value, nid, inner)
             elif not isinstance(b.value, str):
-                name = ctx if ctx == "train" else f"{ctx}.{b.kind}"
+                name = "train" if ctx is None else f"{ctx}.{b.kind}"
                 self.connect(self.expr(b.value, inner, name), nid, b.kind)
 
     # calls to other declarations

@@ -454,3 +454,29 @@ def test_a_division_by_a_constant_zero_is_an_error():
     x = torch.randn(1, 3, 4)
     assert prog.build("Scaled")(x).shape == prog.build("Scaled", temperature=2.0,
                                                         period=2)(x).shape == (1, 3, 4)
+
+
+def test_a_memory_named_train_is_a_memory_not_the_train_level():
+    """The checker marked the train level's clauses with the owner name "train": a block's
+    memory named `train` was refused its `every token` and its key and value (as the train
+    level's), and took `every step`, which any other memory name is refused. In a model's
+    graph, such a memory and the train level were one node."""
+    memory = ("    memory train : matrix(dim, dim) = zeros every {} {{\n"
+              "        key x; value x; objective l2(train(x), x); rule gd(lr = 0.1) }}\n")
+    text = "block B(dim = 4) {{\n    input x : [T, dim]\n" + memory + \
+        "    output train(x)\n}}\n"
+    prog = nestc.loads(text.format("token"), "t.nest")
+    assert torch.isfinite(prog.build("B")(torch.randn(1, 3, 4))).all()
+    err = error(text.format("step"))
+    assert err.message == "a memory in a block learns in context, in tokens"
+    model = ("model M(vocab = 16, dim = 4) {\n    input tokens : [T] int\n"
+             "    let x = embed(tokens, vocab, dim)\n" + memory.format("token") +
+             "    output logits = train(x) |> linear(vocab)\n"
+             "    train every step { objective cross_entropy(logits, next(tokens))\n"
+             "        rule SGD(lr = 0.1) }\n}\n"
+             "optimizer SGD(lr = 0.1) {\n    param W\n    W -= lr * grad(W)\n}\n")
+    graph = nestc.loads(model, "t.nest").graph("M")
+    kinds = {n: k for n, k in graph.nodes(data="kind") if k in ("memory", "train")}
+    assert sorted(kinds.values()) == ["memory", "train"], kinds
+    [level] = [n for n, k in kinds.items() if k == "train"]
+    assert graph.has_edge("x", "train") and not graph.has_edge("x", level)

@@ -438,3 +438,30 @@ def test_values_that_failed_at_the_first_step_are_nest_errors_at_build(spec, nam
     or took 30 s a step (ns_steps 1e7), or a NaN learning rate trained to NaN."""
     with pytest.raises(nestc.NestError, match=message):
         nestc.load(spec).build(name, [torch.nn.Parameter(torch.randn(3, 3))], **kw)
+
+
+DIVIDES_AT_RUN_TIME = {  # the update, the param's shape, the step that divides by zero
+    "step": ("W -= lr / (step() - 2) * grad(W)", (4,), 2),
+    "shape": ("W -= lr * rows(W) / (cols(W) - 3) * grad(W)", (2, 3), 1),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "generic"])
+@pytest.mark.parametrize("case", DIVIDES_AT_RUN_TIME)
+def test_a_division_by_zero_at_a_step_names_the_spec_line(backend, case):
+    """A divisor of step() or of the param's shape that is 0 at run time (the checker sees
+    hyperparameters only) raised a bare ZeroDivisionError from generated code; it names the
+    spec statement now, and `nestc train` reports it as an error of the spec (exit 1)."""
+    update, shape, step = DIVIDES_AT_RUN_TIME[case]
+    text = f"optimizer Z(lr = 0.1) {{\n    param W\n    {update}\n}}\n"
+    w = torch.nn.Parameter(torch.ones(shape))
+    opt = nestc.loads(text, "z.nest").build("Z", [w], backend=backend)
+    for _ in range(step - 1):
+        w.grad = torch.ones(shape)
+        opt.step()
+    w.grad = torch.ones(shape)
+    with pytest.raises(nestc.errors.StepDivisionError) as err:
+        opt.step()
+    assert str(err.value).startswith("z.nest:3: error: division by zero in a step of "
+                                     "optimizer `Z`")
+    assert str(err.value).endswith(f"\n  in: {update}")

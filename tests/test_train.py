@@ -420,3 +420,28 @@ def test_fewer_steps_than_a_tasks_phases_is_an_error(tmp_path, capsys):
     rc, out, err = run(capsys, "train", LM, "TransformerLM", "--task", "continual", *TINY_ARGS,
                        "--steps", "2", "--batch", "2", "-q", "--out", str(tmp_path))
     assert rc == 1 and "--steps 2 is fewer than task `continual`'s 3 phases" in err
+
+
+def test_a_rule_that_divides_by_zero_at_a_step_is_an_error_of_the_spec(tmp_path, capsys):
+    """A divisor of the param's shape that is 0 (the linear layer's 8 columns) raised a bare
+    ZeroDivisionError that nestc called its own internal error, exit 2."""
+    path = tmp_path / "m.nest"
+    path.write_text("""optimizer Z(lr = 0.1) {
+    param W
+    W -= lr * rows(W) / (cols(W) - 8) * grad(W)
+}
+
+model M(vocab = 16, dim = 8) {
+    input tokens : [T] int
+    output logits = embed(tokens, vocab, dim) |> linear(vocab)
+    train every step {
+        objective cross_entropy(logits, next(tokens))
+        rule Z(lr = 0.01)
+    }
+}
+""")
+    rc, out, err = run(capsys, "train", str(path), "M", "--task", "copy", "--steps", "2",
+                       "--batch", "2", "-q", "--out", str(tmp_path / "run"))
+    assert rc == 1 and err.startswith(f"{path}:3: error: division by zero in a step of "
+                                      "optimizer `Z`"), err
+    assert "Traceback" not in err

@@ -888,6 +888,37 @@ def test_an_mlp_memory_in_chunks_the_kernel_does_not_take_runs_on_the_chunked_ti
     assert torch.equal(outs[0], outs[1])
 
 
+def test_a_clip_too_small_for_the_kernel_runs_on_the_chunked_tier() -> None:
+    """A spec's clip below 1e-18 (its square underflows float32 in the kernel: NaN on a
+    partial chunk's padding rows) runs the chunked tier's computation on backend="triton",
+    no kernel launched, and explain does not promise the kernel; the op refuses it."""
+    import nestc
+    from nestc.codegen import memories as plans
+    from nestc.explain import explain
+    from nestc.ops import mlp_memory as op
+    from nestc.ops.mlp_memory import triton as kernels
+
+    assert plans.MIN_KERNEL_CLIP == op.MIN_KERNEL_CLIP
+    titans = nestc.load("std/memory/titans.nest")
+    x = torch.randn(2, 21, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    outs = []
+    for backend in ("triton", "chunked"):
+        torch.manual_seed(0)
+        block = titans.build("Titans", dim=16, heads=2, chunk=16, clip=1e-20,
+                             backend=backend).to(DEVICE)
+        with interpreted.counting(kernels, "mlp_memory_fwd") as calls:
+            outs.append(block(x))
+        assert calls == [], calls
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+    assert "a fused Triton kernel" in explain(titans, "Titans", dim=16, chunk=16)
+    assert "a fused Triton kernel" not in explain(titans, "Titans", dim=16, chunk=16,
+                                                  clip=1e-20)
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="clip 1e-20 is below 1e-18"):
+        op.mlp_memory(q, q, q, q[..., 0], None, None, torch.zeros(1, 1, 8, 16),
+                      torch.zeros(1, 1, 16, 8), clip=1e-20, backend="triton")
+
+
 def test_the_compiler_picks_the_kernel_only_where_it_fits() -> None:
     """mlp_kernel_fits against what benchmarks/triton_resources.py measured on sm_90: the
     stdlib TitansLM's memory (d 32, h 64, chunk 16) fits; so does the Titans block's default

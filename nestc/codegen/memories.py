@@ -459,6 +459,7 @@ def recurrence(objective: str, rule: str, gated: bool, retain: bool, clip: bool 
 
 
 FUSED_CHUNKS = (16, 32, 64)  # nestc.ops.mlp_memory.triton.CHUNKS (without importing triton)
+MIN_KERNEL_CLIP = 1e-18  # nestc.ops.mlp_memory.MIN_KERNEL_CLIP (without importing torch)
 
 
 class MLPPlan(Plan):
@@ -589,7 +590,8 @@ class MLPPlan(Plan):
             rule += " with momentum"
         # what MLPMemory._fusable asks of the memory itself (dtypes aside)
         fused = c["objective"] == "l2" and c["act"] in ("gelu", "silu") and not c["literal"] \
-            and not c["shared"] and c["chunk"] in FUSED_CHUNKS
+            and not c["shared"] and c["chunk"] in FUSED_CHUNKS \
+            and (c["clip"] is None or c["clip"] >= MIN_KERNEL_CLIP)
         kernel = "; a fused Triton kernel with backend='triton' (where its sizes fit the " \
             "GPU)" if fused else ""
         op = "nestc.ops.mlp_memory.dgd: a triangular solve per chunk and layer" \

@@ -780,15 +780,18 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     w("        if closure is not None:")
     w("            with torch.enable_grad():")
     w("                loss = closure()")
-    w("        for group in self.param_groups:")
-    w("            _params = [_p for _p in group['params'] if _p.grad is not None]")
-    w("            if not _params:")
-    w("                continue")
+    w("        try:")
+    w("            for group in self.param_groups:")
+    w("                _params = [_p for _p in group['params'] if _p.grad is not None]")
+    w("                if not _params:")
+    w("                    continue")
     for h in opt.hypers:
-        w(f"            {hyper[h.name]} = group[{h.name!r}]")
+        w(f"                {hyper[h.name]} = group[{h.name!r}]")
     args = ", ".join(hyper[h.name] for h in opt.hypers)
     for ln in _dispatch(opt.tree, hyper, args, opt):
-        w("            " + ln)
+        w("                " + ln)
+    w("        except ZeroDivisionError as _err:  # a number's divisor, of step() or a shape, is 0")
+    w(f"            raise _rt.division_error(_err, {opt.name!r}) from None")
     w("        return loss")
     from nestc.codegen.triton import fusable, triton_source
 

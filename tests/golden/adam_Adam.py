@@ -39,16 +39,19 @@ class Adam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            _params = [_p for _p in group['params'] if _p.grad is not None]
-            if not _params:
-                continue
-            lr = group['lr']
-            betas = group['betas']
-            eps = group['eps']
-            weight_decay = group['weight_decay']
-            _ps, _first = _params, {}
-            self._variant_0(group, _ps, _first, lr, betas, eps, weight_decay)
+        try:
+            for group in self.param_groups:
+                _params = [_p for _p in group['params'] if _p.grad is not None]
+                if not _params:
+                    continue
+                lr = group['lr']
+                betas = group['betas']
+                eps = group['eps']
+                weight_decay = group['weight_decay']
+                _ps, _first = _params, {}
+                self._variant_0(group, _ps, _first, lr, betas, eps, weight_decay)
+        except ZeroDivisionError as _err:  # a number's divisor, of step() or a shape, is 0
+            raise _rt.division_error(_err, 'Adam') from None
         return loss
 
     def _variant_0(self, group, _params, _first, lr, betas, eps, weight_decay):

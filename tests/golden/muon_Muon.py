@@ -47,34 +47,37 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            _params = [_p for _p in group['params'] if _p.grad is not None]
-            if not _params:
-                continue
-            lr = group['lr']
-            weight_decay = group['weight_decay']
-            momentum = group['momentum']
-            nesterov = group['nesterov']
-            ns_coefficients = group['ns_coefficients']
-            eps = group['eps']
-            ns_steps = group['ns_steps']
-            adjust_lr_fn = group['adjust_lr_fn']
-            ns_dtype = group['ns_dtype']
-            adamw_lr = group['adamw_lr']
-            adamw_betas = group['adamw_betas']
-            adamw_eps = group['adamw_eps']
-            adamw_weight_decay = group['adamw_weight_decay']
-            for _params, _on in _rt.split(_params, lambda _p: (_p.ndim >= 2)):
-                if _on:
-                    _ps, _first = _params, {}
-                    self._variant_0(group, _ps, _first, lr, weight_decay, momentum, nesterov,
-                        ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr,
-                        adamw_betas, adamw_eps, adamw_weight_decay)
-                else:
-                    _ps, _first = _params, {}
-                    self._variant_1(group, _ps, _first, lr, weight_decay, momentum, nesterov,
-                        ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr,
-                        adamw_betas, adamw_eps, adamw_weight_decay)
+        try:
+            for group in self.param_groups:
+                _params = [_p for _p in group['params'] if _p.grad is not None]
+                if not _params:
+                    continue
+                lr = group['lr']
+                weight_decay = group['weight_decay']
+                momentum = group['momentum']
+                nesterov = group['nesterov']
+                ns_coefficients = group['ns_coefficients']
+                eps = group['eps']
+                ns_steps = group['ns_steps']
+                adjust_lr_fn = group['adjust_lr_fn']
+                ns_dtype = group['ns_dtype']
+                adamw_lr = group['adamw_lr']
+                adamw_betas = group['adamw_betas']
+                adamw_eps = group['adamw_eps']
+                adamw_weight_decay = group['adamw_weight_decay']
+                for _params, _on in _rt.split(_params, lambda _p: (_p.ndim >= 2)):
+                    if _on:
+                        _ps, _first = _params, {}
+                        self._variant_0(group, _ps, _first, lr, weight_decay, momentum, nesterov,
+                            ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr,
+                            adamw_betas, adamw_eps, adamw_weight_decay)
+                    else:
+                        _ps, _first = _params, {}
+                        self._variant_1(group, _ps, _first, lr, weight_decay, momentum, nesterov,
+                            ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr,
+                            adamw_betas, adamw_eps, adamw_weight_decay)
+        except ZeroDivisionError as _err:  # a number's divisor, of step() or a shape, is 0
+            raise _rt.division_error(_err, 'Muon') from None
         return loss
 
     def _variant_0(self, group, _params, _first, lr, weight_decay, momentum, nesterov,

@@ -41,28 +41,31 @@ class SGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            _params = [_p for _p in group['params'] if _p.grad is not None]
-            if not _params:
-                continue
-            lr = group['lr']
-            momentum = group['momentum']
-            dampening = group['dampening']
-            weight_decay = group['weight_decay']
-            nesterov = group['nesterov']
-            if (momentum != 0):
-                if nesterov:
-                    for _first, _ps in _rt.partition_first(self.state, _params, ['buf']):
-                        self._variant_0(group, _ps, _first, lr, momentum, dampening, weight_decay,
-                            nesterov)
+        try:
+            for group in self.param_groups:
+                _params = [_p for _p in group['params'] if _p.grad is not None]
+                if not _params:
+                    continue
+                lr = group['lr']
+                momentum = group['momentum']
+                dampening = group['dampening']
+                weight_decay = group['weight_decay']
+                nesterov = group['nesterov']
+                if (momentum != 0):
+                    if nesterov:
+                        for _first, _ps in _rt.partition_first(self.state, _params, ['buf']):
+                            self._variant_0(group, _ps, _first, lr, momentum, dampening,
+                                weight_decay, nesterov)
+                    else:
+                        for _first, _ps in _rt.partition_first(self.state, _params, ['buf']):
+                            self._variant_1(group, _ps, _first, lr, momentum, dampening,
+                                weight_decay, nesterov)
                 else:
-                    for _first, _ps in _rt.partition_first(self.state, _params, ['buf']):
-                        self._variant_1(group, _ps, _first, lr, momentum, dampening, weight_decay,
-                            nesterov)
-            else:
-                _ps, _first = _params, {}
-                self._variant_2(group, _ps, _first, lr, momentum, dampening, weight_decay,
-                    nesterov)
+                    _ps, _first = _params, {}
+                    self._variant_2(group, _ps, _first, lr, momentum, dampening, weight_decay,
+                        nesterov)
+        except ZeroDivisionError as _err:  # a number's divisor, of step() or a shape, is 0
+            raise _rt.division_error(_err, 'SGD') from None
         return loss
 
     def _variant_0(self, group, _params, _first, lr, momentum, dampening, weight_decay, nesterov):

@@ -16,6 +16,8 @@ from nestc.ops.mlp_memory.reference import ACTS, chunk_mlp_memory
 __all__ = ["chunk_mlp_memory", "mlp_memory"]
 
 BACKENDS = (None, "chunked", "triton")
+# the triton kernel's smallest clip: its square, below this one's, underflows float32 (NaN)
+MIN_KERNEL_CLIP = 1e-18
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
@@ -57,9 +59,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                              or not clip > 0):
         raise ValueError(f"{op}: clip must be a number above 0 or None, got {clip!r}")
-    if clip is not None and backend == "triton" and clip < 1e-18:
-        raise ValueError(f"{op}: clip {clip!r} is below 1e-18: its square underflows float32 "
-                         "in the triton kernel")
+    if clip is not None and backend == "triton" and clip < MIN_KERNEL_CLIP:
+        raise ValueError(f"{op}: clip {clip!r} is below {MIN_KERNEL_CLIP}: its square "
+                         "underflows float32 in the triton kernel")
     if act not in ACTS:
         raise ValueError(f"{op}: act must be one of {ACTS}, got {act!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
