@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,3 +54,41 @@ def softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
     float32 rounding (it returns x above beta x = 20; log(1 + exp(-20)) = 2e-9)."""
     y = torch.logaddexp(x * beta if beta != 1.0 else x, x.new_zeros(()))
     return y / beta if beta != 1.0 else y
+
+
+def minimum(a: Any, b: Any) -> torch.Tensor:
+    """min(a, b), element-wise: tensors or numbers (at least one a tensor)."""
+    return torch.minimum(*_tensors(a, b))
+
+
+def maximum(a: Any, b: Any) -> torch.Tensor:
+    """max(a, b), element-wise: tensors or numbers (at least one a tensor)."""
+    return torch.maximum(*_tensors(a, b))
+
+
+def lerp(a: Any, b: Any, w: Any) -> Any:
+    """a + w (b - a): tensors or numbers."""
+    return a + w * (b - a)
+
+
+def _comparison(op: Callable[[Any, Any], torch.Tensor], name: str) -> Callable[..., Any]:
+    def compare(a: Any, b: Any) -> torch.Tensor:
+        a, b = _tensors(a, b)
+        return op(a, b).to(torch.promote_types(a.dtype, b.dtype))
+
+    compare.__name__ = name
+    compare.__doc__ = f"a {name} b, element-wise: 1 where it holds, else 0, in the operands' dtype " \
+        "(a bool tensor would add as `or` and refuse `-`)"
+    return compare
+
+
+lt, le = _comparison(torch.lt, "lt"), _comparison(torch.le, "le")
+gt, ge = _comparison(torch.gt, "gt"), _comparison(torch.ge, "ge")
+eq, ne = _comparison(torch.eq, "eq"), _comparison(torch.ne, "ne")
+
+
+def _tensors(*xs: Any) -> list[torch.Tensor]:
+    """Numbers as tensors of the first tensor's dtype and device."""
+    t = next(x for x in xs if isinstance(x, torch.Tensor))
+    return [x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=t.dtype, device=t.device)
+            for x in xs]

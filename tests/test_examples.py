@@ -104,3 +104,28 @@ def test_every_nest_example_in_the_docs_checks(doc):
     assert blocks
     for i, text in enumerate(blocks):
         nestc.loads(text, f"{doc} block {i + 1}")
+
+
+def test_the_builtins_table_in_the_language_docs_says_what_builtins_take():
+    """docs/language.md's builtins table against nestc.builtins.BUILTINS: every builtin once,
+    with its positional count, its keywords and its meaning (the table was said to be generated
+    from BUILTINS, but nothing regenerated it: `mean`'s `per` and `softmax_attention`'s `rope`
+    were missing)."""
+    from nestc.builtins import BUILTINS
+
+    text = (ROOT / "docs/language.md").read_text()
+    table = text.split("<!-- builtins table: begin -->")[1].split("<!-- builtins table: end -->")[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        sig, positional, keywords, meaning = cells
+        name = sig.strip("`").split("(")[0]
+        assert name not in rows, f"{name} is in the table twice"
+        rows[name] = (positional, keywords, meaning.replace("\\|", "|"))
+    assert set(rows) == set(BUILTINS)
+    for name, b in BUILTINS.items():
+        positional = str(b.min_args) if b.min_args == b.max_args else \
+            f"{b.min_args}+" if b.max_args is None else f"{b.min_args}-{b.max_args}"
+        assert rows[name] == (positional, ", ".join(b.kwargs) or "-", b.doc), name

@@ -178,3 +178,21 @@ def test_unknown_declaration_in_program():
         prog.decl("Adamm")
     assert info.value.message == "`std/optim/adam.nest` declares no `Adamm`"
     assert info.value.hint == "did you mean `Adam` or `AdamW`?"
+
+
+def test_a_block_imported_as_an_alias_is_built_by_its_qualified_name():
+    """`t.MLP(dim)(x)` checked, then `build` and `nestc compile` refused it ("calling this
+    expression is not supported"); it builds the module that `MLP(dim)(x)` builds."""
+    torch = pytest.importorskip("torch")
+    body = "block B(dim = 8) {{\n    input x : [T, dim]\n    output x + {}(dim)(x)\n}}\n"
+    aliased = nestc.loads('import "std/models/transformer.nest" as t\n' + body.format("t.MLP"),
+                          "a.nest")
+    plain = nestc.loads('from "std/models/transformer.nest" import MLP\n' + body.format("MLP"),
+                        "p.nest")
+    x = torch.randn(2, 5, 8)
+    outs = []
+    for prog in (aliased, plain):
+        torch.manual_seed(0)
+        outs.append(prog.build("B")(x))
+    assert torch.equal(outs[0], outs[1])
+    assert "class MLP(" in aliased.source("B")

@@ -28,7 +28,7 @@ from typing import Any
 
 from nestc import __version__, ast
 from nestc.builtins import BUILTINS
-from nestc.check import Checked, next_token_objective
+from nestc.check import Checked, next_token_objective, qualified_name
 from nestc.codegen.torch import class_name, comment, fitted, literal, py_name, spec_comment
 from nestc.errors import NestError
 from nestc.hyper import UNKNOWN, const_eval
@@ -38,6 +38,7 @@ ACTS = ("gelu", "silu", "relu", "tanh", "sigmoid")  # an MLP memory's (nestc.ops
 MATH = {"sqrt": "torch.sqrt", "abs": "torch.abs", "exp": "torch.exp", "log": "torch.log",
         "sign": "torch.sign", "tanh": "torch.tanh", "silu": "F.silu", "gelu": "F.gelu",
         "relu": "F.relu", "sigmoid": "torch.sigmoid", "stop_grad": "torch.detach"}
+COMPARISONS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 # what a submodule's name must not be: attributes of nn.Module and nestc.module.Built
 # (tests/test_codegen_block.py checks this list against torch's)
 _MODULE_ATTRS = """
@@ -582,18 +583,48 @@ class _Scope:
             return x
         if isinstance(e, ast.ExprCall):
             return self.call(e, hint)
+        if isinstance(e, ast.ExprCond):
+            cond = const_eval(e.cond, self.consts)
+            if cond is not UNKNOWN:  # a hyperparameter's choice: that branch only
+                return self.value(e.then if cond else e.orelse, hint)
+            return self.elementwise("torch.where", [e.cond, e.then, e.orelse], e.span,
+                                    "`if ... then ... else`", hint, where=True)
         raise unsupported(f"this expression ({type(e).__name__}) in a block", e.span)
 
     def binary(self, e: ast.ExprBinary, hint: str) -> Ten:
-        if e.op not in ("+", "-", "*", "/", "**"):
+        if e.op not in ("+", "-", "*", "/", "**", "%", "<", "<=", ">", ">=", "==", "!="):
             raise unsupported(f"`{e.op}` on tensors", e.span)
-        a, b = self.value(e.left, hint), self.value(e.right, hint)
-        feats = [v.feat for v in (a, b) if isinstance(v, Ten)]
-        if len(feats) == 2 and feats[0] != feats[1] and 1 not in feats:
-            raise NestError(f"`{e.op}` of tensors with {feats[0]} and {feats[1]} features",
-                            e.span, kind="shape")
-        code = [v.code if isinstance(v, Ten) else operand(v) for v in (a, b)]
-        return Ten(f"({code[0]} {e.op} {code[1]})", max(feats))
+        [a, b], feat = self.operands([e.left, e.right], e.span, f"`{e.op}`", hint)
+        if e.op in COMPARISONS:  # 1 or 0 in the operands' dtype (nestc.layers)
+            return Ten(f"_layers.{COMPARISONS[e.op]}({a}, {b})", feat)
+        return Ten(f"({a} {e.op} {b})", feat)
+
+    def operands(self, args: list[ast.Expr], span: Any, what: str,
+                 hint: str) -> tuple[list[str], int]:
+        """The code of element-wise operands (tensors or numbers, at least one a tensor), and
+        the features of the result: the tensors' widths must agree, or be 1 (broadcast)."""
+        values = [self.value(a, hint) for a in args]
+        tens = [v for v in values if isinstance(v, Ten)]
+        if any(v.tokens for v in tens):
+            raise NestError(f"{what} takes features, not token ids; embed them first", span,
+                            kind="type")
+        feats = sorted({v.feat for v in tens} - {1})
+        if len(feats) > 1:
+            raise NestError(f"{what} of tensors with {' and '.join(map(str, feats))} features",
+                            span, kind="shape")
+        if not tens:  # (the checker computes an all-constant expression)
+            raise NestError(f"{what} needs a tensor here", span, kind="type")
+        code = [v.code if isinstance(v, Ten) else operand(v) for v in values]
+        return code, feats[0] if feats else 1
+
+    def elementwise(self, fn: str, args: list[ast.Expr], span: Any, what: str, hint: str,
+                    where: bool = False) -> Ten:
+        """fn(a, b, ...) of element-wise operands; `where`: the first is a condition, true
+        where it is not 0."""
+        code, feat = self.operands(args, span, what, hint)
+        if where:
+            code[0] = f"({code[0]} != 0)"
+        return Ten(f"{fn}({', '.join(code)})", feat)
 
     def call(self, e: ast.ExprCall, hint: str) -> Any:
         from nestc.codegen.layers import compile_call
@@ -660,11 +691,12 @@ class _Scope:
     def subblock(self, e: ast.ExprCall, hint: str) -> Ten:
         assert isinstance(e.func, ast.ExprCall)
         head = e.func
-        if not isinstance(head.func, ast.ExprName):
+        name = qualified_name(head.func)  # `Block` or `alias.Block` (imported `as alias`)
+        if name is None:
             raise unsupported("calling this expression", e.span)
-        decl = self.checked.scope.get(head.func.name)
+        decl = self.checked.scope.get(name)
         if decl is None or decl.kind != "block":
-            raise NestError(f"`{head.func.name}` is not a block", head.func.span, kind="name")
+            raise NestError(f"`{name}` is not a block", head.func.span, kind="name")
         checked = self.g.program.lookup(decl)
         names = list(checked.hypers)
         if len(head.args) > len(names):

@@ -81,7 +81,37 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
         return Ten(f"self.{attr}({tokens.code})", dim)
     if name == "softmax_attention":
         return _attention(scope, e, kw, hint)
+    if name in ELEMENTWISE:
+        return scope.elementwise(ELEMENTWISE[name], list(e.args), e.span, f"`{name}`", hint,
+                                 where=name == "where")
+    if name == "clamp":
+        x = scope.tensor(e.args[0], hint)
+        bounds = {k.name: scope.number(k.value, f"clamp's `{k.name}`") for k in e.kwargs}
+        if len(bounds) == 2 and bounds["lo"] > bounds["hi"]:
+            raise NestError(f"clamp's `lo` {bounds['lo']} is above its `hi` {bounds['hi']}",
+                            e.span, kind="value")
+        args = "".join(f", {m}={literal(bounds[k])}" for k, m in (("lo", "min"), ("hi", "max"))
+                       if k in bounds)
+        return Ten(f"torch.clamp({x.code}{args})", x.feat) if args else x
+    if name == "softmax":
+        x = scope.tensor(e.args[0], hint)
+        if int(kw.get("dim", -1)) != -1:
+            raise unsupported("`softmax` over a dim other than the last", e.span)
+        return Ten(f"torch.softmax({x.code}, -1)", x.feat)
+    if name == "concat":
+        if int(kw.get("dim", -1)) != -1:
+            raise unsupported("`concat` along a dim other than the last", e.span)
+        xs = [scope.tensor(a, hint) for a in e.args]
+        if any(x.tokens for x in xs):
+            raise NestError("concat takes features, not token ids; embed them first", e.span,
+                            kind="type")
+        return Ten(f"torch.cat([{', '.join(x.code for x in xs)}], -1)", sum(x.feat for x in xs))
     raise unsupported(f"`{name}` in a block", e.span)
+
+
+# element-wise builtins of tensors and numbers: the function generated code calls
+ELEMENTWISE = {"min": "_layers.minimum", "max": "_layers.maximum", "lerp": "_layers.lerp",
+               "where": "torch.where"}
 
 
 def _attention(scope: Any, e: ast.ExprCall, kw: dict[str, Any], hint: str) -> Ten:
