@@ -56,6 +56,21 @@ def softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
     return y / beta if beta != 1.0 else y
 
 
+def param(shape: tuple[int, ...], init: str | float) -> nn.Parameter:
+    """A block's `param` of this shape: "zeros", "identity", a number for every entry, or
+    "default": uniform in +-1/sqrt(shape[0]) (the fan-in of `x @ W`, nn.Linear's weights'
+    bound; 0 for a scalar)."""
+    if init == "identity":
+        return nn.Parameter(torch.eye(shape[0]))
+    if init == "default":
+        bound = 1 / shape[0] ** 0.5 if shape else 0.0
+        return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+    if init == "zeros":
+        return nn.Parameter(torch.zeros(shape))
+    assert isinstance(init, float), init
+    return nn.Parameter(torch.full(shape, init))
+
+
 def minimum(a: Any, b: Any) -> torch.Tensor:
     """min(a, b), element-wise: tensors or numbers (at least one a tensor)."""
     return torch.minimum(*_tensors(a, b))

@@ -393,3 +393,64 @@ def test_element_wise_builtins_and_tensor_conditions_build_as_written(dtype):
 def test_element_wise_builtins_say_what_they_refuse(body, message):
     with pytest.raises(nestc.NestError, match=message):
         _block(body)
+
+
+PARAMS = """block P(dim = 4, depth = 2) {
+    input x : [T, dim]
+    let h = x
+    repeat depth {
+        param W : [dim, dim] = identity
+        param g : [dim] = 1.5
+        h = h @ W * g
+    }
+    param s : [1] = 0.5
+    param M : [dim, 2 * dim]
+    param b : [2 * dim] = zeros
+    output concat(h, x) * sigmoid(s) + x @ (M * 2) + b
+}
+"""
+
+
+def test_a_blocks_params_are_its_weights():
+    """`param W : [a, b] = init` in a block (docs/language.md's Gated example) was refused
+    ("`StmtParam` in a block is not supported"). Each is a parameter of the module, one per
+    repeat copy, at its init, read by `@` and element-wise, trained by the outer level."""
+    torch.manual_seed(0)
+    m = nestc.loads(PARAMS, "p.nest").build("P")
+    params = dict(m.named_parameters())
+    assert {n: tuple(p.shape) for n, p in params.items()} == {
+        "r0_W": (4, 4), "r0_g": (4,), "r1_W": (4, 4), "r1_g": (4,), "s": (1,), "M": (4, 8),
+        "b": (8,)}
+    assert torch.equal(params["r0_W"], torch.eye(4)) and (params["r1_g"] == 1.5).all()
+    assert params["M"].abs().max() <= 0.5 and params["M"].std() > 0.1  # +-1/sqrt(4)
+    x = torch.randn(2, 3, 4)
+    h = x @ params["r0_W"] * params["r0_g"] @ params["r1_W"] * params["r1_g"]
+    want = torch.cat([h, x], -1) * torch.sigmoid(params["s"]) + x @ (params["M"] * 2) + \
+        params["b"]
+    y = m(x)
+    torch.testing.assert_close(y, want)
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+
+
+@pytest.mark.parametrize("body,message", [
+    ("    param W : [dim, dim]\n    output W",
+     "4:12: error: this takes a sequence [T, features], not a param's tensor of shape [2, 2]"),
+    ("    param W : [dim, dim]\n    output x * W",
+     "4:12: error: `*` of a sequence and a param's tensor of shape [2, 2]"),
+    ("    param W : [3, dim]\n    output x @ W",
+     "4:12: error: `@` of 2 features by a matrix of shape [3, 2]"),
+    ("    param b : [dim]\n    output x @ b", "4:12: error: `@` other than a sequence"),
+    ("    param W : [dim, 3] = identity\n    output x @ W",
+     "3:26: error: identity is the init of a square matrix, not of shape [2, 3]"),
+    ("    param W : [dim, dim] = meta\n    output x @ W",
+     "3:28: error: this init of a param (it takes zeros, identity or a number) is not"),
+    ("    param W : [2, 3]\n    param V : [3, 2]\n    output x * (W + V)",
+     "5:17: error: `+` of params of shapes [2, 3] and [3, 2]"),
+    ("    param W : [dim, dim]\n    output linear(W, 3)",
+     "4:19: error: this takes a sequence [T, features], not a param's tensor"),
+])
+def test_a_param_where_it_cannot_go_is_an_error_at_it(body, message):
+    with pytest.raises(nestc.NestError) as info:
+        _block(body)
+    assert str(info.value).startswith(f"b.nest:{message}"), str(info.value)

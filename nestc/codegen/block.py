@@ -23,7 +23,7 @@ from __future__ import annotations
 import keyword
 import re
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nestc import __version__, ast
@@ -109,6 +109,20 @@ def operand(value: Any) -> str:
     return f"({code})" if code.startswith("-") else code
 
 
+def broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape torch broadcasts these to (ValueError where it cannot)."""
+    out: list[int] = []
+    for shape in shapes:
+        for i, n in enumerate(reversed(shape)):
+            if i == len(out):
+                out.insert(0, n)
+            elif out[-1 - i] == 1:
+                out[-1 - i] = n
+            elif n not in (1, out[-1 - i]):
+                raise ValueError(shapes)
+    return tuple(out)
+
+
 def unsupported(what: str, span: Any) -> NestError:
     return NestError(f"{what} is not supported by the block compiler yet", span, kind="value",
                      unsupported=True)
@@ -122,6 +136,9 @@ class Ten:
     code: str
     feat: int
     tokens: bool = False  # token ids [B, T] (no feature dim)
+    # None: one value per token, [B, T, feat]; else the shape of a tensor of the block's own
+    # (a `param`, or an expression of params alone), the same for every token
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -371,6 +388,8 @@ class _Scope:
     def statement(self, s: ast.Stmt, in_feat: int | None) -> None:
         if isinstance(s, ast.StmtInput):
             self.input(s, in_feat)
+        elif isinstance(s, ast.StmtParam):
+            self.param(s)
         elif isinstance(s, ast.StmtLet):
             self.bind(s.name, s.value)
         elif isinstance(s, ast.StmtUpdate):
@@ -440,6 +459,31 @@ class _Scope:
         self.tens[s.name] = Ten(var, int(feat))
         self.cls.in_feat = int(feat)
 
+    def param(self, s: ast.StmtParam) -> None:
+        """`param W : [a, b] = init`: a weight of the block (nestc.layers.param), trained by the
+        outer level."""
+        assert s.shape is not None, s.span  # (the checker)
+        if s.shape.dtype not in (None, "float"):
+            raise unsupported(f"a param of {s.shape.dtype}s", s.shape.span)
+        shape = tuple(self.size(d, "a param's dim") for d in s.shape.dims)
+        init: Any = "default"
+        if s.init is not None:
+            init = const_eval(s.init, self.consts)
+            if isinstance(s.init, ast.ExprName) and s.init.name in ("zeros", "identity"):
+                init = s.init.name
+            elif isinstance(init, bool) or not isinstance(init, (int, float)):
+                raise unsupported("this init of a param (it takes zeros, identity or a number)",
+                                  s.init.span)
+            else:
+                init = float(init)
+        if init == "identity" and (len(shape) != 2 or shape[0] != shape[1]):
+            raise NestError(f"identity is the init of a square matrix, not of shape "
+                            f"{list(shape)}", s.init.span if s.init else s.span, kind="shape")
+        for name in s.names:
+            attr = self.add(name, f"_layers.param({shape!r}, {init!r})")
+            self.consts.pop(name, None)
+            self.tens[name] = Ten(f"self.{attr}", shape[-1] if shape else 1, shape=shape)
+
     def bind(self, name: str, value: ast.Expr) -> None:
         v = self.value(value, name)
         if not isinstance(v, Ten):
@@ -449,7 +493,7 @@ class _Scope:
         self.consts.pop(name, None)  # a name bound to a constant before is a tensor now
         var = self.local(name)
         self.emit(f"{var} = {v.code}")
-        self.tens[name] = Ten(var, v.feat, v.tokens)
+        self.tens[name] = Ten(var, v.feat, v.tokens, v.shape)
 
     def memory(self, s: ast.StmtMemory) -> None:
         from nestc.codegen.memories import plan
@@ -557,10 +601,15 @@ class _Scope:
                 return self.size(k.value, what, minimum)
         return default
 
-    def tensor(self, e: ast.Expr, hint: str) -> Ten:
+    def tensor(self, e: ast.Expr, hint: str, fixed: bool = False) -> Ten:
+        """A tensor: one value per token, or (`fixed`: element-wise functions) a param's."""
         v = self.value(e, hint)
         if not isinstance(v, Ten):
             raise NestError("a tensor is needed here, not a constant", e.span, kind="type")
+        if v.shape is not None and not fixed:
+            raise NestError(f"this takes a sequence [T, features], not a param's tensor of "
+                            f"shape {list(v.shape)}", e.span, kind="shape",
+                            hint="read the param with a sequence: `x @ W`, `x * b`")
         return v
 
     def value(self, e: ast.Expr, hint: str) -> Any:
@@ -575,9 +624,9 @@ class _Scope:
         if isinstance(e, ast.ExprBinary):
             return self.binary(e, hint)
         if isinstance(e, ast.ExprUnary):
-            x = self.tensor(e.operand, hint)
+            x = self.tensor(e.operand, hint, fixed=True)
             if e.op == "-":
-                return Ten(f"(-{x.code})", x.feat)
+                return Ten(f"(-{x.code})", x.feat, shape=x.shape)
             if e.op != "+":
                 raise unsupported(f"`{e.op}` on a tensor", e.span)
             return x
@@ -592,39 +641,70 @@ class _Scope:
         raise unsupported(f"this expression ({type(e).__name__}) in a block", e.span)
 
     def binary(self, e: ast.ExprBinary, hint: str) -> Ten:
+        if e.op == "@":
+            return self.matmul(e, hint)
         if e.op not in ("+", "-", "*", "/", "**", "%", "<", "<=", ">", ">=", "==", "!="):
             raise unsupported(f"`{e.op}` on tensors", e.span)
-        [a, b], feat = self.operands([e.left, e.right], e.span, f"`{e.op}`", hint)
+        [a, b], like = self.operands([e.left, e.right], e.span, f"`{e.op}`", hint)
         if e.op in COMPARISONS:  # 1 or 0 in the operands' dtype (nestc.layers)
-            return Ten(f"_layers.{COMPARISONS[e.op]}({a}, {b})", feat)
-        return Ten(f"({a} {e.op} {b})", feat)
+            return replace(like, code=f"_layers.{COMPARISONS[e.op]}({a}, {b})")
+        return replace(like, code=f"({a} {e.op} {b})")
+
+    def matmul(self, e: ast.ExprBinary, hint: str) -> Ten:
+        """`x @ W`: a sequence (or a param's matrix) times a param's matrix."""
+        a = self.tensor(e.left, hint, fixed=True)
+        b = self.tensor(e.right, hint, fixed=True)
+        if a.tokens or b.shape is None or len(b.shape) != 2 or \
+                (a.shape is not None and len(a.shape) != 2):
+            raise unsupported("`@` other than a sequence or a param's matrix times a param's "
+                              "matrix (`x @ W`)", e.span)
+        if a.feat != b.shape[0]:
+            raise NestError(f"`@` of {a.feat} features by a matrix of shape {list(b.shape)}",
+                            e.span, kind="shape")
+        shape = None if a.shape is None else (a.shape[0], b.shape[1])
+        return Ten(f"({a.code} @ {b.code})", b.shape[1], shape=shape)
 
     def operands(self, args: list[ast.Expr], span: Any, what: str,
-                 hint: str) -> tuple[list[str], int]:
+                 hint: str) -> tuple[list[str], Ten]:
         """The code of element-wise operands (tensors or numbers, at least one a tensor), and
-        the features of the result: the tensors' widths must agree, or be 1 (broadcast)."""
+        what the result is (its code to be set): the tensors' widths must agree, or be 1
+        (broadcast). With a sequence, a param's tensor has at most one dim (its features);
+        params alone broadcast as torch does."""
         values = [self.value(a, hint) for a in args]
         tens = [v for v in values if isinstance(v, Ten)]
+        if not tens:  # (the checker computes an all-constant expression)
+            raise NestError(f"{what} needs a tensor here", span, kind="type")
         if any(v.tokens for v in tens):
             raise NestError(f"{what} takes features, not token ids; embed them first", span,
                             kind="type")
+        fixed = [v.shape for v in tens if v.shape is not None]
+        if len(fixed) < len(tens) and any(len(shape) > 1 for shape in fixed):
+            raise NestError(f"{what} of a sequence and a param's tensor of shape "
+                            f"{list(next(sh for sh in fixed if len(sh) > 1))}", span,
+                            kind="shape", hint="a matrix reads a sequence as `x @ W`")
+        shape = None
+        if len(fixed) == len(tens):
+            try:
+                shape = broadcast(fixed)
+            except ValueError:
+                raise NestError(f"{what} of params of shapes "
+                                f"{' and '.join(str(list(sh)) for sh in fixed)}", span,
+                                kind="shape") from None
         feats = sorted({v.feat for v in tens} - {1})
         if len(feats) > 1:
             raise NestError(f"{what} of tensors with {' and '.join(map(str, feats))} features",
                             span, kind="shape")
-        if not tens:  # (the checker computes an all-constant expression)
-            raise NestError(f"{what} needs a tensor here", span, kind="type")
         code = [v.code if isinstance(v, Ten) else operand(v) for v in values]
-        return code, feats[0] if feats else 1
+        return code, Ten("", feats[0] if feats else 1, shape=shape)
 
     def elementwise(self, fn: str, args: list[ast.Expr], span: Any, what: str, hint: str,
                     where: bool = False) -> Ten:
         """fn(a, b, ...) of element-wise operands; `where`: the first is a condition, true
         where it is not 0."""
-        code, feat = self.operands(args, span, what, hint)
+        code, like = self.operands(args, span, what, hint)
         if where:
             code[0] = f"({code[0]} != 0)"
-        return Ten(f"{fn}({', '.join(code)})", feat)
+        return replace(like, code=f"{fn}({', '.join(code)})")
 
     def call(self, e: ast.ExprCall, hint: str) -> Any:
         from nestc.codegen.layers import compile_call

@@ -10,6 +10,7 @@ The runtime side is nestc/layers.py.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from nestc import ast
@@ -24,12 +25,12 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
     name = e.func.name
     kw = {k.name: scope.const(k.value) for k in e.kwargs}
     if name in MATH:
-        x = scope.tensor(e.args[0], hint)
-        return Ten(f"{MATH[name]}({x.code})", x.feat)
+        x = scope.tensor(e.args[0], hint, fixed=True)
+        return replace(x, code=f"{MATH[name]}({x.code})")
     if name == "softplus":
-        x = scope.tensor(e.args[0], hint)
+        x = scope.tensor(e.args[0], hint, fixed=True)
         beta = scope.number_kw(e, "beta", 1.0, "softplus's `beta`", positive=True)
-        return Ten(f"_layers.softplus({x.code}, {literal(beta)})", x.feat)
+        return replace(x, code=f"_layers.softplus({x.code}, {literal(beta)})")
     if name == "l2norm":
         x = scope.tensor(e.args[0], hint)
         per = scope.size_kw(e, "per", 1, "`per`")
@@ -85,14 +86,14 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
         return scope.elementwise(ELEMENTWISE[name], list(e.args), e.span, f"`{name}`", hint,
                                  where=name == "where")
     if name == "clamp":
-        x = scope.tensor(e.args[0], hint)
+        x = scope.tensor(e.args[0], hint, fixed=True)
         bounds = {k.name: scope.number(k.value, f"clamp's `{k.name}`") for k in e.kwargs}
         if len(bounds) == 2 and bounds["lo"] > bounds["hi"]:
             raise NestError(f"clamp's `lo` {bounds['lo']} is above its `hi` {bounds['hi']}",
                             e.span, kind="value")
         args = "".join(f", {m}={literal(bounds[k])}" for k, m in (("lo", "min"), ("hi", "max"))
                        if k in bounds)
-        return Ten(f"torch.clamp({x.code}{args})", x.feat) if args else x
+        return replace(x, code=f"torch.clamp({x.code}{args})") if args else x
     if name == "softmax":
         x = scope.tensor(e.args[0], hint)
         if int(kw.get("dim", -1)) != -1:
