@@ -211,6 +211,7 @@ class BodyChecker:
         # the `if`s around the statement or expression being checked, (condition, branch):
         # a call's `require`s are checked at the defaults only where those take its branch
         self.conds: list[tuple[ast.Expr, bool]] = []
+        self.copies = 1  # the copies the enclosing `repeat`s make (of known counts)
 
     # errors
     def unknown_name(self, name: str, span: Span, scope: _Scope) -> NestError:
@@ -305,10 +306,13 @@ class BodyChecker:
             if n is not UNKNOWN and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
                 raise NestError(f"`repeat` needs a whole number of times, got {show_value(n)}",
                                 s.count.span, kind="value")
-            _copies(n, s.count.span)
+            _copies(n, s.count.span, self.copies)
             self.conds.append((ast.ExprBinary(">", s.count, ast.ExprNumber(0, "0", s.span),
                                               s.span), True))  # (taken when it repeats)
+            outer = self.copies
+            self.copies *= n if isinstance(n, int) and n > 0 else 1
             self.block(s.body, _Scope(scope))
+            self.copies = outer
             self.conds.pop()
         elif isinstance(s, ast.StmtChain):
             values = self.expr(s.values, scope)
@@ -745,9 +749,10 @@ class BodyChecker:
 MAX_REPEAT = 1024  # copies a `repeat` makes (each is built: a huge count hung the build)
 
 
-def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any]) -> None:
+def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any], copies: int = 1) -> None:
     """The update periods, chunk sizes and `repeat` counts of a body, at bound values: a
-    positive whole number each (NestError at it), a repeat at most MAX_REPEAT. The checker
+    positive whole number each (NestError at it), a repeat at most MAX_REPEAT copies with
+    those of the repeats around it (`copies`). The checker
     sees the defaults' at load; a build, a call or `--set` (a period of 0 divided by zero in
     explain, a negative one printed "every -2 tokens") binds others."""
     def whole(e: ast.Expr | None, what: str, low: int = 1) -> Any:
@@ -767,24 +772,28 @@ def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any]) -> None:
             if freq.chunk is not None:
                 _lined_up(1 if freq.every is None else every, chunk, freq.chunk.span)
         if isinstance(s, ast.StmtRepeat):
-            _copies(whole(s.count, "`repeat`'s count", low=0), s.count.span)
-            counts(s.body, env)
+            n = whole(s.count, "`repeat`'s count", low=0)
+            _copies(n, s.count.span, copies)
+            counts(s.body, env, copies * (n if isinstance(n, int) and n > 0 else 1))
         elif isinstance(s, ast.StmtChain):
             values = const_eval(s.values, env)
             for v in values if isinstance(values, (list, tuple)) else ():
-                counts(s.body, {**env, s.var: v})
+                counts(s.body, {**env, s.var: v}, copies)
         elif isinstance(s, ast.StmtIf):
             way = const_eval(s.cond, env)
-            counts(s.then + s.orelse if way is UNKNOWN else s.then if way else s.orelse, env)
+            counts(s.then + s.orelse if way is UNKNOWN else s.then if way else s.orelse, env,
+                   copies)
         elif isinstance(s, (ast.StmtMemory, ast.StmtTrain)):
-            counts(s.body, env)
+            counts(s.body, env, copies)
 
 
-def _copies(n: Any, span: Span) -> None:
-    """NestError for a `repeat` count above MAX_REPEAT (at load and at every binding)."""
-    if isinstance(n, int) and n > MAX_REPEAT:
-        raise NestError(f"`repeat` {n} times is more than nestc builds (at most {MAX_REPEAT} "
-                        "copies)", span, kind="value")
+def _copies(n: Any, span: Span, outer: int = 1) -> None:
+    """NestError for a `repeat` count above MAX_REPEAT, with the `outer` copies of the
+    repeats around it (at load and at every binding)."""
+    if isinstance(n, int) and n * outer > MAX_REPEAT:
+        inside = f" inside {outer} copies ({n * outer} in all)" if outer > 1 else ""
+        raise NestError(f"`repeat` {n} times{inside} is more than nestc builds (at most "
+                        f"{MAX_REPEAT} copies)", span, kind="value")
 
 
 def _lined_up(every: Any, chunk: Any, span: Span) -> None:

@@ -188,10 +188,13 @@ class _Builder:
         return Value(frozenset({(nid, "flow")}), self.sig_deps.get(nid, frozenset()))
 
     def fresh_prefix(self, base: str) -> str:
-        name, n = base, 1
+        """A call's prefix: the block's name, then `_1`, `_2`, ... as the generated module
+        names its submodules (nestc.codegen.block._Scope.add), so that levels and state keys
+        say the same."""
+        name, n = base, 0
         while name in self.prefixes:
             n += 1
-            name = f"{base}{n}"
+            name = f"{base}_{n}"
         self.prefixes.add(name)
         return name
 
@@ -255,7 +258,10 @@ class _Builder:
                     frame.scope[s.name] = ("node", nid)
         elif isinstance(s, ast.StmtRepeat):
             count = const_eval(s.count, frame.env)
-            times = frame.repeat * count if isinstance(count, int) and frame.repeat else None
+            if count == 0:  # no copy is built
+                return
+            times = frame.repeat * count if isinstance(count, int) and frame.repeat is not None \
+                else None
             inner = frame.child(repeat=times)
             self.body(s.body, inner)
             frame.output = frame.output | inner.output
@@ -271,10 +277,19 @@ class _Builder:
         elif isinstance(s, ast.StmtIf):
             cond = const_eval(s.cond, frame.env)
             branches = [s.then, s.orelse] if cond is UNKNOWN else [s.then if cond else s.orelse]
+            before, ways = self.updates, []
             for b in branches:
+                self.updates = {}
                 inner = frame.child()
                 self.body(b, inner)
                 frame.output = frame.output | inner.output
+                ways.append(self.updates)
+            # a level's updates in the branches are one or the other: "a or b"
+            self.updates = before
+            for nid in dict.fromkeys(n for way in ways for n in way):
+                texts = ["; ".join(way[nid]) for way in ways if nid in way]
+                self.updates.setdefault(nid, []).append(
+                    " or ".join(f"({t})" if "; " in t and len(texts) > 1 else t for t in texts))
         elif isinstance(s, ast.StmtTrain):
             if not frame.prefix and not frame.transparent:
                 self.train_level(s, frame)
@@ -306,10 +321,14 @@ class _Builder:
         if frame.transparent or value.module is not None:
             frame.scope[name] = ("value", value)
             return
+        # a name let again (or a let in an inner body of an outer one's name) is a new signal:
+        # a version of it, as an assignment makes (h, h'), or a fresh name beside another node
         nid = self.node_id(name, frame)
-        if nid not in self.g or self.g.nodes[nid]["kind"] != "signal":
-            nid = self.node(self.fresh_id(nid), "signal", frame, span)
-            self.sig_deps[nid] = frozenset()
+        if nid in self.g and self.g.nodes[nid]["kind"] == "signal":
+            while nid in self.g:
+                nid += "'"
+        nid = self.node(self.fresh_id(nid), "signal", frame, span)
+        self.sig_deps[nid] = frozenset()
         self.connect(value, nid)
         frame.scope[name] = ("node", nid)
 
@@ -402,8 +421,9 @@ class _Builder:
         chunk = None if f.chunk is None else const_eval(f.chunk, frame.env)
         period = period if isinstance(period, int) else None
         chunk = chunk if isinstance(chunk, int) else None
-        if f.unit == "step" and frame.alias is not None and frame.alias != self.train:
-            # an optimizer as a memory's rule steps whenever that memory updates
+        if f.unit == "step" and frame.alias is not None:
+            # an optimizer as a memory's rule (or the train level's) steps whenever that
+            # memory (the train level) updates
             host = self.g.nodes[frame.alias]
             scale = host["period"] if period is not None else None
             return host["unit"], scale * period if scale is not None else None, host["chunk"]
@@ -527,9 +547,12 @@ class _Builder:
         if isinstance(e, ast.ExprAttr):
             return self.expr(e.base, frame, ctx)
         if isinstance(e, ast.ExprBinary):
+            value = self.expr(e.left, frame, ctx) | self.expr(e.right, frame, ctx)
             if e.op == "*" and 0 in (const_eval(e.left, frame.env), const_eval(e.right, frame.env)):
-                return NOTHING  # a zero coefficient (weight_decay = 0) reads nothing
-            return self.expr(e.left, frame, ctx) | self.expr(e.right, frame, ctx)
+                # a zero coefficient (weight_decay = 0) reads nothing; the layers and blocks
+                # of the other factor are still there (walked above), as build makes them
+                return NOTHING
+            return value
         if isinstance(e, ast.ExprUnary):
             return self.expr(e.operand, frame, ctx)
         if isinstance(e, ast.ExprCond):
@@ -638,8 +661,9 @@ class _Builder:
                     self.edge(train, nid, "init", "meta")
                 elif attrs["kind"] == "param" or attrs.get("unit") == "never":
                     self.edge(train, nid, "backprop", "task gradient")
-                    if attrs["kind"] == "param":
+                    if attrs["kind"] == "param":  # (changed when the train level steps)
                         attrs["objective"], attrs["rule"] = t["objective"], t["rule"]
+                        attrs.update({k: t[k] for k in ("unit", "period", "frequency")})
         self.order()
 
     def order(self) -> None:

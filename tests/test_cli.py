@@ -242,6 +242,9 @@ def test_file_errors_and_deep_calls_exit_1_with_a_message(files, capsys):
     ("block B(dim = 4, n = 2) {\n    input x : [T, dim]\n    let h = x\n"
      "    repeat n { h = h + 1 }\n    output h\n}\n", ["--set", "n=1000000000"],
      "p.nest:4:12: error: `repeat` 1000000000 times is more than nestc builds"),
+    ("block B(dim = 4, n = 2) {\n    input x : [T, dim]\n    let h = x\n"
+     "    repeat n { repeat n { h = h + 1 } }\n    output h\n}\n", ["--set", "n=1024"],
+     "p.nest:4:23: error: `repeat` 1024 times inside 1024 copies (1048576 in all) is more"),
 ])
 def test_bound_periods_and_repeat_counts_are_checked(files, capsys, text, argv, message):
     """explain --set period=0 divided by zero (exit 2), -2 printed "every -2 tokens", a
@@ -258,6 +261,11 @@ def test_a_huge_repeat_is_an_error_at_load_not_a_hang(files, capsys):
                                   "    repeat 100000000 { }\n    output x\n}\n")
     rc, out, err = run(capsys, "check", "r.nest")
     assert rc == 1 and "`repeat` 100000000 times is more than nestc builds" in err
+    # repeats in repeats: each was at most 1024, a million copies in all hung explain
+    (files / "r.nest").write_text("block B(dim = 4) {\n    input x : [T, dim]\n    let h = x\n"
+                                  "    repeat 64 { repeat 32 { h = h + 1 } }\n    output h\n}\n")
+    rc, out, err = run(capsys, "check", "r.nest")
+    assert rc == 1 and "`repeat` 32 times inside 64 copies (2048 in all) is more" in err
 
 
 @pytest.mark.parametrize(("expr", "word"), [("grad(W) * \"s\"", "\"s\""),

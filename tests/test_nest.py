@@ -351,3 +351,117 @@ def test_optimizer_imported_under_an_alias_expands_into_levels() -> None:
     g = prog.graph("M")
     assert {"AdamW.m", "AdamW.v", "train"} <= set(g.nodes)
     assert g.nodes["train"]["level"] > g.nodes["AdamW.m"]["level"]
+
+
+INNER = """block Inner(dim) {
+    input x : [T, dim]
+    memory M : matrix(dim, dim) = zeros every token {
+        key x; value x; objective l2(M(x), x); rule gd(lr = 0.1) }
+    output M(x)
+}
+"""
+
+
+def test_a_name_let_again_is_a_new_signal_not_the_old_one() -> None:
+    """A second `let h` (and a `let h` in a repeat's body) was merged into the first h's node:
+    B, keyed by the first h = x, was drawn learning from A's reading, and the repeat's output
+    from its memory although the output is the outer h."""
+    g = nestc.loads("""block R(dim = 8) {
+    input x : [T, dim]
+    let k = x |> linear(dim)
+    memory A : matrix(dim, dim) = zeros every token {
+        key k; value x; objective l2(A(k), x); rule gd(lr = 0.1) }
+    let h = x
+    memory B : matrix(dim, dim) = zeros every token {
+        key h; value x; objective l2(B(h), x); rule gd(lr = 0.1) }
+    let h = A(k)
+    repeat 2 {
+        memory M : matrix(dim, dim) = zeros every token {
+            key x; value x; objective l2(M(x), x); rule gd(lr = 0.1) }
+        let h = M(x)
+    }
+    output B(x) + h
+}
+""", "r.nest").graph("R")
+    assert set(g.predecessors("h")) == {"x"} and set(g.predecessors("h'")) == {"A", "k"}
+    assert set(g.predecessors("B")) == {"h", "x"}
+    assert set(g.predecessors("output")) == {"B", "x", "h'"}  # B read at x
+    assert g.nodes["A"]["level"] == g.nodes["B"]["level"]
+
+
+def test_a_zero_coefficient_reads_nothing_but_its_layers_and_blocks_are_there() -> None:
+    """`w * Inner(dim)(x)` with w = 0 (and `0 * linear(x, dim)`) dropped Inner's memory and the
+    linear weight from the graph, which build makes; the product still feeds nothing."""
+    g = nestc.loads(INNER + """block Z(dim = 8, w = 0.0) {
+    input x : [T, dim]
+    output x + w * Inner(dim)(x) + 0 * linear(x, dim)
+}
+""", "z.nest").graph("Z")
+    assert g.nodes["Inner.M"]["kind"] == "memory"
+    assert g.nodes["output.linear"]["kind"] == "param"
+    assert set(g.predecessors("output")) == {"x"}
+
+
+def test_a_repeat_of_zero_copies_draws_nothing_of_its_body() -> None:
+    """`repeat 0` drew its body's levels ("x0", 4096 updates each) and a repeat inside it lost
+    its count (0 is falsy): TitansLM at depth 0 showed 22 levels where build makes none."""
+    g = nestc.load("std/models/titans.nest").graph("TitansLM", depth=0)
+    assert not any(d["kind"] == "memory" and not d["label"].startswith("AdamW")
+                   for _, d in g.nodes(data=True))
+    g = nestc.loads(INNER + """block N(dim = 8, n = 0) {
+    input x : [T, dim]
+    let h = x
+    repeat n { repeat 2 { h = h + Inner(dim)(h) } }
+    output h
+}
+""", "n.nest").graph("N")
+    assert [n for n, d in g.nodes(data=True) if d["kind"] == "memory"] == []
+    assert set(g.predecessors("output")) == {"h"}
+
+
+def test_blocks_called_again_are_named_as_the_module_names_them() -> None:
+    """The graph named a block's second call Inner2, the module Inner_1: explain's levels and
+    the state keys said different things."""
+    prog = nestc.loads(INNER + """block Z(dim = 8) {
+    input x : [T, dim]
+    output Inner(dim)(x) + Inner(dim)(x) + Inner(dim)(Inner(dim)(x))
+}
+""", "z.nest")
+    g = prog.graph("Z")
+    memories = sorted(n for n, d in g.nodes(data=True) if d["kind"] == "memory")
+    assert memories == ["Inner.M", "Inner_1.M", "Inner_2.M", "Inner_3.M"]
+    assert set(g.predecessors("Inner_3.x")) == {"Inner_2.M", "Inner_2.x"}
+    torch = pytest.importorskip("torch")
+    modules = {n for n, m in prog.build("Z").named_modules() if n.endswith(".M")}
+    assert modules == set(memories)
+    assert torch  # (imported only where the module is built)
+
+
+def test_updates_in_the_branches_of_an_if_are_one_or_the_other() -> None:
+    """A param's updates in both branches of a shape `if` were joined with `;`, as if both
+    ran: Muon's read `W -= ...; W -= ...; W -= ...; W -= ...`."""
+    g = nestc.loads("""optimizer S(lr: float = 0.1) {
+    param W
+    if ndim(W) >= 2 {
+        W -= lr * W
+        W -= lr * grad(W)
+    } else {
+        W -= 10 * lr * grad(W)
+    }
+}
+""", "s.nest").graph("S")
+    assert g.nodes["W"]["rule"] == "(W -= lr * W; W -= lr * grad(W)) or W -= 10 * lr * grad(W)"
+
+
+def test_the_train_levels_frequency_reaches_the_weights_and_the_rules_states() -> None:
+    """`train every 2 steps`: the weights and AdamW's m and v showed every step (1000
+    updates in 1000 steps) under a train level of 500."""
+    g = nestc.loads("""from "std/optim/adam.nest" import AdamW
+model A(dim = 8, vocab = 16) {
+    input t : [T] int
+    output logits = embed(t, vocab, dim) |> linear(vocab)
+    train every 2 steps { objective cross_entropy(logits, next(t)); rule AdamW(lr = 0.1) }
+}
+""", "a.nest").graph("A")
+    for n in ("logits.linear", "AdamW.m", "AdamW.v", "train"):
+        assert (g.nodes[n]["unit"], g.nodes[n]["period"]) == ("step", 2), n
