@@ -45,7 +45,16 @@ def compiled(fn: Callable[..., Any], count: int = 0) -> Callable[..., Any]:
     FailOnRecompileLimitHit (fullgraph=True)."""
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                              fn.__defaults__, fn.__closure__)
-    return torch.compile(own, dynamic=True, fullgraph=True)
+    graph = torch.compile(own, dynamic=True, fullgraph=True)
+
+    def call(*args: Any) -> Any:
+        # 0-d tensors (a scalar param, its grad and states, the step counts) as views of one
+        # element: inductor (torch 2.13, CPU) dropped `copy_` into a 0-d float64 input, so a
+        # scalar float64 param took wrong steps
+        return graph(*([x.view(1) if isinstance(x, torch.Tensor) and x.dim() == 0 else x
+                        for x in a] if isinstance(a, list) else a for a in args))
+
+    return call
 
 
 def nest_div(a: Any, b: Any) -> Any:

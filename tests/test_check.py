@@ -302,11 +302,17 @@ def test_empty_chain_body_is_still_checked():
     ("    let h = x\n    let z = x\n    repeat 2 { let h = z * 3\n z = h }\n    output z", 9),
     ("    let h = x\n    chain c in [2, 3] { let h = x * c }\n    output h", 1),
     ("    let h = x\n    chain c in [2, 3] { h = h * c }\n    output h", 6),
+    # an update before the body's let changes the outer name (it was dropped: the outer name
+    # was restored to what it was at the body's start)
+    ("    let h = x\n    repeat 3 { h = h * 2\n let h = h + 100\n h = h + 1 }\n    output h", 8),
+    ("    let h = x\n    if flag { h = h * 2\n let h = h * 7 }\n    output h", 2),
+    ("    let h = x\n    chain c in [2, 3] { h = h * c\n let h = x }\n    output h", 6),
+    ("    let s = 2\n    repeat 1 { s = 3\n let s = 10 }\n    output x * s", 3),
 ])
 def test_a_let_in_a_body_is_local_to_it_and_an_update_is_not(body, times):
     """The compiled code left the outer name rebound past the body (a block returned 5 x for
     x): a `let` in an if, repeat or chain body now makes a name of that body, as the checker
-    and the docs have it; an update changes the outer one."""
+    and the docs have it; an update changes the outer one, up to the let."""
     text = "block B(dim = 4, flag = true) {\n    input x : [T, dim]\n" + body + "\n}\n"
     x = torch.randn(1, 3, 4)
     torch.testing.assert_close(nestc.loads(text, "b.nest").build("B")(x), x * times)
@@ -319,12 +325,17 @@ def test_a_let_in_a_body_is_local_to_it_and_an_update_is_not(body, times):
      "    W -= lr * g", 4.0),
     ("    if flag { let g = g * 2\n if flag { let g = g * 3\n W -= lr * g }\n W -= lr * g }\n"
      "    W -= lr * g", 9.0),
+    # a let's update (it was refused: "`g` is not a param or memory of this optimizer")
+    ("    g *= 2\n    if flag { g += 1 }\n    W -= lr * g", 3.0),
+    ("    if flag { g = g * 4\n let g = g + 1\n g = g * 10 }\n    W -= lr * g", 4.0),
+    ("    let s = 2\n    if flag { s = s + 1 }\n    W -= lr * s * g", 3.0),
 ])
 @pytest.mark.parametrize("backend", ["auto", "generic"])
 def test_a_let_in_an_optimizers_branch_is_local_to_it(body, step, backend):
     """An optimizer's `if` runs on into the statements after it: a `let` of an outer name in
     the branch is renamed there (the step used to read the branch's value: 5 times too far).
-    A branch that uses its own `g` (Muon-like orthogonalized steps) still does."""
+    A branch that uses its own `g` (Muon-like orthogonalized steps) still does. An update of
+    a let changes it from there on, in the branch and past it, up to a let in the branch."""
     text = ("optimizer O(lr: float = 1.0, flag: bool = true) {\n    param W\n"
             "    let g = grad(W)\n" + body + "\n}\n")
     p = torch.nn.Parameter(torch.zeros(3))

@@ -465,3 +465,30 @@ def test_a_division_by_zero_at_a_step_names_the_spec_line(backend, case):
     assert str(err.value).startswith("z.nest:3: error: division by zero in a step of "
                                      "optimizer `Z`")
     assert str(err.value).endswith(f"\n  in: {update}")
+
+
+def test_compiled_backend_steps_float64_and_scalar_params_as_generic_does():
+    """backend='compiled' on float64 params: a 0-d param took wrong steps (inductor dropped
+    `copy_` into a 0-d float64 input: -3.6e7 after one step), and `debias` computed
+    1 - beta ** step from the float32 step count (2.4e-7 off after one step)."""
+    text = """optimizer RMS(lr: float = 0.05) {
+    param W
+    memory m = zeros_like(W) every step { objective l2(m, grad(W)); rule gd(lr = 0.1) }
+    memory v = zeros_like(W) every step { v = 0.99 * v + 0.01 * grad(W) * grad(W) }
+    W -= lr * debias(m, 0.9) / (sqrt(v) + 1e-8)
+}
+"""
+    prog = nestc.loads(text, "rms.nest")
+    got = {}
+    for backend in ("generic", "compiled"):
+        torch.manual_seed(0)
+        ws = [torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
+              for shape in ((), (3,))]
+        opt = prog.build("RMS", ws, backend=backend)
+        for _ in range(3):
+            opt.zero_grad()
+            sum((w ** 3).sum() for w in ws).backward()
+            opt.step()
+        got[backend] = [w.detach().clone() for w in ws]
+    for ours, want in zip(got["compiled"], got["generic"]):
+        torch.testing.assert_close(ours, want, rtol=1e-13, atol=1e-13)

@@ -358,11 +358,13 @@ class _Scope:
         self.ahead = {**outer, **{s.name: (s, self.prefix) for s in body
                                   if isinstance(s, ast.StmtMemory)}}
         self.mems = dict(mems)
-        # and so is a `let`: past the body a name it took from outside is the outer one again
-        # (an update, `h = ...`, changes the outer one); it used to stay rebound
-        lets = {s.name for s in body if isinstance(s, ast.StmtLet)}
-        saved = {n: (self.tens.get(n), self.consts.get(n, UNKNOWN)) for n in lets}
+        # and so is a `let`: past the body a name it took from outside is the outer one again,
+        # as the let found it (an update, `h = ...`, before the let changes the outer one;
+        # one after it, the let's); it used to stay rebound
+        saved: dict[str, tuple[Ten | None, Any]] = {}
         for s in body:
+            if isinstance(s, ast.StmtLet) and s.name not in saved:
+                saved[s.name] = (self.tens.get(s.name), self.consts.get(s.name, UNKNOWN))
             self.stmt(s, in_feat)
             if isinstance(s, ast.StmtMemory):
                 self.ahead.pop(s.name, None)

@@ -941,6 +941,10 @@ class _OneTensor:
             if period != ir.const(1):
                 value = f"torch.where(_c % {self.expr(period)} == 0, {value}, _st_{st.target})"
             lines.append(f"    _st_{st.target}.copy_({value})")
+        if any(re.search(r"\b_c\b", line) for line in lines[4:]):
+            # the step count in the param's float64 (it is a float32 tensor, torch's layout:
+            # 1 - beta ** _c lost float64's digits), else as it is (exact to 2 ** 24)
+            lines.insert(4, "    _c = _c.double() if _p.dtype == torch.float64 else _c")
         return lines
 
     def learn(self, st: ir.Assign) -> list[str]:

@@ -275,10 +275,14 @@ class _Lowerer:
             if isinstance(s, ast.StmtParam):
                 names[s.names[0]] = "param"
             elif isinstance(s, ast.StmtLet):
-                value = self.expr(s.value, names)
-                stmts.append(ir.Let(s.name, value, s.span))
-                names[s.name] = "number" if value.is_scalar else "let"
-                (self.numbers if value.is_scalar else self.tensors)[s.name] = value
+                self.let(s.name, s.value, s.span, names, stmts)
+            elif isinstance(s, ast.StmtUpdate) and names.get(s.target) in ("number", "let"):
+                # a let's update (`g = ...`, `g *= ...`): the name bound again, from here on
+                if s.index:
+                    raise self.unsupported("an indexed update", s.span)
+                value = s.value if s.op == "=" else ast.ExprBinary(
+                    s.op[0], ast.ExprName(s.target, s.target_span), s.value, s.span)
+                self.let(s.target, value, s.span, names, stmts)
             elif isinstance(s, ast.StmtUpdate):
                 stmts.append(self.update(s, names))
             elif isinstance(s, ast.StmtMemory):
@@ -328,12 +332,19 @@ class _Lowerer:
             out.append(st)
         return out
 
+    def let(self, name: str, e: ast.Expr, span: Span, names: dict[str, str],
+            stmts: list[ir.Stmt]) -> None:
+        value = self.expr(e, names)
+        stmts.append(ir.Let(name, value, span))
+        names[name] = "number" if value.is_scalar else "let"
+        (self.numbers if value.is_scalar else self.tensors)[name] = value
+
     def update(self, s: ast.StmtUpdate, names: dict[str, str]) -> ir.Assign:
         if s.index:
             raise self.unsupported("an indexed update", s.span)
         what = names.get(s.target)
         if what not in ("param", "memory"):
-            raise NestError(f"`{s.target}` is not a param or memory of this optimizer",
+            raise NestError(f"`{s.target}` is not a param, memory or let of this optimizer",
                             s.target_span, kind="value")
         value = self.expr(s.value, names)
         if s.op != "=":

@@ -112,6 +112,7 @@ class AdamW(torch.optim.Optimizer):
 
 def _one_0(_p, _g, _c, _st_m, _st_v, _first, lr, betas, eps, weight_decay):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
+    _c = _c.double() if _p.dtype == torch.float64 else _c
     # std/optim/adam.nest:30: let g = grad(W)
     _l_g = _g
     # std/optim/adam.nest:31:

@@ -234,6 +234,7 @@ def _one_1(_p, _g, _c, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, mo
         ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps,
         adamw_weight_decay):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
+    _c = _c.double() if _p.dtype == torch.float64 else _c
     # std/optim/muon.nest:45: let g = grad(W)
     _l_g = _g
     # std/optim/muon.nest:47: objective l2(exp_avg, g); rule gd(lr = 1 - adamw_betas[0])
