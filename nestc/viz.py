@@ -1079,7 +1079,7 @@ def to_svg(lay: Layout) -> str:
     out.append("</defs>")
     out.append(f'<rect width="{_f(lay.width)}" height="{_f(lay.height)}" fill="#ffffff"/>')
     out.append(f'<text x="20" y="{_f(TOP_PAD + 16)}" font-size="17" font-weight="bold" '
-               f'fill="#222">{_esc(lay.title)}</text>')
+               f'fill="#222">{_esc(fit(lay.title, 17, lay.width - 40, bold=True))}</text>')
     for i, line in enumerate(lay.subtitle.split("\n") if lay.subtitle else []):
         out.append(f'<text x="20" y="{_f(TOP_PAD + 34 + SUBTITLE_STEP * i)}" font-size="10.5" '
                    f'fill="#555">{_esc(line)}</text>')
@@ -1349,7 +1349,7 @@ def to_png(lay: Layout, dpi: int = 150) -> bytes:
         dash = _edge_look(kind)[1]
         return "solid" if dash is None else (0, tuple(float(x) for x in dash.split()))
 
-    ax.text(20, TOP_PAD + 16, lay.title, fontsize=17, fontweight="bold", color="#222",
+    ax.text(20, TOP_PAD + 16, fit(lay.title, 17, lay.width - 40, bold=True), fontsize=17, fontweight="bold", color="#222",
             va="baseline", family=FONT_PNG)
     for i, line in enumerate(lay.subtitle.split("\n") if lay.subtitle else []):
         ax.text(20, TOP_PAD + 34 + SUBTITLE_STEP * i, line, fontsize=10.5, color="#555",

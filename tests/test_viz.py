@@ -513,3 +513,18 @@ def test_closed_pipe_with_the_full_picture() -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.startswith("<!DOCTYPE html>")
     assert "internal error" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_long_declaration_name_is_cut_to_the_pictures_width() -> None:
+    """The title was never fitted: a long block name ran 947 pt into a 548 pt picture. The
+    full name stays the SVG's <title>."""
+    name = "AVeryLongBlockNameThatSomeoneWroteBecauseTheyLikeDescriptiveIdentifiers" * 2
+    g = nestc.loads(f"block {name}(dim = 8) {{\n    input x : [T, dim]\n"
+                    "    output x |> linear(dim)\n}\n", "t.nest").graph(name)
+    svg = render(g, "svg")
+    assert isinstance(svg, str)
+    root = ET.fromstring(svg)
+    width = float(root.get("width"))
+    drawn = next(t.text for t in root.iter(f"{SVG_NS}text") if t.get("font-size") == "17")
+    assert drawn.endswith("…") and text_width(drawn, 17, True) <= width - 40
+    assert root.find(f"{SVG_NS}title").text == f"block {name}"
