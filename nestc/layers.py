@@ -102,6 +102,16 @@ gt, ge = _comparison(torch.gt, "gt"), _comparison(torch.ge, "ge")
 eq, ne = _comparison(torch.eq, "eq"), _comparison(torch.ne, "ne")
 
 
+def and_(a: Any, b: Any) -> torch.Tensor:
+    """a and b, element-wise: 1 where neither is 0, else 0 (in the operands' dtype)."""
+    return ne(a, 0) * ne(b, 0)
+
+
+def or_(a: Any, b: Any) -> torch.Tensor:
+    """a or b, element-wise: 1 where either is not 0, else 0 (in the operands' dtype)."""
+    return maximum(ne(a, 0), ne(b, 0))
+
+
 def _tensors(*xs: Any) -> list[torch.Tensor]:
     """Numbers as tensors of the first tensor's dtype and device."""
     t = next(x for x in xs if isinstance(x, torch.Tensor))

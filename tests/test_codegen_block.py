@@ -359,6 +359,7 @@ ELEMENTWISE = """block E(dim = 4, hi = 0.5) {
     let c = clamp(x, lo = -0.2, hi = hi) + clamp(x, lo = 0) + clamp(x, hi = 0)
     let d = lerp(x, a, 0.25) + where(x % 2 > 1, x, -x) + (x != a) * 3
     let s = softmax(x) * (x >= 0.5) + (x < -0.5) - (x <= 0) + (x == 1)
+        + (x > 0 and x < 1) * 2 + (x > 1 or x < -1) * 4 + (not (x > 0))
     let m = mean(concat(x, a), per = 2)
     output concat(a + b + c + d + s, m)
 }
@@ -367,8 +368,8 @@ ELEMENTWISE = """block E(dim = 4, hi = 0.5) {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_element_wise_builtins_and_tensor_conditions_build_as_written(dtype):
-    """if/then/else on a tensor, comparisons (1 or 0 in the operands' dtype: a bool tensor
-    added as `or` and refused `-`), `%`, min, max, clamp, lerp, where, softmax and concat
+    """if/then/else on a tensor, comparisons and and/or/not (1 or 0 in the operands' dtype: a
+    bool tensor added as `or` and refused `-`), `%`, min, max, clamp, lerp, where, softmax and concat
     checked in a block but were not built ("not supported by the block compiler yet"), as
     docs/language.md's Expressions example was not."""
     x = (torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0)) * 2).to(dtype)
@@ -379,7 +380,8 @@ def test_element_wise_builtins_and_tensor_conditions_build_as_written(dtype):
     b = a.clamp(max=0.3) + x.clamp(min=-0.1) + torch.minimum(x, a) + torch.maximum(x, a)
     c = x.clamp(-0.2, 0.5) + x.clamp(min=0) + x.clamp(max=0)
     d = x + 0.25 * (a - x) + torch.where(torch.remainder(x, 2) > 1, x, -x) + (x != a) * 3 * one
-    s = torch.softmax(x, -1) * (x >= 0.5) + (x < -0.5) * one - (x <= 0) * one + (x == 1) * one
+    s = torch.softmax(x, -1) * (x >= 0.5) + (x < -0.5) * one - (x <= 0) * one + (x == 1) * one \
+        + ((x > 0) & (x < 1)) * 2 * one + ((x > 1) | (x < -1)) * 4 * one + (x <= 0) * one
     m = torch.cat([x, a], -1).unflatten(-1, (2, -1)).mean(-1)
     assert y.dtype == dtype
     torch.testing.assert_close(y, torch.cat([a + b + c + d + s, m], -1), rtol=0, atol=1e-6)

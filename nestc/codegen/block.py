@@ -629,6 +629,8 @@ class _Scope:
             x = self.tensor(e.operand, hint, fixed=True)
             if e.op == "-":
                 return Ten(f"(-{x.code})", x.feat, shape=x.shape)
+            if e.op == "not":  # 1 where x is 0
+                return replace(x, code=f"_layers.eq({x.code}, 0)")
             if e.op != "+":
                 raise unsupported(f"`{e.op}` on a tensor", e.span)
             return x
@@ -645,11 +647,13 @@ class _Scope:
     def binary(self, e: ast.ExprBinary, hint: str) -> Ten:
         if e.op == "@":
             return self.matmul(e, hint)
-        if e.op not in ("+", "-", "*", "/", "**", "%", "<", "<=", ">", ">=", "==", "!="):
+        if e.op not in ("+", "-", "*", "/", "**", "%", "and", "or", *COMPARISONS):
             raise unsupported(f"`{e.op}` on tensors", e.span)
         [a, b], like = self.operands([e.left, e.right], e.span, f"`{e.op}`", hint)
         if e.op in COMPARISONS:  # 1 or 0 in the operands' dtype (nestc.layers)
             return replace(like, code=f"_layers.{COMPARISONS[e.op]}({a}, {b})")
+        if e.op in ("and", "or"):  # of truths (not 0): 1 or 0, element-wise
+            return replace(like, code=f"_layers.{e.op}_({a}, {b})")
         return replace(like, code=f"({a} {e.op} {b})")
 
     def matmul(self, e: ast.ExprBinary, hint: str) -> Ten:
