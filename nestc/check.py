@@ -211,7 +211,7 @@ class BodyChecker:
         # the `if`s around the statement or expression being checked, (condition, branch):
         # a call's `require`s are checked at the defaults only where those take its branch
         self.conds: list[tuple[ast.Expr, bool]] = []
-        self.copies = 1  # the copies the enclosing `repeat`s make (of known counts)
+        self.copies = 1  # the copies the enclosing `repeat`s and chains make (known counts)
 
     # errors
     def unknown_name(self, name: str, span: Span, scope: _Scope) -> NestError:
@@ -306,7 +306,7 @@ class BodyChecker:
             if n is not UNKNOWN and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
                 raise NestError(f"`repeat` needs a whole number of times, got {show_value(n)}",
                                 s.count.span, kind="value")
-            _copies(n, s.count.span, self.copies)
+            check_copies(n, s.count.span, self.copies)
             self.conds.append((ast.ExprBinary(">", s.count, ast.ExprNumber(0, "0", s.span),
                                               s.span), True))  # (taken when it repeats)
             outer = self.copies
@@ -319,13 +319,15 @@ class BodyChecker:
             if values is not UNKNOWN and not isinstance(values, (list, tuple)):
                 raise NestError("`chain` runs over a list, such as [16, 256, 2048]", s.values.span,
                                 kind="type")
-            saved = self.env.get(s.var, UNKNOWN)
+            saved, outer = self.env.get(s.var, UNKNOWN), self.copies
+            if isinstance(values, (list, tuple)):
+                self.copies *= max(len(values), 1)
             for v in _chain_values(values):
                 inner = _Scope(scope)  # each value builds its own levels
                 inner.names[s.var] = "chain"
                 self.env[s.var] = v
                 self.block(s.body, inner)
-            self.env[s.var] = saved
+            self.env[s.var], self.copies = saved, outer
         elif isinstance(s, ast.StmtIf):
             self.expr(s.cond, scope)
             for branch, way in ((s.then, True), (s.orelse, False)):
@@ -773,12 +775,12 @@ def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any], copies: int = 1) -> 
                 _lined_up(1 if freq.every is None else every, chunk, freq.chunk.span)
         if isinstance(s, ast.StmtRepeat):
             n = whole(s.count, "`repeat`'s count", low=0)
-            _copies(n, s.count.span, copies)
+            check_copies(n, s.count.span, copies)
             counts(s.body, env, copies * (n if isinstance(n, int) and n > 0 else 1))
         elif isinstance(s, ast.StmtChain):
             values = const_eval(s.values, env)
             for v in values if isinstance(values, (list, tuple)) else ():
-                counts(s.body, {**env, s.var: v}, copies)
+                counts(s.body, {**env, s.var: v}, copies * len(values))
         elif isinstance(s, ast.StmtIf):
             way = const_eval(s.cond, env)
             counts(s.then + s.orelse if way is UNKNOWN else s.then if way else s.orelse, env,
@@ -787,7 +789,7 @@ def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any], copies: int = 1) -> 
             counts(s.body, env, copies)
 
 
-def _copies(n: Any, span: Span, outer: int = 1) -> None:
+def check_copies(n: Any, span: Span, outer: int = 1) -> None:
     """NestError for a `repeat` count above MAX_REPEAT, with the `outer` copies of the
     repeats around it (at load and at every binding)."""
     if isinstance(n, int) and n * outer > MAX_REPEAT:

@@ -81,34 +81,59 @@ def maximum(a: Any, b: Any) -> torch.Tensor:
     return torch.maximum(*_tensors(a, b))
 
 
+def where(cond: Any, a: Any, b: Any) -> torch.Tensor:
+    """a where cond is not 0, else b, element-wise; numbers take the dtype of the tensors (the
+    first one's): torch.where made an int64 of two ints, a float32 of two floats."""
+    cond, a, b = _tensors(cond, a, b)
+    return torch.where(cond != 0, a, b)
+
+
 def lerp(a: Any, b: Any, w: Any) -> Any:
     """a + w (b - a): tensors or numbers."""
     return a + w * (b - a)
 
 
-def _comparison(op: Callable[[Any, Any], torch.Tensor], name: str) -> Callable[..., Any]:
-    def compare(a: Any, b: Any) -> torch.Tensor:
-        a, b = _tensors(a, b)
-        return op(a, b).to(torch.promote_types(a.dtype, b.dtype))
-
-    compare.__name__ = name
-    compare.__doc__ = f"a {name} b, element-wise: 1 where it holds, else 0, in the operands' dtype " \
-        "(a bool tensor would add as `or` and refuse `-`)"
-    return compare
+# comparisons, element-wise: 1 where it holds, else 0, in the operands' dtype (a bool tensor
+# would add as `or` and refuse `-`)
+def lt(a: Any, b: Any) -> torch.Tensor:
+    return _compare(torch.lt, a, b)
 
 
-lt, le = _comparison(torch.lt, "lt"), _comparison(torch.le, "le")
-gt, ge = _comparison(torch.gt, "gt"), _comparison(torch.ge, "ge")
-eq, ne = _comparison(torch.eq, "eq"), _comparison(torch.ne, "ne")
+def le(a: Any, b: Any) -> torch.Tensor:
+    return _compare(torch.le, a, b)
+
+
+def gt(a: Any, b: Any) -> torch.Tensor:
+    return _compare(torch.gt, a, b)
+
+
+def ge(a: Any, b: Any) -> torch.Tensor:
+    return _compare(torch.ge, a, b)
+
+
+def eq(a: Any, b: Any) -> torch.Tensor:
+    return _compare(torch.eq, a, b)
+
+
+def ne(a: Any, b: Any) -> torch.Tensor:
+    return _compare(torch.ne, a, b)
+
+
+def _compare(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Any,
+             b: Any) -> torch.Tensor:
+    a, b = _tensors(a, b)
+    return op(a, b).to(torch.promote_types(a.dtype, b.dtype))
 
 
 def and_(a: Any, b: Any) -> torch.Tensor:
     """a and b, element-wise: 1 where neither is 0, else 0 (in the operands' dtype)."""
+    a, b = _tensors(a, b)
     return ne(a, 0) * ne(b, 0)
 
 
 def or_(a: Any, b: Any) -> torch.Tensor:
     """a or b, element-wise: 1 where either is not 0, else 0 (in the operands' dtype)."""
+    a, b = _tensors(a, b)
     return maximum(ne(a, 0), ne(b, 0))
 
 

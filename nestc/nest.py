@@ -350,6 +350,8 @@ class _Builder:
                 self.updates.setdefault(nid, []).append(span_text(s.span))
             self.written.add(nid)
             return
+        if s.op != "=":  # `g *= 2` reads g
+            value = value | self.expr(ast.ExprName(s.target, s.target_span), frame, s.target)
         # a signal assigned again is a new version of it (h, h', ...; o, o[16], o[256] in a chain)
         base = self.node_id(s.target, frame) if frame.suffix else nid
         new = base

@@ -45,16 +45,14 @@ def compiled(fn: Callable[..., Any], count: int = 0) -> Callable[..., Any]:
     FailOnRecompileLimitHit (fullgraph=True)."""
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                              fn.__defaults__, fn.__closure__)
-    graph = torch.compile(own, dynamic=True, fullgraph=True)
+    return torch.compile(own, dynamic=True, fullgraph=True)
 
-    def call(*args: Any) -> Any:
-        # 0-d tensors (a scalar param, its grad and states, the step counts) as views of one
-        # element: inductor (torch 2.13, CPU) dropped `copy_` into a 0-d float64 input, so a
-        # scalar float64 param took wrong steps
-        return graph(*([x.view(1) if isinstance(x, torch.Tensor) and x.dim() == 0 else x
-                        for x in a] if isinstance(a, list) else a for a in args))
 
-    return call
+def assign(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) in the code torch.compile traces: a 0-d dst through a view of one
+    element, as inductor (torch 2.13, CPU) dropped a copy_ into a 0-d float64 input (a scalar
+    float64 param took wrong steps)."""
+    (dst.view(1) if dst.dim() == 0 else dst).copy_(src)
 
 
 def nest_div(a: Any, b: Any) -> Any:
@@ -467,16 +465,17 @@ def _load(source: str, label: str) -> dict[str, Any]:
     return module.__dict__
 
 
-_SPEC_COMMENT = re.compile(r"\s*# (\S+?:\d+):(?: (.*))?")  # nestc.codegen.torch.spec_comment
+_SPEC_COMMENT = re.compile(r"\s*# (.+?:\d+):(?: (.*))?")  # nestc.codegen.torch.spec_comment
 _MORE_COMMENT = re.compile(r"\s*#     (.*)")
 
 
 def division_error(err: ZeroDivisionError, name: str) -> StepDivisionError:
     """The error of a generated optimizer's step whose number arithmetic divided by zero (a
-    divisor of `step()` or of the param's shape; one of hyperparameters alone is a check-time
-    error). Where the division is in the optimizer's own generated code, it names the spec line
-    of the statement whose code raised it: the nearest `# file:line: text` comment above the
-    generated line, within its function."""
+    divisor of `step()`, of the param's shape, or of hyperparameters given at build; the
+    defaults' are a check-time error). Where the division is in the code of a statement (the
+    foreach code; not a Triton launch's numbers, nor a variant's condition), it names that
+    statement's spec line: the nearest `# file:line: text` comment above the generated line,
+    within its function. A `let` is computed in the statements that read it."""
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:  # the frame that divided
         tb = tb.tb_next
@@ -494,11 +493,11 @@ def division_error(err: ZeroDivisionError, name: str) -> StepDivisionError:
                         break
                     more.append(c[1])
                 where = f"{m[1]}: "
-                text = "\n  in: " + " ".join(t.strip() for t in more if t)
+                text = "\n  computing: " + " ".join(t.strip() for t in more if t)
                 break
     return StepDivisionError(
         f"{where}error: division by zero in a step of optimizer `{name}` ({err}): a divisor "
-        f"that depends on step() or on the param's shape is 0 here{text}")
+        f"of step(), of the param's shape or of the hyperparameters is 0 here{text}")
 
 
 @functools.lru_cache(maxsize=128)

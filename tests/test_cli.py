@@ -266,6 +266,16 @@ def test_a_huge_repeat_is_an_error_at_load_not_a_hang(files, capsys):
                                   "    repeat 64 { repeat 32 { h = h + 1 } }\n    output h\n}\n")
     rc, out, err = run(capsys, "check", "r.nest")
     assert rc == 1 and "`repeat` 32 times inside 64 copies (2048 in all) is more" in err
+    # and in a block called in a repeat, or in a chain (explain took 37 s for a million)
+    inner = ("block Inner(dim = 4) {\n    input x : [T, dim]\n    let h = x\n"
+             "    repeat 100 { h = h |> linear(dim) }\n    output h\n}\n")
+    for outer in ("repeat 11 { h = Inner(dim)(h) }",
+                  "chain c in [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11] { h = Inner(dim)(h) }"):
+        (files / "r.nest").write_text(inner + "block B(dim = 4) {\n    input x : [T, dim]\n"
+                                      f"    let h = x\n    {outer}\n    output h\n}}\n")
+        rc, out, err = run(capsys, "explain", "r.nest", "-n", "B")
+        assert rc == 1 and err.startswith("r.nest:4:12: error: `repeat` 100 times inside 11 "
+                                          "copies (1100 in all) is more"), err
 
 
 @pytest.mark.parametrize(("expr", "word"), [("grad(W) * \"s\"", "\"s\""),

@@ -387,6 +387,37 @@ def test_element_wise_builtins_and_tensor_conditions_build_as_written(dtype):
     torch.testing.assert_close(y, torch.cat([a + b + c + d + s, m], -1), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("body", "want"), [
+    ("    output if x > 0 then 1 else 0", lambda x: (x > 0) * 1.0),
+    ("    output where(x > 0, 1.0, 0.5)", lambda x: torch.where(x > 0, 1.0, 0.5)),
+    ("    output where(true, x, -x) + (if 2 > 1 then x else -x)", lambda x: 2 * x),
+    ("    output (true and (x > 0)) * x + ((x > 0) or 1) * x", lambda x: (x > 0) * x + x),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_numbers_in_element_wise_expressions_take_the_tensors_dtype(body, want, dtype):
+    """A review found `if x > 0 then 1 else 0` an int64 tensor and `where(c, 1.0, 0.5)` a
+    float32 one whatever x's dtype, `where` of a constant condition a TypeError at forward,
+    and `and`/`or` of a constant a StopIteration."""
+    x = torch.randn(1, 3, 2).to(dtype)
+    y = _block(body)(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, want(x).to(dtype))
+
+
+@pytest.mark.parametrize("body,message", [
+    ("    output softmax(x, dim = \"a\")", "3:29: error: softmax's `dim` is a whole number"),
+    ("    output concat(x, x, dim = -1.5)", "3:31: error: concat's `dim` is a whole number"),
+    ("    output min(x, \"a\")", "3:19: error: `min` takes tensors and numbers, got \"a\""),
+    ("    output lerp(x, x, [0.5, 1])", "3:23: error: `lerp` takes tensors and numbers"),
+])
+def test_arguments_of_element_wise_builtins_are_checked_at_them(body, message):
+    """softmax's dim "a" was an internal error (exit 2), a dim of -1.5 was taken as -1, and
+    min(x, "a") failed at forward with a TypeError."""
+    with pytest.raises(nestc.NestError) as info:
+        _block(body)
+    assert str(info.value).startswith(f"b.nest:{message}"), str(info.value)
+
+
 @pytest.mark.parametrize("body,message", [
     ("    output min(x, x |> linear(3))", "`min` of tensors with 2 and 3 features"),
     ("    output clamp(x, lo = 1, hi = 0)", "clamp's `lo` 1.0 is above its `hi` 0.0"),

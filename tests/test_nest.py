@@ -465,3 +465,15 @@ model A(dim = 8, vocab = 16) {
 """, "a.nest").graph("A")
     for n in ("logits.linear", "AdamW.m", "AdamW.v", "train"):
         assert (g.nodes[n]["unit"], g.nodes[n]["period"]) == ("step", 2), n
+
+
+def test_a_compound_update_of_a_signal_reads_it() -> None:
+    """`g *= 2` made a new version g' fed by nothing: W's step lost its way back to grad(W)."""
+    g = nestc.loads("""optimizer Z(lr = 1.0, a = true) {
+    param W
+    let g = grad(W)
+    if a { g *= 2 }
+    W -= lr * g
+}
+""", "z.nest").graph("Z")
+    assert set(g.predecessors("g'")) == {"g"} and "g'" in set(g.predecessors("W"))

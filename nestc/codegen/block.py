@@ -28,10 +28,10 @@ from typing import Any
 
 from nestc import __version__, ast
 from nestc.builtins import BUILTINS
-from nestc.check import Checked, next_token_objective, qualified_name
+from nestc.check import Checked, check_copies, next_token_objective, qualified_name
 from nestc.codegen.torch import class_name, comment, fitted, literal, py_name, spec_comment
 from nestc.errors import NestError
-from nestc.hyper import UNKNOWN, const_eval
+from nestc.hyper import UNKNOWN, const_eval, show_value
 
 ACTS = ("gelu", "silu", "relu", "tanh", "sigmoid")  # an MLP memory's (nestc.ops ACT_FNS)
 # the element-wise functions of blocks, as code
@@ -224,10 +224,13 @@ class Generator:
         self.names: set[str] = set()
 
     def decl(self, checked: Checked, hyper: dict[str, Any], in_feat: int | None = None,
-             call: Any = None) -> _Class:
+             call: Any = None, copies: int = 1) -> _Class:
+        """The class of a declaration at these hyperparameters; `copies`: how many the
+        repeats and chains around its call make (each repeat in it makes more)."""
         values = checked.bind(hyper, call)
         cls = _Class(checked, values)
         scope = _Scope(self, checked, cls, dict(values))
+        scope.copies = copies
         scope.stmts(checked.decl.body, in_feat)
         if cls.out is None:
             raise NestError(f"{checked.kind} `{checked.name}` has no output",
@@ -302,6 +305,7 @@ class _Scope:
                  consts: dict[str, Any]) -> None:
         self.g, self.checked, self.cls = gen, checked, cls
         self.consts = consts
+        self.copies = 1  # of this body: the repeats' and chains' around it, the callers' too
         self.tens: dict[str, Ten] = {}
         self.mems: dict[str, Any] = {}
         self.prefix = ""
@@ -406,18 +410,22 @@ class _Scope:
             self.cls.out = self.tensor(s.value, "out")
         elif isinstance(s, ast.StmtRepeat):
             n = self.size(s.count, "a repeat count", minimum=0)
-            outer = self.prefix
+            check_copies(n, s.count.span, self.copies)  # (a million hung explain and build)
+            outer, copies = self.prefix, self.copies
+            self.copies *= max(n, 1)
             for i in range(n):
                 self.prefix = f"{outer}r{i}_"
                 self.stmts(s.body, in_feat)
-            self.prefix = outer
+            self.prefix, self.copies = outer, copies
         elif isinstance(s, ast.StmtChain):
             outer, saved = self.prefix, self.consts.get(s.var, UNKNOWN)
-            for i, value in enumerate(self.const(s.values)):
+            values, copies = self.const(s.values), self.copies
+            self.copies *= max(len(values), 1)
+            for i, value in enumerate(values):
                 self.prefix = f"{outer}{s.var}{i}_"
                 self.consts[s.var] = value
                 self.stmts(s.body, in_feat)
-            self.prefix = outer
+            self.prefix, self.copies = outer, copies
             if saved is UNKNOWN:
                 self.consts.pop(s.var, None)
             else:
@@ -640,8 +648,8 @@ class _Scope:
             cond = const_eval(e.cond, self.consts)
             if cond is not UNKNOWN:  # a hyperparameter's choice: that branch only
                 return self.value(e.then if cond else e.orelse, hint)
-            return self.elementwise("torch.where", [e.cond, e.then, e.orelse], e.span,
-                                    "`if ... then ... else`", hint, where=True)
+            return self.elementwise("_layers.where", [e.cond, e.then, e.orelse], e.span,
+                                    "`if ... then ... else`", hint)
         raise unsupported(f"this expression ({type(e).__name__}) in a block", e.span)
 
     def binary(self, e: ast.ExprBinary, hint: str) -> Ten:
@@ -677,6 +685,10 @@ class _Scope:
         (broadcast). With a sequence, a param's tensor has at most one dim (its features);
         params alone broadcast as torch does."""
         values = [self.value(a, hint) for a in args]
+        for a, v in zip(args, values):
+            if not isinstance(v, (Ten, int, float)):  # (bools are ints: 1 and 0)
+                raise NestError(f"{what} takes tensors and numbers, got {show_value(v)}",
+                                a.span, kind="type")
         tens = [v for v in values if isinstance(v, Ten)]
         if not tens:  # (the checker computes an all-constant expression)
             raise NestError(f"{what} needs a tensor here", span, kind="type")
@@ -703,13 +715,10 @@ class _Scope:
         code = [v.code if isinstance(v, Ten) else operand(v) for v in values]
         return code, Ten("", feats[0] if feats else 1, shape=shape)
 
-    def elementwise(self, fn: str, args: list[ast.Expr], span: Any, what: str, hint: str,
-                    where: bool = False) -> Ten:
-        """fn(a, b, ...) of element-wise operands; `where`: the first is a condition, true
-        where it is not 0."""
+    def elementwise(self, fn: str, args: list[ast.Expr], span: Any, what: str,
+                    hint: str) -> Ten:
+        """fn(a, b, ...) of element-wise operands."""
         code, like = self.operands(args, span, what, hint)
-        if where:
-            code[0] = f"({code[0]} != 0)"
         return replace(like, code=f"{fn}({', '.join(code)})")
 
     def call(self, e: ast.ExprCall, hint: str) -> Any:
@@ -793,7 +802,7 @@ class _Scope:
         if len(e.args) != 1 or e.kwargs:
             raise NestError(f"block `{decl.name}` takes one input", e.span, kind="value")
         x = self.tensor(e.args[0], hint)
-        sub = self.g.decl(checked, hyper, in_feat=x.feat, call=head.span)
+        sub = self.g.decl(checked, hyper, in_feat=x.feat, call=head.span, copies=self.copies)
         attr = self.add(decl.name, f"{sub.name}(backend)", cls=sub)
         # through the module's __call__, so that hooks on it run (FSDP's per-block sharding,
         # a sub-block's own torch.compile, forward hooks)

@@ -17,10 +17,12 @@ from nestc import ast
 from nestc.codegen.block import MATH, Ten, unsupported
 from nestc.codegen.torch import literal
 from nestc.errors import NestError
+from nestc.hyper import UNKNOWN, const_eval
 
 
-def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
-    """One builtin call -> Ten for the block generator `scope` (nestc.codegen.block._Scope)."""
+def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Any:
+    """One builtin call -> Ten (a constant where hyperparameters pick it) for the block
+    generator `scope` (nestc.codegen.block._Scope)."""
     assert isinstance(e.func, ast.ExprName)
     name = e.func.name
     kw = {k.name: scope.const(k.value) for k in e.kwargs}
@@ -41,8 +43,7 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
         return Ten(f"_layers.l2norm({x.code}, {per}, {literal(eps)})", x.feat)
     if name in ("mean", "sum"):
         x = scope.tensor(e.args[0], hint)
-        if int(kw.get("dim", -1)) != -1:
-            raise unsupported(f"`{name}` over a dim other than the last", e.span)
+        _last_dim(e, kw, name)
         per = scope.size_kw(e, "per", 1, "`per`")
         if x.feat % per:
             raise NestError(f"{name} per {per} slices of {x.feat} features", e.span,
@@ -82,9 +83,12 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
         return Ten(f"self.{attr}({tokens.code})", dim)
     if name == "softmax_attention":
         return _attention(scope, e, kw, hint)
+    if name == "where":  # a condition of hyperparameters: that branch
+        cond = const_eval(e.args[0], scope.consts)
+        if cond is not UNKNOWN:
+            return scope.value(e.args[1] if cond else e.args[2], hint)
     if name in ELEMENTWISE:
-        return scope.elementwise(ELEMENTWISE[name], list(e.args), e.span, f"`{name}`", hint,
-                                 where=name == "where")
+        return scope.elementwise(ELEMENTWISE[name], list(e.args), e.span, f"`{name}`", hint)
     if name == "clamp":
         x = scope.tensor(e.args[0], hint, fixed=True)
         bounds = {k.name: scope.number(k.value, f"clamp's `{k.name}`") for k in e.kwargs}
@@ -96,12 +100,10 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
         return replace(x, code=f"torch.clamp({x.code}{args})") if args else x
     if name == "softmax":
         x = scope.tensor(e.args[0], hint)
-        if int(kw.get("dim", -1)) != -1:
-            raise unsupported("`softmax` over a dim other than the last", e.span)
+        _last_dim(e, kw, name)
         return Ten(f"torch.softmax({x.code}, -1)", x.feat)
     if name == "concat":
-        if int(kw.get("dim", -1)) != -1:
-            raise unsupported("`concat` along a dim other than the last", e.span)
+        _last_dim(e, kw, name)
         xs = [scope.tensor(a, hint) for a in e.args]
         if any(x.tokens for x in xs):
             raise NestError("concat takes features, not token ids; embed them first", e.span,
@@ -112,7 +114,17 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Ten:
 
 # element-wise builtins of tensors and numbers: the function generated code calls
 ELEMENTWISE = {"min": "_layers.minimum", "max": "_layers.maximum", "lerp": "_layers.lerp",
-               "where": "torch.where"}
+               "where": "_layers.where"}
+
+
+def _last_dim(e: ast.ExprCall, kw: dict[str, Any], name: str) -> None:
+    """A `dim` keyword: the last (-1), the only one built."""
+    dim = kw.get("dim", -1)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        span = next(k.value.span for k in e.kwargs if k.name == "dim")
+        raise NestError(f"{name}'s `dim` is a whole number, got {dim!r}", span, kind="type")
+    if dim != -1:
+        raise unsupported(f"`{name}` over a dim other than the last", e.span)
 
 
 def _attention(scope: Any, e: ast.ExprCall, kw: dict[str, Any], hint: str) -> Ten:

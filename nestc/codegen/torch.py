@@ -916,8 +916,7 @@ class _OneTensor:
     def function(self, name: str, args: str) -> list[str]:
         mems = [n for m in self.variant.memories for n in state_lists(m)]
         sig = ", ".join(["_p", "_g", "_c", *mems, "_first"])
-        lines = ["", "", f"def {name}({sig}{', ' if args else ''}{args}):",
-                 '    """One tensor\'s step in plain tensor code, for torch.compile to fuse."""']
+        lines: list[str] = []
         for st in self.variant.stmts:
             lines.append(f"    {spec_comment(st.span)}")
             self.where = f"{st.span}"
@@ -931,7 +930,7 @@ class _OneTensor:
                 continue
             value = self.expr(st.value)
             if st.kind == "param":
-                lines.append(f"    _p.copy_({value})")
+                lines.append(f"    _rt.assign(_p, {value})")
                 continue
             mem = self.mems[st.target]
             if mem.init == "from":
@@ -940,12 +939,14 @@ class _OneTensor:
             period = _period(st, mem)
             if period != ir.const(1):
                 value = f"torch.where(_c % {self.expr(period)} == 0, {value}, _st_{st.target})"
-            lines.append(f"    _st_{st.target}.copy_({value})")
-        if any(re.search(r"\b_c\b", line) for line in lines[4:]):
+            lines.append(f"    _rt.assign(_st_{st.target}, {value})")
+        head = ["", "", f"def {name}({sig}{', ' if args else ''}{args}):",
+                '    """One tensor\'s step in plain tensor code, for torch.compile to fuse."""']
+        if any(re.search(r"\b_c\b", line) for line in lines):
             # the step count in the param's float64 (it is a float32 tensor, torch's layout:
             # 1 - beta ** _c lost float64's digits), else as it is (exact to 2 ** 24)
-            lines.insert(4, "    _c = _c.double() if _p.dtype == torch.float64 else _c")
-        return lines
+            head.append("    _c = _c.double() if _p.dtype == torch.float64 else _c")
+        return head + lines
 
     def learn(self, st: ir.Assign) -> list[str]:
         """An MLP memory's gd step for one tensor: new W1 and W2, copied in (where due)."""
@@ -959,7 +960,7 @@ class _OneTensor:
         for new, old in (("_nw1", w1), ("_nw2", w2)):
             if period != ir.const(1):
                 new = f"torch.where(_c % {self.expr(period)} == 0, {new}, {old})"
-            lines.append(f"    {old}.copy_({new})")
+            lines.append(f"    _rt.assign({old}, {new})")
         return lines
 
 

@@ -118,16 +118,17 @@ def _one_0(_p, _g, _c, _st_m, _st_v, _first, lr, betas, eps, weight_decay):
     # std/optim/adam.nest:31:
     #     memory m = zeros_like(W) every step { objective l2(m, g);     rule gd(lr = 1 - betas[0])
     #     }
-    _st_m.copy_(torch.lerp(_st_m, _l_g, (1 - betas[0])))
+    _rt.assign(_st_m, torch.lerp(_st_m, _l_g, (1 - betas[0])))
     # std/optim/adam.nest:32:
     #     memory v = zeros_like(W) every step { objective l2(v, g * g); rule gd(lr = 1 - betas[1])
     #     }
-    _st_v.copy_(torch.lerp(_st_v, (_l_g * _l_g), (1 - betas[1])))
+    _rt.assign(_st_v, torch.lerp(_st_v, (_l_g * _l_g), (1 - betas[1])))
     # std/optim/adam.nest:33:
     #     W -= lr * weight_decay * W  # decoupled decay, on the weights before the step
-    _p.copy_((_p * (1 - (lr * weight_decay))))
+    _rt.assign(_p, (_p * (1 - (lr * weight_decay))))
     # std/optim/adam.nest:34: W -= lr * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
-    _p.copy_((_p
+    _rt.assign(_p,
+        (_p
         - ((lr * (_st_m / (1 - betas[0] ** _c)))
         / (torch.sqrt(torch.as_tensor((_st_v / (1 - betas[1] ** _c)))) + eps))))
 

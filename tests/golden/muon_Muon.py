@@ -191,7 +191,7 @@ def _one_0(_p, _g, _c, _st_momentum_buffer, _first, lr, weight_decay, momentum, 
         adamw_weight_decay):
     """One tensor's step in plain tensor code, for torch.compile to fuse."""
     # std/optim/muon.nest:33: rule gd(lr = 1 - momentum)
-    _st_momentum_buffer.copy_(torch.lerp(_st_momentum_buffer, _g, (1 - momentum)))
+    _rt.assign(_st_momentum_buffer, torch.lerp(_st_momentum_buffer, _g, (1 - momentum)))
     # std/optim/muon.nest:35:
     #     let u = if nesterov then lerp(grad(W), momentum_buffer, momentum) else momentum_buffer
     _l_u = (torch.lerp(_g, _st_momentum_buffer, momentum) if nesterov else _st_momentum_buffer)
@@ -210,9 +210,10 @@ def _one_0(_p, _g, _c, _st_momentum_buffer, _first, lr, weight_decay, momentum, 
         * torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(_rt.rows(_p)),
         torch.as_tensor(_rt.cols(_p)))))) if (adjust_lr_fn == 'match_rms_adamw') else 1.0))
     # std/optim/muon.nest:42: W -= lr * weight_decay * W  # decoupled decay, before the step
-    _p.copy_((_p * (1 - (lr * weight_decay))))
+    _rt.assign(_p, (_p * (1 - (lr * weight_decay))))
     # std/optim/muon.nest:43: W -= lr * scale * o
-    _p.copy_((_p
+    _rt.assign(_p,
+        (_p
         - ((lr
         * (torch.sqrt(torch.as_tensor(torch.maximum(torch.as_tensor(1),
         torch.as_tensor((_rt.rows(_p)
@@ -238,15 +239,16 @@ def _one_1(_p, _g, _c, _st_exp_avg, _st_exp_avg_sq, _first, lr, weight_decay, mo
     # std/optim/muon.nest:45: let g = grad(W)
     _l_g = _g
     # std/optim/muon.nest:47: objective l2(exp_avg, g); rule gd(lr = 1 - adamw_betas[0])
-    _st_exp_avg.copy_(torch.lerp(_st_exp_avg, _l_g, (1 - adamw_betas[0])))
+    _rt.assign(_st_exp_avg, torch.lerp(_st_exp_avg, _l_g, (1 - adamw_betas[0])))
     # std/optim/muon.nest:50: objective l2(exp_avg_sq, g * g); rule gd(lr = 1 - adamw_betas[1])
-    _st_exp_avg_sq.copy_(torch.lerp(_st_exp_avg_sq, (_l_g * _l_g), (1 - adamw_betas[1])))
+    _rt.assign(_st_exp_avg_sq, torch.lerp(_st_exp_avg_sq, (_l_g * _l_g), (1 - adamw_betas[1])))
     # std/optim/muon.nest:52: W -= adamw_lr * adamw_weight_decay * W
-    _p.copy_((_p * (1 - (adamw_lr * adamw_weight_decay))))
+    _rt.assign(_p, (_p * (1 - (adamw_lr * adamw_weight_decay))))
     # std/optim/muon.nest:53:
     #     W -= adamw_lr * debias(exp_avg, adamw_betas[0]) / (sqrt(debias(exp_avg_sq,
     #     adamw_betas[1])) + adamw_eps)
-    _p.copy_((_p
+    _rt.assign(_p,
+        (_p
         - ((adamw_lr * (_st_exp_avg / (1 - adamw_betas[0] ** _c)))
         / (torch.sqrt(torch.as_tensor((_st_exp_avg_sq / (1 - adamw_betas[1] ** _c))))
         + adamw_eps))))

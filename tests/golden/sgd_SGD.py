@@ -208,9 +208,10 @@ def _one_0(_p, _g, _c, _st_buf, _first, lr, momentum, dampening, weight_decay, n
     # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
     _l_g = (_g + (weight_decay * _p))
     # std/optim/sgd.nest:19: rule gd(lr = 1 - dampening, retain = momentum)
-    _st_buf.copy_((_l_g if _first['buf'] else ((momentum * _st_buf) + ((1 - dampening) * _l_g))))
+    _rt.assign(_st_buf,
+        (_l_g if _first['buf'] else ((momentum * _st_buf) + ((1 - dampening) * _l_g))))
     # std/optim/sgd.nest:22: W -= lr * (g + momentum * buf)
-    _p.copy_((_p - (lr * (_l_g + (momentum * _st_buf)))))
+    _rt.assign(_p, (_p - (lr * (_l_g + (momentum * _st_buf)))))
 
 
 def _all_0(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay,
@@ -224,9 +225,10 @@ def _one_1(_p, _g, _c, _st_buf, _first, lr, momentum, dampening, weight_decay, n
     # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
     _l_g = (_g + (weight_decay * _p))
     # std/optim/sgd.nest:19: rule gd(lr = 1 - dampening, retain = momentum)
-    _st_buf.copy_((_l_g if _first['buf'] else ((momentum * _st_buf) + ((1 - dampening) * _l_g))))
+    _rt.assign(_st_buf,
+        (_l_g if _first['buf'] else ((momentum * _st_buf) + ((1 - dampening) * _l_g))))
     # std/optim/sgd.nest:24: W -= lr * buf
-    _p.copy_((_p - (lr * _st_buf)))
+    _rt.assign(_p, (_p - (lr * _st_buf)))
 
 
 def _all_1(_params, _grads, _steps, _st_buf, _first, lr, momentum, dampening, weight_decay,
@@ -240,7 +242,7 @@ def _one_2(_p, _g, _c, _first, lr, momentum, dampening, weight_decay, nesterov):
     # std/optim/sgd.nest:15: let g = grad(W) + weight_decay * W
     _l_g = (_g + (weight_decay * _p))
     # std/optim/sgd.nest:27: W -= lr * g
-    _p.copy_((_p - (lr * _l_g)))
+    _rt.assign(_p, (_p - (lr * _l_g)))
 
 
 def _all_2(_params, _grads, _steps, _first, lr, momentum, dampening, weight_decay, nesterov):
