@@ -284,10 +284,11 @@ class _Builder:
                 self.body(b, inner)
                 frame.output = frame.output | inner.output
                 ways.append(self.updates)
-            # a level's updates in the branches are one or the other: "a or b"
+            # a level's updates in the branches are one or the other: "a or b" ("a or
+            # nothing" where a branch does not update it)
             self.updates = before
             for nid in dict.fromkeys(n for way in ways for n in way):
-                texts = ["; ".join(way[nid]) for way in ways if nid in way]
+                texts = ["; ".join(way[nid]) if nid in way else "nothing" for way in ways]
                 self.updates.setdefault(nid, []).append(
                     " or ".join(f"({t})" if "; " in t and len(texts) > 1 else t for t in texts))
         elif isinstance(s, ast.StmtTrain):

@@ -1349,8 +1349,8 @@ def to_png(lay: Layout, dpi: int = 150) -> bytes:
         dash = _edge_look(kind)[1]
         return "solid" if dash is None else (0, tuple(float(x) for x in dash.split()))
 
-    ax.text(20, TOP_PAD + 16, fit(lay.title, 17, lay.width - 40, bold=True), fontsize=17, fontweight="bold", color="#222",
-            va="baseline", family=FONT_PNG)
+    ax.text(20, TOP_PAD + 16, fit(lay.title, 17, lay.width - 40, bold=True), fontsize=17,
+            fontweight="bold", color="#222", va="baseline", family=FONT_PNG)
     for i, line in enumerate(lay.subtitle.split("\n") if lay.subtitle else []):
         ax.text(20, TOP_PAD + 34 + SUBTITLE_STEP * i, line, fontsize=10.5, color="#555",
                 va="baseline", family=FONT_PNG)

@@ -369,9 +369,9 @@ ELEMENTWISE = """block E(dim = 4, hi = 0.5) {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_element_wise_builtins_and_tensor_conditions_build_as_written(dtype):
     """if/then/else on a tensor, comparisons and and/or/not (1 or 0 in the operands' dtype: a
-    bool tensor added as `or` and refused `-`), `%`, min, max, clamp, lerp, where, softmax and concat
-    checked in a block but were not built ("not supported by the block compiler yet"), as
-    docs/language.md's Expressions example was not."""
+    bool tensor added as `or` and refused `-`), `%`, min, max, clamp, lerp, where, softmax
+    and concat checked in a block but were not built ("not supported by the block compiler
+    yet"), as docs/language.md's Expressions example was not."""
     x = (torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0)) * 2).to(dtype)
     x[0, 0, 0] = 1.0
     y = nestc.loads(ELEMENTWISE, "e.nest").build("E")(x)

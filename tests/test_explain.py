@@ -240,7 +240,10 @@ def test_a_value_the_build_refuses_is_explains_error_too():
 def test_explain_promises_the_fused_kernel_only_where_the_build_uses_it():
     """At chunk 8 the MLP memory runs the chunked tier on backend='triton' (the kernel takes
     chunks of 16, 32 or 64), where explain said it ran a fused Triton kernel."""
-    from nestc.codegen.memories import FUSED_CHUNKS
+    from nestc.codegen.memories import FUSED_CHUNKS, MIN_KERNEL_CLIP
+    from nestc.ops.mlp_memory import MIN_KERNEL_CLIP as OP_MIN_CLIP
+
+    assert MIN_KERNEL_CLIP == OP_MIN_CLIP  # (without triton too)
 
     titans = nestc.load("std/models/titans.nest")
     assert "a fused Triton kernel" in explain(titans, "TitansLM")

@@ -451,6 +451,10 @@ def test_updates_in_the_branches_of_an_if_are_one_or_the_other() -> None:
 }
 """, "s.nest").graph("S")
     assert g.nodes["W"]["rule"] == "(W -= lr * W; W -= lr * grad(W)) or W -= 10 * lr * grad(W)"
+    g = nestc.loads("optimizer S(lr: float = 0.1) {\n    param W\n"
+                    "    if ndim(W) >= 2 { W -= lr * grad(W) }\n    W *= 0.5\n}\n",
+                    "s.nest").graph("S")
+    assert g.nodes["W"]["rule"] == "W -= lr * grad(W) or nothing; W *= 0.5"
 
 
 def test_the_train_levels_frequency_reaches_the_weights_and_the_rules_states() -> None:
