@@ -142,7 +142,7 @@ def validate(s: Settings) -> dict[str, Any]:
     """NestError for settings no run could use (so a typo fails at once, not as a row per
     model); returns the tasks by name, built with their knobs."""
     from nestc.tasks import make
-    from nestc.train import SCHEDULES
+    from nestc.train import SCHEDULES, check_lr, check_seed
 
     for model in s.models:
         if model not in MODELS:
@@ -150,13 +150,15 @@ def validate(s: Settings) -> dict[str, Any]:
                             hint=f"the models are {', '.join(MODELS)}")
     if not s.models or not s.tasks:
         raise NestError("nothing to bench: give at least one model and one task", kind="value")
-    least = {"steps": 1, "batch": 1, "depth": 1, "seed": 0, "warmup": 0, "eval_every": 0,
+    least = {"steps": 1, "batch": 1, "depth": 1, "warmup": 0, "eval_every": 0,
              "eval_batches": 1, "threads": 1}
     for name, low in least.items():
         value = getattr(s, name)
         if value is not None and value < low:
             raise NestError(f"--{name.replace('_', '-')} must be at least {low}, got {value}",
                             kind="value")
+    check_seed(s.seed)
+    check_lr(s.lr)
     if s.dim < HEADS or s.dim % HEADS:
         raise NestError(f"--dim must be a multiple of the {HEADS} heads, got {s.dim}",
                         kind="value")
@@ -333,7 +335,11 @@ def evaluate_lengths(run_dir: str | Path, lengths: list[int], batch: int, batche
     where = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                          if device == "auto" else device)
     backend = {} if c["backend"] is None else {"backend": c["backend"]}
-    model = nestc.load(c["spec"]).build(c["model"], **backend, **c["hyper"]).to(where)
+    program, hyper = nestc.load(c["spec"]), dict(c["hyper"])
+    # checkpoints of format 1 left out the vocab nestc train took from the task
+    if "vocab" in program.decl(c["model"]).hypers and "vocab" not in hyper:
+        hyper["vocab"] = make(c["task"], **c["knobs"]).vocab
+    model = program.build(c["model"], **backend, **hyper).to(where)
     model.load_state_dict(data["model"])
     model.eval()
     out = {}

@@ -27,6 +27,10 @@ writes into `--out` (default `runs/<model>-<task>`):
   continues from it and gives the losses an uninterrupted run gives, bit for bit on CPU;
 - `summary.json`: the configuration and the final numbers.
 
+Both record the hyperparameters the model was built with (the vocab taken from the task too),
+so they rebuild it. A rule whose optimizer has no `lr` trains at its own rates, unscheduled
+(--lr, --warmup and --schedule are errors then).
+
 Training is seeded: one seed fixes the initial weights and the training data; the fixed eval
 set comes from a generator seeded apart from it. A task with several phases (continual
 learning) is trained phase after phase, the steps split evenly, and every eval measures every
@@ -36,16 +40,20 @@ Launched by `torchrun` (WORLD_SIZE > 1), training is data parallel (DDP): every 
 same global batch and trains on its share of the rows; each rank's summed loss is divided by
 the global count of scored positions and multiplied by the number of ranks, so the gradient
 DDP averages is the single-process full-batch gradient. Only rank 0 writes files and shows
-progress.
+progress. A rank whose set-up fails, or rank 0 failing to write, stops every rank with an error
+(at the end of the set-up or of the step) rather than leave the others waiting for it.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,10 +68,19 @@ from nestc.tasks import IGNORE, Task, sequence_correct
 
 SCHEDULES = ("constant", "cosine")
 CHECKPOINT = "checkpoint.pt"
+# 2: the configuration and identity hold the hyperparameters the model was built with (1: those
+# given, without the vocab taken from the task)
+CHECKPOINT_FORMAT = 2
+# what resume reads from a checkpoint
+CHECKPOINT_KEYS = ("model", "optimizer", "schedule", "rng", "memory_state", "metrics", "step",
+                   "identity", "format")
 METRICS = "metrics.jsonl"
 EVAL_SEED = 1_000_003  # the eval set's generator: seed + this, never the training data's
 EVAL_SPLIT = "eval"
 COSINE_FLOOR = 0.1  # cosine decays the learning rate to this fraction of its peak
+# torch seeds take 64 bits unsigned; half of them leaves room for the offsets added to a seed
+# (EVAL_SEED, bench's lengths)
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -178,6 +195,16 @@ def outer_level(program: Any, checked: Any, hyper: dict[str, Any]) -> Outer:
     return Outer(optimizer, kwargs, func.span)
 
 
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise NestError(f"--seed must be from 0 to {MAX_SEED}, got {seed}", kind="value")
+
+
+def check_lr(lr: float | None) -> None:
+    if lr is not None and not 0 <= lr < float("inf"):  # (inf trained to NaN, exit 0)
+        raise NestError(f"--lr must be a finite number of at least 0, got {lr}", kind="value")
+
+
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     """The learning rate of 0-based step `step` as a fraction of the peak: linear warmup over
     `warmup` steps, then constant or a cosine down to COSINE_FLOOR at the last step."""
@@ -199,7 +226,10 @@ class Ranks:
     def __init__(self, device: torch.device) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
         self.started = False
+        self.failure: Exception | None = None  # this rank's, kept until agree()
+        self.together = False  # every rank raised at the same agree()
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend)
@@ -220,13 +250,46 @@ class Ranks:
             torch.distributed.all_reduce(t)
         return t
 
-    def close(self) -> None:
-        if self.started:
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Work that may fail on some ranks only (rank 0's files, the set-up): under torchrun
+        its error is kept until agree(), so the other ranks do not wait for this one in a
+        collective it never joins; raised at once in a single process."""
+        if self.world == 1:
+            yield
+            return
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - raised on every rank by agree()
+            self.failure = self.failure or err
+
+    def agree(self) -> None:
+        """Every rank raises if any rank failed since the last agree(): its own error where
+        it failed, a NestError naming the first rank that failed elsewhere."""
+        if self.world == 1:
+            return
+        first = torch.tensor([self.rank if self.failure else self.world], device=self.device)
+        torch.distributed.all_reduce(first, torch.distributed.ReduceOp.MIN)
+        if int(first) == self.world:
+            return
+        self.together = True
+        if self.failure is not None:
+            raise self.failure
+        raise NestError(f"rank {int(first)} of this torchrun launch failed (its error says "
+                        f"why); rank {self.rank} stops with it", kind="value")
+
+    def close(self, wait: bool) -> None:
+        """Leave the process group; `wait`: at a barrier first, where every rank is at the
+        same point (after an error of this rank alone, the others may be in a collective it
+        never joins: they stop when its process exits)."""
+        if not self.started:
+            return
+        if wait:
             # every rank reaches the end before any tears gloo down (a rank that exited while
             # another still used the group aborted with "terminate called without an active
             # exception" once, in a loaded test run)
             torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()
 
 
 # --- one run -------------------------------------------------------------------------------
@@ -282,15 +345,14 @@ class Run:
             raise NestError(f"unknown schedule `{c.schedule}`", kind="value",
                             hint=f"schedules are {', '.join(SCHEDULES)}")
         least = {"steps": 1, "batch": 1, "warmup": 0, "eval_every": 0, "eval_batches": 1,
-                 "checkpoint_every": 0, "stop_after": 0, "threads": 1}
+                 "checkpoint_every": 0, "stop_after": 1, "threads": 1}
         for name, low in least.items():
             value = getattr(c, name)
             if value is not None and value < low:
                 flag = "--" + name.replace("_", "-")
                 raise NestError(f"{flag} must be at least {low}, got {value}", kind="value")
-        if c.lr is not None and not 0 <= c.lr < float("inf"):  # (inf trained to NaN, exit 0)
-            raise NestError(f"--lr must be a finite number of at least 0, got {c.lr}",
-                            kind="value")
+        check_lr(c.lr)
+        check_seed(c.seed)
         if c.threads:
             torch.set_num_threads(c.threads)
         try:
@@ -329,12 +391,18 @@ class Run:
         hyper = dict(c.hyper)
         if "vocab" in checked.hypers and "vocab" not in hyper:
             hyper["vocab"] = self.task.vocab
+        self.hyper = hyper  # the hyperparameters the model is built with, as recorded
         outer = outer_level(program, checked, hyper)
         kwargs = dict(outer.kwargs)
+        # a rule without `lr` steps at rates of its own: none for --lr to set or to schedule
+        scheduled = "lr" in outer.optimizer.hypers
+        given = [flag for flag, used in (("--lr", c.lr is not None), ("--warmup", c.warmup > 0),
+                                         ("--schedule", c.schedule != "constant")) if used]
+        if given and not scheduled:
+            raise NestError(f"{given[0]}: optimizer `{outer.optimizer.name}` has no `lr`",
+                            outer.span, kind="value", hint="nestc train sets and "
+                            "schedules a rule's `lr`; this one's rates are set in the rule")
         if c.lr is not None:
-            if "lr" not in outer.optimizer.hypers:
-                raise NestError(f"--lr: optimizer `{outer.optimizer.name}` has no `lr`",
-                                outer.span, kind="value")
             kwargs["lr"] = c.lr
         torch.manual_seed(c.seed)
         backend = {} if c.backend is None else {"backend": c.backend}
@@ -349,7 +417,8 @@ class Run:
         self.optimizer = build_optimizer(outer.optimizer,
                                          self.model.parameters(), **kwargs)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, c.steps, c.warmup, c.schedule))
+            self.optimizer, lambda s: lr_factor(s, c.steps, c.warmup, c.schedule)) \
+            if scheduled else None
         # this run's peak rates: the schedule's `lr`, and any other `*_lr` hyperparameter
         # (Muon's and M3's `adamw_lr` for vectors), which LambdaLR does not scale but this
         # run does (warmup 0 left the vectors moving)
@@ -358,11 +427,6 @@ class Run:
                       for g in self.optimizer.param_groups]
         self.scale_rates()
         self.objective: nn.Module = Objective(self.model)
-        if self.ranks.world > 1:
-            # find_unused: some levels get no outer gradient in some models
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.objective = nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=ids, find_unused_parameters=True)
         if c.steps < self.task.phases:  # (the last phases were never trained nor evaluated)
             raise NestError(f"--steps {c.steps} is fewer than task `{self.task.name}`'s "
                             f"{self.task.phases} phases", kind="value",
@@ -375,7 +439,9 @@ class Run:
     def scale_rates(self) -> None:
         """Each group's rates at the schedule's step: `lr` (LambdaLR's own) and every other
         `*_lr` hyperparameter by the same factor, from this run's peaks (a resumed run's too:
-        a new --lr applies from the step it resumes at)."""
+        a new --lr applies from the step it resumes at); none without a schedule."""
+        if self.schedule is None:
+            return
         factor = lr_factor(self.schedule.last_epoch, self.config.steps, self.config.warmup,
                            self.config.schedule)
         self.schedule.base_lrs = [peak["initial_lr"] for peak in self.peaks]
@@ -385,6 +451,15 @@ class Run:
                 group["lr" if key == "initial_lr" else key] = value * factor
         self.schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # noqa: SLF001
 
+    def distribute(self) -> None:
+        """Under torchrun, the objective as DDP (whose set-up is a collective: after every
+        rank's set-up succeeded)."""
+        if self.ranks.world > 1:
+            # find_unused: some levels get no outer gradient in some models
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.objective = nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=ids, find_unused_parameters=True)
+
     def phase_of(self, step: int) -> int:
         """The phase 0-based step `step` trains (the steps split evenly over the phases)."""
         return step * self.task.phases // self.config.steps
@@ -392,26 +467,45 @@ class Run:
     # the loop ----------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
-        c = self.config
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
         self.ranks = Ranks(self.device)
         try:
-            if c.batch < self.ranks.world:
-                raise NestError(f"--batch {c.batch} is smaller than the {self.ranks.world} "
-                                "ranks", kind="value")
-            self.build()
-            self.metrics: list[dict[str, Any]] = []
-            self.state: dict[str, Any] = {}
-            start = self.resume() if c.resume else 0
-            if self.ranks.main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                with open(self.out / METRICS, "w") as fh:
-                    fh.writelines(json.dumps(m) + "\n" for m in self.metrics)
-            return self.loop(start)
-        finally:
-            self.ranks.close()
+            start = 0
+            # before the first collective, so that a rank that fails here (rank 0 on its
+            # --out, say) stops every rank rather than leave them waiting for it
+            with self.ranks.deferred():
+                start = self.set_up()
+            self.ranks.agree()
+            self.distribute()
+            summary = self.loop(start)
+        except BaseException:
+            self.ranks.close(wait=self.ranks.together)
+            raise
+        # DDP's reducer freed while the group it was made with is alive: freed after
+        # destroy_process_group (this Run collected on return) it hung a rank now and then
+        self.objective = getattr(self.objective, "module", self.objective)
+        gc.collect()
+        self.ranks.close(wait=True)
+        return summary
+
+    def set_up(self) -> int:
+        """The model and its outer level, the checkpoint resumed, and the output folder with
+        metrics.jsonl (rank 0); returns the step to start at."""
+        c = self.config
+        if c.batch < self.ranks.world:
+            raise NestError(f"--batch {c.batch} is smaller than the {self.ranks.world} ranks",
+                            kind="value")
+        self.build()
+        self.metrics: list[dict[str, Any]] = []
+        self.state: dict[str, Any] = {}
+        start = self.resume() if c.resume else 0
+        if self.ranks.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / METRICS, "w") as fh:
+                fh.writelines(json.dumps(m) + "\n" for m in self.metrics)
+        return start
 
     def loop(self, start: int) -> dict[str, Any]:
         from tqdm import tqdm
@@ -440,10 +534,11 @@ class Run:
                 loss, self.state = self.objective(tokens, targets, scale)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self.optimizer.param_groups[0].get("lr")  # (None: a rule without lr)
                 self.optimizer.step()
-                self.schedule.step()
-                self.scale_rates()
+                if self.schedule is not None:
+                    self.schedule.step()
+                    self.scale_rates()
                 total = self.ranks.sum(loss.detach().double().reshape(1) / self.ranks.world)
                 elapsed = time.perf_counter() - tick
                 spent += elapsed
@@ -464,6 +559,7 @@ class Run:
                 if (c.checkpoint_every and (step + 1) % c.checkpoint_every == 0) or \
                         step + 1 == stop:
                     self.save(step + 1)
+                self.ranks.agree()  # (rank 0's files of this step written)
         finally:
             bar.close()
         return self.finish(stop)
@@ -525,7 +621,7 @@ class Run:
     def log(self, record: dict[str, Any]) -> None:
         self.metrics.append(record)
         if self.ranks.main:
-            with open(self.out / METRICS, "a") as fh:
+            with self.ranks.deferred(), open(self.out / METRICS, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
     # checkpoints ---------------------------------------------------------------------------
@@ -534,22 +630,32 @@ class Run:
         """What a checkpoint must agree on to be resumed by this run."""
         c = self.config
         return {"spec": c.spec, "model": c.model, "task": self.task.describe(),
-                "hyper": c.hyper, "batch": c.batch, "seed": c.seed}
+                "hyper": self.hyper, "batch": c.batch, "seed": c.seed}
+
+    def recorded(self) -> dict[str, Any]:
+        """The configuration as checkpoints and summary.json record it: with the
+        hyperparameters the model was built with, so that they rebuild it."""
+        return {**asdict(self.config), "hyper": self.hyper}
 
     def save(self, step: int) -> None:
         if not self.ranks.main:
             return
         data = {
-            "format": 1, "step": step, "identity": self.identity(), "config": asdict(self.config),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
+            "format": CHECKPOINT_FORMAT, "step": step, "identity": self.identity(),
+            "config": self.recorded(), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
             "rng": {"data": self.data.get_state(), "torch": torch.get_rng_state()},
             "metrics": self.metrics, "memory_state": self.state,
         }
         path = self.out / CHECKPOINT
-        torch.save(data, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
-        plot(self.metrics, self.out)
+        with self.ranks.deferred():
+            # opened here: a path that cannot be written is an OSError (torch.save's own
+            # open raised a RuntimeError)
+            with open(path.with_suffix(".tmp"), "wb") as fh:
+                torch.save(data, fh)
+            os.replace(path.with_suffix(".tmp"), path)
+            plot(self.metrics, self.out)
 
     def resume(self) -> int:
         c = self.config
@@ -560,20 +666,35 @@ class Run:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
             raise NestError(f"--resume: cannot read `{path}`: {err}", kind="value") from None
-        for key, mine in self.identity().items():
-            theirs = data.get("identity", {}).get(key)
+        why = not_a_checkpoint(data)
+        if why:
+            raise NestError(f"--resume: `{path}` is not a checkpoint of nestc train ({why})",
+                            kind="value", hint="resume from the checkpoint.pt of a run")
+        identity = self.identity()
+        if data["format"] == 1:  # (it held the hyperparameters given, vocab apart)
+            identity["hyper"] = c.hyper
+        for key, mine in identity.items():
+            theirs = data["identity"].get(key)
             if _plain(theirs) != _plain(mine):
                 raise NestError(f"--resume: `{path}` was made with {key} {theirs!r}, this run "
                                 f"has {mine!r}", kind="value")
-        self.model.load_state_dict(data["model"])
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.schedule.load_state_dict(data["schedule"])
+        try:
+            self.model.load_state_dict(data["model"])
+            self.optimizer.load_state_dict(data["optimizer"])
+            if self.schedule is not None:
+                self.schedule.load_state_dict(data["schedule"])
+            self.data.set_state(data["rng"]["data"])
+            torch.set_rng_state(data["rng"]["torch"])
+            self.metrics = list(data["metrics"])
+            step = int(data["step"])
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as err:
+            # (a spec changed since, or a file edited by hand)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise NestError(f"--resume: `{path}` does not fit this run: {first}",
+                            kind="value") from None
         self.scale_rates()  # (the checkpoint's rates: this run's --lr, at the step resumed)
-        self.data.set_state(data["rng"]["data"])
-        torch.set_rng_state(data["rng"]["torch"])
-        self.metrics = list(data["metrics"])
         self.state = data["memory_state"]
-        return int(data["step"])
+        return step
 
     def finish(self, step: int) -> dict[str, Any]:
         c = self.config
@@ -588,12 +709,28 @@ class Run:
             **({k: v for k, v in evals[-1].items() if k not in ("step", "phase", "loss", "lr",
                                                                 "tokens_per_s")}
                if evals else {}),
-            "out": str(self.out), "config": asdict(c), "metrics": self.metrics,
+            "out": str(self.out), "config": self.recorded(), "metrics": self.metrics,
         }
         if self.ranks.main:
-            (self.out / "summary.json").write_text(json.dumps(
-                {k: v for k, v in summary.items() if k != "metrics"}, indent=2) + "\n")
+            with self.ranks.deferred():
+                (self.out / "summary.json").write_text(json.dumps(
+                    {k: v for k, v in summary.items() if k != "metrics"}, indent=2) + "\n")
+        self.ranks.agree()
         return summary
+
+
+def not_a_checkpoint(data: Any) -> str | None:
+    """Why `data`, a file's content, is not a checkpoint resume can read; None if it is."""
+    if not isinstance(data, dict):
+        return f"a {type(data).__name__}"
+    missing = [k for k in CHECKPOINT_KEYS if k not in data]
+    if missing:
+        return f"no `{missing[0]}`"
+    if data["format"] not in (1, CHECKPOINT_FORMAT):
+        return f"format {data['format']!r}"
+    if not isinstance(data["identity"], dict):
+        return f"an identity that is a {type(data['identity']).__name__}"
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -635,7 +772,8 @@ def plot(metrics: list[dict[str, Any]], out: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.lines:  # (no evals yet: an empty accuracy plot)
+            ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(out / f"{name}.png")
         plt.close(fig)

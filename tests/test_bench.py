@@ -112,6 +112,26 @@ def test_accuracy_by_length_comes_from_the_trained_weights_on_fresh_samples(quic
                                                     "exact@64")}
 
 
+def test_accuracy_by_length_of_a_nestc_train_run_that_took_its_vocab_from_the_task(tmp_path):
+    """nestc train recorded the hyperparameters without the vocab it took from the task, so
+    the model rebuilt from them (TransformerLM's vocab 256) did not take the weights; those
+    checkpoints (format 1) are rebuilt with the task's."""
+    from nestc.train import train
+
+    out = tmp_path / "run"
+    train(bench.MODELS["TransformerLM"], "TransformerLM", "mqar", out=str(out), quiet=True,
+          hyper={"dim": 8, "depth": 1, "heads": 2}, knobs={"seq_len": 16, "pairs": 2},
+          steps=2, batch=2, eval_batches=1)
+    now = bench.evaluate_lengths(out, [16, 32], batch=2, batches=1)
+    assert set(now) == {"acc@16", "exact@16", "acc@32", "exact@32"}
+    path = out / "checkpoint.pt"
+    old = torch.load(path, weights_only=True)
+    old["format"] = 1
+    del old["config"]["hyper"]["vocab"]
+    torch.save(old, path)
+    assert bench.evaluate_lengths(out, [16, 32], batch=2, batches=1) == now
+
+
 @pytest.mark.parametrize("model", ["DeltaNetLM", "TitansLM", "HopeLM"])
 def test_widths_match_the_reference_parameter_count_at_the_default_size(model):
     vocab, dim, depth = make("mqar").vocab, bench.DEFAULTS["dim"], bench.DEFAULTS["depth"]
@@ -229,6 +249,10 @@ def test_retention_is_the_last_eval_per_phase_and_forgetting_is_what_was_lost():
     (["--dim", "10"], "error: --dim must be a multiple of the 4 heads, got 10"),
     (["--steps", "0"], "error: --steps must be at least 1, got 0"),
     (["--minutes", "0"], "error: --minutes must be above 0, got 0.0"),
+    # each run refused them, a row per model and exit 0
+    (["--lr", "-1"], "error: --lr must be a finite number of at least 0, got -1.0"),
+    (["--lr", "nan"], "error: --lr must be a finite number of at least 0, got nan"),
+    (["--seed", str(2**64)], f"error: --seed must be from 0 to {2**63 - 1}, got {2**64}"),
     (["-p", "heads=1"], "error: -p takes MODEL.NAME=VALUE, got `heads=1`"),
     (["--models", "TransformerLM", "-p", "HopeLM.heads=1"], "error: -p HopeLM.NAME=VALUE: "
      "model `HopeLM` is not benched"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import ClassVar
@@ -262,6 +263,13 @@ NOT_TRAINABLE = spec("""
                                            "got inf\n"),
     ([LM, "TransformerLM", "--device", "meta"], "error: --device meta: nestc train runs on cpu "
                                                 "or cuda\n"),
+    # a run of 0 steps crashed on its summary line and wrote no checkpoint
+    ([LM, "TransformerLM", "--stop-after", "0"], "error: --stop-after must be at least 1, "
+                                                 "got 0\n"),
+    # torch's seeds take 64 bits, and the eval set's generator adds to the seed
+    ([LM, "TransformerLM", "--seed", str(2**64)], "error: --seed must be from 0 to "
+     f"{2**63 - 1}, got {2**64}\n"),
+    ([LM, "TransformerLM", "--seed", "-1"], "error: --seed must be from 0 to "),
 ])
 def test_errors_exit_1_with_a_message_and_no_traceback(tmp_path, monkeypatch, capsys, args,
                                                        message):
@@ -294,7 +302,8 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
     assert run(capsys, *args, *TINY_ARGS)[0] == 0
     rc, _, err = run(capsys, *args, "-p", "dim=8", "-p", "depth=1", "--resume")
     assert rc == 1 and err.startswith(f"error: --resume: `{tmp_path}/checkpoint.pt` was made "
-                                      "with hyper {'dim': 16, 'depth': 1}, this run has")
+                                      "with hyper {'dim': 16, 'depth': 1, 'vocab': 12}, this "
+                                      "run has {'dim': 8, 'depth': 1, 'vocab': 12}\n")
 
 
 def test_two_processes_under_torchrun_equal_one_process_on_the_full_batch(tmp_path):
@@ -445,3 +454,114 @@ model M(vocab = 16, dim = 8) {
     assert rc == 1 and err.startswith(f"{path}:3: error: division by zero in a step of "
                                       "optimizer `Z`"), err
     assert "Traceback" not in err
+
+
+NO_LR = spec("""
+    optimizer Plain(step_size = 0.1) {
+        param W
+        W -= step_size * grad(W)
+    }
+    model Tiny(vocab = 12, dim = 8) {
+        input tokens : [T] int
+        output logits = embed(tokens, vocab, dim) |> linear(vocab)
+        train every step { objective cross_entropy(logits, next(tokens)); rule Plain(0.5) }
+    }
+""")
+
+
+def test_a_rule_without_lr_trains_unscheduled_and_refuses_the_lr_flags(tmp_path, capsys):
+    """LambdaLR needs every group's `lr`: such a rule was an internal error (KeyError)."""
+    path = tmp_path / "m.nest"
+    path.write_text(NO_LR)
+    kw = {"steps": 4, "batch": 2, "eval_every": 0, "eval_batches": 1, "quiet": True}
+    whole = train(str(path), "Tiny", "copy", out=str(tmp_path / "whole"), **kw)
+    assert [m["lr"] for m in whole["metrics"]] == [None] * 4
+    assert torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["schedule"] is None
+    train(str(path), "Tiny", "copy", out=str(tmp_path / "split"), stop_after=2, **kw)
+    rest = train(str(path), "Tiny", "copy", out=str(tmp_path / "split"), resume=True, **kw)
+    assert losses(rest["metrics"]) == losses(whole["metrics"])
+    for flag in (["--lr", "0.1"], ["--warmup", "1"], ["--schedule", "cosine"]):
+        rc, _, err = run(capsys, "train", str(path), "Tiny", "--task", "copy", "--steps", "1",
+                         "--batch", "2", "-q", "--out", str(tmp_path / "run"), *flag)
+        assert rc == 1 and err.startswith(f"{path}:8:76: error: {flag[0]}: optimizer `Plain` "
+                                          "has no `lr`\n"), err
+
+
+def test_resume_refuses_a_file_that_is_not_a_checkpoint_or_does_not_fit(tmp_path, capsys):
+    """A readable torch file of another shape was an internal error (AttributeError,
+    KeyError)."""
+    args = ["train", LM, "TransformerLM", "--task", "copy", *TINY_ARGS, "--steps", "2",
+            "--batch", "2", "-q", "--out", str(tmp_path / "run")]
+    hint = "  hint: resume from the checkpoint.pt of a run\n"
+    for name, data, why in (("list.pt", [1, 2], "a list"),
+                            ("partial.pt", {"identity": {}, "step": 1}, "no `model`")):
+        torch.save(data, tmp_path / name)
+        rc, _, err = run(capsys, *args, "--resume", str(tmp_path / name))
+        assert (rc, err) == (1, f"error: --resume: `{tmp_path / name}` is not a checkpoint of "
+                                f"nestc train ({why})\n{hint}")
+    assert run(capsys, *args)[0] == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    ckpt["model"]["h_embed.weight"] = torch.zeros(3, 3)  # (a spec changed since, say)
+    torch.save(ckpt, tmp_path / "edited.pt")
+    rc, _, err = run(capsys, *args, "--resume", str(tmp_path / "edited.pt"))
+    assert rc == 1 and err.startswith(f"error: --resume: `{tmp_path / 'edited.pt'}` does not "
+                                      "fit this run: Error(s) in loading state_dict"), err
+
+
+def test_the_run_records_the_vocab_it_took_from_the_task(tmp_path):
+    """config.hyper left out the vocab taken from the task, so it did not rebuild the model;
+    a checkpoint written so (format 1) still resumes."""
+    kw = {"hyper": TINY, "steps": 4, "batch": 2, "eval_every": 0, "eval_batches": 1,
+          "quiet": True}
+    whole = train(LM, "TransformerLM", "copy", out=str(tmp_path / "whole"), **kw)
+    assert whole["config"]["hyper"] == {**TINY, "vocab": Copy().vocab}
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    ckpt = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert summary["config"]["hyper"] == ckpt["config"]["hyper"] == whole["config"]["hyper"]
+    model = nestc.load(LM).build("TransformerLM", **ckpt["config"]["hyper"])
+    model.load_state_dict(ckpt["model"])
+    train(LM, "TransformerLM", "copy", out=str(tmp_path / "old"), stop_after=2, **kw)
+    path = tmp_path / "old" / "checkpoint.pt"
+    old = torch.load(path, weights_only=True)
+    old["format"], old["identity"]["hyper"], old["config"]["hyper"] = 1, TINY, TINY
+    torch.save(old, path)
+    rest = train(LM, "TransformerLM", "copy", out=str(tmp_path / "old"), resume=True, **kw)
+    assert losses(rest["metrics"]) == losses(whole["metrics"])
+
+
+def torchrun(args: list[str], cwd, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m nestc.cli ARGS`; a hang fails the test and leaves no
+    worker behind: torchrun stops its workers on SIGTERM (they run in sessions of their own,
+    and hold the output pipes open)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", "-m", "nestc.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("where", ["out", "checkpoint"])
+def test_a_write_that_fails_on_rank_0_alone_stops_every_rank_with_an_error(tmp_path, where):
+    """Rank 0 alone writes the files. When a write failed (--out under a plain file; the
+    checkpoint after step 1 of 3), rank 0 waited in the closing barrier and rank 1 in DDP's
+    all-reduce, both until gloo's timeout of 30 minutes."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "run" / "checkpoint.tmp").mkdir(parents=True)  # where torch.save writes first
+    out, why = {"out": ("file/run", "Not a directory: file/run"),
+                "checkpoint": ("run", "Is a directory: run/checkpoint.tmp")}[where]
+    ddp = torchrun(["train", LM, "TransformerLM", "--task", "copy", *TINY_ARGS, "--steps", "3",
+                    "--batch", "2", "--eval-batches", "1", "--checkpoint-every", "1", "-q",
+                    "--out", out], tmp_path)
+    assert ddp.returncode == 1
+    # (the ranks' lines may interleave)
+    assert f"error: {why}" in ddp.stderr, ddp.stderr
+    assert "error: rank 0 of this torchrun launch failed (its error says why); rank 1 stops " \
+        "with it" in ddp.stderr
+    assert "internal error" not in ddp.stderr
