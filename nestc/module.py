@@ -200,7 +200,8 @@ class Built(nn.Module):
             if temperature == 0:
                 x = last.argmax(-1, keepdim=True)
             else:
-                last = last / temperature
+                # from the largest down (a tiny temperature made inf - inf = NaN of the rest)
+                last = (last - last.max(-1, keepdim=True).values) / temperature
                 if top_k is not None:
                     kth = last.topk(min(top_k, last.shape[-1]), -1).values[:, -1:]
                     last = last.masked_fill(last < kth, float("-inf"))

@@ -4,8 +4,8 @@ A task makes batches of token ids and their targets: `tokens[:, t]` is the model
 position t and `targets[:, t]` the token it must predict there (from tokens[:, :t + 1]), -100
 where nothing is scored. Training minimizes the cross-entropy over the scored positions; the
 accuracy is the fraction of scored positions whose argmax is the target. A model with memories
-that learn from the task loss gets the same targets (`model(tokens, targets=targets)`), so its
-in-context levels learn from what the outer level is scored on.
+that learn from the task loss is called with the tokens alone: its in-context levels learn from
+`next(tokens)`, its objective, never from the targets (nestc/train.py).
 
 Every batch comes from a `torch.Generator` the caller seeds: the same seed gives the same data.
 A task with several phases (continual learning) is learned one phase after another; `sample`
@@ -153,6 +153,8 @@ class MQAR(Task):
         space = (self.seq_len - 2 * pairs) // 2
         g = torch.arange(1, space + 1, dtype=torch.float64)
         p = self.power_a * g ** (self.power_a - 1)
+        if not torch.isfinite(p).all():  # (power_a 152 and up overflowed float64: NaN)
+            p = (g / space) ** (self.power_a - 1)  # the same distribution, scaled
         gaps = torch.multinomial(p.expand(batch, space), self.queries, replacement=False,
                                  generator=generator)  # (B, Q), in the order drawn
         asked = _distinct(batch, pairs, self.queries, generator).sort(1).values  # (B, Q)
@@ -520,5 +522,5 @@ def _check_fraction(task: Task, knob: str) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise _error(task, f"{knob} must be a fraction from 0 to 1 (or none: uniform at "
+        raise _error(task, f"{knob} must be a fraction from 0 to 1 (or left out: uniform at "
                      f"random per sample), got {value!r}")

@@ -414,6 +414,12 @@ class Run:
             raise NestError(f"`{c.model}` has {self.model.out_feat} logits, task "
                             f"`{self.task.name}` has {self.task.vocab} tokens", kind="value",
                             hint=f"pass -p vocab={self.task.vocab}")
+        rows = min((m.num_embeddings for m in self.model.modules()
+                    if isinstance(m, nn.Embedding)), default=None)
+        if rows is not None and rows < self.task.vocab:  # (an IndexError, exit 2)
+            raise NestError(f"`{c.model}` embeds {rows} token ids, task `{self.task.name}` "
+                            f"has {self.task.vocab}", kind="value",
+                            hint="its embed takes the vocab of its logits")
         self.optimizer = build_optimizer(outer.optimizer,
                                          self.model.parameters(), **kwargs)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -601,6 +607,8 @@ class Run:
         self.model.train()
         out: dict[str, Any] = {}
         for name, (num, den) in zip(names, pairs.tolist()):
+            if den == 0 and name.startswith("acc/"):  # a group with no positions here: none
+                continue
             value = num / max(den, 1)
             out["eval_" + name if "/" not in name else name] = value
             if self.task.bits and name.startswith("loss"):
@@ -629,8 +637,11 @@ class Run:
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed by this run."""
         c = self.config
+        # a task's phases split the steps: another --steps would move their boundaries under
+        # the steps already trained (phase 1 trained again after phase 2)
+        steps = {"steps": c.steps} if self.task.phases > 1 else {}
         return {"spec": c.spec, "model": c.model, "task": self.task.describe(),
-                "hyper": self.hyper, "batch": c.batch, "seed": c.seed}
+                "hyper": self.hyper, "batch": c.batch, "seed": c.seed, **steps}
 
     def recorded(self) -> dict[str, Any]:
         """The configuration as checkpoints and summary.json record it: with the
@@ -673,6 +684,7 @@ class Run:
         identity = self.identity()
         if data["format"] == 1:  # (it held the hyperparameters given, vocab apart)
             identity["hyper"] = c.hyper
+            identity.pop("steps", None)
         for key, mine in identity.items():
             theirs = data["identity"].get(key)
             if _plain(theirs) != _plain(mine):
@@ -706,8 +718,11 @@ class Run:
             "params": sum(p.numel() for p in self.model.parameters()),
             "loss": losses[-1] if losses else None,
             "tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+            "train_s": self.metrics[-1]["train_s"] if self.metrics else None,
+            # the last eval's (a run stopped early ends between evals: its step says which)
+            **({"eval_step": evals[-1]["step"]} if evals else {}),
             **({k: v for k, v in evals[-1].items() if k not in ("step", "phase", "loss", "lr",
-                                                                "tokens_per_s")}
+                                                                "tokens_per_s", "train_s")}
                if evals else {}),
             "out": str(self.out), "config": self.recorded(), "metrics": self.metrics,
         }

@@ -1216,6 +1216,8 @@ def test_generate_writes_what_one_pass_over_its_text_predicts():
     with pytest.raises(ValueError, match="at least one"):
         model.generate(prompt, 0)
     close(model.generate(prompt.int(), 3, temperature=0)[0].long(), text[:, :8])
+    # a tiny temperature is greedy (logits / 1e-39 overflowed float32: NaN probabilities)
+    assert (model.generate(prompt, 3, temperature=1e-39)[0] == text[:, :8]).all()
 
 
 def test_an_evaluated_state_goes_on_after_an_optimizer_step_from_its_values():

@@ -86,6 +86,16 @@ def test_mqar_power_law_puts_queries_near_the_context():
     assert pos[targets != IGNORE].float().mean() < pos[flat_targets != IGNORE].float().mean() - 20
 
 
+def test_mqar_takes_a_steep_power_law():
+    """power_a 160: g ** 159 overflowed float64 (NaN probabilities, an internal error); the
+    queries all come at the end of the sequence, the largest gaps, as the law says."""
+    task = tasks.make("mqar", power_a=160.0)
+    targets = batch(task, 0, n=8)[1]
+    assert ((targets != IGNORE).sum(1) == task.queries).all()
+    scored = (targets != IGNORE).nonzero()[:, 1]
+    assert scored.min() >= task.seq_len - 2 * task.queries - 2
+
+
 def niah_oracle(tokens: torch.Tensor) -> torch.Tensor:
     """After the last QUERY, at each position: find a needle whose key, IS and value so far
     equal what followed the QUERY, and predict its next token (-1 where none matches)."""

@@ -565,3 +565,48 @@ def test_a_write_that_fails_on_rank_0_alone_stops_every_rank_with_an_error(tmp_p
     assert "error: rank 0 of this torchrun launch failed (its error says why); rank 1 stops " \
         "with it" in ddp.stderr
     assert "internal error" not in ddp.stderr
+
+
+def test_a_multi_phase_run_resumes_only_with_its_steps(tmp_path, capsys):
+    """The phases split the steps: a continual run of 6 steps resumed with --steps 12 trained
+    phase 1 again after phase 2 ([0, 0, 1, 1, 2, 2, 1, 1, 2, ...])."""
+    args = ["train", LM, "TransformerLM", "--task", "continual", *TINY_ARGS, "--batch", "2",
+            "-q", "--out", str(tmp_path)]
+    assert run(capsys, *args, "--steps", "6")[0] == 0
+    rc, _, err = run(capsys, *args, "--steps", "12", "--resume")
+    assert rc == 1 and "was made with steps 6, this run has 12" in err, err
+
+
+def test_an_embedding_smaller_than_the_tasks_vocab_is_an_error(tmp_path, capsys):
+    """Ids past the embedding were an IndexError (exit 2): the logits' width was checked, not
+    the embedding's."""
+    path = tmp_path / "two.nest"
+    path.write_text(spec("""
+        from "std/optim/adam.nest" import AdamW
+        model TwoVocab(vocab = 256, dim = 16, in_vocab = 8) {
+            input tokens : [T] int
+            output logits = embed(tokens, in_vocab, dim) |> linear(vocab)
+            train every step { objective cross_entropy(logits, next(tokens)); rule AdamW() }
+        }
+    """))
+    rc, _, err = run(capsys, "train", str(path), "TwoVocab", "--task", "copy", "--steps", "1",
+                     "--batch", "2", "-q", "--out", str(tmp_path / "run"))
+    assert rc == 1 and "`TwoVocab` embeds 8 token ids, task `copy` has 12" in err, err
+
+
+def test_the_summary_of_a_run_stopped_between_evals_says_which_step_its_eval_is(tmp_path):
+    """--stop-after 7 with evals every 4: the summary carried step 4's eval and its train_s
+    without saying so; now train_s is the last step's and eval_step is 4."""
+    s = train(LM, "TransformerLM", "copy", hyper=TINY, steps=10, batch=2, eval_every=4,
+              eval_batches=1, stop_after=7, out=str(tmp_path), quiet=True)
+    assert s["steps"] == 7 and s["eval_step"] == 4
+    assert s["train_s"] == s["metrics"][-1]["train_s"]
+    assert s["eval_loss"] == s["metrics"][3]["eval_loss"]
+
+
+def test_an_accuracy_group_without_positions_is_left_out(tmp_path):
+    """continual with seq_len 3 repeats no key: its `repeat` group has no positions, and was
+    reported as 0% accuracy."""
+    s = train(LM, "TransformerLM", "continual", hyper=TINY, knobs={"seq_len": 3}, steps=3,
+              batch=2, eval_batches=1, out=str(tmp_path), quiet=True)
+    assert "acc/first" in s and "acc/repeat" not in s
