@@ -7,6 +7,7 @@ exits 1; a traceback only with NESTC_DEBUG=1.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -70,6 +71,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             prog = _load(path)
+            for name in prog.names:
+                _builds(prog, name)
             results.append({"file": path, "ok": True, "declarations": prog.names,
                             "diagnostics": []})
         except NestError as err:
@@ -86,6 +89,22 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"checked {len(args.files)} file{'s' * (len(args.files) != 1)}: {ok} ok, "
               f"{failed} with errors ({ms:.0f} ms)")
     return 1 if failed else 0
+
+
+def _builds(prog: Any, name: str, **hyper: Any) -> None:
+    """NestError where block or model `name` cannot be built at these hyperparameters (the
+    defaults: skipped where one is required) for a mistake of the spec, such as a shape that
+    does not divide (the checker does not size tensors); a feature not built yet is no mistake.
+    Generates the source only: no torch."""
+    checked = prog.decl(name)
+    if checked.kind == "optimizer" or (not hyper and any(h.required for h in
+                                                          checked.hypers.values())):
+        return
+    try:
+        prog.source(name, **hyper)
+    except NestError as err:
+        if not err.unsupported:
+            raise
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -106,21 +125,32 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
     prog = _load(args.file)
     name = _decl_name(prog, args.name)
-    fmt = args.format or (Path(args.output).suffix.lstrip(".") if args.output else "svg")
-    if fmt == "md":
-        fmt = "mermaid"
+    suffix = Path(args.output).suffix.lstrip(".").lower() if args.output else ""
+    formats = {"md": "mermaid"}
+    fmt = formats.get(args.format, args.format) or formats.get(suffix, suffix) or \
+        ("svg" if not args.output else "")
+    if not fmt:
+        raise NestError(f"cannot tell the picture format of `{args.output}`", kind="value",
+                        hint=f"end it with .svg, .png, ... or give -f ({', '.join(VIZ_FORMATS)})")
     if fmt not in VIZ_FORMATS:
         raise NestError(f"unknown picture format `{fmt}`", kind="value",
                         hint=f"formats are {', '.join(VIZ_FORMATS)}")
-    graph = prog.graph(name, **_hyper_args(args.set))
-    data = render(graph, fmt, detail=args.detail)
+    if args.format and suffix and formats.get(suffix, suffix) in VIZ_FORMATS and \
+            formats.get(suffix, suffix) != fmt:  # (svg written into x.png)
+        raise NestError(f"-f {args.format} but -o `{args.output}` says {suffix}", kind="value",
+                        hint="give one of them, or make them agree")
+    hyper = _hyper_args(args.set)
+    _builds(prog, name, **hyper)  # (a picture of what cannot be built, --set's values too)
+    data = render(prog.graph(name, **hyper), fmt, detail=args.detail)
     if args.output:
         out = Path(args.output)
+        if out.parent.exists() and not out.parent.is_dir():
+            raise NestError(f"-o `{out}`: `{out.parent}` is a file, not a folder", kind="value")
         out.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, bytes):
             out.write_bytes(data)
         else:
-            out.write_text(data)
+            out.write_text(data, encoding="utf-8")
         print(f"wrote {out}")
     elif isinstance(data, bytes):
         raise NestError("PNG output needs -o FILE", kind="value")
@@ -324,6 +354,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # (SVG, explain's · under LC_ALL=C: exit 2)
+        if isinstance(stream, io.TextIOWrapper) and stream.encoding.lower().replace("-", "") \
+                != "utf8":
+            stream.reconfigure(encoding="utf-8")
     args = parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # bench records its command
     if args.version:

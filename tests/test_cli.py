@@ -317,3 +317,48 @@ def test_chunks_that_do_not_line_up_with_a_bound_period_are_an_error(files, caps
         "    output M(x)\n}\n")
     rc, out, err = run(capsys, "explain", "c.nest", "--set", "c=5")
     assert rc == 1 and "chunks of 5 tokens never line up with an update every 2 tokens" in err
+
+
+SHAPE_AT_DEFAULTS = ("block B(dim = 8, heads = 3) {\n    input x : [T, dim]\n"
+                     "    output x |> l2norm(per = heads)\n}\n")
+
+
+def test_check_and_viz_refuse_what_cannot_be_built(files, capsys):
+    """`check` said ok, and viz drew, a block whose defaults do not build (l2norm per 3 slices
+    of 8 features), and viz drew --set values explain and build refuse; a feature not built
+    yet is still no error of check."""
+    (files / "s.nest").write_text(SHAPE_AT_DEFAULTS)
+    for argv in (["check", "s.nest"], ["viz", "s.nest", "-o", "s.svg"],
+                 ["viz", "std/memory/deltanet.nest", "-n", "DeltaNet", "--set", "dim=10",
+                  "--set", "heads=4", "-o", "d.svg"]):
+        rc, out, err = run(capsys, *argv)
+        assert rc == 1 and "error: l2norm per " in err, (argv, err)
+    assert not (files / "s.svg").exists() and not (files / "d.svg").exists()
+    (files / "u.nest").write_text("block U(dim = 4) {\n    input x : [T, dim]\n"
+                                  "    output x |> conv1d(causal = false)\n}\n")
+    assert run(capsys, "check", "u.nest")[0] == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-f", "svg", "-o", "x.png"], "error: -f svg but -o `x.png` says png"),
+    (["-o", "picture"], "error: cannot tell the picture format of `picture`"),
+    (["-o", "good.nest/x.svg"], "error: -o `good.nest/x.svg`: `good.nest` is a file, not a"),
+])
+def test_viz_output_paths_that_say_no_format_or_another(files, capsys, argv, message):
+    """-f svg -o x.png wrote an SVG into x.png; `-o picture` said "unknown picture format ``";
+    a folder that is a file said "File exists"."""
+    rc, out, err = run(capsys, "viz", "good.nest", *argv)
+    assert rc == 1 and err.startswith(message), err
+
+
+def test_viz_takes_an_upper_case_suffix_and_writes_utf8_in_a_c_locale(files, capsys):
+    assert run(capsys, "viz", "good.nest", "-o", "x.SVG")[0] == 0
+    assert (files / "x.SVG").read_text(encoding="utf-8").startswith("<?xml")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONUTF8": "0", "LC_ALL": "C",
+           "PYTHONPATH": str(ROOT)}
+    for argv in (["-o", "c.svg"], ["-f", "mermaid"]):  # (a UnicodeEncodeError, exit 2)
+        done = subprocess.run([sys.executable, "-m", "nestc.cli", "viz", "std/optim/adam.nest",
+                               "-n", "Adam", *argv], capture_output=True, env=env,
+                              cwd=files, timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert "·" in (files / "c.svg").read_text(encoding="utf-8")
