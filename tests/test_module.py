@@ -693,8 +693,8 @@ def test_empty_pieces_pass_the_state_through():
      "    memory M : matrix(dim / heads, dim / heads) per head = zeros every token {\n"
      "        objective l2(M(q), q); rule gd(lr = 1)\n    }\n    output M(q)\n}\n",
      "b.nest:4:23: error: a matrix memory's size must be a whole number of at least 1, got 2.4"),
-    ("block B(dim) {\n    input x : [T, dim]\n    output not x\n}\n",
-     "b.nest:3:12: error: `not` on a tensor is not supported"),
+    ("block B(dim) {\n    input x : [T, dim]\n    output outer(x, x)\n}\n",
+     "b.nest:3:12: error: `outer` in a block is not supported"),
     ("block B(dim) {\n    input x : [T, dim]\n    input y : [T, dim]\n    output x\n}\n",
      "b.nest:3:5: error: a second input (`y`) is not supported"),
     ("block B(dim) {\n    input x : [T, dim]\n    output conv1d(x, window = 0)\n}\n",
