@@ -754,9 +754,9 @@ MAX_REPEAT = 1024  # copies a `repeat` makes (each is built: a huge count hung t
 def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any], copies: int = 1) -> None:
     """The update periods, chunk sizes and `repeat` counts of a body, at bound values: a
     positive whole number each (NestError at it), a repeat at most MAX_REPEAT copies with
-    those of the repeats around it (`copies`). The checker
-    sees the defaults' at load; a build, a call or `--set` (a period of 0 divided by zero in
-    explain, a negative one printed "every -2 tokens") binds others."""
+    those of the repeats and chains around it (`copies`). The checker sees the defaults' at
+    load; a build, a call or `--set` (a period of 0 divided by zero in explain, a negative one
+    printed "every -2 tokens") binds others."""
     def whole(e: ast.Expr | None, what: str, low: int = 1) -> Any:
         if e is None:
             return None
