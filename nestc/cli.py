@@ -247,8 +247,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--format", "-f", choices=VIZ_FORMATS, help="picture format (default svg)")
     v.add_argument("--detail", choices=("auto", "levels", "full"), default="auto",
                    help="levels: only the levels, each path through signals one edge, a "
-                   "block's weights one box; full: every signal too; auto (default): full "
-                   "for small graphs, levels for large ones")
+                   "block's weights one box, and where reads crowd (a deep residual stack) "
+                   "those the others imply left out; full: every signal too; auto (default): "
+                   "full for small graphs, levels for large ones")
     v.set_defaults(run=cmd_viz)
 
     k = sub.add_parser("compile", help="print the generated PyTorch source",

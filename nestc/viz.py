@@ -246,8 +246,31 @@ def group_weights(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
 
 
 def levels_view(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
-    """What `--detail levels` draws: signals collapsed, then each block's weights grouped."""
-    return group_weights(collapse_signals(graph))
+    """What `--detail levels` draws: signals collapsed, then each block's weights grouped,
+    then reads implied by others thinned where they crowd (thin_reads)."""
+    return thin_reads(group_weights(collapse_signals(graph)))
+
+
+THIN_READS = 8  # reads per level above which the levels view keeps only the direct ones
+
+
+def thin_reads(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
+    """graph with its read edges cut to their transitive reduction where there are more than
+    THIN_READS per level and they make no cycle: a level that reads another through a third
+    keeps the two steps only. A residual stack of N blocks reads every earlier block from every
+    later one, N (N - 1) / 2 edges (160 blocks: 12,720, a 58 MB picture); its chain shows the
+    same order. The count left out is graph.graph["implied"], for the subtitle."""
+    reads = [(u, v, k) for u, v, k, d in graph.edges(keys=True, data=True) if d["kind"] == "read"]
+    if len(reads) <= THIN_READS * graph.number_of_nodes():
+        return graph
+    order = nx.DiGraph((u, v) for u, v, _ in reads)
+    if not nx.is_directed_acyclic_graph(order):
+        return graph
+    keep = set(nx.transitive_reduction(order).edges)
+    out = graph.copy()
+    out.remove_edges_from([(u, v, k) for u, v, k in reads if (u, v) not in keep])
+    out.graph["implied"] = graph.number_of_edges() - out.number_of_edges()
+    return out
 
 
 def view(graph: nx.MultiDiGraph, detail: str = "auto") -> nx.MultiDiGraph:
@@ -581,6 +604,9 @@ def _levels_note(graph: nx.MultiDiGraph) -> str:
     if groups:
         parts.append(f"{sum(a['count'] for a in groups)} weights in {len(groups)} "
                      f"box{'es' * (len(groups) != 1)}")
+    implied = graph.graph.get("implied")
+    if implied:
+        parts.append(f"{implied} reads implied by the others left out")
     return "levels view: " + (", ".join(parts) if parts else "levels only") + \
         " (--detail full draws them all)"
 
