@@ -493,3 +493,30 @@ def test_compiled_backend_steps_float64_and_scalar_params_as_generic_does():
         got[backend] = [w.detach().clone() for w in ws]
     for ours, want in zip(got["compiled"], got["generic"]):
         torch.testing.assert_close(ours, want, rtol=1e-13, atol=1e-13)
+
+
+def test_a_step_that_reads_the_params_shape_gets_no_fused_kernel():
+    """`if numel(W) > 100 then 0.5 else 1.0` folded to 1 in the kernel matcher (it ran on a
+    0-d W, and verified on shapes of at most 25 elements): `auto` ran torch's fused Adam at
+    the full lr on a 200-element param, twice the step `generic` took."""
+    text = """optimizer SizeAdam(lr: float = 1e-2, betas: (float, float) = (0.9, 0.999),
+                       eps: float = 1e-8) {
+    param W
+    let g = grad(W)
+    memory m = zeros_like(W) every step { objective l2(m, g); rule gd(lr = 1 - betas[0]) }
+    memory v = zeros_like(W) every step { objective l2(v, g * g); rule gd(lr = 1 - betas[1]) }
+    let scale = if numel(W) > 100 then 0.5 else 1.0
+    W -= lr * scale * debias(m, betas[0]) / (sqrt(debias(v, betas[1])) + eps)
+}
+"""
+    prog = nestc.loads(text, "s.nest")
+    assert all(v.kernel is None for v in lower(prog.decl("SizeAdam")).variants)
+    got = {}
+    for backend in ("auto", "generic"):
+        w = torch.nn.Parameter(torch.ones(20, 10))
+        opt = prog.build("SizeAdam", [w], lr=0.1, backend=backend)
+        w.grad = torch.ones(20, 10)
+        opt.step()
+        got[backend] = w.detach()
+    torch.testing.assert_close(got["auto"], got["generic"])
+    torch.testing.assert_close(got["auto"], torch.full((20, 10), 0.95))
