@@ -8,6 +8,7 @@ import linecache
 import re
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,7 +46,33 @@ def compiled(fn: Callable[..., Any], count: int = 0) -> Callable[..., Any]:
     FailOnRecompileLimitHit (fullgraph=True)."""
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                              fn.__defaults__, fn.__closure__)
-    return torch.compile(own, dynamic=True, fullgraph=True)
+    graph = torch.compile(own, dynamic=True, fullgraph=True)
+    given_up = False
+
+    def call(*args: Any) -> Any:
+        # past the limit (hyperparameters that change every step, as a scheduler cycling
+        # betas, are constants of each graph; so are ranks and dtypes), the step runs as
+        # plain code: it raised FailOnRecompileLimitHit at the ninth
+        nonlocal given_up
+        if not given_up:
+            try:
+                return graph(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # noqa: SLF001
+                given_up = True
+                limit = torch._dynamo.config.recompile_limit  # noqa: SLF001
+                warnings.warn(f"nestc: torch.compile gave up on {fn.__name__} after {limit} "
+                              "graphs (hyperparameters that change from step to step, such as "
+                              "cycled betas, or other ranks and dtypes); it runs uncompiled",
+                              RuntimeWarning, stacklevel=3)
+        return own(*args)
+
+    return call
+
+
+def use_compiled(group: dict[str, Any], grads: list[torch.Tensor]) -> bool:
+    """Whether torch.compile runs this group's step: backend='compiled', dense grads (dynamo
+    does not take sparse tensors: the generic code runs them, as torch.optim's SGD does)."""
+    return backend_of(group) == "compiled" and not any(g.is_sparse for g in grads)
 
 
 def assign(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -154,12 +181,19 @@ def from_torch(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[s
     torch.optim checkpoint goes on as it would in torch. Its groups are taken as new groups
     are (param_group): a hyperparameter they lack, or give as None, is the optimizer's own
     value; an option it does not have, set to a value that would change the update, is a
-    ValueError; and the hyperparameters are validated."""
+    ValueError; and the hyperparameters are validated. Each group keeps this optimizer's back
+    end."""
     # (a hyperparameter that torch.optim does not have, such as Muon's ns_dtype, takes the
     # optimizer's own value)
     groups = [_nones(opt, {**{k: opt.defaults[k] for k in getattr(opt, "HYPERPARAMETERS", ())
                                if k in opt.defaults}, **g})
               for g in state_dict.get("param_groups", ())]
+    # the back end is this process's choice, not the checkpoint's (a generic run's checkpoint
+    # switched an optimizer built with backend='fused' to generic; a torch.optim one's, which
+    # has none, switched backend='compiled' to auto)
+    for i, group in enumerate(groups):
+        mine = opt.param_groups[i] if i < len(opt.param_groups) else opt.defaults
+        group["backend"] = mine.get("backend", opt.defaults.get("backend", "auto"))
     for group in groups:
         key = _foreign_options(opt, group)
         if key is not None:
@@ -178,6 +212,16 @@ def from_torch(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[s
                 s[ours] = s.pop(theirs)
         state[pid] = s
     return {**state_dict, "state": state}
+
+
+def match_layouts(opt: torch.optim.Optimizer) -> None:
+    """Each state of a param's shape laid out as the param is (after load_state_dict, which
+    keeps a checkpoint's strides: torch's fused kernels and ours index a state as the param,
+    and a channels_last state on a contiguous param took a wrong step)."""
+    for p, state in opt.state.items():
+        for key, t in state.items():
+            if isinstance(t, torch.Tensor) and t.shape == p.shape and t.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
 
 
 def use_fused(group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:

@@ -520,3 +520,80 @@ def test_a_step_that_reads_the_params_shape_gets_no_fused_kernel():
         got[backend] = w.detach()
     torch.testing.assert_close(got["auto"], got["generic"])
     torch.testing.assert_close(got["auto"], torch.full((20, 10), 0.95))
+
+
+def test_a_checkpoint_leaves_the_optimizer_its_back_end_and_its_states_their_layout():
+    """load_state_dict took the checkpoint's groups whole: a generic run's checkpoint switched
+    backend='fused' to generic, a torch.optim one (no backend) switched 'compiled' to auto. It
+    also kept the checkpoint's strides: a channels_last state on a contiguous param took a
+    wrong step on the fused and triton paths (0.125 off)."""
+    import copy as _copy
+
+    adam = nestc.load("std/optim/adam.nest")
+    a = torch.nn.Parameter(torch.randn(3, 4))
+    saved = adam.build("Adam", [a], backend="generic")
+    a.grad = torch.randn(3, 4)
+    saved.step()
+    fused = adam.build("Adam", [torch.nn.Parameter(a.detach().clone())], backend="fused")
+    fused.load_state_dict(_copy.deepcopy(saved.state_dict()))
+    assert fused.param_groups[0]["backend"] == "fused"
+    t = torch.nn.Parameter(torch.randn(3, 4))
+    theirs = torch.optim.Adam([t])
+    t.grad = torch.randn(3, 4)
+    theirs.step()
+    mine = adam.build("Adam", [torch.nn.Parameter(t.detach().clone())], backend="compiled")
+    mine.load_state_dict(_copy.deepcopy(theirs.state_dict()))
+    assert mine.param_groups[0]["backend"] == "compiled"
+    # a conv weight's states saved channels_last, resumed on a contiguous weight
+    w0 = torch.randn(2, 3, 2, 2)
+    conv = torch.nn.Parameter(w0.clone().to(memory_format=torch.channels_last))
+    old = adam.build("Adam", [conv], lr=0.1, backend="generic")
+    conv.grad = torch.randn(2, 3, 2, 2).to(memory_format=torch.channels_last)
+    old.step()
+    state, grad = old.state_dict(), torch.randn(2, 3, 2, 2)
+    got = {}
+    for backend in ("auto", "generic"):
+        w = torch.nn.Parameter(conv.detach().contiguous())
+        opt = adam.build("Adam", [w], lr=0.1, backend=backend)
+        opt.load_state_dict(_copy.deepcopy(state))
+        assert opt.state[w]["m"].stride() == w.stride()
+        w.grad = grad.clone()
+        opt.step()
+        got[backend] = w.detach()
+    torch.testing.assert_close(got["auto"], got["generic"])
+
+
+def test_the_compiled_back_end_runs_what_torch_compile_cannot_as_plain_code(monkeypatch):
+    """Sparse grads (dynamo refuses them: an Unsupported error) run the generic code; past
+    torch.compile's recompile limit (a scheduler cycling betas: FailOnRecompileLimitHit at
+    the ninth value) the step runs uncompiled, with a warning."""
+    sgd = nestc.load("std/optim/sgd.nest")
+    steps = {}
+    for backend in ("generic", "compiled"):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(10, 4, sparse=True)
+        opt = sgd.build("SGD", emb.parameters(), lr=0.1, backend=backend)
+        emb(torch.tensor([1, 2, 2])).sum().backward()
+        opt.step()
+        steps[backend] = emb.weight.detach()
+    torch.testing.assert_close(steps["compiled"], steps["generic"])
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    # (an optimizer of this test's own: its compiled functions are compiled here only)
+    cycled = nestc.loads("optimizer Cycled(lr: float = 0.1, beta: float = 0.9) {\n"
+                         "    param W\n    memory m = zeros_like(W) every step {\n"
+                         "        objective l2(m, grad(W)); rule gd(lr = 1 - beta) }\n"
+                         "    W -= lr * m\n}\n", "cycled.nest")
+    got = {}
+    for backend in ("generic", "compiled"):
+        w = torch.nn.Parameter(torch.ones(5))
+        opt = cycled.build("Cycled", [w], backend=backend)
+        for beta in (0.8, 0.85, 0.9, 0.95):
+            opt.param_groups[0]["beta"] = beta
+            w.grad = torch.full((5,), beta)
+            if backend == "compiled" and beta == 0.9:
+                with pytest.warns(RuntimeWarning, match="torch.compile gave up"):
+                    opt.step()
+            else:
+                opt.step()
+        got[backend] = w.detach()
+    torch.testing.assert_close(got["compiled"], got["generic"])

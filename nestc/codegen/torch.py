@@ -773,6 +773,7 @@ def generate_optimizer(opt: ir.Optimizer) -> str:
     w("")
     w("    def load_state_dict(self, state_dict):")
     w("        super().load_state_dict(_rt.from_torch(self, state_dict))")
+    w("        _rt.match_layouts(self)")
     w("")
     w("    @torch.no_grad()")
     w("    def step(self, closure=None):")
@@ -1026,7 +1027,7 @@ def _variant_method(i: int, v: ir.Variant, hyper: dict[str, str], args: str,
         lists = ", ".join(["_params", "_grads", "_step", *(f"_st_{m.name}" for m in v.memories)])
         b(f"    _rt.triton_module(_TRITON).launch_{i}({lists}, _first{', ' if args else ''}{args})")
         b("    return")
-    b("if _rt.backend_of(group) == 'compiled':")
+    b("if _rt.use_compiled(group, _grads):")
     for name in _from_memories(v):
         b("    for _s, _p in zip(_states, _params):")
         b(f"        _s.setdefault({name!r}, torch.empty_like(_p, memory_format=torch.preserve_format))")

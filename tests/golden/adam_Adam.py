@@ -32,6 +32,7 @@ class Adam(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(_rt.from_torch(self, state_dict))
+        _rt.match_layouts(self)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -83,7 +84,7 @@ class Adam(torch.optim.Optimizer):
             _rt.triton_module(_TRITON).launch_0(_params, _grads, _step, _st_m, _st_v, _first, lr,
                 betas, eps, weight_decay)
             return
-        if _rt.backend_of(group) == 'compiled':
+        if _rt.use_compiled(group, _grads):
             _rt.compiled(_all_0, len(_params))(_params, _grads, _steps, _st_m, _st_v, _first, lr,
                 betas, eps, weight_decay)
             return

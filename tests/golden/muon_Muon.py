@@ -40,6 +40,7 @@ class Muon(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(_rt.from_torch(self, state_dict))
+        _rt.match_layouts(self)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -93,7 +94,7 @@ class Muon(torch.optim.Optimizer):
         _st_momentum_buffer = [_s['momentum_buffer'] for _s in _states]
         _rt.no_kernel(group)
         torch._foreach_add_(_steps, 1)
-        if _rt.backend_of(group) == 'compiled':
+        if _rt.use_compiled(group, _grads):
             _rt.compiled(_all_0, len(_params))(_params, _grads, _steps, _st_momentum_buffer,
                 _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps,
                 adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
@@ -160,7 +161,7 @@ class Muon(torch.optim.Optimizer):
                 ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps,
                 adamw_weight_decay)
             return
-        if _rt.backend_of(group) == 'compiled':
+        if _rt.use_compiled(group, _grads):
             _rt.compiled(_all_1, len(_params))(_params, _grads, _steps, _st_exp_avg,
                 _st_exp_avg_sq, _first, lr, weight_decay, momentum, nesterov, ns_coefficients, eps,
                 ns_steps, adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps,

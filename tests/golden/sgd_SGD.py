@@ -34,6 +34,7 @@ class SGD(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(_rt.from_torch(self, state_dict))
+        _rt.match_layouts(self)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -96,7 +97,7 @@ class SGD(torch.optim.Optimizer):
             _rt.triton_module(_TRITON).launch_0(_params, _grads, _step, _st_buf, _first, lr,
                 momentum, dampening, weight_decay, nesterov)
             return
-        if _rt.backend_of(group) == 'compiled':
+        if _rt.use_compiled(group, _grads):
             for _s, _p in zip(_states, _params):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
             _st_buf = [_s['buf'] for _s in _states]
@@ -147,7 +148,7 @@ class SGD(torch.optim.Optimizer):
             _rt.triton_module(_TRITON).launch_1(_params, _grads, _step, _st_buf, _first, lr,
                 momentum, dampening, weight_decay, nesterov)
             return
-        if _rt.backend_of(group) == 'compiled':
+        if _rt.use_compiled(group, _grads):
             for _s, _p in zip(_states, _params):
                 _s.setdefault('buf', torch.empty_like(_p, memory_format=torch.preserve_format))
             _st_buf = [_s['buf'] for _s in _states]
@@ -191,7 +192,7 @@ class SGD(torch.optim.Optimizer):
             _rt.triton_module(_TRITON).launch_2(_params, _grads, _step, _first, lr, momentum,
                 dampening, weight_decay, nesterov)
             return
-        if _rt.backend_of(group) == 'compiled':
+        if _rt.use_compiled(group, _grads):
             _rt.compiled(_all_2, len(_params))(_params, _grads, _steps, _first, lr, momentum,
                 dampening, weight_decay, nesterov)
             return
