@@ -563,7 +563,7 @@ def test_a_checkpoint_leaves_the_optimizer_its_back_end_and_its_states_their_lay
     torch.testing.assert_close(got["auto"], got["generic"])
 
 
-def test_the_compiled_back_end_runs_what_torch_compile_cannot_as_plain_code(monkeypatch):
+def test_the_compiled_back_end_runs_what_torch_compile_cannot_as_plain_code():
     """Sparse grads (dynamo refuses them: an Unsupported error) run the generic code; past
     torch.compile's recompile limit (a scheduler cycling betas: FailOnRecompileLimitHit at
     the ninth value) the step runs uncompiled, with a warning."""
@@ -577,8 +577,8 @@ def test_the_compiled_back_end_runs_what_torch_compile_cannot_as_plain_code(monk
         opt.step()
         steps[backend] = emb.weight.detach()
     torch.testing.assert_close(steps["compiled"], steps["generic"])
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    # (an optimizer of this test's own: its compiled functions are compiled here only)
+    # (an optimizer of this test's own: its compiled functions are compiled here only; the
+    # config's own patch: monkeypatch's undo deleted the setting)
     cycled = nestc.loads("optimizer Cycled(lr: float = 0.1, beta: float = 0.9) {\n"
                          "    param W\n    memory m = zeros_like(W) every step {\n"
                          "        objective l2(m, grad(W)); rule gd(lr = 1 - beta) }\n"
@@ -587,13 +587,14 @@ def test_the_compiled_back_end_runs_what_torch_compile_cannot_as_plain_code(monk
     for backend in ("generic", "compiled"):
         w = torch.nn.Parameter(torch.ones(5))
         opt = cycled.build("Cycled", [w], backend=backend)
-        for beta in (0.8, 0.85, 0.9, 0.95):
-            opt.param_groups[0]["beta"] = beta
-            w.grad = torch.full((5,), beta)
-            if backend == "compiled" and beta == 0.9:
-                with pytest.warns(RuntimeWarning, match="torch.compile gave up"):
+        with torch._dynamo.config.patch(recompile_limit=2):
+            for beta in (0.8, 0.85, 0.9, 0.95):
+                opt.param_groups[0]["beta"] = beta
+                w.grad = torch.full((5,), beta)
+                if backend == "compiled" and beta == 0.9:
+                    with pytest.warns(RuntimeWarning, match="torch.compile gave up"):
+                        opt.step()
+                else:
                     opt.step()
-            else:
-                opt.step()
         got[backend] = w.detach()
     torch.testing.assert_close(got["compiled"], got["generic"])
