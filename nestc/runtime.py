@@ -192,9 +192,8 @@ def from_torch(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[s
     # switched an optimizer built with backend='fused' to generic; a torch.optim one's, which
     # has none, switched backend='compiled' to auto)
     for i, group in enumerate(groups):
-        mine = opt.param_groups[i] if i < len(opt.param_groups) else opt.defaults
-        group["backend"] = mine.get("backend", opt.defaults.get("backend", "auto"))
-    for group in groups:
+        group["backend"] = (opt.param_groups[i] if i < len(opt.param_groups)
+                            else opt.defaults)["backend"]
         key = _foreign_options(opt, group)
         if key is not None:
             raise ValueError(f"{type(opt).__name__}: the state dict's param group sets `{key}` "

@@ -431,10 +431,9 @@ def test_blocks_called_again_are_named_as_the_module_names_them() -> None:
     memories = sorted(n for n, d in g.nodes(data=True) if d["kind"] == "memory")
     assert memories == ["Inner.M", "Inner_1.M", "Inner_2.M", "Inner_3.M"]
     assert set(g.predecessors("Inner_3.x")) == {"Inner_2.M", "Inner_2.x"}
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")  # (the graph needs none; the build does)
     modules = {n for n, m in prog.build("Z").named_modules() if n.endswith(".M")}
     assert modules == set(memories)
-    assert torch  # (imported only where the module is built)
 
 
 def test_updates_in_the_branches_of_an_if_are_one_or_the_other() -> None:
