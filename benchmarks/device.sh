@@ -55,7 +55,9 @@ if has mlptests; then
         tests/test_triton_mlp_memory.py 2>&1 | tee "$OUT/test_gpu_mlp.txt"
 fi
 if has memory; then
-    timeout 300 python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1
+    # the table is written row by row: a run stopped at its limit keeps what it measured
+    timeout 420 python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1 \
+        | tee "$OUT/gpu_memory.log"
 fi
 if has fusion; then
     # aten operations and milliseconds per training step, chunked against triton back end

@@ -37,6 +37,7 @@ if __name__ == "__main__" and "--dry" in sys.argv:
 
 import argparse  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -83,6 +84,47 @@ def ms(fn: Callable[[], None], reps: int, cuda: bool) -> float:
     return sorted(times)[len(times) // 2]
 
 
+class Report:
+    """The table's lines, printed and (with --out) written as they come, so that a run stopped
+    at the device's time limit keeps what it measured; `failed` counts the cells that raised
+    (their tracebacks go to stderr, the cell reads "error", the script exits 1)."""
+
+    def __init__(self, out: str | None) -> None:
+        self.out = Path(out) if out else None
+        self.lines: list[str] = []
+        self.failed = 0
+        if self.out:
+            self.out.write_text("")
+
+    def add(self, *lines: str) -> None:
+        print("\n".join(lines), flush=True)
+        self.lines += lines
+        if self.out:
+            with self.out.open("a") as f:
+                f.write("".join(line + "\n" for line in lines))
+
+    def time(self, what: str, fn: Callable[[], None], reps: int, cuda: bool) -> float | None:
+        """ms(fn), or None when it raises: one implementation's failure (a kernel that does
+        not compile for this GPU) leaves the other columns and rows measured."""
+        try:
+            return ms(fn, reps, cuda)
+        except Exception:  # noqa: BLE001 - reported, counted, and the script exits 1
+            self.failed += 1
+            print(f"{what} failed:", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            if cuda:  # a failed launch can leave an error behind for the next call to raise
+                torch.cuda.synchronize()
+            return None
+
+
+def cell(x: float | None) -> str:
+    return "error" if x is None else f"{x:.2f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None else f"{a / b:.2f}"
+
+
 def fwd_bwd(run: Run, xs: list[torch.Tensor]) -> Callable[[], None]:
     def call() -> None:
         for x in xs:
@@ -117,51 +159,62 @@ def ops(gated: bool, fla: bool) -> dict[str, Run]:
     return out
 
 
-def agreement(gated: bool, fla: bool, device: str) -> dict[str, float]:
+def agreement(gated: bool, fla: bool, device: str) -> dict[str, float | None]:
     """Largest difference of each tier's output from the chunked tier's, relative to its
     largest entry, in float32 at T=300 (T=45 on a CPU)."""
     runs = ops(gated, fla)
     xs = inputs(2, 300 if device == "cuda" else 45, 4, 64 if device == "cuda" else 16,
                 torch.float32, gated, device)
     ref, _ = runs["chunked"](*xs)
-    return {name: ((run(*xs)[0] - ref).abs().max() / ref.abs().max()).item()
-            for name, run in runs.items() if name != "chunked"}
+    out: dict[str, float | None] = {}
+    for name, run in runs.items():
+        if name != "chunked":
+            try:
+                out[name] = ((run(*xs)[0] - ref).abs().max() / ref.abs().max()).item()
+            except Exception:  # noqa: BLE001 - the caller reports and counts it
+                print(f"{name}'s agreement check failed:", file=sys.stderr, flush=True)
+                traceback.print_exc()
+                out[name] = None
+    return out
 
 
-def table(T_list: list[int], D_list: list[int], reps: int, dry: bool) -> list[str]:
+def table(report: Report, T_list: list[int], D_list: list[int], reps: int, dry: bool) -> None:
     device = "cpu" if dry else "cuda"
     fla = not dry
     B, H, dtype = (1, 2, torch.float32) if dry else (4, 8, torch.bfloat16)
     where = "CPU, Triton interpreter (dry run: no speed meaning)" if dry else \
         torch.cuda.get_device_name()
-    lines = [f"torch {torch.__version__}, {where}, B={B}, H={H}, "
-             f"{str(dtype).removeprefix('torch.')}, forward+backward, median ms of {reps}", "",
-             "| op | D | T | fla-core chunk (Triton) | nestc Triton | nestc chunked (PyTorch) "
-             "| Triton / fla | chunked / Triton |",
-             "|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    report.add(f"torch {torch.__version__}, triton {triton_version()}, {where}, B={B}, H={H}, "
+               f"{str(dtype).removeprefix('torch.')}, forward+backward, median ms of {reps}", "",
+               "| op | D | T | fla-core chunk (Triton) | nestc Triton | nestc chunked (PyTorch) "
+               "| Triton / fla | chunked / Triton |",
+               "|---|---|---|---|---|---|---|---|")
     for gated in (False, True):
         name = "gated_delta_rule" if gated else "delta_rule"
         runs = ops(gated, fla)
         for D in D_list:
             for T in T_list:
                 xs = inputs(B, T, H, D, dtype, gated, device)
-                t = {col: ms(fwd_bwd(run, xs), reps, not dry) for col, run in runs.items()}
-                fla_ms = f"{t['fla']:.2f}" if "fla" in t else "—"
-                vs_fla = f"{t['triton'] / t['fla']:.2f}" if "fla" in t else "—"
-                row = (f"| {name} | {D} | {T} | {fla_ms} | {t['triton']:.2f} | "
-                       f"{t['chunked']:.2f} | {vs_fla} | {t['chunked'] / t['triton']:.2f} |")
-                print(row, flush=True)
-                lines.append(row)
+                t = {col: report.time(f"{name} D={D} T={T} {col}", fwd_bwd(run, xs), reps,
+                                      not dry) for col, run in runs.items()}
+                fla_ms = cell(t["fla"]) if "fla" in t else "—"
+                report.add(f"| {name} | {D} | {T} | {fla_ms} | {cell(t['triton'])} | "
+                           f"{cell(t['chunked'])} | {ratio(t['triton'], t.get('fla'))} | "
+                           f"{ratio(t['chunked'], t['triton'])} |")
         agree = agreement(gated, fla, device)
-        note = f"{name}, float32, largest difference from the chunked tier over its largest " \
-            "entry: " + ", ".join(f"{k} {v:.1e}" for k, v in agree.items())
-        print(note, flush=True)
-        lines += ["", note, ""]
-    return lines
+        report.failed += sum(v is None for v in agree.values())
+        report.add("", f"{name}, float32, largest difference from the chunked tier over its "
+                   "largest entry: " + ", ".join(f"{k} {'error' if v is None else f'{v:.1e}'}"
+                                                 for k, v in agree.items()), "")
 
 
-def mlp_memory_table(T_list: list[int], reps: int, dry: bool) -> list[str]:
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def mlp_memory_table(report: Report, T_list: list[int], reps: int, dry: bool) -> None:
     """Titans' MLP memory (nestc.ops.mlp_memory: momentum, retention, clip 1), the Triton tier
     against the chunked PyTorch tier, float32 (as MLPMemory runs it), forward and
     forward+backward (both directions fused in the Triton tier), at sizes where the kernels
@@ -173,11 +226,10 @@ def mlp_memory_table(T_list: list[int], reps: int, dry: bool) -> list[str]:
     device = "cpu" if dry else "cuda"
     N, H = (1, 2) if dry else (4, 8)
     shapes = [(16, 32, 16)] if dry else [(32, 64, 16), (64, 128, 16)]
-    lines = ["", f"Titans' MLP memory, N={N}, H={H}, float32, median ms", "",
-             "| d | h | chunk | T | Triton fwd | chunked fwd | chunked / Triton fwd "
-             "| Triton fwd+bwd | chunked fwd+bwd | chunked / Triton fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    report.add("", f"Titans' MLP memory, N={N}, H={H}, float32, median ms", "",
+               "| d | h | chunk | T | Triton fwd | chunked fwd | chunked / Triton fwd "
+               "| Triton fwd+bwd | chunked fwd+bwd | chunked / Triton fwd+bwd |",
+               "|---|---|---|---|---|---|---|---|---|---|")
     for d, h, chunk in shapes:
         assert mlp_kernel_fits(d, h, chunk), (d, h, chunk)
         for T in T_list:
@@ -190,7 +242,7 @@ def mlp_memory_table(T_list: list[int], reps: int, dry: bool) -> list[str]:
             A0 = torch.randn(N, H, d, h, device=device, generator=g) * d ** -0.5
             B0 = torch.randn(N, H, h, d, device=device, generator=g) * h ** -0.5
             xs = [x.requires_grad_() for x in (q, k, v, lr, retain, beta, A0, B0)]
-            t = {}
+            t: dict[str, tuple[float | None, float | None]] = {}
             for backend in ("triton", "chunked"):
                 def run(*a: torch.Tensor, backend: str = backend, chunk: int = chunk
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -199,14 +251,13 @@ def mlp_memory_table(T_list: list[int], reps: int, dry: bool) -> list[str]:
                 def forward(run: Run = run, xs: list[torch.Tensor] = xs) -> None:
                     with torch.no_grad():
                         run(*xs)
-                t[backend] = (ms(forward, reps, not dry), ms(fwd_bwd(run, xs), reps, not dry))
-            row = (f"| {d} | {h} | {chunk} | {T} | {t['triton'][0]:.2f} | "
-                   f"{t['chunked'][0]:.2f} | {t['chunked'][0] / t['triton'][0]:.2f} | "
-                   f"{t['triton'][1]:.2f} | {t['chunked'][1]:.2f} | "
-                   f"{t['chunked'][1] / t['triton'][1]:.2f} |")
-            print(row, flush=True)
-            lines.append(row)
-    return lines
+                what = f"mlp_memory d={d} h={h} T={T} {backend}"
+                t[backend] = (report.time(what + " forward", forward, reps, not dry),
+                              report.time(what + " forward+backward", fwd_bwd(run, xs), reps,
+                                          not dry))
+            (tf, tb), (cf, cb) = t["triton"], t["chunked"]
+            report.add(f"| {d} | {h} | {chunk} | {T} | {cell(tf)} | {cell(cf)} | "
+                       f"{ratio(cf, tf)} | {cell(tb)} | {cell(cb)} | {ratio(cb, tb)} |")
 
 
 def language_models(dry: bool) -> list[str]:
@@ -222,8 +273,7 @@ def language_models(dry: bool) -> list[str]:
         else dict(lm_dim=96, depth=2, vocab=256, lm_batch=16, lm_T=512, reps=5, warmup=3)
     args = argparse.Namespace(**sizes, device="cpu" if dry else "cuda", backend="triton",
                               hope=True, quick=dry)
-    lines = memory.bench_language_models(args)
-    print("\n".join(lines), flush=True)
+    lines: list[str] = memory.bench_language_models(args)
     return lines
 
 
@@ -260,19 +310,25 @@ def main(argv: list[str] | None = None) -> int:
                  "itself, or set the variable")
     if not args.dry and not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU, or with --dry on a CPU")
-    lines = table(args.T or ([32, 80] if args.dry else [1024, 4096, 16384]),
-                  args.D or ([16] if args.dry else [64, 128]),
-                  args.reps or (1 if args.dry else 10), args.dry)
+    report = Report(args.out)
+    table(report, args.T or ([32, 80] if args.dry else [1024, 4096, 16384]),
+          args.D or ([16] if args.dry else [64, 128]), args.reps or (1 if args.dry else 10),
+          args.dry)
     # the chunked tier loops over 16-token chunks: T = 16K would take a minute of the lease
     if not args.no_mlp:
-        lines += mlp_memory_table(args.T or ([32, 80] if args.dry else [1024, 4096]),
-                                  args.reps or (1 if args.dry else 10), args.dry)
+        mlp_memory_table(report, args.T or ([32, 80] if args.dry else [1024, 4096]),
+                         args.reps or (1 if args.dry else 10), args.dry)
     if args.lm:
-        lines += [""] + language_models(args.dry)
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
-    return 0
-
+        try:
+            report.add("", *language_models(args.dry))
+        except Exception:  # noqa: BLE001 - reported and counted, as a table's cell
+            report.failed += 1
+            print("the language models' table failed:", file=sys.stderr, flush=True)
+            traceback.print_exc()
+    if report.failed:
+        print(f"{report.failed} measurement(s) failed: their tracebacks are above",
+              file=sys.stderr)
+    return 1 if report.failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())
