@@ -239,9 +239,13 @@ class LinearMemory(Memory):
                  objective: str, rule: str, gated: bool, recurrence: str, read_before: bool,
                  stopped: bool, init: str, shared: bool = False, starts: bool = False,
                  flush: bool = False, delta: float = 1.0, clip: float | None = None,
-                 backend: str = "chunked") -> None:
+                 momentum: bool = False, backend: str = "chunked") -> None:
         super().__init__(name, where)
         self.a, self.b, self.heads, self.chunk = a, b, heads, chunk
+        # Titans' momentum on the gradient term (`momentum`, `dgd` with `beta`): the state is
+        # then {"S": the state, "momentum": P}, P_t = beta_t P_{t-1} - eta_t grad (the token
+        # loop on every tier)
+        self.momentum = momentum
         # read above its declaration (read_start): its state is then {"S": the state,
         # "start": the state its chunk started with (None at a chunk's start), "offset":
         # tokens into the chunk}, and the module runs in pieces that end at its chunks
@@ -252,7 +256,8 @@ class LinearMemory(Memory):
         # huber's delta; clip: each token's gradient (each sequence's) scaled to norm at most it
         self.delta, self.clip = delta, clip
         # what the chunked and triton tiers run: "delta_rule", "gated_delta_rule",
-        # "linear_attention", or (huber, clip on l2) "token_loop", the reference tier's, as the
+        # "linear_attention", or (huber, clip on l2, momentum) "token_loop", the reference
+        # tier's, as the
         # compiler selected it (nestc.codegen.memories.recurrence)
         self.recurrence = recurrence
         self.read_before, self.stopped, self.init = read_before, stopped, init
@@ -262,27 +267,30 @@ class LinearMemory(Memory):
         if init == "meta":
             self.initial = nn.Parameter(torch.zeros(heads, a, b))
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, lr: Any = 1.0, retain: Any = None
-              ) -> dict[str, Any]:
-        """The per-token signals: keys and values by head, lr and retain [B, T, H]."""
+    def write(self, k: torch.Tensor, v: torch.Tensor, lr: Any = 1.0, retain: Any = None,
+              beta: Any = None) -> dict[str, Any]:
+        """The per-token signals: keys and values by head, lr, retain and beta [B, T, H]."""
         B, T, _ = k.shape
         out = {"k": k.view(B, T, self.heads, self.a), "v": v.view(B, T, self.heads, self.b),
                "lr": signal(lr, k, self.heads),
-               "retain": None if retain is None else signal(retain, k, self.heads)}
+               "retain": None if retain is None else signal(retain, k, self.heads),
+               "beta": None if beta is None else signal(beta, k, self.heads)}
         if self.stopped:
             out = {n: None if x is None else x.detach() for n, x in out.items()}
         return out
 
     def _given(self, env: dict[str, Any], batch: int) -> Any:
-        """The state before this piece (None: zeros), that of its chunk's start, and the
-        piece's offset into its chunk (0 unless read above its declaration)."""
+        """The state before this piece (None: zeros), its momentum (None: zeros), the state of
+        its chunk's start, and the piece's offset into its chunk (0 unless read above its
+        declaration)."""
         S0 = env["__state__"].given.get(self.state_key)
-        start, offset = None, 0
-        if self.starts and S0 is not None:
-            S0, start, offset = S0["S"], S0["start"], S0["offset"]
+        P0, start, offset = None, None, 0
+        if isinstance(S0, dict):  # (read above its declaration, or with momentum)
+            P0 = S0.get("momentum")
+            S0, start, offset = S0["S"], S0.get("start"), S0.get("offset", 0)
         if S0 is None and self.init == "meta":
             S0 = self.initial if self.shared else self.initial.expand(batch, -1, -1, -1)
-        return S0, S0 if start is None else start, offset
+        return S0, P0, S0 if start is None else start, offset
 
     @float32_inside
     def read(self, q: torch.Tensor, env: dict[str, Any]) -> torch.Tensor:
@@ -290,18 +298,21 @@ class LinearMemory(Memory):
         state = env["__state__"]
         B, T, _ = q.shape
         q = q.view(B, T, self.heads, self.a)
-        S0, start, offset = self._given(env, B)
+        S0, P0, start, offset = self._given(env, B)
         run = self._reference if self.backend == "reference" else self._chunked
-        o, S = run(q, w, S0)
-        self.guard(S)
+        o, S, P = run(q, w, S0, P0)
+        self.guard(S, P)
+        out: Any = S
         if self.starts:  # a piece of the driver's, within one chunk
             offset += T
             assert offset <= self.chunk, (self.name, offset)
             if start is None:  # the zero state
                 start = torch.zeros_like(S)
-            S = {"S": S, "start": None if offset == self.chunk else start,
-                 "offset": offset % self.chunk}
-        state.out[self.state_key] = S
+            out = {"S": S, "start": None if offset == self.chunk else start,
+                   "offset": offset % self.chunk}
+        if self.momentum:
+            out = {**out, "momentum": P} if isinstance(out, dict) else {"S": S, "momentum": P}
+        state.out[self.state_key] = out
         return o.reshape(B, T, self.heads * self.b)
 
     @float32_inside
@@ -309,7 +320,7 @@ class LinearMemory(Memory):
         """q S at the state its chunk started with, for every token of this piece (a read
         above the memory's declaration: the module runs pieces within one chunk each)."""
         B, T, _ = q.shape
-        _, start, _ = self._given(env, B)
+        _, _, start, _ = self._given(env, B)
         if start is None:  # zeros
             return q.new_zeros(B, T, self.heads * self.b)
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -320,17 +331,22 @@ class LinearMemory(Memory):
 
     def flushed(self, state: Any) -> Any:
         """The next call starts a chunk (a memory read at its chunks' starts)."""
-        return {**state, "start": None, "offset": 0} if isinstance(state, dict) else state
+        return {**state, "start": None, "offset": 0} if self.starts else state
 
-    def _reference(self, q: torch.Tensor, w: dict[str, Any], S0: Any) -> Any:
+    def _reference(self, q: torch.Tensor, w: dict[str, Any], S0: Any, P0: Any = None) -> Any:
         """The definition: token by token, the rule applied to the objective's gradient (each
         sequence's, clipped to norm at most `clip` per head where the rule says so, scaled by
-        its lr; a shared state takes their sum, and its retention, a number, once)."""
-        k, v, lr, retain = w["k"], w["v"], w["lr"], w["retain"]
+        its lr; a shared state takes their sum, and its retention and beta, numbers, once).
+        With momentum the gradient term goes through P_t = beta_t P_{t-1} - (that term):
+        (o, S, P), P None without it."""
+        k, v, lr, retain, beta = w["k"], w["v"], w["lr"], w["retain"], w.get("beta")
         B, T, H, _ = k.shape
         acc = torch.promote_types(q.dtype, torch.float32)
         shape = (H, self.a, self.b) if self.shared else (B, H, self.a, self.b)
         S = q.new_zeros(shape, dtype=acc) if S0 is None else S0.to(acc)
+        P = None
+        if self.momentum:
+            P = q.new_zeros(shape, dtype=acc) if P0 is None else P0.to(acc)
         state = "hav" if self.shared else "nhav"
         read = lambda x, S: torch.einsum(f"nha,{state}->nhv", x, S)  # noqa: E731
 
@@ -358,29 +374,38 @@ class LinearMemory(Memory):
                 r = r[0]  # one number (the compiler checks it)
             if self.read_before:
                 outs.append(read(q[:, t].to(acc), S))
+            # the gradient term at the state it is taken at, and the state it is added to
             if self.gated:  # DGD, gated: retention first, then the gradient at that state
                 S = S if r is None else r * S
-                S = S - grad(S, kt, vt, eta)
+                g = grad(S, kt, vt, eta)
             elif self.rule == "dgd":  # literal: S (r I - eta k k^T) - eta grad, in x S form
                 kk = torch.einsum(f"nha,nhc,nh->{state[:-1]}c", kt, kt, eta)
-                decay = (1.0 if r is None else r) * S - kk @ S
-                S = decay - grad(S, kt, vt, eta)
-            else:  # gd: the gradient at the state before retention
-                S = (S if r is None else r * S) - grad(S, kt, vt, eta)
+                g = grad(S, kt, vt, eta)
+                S = (1.0 if r is None else r) * S - kk @ S
+            else:  # gd, momentum: the gradient at the state before retention
+                g = grad(S, kt, vt, eta)
+                S = S if r is None else r * S
+            if P is not None:  # Titans' momentum: P_t = beta_t P_{t-1} - g_t, S_t = ... + P_t
+                assert beta is not None, f"{self.where}: momentum without beta"
+                b = beta[:, t].to(acc)[..., None, None]
+                P = (b[0] if self.shared else b) * P - g
+                S = S + P
+            else:
+                S = S - g
             if not self.read_before:
                 outs.append(read(q[:, t].to(acc), S))
         o = torch.stack(outs, 1) if outs else q.new_zeros(B, 0, H, self.b, dtype=acc)
-        return o.to(q.dtype), S
+        return o.to(q.dtype), S, P
 
-    def _chunked(self, q: torch.Tensor, w: dict[str, Any], S0: Any) -> Any:
+    def _chunked(self, q: torch.Tensor, w: dict[str, Any], S0: Any, P0: Any = None) -> Any:
         """The recurrence the objective and rule amount to (`recurrence`), chunk-parallel
-        (docs/semantics.md)."""
+        (docs/semantics.md): (o, S, P) as _reference's."""
         from nestc.ops.delta_rule.chunk import chunk_delta_rule
         from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
         from nestc.ops.linear_attention.chunk import chunk_linear_attention
 
-        if self.recurrence == "token_loop":  # no chunk-parallel form (huber, clip on l2)
-            return self._reference(q, w, S0)
+        if self.recurrence == "token_loop":  # no chunk-parallel form (huber, clip on l2,
+            return self._reference(q, w, S0, P0)  # momentum)
         k, v, lr, retain = w["k"], w["v"], w["lr"], w["retain"]
         if self.clip is not None:  # dot: a gradient -k v^T of norm |k| |v|, whatever the state
             lr = lr * clipped(k.pow(2).sum(-1) * v.pow(2).sum(-1), self.clip)
@@ -424,7 +449,7 @@ class LinearMemory(Memory):
             o, S = gated(q, k, vv, _log(r), beta, 1.0, S0, True, Cd)
         if self.read_before:
             o = o[:, : T - 1]
-        return o, S
+        return o, S, None
 
 
 def _log(x: torch.Tensor) -> torch.Tensor:

@@ -330,9 +330,11 @@ MATRIX = spec("""
 """)
 
 
-def matrix_loop(mod, x: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def matrix_loop(mod, x: torch.Tensor, shared: bool, momentum: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta rule token by token, its key and rate read at each chunk's first state:
-    S_t = S_{t-1} - beta_t k_t^T (k_t S_{t-1} - x_t), summed over the batch when shared."""
+    S_t = S_{t-1} - beta_t k_t^T (k_t S_{t-1} - x_t), summed over the batch when shared;
+    with `momentum` m, that term goes through P_t = m P_{t-1} - (it), S_t = S_{t-1} + P_t."""
     H, C = 2, 4
     B, T, dim = x.shape
     d = dim // H
@@ -341,6 +343,7 @@ def matrix_loop(mod, x: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch
     if not shared:
         S = S.expand(B, H, d, d)
     read = "bhk,hkv->bhv" if shared else "bhk,bhkv->bhv"
+    P = torch.zeros_like(S)
     ys = []
     for t in range(T):
         if t % C == 0:
@@ -351,7 +354,12 @@ def matrix_loop(mod, x: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch
         beta = torch.sigmoid(at_start.mean(-1))[..., None, None]  # [B, H, 1, 1]
         err = torch.einsum(read, k, S) - xt
         step = beta * k[..., :, None] * err[..., None, :]
-        S = S - (step.sum(0) if shared else step)
+        step = step.sum(0) if shared else step
+        if momentum is not None:
+            P = momentum * P - step
+            S = S + P
+        else:
+            S = S - step
         ys.append((torch.einsum(read, xt, S) + k).reshape(B, dim))
     return torch.stack(ys, 1), S
 
@@ -359,16 +367,20 @@ def matrix_loop(mod, x: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 @pytest.mark.parametrize("init", ["zeros", "meta"])
 @pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("momentum", [None, 0.5])
 def test_a_matrix_memory_read_above_its_declaration_equals_the_token_loop(backend, init,
-                                                                           shared):
+                                                                           shared, momentum):
     text = MATRIX.replace("INIT", init).replace("STATE", "state shared" if shared else "")
+    if momentum is not None:  # Titans' momentum: the token loop on every tier
+        text = text.replace("rule gd(lr = beta)", f"rule momentum(lr = beta, beta = {momentum})")
     mod = built(nestc.loads(text, "mat.nest"), "Mat", backend)
     x = torch.randn(2, 11, 8, requires_grad=True)
     y, state = mod(x, return_state=True)
-    want, S = matrix_loop(mod, x, shared)
+    want, S = matrix_loop(mod, x, shared, momentum)
     close(y, want)
     close(state["M"]["S"], S)
     assert state["M"]["offset"] == 3
+    assert ("momentum" in state["M"]) == (momentum is not None)
     same_gradients(mod, x, y, want)
     streams_as_one(mod, x, y, state)
 

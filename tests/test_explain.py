@@ -198,7 +198,11 @@ def test_a_blocks_memories_show_what_they_compile_to() -> None:
              "objective dot(M(x), x); rule gd(lr = lr)":
                  "linear attention (nestc.ops.linear_attention)",
              "objective huber(M(x), x); rule gd(lr = lr)":
-                 "the token loop on every tier (huber, or clip on l2: no chunk-parallel form)"}
+                 "the token loop on every tier (huber: no chunk-parallel form)",
+             "objective l2(M(x), x); rule gd(lr = lr, clip = 1)":
+                 "the token loop on every tier (clip on l2: no chunk-parallel form)",
+             "objective l2(M(x), x); rule dgd(lr = lr, beta = 0.9)":
+                 "the token loop on every tier (momentum: no chunk-parallel form)"}
     for clauses, words in cases.items():
         text = explain(nestc.loads(MEMORY.replace("CLAUSES", clauses), "m.nest"), "Mem")
         tail = text.split("compiled: 1 memory (`nestc compile` prints the source)\n")[1]
@@ -213,12 +217,11 @@ def test_a_blocks_memories_show_what_they_compile_to() -> None:
 
 
 def test_a_memory_that_does_not_compile_is_explained_with_its_line() -> None:
-    prog = nestc.loads(MEMORY.replace("CLAUSES", "objective l2(M(x), x); "
-                                                 "rule momentum(lr = lr, beta = 0.9)"),
-                       "momentum.nest")
+    prog = nestc.loads(MEMORY.replace("CLAUSES", "dgd literal; objective dot(M(x), x); "
+                                                 "rule dgd(lr = lr)"), "literal.nest")
     text = explain(prog, "Mem")
-    assert ("not compiled: momentum.nest:4:5: a matrix memory whose rule is not gd or dgd is "
-            "not supported") in text.replace("\n      ", " ")
+    assert ("not compiled: literal.nest:4:5: literal DGD with a dot objective is not "
+            "supported") in text.replace("\n      ", " ")
 
 
 def test_explain_lists_what_the_hyperparameters_must_meet() -> None:

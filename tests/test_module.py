@@ -125,11 +125,12 @@ def nonlinear(case, init=None, clauses=None):
     return nestc.loads(TEMPLATE.replace("INIT", init).replace("CLAUSES", clauses), "n.nest")
 
 
-def token_loop(mem, q, w, S):
+def token_loop(mem, q, w, S, P=None):
     """The matrix memory's update written out by hand (no torch.func): for token t, the
     read y = S^T k, e = dL/dy (y - v, -v, or y - v clamped to [-delta, delta]), each
     sequence's gradient k e^T of norm |k| |e| scaled by clip / max(norm, clip), times lr;
-    a shared state takes their sum (and its retention once)."""
+    a shared state takes their sum (and its retention once). With momentum (P given) that
+    term U goes through P <- beta P - U, and P is added where -U would be: (o, S, P)."""
     B, T = q.shape[:2]
     outs = []
     for t in range(T):
@@ -137,6 +138,9 @@ def token_loop(mem, q, w, S):
         r = 1.0 if w["retain"] is None else w["retain"][:, t, :, None, None]
         if mem.shared and w["retain"] is not None:
             r = r[0]
+        if P is not None:
+            b = w["beta"][:, t, :, None, None]
+            b = b[0] if mem.shared else b
         if mem.read_before:
             outs.append(torch.einsum("nha,nhab->nhb", q[:, t], S.expand(B, *S.shape[-3:])))
         old = S
@@ -152,6 +156,9 @@ def token_loop(mem, q, w, S):
         U = scale[..., None, None] * kt[..., :, None] * e[..., None, :]
         if mem.shared:
             U = U.sum(0)
+        if P is not None:
+            P = b * P - U
+            U = -P
         if mem.gated:
             S = S - U
         elif mem.rule == "dgd":  # literal: (r I - lr k k^T) S - lr grad
@@ -161,7 +168,7 @@ def token_loop(mem, q, w, S):
             S = r * S - U
         if not mem.read_before:
             outs.append(torch.einsum("nha,nhab->nhb", q[:, t], S.expand(B, *S.shape[-3:])))
-    return torch.stack(outs, 1), S
+    return (torch.stack(outs, 1), S) + (() if P is None else (P,))
 
 
 @pytest.mark.parametrize("case", NONLINEAR)
@@ -178,7 +185,7 @@ def test_huber_and_clip_matrix_memories_equal_a_token_loop_by_hand(case, tier):
     S0 = torch.randn(H, 8, 8) if mem.shared else torch.randn(B, H, 8, 8)
     inputs = [x.requires_grad_() for x in (q, k, v, lr, S0)]
     w = {"k": k, "v": v, "lr": lr, "retain": retain}
-    got = getattr(mem, tier)(q, w, S0)
+    got = getattr(mem, tier)(q, w, S0)[:2]
     want = token_loop(mem, q, w, S0)
     for a, b in zip(got, want, strict=True):
         close(a, b)
@@ -200,6 +207,79 @@ def test_huber_and_clip_matrix_memories_agree_on_every_tier_and_stream(case):
     torch.manual_seed(0)
     mod = nonlinear(case).build("Mem", backend="triton", dim=16)  # the token loop too
     streams_as_one(mod, torch.randn(2, 13, 16), (5, 6))
+
+
+# Titans' momentum on a matrix memory that learns every token: the state is a pair, and every
+# tier runs the token loop (docs/semantics.md, matrix memories)
+MOMENTUM = {
+    "momentum": ("zeros", "objective l2(M(k), v); rule momentum(lr = lr, beta = keep, "
+                 "retain = 0.9)"),
+    "dgd_beta": ("meta", "objective l2(M(k), v); rule dgd(lr = lr, retain = keep, beta = 0.7)"),
+    "dgd_literal_beta": ("meta", "dgd literal; read before write; objective l2(M(k), v); "
+                         "rule dgd(lr = 0.5 * lr, retain = keep, beta = keep)"),
+    "huber_clip": ("zeros", "objective huber(M(k), v, delta = 0.05); "
+                   "rule momentum(lr = lr, beta = keep, clip = 0.05)"),
+    "dot": ("zeros", "objective dot(M(k), v); rule momentum(lr = 0.5, beta = keep)"),
+    "shared": ("meta", "state shared; objective l2(M(k), v); "
+               "rule momentum(lr = lr, beta = 0.8, retain = 0.9)"),
+}
+
+
+@pytest.mark.parametrize("case", MOMENTUM)
+@pytest.mark.parametrize("tier", ["_reference", "_chunked"])
+def test_matrix_memories_with_momentum_equal_a_token_loop_by_hand(case, tier):
+    mem = nonlinear(None, *MOMENTUM[case]).build("Mem", dim=16).M
+    assert mem.momentum and mem.recurrence == "token_loop"
+    torch.manual_seed(1)
+    B, T, H = 3, 9, 2
+    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, 8), dim=-1) for _ in "qk")
+    v, lr = torch.randn(B, T, H, 8), torch.rand(B, T, H)
+    clauses = MOMENTUM[case][1]
+    retain = None if "retain" not in clauses else \
+        torch.full((B, T, H), 0.9) if mem.shared else 0.5 + 0.5 * torch.rand(B, T, H)
+    beta = torch.full((B, T, H), 0.8) if mem.shared else torch.rand(B, T, H)
+    shape = (H, 8, 8) if mem.shared else (B, H, 8, 8)
+    S0, P0 = torch.randn(shape), 0.3 * torch.randn(shape)
+    inputs = [x.requires_grad_() for x in (q, k, v, lr, beta, S0, P0)]
+    w = {"k": k, "v": v, "lr": lr, "retain": retain, "beta": beta}
+    got = getattr(mem, tier)(q, w, S0, P0)
+    want = token_loop(mem, q, w, S0, P0)
+    for a, b in zip(got, want, strict=True):
+        close(a, b)
+    for a, b in zip(torch.autograd.grad(sum((x * x.detach().sin()).sum() for x in got), inputs),
+                    torch.autograd.grad(sum((x * x.detach().sin()).sum() for x in want), inputs),
+                    strict=True):
+        close(a, b)
+    # the momentum matters: without it (P kept at zero, beta 0) the state is another
+    w0 = {**w, "beta": torch.zeros_like(beta)}
+    assert (token_loop(mem, q, w0, S0, torch.zeros_like(P0))[1] - want[1]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("case", MOMENTUM)
+def test_matrix_memories_with_momentum_agree_on_every_tier_and_stream(case):
+    ref, fast = pair(nonlinear(None, *MOMENTUM[case]), "Mem", dim=16)
+    compare(ref, fast, torch.randn(2, 13, 16))
+    torch.manual_seed(0)
+    mod = nonlinear(None, *MOMENTUM[case]).build("Mem", backend="triton", dim=16)
+    x = torch.randn(2, 13, 16)
+    streams_as_one(mod, x, (5, 6))
+    _, state = mod(x, return_state=True)
+    assert set(state["M"]) == {"S", "momentum"}
+
+
+def test_momentum_with_beta_0_is_gd_and_needs_beta():
+    """momentum(beta = 0) is gd, built as the chunked op; `momentum` without beta is an error
+    at the rule."""
+    zero = nonlinear(None, "zeros", "objective l2(M(k), v); "
+                     "rule momentum(lr = lr, beta = 0, retain = keep)").build("Mem", dim=16)
+    gd = variant("gd_retain").build("Mem", dim=16)
+    assert not zero.M.momentum and zero.M.recurrence == "gated_delta_rule"
+    gd.load_state_dict(zero.state_dict())
+    compare(zero, gd, torch.randn(2, 11, 16))
+    with pytest.raises(nestc.NestError, match="momentum rule of `M` needs `beta`") as err:
+        nonlinear(None, "zeros", "objective l2(M(k), v); rule momentum(lr = lr)").build(
+            "Mem", dim=16)
+    assert err.value.span.line == 9  # the rule
 
 
 def test_huber_with_a_wide_delta_and_a_loose_clip_are_the_delta_rule():
@@ -471,15 +551,16 @@ def test_transformer_lm_learns_to_copy():
 
 
 def test_unsupported_memories_and_shape_errors_name_the_spec():
-    momentum = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
-        "CLAUSES", "objective l2(M(k), v); rule momentum(lr = lr, beta = 0.9)"), "m.nest")
-    with pytest.raises(nestc.NestError) as info:
-        momentum.build("Mem", dim=16)
+    literal_dot = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
+        "CLAUSES", "dgd literal; objective dot(M(k), v); rule dgd(lr = lr)"), "m.nest")
+    with pytest.raises(nestc.NestError, match="literal DGD with a dot objective") as info:
+        literal_dot.build("Mem", dim=16)
     assert info.value.unsupported and "m.nest:8:5" in str(info.value)
-    dgd_momentum = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
-        "CLAUSES", "objective l2(M(k), v); rule dgd(lr = lr, beta = 0.9)"), "m.nest")
-    with pytest.raises(nestc.NestError, match="momentum .`beta`. on a matrix memory") as info:
-        dgd_momentum.build("Mem", dim=16)
+    shared_beta = nestc.loads(TEMPLATE.replace("INIT", "zeros").replace(
+        "CLAUSES", "state shared; objective l2(M(k), v); rule dgd(lr = lr, beta = keep)"),
+        "m.nest")
+    with pytest.raises(nestc.NestError, match="`beta` that changes with the data") as info:
+        shared_beta.build("Mem", dim=16)
     assert info.value.unsupported and "m.nest:9:" in str(info.value)
     bad = nestc.loads(spec("""
         block B(dim) {

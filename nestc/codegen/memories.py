@@ -358,12 +358,17 @@ class LinearPlan(Plan):
             s, exprs, "a matrix memory", ("l2", "dot", "huber"))
         delta = _huber_delta(scope, s, exprs)
         rule = _call(exprs.get("rule"))
-        if rule is None or rule[0] not in ("gd", "dgd"):
-            raise unsupported("a matrix memory whose rule is not gd or dgd", s.span)
+        if rule is None or rule[0] not in ("gd", "dgd", "momentum"):
+            raise unsupported("a matrix memory whose rule is not gd, dgd or momentum", s.span)
         self.rule_kw = {k.name: k.value for k in rule[1].kwargs}
-        if "beta" in self.rule_kw:
-            raise unsupported("momentum (`beta`) on a matrix memory that learns every token",
-                              self.rule_kw["beta"].span)
+        # Titans' momentum on the gradient term: `momentum`, or `dgd` with `beta` (a constant
+        # beta of 0 is none: `momentum` is then `gd`)
+        momentum = rule[0] == "momentum" or "beta" in self.rule_kw
+        if rule[0] == "momentum" and "beta" not in self.rule_kw:
+            raise NestError(f"the momentum rule of `{s.name}` needs `beta`", rule[1].span,
+                            kind="value")
+        if momentum and _constant(scope, self.rule_kw["beta"]) == 0:
+            momentum = False
         clip = _clip(scope, self)
         literal_dgd = rule[0] == "dgd" and choices["dgd"] == "literal"
         if literal_dgd and objective == "dot":
@@ -373,17 +378,19 @@ class LinearPlan(Plan):
         if init_name not in ("zeros", "meta"):
             raise unsupported(f"initial state `{init_name}` for a matrix memory", s.span)
         shared = choices["state"] == "shared"
-        retain_e = self.rule_kw.get("retain")
-        if shared and retain_e is not None and _constant(scope, retain_e) is None:
-            raise unsupported("a `retain` that changes with the data on a memory shared by the "
-                              "batch (its one state takes one per token)", retain_e.span)
+        for name in ("retain", "beta") if shared else ():
+            e = self.rule_kw.get(name)
+            if e is not None and _constant(scope, e) is None:
+                raise unsupported(f"a `{name}` that changes with the data on a memory shared "
+                                  "by the batch (its one state takes one per token)", e.span)
         self.config = {"a": self.a, "b": self.b, "heads": 0, "chunk": chunk,
-                       "objective": objective, "delta": delta, "clip": clip, "rule": rule[0],
+                       "objective": objective, "delta": delta, "clip": clip,
+                       "rule": "gd" if rule[0] == "momentum" and not momentum else rule[0],
                        "gated": rule[0] == "dgd" and not literal_dgd, "recurrence": "",
                        "read_before": choices["read"] == "before write",
                        "stopped": choices["backprop"] == "stopped", "init": init_name,
                        "shared": shared, "starts": False,
-                       "flush": choices["partial"] == "flush"}
+                       "flush": choices["partial"] == "flush", "momentum": momentum}
         self.per_head, self.explicit_chunk = s.per_head, freq.chunk is not None
         self.start_read: tuple[int, Any] | None = None  # (width, where) of reads above it
 
@@ -402,8 +409,10 @@ class LinearPlan(Plan):
         if retain is not None:
             args.append(f"retain={retain}")
         c = self.config
+        if c["momentum"]:
+            args.append(f"beta={self.signal(scope, 'beta', None)}")
         c["recurrence"] = recurrence(c["objective"], c["rule"], c["gated"], retain is not None,
-                                     c["clip"] is not None)
+                                     c["clip"] is not None, c["momentum"])
         return f"self.{self.attr}.write", args
 
     def read(self, scope: Any, q: Ten, span: Any) -> Ten:
@@ -429,8 +438,10 @@ class LinearPlan(Plan):
         starts = ("; read above its declaration at each chunk's first state (the block runs "
                   "in pieces that end at its chunks)") if c["starts"] else ""
         if rec == "token_loop":
-            return ("the token loop on every tier (huber, or clip on l2: no chunk-parallel "
-                    f"form), {c['heads']} heads of {c['a']} x {c['b']}{shared}{starts}")
+            why = "momentum" if c["momentum"] else "huber" if c["objective"] == "huber" \
+                else "clip on l2"
+            return (f"the token loop on every tier ({why}: no chunk-parallel form), "
+                    f"{c['heads']} heads of {c['a']} x {c['b']}{shared}{starts}")
         shared += " (the chunked op, B tokens a step)" if c["shared"] else ""
         # literal DGD runs the gated delta rule's op with its lr and values rescaled
         literal_dgd = " for literal dgd (lr and values rescaled)" \
@@ -439,8 +450,8 @@ class LinearPlan(Plan):
                 f"{c['a']} x {c['b']}, in chunks of {c['chunk']}{kernels}{shared}{starts}")
 
 
-def recurrence(objective: str, rule: str, gated: bool, retain: bool, clip: bool = False
-               ) -> str:
+def recurrence(objective: str, rule: str, gated: bool, retain: bool, clip: bool = False,
+               momentum: bool = False) -> str:
     """Instruction selection for a matrix memory: the recurrence (an op of nestc.ops) that
     its objective and rule amount to, token for token (docs/semantics.md, "Chunks"). `dot`
     is linear attention (retention its decay); `l2` with `gd` and no retention, or with gated
@@ -448,8 +459,9 @@ def recurrence(objective: str, rule: str, gated: bool, retain: bool, clip: bool 
     rescales lr and values for `gd` with retention and for literal `dgd`). A `huber`
     objective, or a `clip` on `l2`, makes each token's update a non-linear function of the
     state, which no chunk-parallel form computes exactly: the token loop (the reference
-    tier's). (With `dot` a gradient -k v^T does not depend on the state: clip scales lr.)"""
-    if objective == "huber" or (clip and objective != "dot"):
+    tier's). (With `dot` a gradient -k v^T does not depend on the state: clip scales lr.)
+    Momentum makes the state a pair, which no op here computes: the token loop too."""
+    if momentum or objective == "huber" or (clip and objective != "dot"):
         return "token_loop"
     if objective == "dot":
         return "linear_attention"

@@ -31,7 +31,7 @@ class GatedDeltaNet(_Built):
             'M', 'std/memory/deltanet.nest:35:5', a=16, b=16, heads=4, chunk=64, objective='l2',
             delta=1.0, clip=None, rule='dgd', gated=True, recurrence='gated_delta_rule',
             read_before=False, stopped=False, init='zeros', shared=False, starts=False,
-            flush=False, backend=backend)
+            flush=False, momentum=False, backend=backend)
         self.out_linear = nn.Linear(64, 64, bias=False)
         self.finish()
 
