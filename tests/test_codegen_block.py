@@ -466,6 +466,46 @@ def test_a_blocks_params_are_its_weights():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
 
 
+def test_transpose_outer_and_norm_of_params_and_sequences():
+    """transpose and outer of params, and norm of a param (its Frobenius norm) and of a
+    sequence (each token's, over its features), were refused by the block compiler."""
+    torch.manual_seed(0)
+    m = nestc.loads("""block Tied(dim = 6) {
+    input x : [T, dim]
+    param E : [dim, 3]
+    param u : [dim] = 0.5
+    param w : [dim]
+    let h = x @ E
+    let y = h @ transpose(E) + x @ outer(w, u)
+    output y / norm(y) * norm(E) + norm(x)
+}
+""", "t.nest").build("Tied").double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    E, u, w = m.E, m.u, m.w
+    y = x @ E @ E.T + x @ torch.outer(w, u)
+    want = y / y.norm(dim=-1, keepdim=True) * E.norm() + x.norm(dim=-1, keepdim=True)
+    got = m(x)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (E, u, w))
+
+
+@pytest.mark.parametrize("body,message", [
+    ("    param b : [dim]\n    output x @ transpose(b)",
+     "4:26: error: transpose takes a matrix, got a param's tensor of shape [2]"),
+    ("    param W : [dim, dim]\n    output x @ outer(W, W)",
+     "4:22: error: outer takes a vector, got a param's tensor of shape [2, 2]"),
+    ("    output x @ transpose(x)",
+     "3:26: error: `transpose` of a sequence (it takes a param's matrix) is not supported"),
+    ("    param W : [dim, 3]\n    output x @ transpose(W)",
+     "4:12: error: `@` of 2 features by a matrix of shape [3, 2]"),
+])
+def test_transpose_and_outer_say_what_they_take(body, message):
+    with pytest.raises(nestc.NestError) as info:
+        _block(body)
+    assert str(info.value).startswith(f"b.nest:{message}"), str(info.value)
+
+
 @pytest.mark.parametrize("body,message", [
     ("    param W : [dim, dim]\n    output W",
      "4:12: error: this takes a sequence [T, features], not a param's tensor of shape [2, 2]"),

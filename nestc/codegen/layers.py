@@ -109,7 +109,38 @@ def compile_call(scope: Any, e: ast.ExprCall, hint: str) -> Any:
             raise NestError("concat takes features, not token ids; embed them first", e.span,
                             kind="type")
         return Ten(f"torch.cat([{', '.join(x.code for x in xs)}], -1)", sum(x.feat for x in xs))
+    if name == "norm":
+        x = scope.tensor(e.args[0], hint, fixed=True)
+        if x.tokens:
+            raise NestError("norm takes features, not token ids; embed them first",
+                            e.args[0].span, kind="type")
+        if x.shape is not None:  # a param's tensor: its Frobenius norm, one number
+            return Ten(f"torch.linalg.vector_norm({x.code})", 1, shape=())
+        # a sequence: each token's features' (the last dim kept, as mean's and sum's)
+        return Ten(f"torch.linalg.vector_norm({x.code}, dim=-1, keepdim=True)", 1)
+    if name == "transpose":
+        x = _matrix(scope, e.args[0], hint, "transpose")
+        assert x.shape is not None
+        return Ten(f"{x.code}.mT", x.shape[0], shape=(x.shape[1], x.shape[0]))
+    if name == "outer":  # of two vectors of params: a matrix
+        u, v = (_matrix(scope, a, hint, "outer", dims=1) for a in e.args)
+        assert u.shape is not None and v.shape is not None
+        return Ten(f"torch.outer({u.code}, {v.code})", v.shape[0],
+                   shape=(u.shape[0], v.shape[0]))
     raise unsupported(f"`{name}` in a block", e.span)
+
+
+def _matrix(scope: Any, e: ast.Expr, hint: str, what: str, dims: int = 2) -> Ten:
+    """A param's tensor of `dims` dims (a matrix, or a vector), for transpose and outer: a
+    sequence's features are a vector per token, which these are not built for."""
+    x = scope.tensor(e, hint, fixed=True)
+    if x.shape is None:
+        raise unsupported(f"`{what}` of a sequence (it takes a param's "
+                          f"{'matrix' if dims == 2 else 'vector'})", e.span)
+    if len(x.shape) != dims:
+        raise NestError(f"{what} takes a {'matrix' if dims == 2 else 'vector'}, got a "
+                        f"param's tensor of shape {list(x.shape)}", e.span, kind="shape")
+    return x
 
 
 # element-wise builtins of tensors and numbers: the function generated code calls
