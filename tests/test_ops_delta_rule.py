@@ -213,6 +213,47 @@ def test_empty_sequence(op: str) -> None:
         assert torch.equal(S, x["initial_state"])
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dims", [(0, 5, H, K, V), (B, 5, 0, K, V), (B, 5, H, K, 0)],
+                         ids=["B0", "H0", "V0"])
+def test_empty_batch_heads_or_values(op: str, dims: tuple[int, ...]) -> None:
+    """B, H or V of 0 gave the naive tier's empty results and crashed the chunked one (a
+    reshape of 0 elements into [-1, 0, ...])."""
+    b, T, h, k, v = dims
+    x = {"q": torch.randn(b, T, h, k), "k": torch.randn(b, T, h, k),
+         "v": torch.randn(b, T, h, v), "beta": torch.rand(b, T, h),
+         "g": -torch.rand(b, T, h), "initial_state": torch.randn(b, h, k, v)}
+    if op == "delta_rule":
+        del x["g"]
+    for backend in ("chunked", "naive"):
+        o, S = run_ours(op, x, backend=backend)
+        assert o.shape == (b, T, h, v) and S.shape == (b, h, k, v)
+
+
+def test_a_log_retention_of_minus_infinity_forgets_on_every_tier() -> None:
+    """exp(-inf) = 0 forgets the state; the chunked tier's differences of running sums made
+    -inf - -inf = NaN of it. A log retention below log(1e-30) is taken as that on every tier
+    (a factor under 1e-30 forgets as 0 does)."""
+    from nestc.ops.linear_attention import chunk_linear_attention
+
+    x = {n: t.detach() for n, t in make_inputs("gated_delta_rule", 40, True).items()}
+    x["g"][:, 7] = float("-inf")
+    x["g"][:, 30, 0] = -1e4
+    naive, chunked = (run_ours("gated_delta_rule", x, backend=b, chunk_size=16)
+                      for b in ("naive", "chunked"))
+    for a, b in zip(naive, chunked, strict=True):
+        assert torch.isfinite(b).all()
+        assert_close("g = -inf", b, a)
+    # the state forgets at token 7: what comes after does not depend on what came before
+    y = {**x, "v": x["v"].clone()}
+    y["v"][:, :7] += 1
+    after = run_ours("gated_delta_rule", y, backend="chunked", chunk_size=16)[0]
+    assert torch.allclose(after[:, 7:], chunked[0][:, 7:], atol=1e-6)
+    o, S = chunk_linear_attention(x["q"], x["k"], x["v"], x["beta"], x["g"],
+                                  x["initial_state"], 16)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+
+
 def bad(name: str, value) -> dict:
     return {name: value}
 
@@ -239,6 +280,9 @@ ERRORS = [
     ({"chunk_size": 64.0}, "chunk_size must be a power of two >= 16 (16, 32, 64, ...), got 64.0"),
     ({"backend": "cuda"}, "unknown backend 'cuda'; use None, 'chunked', 'naive' or 'triton'"),
     ({"scale": "1"}, "scale must be a number or None, got str"),
+    ({"q": torch.randn(B, 8, H, 0), "k": torch.randn(B, 8, H, 0),
+      "initial_state": torch.randn(B, H, 0, V)},
+     "q and k need at least one feature (K >= 1), got K = 0"),
 ]
 
 

@@ -65,6 +65,8 @@ def check_delta_rule_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.
                          f"got q {_shape(q)} and k {_shape(k)}")
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if K == 0:
+        raise ValueError(f"{op}: q and k need at least one feature (K >= 1), got K = 0")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"{op}: v must have shape [B, T, H, V] = [{B}, {T}, {H}, V] like q, "
                          f"got {_shape(v)}")
@@ -91,6 +93,11 @@ def check_delta_rule_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; use None, 'chunked', 'naive' "
                          "or 'triton'")
+
+
+# the lowest log retention the ops take: a factor below 1e-30 forgets as 0 does, and an
+# exp(-inf) would make the chunk forms' differences of running sums -inf - -inf = NaN
+MIN_LOG_RETAIN = -69.07755278982137  # log(1e-30), as nestc.memories takes retentions
 
 
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:

@@ -26,8 +26,9 @@ def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     scale = K ** -0.5 if scale is None else scale
     S0 = (q.new_zeros(B * H, K, V, dtype=acc) if initial_state is None
           else initial_state.to(acc).reshape(B * H, K, V))
-    if T == 0:  # (a copy: not the caller's initial state itself)
-        return v.new_zeros(B, 0, H, V), (S0.view(B, H, K, V).clone() if output_final_state
+    if T == 0 or q.numel() == 0 or v.numel() == 0:  # (B, H or V of 0: nothing to
+        # compute; a copy: not the caller's initial state itself)
+        return v.new_zeros(B, T, H, V), (S0.view(B, H, K, V).clone() if output_final_state
                                          else None)
     q, k, v = (to_chunks(x, chunk_size, acc) for x in (q, k, v))  # (N, BH, C, K|V)
     beta = to_chunks(beta[..., None], chunk_size, acc)  # (N, BH, C, 1)

@@ -684,10 +684,10 @@ def delta_rule_with_triton(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.T
         raise ValueError(f"{op}: the Triton kernels need CUDA tensors, got {q.device}; set "
                          "TRITON_INTERPRET=1 before triton is imported to run them on the CPU")
     scale = K ** -0.5 if scale is None else float(scale)
-    if T == 0:
+    if T == 0 or q.numel() == 0 or v.numel() == 0:  # (B, H or V of 0: nothing to compute)
         S0 = (q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None
               else initial_state.float().clone())  # (a copy, as the chunked tier's)
-        return v.new_zeros(B, 0, H, V), (S0 if output_final_state else None)
+        return v.new_zeros(B, T, H, V), (S0 if output_final_state else None)
     o, ht = delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state,
                            chunk_size)
     return o, _or_none(ht)

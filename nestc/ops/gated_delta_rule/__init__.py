@@ -11,7 +11,7 @@ import torch
 
 from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 from nestc.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-from nestc.ops.utils import check_delta_rule_inputs, make_callable
+from nestc.ops.utils import MIN_LOG_RETAIN, check_delta_rule_inputs, make_callable
 
 __all__ = ["chunk_gated_delta_rule", "gated_delta_rule", "naive_recurrent_gated_delta_rule"]
 
@@ -52,6 +52,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     """
     check_delta_rule_inputs("gated_delta_rule", q, k, v, beta, g, initial_state, scale,
                             chunk_size, backend)
+    g = g.clamp_min(MIN_LOG_RETAIN)  # exp(g) below 1e-30 (-inf too) forgets as 0 does
     if backend == "naive":
         return naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state,
                                                 output_final_state)

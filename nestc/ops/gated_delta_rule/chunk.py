@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from nestc.ops.utils import accumulation_dtype, float32_inside, from_chunks, time_masks, to_chunks
+from nestc.ops.utils import (
+    MIN_LOG_RETAIN,
+    accumulation_dtype,
+    float32_inside,
+    from_chunks,
+    time_masks,
+    to_chunks,
+)
 
 
 @float32_inside
@@ -28,12 +35,14 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     scale = K ** -0.5 if scale is None else scale
     S0 = (q.new_zeros(B * H, K, V, dtype=acc) if initial_state is None
           else initial_state.to(acc).reshape(B * H, K, V))
-    if T == 0:  # (a copy: not the caller's initial state itself)
-        return v.new_zeros(B, 0, H, V), (S0.view(B, H, K, V).clone() if output_final_state
+    if T == 0 or q.numel() == 0 or v.numel() == 0:  # (B, H or V of 0: nothing to
+        # compute; a copy: not the caller's initial state itself)
+        return v.new_zeros(B, T, H, V), (S0.view(B, H, K, V).clone() if output_final_state
                                          else None)
     q, k, v = (to_chunks(x, chunk_size, acc) for x in (q, k, v))  # (N, BH, C, K|V)
     beta = to_chunks(beta[..., None], chunk_size, acc)  # (N, BH, C, 1)
-    G = to_chunks(g[..., None], chunk_size, acc).cumsum(-2)  # (N, BH, C, 1)
+    # (a log retention of -inf: -inf - -inf below; a factor under 1e-30 forgets as 0 does)
+    G = to_chunks(g.clamp_min(MIN_LOG_RETAIN)[..., None], chunk_size, acc).cumsum(-2)
     eG = G.exp()  # decay from the chunk's start to each token
     C = q.shape[-2]
     earlier, upto = time_masks(C, group, q.device)

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from nestc.ops.utils import accumulation_dtype, float32_inside, from_chunks, time_masks, to_chunks
+from nestc.ops.utils import (
+    MIN_LOG_RETAIN,
+    accumulation_dtype,
+    float32_inside,
+    from_chunks,
+    time_masks,
+    to_chunks,
+)
 
 
 @float32_inside
@@ -26,12 +33,14 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dtype, acc = q.dtype, accumulation_dtype(q)
     S = (q.new_zeros(B * H, K, V, dtype=acc) if initial_state is None
          else initial_state.to(acc).reshape(B * H, K, V))
-    if T == 0:  # (a copy: not the caller's initial state itself)
-        return v.new_zeros(B, 0, H, V), S.view(B, H, K, V).clone()
+    if T == 0 or q.numel() == 0 or v.numel() == 0:  # (B, H or V of 0: nothing to
+        # compute; a copy: not the caller's initial state itself)
+        return v.new_zeros(B, T, H, V), S.view(B, H, K, V).clone()
     q, k, v = (to_chunks(x, chunk_size, acc) for x in (q, k, v))  # (N, BH, C, K|V)
     beta = to_chunks(beta[..., None], chunk_size, acc)  # (N, BH, C, 1); padding: beta 0
     G = (torch.zeros_like(beta) if g is None
-         else to_chunks(g[..., None], chunk_size, acc).cumsum(-2))  # (N, BH, C, 1)
+         # (N, BH, C, 1); a factor under 1e-30 forgets as 0 does (-inf: -inf - -inf)
+         else to_chunks(g.clamp_min(MIN_LOG_RETAIN)[..., None], chunk_size, acc).cumsum(-2))
     # exp(G_t - G_s) for s <= t, else 0 (the mask before exp keeps it finite)
     diff = G - G.transpose(-1, -2)  # (N, BH, C, C)
     causal = time_masks(diff.shape[-1], group, q.device)[1]
