@@ -305,7 +305,9 @@ class _Builder:
                 # an optimizer used as a rule: its `param` is the level it trains
                 frame.scope[name] = ("node", frame.alias)
                 continue
-            nid = self.node_id(name, frame)
+            # (beside a signal of its name, a let outside the body it is declared in, a node of
+            # its own: it was merged into that signal and drawn as none)
+            nid = self.fresh_id(self.node_id(name, frame))
             optimizer = frame.decl.kind == "optimizer"
             self.level(nid, "param", frame, s.span, "step", 1, None,
                        objective="task" if not optimizer else None,

@@ -527,3 +527,66 @@ def test_a_param_where_it_cannot_go_is_an_error_at_it(body, message):
     with pytest.raises(nestc.NestError) as info:
         _block(body)
     assert str(info.value).startswith(f"b.nest:{message}"), str(info.value)
+
+
+@pytest.mark.parametrize("body", [
+    "    let b = x * 3\n    repeat 1 { param b : [dim] = 0.5\n let y = x * b }\n    output x * b",
+    "    let b = x * 3\n    if dim > 1 { param b : [dim] = 0.5\n let y = x * b }\n    output x * b",
+])
+def test_a_param_in_a_body_is_local_to_it(body):
+    """Past the body a param was declared in, its name is the outer one again, as a let's is
+    (the module read the param there: x * 0.5 for x * 3x), and the nest graph draws the
+    param as a level of its own (it was merged into the outer signal of its name)."""
+    x = torch.randn(2, 5, 2, dtype=torch.float64)
+    m = _block(body).double()
+    torch.testing.assert_close(m(x), x * (x * 3))
+    prog = nestc.loads("block B(dim = 2) {\n    input x : [T, dim]\n" + body + "\n}\n", "b.nest")
+    g = prog.graph("B")
+    params = [n for n, a in g.nodes(data=True) if a["kind"] == "param"]
+    assert len(params) == 1 and g.nodes["b"]["kind"] == "signal"
+
+
+def test_bools_in_a_blocks_arithmetic_are_one_and_zero():
+    """`x - (dim > 2)` generated `x - True`, which torch refuses for - (a traceback at the
+    forward); a bool constant is now 1 or 0 in every operation."""
+    x = torch.randn(2, 3, 2)
+    m = _block("    output x - (dim > 1) + (dim > 5) - (not true) * x")
+    torch.testing.assert_close(m(x), x - 1)
+
+
+def test_a_divide_update_builds_in_a_block():
+    """`h /= e`, in language.md's statement table, was refused by the block compiler."""
+    x = torch.randn(2, 3, 2)
+    torch.testing.assert_close(_block("    let h = x\n    h /= 4\n    output h")(x), x / 4)
+
+
+def test_functions_of_numbers_alone_are_numbers_in_a_block():
+    """`x / sqrt(dim)` was "a tensor is needed here": builtins of hyperparameters and numbers
+    alone are computed when the block is generated, as torch would compute them."""
+    x = torch.randn(2, 3, 2, dtype=torch.float64)
+    m = _block("    output x / sqrt(dim * 8) + max(dim, 3) + sigmoid(0) + min(1, exp(0))",
+               dim=2).double()
+    torch.testing.assert_close(m(x), x / 4 + 3 + 0.5 + 1)
+    with pytest.raises(nestc.NestError, match=r"b.nest:3:16: error: log\(0\) is not a finite "):
+        _block("    output x * log(dim - 2)")
+
+
+@pytest.mark.parametrize("body,message", [
+    ("    input t : [T] int\n    output embed(t, 5, 2)",
+     "b.nest:8:25: error: block `E` takes token ids (its input `t`), got a sequence of 2 "
+     "features"),
+    ("    input h : [T, 2]\n    output h",
+     "b.nest:8:25: error: block `E` takes features (its input `h`), got token ids"),
+])
+def test_a_sub_blocks_input_kind_is_checked_at_the_call(body, message):
+    """A sequence of features passed to a block whose input is token ids built, then failed
+    in embed with torch's error; token ids into features said "0 are passed in"."""
+    text = ("block E() {\n" + body + "\n}\n"
+            "model M(dim = 2) {\n    input tokens : [T] int\n"
+            "    let h = " + ("embed(tokens, 5, dim)" if "int" in body else "tokens") + "\n"
+            "    output logits = E()(h) |> linear(5)\n"
+            "    train every step { objective cross_entropy(logits, next(tokens)); "
+            "rule gd(lr = 0.1) }\n}\n")
+    with pytest.raises(nestc.NestError) as info:
+        nestc.loads(text, "b.nest").build("M")
+    assert str(info.value).startswith(message), str(info.value)

@@ -21,8 +21,10 @@ every name the generator makes for itself starts with `_`.
 from __future__ import annotations
 
 import keyword
+import math
 import re
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,6 +41,53 @@ MATH = {"sqrt": "torch.sqrt", "abs": "torch.abs", "exp": "torch.exp", "log": "to
         "sign": "torch.sign", "tanh": "torch.tanh", "silu": "F.silu", "gelu": "F.gelu",
         "relu": "F.relu", "sigmoid": "torch.sigmoid", "stop_grad": "torch.detach"}
 COMPARISONS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+# builtins of numbers alone, computed when the block is generated (`x / sqrt(dim)`)
+NUMBER_FUNCTIONS: dict[str, Callable[..., float]] = {
+    "sqrt": math.sqrt, "abs": abs, "exp": math.exp, "log": math.log, "tanh": math.tanh,
+    "sign": lambda x: float((x > 0) - (x < 0)), "relu": lambda x: max(x, 0),
+    "sigmoid": _sigmoid, "silu": lambda x: x * _sigmoid(x),
+    "gelu": lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2))),
+    "softplus": lambda x: max(x, 0) + math.log1p(math.exp(-abs(x))),
+    "min": min, "max": max}
+
+
+def fold_numbers(e: ast.Expr, consts: dict[str, Any], shadowed: Any = ()) -> ast.Expr:
+    """e with each builtin call of numbers alone (`sqrt(dim)`, nested too) replaced by its
+    value, as a number literal: const_eval computes no calls. `shadowed`: names that are not
+    the builtins here (memories read as M(q))."""
+    if isinstance(e, ast.ExprCall):
+        args = tuple(fold_numbers(a, consts, shadowed) for a in e.args)
+        name = e.func.name if isinstance(e.func, ast.ExprName) else None
+        if name in NUMBER_FUNCTIONS and name not in shadowed and args and not e.kwargs:
+            values = [const_eval(a, consts) for a in args]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                shown = f"{name}({', '.join(map(str, values))})"
+                try:
+                    value = NUMBER_FUNCTIONS[name](*values)
+                except (ValueError, OverflowError):
+                    value = math.nan
+                if not math.isfinite(value):
+                    raise NestError(f"{shown} is not a finite number", e.span, kind="value")
+                return ast.ExprNumber(value, shown, e.span)
+        return e if all(a is b for a, b in zip(args, e.args)) else replace(e, args=args)
+    if isinstance(e, ast.ExprBinary):
+        left, right = fold_numbers(e.left, consts, shadowed), \
+            fold_numbers(e.right, consts, shadowed)
+        return e if left is e.left and right is e.right else replace(e, left=left, right=right)
+    if isinstance(e, ast.ExprUnary):
+        operand = fold_numbers(e.operand, consts, shadowed)
+        return e if operand is e.operand else replace(e, operand=operand)
+    if isinstance(e, ast.ExprCond):
+        parts = tuple(fold_numbers(x, consts, shadowed) for x in (e.cond, e.then, e.orelse))
+        return e if all(a is b for a, b in zip(parts, (e.cond, e.then, e.orelse))) else \
+            replace(e, cond=parts[0], then=parts[1], orelse=parts[2])
+    return e
 # what a submodule's name must not be: attributes of nn.Module and nestc.module.Built
 # (tests/test_codegen_block.py checks this list against torch's)
 _MODULE_ATTRS = """
@@ -105,7 +154,8 @@ def docstring(text: str, indent: int, width: int = 99) -> list[str]:
 def operand(value: Any) -> str:
     """A constant as an operand of a binary operation: a negative one in parentheses (in
     Python, -2 ** y is -(2 ** y))."""
-    code = literal(value)
+    # a bool is 1 or 0 (torch refuses `x - True`)
+    code = literal(int(value) if isinstance(value, bool) else value)
     return f"({code})" if code.startswith("-") else code
 
 
@@ -362,13 +412,16 @@ class _Scope:
         self.ahead = {**outer, **{s.name: (s, self.prefix) for s in body
                                   if isinstance(s, ast.StmtMemory)}}
         self.mems = dict(mems)
-        # and so is a `let`: past the body a name it took from outside is the outer one again,
-        # as the let found it (an update, `h = ...`, before the let changes the outer one;
-        # one after it, the let's); it used to stay rebound
+        # and so is a `let` or a `param`: past the body a name it took from outside is the
+        # outer one again, as the declaration found it (an update, `h = ...`, before a let
+        # changes the outer one; one after it, the let's); it used to stay rebound
         saved: dict[str, tuple[Ten | None, Any]] = {}
         for s in body:
-            if isinstance(s, ast.StmtLet) and s.name not in saved:
-                saved[s.name] = (self.tens.get(s.name), self.consts.get(s.name, UNKNOWN))
+            names = (s.name,) if isinstance(s, ast.StmtLet) else \
+                s.names if isinstance(s, ast.StmtParam) else ()
+            for name in names:
+                if name not in saved:
+                    saved[name] = (self.tens.get(name), self.consts.get(name, UNKNOWN))
             self.stmt(s, in_feat)
             if isinstance(s, ast.StmtMemory):
                 self.ahead.pop(s.name, None)
@@ -399,7 +452,7 @@ class _Scope:
         elif isinstance(s, ast.StmtLet):
             self.bind(s.name, s.value)
         elif isinstance(s, ast.StmtUpdate):
-            if s.index is not None or s.op not in ("=", "+=", "-=", "*="):
+            if s.index is not None or s.op not in ("=", "+=", "-=", "*=", "/="):
                 raise unsupported(f"`{s.target} {s.op} ...` in a block", s.span)
             value = s.value
             if s.op != "=":
@@ -455,6 +508,9 @@ class _Scope:
             raise unsupported(f"a second input (`{s.name}`)", s.span)
         var = self.cls.input = self.local(s.name)
         if s.shape.dtype == "int":
+            if in_feat:  # (0: token ids passed in)
+                raise NestError(f"input `{s.name}` takes token ids (`int`), but a sequence of "
+                                f"{in_feat} features is passed in", s.shape.span, kind="shape")
             self.tens[s.name] = Ten(var, 0, tokens=True)
             self.cls.in_feat = 0
             return
@@ -463,6 +519,9 @@ class _Scope:
         if feat is None:
             raise NestError(f"input `{s.name}` needs a feature dim: [T, dim]", s.shape.span,
                             kind="shape")
+        if in_feat == 0:
+            raise NestError(f"input `{s.name}` takes {feat} features, but token ids are passed "
+                            "in; embed them first", s.shape.span, kind="shape")
         if in_feat is not None and feat != in_feat:
             raise NestError(f"input `{s.name}` has {feat} features, but {in_feat} are passed "
                             "in", s.shape.span, kind="shape")
@@ -625,6 +684,9 @@ class _Scope:
     def value(self, e: ast.Expr, hint: str) -> Any:
         """A constant (Python value) or a Ten."""
         c = const_eval(e, self.consts)
+        if c is UNKNOWN:  # builtins of numbers alone, computed (`x / sqrt(dim)`)
+            e = fold_numbers(e, self.consts, self.mems)
+            c = const_eval(e, self.consts)
         if c is not UNKNOWN:
             return c
         if isinstance(e, ast.ExprName):
@@ -802,6 +864,13 @@ class _Scope:
         if len(e.args) != 1 or e.kwargs:
             raise NestError(f"block `{decl.name}` takes one input", e.span, kind="value")
         x = self.tensor(e.args[0], hint)
+        takes = next((st for st in checked.decl.body if isinstance(st, ast.StmtInput)), None)
+        if takes is not None and (takes.shape.dtype == "int") != x.tokens:  # at the call
+            got = "token ids" if x.tokens else f"a sequence of {x.feat} features"
+            raise NestError(f"block `{decl.name}` takes "
+                            f"{'token ids' if takes.shape.dtype == 'int' else 'features'} (its "
+                            f"input `{takes.name}`), got {got}", e.args[0].span, kind="shape",
+                            hint="embed token ids first" if x.tokens else None)
         sub = self.g.decl(checked, hyper, in_feat=x.feat, call=head.span, copies=self.copies)
         attr = self.add(decl.name, f"{sub.name}(backend)", cls=sub)
         # through the module's __call__, so that hooks on it run (FSDP's per-block sharding,
