@@ -199,8 +199,9 @@ def rotary(x: torch.Tensor, start: int, base: float = 10000.0) -> torch.Tensor:
     pairs (x_i, x_{i + d/2}) rotated by pos * base ** (-2i / d), as in Llama."""
     d = x.shape[-1]
     half = d // 2
-    freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / d)
-    pos = torch.arange(start, start + x.shape[-2], device=x.device, dtype=torch.float32)
+    acc = torch.promote_types(x.dtype, torch.float32)  # (float64 angles for float64 x)
+    freq = base ** (-torch.arange(half, device=x.device, dtype=acc) * 2 / d)
+    pos = torch.arange(start, start + x.shape[-2], device=x.device, dtype=acc)
     angle = pos[:, None] * freq  # (T, d/2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     a, b = x[..., :half], x[..., half:2 * half]

@@ -134,8 +134,9 @@ class Built(nn.Module):
         if targets is not None and targets.shape != x.shape[:2]:
             raise ValueError(f"`{self.decl_name}`: targets must have the tokens' shape "
                              f"{list(x.shape[:2])}, got {list(targets.shape)}")
-        if x.shape[1] == 0:  # an empty piece: nothing to compute, the state goes on as it was
-            y = x.new_zeros(x.shape[0], 0, self.out_feat, dtype=torch.get_default_dtype()
+        if x.shape[0] == 0 or x.shape[1] == 0:  # an empty piece or batch: nothing to
+            # compute, the state goes on as it was (no sequence writes a shared one)
+            y = x.new_zeros(*x.shape[:2], self.out_feat, dtype=torch.get_default_dtype()
                             if x.dtype in (torch.int64, torch.int32) else x.dtype)
             return (y, dict(state or {})) if return_state else y
         tasks = self.tasks

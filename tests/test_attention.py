@@ -72,6 +72,20 @@ def test_windowed_attention_in_a_block_equals_the_definition_on_both_tiers():
         torch.testing.assert_close(u, w, rtol=1e-4, atol=1e-6)
 
 
+def test_rotary_positions_of_a_float64_block_are_float64():
+    """The angles were float32 whatever the module's dtype: a float64 block was 2e-8 off a
+    float64 definition at T = 2000."""
+    from nestc.memories import rotary
+
+    x = torch.randn(1, 2, 2000, 8, dtype=torch.float64)
+    pos = torch.arange(3, 2003, dtype=torch.float64)[:, None] * \
+        10000.0 ** (-torch.arange(4, dtype=torch.float64) * 2 / 8)
+    a, b = x[..., :4], x[..., 4:]
+    want = torch.cat([a * pos.cos() - b * pos.sin(), a * pos.sin() + b * pos.cos()], -1)
+    assert (rotary(x, 3) - want).abs().max() < 1e-12
+    assert rotary(x.float(), 3).dtype == torch.float32
+
+
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_windowed_attention_streams_keeping_only_the_last_keys(backend):
     torch.manual_seed(0)

@@ -767,6 +767,9 @@ def test_empty_pieces_pass_the_state_through():
         y, state = mod(x, return_state=True)
         empty, same = mod(x[:, :0], state=state, return_state=True)
         assert empty.shape[:2] == (2, 0) and same.keys() == state.keys()
+        # an empty batch too (every stateful model crashed in a reshape of 0 elements)
+        none, kept = mod(x[:0], return_state=True)
+        assert none.shape == (0, 5, y.shape[-1]) and kept == {}
 
 
 @pytest.mark.parametrize("text,message", [
@@ -775,7 +778,7 @@ def test_empty_pieces_pass_the_state_through():
      "        objective l2(M(q), q); rule gd(lr = 1)\n    }\n    output M(q)\n}\n",
      "b.nest:4:23: error: a matrix memory's size must be a whole number of at least 1, got 2.4"),
     ("block B(dim) {\n    input x : [T, dim]\n    output outer(x, x)\n}\n",
-     "b.nest:3:12: error: `outer` in a block is not supported"),
+     "b.nest:3:18: error: `outer` of a sequence (it takes a param's vector) is not supported"),
     ("block B(dim) {\n    input x : [T, dim]\n    input y : [T, dim]\n    output x\n}\n",
      "b.nest:3:5: error: a second input (`y`) is not supported"),
     ("block B(dim) {\n    input x : [T, dim]\n    output conv1d(x, window = 0)\n}\n",
