@@ -383,6 +383,40 @@ def test_mlp_memories_stream_in_pieces_that_end_inside_chunks(case):
     streams_as_one(mod, torch.randn(2, 19, 16), (3, 10))
 
 
+@pytest.mark.parametrize("case", ["clip_momentum_before", "dgd_literal_momentum"])
+def test_mlp_memories_keep_the_gradient_of_small_and_zero_factors(case):
+    """The gradients of retain and beta at a token where they are 1e-6, 1e-8 or 0, in float32,
+    against the reference tier (the token loop) in float64: the chunked tier formed its decays
+    from differences of running sums of logs, whose gradient cancelled terms of size 1 up to
+    float32's rounding (70% of it at 1e-5, the wrong sign at 1e-8), and clamped a factor of 0
+    to 1e-30 with no gradient at all (the literal DGD's solve too)."""
+    mem = mlp_variant(case).build("Deep", dim=16).M
+    torch.manual_seed(1)
+    N, H, T, d, h = 1, 2, 11, 8, 8
+    q, k = (torch.nn.functional.normalize(torch.randn(N, H, T, d), dim=-1) for _ in "qk")
+    v, lr = torch.randn(N, H, T, d), 0.5 * torch.rand(N, H, T)
+    retain, beta = 0.5 + 0.5 * torch.rand(N, H, T), 0.5 + 0.5 * torch.rand(N, H, T)
+    retain[..., 3], retain[..., 5], beta[..., 2], beta[..., 6] = 1e-6, 0.0, 1e-8, 0.0
+    A, B = 0.5 * torch.randn(N, H, d, h), 0.5 * torch.randn(N, H, h, d)
+    S = (0.1 * torch.randn(N, H, d, h), 0.1 * torch.randn(N, H, h, d))
+    dy = torch.randn(N, H, T, d)
+    grads = {}
+    for tier, dtype in (("_reference", torch.float64), ("_chunked", torch.float32)):
+        r, b = (x.to(dtype).requires_grad_() for x in (retain, beta))
+        w = {"k": k.to(dtype), "v": v.to(dtype), "lr": lr.to(dtype),
+             "retain": r if "retain" in MLP_CASES[case][1] else None, "beta": b}
+        A0, B0 = A.to(dtype), B.to(dtype)
+        given = {"M": (A0, B0), "S": tuple(x.to(dtype) for x in S), "start": (A0, B0),
+                 "offset": 0}
+        y, out = getattr(mem, tier)(q.to(dtype), w, given)
+        loss = (y.double() * dy).sum() + sum(x.double().sum() for x in out["M"])
+        grads[tier] = torch.autograd.grad(loss, [r, b] if w["retain"] is not None else [b])
+    for want, got in zip(grads["_reference"], grads["_chunked"], strict=True):
+        for t in (2, 3, 5, 6):
+            a, b = got[..., t].double(), want[..., t]
+            assert (a - b).abs().max() <= 1e-3 * b.abs().max(), (t, a, b)
+
+
 @pytest.mark.parametrize("case", ["dgd_literal", "dgd_literal_huber_clip_before",
                                   "dgd_literal_momentum", "dgd_literal_momentum_clip_before"])
 @pytest.mark.parametrize("tier", ["_reference", "_chunked"])

@@ -345,6 +345,27 @@ def self_inputs(x: dict[str, torch.Tensor | None], seed: int = 5) -> torch.Tenso
         .requires_grad_()
 
 
+def check_small_and_zero_factors() -> None:
+    """retain and beta of 1e-6, 1e-8 and 0 at some tokens: the fused backward's gradients of
+    them in float32 against the chunked tier in float64 (the kernel summed rows minus columns
+    of the decays' gradient, which cancelled terms of size 1: 31% off at 1e-5, 930 times at
+    1e-8; and gave 0 at 0)."""
+    x = make_inputs(T=37, d=8, h=16)
+    with torch.no_grad():
+        for name, t, value in (("retain", 3, 1e-6), ("retain", 20, 0.0), ("beta", 2, 1e-8),
+                               ("beta", 21, 0.0)):
+            x[name][..., t] = value  # type: ignore[index]
+    ours = results(*run("triton", x, chunk=16, clip=2.0), x)
+    x64 = {n: None if t is None else t.detach().double().requires_grad_() for n, t in x.items()}
+    ref = results(*run("chunked", x64, chunk=16, clip=2.0), x64)
+    for name in ("dretain", "dbeta"):
+        got, want = ours[name].double(), ref[name]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
+        for t in (2, 3, 20, 21):
+            assert (got[..., t] - want[..., t]).abs().max() <= \
+                1e-3 * want[..., t].abs().max(), (name, t)
+
+
 def check_self_generated_values(T: int, chunk: int, act: str, clip: float | None,
                                 read_before: bool) -> None:
     """v_self (self-modifying Titans' stop_grad(M(x))): the Triton tier equals the chunked
@@ -805,6 +826,7 @@ CASES: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
     "bwd-inside-T10-C16-off6-silu-retain-momentum-read_before-self": (
         check_fused_backward_matches_vjp,
         (10, 16, "silu", True, True, True, None, True, 1, 8, 16, True, 6)),
+    "small_and_zero_factors": (check_small_and_zero_factors, ()),
     "empty": (check_empty_sequence, ()),
     "bfloat16": (check_bfloat16_inputs, ()),
     "refusals": (check_refusals, ()),

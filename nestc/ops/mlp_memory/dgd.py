@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from nestc.ops.mlp_memory.reference import act_fn, chunk_gradients
+from nestc.ops.mlp_memory.reference import act_fn, chunk_gradients, log_factors
 from nestc.ops.utils import float32_inside, time_masks
 
 
@@ -152,8 +152,8 @@ def mlp_dgd_chunk(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, lr: 
     momenta after its last token (the momenta as given without beta)."""
     hk, e, delta, f = chunk_gradients(k, v, (A, B) if grad_at is None else grad_at, act,
                                       clip, residual, objective, huber_delta)
-    log_r = torch.zeros_like(lr) if retain is None else retain.clamp_min(1e-30).log()
-    after = _decays(log_r, None if beta is None else beta.clamp_min(1e-30).log())
+    log_r = torch.zeros_like(lr) if retain is None else log_factors(retain)
+    after = _decays(log_r, None if beta is None else log_factors(beta))
     before = after.before()
     step = (-lr if f is None else -lr * f)[..., None]
     moms = (None, None) if beta is None else (SA, SB)

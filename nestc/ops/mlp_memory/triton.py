@@ -53,9 +53,9 @@ x_w the row or entry at the last valid token w, [w] a one-hot at w, rowsum/colsu
            dlr_s = -colsum(dW * D_r D_b)_s - D_b[w, s] dbl_s         (the clipped lr's)
            dD_b = D_r^T (dW * -lr) + [w] (dbl * -lr)^T, db = D_r^T dm + [w] d(prod beta)
            dD_r = (dW * -lr) D_b^T + dm b^T
-           dL_b = rowsum(dD_b * D_b) - colsum(dD_b * D_b) + db * b, dL_r likewise + dc * r
-           dlog beta_s = sum_{t >= s} dL_b[t], dbeta = dlog beta / beta (0 where the clamp at
-           1e-30 holds); retain likewise
+           dlog beta_j = sum_{t >= j, s < j} (dD_b * D_b)[t, s] + sum_{t >= j} db_t b_t (the
+           spans holding beta_j: no difference of running sums), dbeta = dlog beta /
+           max(beta, 1e-30); retain likewise, with dc * r
   clip     f = clip / sqrt(max(sq, clip^2)): dlr <- dlr f, dsq = -dlr_clipped lr f / (2 sq)
            where sq >= clip^2 (else 0), dk += 2 dsq |delta|^2 k, ddelta += 2 dsq |k|^2 delta,
            dhk += 2 dsq |e|^2 hk, de += 2 dsq |hk|^2 e
@@ -169,6 +169,17 @@ def _decay(x, causal):
     below 1e-30 counts as 1e-30)."""
     L = tl.cumsum(tl.log(tl.maximum(x, 1e-30)), 0)
     return tl.exp(L), tl.where(causal, tl.exp(tl.where(causal, L[:, None] - L[None, :], 0.)), 0.)
+
+
+@triton.jit
+def _span_grad(dDD, o_c):
+    """The gradient at each factor's log (C,) of D[t, s] = prod_{s < j <= t} factor_j, given
+    dDD = dL/dD * D (C, C): the sum over t >= j and s < j, the spans that hold factor j. Each
+    term holds it, where the rows' sums minus the columns' (the gradient of differences of
+    running sums) cancelled terms of size 1 up to float32's rounding, which the division by a
+    small factor magnified (as nestc/ops/mlp_memory/reference.py's _decays)."""
+    later = tl.cumsum(dDD, 0, reverse=True)  # [j, s]: the sum over t >= j
+    return tl.sum(tl.where(o_c[:, None] > o_c[None, :], later, 0.), 1)
 
 
 @triton.jit
@@ -520,11 +531,10 @@ def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, GA, G
             b_dDb = (tl.dot(tl.trans(b_Dr), b_dM, input_precision=PRECISION)
                      + tl.where(last[:, None], (b_dbl * -b_lre)[None, :], 0.))
             b_dDb *= b_Db
-            b_dLb = (tl.sum(b_dDb, 1) - tl.sum(b_dDb, 0)
-                     + (tl.where(t >= 0, tl.sum(b_Dr * b_dm[:, None], 0), 0.)
-                        + tl.where(last, b_dkeep, 0.)) * b_runb)
-            b_dlog = tl.cumsum(b_dLb, 0, reverse=True)
-            tl.store(dbeta + r, tl.where(b_bt >= 1e-30, b_dlog / b_bt, 0.), mask=m_t)
+            b_dlog = _span_grad(b_dDb, o_c) + tl.cumsum(
+                (tl.where(t >= 0, tl.sum(b_Dr * b_dm[:, None], 0), 0.)
+                 + tl.where(last, b_dkeep, 0.)) * b_runb, 0, reverse=True)
+            tl.store(dbeta + r, b_dlog / tl.maximum(b_bt, 1e-30), mask=m_t)
         if USE_R:
             if USE_BETA:
                 b_dDr = (tl.dot(b_dM, tl.trans(b_Db), input_precision=PRECISION)
@@ -532,9 +542,8 @@ def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, GA, G
             else:
                 b_dDr = b_dM
             b_dDr *= b_Dr
-            b_dLr = tl.sum(b_dDr, 1) - tl.sum(b_dDr, 0) + b_dc * b_c
-            b_dlog = tl.cumsum(b_dLr, 0, reverse=True)
-            tl.store(dretain + r, tl.where(b_rt >= 1e-30, b_dlog / b_rt, 0.), mask=m_t)
+            b_dlog = _span_grad(b_dDr, o_c) + tl.cumsum(b_dc * b_c, 0, reverse=True)
+            tl.store(dretain + r, b_dlog / tl.maximum(b_rt, 1e-30), mask=m_t)
 
         # lre = lr clip / sqrt(max(sq, clip^2)), sq = |k|^2 |delta|^2 + |hk|^2 |e|^2
         if USE_CLIP:
