@@ -10,7 +10,15 @@ from typing import Any
 from nestc import ast
 from nestc.builtins import BUILTINS
 from nestc.errors import NestError, did_you_mean
-from nestc.hyper import UNKNOWN, const_eval, infer_type, python_type, show_value, type_words
+from nestc.hyper import (
+    UNKNOWN,
+    check_nesting,
+    const_eval,
+    infer_type,
+    python_type,
+    show_value,
+    type_words,
+)
 from nestc.source import Span, span_text
 
 MAX_CHAIN_CHECKS = 16
@@ -119,6 +127,7 @@ def hypers_of(decl: ast.Decl) -> dict[str, Hyper]:
         if p.name in hypers:
             raise NestError(f"hyperparameter `{p.name}` is declared twice", p.span, kind="name")
         default = UNKNOWN if p.default is None else const_eval(p.default, env)
+        check_nesting(p.type, default, p.default.span if p.default is not None else p.span)
         if p.default is not None and default is UNKNOWN:
             raise NestError(f"the default of `{p.name}` must be a constant", p.default.span,
                             kind="value", hint="defaults are numbers, bools, strings, tuples, "
@@ -319,6 +328,10 @@ class BodyChecker:
             if values is not UNKNOWN and not isinstance(values, (list, tuple)):
                 raise NestError("`chain` runs over a list, such as [16, 256, 2048]", s.values.span,
                                 kind="type")
+            if scope.lookup(s.var) == "hyper":  # (as a let of its name)
+                raise NestError(f"`{s.var}` is a hyperparameter and cannot be redefined",
+                                s.span, kind="name", hint="choose another name for the chain's "
+                                "variable")
             saved, outer = self.env.get(s.var, UNKNOWN), self.copies
             if isinstance(values, (list, tuple)):
                 self.copies *= max(len(values), 1)
@@ -338,6 +351,16 @@ class BodyChecker:
             if kind != "model":
                 raise NestError(f"`train` belongs in a model; `{self.decl.name}` is {_a(kind)}",
                                 s.span, kind="value", hint="declare it as `model`")
+            # one outermost level: explain took the last one, `nestc train` the first
+            if not any(s is t for t in self.decl.body):
+                raise NestError("`train` is the model's outermost level: it goes at the top "
+                                "of the model's body, not inside another statement", s.span,
+                                kind="value")
+            first = next(t for t in self.decl.body if isinstance(t, ast.StmtTrain))
+            if first is not s:
+                raise NestError(f"model `{self.decl.name}` has a second `train` level", s.span,
+                                kind="value", notes=(("the first", first.span),),
+                                hint="a model trains on one objective with one rule")
             self.frequency(s.frequency, TRAIN, scope)
             self.owner.append(TRAIN)
             self.block(s.body, _Scope(scope))
@@ -602,8 +625,15 @@ class BodyChecker:
             for i in e.index:
                 self.expr(i, scope)
         elif isinstance(e, ast.ExprAttr):
+            # `A.Name` names a declaration of a file imported `as A`; nothing else has fields
+            # (`x.foo`, `gd.fast` passed the checker and then were "not supported" or worse)
             if not self.imported(e, scope):
                 self.expr(e.base, scope)
+                raise NestError(f"`.{e.name}` names a declaration of a file imported with "
+                                f"`as`; `{span_text(e.base.span)}` is not such a file", e.span,
+                                kind="name", hint="`transpose(x)` swaps the last two dims"
+                                if e.name in ("T", "mT") else "import a file as a name: "
+                                "`import \"file.nest\" as t`, then `t.Block`")
         elif isinstance(e, ast.ExprBinary):
             sides = (self.expr(e.left, scope), self.expr(e.right, scope))
             if e.op in ("/", "%") and sides[0] is UNKNOWN and sides[1] == 0 and \
@@ -762,8 +792,9 @@ def counts(body: tuple[ast.Stmt, ...], env: dict[str, Any], copies: int = 1) -> 
             return None
         v = const_eval(e, env)
         if v is not UNKNOWN and (not isinstance(v, int) or isinstance(v, bool) or v < low):
-            raise NestError(f"{what} must be a {'positive ' if low else ''}whole number, got "
-                            f"{show_value(v)}", e.span, kind="frequency" if low else "value")
+            kind = "positive whole number" if low else "whole number of at least 0"
+            raise NestError(f"{what} must be a {kind}, got {show_value(v)}", e.span,
+                            kind="frequency" if low else "value")
         return v
 
     for s in body:

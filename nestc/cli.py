@@ -64,15 +64,26 @@ def _decl_name(prog, name: str | None) -> str:
                     "with --name", kind="name", file=prog.file)
 
 
+TOO_DEEP = ("the declarations call one another too deeply for nestc (more than about a "
+            "hundred levels); build the deep part with `repeat`")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     results = []
     failed = 0
     start = time.perf_counter()
     for path in args.files:
+        where = None  # the declaration being generated
         try:
-            prog = _load(path)
-            for name in prog.names:
-                _builds(prog, name)
+            try:
+                prog = _load(path)
+                for name in prog.names:
+                    where = prog.decl(name).decl.name_span
+                    _builds(prog, name)
+            except RecursionError:  # an error of this file: the others are still checked
+                if DEBUG:
+                    raise
+                raise NestError(TOO_DEEP, where, file=path) from None
             results.append({"file": path, "ok": True, "declarations": prog.names,
                             "diagnostics": []})
         except NestError as err:
@@ -398,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecursionError:
         if DEBUG:
             raise
-        print("error: the declarations call one another too deeply for nestc (more than about "
-              "a hundred levels); build the deep part with `repeat`", file=sys.stderr)
+        print(f"error: {TOO_DEEP}", file=sys.stderr)
         return 1
     except Exception as err:  # noqa: BLE001 - a compiler bug must still not dump a traceback
         if DEBUG:

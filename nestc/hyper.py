@@ -129,6 +129,31 @@ def _binary(expr: ast.ExprBinary, a: Any, b: Any) -> Any:
 # --- types ------------------------------------------------------------------------------------
 
 SCALAR_TYPES = ("int", "float", "bool", "str")
+# how deep a hyperparameter's type or value may nest lists and tuples (deeper ones took
+# time doubling with each level, or ran out of Python's recursion in pydantic)
+MAX_TYPE_DEPTH = 32
+
+
+def nesting(value: Any) -> int:
+    """How deep a value nests lists and tuples (0 for a number)."""
+    if isinstance(value, (list, tuple)):
+        return 1 + max((nesting(v) for v in value), default=0)
+    return 0
+
+
+def _ann_nesting(ann: ast.TypeAnn) -> int:
+    return 0 if not ann.args else 1 + max(_ann_nesting(a) for a in ann.args)
+
+
+def check_nesting(ann: ast.TypeAnn | None, default: Any, span: Any) -> None:
+    """A NestError where a type (at its span) or a default (at `span`) nests more than
+    MAX_TYPE_DEPTH deep."""
+    if ann is not None and _ann_nesting(ann) > MAX_TYPE_DEPTH:
+        raise NestError(f"this type nests lists or tuples more than {MAX_TYPE_DEPTH} deep",
+                        ann.span, kind="type")
+    if nesting(default) > MAX_TYPE_DEPTH:
+        raise NestError(f"this value nests lists or tuples more than {MAX_TYPE_DEPTH} deep",
+                        span, kind="value")
 
 
 def python_type(ann: ast.TypeAnn) -> Any:
@@ -163,7 +188,8 @@ def infer_type(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple[tuple(infer_type(v) for v in value)]  # type: ignore[misc]
     if isinstance(value, list):
-        items = {repr(infer_type(v)): infer_type(v) for v in value}
+        types = [infer_type(v) for v in value]  # (once each: twice doubled with each level)
+        items = {repr(t): t for t in types}
         # a list of one kind of item takes more of that kind; a mixed one takes any list
         return list[next(iter(items.values()))] if len(items) == 1 else list  # type: ignore[misc]
     return Any

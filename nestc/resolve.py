@@ -66,7 +66,10 @@ def read_source(path: str, display: str | None = None, span=None) -> Source:
         raise NestError(f"`{path}` is larger than {MAX_SOURCE_BYTES // 1024} KiB", span,
                         kind="import", file=where, hint="a spec is a short text file")
     try:
-        text = data.decode("utf-8")
+        # a byte-order mark (Windows editors write one) is no character of the spec; old Mac
+        # line ends (CR alone) are line ends, so positions count their lines
+        text = data.decode("utf-8").removeprefix("\ufeff")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as err:
         # report the bad byte on a source made of the valid text before it
         good = data[: err.start].decode("utf-8")

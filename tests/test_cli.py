@@ -80,6 +80,22 @@ def test_json_diagnostics(files, capsys):
         "gone.nest", None, "no such file: `gone.nest`")
 
 
+def test_a_file_too_deep_for_nestc_is_one_files_diagnostic(files, capsys):
+    """Blocks calling one another 300 deep ran out of Python's recursion: `check` printed no
+    JSON, named no place, and checked no file after it."""
+    body = "".join(f"block B{i}(dim = 8) {{\n    input x : [T, dim]\n    output B{i + 1}(dim)(x)"
+                   f"\n}}\n" for i in range(300))
+    (files / "deep.nest").write_text(body + "block B300(dim = 8) {\n    input x : [T, dim]\n"
+                                     "    output x\n}\n")
+    rc, out, err = run(capsys, "check", "--format", "json", "deep.nest", "good.nest")
+    assert (rc, err) == (1, "")
+    deep, good = json.loads(out)["files"]
+    assert good["ok"] and not deep["ok"]
+    (d,) = deep["diagnostics"]
+    assert (d["file"], d["line"], d["col"]) == ("deep.nest", 1, 7)
+    assert d["message"].startswith("the declarations call one another too deeply")
+
+
 def test_check_a_missing_file(files, capsys):
     rc, out, err = run(capsys, "check", "-q", "gone.nest")
     assert (rc, out, err) == (1, "", "gone.nest: error: no such file: `gone.nest`\n")

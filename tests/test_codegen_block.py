@@ -590,3 +590,15 @@ def test_a_sub_blocks_input_kind_is_checked_at_the_call(body, message):
     with pytest.raises(nestc.NestError) as info:
         nestc.loads(text, "b.nest").build("M")
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_width_that_does_not_fit_a_sub_block_is_an_error_at_the_call():
+    """It was reported at the callee's input (in another file for a stdlib block), with no
+    word of the call."""
+    text = ('import "std/models/transformer.nest" as t\nblock B(dim = 8) {\n'
+            '    input x : [T, dim]\n    output t.MLP(4)(x + 1)\n}\n')
+    with pytest.raises(nestc.NestError) as info:
+        nestc.loads(text, "b.nest").build("B")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "b.nest:4:21: error: block `MLP` takes 4 features (its input `x`), got 8"
+    assert lines[3].endswith("transformer.nest:17:15: note: its input")

@@ -274,13 +274,14 @@ class Generator:
         self.names: set[str] = set()
 
     def decl(self, checked: Checked, hyper: dict[str, Any], in_feat: int | None = None,
-             call: Any = None, copies: int = 1) -> _Class:
+             call: Any = None, copies: int = 1, arg: Any = None) -> _Class:
         """The class of a declaration at these hyperparameters; `copies`: how many the
-        repeats and chains around its call make (each repeat in it makes more)."""
+        repeats and chains around its call make (each repeat in it makes more); `arg`: the
+        span of the input passed to it (a width that does not fit is an error there)."""
         values = checked.bind(hyper, call)
         cls = _Class(checked, values)
         scope = _Scope(self, checked, cls, dict(values))
-        scope.copies = copies
+        scope.copies, scope.arg = copies, arg
         scope.stmts(checked.decl.body, in_feat)
         if cls.out is None:
             raise NestError(f"{checked.kind} `{checked.name}` has no output",
@@ -356,6 +357,7 @@ class _Scope:
         self.g, self.checked, self.cls = gen, checked, cls
         self.consts = consts
         self.copies = 1  # of this body: the repeats' and chains' around it, the callers' too
+        self.arg: Any = None  # the span of the input a caller passes (None: the top's)
         self.tens: dict[str, Ten] = {}
         self.mems: dict[str, Any] = {}
         self.prefix = ""
@@ -523,6 +525,10 @@ class _Scope:
             raise NestError(f"input `{s.name}` takes {feat} features, but token ids are passed "
                             "in; embed them first", s.shape.span, kind="shape")
         if in_feat is not None and feat != in_feat:
+            if self.arg is not None:  # at the call, where the mistake most likely is
+                raise NestError(f"block `{self.checked.name}` takes {feat} features (its input "
+                                f"`{s.name}`), got {in_feat}", self.arg, kind="shape",
+                                notes=(("its input", s.shape.span),))
             raise NestError(f"input `{s.name}` has {feat} features, but {in_feat} are passed "
                             "in", s.shape.span, kind="shape")
         self.tens[s.name] = Ten(var, int(feat))
@@ -871,7 +877,8 @@ class _Scope:
                             f"{'token ids' if takes.shape.dtype == 'int' else 'features'} (its "
                             f"input `{takes.name}`), got {got}", e.args[0].span, kind="shape",
                             hint="embed token ids first" if x.tokens else None)
-        sub = self.g.decl(checked, hyper, in_feat=x.feat, call=head.span, copies=self.copies)
+        sub = self.g.decl(checked, hyper, in_feat=x.feat, call=head.span, copies=self.copies,
+                          arg=e.args[0].span)
         attr = self.add(decl.name, f"{sub.name}(backend)", cls=sub)
         # through the module's __call__, so that hooks on it run (FSDP's per-block sharding,
         # a sub-block's own torch.compile, forward hooks)
