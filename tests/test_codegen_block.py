@@ -602,3 +602,11 @@ def test_a_width_that_does_not_fit_a_sub_block_is_an_error_at_the_call():
     lines = str(info.value).splitlines()
     assert lines[0] == "b.nest:4:21: error: block `MLP` takes 4 features (its input `x`), got 8"
     assert lines[3].endswith("transformer.nest:17:15: note: its input")
+
+
+def test_a_named_output_is_read_by_later_statements():
+    """`output logits = ...; let z = logits * 2` was "`logits` is not a tensor here"; the
+    checker takes a named output as a let."""
+    m = _block("    output y = x * 3\n    let z = y * 2\n    y = z")
+    x = torch.randn(2, 3, 2)
+    torch.testing.assert_close(m(x), x * 3)  # the value where the output stands

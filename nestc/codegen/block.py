@@ -287,7 +287,7 @@ class Generator:
             raise NestError(f"{checked.kind} `{checked.name}` has no output",
                             checked.decl.name_span, kind="value")
         scope.settle()
-        cls.body += [cls.out_line, f"return {cls.out.code}"]
+        cls.body += [line for line in (cls.out_line, f"return {cls.out.code}") if line]
         scope.run_siblings_as_one()
         cls.name = "_CLASS_"
         text = cls.source()
@@ -439,8 +439,9 @@ class _Scope:
     def stmt(self, s: ast.Stmt, in_feat: int | None) -> None:
         start = len(self.cls.body)
         self.statement(s, in_feat)
-        # the spec line above the code it became (the output's above the return)
-        if isinstance(s, (ast.StmtLet, ast.StmtUpdate, ast.StmtMemory)) and \
+        # the spec line above the code it became (an unnamed output's above the return)
+        named = isinstance(s, ast.StmtOutput) and s.name is not None
+        if (named or isinstance(s, (ast.StmtLet, ast.StmtUpdate, ast.StmtMemory))) and \
                 len(self.cls.body) > start:
             self.cls.body.insert(start, spec_comment(s.span))
         elif isinstance(s, ast.StmtOutput):
@@ -463,6 +464,10 @@ class _Scope:
             self.bind(s.target, value)
         elif isinstance(s, ast.StmtOutput):
             self.cls.out = self.tensor(s.value, "out")
+            if s.name:  # a name later statements may read, as a let's (layers keep `out_`)
+                var = self.local(s.name)
+                self.emit(f"{var} = {self.cls.out.code}")
+                self.cls.out = self.tens[s.name] = replace(self.cls.out, code=var)
         elif isinstance(s, ast.StmtRepeat):
             n = self.size(s.count, "a repeat count", minimum=0)
             check_copies(n, s.count.span, self.copies)  # (a million hung explain and build)

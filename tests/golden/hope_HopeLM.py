@@ -232,4 +232,5 @@ class HopeLM(_Built):
         #     momentum_beta)(h)
         h_4 = self.r3_Hope(h_3, _env=_env)
         # std/models/hope.nest:56: output logits = h |> rmsnorm |> linear(vocab)
-        return self.out_linear(self.out_rmsnorm(h_4))
+        logits = self.out_linear(self.out_rmsnorm(h_4))
+        return logits
