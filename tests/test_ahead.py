@@ -549,9 +549,10 @@ def test_a_read_above_reads_the_memory_the_checker_means():
 
 def test_a_memory_read_above_is_built_from_its_declarations_values():
     rebound = nestc.loads(spec("""
-        block B(dim = 8, w = 8) {
+        block B(dim = 8) {
             input x : [T, dim]
             let c = 2
+            let w = 8
             let k = M(x)
             c = 4
             chain w in [2, 4] { let u = M(x) }

@@ -42,8 +42,8 @@ block Shared(dim, heads = 4) {
     input x : [T, dim]
     let k = x |> linear(dim) |> l2norm(per = heads)
     memory M : matrix(dim / heads, dim / heads) per head = zeros every token {
-        read before write
-        objective l2(M(k), x); rule momentum(lr = 0.5, beta = 0.9)
+        dgd literal
+        objective dot(M(k), x); rule dgd(lr = 0.5)
     }
     output M(k)
 }
@@ -71,7 +71,7 @@ def test_a_model_nestc_does_not_build_gets_a_line_not_a_number(tmp_path, monkeyp
     assert [line for line in lines if line.startswith("| TransformerLM |")]
     assert not [line for line in lines if line.startswith("| SharedLM")]
     (note,) = [line for line in lines if line.startswith("SharedLM")]
-    assert "not measured" in note and "whose rule is not gd or dgd" in note
+    assert "not measured" in note and "literal DGD with a dot objective" in note
     assert "shared.nest:5" in note
 
 
