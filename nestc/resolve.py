@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,11 @@ def read_source(path: str, display: str | None = None, span=None) -> Source:
     return Source(name, text)
 
 
+# a file's AST by its name and text: a process that loads many specs (`nestc check` of the
+# stdlib, tests) parses a file they import once, not once per importer (ASTs are frozen)
+_parse = functools.lru_cache(maxsize=256)(parse)
+
+
 class Loader:
     """Parses a file and everything it imports, once each, rejecting cycles."""
 
@@ -100,7 +106,7 @@ class Loader:
     def load_source(self, source: Source, key: str) -> Unit:
         if key in self.units:
             return self.units[key]
-        module = parse(source)
+        module = _parse(source)
         unit = Unit(source.name, module)
         self.stack.append(key)
         self.shown.append(source.name)
