@@ -6,9 +6,10 @@
 # chunked tier, the MLP memory kernel, the language models' tokens/s with the triton back
 # end), lm (language models' training tokens/s on the GPU), train (`nestc train` of a small
 # HopeLM on MQAR on the GPU), optim (the optimizer benchmark's GPU variant and its Triton
-# block-size sweep), and, only when named, fusion (benchmarks/fusion.py: the stdlib language
-# models' steps on the chunked and triton back ends) and tiles (the delta-rule kernels at T=4K
-# with other launch settings than docs/triton.md's, one run each). Results land in $OUT (or
+# block-size sweep), and, only when named, mlpbench (memory without the delta rules' table,
+# which a 2026-11-29 run measured: docs/results.md), fusion (benchmarks/fusion.py: the stdlib
+# language models' steps on the chunked and triton back ends) and tiles (the delta-rule
+# kernels at T=4K with other launch settings than docs/triton.md's, one run each). Results land in $OUT (or
 # out/).
 #   PARTS="tests lm" bash benchmarks/device.sh
 # A device command may run 10 minutes: `tests` and `mlptests` may each take most of that from
@@ -56,8 +57,14 @@ if has mlptests; then
 fi
 if has memory; then
     # the table is written row by row: a run stopped at its limit keeps what it measured
-    timeout 420 python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1 \
+    timeout ${MEMORY_TIMEOUT:-420} python3 benchmarks/gpu_memory.py --lm --out "$OUT/gpu_memory.md" 2>&1 \
         | tee "$OUT/gpu_memory.log"
+fi
+if has mlpbench; then
+    # the MLP memory's table and the language models' tokens/s alone (the 2026-11-29 run of
+    # `memory` spent its limit on the delta rules' table first)
+    timeout ${MEMORY_TIMEOUT:-420} python3 benchmarks/gpu_memory.py --no-delta --lm \
+        --out "$OUT/gpu_mlp_lm.md" 2>&1 | tee "$OUT/gpu_mlp_lm.log"
 fi
 if has fusion; then
     # aten operations and milliseconds per training step, chunked against triton back end

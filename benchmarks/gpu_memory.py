@@ -10,6 +10,7 @@ kernel fits an H100 (docs/triton.md).
 
     python benchmarks/gpu_memory.py [--T 1024 4096 16384] [--D 64 128] [--reps 10] [--lm]
                                     [--tiles KERNEL=BV,WARPS,STAGES ...] [--no-mlp]
+                                    [--no-delta]
                                     [--out t.md]
     python benchmarks/gpu_memory.py --dry    # CPU, tiny shapes, kernels under the interpreter
 
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="try other launch settings for a delta-rule kernel (prepare, state, "
                     "o, dhu, dqkvbg) at every key width, e.g. dqkvbg=32,4,2")
     ap.add_argument("--no-mlp", action="store_true", help="leave out the MLP-memory table")
+    ap.add_argument("--no-delta", action="store_true",
+                    help="leave out the delta rules' table (the MLP memory's and --lm's only)")
     ap.add_argument("--out", help="also write the table here")
     args = ap.parse_args(argv)
     if args.tiles:
@@ -311,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry and not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU, or with --dry on a CPU")
     report = Report(args.out)
-    table(report, args.T or ([32, 80] if args.dry else [1024, 4096, 16384]),
-          args.D or ([16] if args.dry else [64, 128]), args.reps or (1 if args.dry else 10),
-          args.dry)
+    if not args.no_delta:
+        table(report, args.T or ([32, 80] if args.dry else [1024, 4096, 16384]),
+              args.D or ([16] if args.dry else [64, 128]), args.reps or (1 if args.dry else 10),
+              args.dry)
     # the chunked tier loops over 16-token chunks: T = 16K would take a minute of the lease
     if not args.no_mlp:
         mlp_memory_table(report, args.T or ([32, 80] if args.dry else [1024, 4096]),

@@ -455,7 +455,10 @@ class _Scope:
         elif isinstance(s, ast.StmtLet):
             self.bind(s.name, s.value)
         elif isinstance(s, ast.StmtUpdate):
-            if s.index is not None or s.op not in ("=", "+=", "-=", "*=", "/="):
+            if s.index is not None:
+                raise unsupported(f"an indexed update (`{s.target}[...] {s.op} ...`) in a block",
+                                  s.span)
+            if s.op not in ("=", "+=", "-=", "*=", "/="):
                 raise unsupported(f"`{s.target} {s.op} ...` in a block", s.span)
             value = s.value
             if s.op != "=":

@@ -351,8 +351,11 @@ class LinearPlan(Plan):
         self.a, self.b = (scope.size(x, "a matrix memory's size") for x in call.args)
         exprs, choices = _clauses(s)
         freq = s.frequency
+        if _is_task(s):  # (plan() sends those that learn every N tokens on their own here)
+            raise unsupported("a matrix memory that learns from the task loss (`objective "
+                              "task`: built for MLP memories)", s.span)
         if freq is None or freq.unit != "token" or freq.every is not None:
-            raise unsupported("a matrix memory updated other than `every token`", s.span)
+            raise unsupported("a matrix memory that never learns in context (`never`)", s.span)
         chunk = scope.size(freq.chunk, "a chunk") if freq.chunk is not None else 64
         objective, self.key_expr, self.value_expr = _objective(
             s, exprs, "a matrix memory", ("l2", "dot", "huber"))
