@@ -419,7 +419,10 @@ class BodyChecker:
         if s.index:
             for i in s.index:
                 self.expr(i, scope)
-        self.expr(s.value, scope)
+        value = self.expr(s.value, scope)
+        if s.op in ("/=", "%=") and value == 0 and not isinstance(value, bool) and \
+                self.taken():  # (as `h = h / 0` is)
+            raise NestError("division by zero", s.value.span, kind="value")
         if what == "param":
             self.updated_params.add(s.target)
 

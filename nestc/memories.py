@@ -37,7 +37,7 @@ from nestc.layers import Stateful
 from nestc.ops.mlp_memory import MIN_KERNEL_CLIP
 from nestc.ops.mlp_memory.dgd import mlp_dgd_chunk
 from nestc.ops.mlp_memory.reference import ACT_FNS, chunk_gradients, mlp_memory_chunk
-from nestc.ops.utils import clipped, float32_inside, upto
+from nestc.ops.utils import clipped, float32_inside, log_factors, upto
 
 ACTS = ACT_FNS  # the activations an MLP memory takes, by name
 
@@ -454,7 +454,9 @@ class LinearMemory(Memory):
 
 
 def _log(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp_min(1e-30).log()  # a factor of 0 forgets all: exp(-69) per token is 0 here
+    """log of a retention, below 1e-30 taken as 1e-30 (a factor of 0 forgets all: exp(-69) per
+    token is 0 here) with the log's gradient there (log_factors)."""
+    return log_factors(x)
 
 
 def _shared(batch: int, chunk: int) -> tuple[Any, Any, Any, int, int]:

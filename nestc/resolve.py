@@ -67,16 +67,13 @@ def read_source(path: str, display: str | None = None, span=None) -> Source:
         raise NestError(f"`{path}` is larger than {MAX_SOURCE_BYTES // 1024} KiB", span,
                         kind="import", file=where, hint="a spec is a short text file")
     try:
-        # a byte-order mark (Windows editors write one) is no character of the spec; old Mac
-        # line ends (CR alone) are line ends, so positions count their lines
-        text = data.decode("utf-8").removeprefix("\ufeff")
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = data.decode("utf-8")  # (Source drops a byte-order mark and makes line ends \n)
     except UnicodeDecodeError as err:
         # report the bad byte on a source made of the valid text before it
-        good = data[: err.start].decode("utf-8")
+        src = Source(name, data[: err.start].decode("utf-8"))
+        good = src.text
         line = good.count("\n") + 1
         col = len(good) - (good.rfind("\n") + 1) + 1
-        src = Source(name, good)
         raise NestError(f"the file is not UTF-8 text (byte 0x{data[err.start]:02x})",
                         point(src, line, col), kind="syntax",
                         hint="save the spec as UTF-8") from None

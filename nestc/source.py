@@ -11,19 +11,23 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 @dataclass(frozen=True)
 class Source:
-    """One spec text and the name it is reported under."""
+    """One spec text and the name it is reported under. The text is kept as the parser and
+    every position see it: without a byte-order mark (Windows editors write one; it is no
+    character of the spec) and with `\\n` line ends (`\\r\\n`, and old Macs' `\\r` alone, end
+    lines too), whether it came from a file or from `nestc.loads`."""
 
     name: str
     text: str
     lines: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lines", tuple(self.text.split("\n")))
+        text = self.text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "lines", tuple(text.split("\n")))
 
     def line(self, number: int) -> str:
-        """The 1-based line `number`, without its newline or `\\r\\n` ('' past the end)."""
-        line = self.lines[number - 1] if 1 <= number <= len(self.lines) else ""
-        return line[:-1] if line.endswith("\r") else line
+        """The 1-based line `number`, without its newline ('' past the end)."""
+        return self.lines[number - 1] if 1 <= number <= len(self.lines) else ""
 
 
 @dataclass(frozen=True)

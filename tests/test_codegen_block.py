@@ -610,3 +610,31 @@ def test_a_named_output_is_read_by_later_statements():
     m = _block("    output y = x * 3\n    let z = y * 2\n    y = z")
     x = torch.randn(2, 3, 2)
     torch.testing.assert_close(m(x), x * 3)  # the value where the output stands
+
+
+def test_a_name_that_is_not_the_builtin_is_not_folded_as_one():
+    """`exp(1)` is e only where `exp` is the builtin: a block or a memory of that name (one
+    read above its declaration too) is not folded to a number."""
+    with pytest.raises(nestc.NestError, match=r"block `exp` is called as exp\(hyperparameters\)"):
+        nestc.loads("block exp(dim = 4) {\n    input x : [T, dim]\n    output x * 2\n}\n"
+                    "block B(dim = 4) {\n    input x : [T, dim]\n    output x * exp(1)\n}\n",
+                    "e.nest").build("B")
+    with pytest.raises(nestc.NestError, match="a tensor is needed here"):
+        nestc.loads("block B(dim = 4) {\n    input x : [T, dim]\n    let y = x * exp(1)\n"
+                    "    memory exp : matrix(dim, dim) = zeros every token in chunks of 2 {\n"
+                    "        objective l2(exp(x), x); rule gd(lr = 0.1)\n    }\n"
+                    "    output y + exp(x)\n}\n", "m.nest").build("B")
+
+
+def test_a_memorys_numbers_may_be_builtins_of_numbers():
+    """`beta = relu(-1)` is a beta of 0 (no momentum: the chunked op), and `sigmoid(2)` a
+    number a shared memory takes: the memory compiler read them as data-dependent."""
+    text = ("block B(dim = 4) {\n    input x : [T, dim]\n"
+            "    memory M : matrix(dim, dim) = zeros every token {\n"
+            "        STATE objective l2(M(x), x); rule momentum(lr = 0.1, beta = BETA)\n"
+            "    }\n    output M(x)\n}\n")
+    zero = nestc.loads(text.replace("STATE", "").replace("BETA", "relu(-1)"), "z.nest")
+    assert zero.build("B").M.recurrence == "delta_rule"
+    shared = nestc.loads(text.replace("STATE", "state shared;").replace("BETA", "sigmoid(2)"),
+                         "s.nest").build("B")
+    assert shared.M.momentum and shared.M.shared

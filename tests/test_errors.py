@@ -1388,6 +1388,21 @@ def test_a_byte_order_mark_and_old_mac_line_ends(tmp_path):
                                       % (tmp_path / "cr.nest"))
 
 
+def test_loads_takes_a_byte_order_mark_and_old_mac_line_ends_as_load_does():
+    text = "block B(dim = 8) {\r    input x : [T, dim]\r    output y\r}\r"
+    with pytest.raises(NestError) as info:
+        nestc.loads("\ufeff" + text, "b.nest")
+    assert str(info.value).startswith("b.nest:3:12: error: unknown name `y`\n   3 |     output y")
+
+
+def test_a_divide_update_by_zero_is_an_error_as_a_division_is():
+    """`h /= 0` built and gave inf, where `h = h / 0` is an error at check."""
+    for update in ("h /= 0", "h /= dim - 4"):
+        with pytest.raises(NestError, match="division by zero"):
+            nestc.loads("block B(dim = 4) {\n    input x : [T, dim]\n    let h = x\n"
+                        f"    {update}\n    output h\n}}\n", "b.nest")
+
+
 def test_caret_on_a_very_long_line_shows_a_window():
     src = Source("a.nest", "x" * 1000 + " bad " + "y" * 1000)
     lines = Span(src, 1, 1002, 1, 1005).render().split("\n")

@@ -254,6 +254,50 @@ def test_a_log_retention_of_minus_infinity_forgets_on_every_tier() -> None:
     assert torch.isfinite(o).all() and torch.isfinite(S).all()
 
 
+@pytest.mark.parametrize("op", ["gated_delta_rule", "linear_attention"])
+def test_the_gradient_of_a_tiny_or_zero_retention_keeps_its_digits(op: str) -> None:
+    """The chunked forms took each decay as exp(G_t - G_s) of running sums: the gradient at a
+    retention of 1e-8 came out +11.9 where it is -0.95 (float32), and a retention of 0 (its log
+    clamped) had none. They now sum each span's own logs, and a clamped log passes its
+    gradient (nestc.memories takes retentions so)."""
+    from nestc.memories import _log
+    from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
+    from nestc.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+    from nestc.ops.linear_attention import chunk_linear_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = (F.normalize(torch.randn(1, 40, 2, 8, generator=gen), dim=-1) for _ in "qk")
+    v, beta = torch.randn(1, 40, 2, 8, generator=gen), torch.rand(1, 40, 2, generator=gen)
+    r0 = 0.5 + 0.5 * torch.rand(1, 40, 2, generator=gen)
+    r0[0, 5, 0], r0[0, 20, 1], r0[0, 21, 0] = 1e-8, 0.0, 1e-5
+    dy = torch.randn(1, 40, 2, 8, generator=gen)
+
+    def grad(dtype: torch.dtype, chunked: bool) -> torch.Tensor:
+        r = r0.to(dtype).requires_grad_()
+        x = [t.to(dtype) for t in (q, k, v)]
+        if op == "linear_attention":
+            if chunked:
+                o, S = chunk_linear_attention(*x, beta.to(dtype), _log(r), None, 16)
+            else:  # the recurrence token by token: S_t = r_t S_{t-1} + beta_t k_t v_t^T
+                S, outs = torch.zeros(1, 2, 8, 8, dtype=dtype), []
+                for t in range(40):
+                    S = r[:, t, :, None, None] * S + beta.to(dtype)[:, t, :, None, None] * \
+                        x[1][:, t, :, :, None] * x[2][:, t, :, None, :]
+                    outs.append(torch.einsum("bhk,bhkv->bhv", x[0][:, t], S))
+                o = torch.stack(outs, 1)
+        elif chunked:
+            o, S = chunk_gated_delta_rule(*x, _log(r), beta.to(dtype), 1.0, None, True, 16)
+        else:
+            o, S = naive_recurrent_gated_delta_rule(*x, _log(r), beta.to(dtype), 1.0, None, True)
+        (g,) = torch.autograd.grad((o.double() * dy).sum() + S.double().sum(), r)
+        return g.double()
+
+    got, want = grad(torch.float32, True), grad(torch.float64, False)
+    for t, h in ((5, 0), (20, 1), (21, 0)):
+        assert abs(got[0, t, h] - want[0, t, h]) <= 1e-4 * abs(want[0, t, h]), (t, got, want)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def bad(name: str, value) -> dict:
     return {name: value}
 

@@ -517,10 +517,8 @@ class _Scope:
         if self.cls.input:
             raise unsupported(f"a second input (`{s.name}`)", s.span)
         var = self.cls.input = self.local(s.name)
+        # (token ids against features: checked at the call, subblock)
         if s.shape.dtype == "int":
-            if in_feat:  # (0: token ids passed in)
-                raise NestError(f"input `{s.name}` takes token ids (`int`), but a sequence of "
-                                f"{in_feat} features is passed in", s.shape.span, kind="shape")
             self.tens[s.name] = Ten(var, 0, tokens=True)
             self.cls.in_feat = 0
             return
@@ -529,9 +527,6 @@ class _Scope:
         if feat is None:
             raise NestError(f"input `{s.name}` needs a feature dim: [T, dim]", s.shape.span,
                             kind="shape")
-        if in_feat == 0:
-            raise NestError(f"input `{s.name}` takes {feat} features, but token ids are passed "
-                            "in; embed them first", s.shape.span, kind="shape")
         if in_feat is not None and feat != in_feat:
             if self.arg is not None:  # at the call, where the mistake most likely is
                 raise NestError(f"block `{self.checked.name}` takes {feat} features (its input "
@@ -695,11 +690,16 @@ class _Scope:
                             hint="read the param with a sequence: `x @ W`, `x * b`")
         return v
 
+    def shadowing(self) -> set[str]:
+        """Names that are not the builtins here: memories (also those read above their
+        declaration) and declarations of the program (a block named `exp`)."""
+        return {*self.mems, *self.ahead, *self.checked.scope}
+
     def value(self, e: ast.Expr, hint: str) -> Any:
         """A constant (Python value) or a Ten."""
         c = const_eval(e, self.consts)
         if c is UNKNOWN:  # builtins of numbers alone, computed (`x / sqrt(dim)`)
-            e = fold_numbers(e, self.consts, self.mems)
+            e = fold_numbers(e, self.consts, self.shadowing())
             c = const_eval(e, self.consts)
         if c is not UNKNOWN:
             return c

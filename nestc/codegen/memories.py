@@ -13,7 +13,7 @@ from typing import Any
 
 from nestc import ast
 from nestc.check import CHOICES, body_paths
-from nestc.codegen.block import ACTS, MATH, Ten, operand, unsupported
+from nestc.codegen.block import ACTS, MATH, Ten, fold_numbers, operand, unsupported
 from nestc.codegen.torch import literal
 from nestc.errors import NestError
 from nestc.hyper import UNKNOWN, const_eval
@@ -152,7 +152,7 @@ def _check_start_width(plan: Any, k: Ten) -> None:
 
 def _constant(scope: Any, e: ast.Expr) -> float | None:
     """e's value when the hyperparameters fix it, else None."""
-    value = const_eval(e, scope.consts)
+    value = const_eval(fold_numbers(e, scope.consts, scope.shadowing()), scope.consts)
     return None if value is UNKNOWN or isinstance(value, bool) or \
         not isinstance(value, (int, float)) else float(value)
 

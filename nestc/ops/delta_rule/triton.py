@@ -23,8 +23,8 @@ S_n, U), then, with dS_{n+1} the gradient of the state leaving chunk n:
   bwd_kernel_dqkvbg            grid (N, B*H): everything chunk-local, by the chain rule through
                                U = u - w S_n, u = M V, w = M diag(e^G) K, M = Ai diag(beta),
                                dA = -Ai^T dAi Ai^T (strictly lower), A and the outputs;
-                               dG collects every exp(G) factor, and dg is its reverse running
-                               sum within the chunk (torch).
+                               dg sums, for each token, every exp(G) factor and every span of
+                               the decays that holds its g.
 The forward and the backward are the torch.library custom ops nestc::delta_rule_fwd and
 nestc::delta_rule_bwd (with fake implementations and the backward registered as the forward's
 autograd formula), so torch.compile traces around them in one graph.
@@ -245,7 +245,19 @@ def delta_rule_bwd_kernel_dhu(q, k, w, G, do, dht, dh, dU, dh0, scale, T, N, H: 
 
 
 @triton.jit
-def delta_rule_bwd_kernel_dqkvbg(q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG,
+def span_grad(dDD, o_c):
+    """The gradient at each factor's log (C,) of D[t, s] = prod_{s < j <= t} factor_j, given
+    dDD = dL/dD * D (C, C): the sum over t >= j and s < j, the spans that hold factor j. Each
+    term holds it, where the rows' sums minus the columns' (the gradient of differences of
+    running sums) cancelled terms of size 1 up to float32's rounding, which the division by a
+    small factor magnified (as nestc.ops.utils.span_sums says). The gated delta rule's
+    backward and the MLP memory's use it."""
+    later = tl.cumsum(dDD, 0, reverse=True)  # [j, s]: the sum over t >= j
+    return tl.sum(tl.where(o_c[:, None] > o_c[None, :], later, 0.), 1)
+
+
+@triton.jit
+def delta_rule_bwd_kernel_dqkvbg(q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dg,
                                  scale, T, N, H: tl.constexpr, K: tl.constexpr,
                                  V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                                  BV: tl.constexpr, USE_G: tl.constexpr,
@@ -331,17 +343,20 @@ def delta_rule_bwd_kernel_dqkvbg(q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk,
     if USE_G:
         b_dq += b_dqS * (scale * b_eG)[:, None]
         b_dk += b_dKd * tl.exp(tl.where(m_t, b_gl - b_G, 0.))[:, None] + b_dkg * b_eG[:, None]
-        # every exp(G) factor: the state read, w's keys, the decayed keys of the hand-off and
-        # the state's own decay (both at the chunk's last token), and the two D matrices
-        b_dG = scale * b_eG * tl.sum(b_q * b_dqS, 1) + tl.sum(b_dkg * b_kg, 1)
+        # dg_j, the gradient at token j's log retention: every factor that holds it, summed
+        # where it does (no difference of running sums, whose cancellation of terms of size 1
+        # left a tiny retention's gradient float32's rounding of them): e^{G_t} for t >= j
+        # (the state read, w's keys, the state's own decay at the chunk's last token), the
+        # hand-off's key s decayed over s < i <= last for s < j, and the spans of the two D
+        # matrices that hold j
+        b_run = scale * b_eG * tl.sum(b_q * b_dqS, 1) + tl.sum(b_dkg * b_kg, 1)
+        b_run += tl.where(o_c == n_valid - 1, tl.exp(b_gl) * tl.sum(b_SdS, 0), 0.)
         b_r = tl.sum(b_dKd * b_kd, 1)
-        b_dG -= b_r
-        b_end = tl.sum(b_r, 0) + tl.exp(b_gl) * tl.sum(b_SdS, 0)
-        b_dG += tl.where(o_c == n_valid - 1, b_end, 0.)
         b_QK = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
         b_dD = b_dAD * b_beta[:, None] * b_KK + b_dQK * b_QK
-        b_dG += tl.sum(b_dD, 1) - tl.sum(b_dD, 0)
-        tl.store(dG + r, b_dG, mask=m_t)
+        b_dg = (tl.cumsum(b_run, 0, reverse=True) + tl.sum(tl.where(strict, b_r[None, :], 0.), 1)
+                + span_grad(b_dD, o_c))
+        tl.store(dg + r, b_dg, mask=m_t)
     else:
         b_dq += b_dqS * scale
         b_dk += b_dKd + b_dkg
@@ -410,14 +425,12 @@ def _buffer(shape: tuple[int, ...], like: torch.Tensor,
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def chunk_local_cumsum(g: torch.Tensor, C: int, reverse: bool = False) -> torch.Tensor:
-    """[B, T, H] -> the running sum of g within each chunk of C tokens, in float32 (from the
-    chunk's last token backwards when reverse)."""
+def chunk_local_cumsum(g: torch.Tensor, C: int) -> torch.Tensor:
+    """[B, T, H] -> the running sum of g within each chunk of C tokens, in float32."""
     B, T, H = g.shape
     N = -(-T // C)
     x = torch.nn.functional.pad(g.float(), (0, 0, 0, N * C - T)).view(B, N, C, H)
-    x = x.flip(2).cumsum(2).flip(2) if reverse else x.cumsum(2)
-    return x.view(B, N * C, H)[:, :T].contiguous()
+    return x.cumsum(2).view(B, N * C, H)[:, :T].contiguous()
 
 
 # BV, num_warps and num_stages of each kernel, by BK: chosen from the registers, the spilled
@@ -555,11 +568,10 @@ def _backward_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             USE_DHT=dht is not None, STORE_DH0=h0 is not None, **tiles)
     # the kernel writes the gradients in their inputs' dtypes (no float32 copy to cast)
     dq, dk, dv, dbeta = (_buffer(tuple(x.shape), q, x.dtype) for x in (q, k, v, beta))
-    dG = None if g is None else _buffer(tuple(g.shape), q)
+    dg = None if g is None else _buffer(tuple(g.shape), q)
     _launch(delta_rule_bwd_kernel_dqkvbg, (n.N, n.BH),
-            q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dG, scale, n.T, n.N,
+            q, k, v, beta, G, Ai, h, dh, U, dU, do, dq, dk, dv, dbeta, dg, scale, n.T, n.N,
             USE_G=G is not None, **n.tiles("dqkvbg")[1])
-    dg = None if dG is None else chunk_local_cumsum(dG, chunk_size, reverse=True)
     return (dq, dk, dv, None if dg is None or g is None else dg.to(g.dtype), dbeta,
             None if dh0 is None or h0 is None else dh0.to(h0.dtype))
 

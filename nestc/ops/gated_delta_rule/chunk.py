@@ -15,6 +15,7 @@ from nestc.ops.utils import (
     accumulation_dtype,
     float32_inside,
     from_chunks,
+    span_sums,
     time_masks,
     to_chunks,
 )
@@ -41,14 +42,17 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
                                          else None)
     q, k, v = (to_chunks(x, chunk_size, acc) for x in (q, k, v))  # (N, BH, C, K|V)
     beta = to_chunks(beta[..., None], chunk_size, acc)  # (N, BH, C, 1)
-    # (a log retention of -inf: -inf - -inf below; a factor under 1e-30 forgets as 0 does)
-    G = to_chunks(g.clamp_min(MIN_LOG_RETAIN)[..., None], chunk_size, acc).cumsum(-2)
+    # (a factor under 1e-30 forgets as 0 does; -inf would make NaN of the spans' sums)
+    logs = to_chunks(g.clamp_min(MIN_LOG_RETAIN)[..., None], chunk_size, acc)  # (N, BH, C, 1)
+    G = logs.cumsum(-2)
     eG = G.exp()  # decay from the chunk's start to each token
     C = q.shape[-2]
     earlier, upto = time_masks(C, group, q.device)
     future = ~upto
-    # decay[t, s] = exp(G_t - G_s) for s <= t, 0 above the diagonal (masked before exp)
-    decay = (G - G.transpose(-1, -2)).masked_fill(future, float("-inf")).exp()  # (N, BH, C, C)
+    # decay[t, s] = exp(sum of g over s < j <= t) for s <= t, 0 above the diagonal: each
+    # span's own sum (span_sums), so that g's gradient at a tiny retention keeps its digits
+    spans = span_sums(logs[..., 0])  # (N, BH, C, C)
+    decay = spans.masked_fill(future, float("-inf")).exp()
     kt = k.transpose(-1, -2)  # (N, BH, K, C)
 
     # the chunk's writes are U = u - W S (S: the state entering it), with u = M V,
@@ -62,7 +66,7 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
 
     # the state hand-off: S <- e^{G_C} S + K_d^T U, K_d the keys decayed to the chunk's end
     G_end = G[:, :, -1:]  # (N, BH, 1, 1)
-    kdt = (k * (G_end - G).exp()).transpose(-1, -2)  # (N, BH, K, C)
+    kdt = (k * spans[..., -1, :, None].exp()).transpose(-1, -2)  # (N, BH, K, C): to the end
     S, states, writes = S0, [], []
     for u_n, w_n, kdt_n, end_n in zip(u.unbind(0), w.unbind(0), kdt.unbind(0),
                                       G_end.exp().unbind(0)):

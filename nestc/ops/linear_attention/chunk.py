@@ -15,6 +15,7 @@ from nestc.ops.utils import (
     accumulation_dtype,
     float32_inside,
     from_chunks,
+    span_sums,
     time_masks,
     to_chunks,
 )
@@ -38,16 +39,18 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return v.new_zeros(B, T, H, V), S.view(B, H, K, V).clone()
     q, k, v = (to_chunks(x, chunk_size, acc) for x in (q, k, v))  # (N, BH, C, K|V)
     beta = to_chunks(beta[..., None], chunk_size, acc)  # (N, BH, C, 1); padding: beta 0
-    G = (torch.zeros_like(beta) if g is None
-         # (N, BH, C, 1); a factor under 1e-30 forgets as 0 does (-inf: -inf - -inf)
-         else to_chunks(g.clamp_min(MIN_LOG_RETAIN)[..., None], chunk_size, acc).cumsum(-2))
-    # exp(G_t - G_s) for s <= t, else 0 (the mask before exp keeps it finite)
-    diff = G - G.transpose(-1, -2)  # (N, BH, C, C)
-    causal = time_masks(diff.shape[-1], group, q.device)[1]
-    decay = torch.where(causal, diff, float("-inf")).exp()
+    # (N, BH, C, 1); a factor under 1e-30 forgets as 0 does (-inf would make NaN)
+    logs = torch.zeros_like(beta) if g is None else \
+        to_chunks(g.clamp_min(MIN_LOG_RETAIN)[..., None], chunk_size, acc)
+    G = logs.cumsum(-2)
+    # exp(sum of g over s < j <= t) for s <= t, else 0 (the mask before exp keeps it finite),
+    # each span's own sum (span_sums: a tiny retention's gradient keeps its digits)
+    spans = span_sums(logs[..., 0])  # (N, BH, C, C)
+    causal = time_masks(spans.shape[-1], group, q.device)[1]
+    decay = torch.where(causal, spans, float("-inf")).exp()
     intra = ((q @ k.transpose(-1, -2)) * decay) @ (beta * v)  # (N, BH, C, V)
     last = G[..., -1:, :]  # (N, BH, 1, 1)
-    kw = k * (beta * (last - G).exp())  # each key's weight in the hand-off
+    kw = k * (beta * spans[..., -1, :, None].exp())  # each key's weight in the hand-off
     outs = []
     for q_n, G_n, kw_n, v_n, last_n in zip(q, G, kw, v, last):
         outs.append((q_n * G_n.exp()) @ S)  # (BH, C, V)

@@ -39,21 +39,15 @@ from typing import NamedTuple
 
 import torch
 
-from nestc.ops.mlp_memory.reference import act_fn, chunk_gradients, log_factors
-from nestc.ops.utils import float32_inside, time_masks
+from nestc.ops.mlp_memory.reference import act_fn, chunk_gradients
+from nestc.ops.utils import float32_inside, log_factors, span_sums, time_masks
 
 
 def _log_decays(log_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For a chunk's log retentions (N, H, m): the sums of log r_j over s < j <= t, (N, H, m,
-    m) (zero where empty), and over j <= t, (N, H, m, 1). Each is a sum of its own terms, not
-    a difference of running sums, whose gradient cancels terms of size 1: that left the
-    retention's gradient with float32's rounding of them (18% of it at retentions near 3e-6,
-    where it is itself that small)."""
-    i = torch.arange(log_r.shape[-1], device=log_r.device)
-    t, s, j = i[:, None, None], i[None, :, None], i[None, None, :]
-    spans = torch.einsum("tsj,nhj->nhts", ((s < j) & (j <= t)).to(log_r.dtype), log_r)
-    ends = torch.einsum("tj,nhj->nht", (i[None] <= i[:, None]).to(log_r.dtype), log_r)
-    return spans, ends[..., None]
+    m) (zero where empty; span_sums), and over j <= t, (N, H, m, 1), each a sum of its own
+    terms."""
+    return span_sums(log_r), log_r.cumsum(-1)[..., None]
 
 
 def _before(x: torch.Tensor, first: float) -> torch.Tensor:

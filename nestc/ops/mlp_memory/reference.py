@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-from nestc.ops.utils import clipped, float32_inside, upto
+from nestc.ops.utils import clipped, float32_inside, log_factors, span_sums, upto
 
 ACTS = ("gelu", "silu")  # the op's (and the Triton kernel's); the chunk function takes ACT_FNS
 ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -56,28 +56,14 @@ def act_grad(act: str, z: torch.Tensor) -> torch.Tensor:
     return s * (1 - s)
 
 
-def log_factors(factors: torch.Tensor) -> torch.Tensor:
-    """log of per-token factors, a factor below 1e-30 taken as 1e-30 (0 forgets all), with
-    the gradient of the log at that value (a clamp would pass none: a factor of exactly 0 had
-    a gradient of 0, where W_t = r_t W_{t-1} + ... has W_{t-1} times the output's)."""
-    return (factors + (factors.clamp_min(1e-30) - factors).detach()).log()
-
-
 def _decays(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token factors (..., n) -> their running products (..., n) and the matrix
     D[t, s] = prod_{s < j <= t} factor_j for s <= t, else 0 (..., n, n); a factor of 0
-    forgets all (log_factors). Each span's log is a sum of its own terms (a running sum over
-    t of the logs after s), not a difference of running sums: the gradient at a factor then
-    collects only terms that hold it, where the difference's cancelled terms of size 1 up to
-    float32's rounding, which the division by a small factor magnified (70% of the gradient
-    at a retention of 1e-5, and its sign at 1e-8)."""
+    forgets all (log_factors)."""
     logs = log_factors(factors)
-    n = logs.shape[-1]
-    i = torch.arange(n, device=logs.device)
-    after = i[:, None] > i[None, :]  # [j, s]: j after s
-    spans = torch.where(after, logs[..., :, None], 0.0).cumsum(-2)  # [t, s]: s < j <= t
-    return logs.cumsum(-1).exp(), torch.where(after | (i[:, None] == i[None, :]), spans,
-                                              float("-inf")).exp()
+    i = torch.arange(logs.shape[-1], device=logs.device)
+    D = torch.where(i[:, None] >= i[None, :], span_sums(logs), float("-inf")).exp()
+    return logs.cumsum(-1).exp(), D
 
 
 def _base(xM: torch.Tensor, xS: torch.Tensor | None, c: torch.Tensor | None,

@@ -90,6 +90,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from nestc.ops.delta_rule.triton import span_grad
 from nestc.ops.mlp_memory.reference import ACTS, chunk_mlp_memory, mlp_memory_chunk
 from nestc.ops.utils import dot_precision, mend_interpreter, recomputed_vjp
 
@@ -169,17 +170,6 @@ def _decay(x, causal):
     below 1e-30 counts as 1e-30)."""
     L = tl.cumsum(tl.log(tl.maximum(x, 1e-30)), 0)
     return tl.exp(L), tl.where(causal, tl.exp(tl.where(causal, L[:, None] - L[None, :], 0.)), 0.)
-
-
-@triton.jit
-def _span_grad(dDD, o_c):
-    """The gradient at each factor's log (C,) of D[t, s] = prod_{s < j <= t} factor_j, given
-    dDD = dL/dD * D (C, C): the sum over t >= j and s < j, the spans that hold factor j. Each
-    term holds it, where the rows' sums minus the columns' (the gradient of differences of
-    running sums) cancelled terms of size 1 up to float32's rounding, which the division by a
-    small factor magnified (as nestc/ops/mlp_memory/reference.py's _decays)."""
-    later = tl.cumsum(dDD, 0, reverse=True)  # [j, s]: the sum over t >= j
-    return tl.sum(tl.where(o_c[:, None] > o_c[None, :], later, 0.), 1)
 
 
 @triton.jit
@@ -531,7 +521,7 @@ def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, GA, G
             b_dDb = (tl.dot(tl.trans(b_Dr), b_dM, input_precision=PRECISION)
                      + tl.where(last[:, None], (b_dbl * -b_lre)[None, :], 0.))
             b_dDb *= b_Db
-            b_dlog = _span_grad(b_dDb, o_c) + tl.cumsum(
+            b_dlog = span_grad(b_dDb, o_c) + tl.cumsum(
                 (tl.where(t >= 0, tl.sum(b_Dr * b_dm[:, None], 0), 0.)
                  + tl.where(last, b_dkeep, 0.)) * b_runb, 0, reverse=True)
             tl.store(dbeta + r, b_dlog / tl.maximum(b_bt, 1e-30), mask=m_t)
@@ -542,7 +532,7 @@ def mlp_memory_bwd_kernel(q, k, v, vs, lr, retain, beta, sA, sB, sSA, sSB, GA, G
             else:
                 b_dDr = b_dM
             b_dDr *= b_Dr
-            b_dlog = _span_grad(b_dDr, o_c) + tl.cumsum(b_dc * b_c, 0, reverse=True)
+            b_dlog = span_grad(b_dDr, o_c) + tl.cumsum(b_dc * b_c, 0, reverse=True)
             tl.store(dretain + r, b_dlog / tl.maximum(b_rt, 1e-30), mask=m_t)
 
         # lre = lr clip / sqrt(max(sq, clip^2)), sq = |k|^2 |delta|^2 + |hk|^2 |e|^2
