@@ -491,22 +491,6 @@ def test_transpose_outer_and_norm_of_params_and_sequences():
 
 
 @pytest.mark.parametrize("body,message", [
-    ("    param b : [dim]\n    output x @ transpose(b)",
-     "4:26: error: transpose takes a matrix, got a param's tensor of shape [2]"),
-    ("    param W : [dim, dim]\n    output x @ outer(W, W)",
-     "4:22: error: outer takes a vector, got a param's tensor of shape [2, 2]"),
-    ("    output x @ transpose(x)",
-     "3:26: error: `transpose` of a sequence (it takes a param's matrix) is not supported"),
-    ("    param W : [dim, 3]\n    output x @ transpose(W)",
-     "4:12: error: `@` of 2 features by a matrix of shape [3, 2]"),
-])
-def test_transpose_and_outer_say_what_they_take(body, message):
-    with pytest.raises(nestc.NestError) as info:
-        _block(body)
-    assert str(info.value).startswith(f"b.nest:{message}"), str(info.value)
-
-
-@pytest.mark.parametrize("body,message", [
     ("    param W : [dim, dim]\n    output W",
      "4:12: error: this takes a sequence [T, features], not a param's tensor of shape [2, 2]"),
     ("    param W : [dim, dim]\n    output x * W",
@@ -522,6 +506,15 @@ def test_transpose_and_outer_say_what_they_take(body, message):
      "5:17: error: `+` of params of shapes [2, 3] and [3, 2]"),
     ("    param W : [dim, dim]\n    output linear(W, 3)",
      "4:19: error: this takes a sequence [T, features], not a param's tensor"),
+    # transpose and outer: of a param's matrix and vectors
+    ("    param b : [dim]\n    output x @ transpose(b)",
+     "4:26: error: transpose takes a matrix, got a param's tensor of shape [2]"),
+    ("    param W : [dim, dim]\n    output x @ outer(W, W)",
+     "4:22: error: outer takes a vector, got a param's tensor of shape [2, 2]"),
+    ("    output x @ transpose(x)",
+     "3:26: error: `transpose` of a sequence (it takes a param's matrix) is not supported"),
+    ("    param W : [dim, 3]\n    output x @ transpose(W)",
+     "4:12: error: `@` of 2 features by a matrix of shape [3, 2]"),
 ])
 def test_a_param_where_it_cannot_go_is_an_error_at_it(body, message):
     with pytest.raises(nestc.NestError) as info:
