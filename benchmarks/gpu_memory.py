@@ -92,14 +92,12 @@ class Report:
 
     def __init__(self, out: str | None) -> None:
         self.out = Path(out) if out else None
-        self.lines: list[str] = []
         self.failed = 0
         if self.out:
             self.out.write_text("")
 
     def add(self, *lines: str) -> None:
         print("\n".join(lines), flush=True)
-        self.lines += lines
         if self.out:
             with self.out.open("a") as f:
                 f.write("".join(line + "\n" for line in lines))

@@ -258,8 +258,7 @@ class LinearMemory(Memory):
         self.delta, self.clip = delta, clip
         # what the chunked and triton tiers run: "delta_rule", "gated_delta_rule",
         # "linear_attention", or (huber, clip on l2, momentum) "token_loop", the reference
-        # tier's, as the
-        # compiler selected it (nestc.codegen.memories.recurrence)
+        # tier's, as the compiler selected it (nestc.codegen.memories.recurrence)
         self.recurrence = recurrence
         self.read_before, self.stopped, self.init = read_before, stopped, init
         # `state shared`: one state [H, a, b] for the batch, written by every sequence's token

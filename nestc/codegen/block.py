@@ -60,7 +60,7 @@ NUMBER_FUNCTIONS: dict[str, Callable[..., float]] = {
 def fold_numbers(e: ast.Expr, consts: dict[str, Any], shadowed: Any = ()) -> ast.Expr:
     """e with each builtin call of numbers alone (`sqrt(dim)`, nested too) replaced by its
     value, as a number literal: const_eval computes no calls. `shadowed`: names that are not
-    the builtins here (memories read as M(q))."""
+    the builtins here (memories read as M(q), declarations of the program)."""
     if isinstance(e, ast.ExprCall):
         args = tuple(fold_numbers(a, consts, shadowed) for a in e.args)
         name = e.func.name if isinstance(e.func, ast.ExprName) else None
