@@ -30,7 +30,9 @@ class CausalConv1d(Stateful):
         if past is None:
             past = x.new_zeros(B, self.window - 1, D)
         full = torch.cat([past.to(x.dtype), x], 1)  # (B, W - 1 + T, D)
-        state.out[self.state_key] = full[:, full.shape[1] - (self.window - 1):]
+        # a copy: a view would keep the whole [B, W - 1 + T, D] alive in the state (and in
+        # checkpoints, 30 times the state's size at T = 256)
+        state.out[self.state_key] = full[:, full.shape[1] - (self.window - 1):].clone()
         # y_t = sum_j w_j * full_{t + j}: a window of shifted products, much faster on the CPU
         # than Conv1d's grouped path for short windows (the weight stays the Conv1d's)
         w = self.conv.weight[:, 0].to(x.dtype)  # (D, W)

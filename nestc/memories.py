@@ -149,8 +149,9 @@ class CacheMemory(Memory):
         if self.keep is None:
             state.out[self.state_key] = (k, v)
         else:
-            first = k.shape[1] - min(self.keep, k.shape[1])
-            state.out[self.state_key] = (k[:, first:], v[:, first:], start + q.shape[1])
+            first = k.shape[1] - min(self.keep, k.shape[1])  # (copies, not views of all keys)
+            state.out[self.state_key] = (k[:, first:].clone(), v[:, first:].clone(),
+                                         start + q.shape[1])
         B, T, _ = q.shape
         split = lambda x: x.view(B, x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
         q, k, v = split(q), split(k), split(v)  # (B, heads, T or L, d)

@@ -64,6 +64,7 @@ from torch import nn
 from nestc import ast
 from nestc.errors import NestError
 from nestc.module import detached
+from nestc.resolve import STD_PREFIX
 from nestc.tasks import IGNORE, Task, sequence_correct
 
 SCHEDULES = ("constant", "cosine")
@@ -640,7 +641,7 @@ class Run:
         # a task's phases split the steps: another --steps would move their boundaries under
         # the steps already trained (phase 1 trained again after phase 2)
         steps = {"steps": c.steps} if self.task.phases > 1 else {}
-        return {"spec": c.spec, "model": c.model, "task": self.task.describe(),
+        return {"spec": spec_file(c.spec), "model": c.model, "task": self.task.describe(),
                 "hyper": self.hyper, "batch": c.batch, "seed": c.seed, **steps}
 
     def recorded(self) -> dict[str, Any]:
@@ -687,6 +688,8 @@ class Run:
             identity.pop("steps", None)
         for key, mine in identity.items():
             theirs = data["identity"].get(key)
+            if key == "spec" and isinstance(theirs, str):  # (older ones: the path as typed)
+                theirs = spec_file(theirs)
             if _plain(theirs) != _plain(mine):
                 raise NestError(f"--resume: `{path}` was made with {key} {theirs!r}, this run "
                                 f"has {mine!r}", kind="value")
@@ -746,6 +749,13 @@ def not_a_checkpoint(data: Any) -> str | None:
     if not isinstance(data["identity"], dict):
         return f"an identity that is a {type(data['identity']).__name__}"
     return None
+
+
+def spec_file(spec: str) -> str:
+    """A spec as a checkpoint records it: a stdlib name as it is, a path as the file it names
+    (`m.nest`, `./m.nest` and its absolute path are one spec; a resume compared the path as
+    typed)."""
+    return spec if spec.startswith(STD_PREFIX) else str(Path(spec).resolve())
 
 
 def _plain(value: Any) -> Any:

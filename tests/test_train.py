@@ -610,3 +610,22 @@ def test_an_accuracy_group_without_positions_is_left_out(tmp_path):
     s = train(LM, "TransformerLM", "continual", hyper=TINY, knobs={"seq_len": 3}, steps=3,
               batch=2, eval_batches=1, out=str(tmp_path), quiet=True)
     assert "acc/first" in s and "acc/repeat" not in s
+
+
+def test_a_run_resumes_with_its_spec_spelled_another_way(tmp_path, capsys, monkeypatch):
+    """The checkpoint kept the spec's path as typed: `m.nest` refused `./m.nest`, its absolute
+    path, or `../m.nest` from another folder."""
+    (tmp_path / "m.nest").write_text((ROOT / "stdlib" / "models" / "transformer.nest")
+                                     .read_text())
+    monkeypatch.chdir(tmp_path)
+    args = ["TransformerLM", "--task", "copy", *TINY_ARGS, "--batch", "2", "--steps", "3", "-q",
+            "--out", str(tmp_path / "run")]
+    assert run(capsys, "train", "m.nest", *args, "--stop-after", "1")[0] == 0
+    assert run(capsys, "train", "./m.nest", *args, "--stop-after", "2", "--resume")[0] == 0
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    rc, _, err = run(capsys, "train", "../m.nest", *args, "--resume")
+    assert rc == 0, err
+    (tmp_path / "other.nest").write_text((tmp_path / "m.nest").read_text())  # another file
+    rc, _, err = run(capsys, "train", "../other.nest", *args, "--resume")
+    assert rc == 1 and "was made with spec" in err
