@@ -625,7 +625,8 @@ class _Builder:
         base = f"{frame.prefix}{ctx}.{name}{frame.suffix}"
         nid = self.level(self.fresh_id(base), "param", frame, e.span, "step", 1, None,
                          objective="task", rule="the outer level's rule",
-                         structure=f"{name}({', '.join(shown)})")
+                         structure=f"{name}({', '.join(shown)})",
+                         block=frame.prefix.removesuffix("."))
         return inp | self.reference(nid)
 
     def attention(self, e: ast.ExprCall, frame: Frame, ctx: str) -> Value:

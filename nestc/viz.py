@@ -206,7 +206,9 @@ def group_weights(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
     groups: dict[tuple[str, int, int | None], list[str]] = {}
     for n, a in graph.nodes(data=True):
         if a["kind"] == "param":
-            groups.setdefault((_module_of(graph, n), a["level"], a.get("repeat")), []).append(n)
+            # a layer's weights know their block (nest.py); other params go by their names
+            block = a["block"] if "block" in a else _module_of(graph, n)
+            groups.setdefault((block, a["level"], a.get("repeat")), []).append(n)
     groups = {k: v for k, v in groups.items() if len(v) > 1}
     several: dict[str, int] = {}
     for prefix, _, _ in groups:

@@ -375,6 +375,25 @@ block Two(dim = 8) {
     assert lay.boxes["x, y"].y > lay.boxes["M"].y  # at the bottom
 
 
+def test_a_capitalised_let_in_a_chain_is_no_block_of_its_own() -> None:
+    """`let Q = h |> linear(dim)` in a chain: the boxes went by names, and `Q.linear[2]` read
+    as the weights of a block `Q` (its let, `Q[2]`, is no node named `Q`). Layers' weights now
+    carry their block from the graph."""
+    g = nestc.loads("""block U(dim = 8) {
+    input x : [T, dim]
+    let h = x
+    chain c in [2, 4] {
+        let Q = h |> linear(dim) |> rmsnorm
+        h = h + Q
+    }
+    output h
+}
+""", "u.nest").graph("U")
+    w = group_weights(collapse_signals(g))
+    boxes = {n: a["label"] for n, a in w.nodes(data=True) if a["kind"] == "param"}
+    assert boxes == {"*": "U"}
+
+
 def test_group_weights_one_box_per_block() -> None:
     g = collapse_signals(nestc.load("std/models/hope.nest").graph("HopeLM"))
     before = copy.deepcopy(g)
