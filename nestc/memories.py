@@ -432,7 +432,7 @@ class LinearMemory(Memory):
         o: torch.Tensor
         S: torch.Tensor | None
         if self.recurrence == "linear_attention":
-            g = None if retain is None else _log(retain)
+            g = None if retain is None else log_factors(retain)
             o, S = linear(q, k, v, lr, g, S0, C)
         elif self.recurrence == "delta_rule":
             assert retain is None, f"{self.where}: the delta rule has no retention"
@@ -447,16 +447,10 @@ class LinearMemory(Memory):
                 beta, vv = lr / r, v * r[..., None]
             else:  # literal: S (r I - 2 lr k k^T) + lr v k^T
                 beta, vv = 2 * lr / r, v * (r[..., None] / 2)
-            o, S = gated(q, k, vv, _log(r), beta, 1.0, S0, True, Cd)
+            o, S = gated(q, k, vv, log_factors(r), beta, 1.0, S0, True, Cd)
         if self.read_before:
             o = o[:, : T - 1]
         return o, S, None
-
-
-def _log(x: torch.Tensor) -> torch.Tensor:
-    """log of a retention, below 1e-30 taken as 1e-30 (a factor of 0 forgets all: exp(-69) per
-    token is 0 here) with the log's gradient there (log_factors)."""
-    return log_factors(x)
 
 
 def _shared(batch: int, chunk: int) -> tuple[Any, Any, Any, int, int]:

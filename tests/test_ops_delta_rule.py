@@ -260,10 +260,10 @@ def test_the_gradient_of_a_tiny_or_zero_retention_keeps_its_digits(op: str) -> N
     retention of 1e-8 came out +11.9 where it is -0.95 (float32), and a retention of 0 (its log
     clamped) had none. They now sum each span's own logs, and a clamped log passes its
     gradient (nestc.memories takes retentions so)."""
-    from nestc.memories import _log
     from nestc.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
     from nestc.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
     from nestc.ops.linear_attention import chunk_linear_attention
+    from nestc.ops.utils import log_factors
 
     gen = torch.Generator().manual_seed(0)
     q, k = (F.normalize(torch.randn(1, 40, 2, 8, generator=gen), dim=-1) for _ in "qk")
@@ -277,7 +277,7 @@ def test_the_gradient_of_a_tiny_or_zero_retention_keeps_its_digits(op: str) -> N
         x = [t.to(dtype) for t in (q, k, v)]
         if op == "linear_attention":
             if chunked:
-                o, S = chunk_linear_attention(*x, beta.to(dtype), _log(r), None, 16)
+                o, S = chunk_linear_attention(*x, beta.to(dtype), log_factors(r), None, 16)
             else:  # the recurrence token by token: S_t = r_t S_{t-1} + beta_t k_t v_t^T
                 S, outs = torch.zeros(1, 2, 8, 8, dtype=dtype), []
                 for t in range(40):
@@ -286,9 +286,9 @@ def test_the_gradient_of_a_tiny_or_zero_retention_keeps_its_digits(op: str) -> N
                     outs.append(torch.einsum("bhk,bhkv->bhv", x[0][:, t], S))
                 o = torch.stack(outs, 1)
         elif chunked:
-            o, S = chunk_gated_delta_rule(*x, _log(r), beta.to(dtype), 1.0, None, True, 16)
+            o, S = chunk_gated_delta_rule(*x, log_factors(r), beta.to(dtype), 1.0, None, True, 16)
         else:
-            o, S = naive_recurrent_gated_delta_rule(*x, _log(r), beta.to(dtype), 1.0, None, True)
+            o, S = naive_recurrent_gated_delta_rule(*x, log_factors(r), beta.to(dtype), 1.0, None, True)
         (g,) = torch.autograd.grad((o.double() * dy).sum() + S.double().sum(), r)
         return g.double()
 

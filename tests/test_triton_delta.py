@@ -167,7 +167,7 @@ def check_tiny_and_zero_retentions() -> None:
     sum, and dg was the difference of their reverse running sums: the gradient of a retention
     of 1e-8 was ten times its value, of 0 about 1e24."""
     import nestc.ops
-    from nestc.memories import _log
+    from nestc.ops.utils import log_factors
 
     op = "gated_delta_rule"
     x = make_inputs(op, 40, True)
@@ -178,7 +178,7 @@ def check_tiny_and_zero_retentions() -> None:
         y = {n: t.detach().to(dtype) for n, t in x.items() if n != "g"}
         rr = r.to(dtype).requires_grad_()
         kw = {} if backend == "naive" else {"chunk_size": 16}
-        o, S = nestc.ops.gated_delta_rule(y["q"], y["k"], y["v"], _log(rr), y["beta"],
+        o, S = nestc.ops.gated_delta_rule(y["q"], y["k"], y["v"], log_factors(rr), y["beta"],
                                           initial_state=y["initial_state"],
                                           output_final_state=True, backend=backend, **kw)
         gen = torch.Generator().manual_seed(3)
